@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both install into .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: install run test models eval clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned: it takes the local CPU build; a range would pull GBs of CUDA wheels
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/assay run
+
+# pytest exits 5 when it collects no test: that means the suite went missing, so say so and fail.
+test: install
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+models: install
+	$(VENV)/bin/assay models build
+
+eval: install
+	$(VENV)/bin/assay eval
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""The embedded arithmetic world: problems, rule checkers, tokenizer and tiny checkpoints."""

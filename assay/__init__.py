@@ -1,0 +1,1 @@
+"""Assay: shared pieces (checkpoint loading, generation, scoring, evaluation) and the CLI."""

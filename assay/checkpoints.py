@@ -1,0 +1,113 @@
+"""Loading checkpoints from local paths, with one clear sentence when it cannot be done.
+
+Any Hugging Face checkpoint directory works (config.json + weights + tokenizer). What goes
+wrong is reported as `CheckpointError` naming the path and the problem, instead of a stack
+trace from deep inside transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+Kind = Literal["causal_lm", "sequence_classification", "token_classification"]
+
+_AUTO = {
+    "causal_lm": AutoModelForCausalLM,
+    "sequence_classification": AutoModelForSequenceClassification,
+    "token_classification": AutoModelForTokenClassification,
+}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+ARITH_DIR = Path(__file__).resolve().parent.parent / "arith" / "checkpoints"
+EMBEDDED = {
+    "policy": ("causal_lm", ARITH_DIR / "policy"),
+    "orm": ("sequence_classification", ARITH_DIR / "orm"),
+    "prm": ("token_classification", ARITH_DIR / "prm"),
+    "verifier": ("causal_lm", ARITH_DIR / "verifier"),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be loaded; the message names the path and the reason."""
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = Path(path)
+    _check_dir(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: the tokenizer could not be loaded ({_first_line(e)}).") from e
+    if tok.pad_token_id is None:
+        # Batched scoring and left-padded generation both need a pad token.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    path: str | Path, kind: Kind
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model of `kind` and its tokenizer from a local directory, in eval mode."""
+    path = Path(path)
+    _check_dir(path)
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise CheckpointError(
+            f"{path}: no safetensors weights found (expected one of {', '.join(_WEIGHT_FILES)})."
+        )
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: config.json is not a usable model config ({_first_line(e)}).") from e
+    auto = _AUTO[kind]
+    if type(config) not in auto._model_mapping:
+        raise CheckpointError(
+            f"{path}: architecture {config.model_type!r} is not supported as a {kind.replace('_', ' ')} model."
+        )
+    tokenizer = load_tokenizer(path)
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(
+            f"{path}: the tokenizer does not match the model: it has {len(tokenizer)} tokens "
+            f"but the model's vocabulary has {config.vocab_size}."
+        )
+    try:
+        model = auto.from_pretrained(str(path), config=config)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the weights could not be loaded ({_first_line(e)}).") from e
+    if kind != "causal_lm" and model.config.pad_token_id is None:
+        # Sequence classifiers find each row's last token through the pad id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def load_embedded(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """One of the world's checkpoints by name: policy, orm, prm or verifier."""
+    if name not in EMBEDDED:
+        raise CheckpointError(f"no embedded checkpoint named {name!r}; choose from {sorted(EMBEDDED)}.")
+    kind, path = EMBEDDED[name]
+    return load_model(path, kind)  # type: ignore[arg-type]
+
+
+def _check_dir(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory.")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a checkpoint must be a directory, and this is a file.")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a Hugging Face checkpoint (config.json is missing).")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

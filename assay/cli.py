@@ -1,0 +1,102 @@
+"""The `assay` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Assay: rewards as a service, inference-time search, online RLHF.", no_args_is_help=True)
+models_app = typer.Typer(help="The embedded arithmetic world's checkpoints.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+_LABELS = {
+    "pass@1": "policy pass@1 (T=1.0)",
+    "pass@4": "policy pass@4",
+    "pass@16": "policy pass@16",
+    "pass@64": "policy pass@64",
+    "orm_pairwise_accuracy": "outcome RM pairwise accuracy",
+    "orm_auroc": "outcome RM AUROC",
+    "prm_step_accuracy": "process RM step accuracy",
+    "verifier_accuracy": "verifier accuracy (balanced)",
+}
+
+
+def eval_table(figures: dict[str, float]) -> Table:
+    from assay.evaluate import TARGETS
+
+    table = Table(
+        title=f"Held-out evaluation: {figures['heldout_problems']} problems, "
+        f"{figures['samples_per_problem']} samples each"
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    for key, label in _LABELS.items():
+        lo_hi = TARGETS.get(key)
+        target = "" if lo_hi is None else (f">= {lo_hi[0]:.0%}" if lo_hi[1] >= 1 else f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}")
+        ok = lo_hi is None or lo_hi[0] <= figures[key] <= lo_hi[1]
+        table.add_row(label, f"{figures[key]:.1%}", target + ("" if ok else "  [red]missed[/red]"))
+    return table
+
+
+@app.command("eval")
+def eval_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print the figures as one JSON object"),
+    problems: int = typer.Option(128, help="held-out problems"),
+    samples: int = typer.Option(64, help="policy samples per problem"),
+    seed: int = typer.Option(0, help="sampling seed"),
+) -> None:
+    """Evaluate the embedded checkpoints on the fixed held-out set."""
+    from assay.evaluate import EvalConfig, evaluate
+
+    try:
+        cfg = EvalConfig(problems=problems, samples=samples, seed=seed)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    figures = _guarded(lambda: evaluate(cfg))
+    if as_json:
+        typer.echo(json.dumps(figures))
+    else:
+        console.print(eval_table(figures))
+        console.print(f"[dim]{figures['seconds']:.0f}s on this machine[/dim]")
+
+
+@app.command("run")
+def run_cmd() -> None:
+    """The main job: load the embedded checkpoints and print the evaluation table."""
+    eval_cmd(as_json=False, problems=128, samples=64, seed=0)
+
+
+@models_app.command("build")
+def models_build(
+    out: Path = typer.Option(None, help="where to write the checkpoints (default: the package's own)"),
+    seed: int = typer.Option(0, help="seed for every stage"),
+) -> None:
+    """Rebuild the four embedded checkpoints deterministically from seeds."""
+    from arith.build import BuildConfig, build
+    from assay.checkpoints import ARITH_DIR
+
+    target = out or ARITH_DIR
+    timings = build(target, BuildConfig(seed=seed), log=lambda m: console.print(f"[cyan]{m}[/cyan]"))
+    console.print(f"built {', '.join(timings)} in {sum(timings.values()):.0f}s -> {target}")
+
+
+def _guarded(fn):
+    """Run fn; a checkpoint that cannot be loaded ends the command with its one-line reason."""
+    from assay.checkpoints import CheckpointError
+
+    try:
+        return fn()
+    except CheckpointError as e:
+        console.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+
+
+def main() -> None:
+    app()

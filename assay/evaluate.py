@@ -1,0 +1,122 @@
+"""`assay eval`: the world's checkpoints measured on a fixed held-out problem set.
+
+- policy: pass@k at temperature 1.0 from n = 64 samples per problem, with the unbiased
+  estimator pass@k = 1 - C(n - c, k) / C(n, k) (c correct of n), averaged over problems;
+- outcome RM: pairwise accuracy over every (correct, incorrect) pair of samples of the same
+  problem (ties count half), and AUROC over all scored samples;
+- process RM: accuracy of P(step correct) > 0.5 against the rule checker's step labels;
+- verifier: balanced accuracy (mean of the accuracy on correct and on incorrect solutions) of
+  P(yes) > 0.5, so a verifier that always says "no" scores 50%.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from arith import world
+from arith.checks import is_correct, segments, step_labels
+from arith.verifier import verifier_prompt
+from assay.checkpoints import load_embedded
+from assay.generation import SamplingParams, sample
+from assay.scoring import score_outcome, score_steps, verifier_yes_prob
+
+KS = (1, 4, 16, 64)
+TARGETS = {
+    "pass@1": (0.20, 0.60),
+    "pass@16": (0.85, 1.0),
+    "orm_pairwise_accuracy": (0.80, 1.0),
+    "verifier_accuracy": (0.75, 1.0),
+}
+
+
+@dataclass
+class EvalConfig:
+    problems: int = field(default=128, metadata={"help": "held-out problems"})
+    samples: int = field(default=64, metadata={"help": "policy samples per problem (>= max k)"})
+    scored: int = field(default=16, metadata={"help": "samples per problem scored by the RMs"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        if self.samples < max(KS):
+            raise ValueError(f"samples must be >= {max(KS)} to estimate pass@{max(KS)}")
+        if not 1 <= self.scored <= self.samples:
+            raise ValueError("scored must be between 1 and samples")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from c correct out of n samples (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float:
+    """Probability that a random positive outscores a random negative (ties count half)."""
+    pos = np.array([s for s, y in zip(scores, labels) if y])
+    neg = np.array([s for s, y in zip(scores, labels) if not y])
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def evaluate(cfg: EvalConfig = EvalConfig()) -> dict[str, float]:
+    t0 = time.perf_counter()
+    problems = world.eval_problems(cfg.problems)
+    policy, tok = load_embedded("policy")
+    params = SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens)
+    samples = sample(policy, tok, [p.prompt for p in problems], params, n=cfg.samples, seed=cfg.seed)
+    correct = [[is_correct(p, s.text) for s in ss] for p, ss in zip(problems, samples)]
+    out: dict[str, float] = {
+        f"pass@{k}": float(np.mean([pass_at_k(cfg.samples, sum(c), k) for c in correct])) for k in KS
+    }
+
+    # The reward models see the first `scored` samples of every problem.
+    scored = [(p, s.text, ok) for p, ss, cs in zip(problems, samples, correct)
+              for s, ok in list(zip(ss, cs))[: cfg.scored]]
+    labels = [ok for _, _, ok in scored]
+
+    orm, tok = load_embedded("orm")
+    r = score_outcome(orm, tok, [p.prompt + text for p, text, _ in scored])
+    wins, pairs = 0.0, 0
+    for i in range(cfg.problems):
+        block = range(i * cfg.scored, (i + 1) * cfg.scored)
+        good = [r[j] for j in block if labels[j]]
+        bad = [r[j] for j in block if not labels[j]]
+        wins += sum(1.0 if g > b else 0.5 if g == b else 0.0 for g in good for b in bad)
+        pairs += len(good) * len(bad)
+    out["orm_pairwise_accuracy"] = wins / pairs if pairs else float("nan")
+    out["orm_auroc"] = auroc(r, labels)
+
+    prm, tok = load_embedded("prm")
+    items = [(p.prompt, text, [s.end for s in segments(text)]) for p, text, _ in scored]
+    keep = [i for i, it in enumerate(items) if it[2]]  # a response with no steps has nothing to score
+    probs = score_steps(prm, tok, [items[i] for i in keep])
+    hits = [
+        (q > 0.5) == y
+        for i, qs in zip(keep, probs)
+        for q, y in zip(qs, step_labels(scored[i][0], scored[i][1]))
+    ]
+    out["prm_step_accuracy"] = float(np.mean(hits))
+
+    verifier, tok = load_embedded("verifier")
+    yes = verifier_yes_prob(verifier, tok, [verifier_prompt(p.expression, text) for p, text, _ in scored])
+    on_good = [q > 0.5 for q, y in zip(yes, labels) if y]
+    on_bad = [q <= 0.5 for q, y in zip(yes, labels) if not y]
+    out["verifier_accuracy"] = float((np.mean(on_good) + np.mean(on_bad)) / 2)
+
+    out["heldout_problems"] = cfg.problems
+    out["samples_per_problem"] = cfg.samples
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def meets_targets(figures: dict[str, float]) -> dict[str, bool]:
+    return {k: lo <= figures[k] <= hi for k, (lo, hi) in TARGETS.items()}
+

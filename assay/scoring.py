@@ -1,0 +1,69 @@
+"""In-process scoring with the world's reward models: outcome, process and verifier.
+
+Batched forward passes, no gradients. The reward service's transformers backend and the
+evaluation both use these, so a score means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from arith.verifier import NO, YES
+from trainer.reward_model import outcome_scores, step_token_positions
+
+
+@torch.inference_mode()
+def score_outcome(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int = 256,
+) -> list[float]:
+    """One raw logit per text (higher is better)."""
+    out: list[float] = []
+    for start in range(0, len(texts), batch_size):
+        out.extend(outcome_scores(model, tokenizer, texts[start : start + batch_size]).tolist())
+    return out
+
+
+@torch.inference_mode()
+def score_steps(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[tuple[str, str, Sequence[int]]],
+    batch_size: int = 256,
+) -> list[list[float]]:
+    """P(step correct) for each step of each (prompt, response, step_ends) item."""
+    out: list[list[float]] = []
+    for start in range(0, len(items), batch_size):
+        chunk = [step_token_positions(tokenizer, p, r, ends) for p, r, ends in items[start : start + batch_size]]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        for row, (x, _) in enumerate(chunk):
+            ids[row, : len(x)] = torch.tensor(x)
+        # right padding: no attention mask needed under the causal mask
+        probs = model(input_ids=ids, use_cache=False).logits[..., 0].sigmoid()  # [batch, seq]
+        out.extend(probs[row, pos].tolist() for row, (_, pos) in enumerate(chunk))
+    return out
+
+
+@torch.inference_mode()
+def verifier_yes_prob(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int = 256,
+) -> list[float]:
+    """P(yes) from the first answer token, renormalised over the yes and no tokens."""
+    yes = tokenizer(YES, add_special_tokens=False)["input_ids"][0]
+    no = tokenizer(NO, add_special_tokens=False)["input_ids"][0]
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, padding_side="left")
+        logits = model(**enc, use_cache=False).logits[:, -1, :]  # [batch, vocab] at the last prompt token
+        pair = logits[:, [yes, no]].softmax(-1)
+        out.extend(pair[:, 0].tolist())
+    return out

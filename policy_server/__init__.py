@@ -1,0 +1,1 @@
+"""policy_server: the generation service with an OpenAI-compatible API (issue 4)."""

@@ -1,0 +1,1 @@
+"""proto: versioned gRPC contracts (reward/v1, policy/v1)."""

@@ -1,0 +1,1 @@
+"""rm_server: the reward service over HTTP and gRPC (issue 3)."""

@@ -1,0 +1,1 @@
+"""search: inference-time search strategies, one per file (issue 4)."""

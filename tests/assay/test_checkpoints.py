@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
+
+from assay.checkpoints import EMBEDDED, CheckpointError, load_embedded, load_model
+
+AUTO = {
+    "causal_lm": AutoModelForCausalLM,
+    "sequence_classification": AutoModelForSequenceClassification,
+    "token_classification": AutoModelForTokenClassification,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDED))
+def test_embedded_checkpoints_load_with_plain_transformers(name):
+    kind, path = EMBEDDED[name]
+    model = AUTO[kind].from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    assert model.config.model_type == "llama"
+    assert len(tok) <= model.config.vocab_size
+    assert (path / "model.safetensors").stat().st_size < 8 * 2**20  # "a few MB"
+    enc = tok(["Q: 23+45-17 A: 23+45=68 68-17=51 #### 51"], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**enc).logits
+    assert torch.isfinite(out).all()
+    if kind == "sequence_classification":
+        assert out.shape == (1, 1)
+    if kind == "token_classification":
+        assert out.shape == (1, enc["input_ids"].shape[1], 1)
+
+
+def test_missing_path_is_one_clear_sentence(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory") as e:
+        load_model(tmp_path / "nope", "causal_lm")
+    assert str(tmp_path / "nope") in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_file_or_a_dir_without_config_is_refused(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        load_model(f, "causal_lm")
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_model(tmp_path, "causal_lm")
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="'vit' is not supported as a causal lm"):
+        load_model(tmp_path, "causal_lm")
+
+
+def test_missing_weights_are_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="no safetensors weights"):
+        load_model(tmp_path, "causal_lm")
+
+
+def test_mismatched_tokenizer_is_refused(tmp_path, tiny_lm, tokenizer):
+    tiny_lm.config.vocab_size = 50  # smaller than the 100-token tokenizer
+    tiny_lm.resize_token_embeddings(50)
+    tiny_lm.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointError, match="tokenizer does not match"):
+        load_model(tmp_path, "causal_lm")
+
+
+def test_broken_tokenizer_is_named(tmp_path, tiny_lm):
+    tiny_lm.save_pretrained(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with pytest.raises(CheckpointError, match="tokenizer could not be loaded"):
+        load_model(tmp_path, "causal_lm")
+
+
+def test_unknown_embedded_name():
+    with pytest.raises(CheckpointError, match="no embedded checkpoint named 'critic'"):
+        load_embedded("critic")

@@ -1,0 +1,206 @@
+"""Reward-model training: outcome RMs from rankings, process RMs from step labels.
+
+Outcome RMs (sequence classification, one logit) learn from candidates ranked for one prompt,
+with any of the three losses the RLHF literature uses:
+
+- Bradley-Terry pairwise:  L = -log sigmoid(r_chosen - r_rejected)
+- K-wise listwise:         L = -log softmax(r_1..r_K)[best]        (cross-entropy, best = target)
+- margin ranking:          L = max(0, margin - (r_chosen - r_rejected))
+
+Process RMs (token classification, one logit per token) learn a correct/incorrect label at the
+last token of each step: L = BCE(sigmoid(logit at step end), label).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trainer.sft import SFTConfig, make_optimizer
+
+Loss = Literal["bradley_terry", "listwise", "margin"]
+
+
+# --- losses -------------------------------------------------------------------------------
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """[pairs], [pairs] -> scalar: mean of -log sigmoid(r_chosen - r_rejected)."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def listwise_loss(scores: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """[groups, K], [groups] -> scalar: softmax cross-entropy with the best candidate as target."""
+    return F.cross_entropy(scores, best)
+
+
+def margin_ranking_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 1.0
+) -> torch.Tensor:
+    """[pairs], [pairs] -> scalar: mean of max(0, margin - (r_chosen - r_rejected))."""
+    return torch.clamp(margin - (chosen - rejected), min=0).mean()
+
+
+# --- outcome reward model -----------------------------------------------------------------
+
+
+@dataclass
+class RankedGroup:
+    """Candidates for one prompt; `best` indexes the preferred one, `worse` the dispreferred."""
+
+    prompt: str
+    responses: list[str]
+    best: int
+    worse: list[int]
+
+    def __post_init__(self) -> None:
+        if not self.worse or self.best in self.worse:
+            raise ValueError("a ranked group needs a best candidate and at least one worse one")
+
+
+@dataclass
+class RMConfig(SFTConfig):
+    loss: Loss = field(default="bradley_terry", metadata={"help": "ranking loss"})
+    margin: float = field(default=1.0, metadata={"help": "margin for the margin loss"})
+    k: int = field(default=4, metadata={"help": "candidates per group for the listwise loss"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in ("bradley_terry", "listwise", "margin"):
+            raise ValueError("loss must be bradley_terry, listwise or margin")
+        if self.k < 2:
+            raise ValueError("k must be >= 2")
+
+
+def outcome_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
+) -> torch.Tensor:
+    """[len(texts)] one scalar per text, read at its last token (the model pools there)."""
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="right")
+    # Right padding under a causal mask needs no attention mask (and CPU attention is much
+    # faster without one); the classifier finds each row's last real token by the pad id.
+    return model(input_ids=enc["input_ids"], use_cache=False).logits[:, 0]
+
+
+def _group_batch(
+    groups: Sequence[RankedGroup], config: RMConfig, rng: random.Random
+) -> tuple[list[str], int]:
+    """Texts to score, laid out per loss: (chosen, rejected) pairs or K-lists with best first."""
+    texts: list[str] = []
+    for g in groups:
+        if config.loss == "listwise":
+            worse = rng.sample(g.worse, min(config.k - 1, len(g.worse)))
+            worse += [rng.choice(g.worse) for _ in range(config.k - 1 - len(worse))]
+            picks = [g.best] + worse
+        else:
+            picks = [g.best, rng.choice(g.worse)]
+        texts.extend(g.prompt + g.responses[i] for i in picks)
+    return texts, (config.k if config.loss == "listwise" else 2)
+
+
+def train_outcome_rm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    groups: Sequence[RankedGroup],
+    config: RMConfig,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train a one-logit sequence classifier in place on ranked groups; returns step losses."""
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    model.train()
+    opt, sched = make_optimizer(model, config)
+    losses = []
+    for step in range(config.steps):
+        texts, width = _group_batch(rng.sample(list(groups), config.batch_size), config, rng)
+        scores = outcome_scores(model, tokenizer, texts).view(-1, width)  # [groups, width]
+        if config.loss == "bradley_terry":
+            loss = bradley_terry_loss(scores[:, 0], scores[:, 1])
+        elif config.loss == "margin":
+            loss = margin_ranking_loss(scores[:, 0], scores[:, 1], config.margin)
+        else:
+            loss = listwise_loss(scores, torch.zeros(len(scores), dtype=torch.long))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+# --- process reward model -----------------------------------------------------------------
+
+
+@dataclass
+class StepExample:
+    """A response with the character index where each step ends and that step's label."""
+
+    prompt: str
+    response: str
+    step_ends: list[int]  # exclusive end offsets into `response`, one per step
+    labels: list[bool]
+
+
+def step_token_positions(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, step_ends: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """Token ids of prompt+response and, per step, the index of the token holding its last char."""
+    enc = tokenizer(prompt + response, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    positions = []
+    for end in step_ends:
+        last_char = len(prompt) + end - 1
+        idx = next(i for i, (s, e) in enumerate(offsets) if s <= last_char < e)
+        positions.append(idx)
+    return enc["input_ids"], positions
+
+
+def train_process_rm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[StepExample],
+    config: SFTConfig,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train a one-logit token classifier in place with BCE at step ends; returns step losses."""
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    encoded = [
+        (*step_token_positions(tokenizer, e.prompt, e.response, e.step_ends), e.labels)
+        for e in examples
+    ]
+    model.train()
+    opt, sched = make_optimizer(model, config)
+    losses = []
+    for step in range(config.steps):
+        batch = rng.sample(encoded, config.batch_size)
+        width = max(len(ids) for ids, _, _ in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        target = torch.full((len(batch), width), -1.0)  # -1: no label at this token
+        for row, (x, pos, lab) in enumerate(batch):
+            ids[row, : len(x)] = torch.tensor(x)
+            target[row, pos] = torch.tensor(lab, dtype=torch.float)
+        # right padding: no attention mask needed under the causal mask
+        logits = model(input_ids=ids, use_cache=False).logits[..., 0]  # [batch, seq]
+        keep = target >= 0
+        loss = F.binary_cross_entropy_with_logits(logits[keep], target[keep])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses

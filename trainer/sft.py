@@ -1,0 +1,112 @@
+"""Supervised fine-tuning of a causal LM on (prompt, completion) pairs.
+
+Loss: mean next-token cross-entropy over completion tokens only (prompt and padding masked),
+with the completion closed by the tokenizer's eos token so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+IGNORE = -100  # label id that cross-entropy skips
+
+
+@dataclass
+class SFTConfig:
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "examples per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, as share of lr"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    seed: int = field(default=0, metadata={"help": "torch seed for the run"})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError("warmup_steps must be between 0 and steps")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+
+
+def lr_lambda(config: SFTConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to min_lr_ratio; shared by every trainer here."""
+
+    def f(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        t = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one example: labels are IGNORE over the prompt."""
+    p = tokenizer(prompt)["input_ids"]
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p + c, [IGNORE] * len(p) + c
+
+
+def collate(
+    batch: list[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest example: (input_ids, attention_mask, labels), each [batch, seq]."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (x, y) in enumerate(batch):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+        mask[row, : len(x)] = 1
+    return ids, mask, labels
+
+
+def make_optimizer(
+    model: torch.nn.Module, config: SFTConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98)
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
+
+
+def train_sft(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Iterator[tuple[str, str]],
+    config: SFTConfig,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train in place on `config.steps` batches drawn from `examples`; returns the step losses."""
+    torch.manual_seed(config.seed)
+    model.train()
+    opt, sched = make_optimizer(model, config)
+    losses = []
+    for step in range(config.steps):
+        batch = [encode_example(tokenizer, *next(examples)) for _ in range(config.batch_size)]
+        ids, _, labels = collate(batch, tokenizer.pad_token_id)
+        # Right padding under a causal mask: real tokens never attend to the pads after them,
+        # so no attention mask is passed (with one, CPU attention backward is ~8x slower).
+        # HF shifts labels inside: logits[:, t] predicts labels[:, t + 1].
+        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
