@@ -3,10 +3,11 @@
 1. tokenizer  - character level, saved beside every checkpoint;
 2. policy     - a tiny Llama trained from scratch by SFT on worked solutions;
 3. samples    - the policy's own samples on training problems, labelled by the rule checkers;
-4. orm        - sequence classifier initialised from the policy, Bradley-Terry on
-                (correct, incorrect) pairs of those samples;
-5. prm        - token classifier initialised from the policy, BCE on per-step labels;
-6. verifier   - the policy fine-tuned to answer `Correct? yes|no` on the same samples.
+4. prm        - token classifier initialised from the policy, BCE on a label at every
+                character (is the response still on the correct track?), read at step ends;
+5. orm        - sequence classifier initialised from the PRM, Bradley-Terry on
+                (correct, incorrect) pairs of the policy's samples;
+6. verifier   - the policy with the PRM's backbone, fine-tuned to answer `Correct? yes|no`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -27,7 +29,7 @@ from transformers import (
 )
 
 from arith import world
-from arith.checks import is_correct, segments, step_labels
+from arith.checks import is_correct
 from arith.tokenizer import build_tokenizer
 from arith.verifier import NO, YES, verifier_prompt
 from assay.checkpoints import ARITH_DIR
@@ -45,12 +47,15 @@ class BuildConfig:
     layers: int = 4
     heads: int = 4
     intermediate_size: int = 512
-    policy: SFTConfig = SFTConfig(steps=800, batch_size=64, lr=3e-3, warmup_steps=30)
-    rollout_problems: int = 1536  # training problems the policy samples on for RM data
+    # Digit slips at temperature 1 come from label smoothing over the digits (see trainer.sft):
+    # the policy's argmax stays right, so the reward models can learn to catch the slips.
+    policy: SFTConfig = field(default_factory=lambda: SFTConfig(
+        steps=2400, batch_size=64, lr=3e-3, warmup_steps=30, label_smoothing=0.05, smoothing_tokens="0123456789"))
+    rollout_problems: int = 2048  # training problems the policy samples on for RM data
     rollouts_per_problem: int = 4
-    orm: RMConfig = RMConfig(steps=300, batch_size=32, lr=5e-4, warmup_steps=20)
-    prm: SFTConfig = SFTConfig(steps=300, batch_size=32, lr=5e-4, warmup_steps=20)
-    verifier: SFTConfig = SFTConfig(steps=300, batch_size=32, lr=5e-4, warmup_steps=20)
+    prm: SFTConfig = field(default_factory=lambda: SFTConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=20))
+    orm: RMConfig = field(default_factory=lambda: RMConfig(steps=300, batch_size=32, lr=5e-4, warmup_steps=20))
+    verifier: SFTConfig = field(default_factory=lambda: SFTConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20))
 
 
 def llama_config(tokenizer: PreTrainedTokenizerBase, cfg: BuildConfig, **extra) -> LlamaConfig:
@@ -104,13 +109,21 @@ def ranked_groups(data: list[tuple[world.Problem, list[Sample]]]) -> list[Ranked
     return groups
 
 
-def step_examples(data: list[tuple[world.Problem, list[Sample]]]) -> list[StepExample]:
+def prefix_examples(data: list[tuple[world.Problem, list[Sample]]]) -> list[StepExample]:
+    """A label at every character of every response: is the text so far still on track?
+
+    In this world the correct shown work is unique, so "on track" after k characters means the
+    response's first k characters are those of the reference solution. At the end of each step
+    this is exactly the step label of `arith.checks.step_labels`, which is what the PRM is read
+    for; the labels in between teach it where, inside a step, a slip happened.
+    """
     out = []
     for prob, samples in data:
-        for text in [s.text for s in samples] + [prob.solution]:
-            segs = segments(text)
-            if segs:
-                out.append(StepExample(prob.prompt, text, [s.end for s in segs], step_labels(prob, text)))
+        ref = prob.solution
+        for text in [s.text for s in samples] + [ref]:
+            ends = [k for k in range(1, len(text) + 1) if not text[k - 1].isspace()]
+            if ends:
+                out.append(StepExample(prob.prompt, text, ends, [text[:k] == ref[:k] for k in ends]))
     return out
 
 
@@ -129,31 +142,50 @@ def verifier_examples(
         yield rng.choice(yes) if rng.random() < 0.5 else rng.choice(no)
 
 
-def save(model, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+def save(model, path: Path) -> None:
+    """Weights and a fresh tokenizer (a used one may carry padding state into tokenizer.json)."""
     path.mkdir(parents=True, exist_ok=True)
+    hf_logging.disable_progress_bar()  # one shard of 4 MB needs no bar
     model.save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save_pretrained(str(path))
+    build_tokenizer().save_pretrained(str(path))
+
+
+Progress = Callable[[str, int, int, float], None]  # (stage, step, total steps, loss)
+STAGES = ("policy", "rollouts", "prm", "orm", "verifier")
 
 
 def build(
     out_dir: Path = ARITH_DIR,
-    cfg: BuildConfig = BuildConfig(),
+    cfg: BuildConfig | None = None,
     log: Callable[[str], None] = print,
+    progress: Progress | None = None,
+    skip_policy: bool = False,
 ) -> dict[str, float]:
-    """Train and save all four checkpoints under out_dir; returns seconds per stage."""
+    """Train and save the checkpoints under out_dir; returns seconds per stage.
+
+    With skip_policy, the policy already in out_dir is kept and the reward models are rebuilt
+    on its samples.
+    """
+    cfg = cfg or BuildConfig()
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     tokenizer = build_tokenizer()
+
+    def tick(name: str, total: int) -> Callable[[int, float], None] | None:
+        return None if progress is None else lambda step, loss: progress(name, step + 1, total, loss)
 
     def stage(name: str, t0: float) -> None:
         timings[name] = time.perf_counter() - t0
         log(f"{name}: {timings[name]:.0f}s")
 
     t0 = time.perf_counter()
-    policy = LlamaForCausalLM(llama_config(tokenizer, cfg))
-    train_sft(policy, tokenizer, sft_examples(cfg.seed), cfg.policy)
-    save(policy, tokenizer, out_dir / "policy")
-    stage("policy", t0)
+    if skip_policy:
+        policy = LlamaForCausalLM.from_pretrained(str(out_dir / "policy")).eval()
+    else:
+        policy = LlamaForCausalLM(llama_config(tokenizer, cfg))
+        train_sft(policy, tokenizer, sft_examples(cfg.seed), cfg.policy, tick("policy", cfg.policy.steps))
+        save(policy, out_dir / "policy")
+        stage("policy", t0)
 
     t0 = time.perf_counter()
     data = rollouts(policy, tokenizer, cfg)
@@ -161,24 +193,28 @@ def build(
     log(f"rollouts: {n_ok}/{len(data) * cfg.rollouts_per_problem} correct")
     stage("rollouts", t0)
 
-    t0 = time.perf_counter()
-    orm = LlamaForSequenceClassification(llama_config(tokenizer, cfg, num_labels=1))
-    orm.model.load_state_dict(policy.model.state_dict())
-    train_outcome_rm(orm, tokenizer, ranked_groups(data), cfg.orm)
-    save(orm, tokenizer, out_dir / "orm")
-    stage("orm", t0)
-
+    # The PRM learns first: a label at every response character is dense supervision, and its
+    # backbone then starts the ORM and the verifier, which get one label per response.
     t0 = time.perf_counter()
     prm = LlamaForTokenClassification(llama_config(tokenizer, cfg, num_labels=1))
     prm.model.load_state_dict(policy.model.state_dict())
-    train_process_rm(prm, tokenizer, step_examples(data), cfg.prm)
-    save(prm, tokenizer, out_dir / "prm")
+    train_process_rm(prm, tokenizer, prefix_examples(data), cfg.prm, tick("prm", cfg.prm.steps))
+    save(prm, out_dir / "prm")
     stage("prm", t0)
+
+    t0 = time.perf_counter()
+    orm = LlamaForSequenceClassification(llama_config(tokenizer, cfg, num_labels=1))
+    orm.model.load_state_dict(prm.model.state_dict())
+    orm.score.load_state_dict(prm.score.state_dict())
+    train_outcome_rm(orm, tokenizer, ranked_groups(data), cfg.orm, tick("orm", cfg.orm.steps))
+    save(orm, out_dir / "orm")
+    stage("orm", t0)
 
     t0 = time.perf_counter()
     verifier = LlamaForCausalLM(llama_config(tokenizer, cfg))
     verifier.load_state_dict(policy.state_dict())
-    train_sft(verifier, tokenizer, verifier_examples(data, cfg.seed), cfg.verifier)
-    save(verifier, tokenizer, out_dir / "verifier")
+    verifier.model.load_state_dict(prm.model.state_dict())
+    train_sft(verifier, tokenizer, verifier_examples(data, cfg.seed), cfg.verifier, tick("verifier", cfg.verifier.steps))
+    save(verifier, out_dir / "verifier")
     stage("verifier", t0)
     return timings

@@ -91,12 +91,12 @@ def load_model(
     return model.eval(), tokenizer
 
 
-def load_embedded(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """One of the world's checkpoints by name: policy, orm, prm or verifier."""
+def load_embedded(name: str, root: Path = ARITH_DIR) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """One of the world's checkpoints by name (policy, orm, prm, verifier), from root."""
     if name not in EMBEDDED:
         raise CheckpointError(f"no embedded checkpoint named {name!r}; choose from {sorted(EMBEDDED)}.")
     kind, path = EMBEDDED[name]
-    return load_model(path, kind)  # type: ignore[arg-type]
+    return load_model(Path(root) / path.name, kind)  # type: ignore[arg-type]
 
 
 def _check_dir(path: Path) -> None:

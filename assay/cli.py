@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.progress import Progress, TaskID, TextColumn
 from rich.table import Table
 
 app = typer.Typer(help="Assay: rewards as a service, inference-time search, online RLHF.", no_args_is_help=True)
@@ -51,12 +52,14 @@ def eval_cmd(
     problems: int = typer.Option(128, help="held-out problems"),
     samples: int = typer.Option(64, help="policy samples per problem"),
     seed: int = typer.Option(0, help="sampling seed"),
+    checkpoints: Path = typer.Option(None, help="folder with policy/orm/prm/verifier (default: the embedded ones)"),
 ) -> None:
     """Evaluate the embedded checkpoints on the fixed held-out set."""
+    from assay.checkpoints import ARITH_DIR
     from assay.evaluate import EvalConfig, evaluate
 
     try:
-        cfg = EvalConfig(problems=problems, samples=samples, seed=seed)
+        cfg = EvalConfig(problems=problems, samples=samples, seed=seed, checkpoints=checkpoints or ARITH_DIR)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
     figures = _guarded(lambda: evaluate(cfg))
@@ -70,20 +73,29 @@ def eval_cmd(
 @app.command("run")
 def run_cmd() -> None:
     """The main job: load the embedded checkpoints and print the evaluation table."""
-    eval_cmd(as_json=False, problems=128, samples=64, seed=0)
+    eval_cmd(as_json=False, problems=128, samples=64, seed=0, checkpoints=None)
 
 
 @models_app.command("build")
 def models_build(
     out: Path = typer.Option(None, help="where to write the checkpoints (default: the package's own)"),
     seed: int = typer.Option(0, help="seed for every stage"),
+    skip_policy: bool = typer.Option(False, help="keep the policy in --out; rebuild only the reward models"),
 ) -> None:
     """Rebuild the four embedded checkpoints deterministically from seeds."""
     from arith.build import BuildConfig, build
     from assay.checkpoints import ARITH_DIR
 
     target = out or ARITH_DIR
-    timings = build(target, BuildConfig(seed=seed), log=lambda m: console.print(f"[cyan]{m}[/cyan]"))
+    with Progress(*Progress.get_default_columns(), TextColumn("loss {task.fields[loss]:.4f}"), console=console) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_step(stage: str, step: int, total: int, loss: float) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, loss=float("nan"))
+            bar.update(tasks[stage], completed=step, loss=loss)
+
+        timings = build(target, BuildConfig(seed=seed), log=bar.console.print, progress=on_step, skip_policy=skip_policy)
     console.print(f"built {', '.join(timings)} in {sum(timings.values()):.0f}s -> {target}")
 
 

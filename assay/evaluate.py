@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from arith import world
 from arith.checks import is_correct, segments, step_labels
 from arith.verifier import verifier_prompt
-from assay.checkpoints import load_embedded
+from assay.checkpoints import ARITH_DIR, load_embedded
 from assay.generation import SamplingParams, sample
 from assay.scoring import score_outcome, score_steps, verifier_yes_prob
 
@@ -39,6 +40,7 @@ class EvalConfig:
     samples: int = field(default=64, metadata={"help": "policy samples per problem (>= max k)"})
     scored: int = field(default=16, metadata={"help": "samples per problem scored by the RMs"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
+    checkpoints: Path = field(default=ARITH_DIR, metadata={"help": "folder holding the four checkpoints"})
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
@@ -69,7 +71,7 @@ def auroc(scores: list[float], labels: list[bool]) -> float:
 def evaluate(cfg: EvalConfig = EvalConfig()) -> dict[str, float]:
     t0 = time.perf_counter()
     problems = world.eval_problems(cfg.problems)
-    policy, tok = load_embedded("policy")
+    policy, tok = load_embedded("policy", cfg.checkpoints)
     params = SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens)
     samples = sample(policy, tok, [p.prompt for p in problems], params, n=cfg.samples, seed=cfg.seed)
     correct = [[is_correct(p, s.text) for s in ss] for p, ss in zip(problems, samples)]
@@ -82,7 +84,7 @@ def evaluate(cfg: EvalConfig = EvalConfig()) -> dict[str, float]:
               for s, ok in list(zip(ss, cs))[: cfg.scored]]
     labels = [ok for _, _, ok in scored]
 
-    orm, tok = load_embedded("orm")
+    orm, tok = load_embedded("orm", cfg.checkpoints)
     r = score_outcome(orm, tok, [p.prompt + text for p, text, _ in scored])
     wins, pairs = 0.0, 0
     for i in range(cfg.problems):
@@ -94,7 +96,7 @@ def evaluate(cfg: EvalConfig = EvalConfig()) -> dict[str, float]:
     out["orm_pairwise_accuracy"] = wins / pairs if pairs else float("nan")
     out["orm_auroc"] = auroc(r, labels)
 
-    prm, tok = load_embedded("prm")
+    prm, tok = load_embedded("prm", cfg.checkpoints)
     items = [(p.prompt, text, [s.end for s in segments(text)]) for p, text, _ in scored]
     keep = [i for i, it in enumerate(items) if it[2]]  # a response with no steps has nothing to score
     probs = score_steps(prm, tok, [items[i] for i in keep])
@@ -105,7 +107,7 @@ def evaluate(cfg: EvalConfig = EvalConfig()) -> dict[str, float]:
     ]
     out["prm_step_accuracy"] = float(np.mean(hits))
 
-    verifier, tok = load_embedded("verifier")
+    verifier, tok = load_embedded("verifier", cfg.checkpoints)
     yes = verifier_yes_prob(verifier, tok, [verifier_prompt(p.expression, text) for p, text, _ in scored])
     on_good = [q > 0.5 for q, y in zip(yes, labels) if y]
     on_bad = [q <= 0.5 for q, y in zip(yes, labels) if not y]

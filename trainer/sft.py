@@ -26,8 +26,14 @@ class SFTConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     seed: int = field(default=0, metadata={"help": "torch seed for the run"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "share of target mass smoothed"})
+    smoothing_tokens: str = field(
+        default="", metadata={"help": "characters smoothed among themselves ('' = whole vocabulary)"}
+    )
 
     def __post_init__(self) -> None:
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError("label_smoothing must be in [0, 1)")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -72,6 +78,37 @@ def collate(
     return ids, mask, labels
 
 
+def sft_loss(
+    logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0, smooth_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions, optionally label-smoothed.
+
+    logits [batch, seq, vocab] at position t predict labels [batch, seq] at t + 1. With
+    smooth_ids, smoothing applies only where the target is one of those tokens and spreads over
+    them alone: L = (1 - e) * NLL(target) + e * mean_{j in ids} -log p(j). A policy trained so
+    keeps its argmax but slips to a wrong token of the same class (a wrong digit) at
+    temperature 1, which is what a verifier has to catch.
+    """
+    logp = logits[:, :-1].float().log_softmax(-1)  # [batch, seq-1, vocab]
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logp, target = logp[keep], target[keep]  # [n, vocab], [n]
+    nll = -logp.gather(-1, target[:, None]).squeeze(-1)  # [n]
+    if smoothing == 0.0:
+        return nll.mean()
+    if smooth_ids is None:
+        spread, in_class = -logp.mean(-1), torch.ones_like(nll, dtype=torch.bool)
+    else:
+        spread, in_class = -logp[:, smooth_ids].mean(-1), torch.isin(target, smooth_ids)
+    return torch.where(in_class, (1 - smoothing) * nll + smoothing * spread, nll).mean()
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, chars: str) -> torch.Tensor | None:
+    if not chars:
+        return None
+    return torch.tensor(sorted({tokenizer.convert_tokens_to_ids(c) for c in chars}))
+
+
 def make_optimizer(
     model: torch.nn.Module, config: SFTConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -92,14 +129,15 @@ def train_sft(
     torch.manual_seed(config.seed)
     model.train()
     opt, sched = make_optimizer(model, config)
+    smooth_ids = _token_ids(tokenizer, config.smoothing_tokens)
     losses = []
     for step in range(config.steps):
         batch = [encode_example(tokenizer, *next(examples)) for _ in range(config.batch_size)]
         ids, _, labels = collate(batch, tokenizer.pad_token_id)
         # Right padding under a causal mask: real tokens never attend to the pads after them,
         # so no attention mask is passed (with one, CPU attention backward is ~8x slower).
-        # HF shifts labels inside: logits[:, t] predicts labels[:, t + 1].
-        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+        logits = model(input_ids=ids, use_cache=False).logits  # [batch, seq, vocab]
+        loss = sft_loss(logits, labels, config.label_smoothing, smooth_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

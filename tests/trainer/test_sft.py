@@ -1,4 +1,7 @@
 import itertools
+import math
+
+import pytest
 
 import torch
 
@@ -41,3 +44,30 @@ def test_config_refuses_nonsense():
         SFTConfig(steps=0)
     with pytest.raises(ValueError):
         SFTConfig(steps=10, warmup_steps=20)
+
+
+def test_sft_loss_without_smoothing_is_shifted_cross_entropy():
+    from trainer.sft import sft_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6)
+    labels = torch.tensor([[IGNORE, 3, 1, 2], [IGNORE, IGNORE, 5, IGNORE]])
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 6), labels[:, 1:].reshape(-1))
+    assert sft_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_class_restricted_label_smoothing_by_hand():
+    from trainer.sft import sft_loss
+
+    # one predicted position over a 4-token vocabulary; tokens 1 and 2 form the smoothed class
+    logp = torch.log(torch.tensor([0.1, 0.6, 0.2, 0.1]))
+    logits = torch.stack([logp, torch.zeros(4)])[None]  # [1, 2, 4]: position 0 predicts label at 1
+    ids = torch.tensor([1, 2])
+    in_class = sft_loss(logits, torch.tensor([[IGNORE, 1]]), 0.1, ids).item()
+    expected = 0.9 * -math.log(0.6) + 0.1 * (-(math.log(0.6) + math.log(0.2)) / 2)
+    assert in_class == pytest.approx(expected, rel=1e-5)
+    # a target outside the class is not smoothed
+    assert sft_loss(logits, torch.tensor([[IGNORE, 3]]), 0.1, ids).item() == pytest.approx(-math.log(0.1), rel=1e-5)
+    # whole-vocabulary smoothing spreads over every token
+    whole = sft_loss(logits, torch.tensor([[IGNORE, 1]]), 0.1).item()
+    assert whole == pytest.approx(0.9 * -math.log(0.6) + 0.1 * -logp.mean().item(), rel=1e-5)
