@@ -58,6 +58,22 @@ def segments(response: str) -> list[Segment]:
     return out
 
 
+def is_well_formed(response: str) -> bool:
+    """Every segment parses: equations `a+b=c` / `a-b=c`, then `#### n` last.
+
+    A wrong but well-formed response has only plausible slips (a wrong digit, a miscopied
+    operand); a malformed one shows a broken token somewhere, which is far easier to catch.
+    """
+    segs = segments(response)
+    return (
+        bool(segs)
+        and segs[-1].is_final
+        and final_answer(segs[-1].text) is not None
+        and segs[-1].text.split() == [ANSWER_MARK, segs[-1].text.split()[-1]]
+        and all(_EQUATION.match(s.text) for s in segs[:-1])
+    )
+
+
 def step_labels(problem: Problem, response: str) -> list[bool]:
     """Per-segment correctness, one bool per `segments(response)` entry.
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+from transformers.utils import logging as hf_logging
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -37,6 +38,9 @@ EMBEDDED = {
     "prm": ("token_classification", ARITH_DIR / "prm"),
     "verifier": ("causal_lm", ARITH_DIR / "verifier"),
 }
+
+
+hf_logging.disable_progress_bar()  # a bar per 4 MB checkpoint load is noise
 
 
 class CheckpointError(ValueError):

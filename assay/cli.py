@@ -22,8 +22,10 @@ _LABELS = {
     "pass@16": "policy pass@16",
     "pass@64": "policy pass@64",
     "orm_pairwise_accuracy": "outcome RM pairwise accuracy",
+    "orm_pairwise_accuracy_well_formed": "  (vs well-formed wrong answers)",
     "orm_auroc": "outcome RM AUROC",
     "prm_step_accuracy": "process RM step accuracy",
+    "prm_step_majority_baseline": "  (always the commoner step label)",
     "verifier_accuracy": "verifier accuracy (balanced)",
 }
 

@@ -3,8 +3,10 @@
 - policy: pass@k at temperature 1.0 from n = 64 samples per problem, with the unbiased
   estimator pass@k = 1 - C(n - c, k) / C(n, k) (c correct of n), averaged over problems;
 - outcome RM: pairwise accuracy over every (correct, incorrect) pair of samples of the same
-  problem (ties count half), and AUROC over all scored samples;
-- process RM: accuracy of P(step correct) > 0.5 against the rule checker's step labels;
+  problem (ties count half), the same over pairs whose incorrect side is well formed (only
+  plausible slips, no broken token), and AUROC over all scored samples;
+- process RM: accuracy of P(step correct) > 0.5 against the rule checker's step labels, beside
+  the accuracy of always answering the commoner label;
 - verifier: balanced accuracy (mean of the accuracy on correct and on incorrect solutions) of
   P(yes) > 0.5, so a verifier that always says "no" scores 50%.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from arith import world
-from arith.checks import is_correct, segments, step_labels
+from arith.checks import is_correct, is_well_formed, segments, step_labels
 from arith.verifier import verifier_prompt
 from assay.checkpoints import ARITH_DIR, load_embedded
 from assay.generation import SamplingParams, sample
@@ -68,6 +70,18 @@ def auroc(scores: list[float], labels: list[bool]) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
+def _pairwise(r: list[float], labels: list[bool], cfg: "EvalConfig", use_bad) -> float:
+    """Share of (correct, incorrect) pairs of the same problem the scores order right (ties half)."""
+    wins, pairs = 0.0, 0
+    for i in range(cfg.problems):
+        block = range(i * cfg.scored, (i + 1) * cfg.scored)
+        good = [r[j] for j in block if labels[j]]
+        bad = [r[j] for j in block if not labels[j] and use_bad(j)]
+        wins += sum(1.0 if g > b else 0.5 if g == b else 0.0 for g in good for b in bad)
+        pairs += len(good) * len(bad)
+    return wins / pairs if pairs else float("nan")
+
+
 def evaluate(cfg: EvalConfig = EvalConfig()) -> dict[str, float]:
     t0 = time.perf_counter()
     problems = world.eval_problems(cfg.problems)
@@ -86,26 +100,21 @@ def evaluate(cfg: EvalConfig = EvalConfig()) -> dict[str, float]:
 
     orm, tok = load_embedded("orm", cfg.checkpoints)
     r = score_outcome(orm, tok, [p.prompt + text for p, text, _ in scored])
-    wins, pairs = 0.0, 0
-    for i in range(cfg.problems):
-        block = range(i * cfg.scored, (i + 1) * cfg.scored)
-        good = [r[j] for j in block if labels[j]]
-        bad = [r[j] for j in block if not labels[j]]
-        wins += sum(1.0 if g > b else 0.5 if g == b else 0.0 for g in good for b in bad)
-        pairs += len(good) * len(bad)
-    out["orm_pairwise_accuracy"] = wins / pairs if pairs else float("nan")
+    out["orm_pairwise_accuracy"] = _pairwise(r, labels, cfg, lambda j: True)
+    # the same against wrong answers with no broken token: the slips that are hard to see
+    out["orm_pairwise_accuracy_well_formed"] = _pairwise(r, labels, cfg, lambda j: is_well_formed(scored[j][1]))
     out["orm_auroc"] = auroc(r, labels)
 
     prm, tok = load_embedded("prm", cfg.checkpoints)
     items = [(p.prompt, text, [s.end for s in segments(text)]) for p, text, _ in scored]
     keep = [i for i, it in enumerate(items) if it[2]]  # a response with no steps has nothing to score
     probs = score_steps(prm, tok, [items[i] for i in keep])
-    hits = [
-        (q > 0.5) == y
-        for i, qs in zip(keep, probs)
-        for q, y in zip(qs, step_labels(scored[i][0], scored[i][1]))
-    ]
+    step_truth = [step_labels(scored[i][0], scored[i][1]) for i in keep]
+    hits = [(q > 0.5) == y for qs, ys in zip(probs, step_truth) for q, y in zip(qs, ys)]
     out["prm_step_accuracy"] = float(np.mean(hits))
+    # what always answering the commoner label would score, to read the accuracy against
+    share_ok = float(np.mean([y for ys in step_truth for y in ys]))
+    out["prm_step_majority_baseline"] = max(share_ok, 1 - share_ok)
 
     verifier, tok = load_embedded("verifier", cfg.checkpoints)
     yes = verifier_yes_prob(verifier, tok, [verifier_prompt(p.expression, text) for p, text, _ in scored])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.sft import SFTConfig, make_optimizer
+from trainer.sft import SFTConfig, make_update
 
 Loss = Literal["bradley_terry", "listwise", "margin"]
 
@@ -115,7 +115,7 @@ def train_outcome_rm(
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     model.train()
-    opt, sched = make_optimizer(model, config)
+    update = make_update(model, config)
     losses = []
     for step in range(config.steps):
         texts, width = _group_batch(rng.sample(list(groups), config.batch_size), config, rng)
@@ -126,12 +126,7 @@ def train_outcome_rm(
             loss = margin_ranking_loss(scores[:, 0], scores[:, 1], config.margin)
         else:
             loss = listwise_loss(scores, torch.zeros(len(scores), dtype=torch.long))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(update(loss))
         if on_step:
             on_step(step, losses[-1])
     model.eval()
@@ -180,7 +175,7 @@ def train_process_rm(
         for e in examples
     ]
     model.train()
-    opt, sched = make_optimizer(model, config)
+    update = make_update(model, config)
     losses = []
     for step in range(config.steps):
         batch = rng.sample(encoded, config.batch_size)
@@ -194,12 +189,7 @@ def train_process_rm(
         logits = model(input_ids=ids, use_cache=False).logits[..., 0]  # [batch, seq]
         keep = target >= 0
         loss = F.binary_cross_entropy_with_logits(logits[keep], target[keep])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(update(loss))
         if on_step:
             on_step(step, losses[-1])
     model.eval()

@@ -109,13 +109,25 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, chars: str) -> torch.Tensor |
     return torch.tensor(sorted({tokenizer.convert_tokens_to_ids(c) for c in chars}))
 
 
-def make_optimizer(
-    model: torch.nn.Module, config: SFTConfig
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def make_update(model: torch.nn.Module, config: SFTConfig) -> Callable[[torch.Tensor], float]:
+    """AdamW with warm-up and cosine decay, as one call per step: `update(loss) -> loss value`.
+
+    Shared by every trainer here: backward, clip the gradient norm, step, advance the schedule.
+    """
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98)
     )
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
+
+    def update(loss: torch.Tensor) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    return update
 
 
 def train_sft(
@@ -128,7 +140,7 @@ def train_sft(
     """Train in place on `config.steps` batches drawn from `examples`; returns the step losses."""
     torch.manual_seed(config.seed)
     model.train()
-    opt, sched = make_optimizer(model, config)
+    update = make_update(model, config)
     smooth_ids = _token_ids(tokenizer, config.smoothing_tokens)
     losses = []
     for step in range(config.steps):
@@ -138,12 +150,7 @@ def train_sft(
         # so no attention mask is passed (with one, CPU attention backward is ~8x slower).
         logits = model(input_ids=ids, use_cache=False).logits  # [batch, seq, vocab]
         loss = sft_loss(logits, labels, config.label_smoothing, smooth_ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(update(loss))
         if on_step:
             on_step(step, losses[-1])
     model.eval()

@@ -47,3 +47,14 @@ def test_missing_or_malformed_final_answer():
     assert step_labels(P, "23+45=68 #### 68") == [True, False]
     assert step_labels(P, "garbage") == [False]
     assert segments("") == []
+
+
+def test_well_formed_means_every_segment_parses():
+    from arith.checks import is_well_formed
+
+    assert is_well_formed(P.solution)
+    assert is_well_formed("23+45=67 67-17=50 #### 50")  # wrong, but only a plausible slip
+    assert not is_well_formed("23+45=6$ 68-17=51 #### 51")
+    assert not is_well_formed("23+45=68 68-17=51")
+    assert not is_well_formed("23+45=68 68-17=51 #### 51 extra")
+    assert not is_well_formed("")
