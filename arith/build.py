@@ -114,8 +114,9 @@ def prefix_examples(data: list[tuple[world.Problem, list[Sample]]]) -> list[Step
 
     In this world the correct shown work is unique, so "on track" after k characters means the
     response's first k characters are those of the reference solution. At the end of each step
-    this is exactly the step label of `arith.checks.step_labels`, which is what the PRM is read
-    for; the labels in between teach it where, inside a step, a slip happened.
+    this agrees with `arith.checks.step_labels` (what the PRM is read for) whenever the response
+    is spaced as the reference is; the labels in between teach it where, inside a step, a slip
+    happened.
     """
     out = []
     for prob, samples in data:

@@ -28,3 +28,29 @@ def test_build_writes_four_loadable_checkpoints_deterministically(tmp_path):
         b = load_file(str(tmp_path / "b" / name / "model.safetensors"))
         assert a.keys() == b.keys()
         assert all((a[k] == b[k]).all() for k in a), f"{name} differs between two builds"
+
+
+def test_prefix_labels_agree_with_step_labels_at_step_ends():
+    import random
+
+    from arith import world
+    from arith.build import prefix_examples
+    from arith.checks import segments, step_labels
+    from assay.generation import Sample
+
+    rng = random.Random(0)
+    data = []
+    for p in world.take("train", 200, seed=4):
+        text = list(p.solution)
+        for _ in range(rng.randint(0, 2)):  # zero to two single-character slips
+            text[rng.randrange(len(text))] = rng.choice("0123456789+-=#x")
+        data.append((p, [Sample("".join(text), [], [], "stop")]))
+    checked = 0
+    for (p, [s]), ex in zip(data, prefix_examples(data)[::2]):  # every other example is the reference
+        assert ex.response == s.text
+        by_end = dict(zip(ex.step_ends, ex.labels))
+        for seg, label in zip(segments(s.text), step_labels(p, s.text)):
+            if " " not in s.text[seg.start : seg.end].replace("#### ", ""):
+                assert by_end[seg.end] == label, (s.text, seg)
+                checked += 1
+    assert checked > 400
