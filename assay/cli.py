@@ -44,7 +44,8 @@ def eval_table(figures: dict[str, float]) -> Table:
         lo_hi = TARGETS.get(key)
         target = "" if lo_hi is None else (f">= {lo_hi[0]:.0%}" if lo_hi[1] >= 1 else f"{lo_hi[0]:.0%}-{lo_hi[1]:.0%}")
         ok = lo_hi is None or lo_hi[0] <= figures[key] <= lo_hi[1]
-        table.add_row(label, f"{figures[key]:.1%}", target + ("" if ok else "  [red]missed[/red]"))
+        value = "n/a" if figures[key] != figures[key] else f"{figures[key]:.1%}"
+        table.add_row(label, value, target + ("" if ok else "  [red]missed[/red]"))
     return table
 
 
@@ -66,7 +67,8 @@ def eval_cmd(
         raise typer.BadParameter(str(e)) from e
     figures = _guarded(lambda: evaluate(cfg))
     if as_json:
-        typer.echo(json.dumps(figures))
+        # a figure with nothing to measure (no pairs on a tiny set) is NaN: null in strict JSON
+        typer.echo(json.dumps({k: None if v != v else v for k, v in figures.items()}))
     else:
         console.print(eval_table(figures))
         console.print(f"[dim]{figures['seconds']:.0f}s on this machine[/dim]")
