@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers.utils import logging as hf_logging
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -135,9 +134,8 @@ def verifier_examples(
     yes, no = [], []
     for prob, samples in data:
         for text in [s.text for s in samples] + [prob.solution]:
-            (yes if is_correct(prob, text) else no).append(
-                (verifier_prompt(prob.expression, text), YES if is_correct(prob, text) else NO)
-            )
+            ok = is_correct(prob, text)
+            (yes if ok else no).append((verifier_prompt(prob.expression, text), YES if ok else NO))
     rng = random.Random(seed)
     while True:
         yield rng.choice(yes) if rng.random() < 0.5 else rng.choice(no)
@@ -146,13 +144,11 @@ def verifier_examples(
 def save(model, path: Path) -> None:
     """Weights and a fresh tokenizer (a used one may carry padding state into tokenizer.json)."""
     path.mkdir(parents=True, exist_ok=True)
-    hf_logging.disable_progress_bar()  # one shard of 4 MB needs no bar
     model.save_pretrained(str(path), safe_serialization=True)
     build_tokenizer().save_pretrained(str(path))
 
 
 Progress = Callable[[str, int, int, float], None]  # (stage, step, total steps, loss)
-STAGES = ("policy", "rollouts", "prm", "orm", "verifier")
 
 
 def build(

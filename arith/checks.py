@@ -17,6 +17,7 @@ from arith.world import ANSWER_MARK, Problem, apply
 
 _EQUATION = re.compile(r"^(-?\d+)([+-])(\d+)=(-?\d+)$")
 _FINAL = re.compile(rf"{re.escape(ANSWER_MARK)}\s*(-?\d+)\s*$")
+_FINAL_SEGMENT = re.compile(rf"^{re.escape(ANSWER_MARK)}\s+-?\d+$")
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,7 @@ def is_well_formed(response: str) -> bool:
     segs = segments(response)
     return (
         bool(segs)
-        and segs[-1].is_final
-        and final_answer(segs[-1].text) is not None
-        and segs[-1].text.split() == [ANSWER_MARK, segs[-1].text.split()[-1]]
+        and _FINAL_SEGMENT.match(segs[-1].text) is not None
         and all(_EQUATION.match(s.text) for s in segs[:-1])
     )
 

@@ -85,9 +85,9 @@ def sft_loss(
 
     logits [batch, seq, vocab] at position t predict labels [batch, seq] at t + 1. With
     smooth_ids, smoothing applies only where the target is one of those tokens and spreads over
-    them alone: L = (1 - e) * NLL(target) + e * mean_{j in ids} -log p(j). A policy trained so
-    keeps its argmax but slips to a wrong token of the same class (a wrong digit) at
-    temperature 1, which is what a verifier has to catch.
+    them alone: L = (1 - e) * NLL(target) + e * mean_{j in ids} -log p(j); without, it spreads
+    over the whole vocabulary. A smoothed policy keeps its argmax but slips at temperature 1:
+    to any token, or with smooth_ids to a wrong token of the same class (a wrong digit).
     """
     logp = logits[:, :-1].float().log_softmax(-1)  # [batch, seq-1, vocab]
     target = labels[:, 1:]
