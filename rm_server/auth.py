@@ -1,0 +1,62 @@
+"""API keys with scopes.
+
+Keys are given as `KEY:scope[,scope]` (scopes: score, admin; admin implies score), on the
+command line (`--api-key`, repeatable) or in ASSAY_API_KEYS separated by spaces. Only sha256
+digests are kept in memory, compared in constant time. With no keys every route is open, which
+the server allows only on a loopback address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+from collections.abc import Iterable
+
+from rm_server.errors import PermissionDenied, Unauthenticated
+
+SCOPES = ("score", "admin")
+ENV_VAR = "ASSAY_API_KEYS"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ApiKeys:
+    def __init__(self, entries: Iterable[str] = ()) -> None:
+        self._scopes: dict[bytes, frozenset[str]] = {}
+        for entry in entries:
+            key, sep, scopes = entry.partition(":")
+            wanted = frozenset(s.strip() for s in scopes.split(",") if s.strip()) if sep else frozenset({"score"})
+            if not key or not wanted or not wanted <= set(SCOPES):
+                raise ValueError(f"API key entries look like KEY:score or KEY:score,admin; got scopes {sorted(wanted)}")
+            if "admin" in wanted:
+                wanted |= {"score"}
+            self._scopes[hashlib.sha256(key.encode()).digest()] = wanted
+
+    @classmethod
+    def from_env(cls, extra: Iterable[str] = ()) -> ApiKeys:
+        return cls([*os.environ.get(ENV_VAR, "").split(), *extra])
+
+    def __bool__(self) -> bool:
+        return bool(self._scopes)
+
+    def check(self, authorization: str | None, scope: str) -> None:
+        """Raise Unauthenticated / PermissionDenied unless the bearer key holds `scope`."""
+        if not self._scopes:
+            return
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise Unauthenticated("this route needs an API key: send `Authorization: Bearer <key>`")
+        digest = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        scopes = next((s for d, s in self._scopes.items() if hmac.compare_digest(d, digest)), None)
+        if scopes is None:
+            raise Unauthenticated("the API key is not valid")
+        if scope not in scopes:
+            raise PermissionDenied(f"the API key lacks the {scope!r} scope (it has {', '.join(sorted(scopes))})")

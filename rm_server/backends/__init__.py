@@ -1,0 +1,46 @@
+"""Scoring backends: run a reward model over batches of token ids.
+
+One abstract interface, two implementations: `transformers` (CPU default, in this package) and
+`vllm` (pooling runner; `rm_server.backends.vllm`). A backend is called from the batcher's
+worker thread only, one batch at a time, and never from the event loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import numpy as np
+
+Kind = Literal["outcome", "process"]
+
+
+class ScoringBackend(ABC):
+    """Raw model outputs for a batch of token-id sequences (no activation applied)."""
+
+    num_labels: int
+
+    @abstractmethod
+    def pooled(self, batch: list[list[int]]) -> list[np.ndarray]:
+        """Outcome models: the model's own pooled logits, one [num_labels] array per sequence."""
+
+    @abstractmethod
+    def per_token(self, batch: list[list[int]]) -> list[np.ndarray]:
+        """Logits at every position, one [len(seq), num_labels] array per sequence.
+
+        For a causal outcome model, row i is the score of the prefix ending at token i."""
+
+
+def load_backend(name: str, path, kind: Kind, device: str = "cpu") -> tuple[ScoringBackend, object]:
+    """(backend, tokenizer) for a local checkpoint."""
+    if name == "transformers":
+        from rm_server.backends.hf import TransformersBackend
+
+        backend = TransformersBackend(path, kind, device)
+    elif name == "vllm":
+        from rm_server.backends.vllm import VllmBackend
+
+        backend = VllmBackend(path, kind)
+    else:
+        raise ValueError(f"unknown backend {name!r}; use transformers or vllm")
+    return backend, backend.tokenizer

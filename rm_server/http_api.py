@@ -1,0 +1,141 @@
+"""The HTTP adapter: FastAPI routes over `serving.RewardService`. No torch here.
+
+Errors are mapped in one place (the exception handlers below): a `ServiceError` becomes its
+status with an `ErrorResponse` body (and Retry-After for 429), a body that is not valid JSON or
+does not match the protocol becomes 400 with the problems listed, and nothing a client sends
+can produce a 500.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rm_server.auth import ApiKeys
+from rm_server.errors import ServiceError
+from rm_server.protocol import (
+    CompareRequest,
+    CompareResponse,
+    ErrorInfo,
+    ErrorResponse,
+    ErrorType,
+    HealthResponse,
+    RewardsResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
+from rm_server.serving import RewardService, Timer
+
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+          404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
+          503: {"model": ErrorResponse}}  # fmt: skip
+
+
+def _error(status: int, type: ErrorType, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(type=type, message=message))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413, before they are read into memory whole."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                # FastAPI passes HTTPException through its body parsing untouched (anything else
+                # becomes a generic 400), and the handler below gives it the protocol's shape.
+                raise StarletteHTTPException(413, f"the request body is over the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _error(413, ErrorType.payload_too_large, f"the request body is over the limit of {self.limit} bytes")
+        await response(scope, receive, send)
+
+
+def create_app(service: RewardService, keys: ApiKeys | None = None) -> FastAPI:
+    keys = keys or ApiKeys()
+    app = FastAPI(
+        title="Assay reward service",
+        version="1",
+        description="Scores responses with reward models, rules and judges. Every score carries its reward id.",
+    )
+
+    def scope(name: str):
+        def check(authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
+            keys.check(authorization, name)
+
+        return Depends(check)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s else None
+        return _error(exc.http_status, exc.type, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for e in exc.errors()[:10]:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {e.get('msg', 'invalid')}")
+        return _error(400, ErrorType.invalid_request, "invalid request: " + "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals: unreadable body (e.g. not UTF-8), unknown route, wrong method.
+        kind = ErrorType.payload_too_large if exc.status_code == 413 else ErrorType.invalid_request
+        return _error(exc.status_code, kind, str(exc.detail))
+
+    @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, dependencies=[scope("score")])
+    async def score(req: ScoreRequest) -> ScoreResponse:
+        with Timer(service.metrics, "/v1/score", req.reward):
+            return await service.score(req)
+
+    @app.post("/v1/compare", response_model=CompareResponse, responses=ERRORS, dependencies=[scope("score")])
+    async def compare(req: CompareRequest) -> CompareResponse:
+        with Timer(service.metrics, "/v1/compare", req.reward):
+            return await service.compare(req)
+
+    @app.get("/v1/rewards", response_model=RewardsResponse, responses=ERRORS, dependencies=[scope("score")])
+    async def rewards() -> RewardsResponse:
+        return service.list_rewards()
+
+    @app.get("/v1/admin/queues", responses=ERRORS, dependencies=[scope("admin")])
+    async def queues() -> dict[str, int]:
+        """Items waiting per reward (admin scope)."""
+        return service.queue_depths()
+
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> HealthResponse:
+        return HealthResponse(status="ok")
+
+    @app.get("/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def ready() -> Response:
+        body = HealthResponse(status="ok" if service.ready else "starting")
+        return JSONResponse(body.model_dump(), status_code=200 if service.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(service.queue_depths()), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    return app

@@ -1,0 +1,40 @@
+"""Reward families, one module each, and the one place that turns a spec into rewards.
+
+    rules.py      rule.math_equal, rule.exact_match, rule.regex, rule.length_penalty,
+                  rule.json_schema, rule.arith_steps
+    model.py      model.outcome, model.process (transformers or vLLM backend)
+    judge.py      judge (any OpenAI-compatible completions endpoint)
+    composite.py  composite (expressions and gates over the others)
+"""
+
+from __future__ import annotations
+
+from rm_server.rewards.base import Compared, Item, ItemFailure, Outcome, Reward, Scored
+from rm_server.spec import CompositeSpec, JudgeSpec, SpecError, SpecFile, _ModelSpec, order_rewards, reward_ids
+
+__all__ = ["Compared", "Item", "ItemFailure", "Outcome", "Reward", "Scored", "build_rewards"]
+
+
+def build_rewards(spec: SpecFile, ids: dict[str, str] | None = None) -> dict[str, Reward]:
+    """Construct (not start) every reward of a spec, parts before the composites using them."""
+    from rm_server.rewards.composite import CompositeReward
+    from rm_server.rewards.judge import JudgeReward
+    from rm_server.rewards.model import ModelReward
+    from rm_server.rewards.rules import RULES
+
+    ids = ids if ids is not None else reward_ids(spec)
+    built: dict[str, Reward] = {}
+    for name in order_rewards(spec):
+        r = spec.rewards[name]
+        try:
+            if isinstance(r, CompositeSpec):
+                built[name] = CompositeReward(name, ids[name], r, built)
+            elif isinstance(r, JudgeSpec):
+                built[name] = JudgeReward(name, ids[name], r)
+            elif isinstance(r, _ModelSpec):
+                built[name] = ModelReward(name, ids[name], r, spec.model_path(name))
+            else:
+                built[name] = RULES[r.type](name, ids[name], r)
+        except ValueError as exc:
+            raise SpecError(f"reward {name!r}: {exc}") from None
+    return {name: built[name] for name in spec.rewards}

@@ -1,0 +1,112 @@
+"""The one signature every reward has: a batch of items in, one outcome per item out.
+
+A reward never turns a failure into a number. Each item comes back as a `Scored` (a value, and
+per-step or per-token scores when asked) or an `ItemFailure` with a type and a message.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rm_server.protocol import ErrorType, Granularity
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str
+    response: str
+    reference: str | None = None
+    id: str = ""  # the request's item id, for error messages
+
+
+@dataclass(frozen=True)
+class Scored:
+    value: float
+    steps: list[float] | None = None
+    tokens: list[tuple[str, float]] | None = None  # (token text, score of the prefix ending there)
+
+    def __post_init__(self) -> None:
+        # A NaN or infinite score is a failure of the reward, never a value to hand out.
+        if not math.isfinite(self.value):
+            raise ValueError(f"reward produced a non-finite score {self.value!r}")
+
+
+class ItemFailure(Exception):
+    """One item could not be scored; the others in its batch still are."""
+
+    def __init__(self, type: ErrorType, message: str) -> None:
+        super().__init__(message)
+        self.type = type
+        self.message = message
+
+
+Outcome = Scored | ItemFailure
+
+
+@dataclass(frozen=True)
+class Compared:
+    """P(a better than b), with the two pointwise scores when the reward has them."""
+
+    prob_a: float
+    scores: tuple[float, float] | None = None
+
+
+class Reward(ABC):
+    """A named, content-addressed reward. Subclasses implement `score` (and maybe `compare`)."""
+
+    type: str = ""
+    needs_reference: bool = False
+    granularities: frozenset[Granularity] = frozenset({Granularity.outcome})
+    pairwise: bool = False
+
+    def __init__(self, name: str, reward_id: str) -> None:
+        self.name = name
+        self.reward_id = reward_id
+
+    @abstractmethod
+    async def score(self, items: Sequence[Item], granularity: Granularity) -> list[Outcome]:
+        """One outcome per item, in order. Must not block the event loop."""
+
+    async def compare(self, items: Sequence[tuple[Item, Item]]) -> list[Compared | ItemFailure]:
+        """Default for pointwise rewards: score both sides, P(a) = sigmoid(score_a - score_b)."""
+        flat = [side for pair in items for side in pair]
+        outcomes = await self.score(flat, Granularity.outcome)
+        out: list[Compared | ItemFailure] = []
+        for a, b in zip(outcomes[0::2], outcomes[1::2], strict=True):
+            if isinstance(a, ItemFailure):
+                out.append(a)
+            elif isinstance(b, ItemFailure):
+                out.append(b)
+            else:
+                out.append(Compared(_sigmoid(a.value - b.value), (a.value, b.value)))
+        return out
+
+    def check(self, items: Sequence[Item]) -> None:
+        """Refuse a request before any work (raise `errors.InvalidRequest`), e.g. too-long items."""
+
+    def queue_depth(self) -> int:
+        """Items waiting for this reward's backend (0 for rewards without a queue)."""
+        return 0
+
+    async def start(self) -> None:
+        """Load models, open pools and connections."""
+
+    async def close(self) -> None:
+        """Release what `start` took."""
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+async def guarded(coro, n: int, what: str) -> list[Outcome]:
+    """Await a batch; if the whole batch fails unexpectedly, every item gets a typed failure."""
+    try:
+        return await coro
+    except ItemFailure as exc:
+        return [exc] * n
+    except ValueError as exc:  # e.g. a non-finite score from a backend
+        return [ItemFailure(ErrorType.internal, f"{what}: {exc}")] * n

@@ -1,0 +1,213 @@
+"""Numeric reward models: outcome (sequence classification) and process (token classification).
+
+The text a model reads is built here and only here, from the spec's `template` (or the
+tokenizer's chat template when `chat_template: true`), so the text the reward model scores in
+serving is the text it was trained on. Scores come from the model through the batcher:
+
+- outcome: the model's pooled logit (sigmoid with `activation: sigmoid`); per-token prefix
+  scores apply the score head at every response token (exact for causal models, whose prefix
+  representation does not see later tokens);
+- process: P(good) at the last token of each step (sigmoid for one label, softmax label 1 for
+  two), aggregated into the outcome by min, product, last or mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rm_server.batcher import Batcher
+from rm_server.errors import InvalidRequest
+from rm_server.protocol import ErrorType, Granularity
+from rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored
+from rm_server.spec import OutcomeModelSpec, ProcessModelSpec
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    ids: list[int]
+    spans: list[tuple[int, int]]  # per token, [start, end) in text
+    text: str
+    response_span: tuple[int, int]  # [start, end) of the response in text
+
+
+def step_ends(response: str, how: str) -> list[int]:
+    """Character offsets (exclusive) where each step of the response ends."""
+    if how == "arith":
+        from arith.checks import segments
+
+        return [s.end for s in segments(response)]
+    sep = r"\n" if how == "lines" else r"\n\s*\n"
+    ends, pos = [], 0
+    for part in re.split(f"({sep})", response):
+        pos += len(part)
+        if part.strip() and not re.fullmatch(sep, part):
+            ends.append(pos - (len(part) - len(part.rstrip())))
+    return ends
+
+
+def _token_at(spans: Sequence[tuple[int, int]], char: int) -> int:
+    """Index of the last token covering `char` (special tokens have empty spans)."""
+    for i in range(len(spans) - 1, -1, -1):
+        start, end = spans[i]
+        if start <= char < end:
+            return i
+    raise ValueError(f"no token covers character {char}")
+
+
+class ModelReward(Reward):
+    """A reward computed by a local Hugging Face checkpoint."""
+
+    def __init__(self, name: str, reward_id: str, spec: OutcomeModelSpec | ProcessModelSpec, path) -> None:
+        super().__init__(name, reward_id)
+        self.spec, self.path = spec, path
+        self.type = spec.type
+        self.process = isinstance(spec, ProcessModelSpec)
+        self.granularities = frozenset(
+            {Granularity.outcome, Granularity.steps, Granularity.tokens} if self.process
+            else {Granularity.outcome, Granularity.tokens}
+        )
+        if not spec.chat_template and (spec.template.count("{prompt}") != 1 or spec.template.count("{response}") != 1):
+            raise ValueError(f"reward {name!r}: template must contain {{prompt}} and {{response}} once each")
+        self.backend = None
+        self.tokenizer = None
+        self.batcher: Batcher | None = None
+        self.on_batch = None  # set by the service to record batch metrics
+
+    async def start(self) -> None:
+        from rm_server.backends import load_backend
+
+        self.backend, self.tokenizer = await asyncio.to_thread(  # loading weights takes a while
+            load_backend, self.spec.backend, self.path, "process" if self.process else "outcome", self.spec.device
+        )
+        labels = self.backend.num_labels
+        if (not self.process and labels != 1) or (self.process and labels not in (1, 2)):
+            raise ValueError(
+                f"reward {self.name!r}: {self.path} has {labels} labels; an outcome model needs 1, "
+                "a process model 1 (sigmoid) or 2 (softmax, label 1 = good)"
+            )
+        self.batcher = Batcher(
+            self._run_batch,
+            name=self.name,
+            max_items=self.spec.max_batch_items,
+            max_tokens=self.spec.max_batch_tokens,
+            max_wait_s=self.spec.max_wait_ms / 1000,
+            max_queue=self.spec.max_queue,
+            on_batch=lambda n, t: self.on_batch and self.on_batch(self.name, n, t),
+        )
+        self.batcher.start()
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+
+    def queue_depth(self) -> int:
+        return self.batcher.depth() if self.batcher else 0
+
+    # --- text --------------------------------------------------------------------------------
+
+    def render(self, prompt: str, response: str) -> tuple[str, int]:
+        """(text the model reads, index where the response starts in it)."""
+        if self.spec.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+            )
+            start = text.rfind(response) if response else len(text)
+            if start < 0:
+                raise ItemFailure(ErrorType.invalid_input, "the chat template altered the response text")
+            return text, start
+        head = self.spec.template[: self.spec.template.index("{response}")]
+        return self.spec.template.format(prompt=prompt, response=response), len(head.format(prompt=prompt))
+
+    def encode(self, items: Sequence[Item]) -> list[_Encoded]:
+        rendered = [self.render(it.prompt, it.response) for it in items]
+        enc = self.tokenizer(
+            [t for t, _ in rendered],
+            add_special_tokens=not self.spec.chat_template,  # a chat template writes its own specials
+            return_offsets_mapping=True,
+        )
+        out = []
+        for it, (text, start), ids, spans in zip(items, rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
+            spans = [tuple(s) for s in spans]
+            if len(ids) > self.spec.max_tokens:
+                if self.spec.truncation == "error":
+                    raise InvalidRequest(
+                        f"item {it.id!r} is {len(ids)} tokens for reward {self.name!r}, over its max_tokens "
+                        f"{self.spec.max_tokens}; shorten it or set `truncation: left` in the spec"
+                    )
+                ids = ids[-self.spec.max_tokens :]  # spans stay whole: `dropped` maps them
+            out.append(_Encoded(list(ids), spans, text, (start, start + len(it.response))))
+        return out
+
+    # --- scoring -----------------------------------------------------------------------------
+
+    def _run_batch(self, batch: list[tuple[str, list[int]]]) -> list[np.ndarray]:
+        """Worker thread: one forward per mode present ("pooled" or "tokens")."""
+        out: list[np.ndarray | None] = [None] * len(batch)
+        for mode, fn in (("pooled", self.backend.pooled), ("tokens", self.backend.per_token)):
+            rows = [i for i, (m, _) in enumerate(batch) if m == mode]
+            if rows:
+                for i, r in zip(rows, fn([batch[i][1] for i in rows]), strict=True):
+                    out[i] = r
+        return out
+
+    async def score(self, items: Sequence[Item], granularity: Granularity) -> list[Outcome]:
+        encoded = self.encode(items)
+        mode = "pooled" if not self.process and granularity == Granularity.outcome else "tokens"
+        futures = self.batcher.submit([(mode, e.ids) for e in encoded], [len(e.ids) for e in encoded])
+        # gather: if the request gives up (deadline, disconnect) every queued item is cancelled
+        raws = await asyncio.gather(*futures, return_exceptions=True)
+        results: list[Outcome] = []
+        for e, raw in zip(encoded, raws, strict=True):
+            try:
+                if isinstance(raw, BaseException):
+                    raise raw
+                results.append(self._finish(e, raw, granularity))
+            except ItemFailure as exc:
+                results.append(exc)
+            except (ValueError, RuntimeError) as exc:
+                results.append(ItemFailure(ErrorType.internal, f"reward {self.name!r}: {exc}"))
+        return results
+
+    def _prob(self, logits: np.ndarray) -> np.ndarray:
+        """[seq, labels] -> [seq] P(good) for a process model."""
+        if logits.shape[-1] == 1:
+            return 1.0 / (1.0 + np.exp(-logits[:, 0]))
+        z = logits - logits.max(-1, keepdims=True)
+        p = np.exp(z)
+        return p[:, 1] / p.sum(-1)
+
+    def _value(self, logit: float) -> float:
+        return 1.0 / (1.0 + math.exp(-logit)) if self.spec.activation == "sigmoid" else logit
+
+    def _finish(self, e: _Encoded, raw: np.ndarray, granularity: Granularity) -> Scored:
+        dropped = len(e.spans) - len(e.ids)  # tokens truncated on the left (0 unless truncation)
+        start, end = e.response_span
+        response_tokens = [i for i, (s, t) in enumerate(e.spans) if t > s and s >= start and t <= end]
+        if not self.process:
+            if granularity == Granularity.outcome:
+                return Scored(self._value(float(raw[0])))
+            per = [self._value(float(x)) for x in raw[:, 0]]
+            tokens = [(e.text[e.spans[i][0] : e.spans[i][1]], per[i - dropped]) for i in response_tokens if i >= dropped]
+            return Scored(per[-1], tokens=tokens)
+        probs = self._prob(raw)
+        ends = step_ends(e.text[start:end], self.spec.steps)
+        positions = [_token_at(e.spans, start + c - 1) - dropped for c in ends]
+        steps = [float(probs[p]) for p in positions if p >= 0]
+        if not steps:
+            raise ItemFailure(ErrorType.invalid_input, "the response has no steps to score")
+        value = {
+            "min": min(steps),
+            "prod": math.prod(steps),
+            "last": steps[-1],
+            "mean": sum(steps) / len(steps),
+        }[self.spec.aggregate]
+        tokens = None
+        if granularity == Granularity.tokens:
+            tokens = [(e.text[e.spans[i][0] : e.spans[i][1]], float(probs[i - dropped])) for i in response_tokens if i >= dropped]
+        return Scored(value, steps=steps if granularity != Granularity.outcome else None, tokens=tokens)

@@ -1,0 +1,196 @@
+"""The serving layer: validate a request, run its reward, build the response.
+
+HTTP (`http_api.py`) and gRPC (`grpc_api.py`) both call `RewardService`, with the protocol
+models, so the two cannot drift apart. Request-level problems raise `errors.ServiceError`;
+per-item problems become `ItemResult.error`. Metrics are recorded here, once for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rm_server.errors import InvalidRequest, NotReady, ServiceError, UnknownReward
+from rm_server.metrics import Metrics
+from rm_server.protocol import (
+    CompareRequest,
+    CompareResponse,
+    CompareResult,
+    ErrorInfo,
+    ErrorType,
+    Granularity,
+    ItemResult,
+    RewardInfo,
+    RewardsResponse,
+    ScoreRequest,
+    ScoreResponse,
+    TokenScore,
+)
+from rm_server.rewards import Item, ItemFailure, Reward
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. The HTTP body limit is enforced before JSON parsing."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_items: int = 1024
+    max_item_chars: int = 64 * 1024
+    default_timeout_s: float = 60.0
+    max_timeout_s: float = 600.0
+
+
+class RewardService:
+    def __init__(self, rewards: dict[str, Reward], limits: Limits | None = None, metrics: Metrics | None = None):
+        self.rewards = rewards
+        self.limits = limits or Limits()
+        self.metrics = metrics or Metrics()
+        self.ready = False
+        for r in rewards.values():
+            if hasattr(r, "on_batch"):
+                r.on_batch = self.metrics.on_batch
+
+    async def start(self) -> None:
+        for r in self.rewards.values():
+            await r.start()
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        for r in self.rewards.values():
+            await r.close()
+
+    def queue_depths(self) -> dict[str, int]:
+        return {name: r.queue_depth() for name, r in self.rewards.items()}
+
+    def list_rewards(self) -> RewardsResponse:
+        return RewardsResponse(
+            rewards=[
+                RewardInfo(
+                    name=name,
+                    type=r.type,
+                    reward_id=r.reward_id,
+                    needs_reference=r.needs_reference,
+                    granularities=sorted(r.granularities, key=list(Granularity).index),
+                    pairwise=r.pairwise,
+                )
+                for name, r in self.rewards.items()
+            ]
+        )
+
+    # --- score -------------------------------------------------------------------------------
+
+    async def score(self, req: ScoreRequest) -> ScoreResponse:
+        reward = self._reward(req.reward)
+        if reward.pairwise:
+            raise InvalidRequest(f"reward {req.reward!r} is pairwise: send its items to /v1/compare")
+        if req.granularity not in reward.granularities:
+            allowed = ", ".join(g.value for g in sorted(reward.granularities, key=list(Granularity).index))
+            raise InvalidRequest(f"reward {req.reward!r} does not give {req.granularity.value} scores (it gives {allowed})")
+        items = [Item(i.prompt, i.response, i.reference, i.id) for i in req.items]
+        self._check_items(reward, [i.id for i in req.items], [(i.prompt, i.response, i.reference) for i in items])
+        outcomes = await self._with_deadline(reward.score(items, req.granularity), len(items), req.timeout_s)
+        results = []
+        for item, o in zip(req.items, outcomes, strict=True):
+            if isinstance(o, ItemFailure):
+                results.append(ItemResult(id=item.id, score=None, error=ErrorInfo(type=o.type, message=o.message)))
+                self.metrics.items.labels(req.reward, o.type.value).inc()
+                continue
+            results.append(
+                ItemResult(
+                    id=item.id,
+                    score=o.value,
+                    steps=o.steps,
+                    tokens=[TokenScore(text=t, score=s) for t, s in o.tokens] if o.tokens is not None else None,
+                )
+            )
+            self.metrics.items.labels(req.reward, "ok").inc()
+            self.metrics.values.labels(reward.reward_id).observe(o.value)
+        return ScoreResponse(reward=req.reward, reward_id=reward.reward_id, results=results)
+
+    # --- compare -----------------------------------------------------------------------------
+
+    async def compare(self, req: CompareRequest) -> CompareResponse:
+        reward = self._reward(req.reward)
+        pairs = [
+            (Item(i.prompt, i.response_a, i.reference, i.id), Item(i.prompt, i.response_b, i.reference, i.id))
+            for i in req.items
+        ]
+        self._check_items(
+            reward, [i.id for i in req.items], [(i.prompt, i.response_a + i.response_b, i.reference) for i in req.items]
+        )
+        outcomes = await self._with_deadline(reward.compare(pairs), len(pairs), req.timeout_s)
+        results = []
+        for item, o in zip(req.items, outcomes, strict=True):
+            if isinstance(o, ItemFailure):
+                results.append(CompareResult(id=item.id, prob_a=None, error=ErrorInfo(type=o.type, message=o.message)))
+                self.metrics.items.labels(req.reward, o.type.value).inc()
+                continue
+            winner = "a" if o.prob_a > 0.5 else "b" if o.prob_a < 0.5 else "tie"
+            results.append(
+                CompareResult(id=item.id, prob_a=o.prob_a, winner=winner, scores=list(o.scores) if o.scores else None)
+            )
+            self.metrics.items.labels(req.reward, "ok").inc()
+        return CompareResponse(reward=req.reward, reward_id=reward.reward_id, results=results)
+
+    # --- shared ------------------------------------------------------------------------------
+
+    def _reward(self, name: str) -> Reward:
+        if not self.ready:
+            raise NotReady("the reward service is still loading its models")
+        try:
+            return self.rewards[name]
+        except KeyError:
+            raise UnknownReward(f"unknown reward {name!r}; this server has {', '.join(self.rewards)}") from None
+
+    def _check_items(self, reward: Reward, ids: Sequence[str], texts: Sequence[tuple[str, str, str | None]]) -> None:
+        if not ids:
+            raise InvalidRequest("`items` is empty; send at least one item")
+        if len(ids) > self.limits.max_items:
+            raise InvalidRequest(f"{len(ids)} items in one request, more than the limit of {self.limits.max_items}")
+        seen: set[str] = set()
+        for item_id, (prompt, response, reference) in zip(ids, texts, strict=True):
+            if item_id in seen:
+                raise InvalidRequest(f"item id {item_id!r} appears twice; ids must be unique within a request")
+            seen.add(item_id)
+            size = len(prompt) + len(response) + len(reference or "")
+            if size > self.limits.max_item_chars:
+                raise InvalidRequest(
+                    f"item {item_id!r} has {size} characters, more than the limit of {self.limits.max_item_chars}"
+                )
+            if reward.needs_reference and reference is None:
+                raise InvalidRequest(f"reward {reward.name!r} needs a `reference` and item {item_id!r} has none")
+
+    async def _with_deadline(self, work, n: int, timeout_s: float | None) -> list:
+        """Run a reward call under the request deadline; on expiry every item fails with `timeout`.
+
+        Cancelling the call cancels its queued model work, so nothing is computed for nobody."""
+        timeout = min(timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
+        try:
+            return await asyncio.wait_for(work, timeout)
+        except TimeoutError:
+            failure = ItemFailure(ErrorType.timeout, f"the request deadline of {timeout:g}s passed before scoring finished")
+            return [failure] * n
+
+
+class Timer:
+    """Records one request's latency and status code into the service's metrics."""
+
+    def __init__(self, metrics: Metrics, route: str, reward: str) -> None:
+        self.metrics, self.route, self.reward = metrics, route, reward
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        self.code = "200"
+        return self
+
+    def fail(self, exc: BaseException) -> None:
+        self.code = str(exc.http_status) if isinstance(exc, ServiceError) else "500"
+
+    def __exit__(self, *exc_info) -> None:
+        if exc_info[1] is not None and self.code == "200":
+            self.fail(exc_info[1])
+        self.metrics.latency.labels(self.route, self.reward).observe(time.perf_counter() - self.start)
+        self.metrics.requests.labels(self.route, self.reward, self.code).inc()
