@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from rm_server.errors import Overloaded
+from rm_server.errors import InvalidRequest, Overloaded
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -60,6 +60,8 @@ class Batcher(Generic[P, R]):
         self._seconds_per_item = 1e-3  # running estimate, for Retry-After
 
     def depth(self) -> int:
+        """Items waiting, not counting those whose request already gave up."""
+        self._drop_cancelled()
         return len(self._queue)
 
     def start(self) -> None:
@@ -83,6 +85,12 @@ class Batcher(Generic[P, R]):
         """Queue all payloads or none; raises `Overloaded` when they do not fit."""
         if self._task is None:
             raise RuntimeError(f"batcher {self.name} is not started")
+        self._drop_cancelled()
+        if len(payloads) > self.max_queue:  # would never fit: waiting cannot help
+            raise InvalidRequest(
+                f"reward {self.name!r}: {len(payloads)} items in one request, more than its queue holds "
+                f"({self.max_queue}); split the request"
+            )
         if len(self._queue) + len(payloads) > self.max_queue:
             wait = max(0.05, (len(self._queue) + len(payloads)) * self._seconds_per_item)
             raise Overloaded(
