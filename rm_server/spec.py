@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 EMBEDDED_SPEC = Path(__file__).with_name("embedded.yaml")
@@ -49,13 +49,17 @@ class _Spec(BaseModel):
 
 
 class MathEqualSpec(_Spec):
-    """1.0 when the response's answer is mathematically equal to the reference (math-verify)."""
+    """1.0 when the response's answer is mathematically equal to the reference (math-verify).
+
+    The reference is the bare answer (`51`, `\\frac{1}{2}`), not a worked solution."""
 
     type: Literal["rule.math_equal"]
     answer_pattern: str | None = Field(
         default=None, description="Regex whose group 1 is the answer; default: math-verify extracts it."
     )
-    timeout_s: float = Field(default=5.0, gt=0, description="Per-item limit for parsing and comparing.")
+    timeout_s: float = Field(
+        default=5.0, gt=0, description="Per-item limit for parsing and comparing (whole seconds, rounded up)."
+    )
     RUNTIME_FIELDS = frozenset({"timeout_s"})
 
 
@@ -85,6 +89,12 @@ class LengthPenaltySpec(_Spec):
     buffer: int = Field(default=0, ge=0)
     unit: Literal["chars", "words"] = "chars"
     penalty: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _buffer_fits(self) -> LengthPenaltySpec:
+        if self.buffer > self.max_length:
+            raise ValueError(f"buffer ({self.buffer}) must not exceed max_length ({self.max_length})")
+        return self
 
 
 class JsonSchemaSpec(_Spec):

@@ -101,12 +101,3 @@ class Reward(ABC):
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
-
-async def guarded(coro, n: int, what: str) -> list[Outcome]:
-    """Await a batch; if the whole batch fails unexpectedly, every item gets a typed failure."""
-    try:
-        return await coro
-    except ItemFailure as exc:
-        return [exc] * n
-    except ValueError as exc:  # e.g. a non-finite score from a backend
-        return [ItemFailure(ErrorType.internal, f"{what}: {exc}")] * n

@@ -1,0 +1,284 @@
+"""Rule rewards: each rule's verdicts, and math_equal's process pool (timeouts, threads)."""
+
+import asyncio
+import threading
+
+import pytest
+
+from arith.world import Problem
+from rm_server.protocol import ErrorType, Granularity
+from rm_server.rewards import rules
+from rm_server.rewards.base import Item, ItemFailure, Scored
+from rm_server.rewards.rules import (
+    RULES, ArithSteps, ExactMatch, JsonSchema, LengthPenalty, MathEqual, RegexMatch, length_penalty,
+)
+from rm_server.spec import (
+    ArithStepsSpec, ExactMatchSpec, JsonSchemaSpec, LengthPenaltySpec, MathEqualSpec, RegexSpec,
+)
+
+HASH_ANSWER = r"####\s*(-?\d+)\s*$"  # the embedded spec's answer_pattern
+
+
+def score(reward, items, granularity=Granularity.outcome):
+    return asyncio.run(reward.score(items, granularity))
+
+
+def values(outcomes):
+    assert all(isinstance(o, Scored) for o in outcomes), outcomes
+    return [o.value for o in outcomes]
+
+
+@pytest.fixture(scope="module")
+def math_equal():
+    """One math_equal reward for the module, so the pool's workers start once."""
+    reward = MathEqual("correct", "sha256:x", MathEqualSpec(type="rule.math_equal"))
+    asyncio.run(reward.start())
+    yield reward
+    asyncio.run(reward.close())
+
+
+def test_rules_table_maps_every_type_to_its_class():
+    assert set(RULES) == {
+        "rule.math_equal", "rule.exact_match", "rule.regex", "rule.length_penalty",
+        "rule.json_schema", "rule.arith_steps",
+    }
+    assert all(cls.type == t for t, cls in RULES.items())
+    assert MathEqual.needs_reference and ExactMatch.needs_reference and not RegexMatch.needs_reference
+    assert ArithSteps.granularities == {Granularity.outcome, Granularity.steps}
+    assert JsonSchema.granularities == {Granularity.outcome}
+
+
+# --- math_equal ------------------------------------------------------------------------------
+
+
+def test_math_equal_equivalent_forms(math_equal):
+    pairs = [
+        ("0.5", "1/2"),
+        ("1/2", "\\frac{1}{2}"),
+        ("The answer is $\\frac{1}{2}$.", "0.5"),
+        ("$\\boxed{2}$", "2"),
+        ("so we get \\boxed{1024}", "2^{10}"),  # a bare reference is read as LaTeX, not as "2"
+        ("3", "2"),
+        ("$\\boxed{\\frac{1}{3}}$", "0.5"),
+    ]
+    out = score(math_equal, [Item("p", response, ref) for response, ref in pairs])
+    assert values(out) == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_math_equal_many_items_keep_their_order(math_equal):
+    items = [Item("p", str(k), str(k if k % 3 else k + 1)) for k in range(40)]  # several pool tasks
+    assert values(score(math_equal, items)) == [0.0 if k % 3 == 0 else 1.0 for k in range(40)]
+
+
+def test_math_equal_answer_pattern():
+    reward = MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", answer_pattern=HASH_ANSWER))
+    try:
+        out = score(reward, [
+            Item("Q: 23+45-17 A: ", "23+45=68 68-17=51 #### 51", "51"),
+            Item("Q: 23+45-17 A: ", "23+45=68 68-17=50 #### 50", "51"),
+            Item("Q: 23+45-17 A: ", "23+45=68 68-17=51", "51"),  # no answer mark: 0, not an error
+            Item("Q: 23+45-17 A: ", "the sum is 51 #### 51 then", "51"),  # pattern is anchored at the end
+        ])
+    finally:
+        asyncio.run(reward.close())
+    assert values(out) == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_math_equal_without_reference_fails_that_item_only(math_equal):
+    out = score(math_equal, [Item("p", "2", None), Item("p", "2", "2")])
+    assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.invalid_input
+    assert out[1] == Scored(1.0)
+
+
+def test_math_equal_from_a_worker_thread(math_equal):
+    # The pitfall: math-verify's signal.alarm fails outside a main thread. Score from an event
+    # loop running in another thread, as the service does.
+    result = {}
+
+    def run():
+        items = [Item("p", "$\\frac{2}{4}$", "0.5")]
+        result["out"] = asyncio.run(math_equal.score(items, Granularity.outcome))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=120)
+    assert values(result["out"]) == [1.0]
+
+
+def test_math_equal_timeout_is_a_typed_failure():
+    # sympy needs far longer than 1 s to compare 9^(9^9) with 1; math-verify's alarm stops it.
+    reward = MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", timeout_s=0.5))
+    try:
+        out = score(reward, [Item("p", "$9^{9^{9}}$", "1"), Item("p", "$1$", "1")])
+    finally:
+        asyncio.run(reward.close())
+    assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.timeout
+    assert out[1] == Scored(1.0)
+
+
+def test_math_equal_stuck_worker_is_killed_and_replaced(monkeypatch):
+    # The outer guard, for a worker that math-verify's alarm cannot stop. A real such input
+    # would hang for minutes, so the guard's budget is shrunk below a real 1 s timeout instead.
+    reward = MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", timeout_s=1))
+    try:
+        asyncio.run(reward.start())
+        pool = rules._pool
+        monkeypatch.setattr(rules, "_hang_budget", lambda n, seconds: 0.2)
+        out = score(reward, [Item("p", "$9^{9^{9}}$", "1")])
+        assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.timeout
+        assert rules._pool is not pool  # the stuck pool is gone
+        monkeypatch.undo()
+        assert values(score(reward, [Item("p", "7", "7")])) == [1.0]  # a fresh pool answers
+    finally:
+        asyncio.run(reward.close())
+
+
+def test_math_equal_close_is_idempotent_and_last_user_shuts_the_pool(monkeypatch):
+    monkeypatch.setattr(rules, "_pool", None)  # apart from the module fixture's pool and user
+    monkeypatch.setattr(rules, "_pool_users", set())
+    a = MathEqual("a", "id", MathEqualSpec(type="rule.math_equal"))
+    b = MathEqual("b", "id", MathEqualSpec(type="rule.math_equal"))
+    asyncio.run(a.start())
+    asyncio.run(b.start())
+    asyncio.run(a.close())
+    asyncio.run(a.close())
+    assert rules._pool is not None
+    assert values(score(b, [Item("p", "4", "4")])) == [1.0]  # b still has the pool
+    asyncio.run(b.close())
+    asyncio.run(b.close())
+    assert rules._pool is None
+
+
+def test_math_equal_bad_answer_pattern_is_refused():
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", answer_pattern="(unclosed"))
+    with pytest.raises(ValueError, match="capturing group"):
+        MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", answer_pattern=r"####\s*\d+"))
+
+
+# --- exact_match, regex ----------------------------------------------------------------------
+
+
+def test_exact_match():
+    plain = ExactMatch("e", "id", ExactMatchSpec(type="rule.exact_match"))
+    assert values(score(plain, [
+        Item("p", " Paris\n", "Paris"), Item("p", "paris", "Paris"), Item("p", "Paris.", "Paris"),
+    ])) == [1.0, 0.0, 0.0]
+
+    loose = ExactMatch("e", "id", ExactMatchSpec(type="rule.exact_match", case_sensitive=False, strip=False))
+    assert values(score(loose, [Item("p", "PARIS", "paris"), Item("p", " paris", "paris")])) == [1.0, 0.0]
+
+    extract = ExactMatch("e", "id", ExactMatchSpec(type="rule.exact_match", answer_pattern=r"answer: (\w+)"))
+    assert values(score(extract, [
+        Item("p", "answer: Rome, no, answer: Paris", "Paris"),  # the last match counts
+        Item("p", "answer: Rome", "Paris"),
+        Item("p", "Paris", "Paris"),  # no match
+    ])) == [1.0, 0.0, 0.0]
+
+    out = score(plain, [Item("p", "Paris", None)])
+    assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.invalid_input
+
+
+def test_regex_search_and_fullmatch():
+    pattern = r"#### -?\d+"
+    search = RegexMatch("r", "id", RegexSpec(type="rule.regex", pattern=pattern))
+    full = RegexMatch("r", "id", RegexSpec(type="rule.regex", pattern=pattern, mode="fullmatch"))
+    items = [Item("p", "#### 51"), Item("p", "68-17=51 #### 51"), Item("p", "51")]
+    assert values(score(search, items)) == [1.0, 1.0, 0.0]
+    assert values(score(full, items)) == [1.0, 0.0, 0.0]
+
+
+def test_regex_anchors_are_whole_response():
+    reward = RegexMatch("r", "id", RegexSpec(type="rule.regex", pattern=r"^b$"))
+    assert values(score(reward, [Item("p", "a\nb"), Item("p", "b\n")])) == [0.0, 1.0]
+
+
+def test_regex_invalid_pattern_is_refused():
+    with pytest.raises(ValueError, match=r"pattern '\(a' is not a valid regular expression"):
+        RegexMatch("r", "id", RegexSpec(type="rule.regex", pattern="(a"))
+
+
+def test_inline_rule_refuses_an_unsupported_granularity():
+    reward = RegexMatch("r", "id", RegexSpec(type="rule.regex", pattern="a"))
+    out = score(reward, [Item("p", "a")], Granularity.steps)
+    assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.invalid_input
+
+
+# --- length_penalty --------------------------------------------------------------------------
+
+
+def test_length_penalty_function():
+    # 0 up to 90, linear to -2 at 100, -2 beyond.
+    assert [length_penalty(n, 100, 10, 2.0) for n in (0, 90, 91, 95, 100, 101)] == [
+        0.0, 0.0, pytest.approx(-0.2), pytest.approx(-1.0), -2.0, -2.0,
+    ]
+    assert [length_penalty(n, 10, 0, 1.0) for n in (10, 11)] == [0.0, -1.0]
+
+
+def test_length_penalty_chars_and_words():
+    chars = LengthPenalty("l", "id", LengthPenaltySpec(type="rule.length_penalty", max_length=8, buffer=4))
+    assert values(score(chars, [Item("p", "x" * n) for n in (4, 6, 8, 9)])) == [0.0, -0.5, -1.0, -1.0]
+
+    words = LengthPenalty("l", "id", LengthPenaltySpec(
+        type="rule.length_penalty", max_length=3, unit="words", penalty=0.5))
+    assert values(score(words, [Item("p", "a  b\nc"), Item("p", "a b c d")])) == [0.0, -0.5]
+
+
+def test_length_penalty_buffer_longer_than_max_is_refused():
+    with pytest.raises(ValueError, match="buffer"):
+        LengthPenalty("l", "id", LengthPenaltySpec(type="rule.length_penalty", max_length=5, buffer=6))
+
+
+# --- json_schema -----------------------------------------------------------------------------
+
+
+def test_json_schema():
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}},
+        "required": ["answer"],
+    }
+    reward = JsonSchema("j", "id", JsonSchemaSpec(type="rule.json_schema", schema=schema))
+    assert values(score(reward, [
+        Item("p", ' {"answer": 51}\n'),
+        Item("p", '{"answer": "51"}'),  # wrong type
+        Item("p", '{"result": 51}'),  # missing key
+        Item("p", '```json\n{"answer": 51}\n```'),  # not JSON as a whole
+        Item("p", "[" * 100_000),  # deeper than the parser's recursion limit
+    ])) == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_json_schema_bad_schema_is_refused():
+    with pytest.raises(ValueError, match="not a valid JSON Schema"):
+        JsonSchema("j", "id", JsonSchemaSpec(type="rule.json_schema", schema={"type": "integr"}))
+
+
+# --- arith_steps -----------------------------------------------------------------------------
+
+PROBLEM = Problem((23, 45, 17), ("+", "-"))
+
+
+def test_arith_steps_correct_solution():
+    reward = ArithSteps("s", "id", ArithStepsSpec(type="rule.arith_steps"))
+    item = Item(PROBLEM.prompt, PROBLEM.solution)
+    assert score(reward, [item], Granularity.steps) == [Scored(1.0, steps=[1.0, 1.0, 1.0])]
+    assert score(reward, [item]) == [Scored(1.0)]  # outcome: no steps attached
+
+
+def test_arith_steps_wrong_middle_step_spoils_the_rest():
+    reward = ArithSteps("s", "id", ArithStepsSpec(type="rule.arith_steps"))
+    wrong = Item(PROBLEM.prompt, "23+45=69 69-17=52 #### 52")
+    empty = Item(PROBLEM.prompt, "")
+    assert score(reward, [wrong, empty], Granularity.steps) == [
+        Scored(0.0, steps=[0.0, 0.0, 0.0]), Scored(0.0, steps=[]),
+    ]
+    slip = Item(PROBLEM.prompt, "23+45=68 68-17=50 #### 51")  # last step wrong, answer right
+    assert score(reward, [slip], Granularity.steps) == [Scored(0.0, steps=[1.0, 0.0, 0.0])]
+
+
+def test_arith_steps_non_arithmetic_prompt():
+    reward = ArithSteps("s", "id", ArithStepsSpec(type="rule.arith_steps"))
+    poem = Item("Write a poem about the sea.", "23+45=68 #### 68")
+    out = score(reward, [poem, Item(PROBLEM.prompt, PROBLEM.solution)])
+    assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.invalid_input
+    assert out[1] == Scored(1.0)
