@@ -47,3 +47,42 @@ def serve_cmd(
         sys.exit(2)
     except KeyboardInterrupt:
         pass
+
+
+@rm_app.command("probe")
+def probe_cmd(
+    spec: Path = typer.Option(None, help="reward spec YAML (default: the embedded arithmetic world's rewards)"),
+    reward: list[str] = typer.Option([], help="reward to probe; repeatable (default: every pointwise reward)"),
+    problems: int = typer.Option(64, help="held-out problems (each gives a right and a wrong solution)"),
+) -> None:
+    """Perturb responses with non-content features and report how much each moves each reward."""
+    from rich.table import Table
+
+    from rm_server.probe import PERTURBATIONS, probe_spec
+    from rm_server.spec import SpecError
+
+    try:
+        table, ids = probe_spec(spec, list(reward) or None, problems)
+    except (SpecError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    out = Table(title=f"Mean score change under each perturbation ({2 * problems} responses); "
+                      "in brackets: the change over the reward's spread (std) on the originals")
+    out.add_column("perturbation")
+    for name in table:
+        out.add_column(name, justify="right")
+    for p in PERTURBATIONS:
+        cells = []
+        for name in table:
+            c = table[name][p]
+            if c.scored == 0:
+                cells.append("[dim]failed[/dim]")
+                continue
+            flag = "[red]" if abs(c.mean_delta) > 1e-6 and (c.effect is None or abs(c.effect) >= 0.5) else ""
+            effect = "" if c.effect is None else f" ({c.effect:+.2f})"
+            cells.append(f"{flag}{c.mean_delta:+.3f}{effect}" + (f" [dim]{c.failed} failed[/dim]" if c.failed else ""))
+        out.add_row(p, *cells)
+    wide = Console(width=max(Console().width, 40 + 22 * len(table)))
+    wide.print(out)
+    for name, rid in ids.items():
+        wide.print(f"[dim]{name}: {rid}[/dim]")
