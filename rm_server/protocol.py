@@ -2,7 +2,7 @@
 
 Nothing heavy is imported here (no torch), so clients and tests can import these cheaply. The
 gRPC contract in `proto/reward/v1/reward.proto` mirrors these models field for field; the
-conversion lives in `rm_server/grpc_api.py` and `clients/reward.py`, at the edges only.
+conversion lives in `rm_server/grpc_convert.py`, used by the server's and the clients' gRPC edges.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ the same thing on a thread of its own, for tests and benchmarks in one process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -37,6 +39,15 @@ class ServerConfig:
 
 class InsecureBinding(ValueError):
     pass
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: `serve` below owns SIGINT/SIGTERM, so that a
+    stop closes the rewards (model threads, the math-verify process pool) before the process
+    exits, instead of uvicorn re-raising the signal and leaving worker processes behind."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -81,7 +92,7 @@ class RewardServer:
         self.http_port = sock.getsockname()[1]
         app = create_app(self.service, self.keys)
         cfg = uvicorn.Config(app, log_level=self.config.log_level, timeout_graceful_shutdown=5, access_log=False)
-        self._uvicorn = uvicorn.Server(cfg)
+        self._uvicorn = _Uvicorn(cfg)
         self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         if self.config.grpc_port is not None:
             from rm_server.grpc_api import start_grpc_server
@@ -112,10 +123,18 @@ class RewardServer:
 
 
 async def serve(config: ServerConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0)."""
     server = RewardServer(config)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
     await server.start()
     try:
-        await server.wait()
+        await asyncio.wait(
+            [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(server.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     finally:
         await server.stop()
 
