@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from arith.world import take
+
 from rm_server.protocol import CompareResponse, ErrorResponse, ErrorType, RewardsResponse, ScoreResponse
 from rm_server.server import BackgroundServer, ServerConfig
 from rm_server.serving import Limits

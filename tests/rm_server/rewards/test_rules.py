@@ -7,7 +7,7 @@ import pytest
 
 from arith.world import Problem
 from rm_server.protocol import ErrorType, Granularity
-from rm_server.rewards import rules
+from rm_server.rewards import mathpool
 from rm_server.rewards.base import Item, ItemFailure, Scored
 from rm_server.rewards.rules import (
     RULES, ArithSteps, ExactMatch, JsonSchema, LengthPenalty, MathEqual, RegexMatch, length_penalty,
@@ -122,11 +122,11 @@ def test_math_equal_stuck_worker_is_killed_and_replaced(monkeypatch):
     reward = MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", timeout_s=1))
     try:
         asyncio.run(reward.start())
-        pool = rules._pool
-        monkeypatch.setattr(rules, "_hang_budget", lambda n, seconds: 0.2)
+        pool = mathpool._pool
+        monkeypatch.setattr(mathpool, "_hang_budget", lambda n, seconds: 0.2)
         out = score(reward, [Item("p", "$9^{9^{9}}$", "1")])
         assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.timeout
-        assert rules._pool is not pool  # the stuck pool is gone
+        assert mathpool._pool is not pool  # the stuck pool is gone
         monkeypatch.undo()
         assert values(score(reward, [Item("p", "7", "7")])) == [1.0]  # a fresh pool answers
     finally:
@@ -134,19 +134,19 @@ def test_math_equal_stuck_worker_is_killed_and_replaced(monkeypatch):
 
 
 def test_math_equal_close_is_idempotent_and_last_user_shuts_the_pool(monkeypatch):
-    monkeypatch.setattr(rules, "_pool", None)  # apart from the module fixture's pool and user
-    monkeypatch.setattr(rules, "_pool_users", set())
+    monkeypatch.setattr(mathpool, "_pool", None)  # apart from the module fixture's pool and user
+    monkeypatch.setattr(mathpool, "_pool_users", set())
     a = MathEqual("a", "id", MathEqualSpec(type="rule.math_equal"))
     b = MathEqual("b", "id", MathEqualSpec(type="rule.math_equal"))
     asyncio.run(a.start())
     asyncio.run(b.start())
     asyncio.run(a.close())
     asyncio.run(a.close())
-    assert rules._pool is not None
+    assert mathpool._pool is not None
     assert values(score(b, [Item("p", "4", "4")])) == [1.0]  # b still has the pool
     asyncio.run(b.close())
     asyncio.run(b.close())
-    assert rules._pool is None
+    assert mathpool._pool is None
 
 
 def test_math_equal_bad_answer_pattern_is_refused():
@@ -282,3 +282,42 @@ def test_arith_steps_non_arithmetic_prompt():
     out = score(reward, [poem, Item(PROBLEM.prompt, PROBLEM.solution)])
     assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.invalid_input
     assert out[1] == Scored(1.0)
+
+
+def test_math_workers_exit_when_the_service_process_is_killed(tmp_path):
+    # A server killed with SIGKILL cannot shut its pool down; the workers must notice and exit.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "import asyncio, os, sys\n"
+        "from rm_server.rewards import mathpool\n"
+        "async def main():\n"
+        "    await mathpool.start(1)\n"
+        "    pool = mathpool._pool\n"
+        "    print(' '.join(str(p) for p in pool._processes), flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert len(workers) == mathpool.POOL_WORKERS
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in workers)
