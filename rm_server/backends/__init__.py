@@ -19,6 +19,10 @@ class ScoringBackend(ABC):
     """Raw model outputs for a batch of token-id sequences (no activation applied)."""
 
     num_labels: int
+    max_positions: int | None = None  # longest sequence the model takes, when its config says
+
+    def close(self) -> None:
+        """Release engines and memory (the vLLM backend runs engine processes)."""
 
     @abstractmethod
     def pooled(self, batch: list[list[int]]) -> list[np.ndarray]:

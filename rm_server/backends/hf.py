@@ -16,6 +16,7 @@ class TransformersBackend(ScoringBackend):
         self.model.to(device)
         self.device = device
         self.num_labels = self.model.config.num_labels
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         if self.tokenizer.pad_token_id is None:
             raise CheckpointError(f"{path}: the tokenizer has no pad token; batched scoring needs one.")
         # The model pools itself for outcomes; per-prefix scores apply its head at every position.

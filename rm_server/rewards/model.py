@@ -85,6 +85,8 @@ class ModelReward(Reward):
         self.backend, self.tokenizer = await asyncio.to_thread(  # loading weights takes a while
             load_backend, self.spec.backend, self.path, "process" if self.process else "outcome", self.spec.device
         )
+        # A spec may allow more tokens than the model has positions for: the model's limit wins.
+        self.max_tokens = min(self.spec.max_tokens, self.backend.max_positions or self.spec.max_tokens)
         labels = self.backend.num_labels
         if (not self.process and labels != 1) or (self.process and labels not in (1, 2)):
             raise ValueError(
@@ -105,6 +107,8 @@ class ModelReward(Reward):
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.close()
+        if self.backend is not None:
+            await asyncio.to_thread(self.backend.close)
 
     def queue_depth(self) -> int:
         return self.batcher.depth() if self.batcher else 0
@@ -134,13 +138,13 @@ class ModelReward(Reward):
         out = []
         for it, (text, start), ids, spans in zip(items, rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
             spans = [tuple(s) for s in spans]
-            if len(ids) > self.spec.max_tokens:
+            if len(ids) > self.max_tokens:
                 if self.spec.truncation == "error":
                     raise InvalidRequest(
                         f"item {it.id!r} is {len(ids)} tokens for reward {self.name!r}, over its max_tokens "
-                        f"{self.spec.max_tokens}; shorten it or set `truncation: left` in the spec"
+                        f"{self.max_tokens}; shorten it or set `truncation: left` in the spec"
                     )
-                ids = ids[-self.spec.max_tokens :]  # spans stay whole: `dropped` maps them
+                ids = ids[-self.max_tokens :]  # spans stay whole: `dropped` maps them
             out.append(_Encoded(list(ids), spans, text, (start, start + len(it.response))))
         return out
 
