@@ -175,6 +175,9 @@ class HeldBackend:
     def per_token(self, batch):
         return self.inner.per_token(batch)
 
+    def close(self):
+        self.inner.close()
+
 
 @pytest.fixture
 def held_orm(tmp_path):
