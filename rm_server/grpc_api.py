@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -117,9 +116,11 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
 
 
 async def _abort(context: grpc.aio.ServicerContext, failure: Failure) -> None:
-    trailing = ()
+    # `error-type` carries the protocol's ErrorType, as the HTTP body does; `retry-after` is in
+    # seconds like the HTTP header (fractions allowed here).
+    trailing: tuple[tuple[str, str], ...] = (("error-type", failure.info.type.value),)
     if failure.retry_after_s is not None:
-        trailing = (("retry-after", str(max(1, math.ceil(failure.retry_after_s)))),)
+        trailing += (("retry-after", f"{failure.retry_after_s:.3f}"),)
     await context.abort(failure.code, failure.info.message, trailing_metadata=trailing)
 
 

@@ -314,7 +314,8 @@ def test_unary_overload_is_resource_exhausted_with_retry_after(stub):
     assert failed and len(failed) < 12
     for err in failed:
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in err.details()
-        assert int(dict(err.trailing_metadata())["retry-after"]) >= 1
+        trailers = dict(err.trailing_metadata())
+        assert float(trailers["retry-after"]) > 0 and trailers["error-type"] == "overloaded"
 
 
 class Boom(Reward):

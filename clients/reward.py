@@ -1,0 +1,384 @@
+"""Clients for the reward service (rm_server): sync and async, over HTTP or gRPC, with one API.
+
+    with RewardClient.http("http://127.0.0.1:8000", api_key="k1") as client:
+        reply = client.score("orm", [{"prompt": "3+4=", "response": "3+4=7 #### 7"}])
+        reply.results[0].score          # None exactly when reply.results[0].error says why
+        orm = client.as_reward_fn("orm")  # TRL's signature: orm(prompts, completions, **kw)
+
+    async with AsyncRewardClient.grpc("127.0.0.1:50051") as client:
+        reply = await client.score("orm", items)
+
+Deadlines. Every call has one: its `timeout_s`, else the client's. It covers the whole call,
+retries and waits included. Each attempt sends what is left of it as the request's `timeout_s`
+(the server then fails unfinished items with `timeout`) and waits `GRACE_S` longer than that
+for the answer, so that the server's per-item answer arrives rather than a client-side
+`DeadlineExceeded`.
+
+Retries. Only transient failures are retried: connection refused or reset, HTTP 502/503/504,
+429, gRPC UNAVAILABLE and RESOURCE_EXHAUSTED (except gRPC's own "message larger than max",
+which no wait can fix: that is InvalidRequest); up to `max_retries` times, sleeping
+uniform(0, min(max_backoff_s, backoff_s * 2**retry)) (exponential backoff, full jitter) but never
+less than the server's Retry-After, and never past the deadline. Scoring is a pure function of
+the request, so resending a batch is safe.
+
+Item ids. Items without an id get their position ("0", "1", ...); a retried batch resends the
+same ids, and a reply must hold exactly the ids sent, each once (else `ServerError`). Results
+come back in request order, matched by id, so a batch can never be counted twice or shifted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Self, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from clients.errors import DeadlineExceeded, InvalidRequest, RewardServiceError, ServerError, UnknownReward
+from clients.reward_transport import AsyncGrpc, AsyncHttp, Grpc, Http, problems
+from rm_server.protocol import (
+    CompareItem,
+    CompareRequest,
+    CompareResponse,
+    ErrorType,
+    Granularity,
+    RewardsResponse,
+    ScoreItem,
+    ScoreRequest,
+    ScoreResponse,
+)
+
+GRACE_S = 1.0  # how much longer than the server's deadline a client waits for its answer
+
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+RewardFn = Callable[..., list[float | None]]
+
+# --- request building and reply checking (pure, shared by every client) -----------------------
+
+
+def _with_ids(model: type[M], items: Iterable[M | Mapping[str, Any]]) -> list[M]:
+    """Validate items; those without an id get their position as id. Ids must be unique."""
+    out: list[M] = []
+    for i, item in enumerate(items):
+        if isinstance(item, model):
+            out.append(item)
+            continue
+        raw = dict(item)
+        if not raw.get("id"):
+            raw["id"] = str(i)
+        try:
+            out.append(model.model_validate(raw))
+        except ValidationError as exc:
+            raise InvalidRequest(f"item {i} is not a {model.__name__}: {problems(exc)}") from None
+    seen: set[str] = set()
+    for item in out:
+        if item.id in seen:
+            raise InvalidRequest(f"item id {item.id!r} appears twice; ids must be unique within a request")
+        seen.add(item.id)
+    return out
+
+
+def score_request(reward: str, items: Iterable[ScoreItem | Mapping[str, Any]], granularity: str) -> ScoreRequest:
+    try:
+        return ScoreRequest(reward=reward, items=_with_ids(ScoreItem, items), granularity=Granularity(granularity))
+    except (ValidationError, ValueError) as exc:
+        raise InvalidRequest(f"cannot build a score request: {exc}") from None
+
+
+def compare_request(reward: str, items: Iterable[CompareItem | Mapping[str, Any]]) -> CompareRequest:
+    try:
+        return CompareRequest(reward=reward, items=_with_ids(CompareItem, items))
+    except ValidationError as exc:
+        raise InvalidRequest(f"cannot build a compare request: {problems(exc)}") from None
+
+
+R = TypeVar("R", ScoreResponse, CompareResponse)
+
+
+def checked_reply(req: ScoreRequest | CompareRequest, reply: R) -> R:
+    """The reply with its results in request order; ServerError unless it has exactly the ids sent."""
+    if reply.reward != req.reward:
+        raise ServerError(f"asked reward {req.reward!r}, the reply is for {reply.reward!r}")
+    by_id = {}
+    for result in reply.results:
+        if result.id in by_id:
+            raise ServerError(f"the reply has item id {result.id!r} twice")
+        by_id[result.id] = result
+    sent = [item.id for item in req.items]
+    missing = [i for i in sent if i not in by_id]
+    extra = sorted(set(by_id) - set(sent))
+    if missing or extra:
+        raise ServerError(
+            f"the reply's item ids do not match the request's: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    return reply.model_copy(update={"results": [by_id[i] for i in sent]})
+
+
+# --- deadlines and retries (pure) ------------------------------------------------------------
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        """Seconds left; DeadlineExceeded when none are."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(f"the call's deadline of {self.seconds:g}s passed")
+        return left
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = 4
+    backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
+            raise ValueError(
+                f"need max_retries >= 0 and 0 <= backoff_s <= max_backoff_s; got {self.max_retries}, "
+                f"{self.backoff_s}, {self.max_backoff_s}"
+            )
+
+    def wait(self, attempt: int, err: RewardServiceError, deadline: _Deadline) -> float | None:
+        """Seconds to sleep after failed attempt number `attempt` (0-based), or None: give up, raise `err`."""
+        err.attempts = attempt + 1
+        if not err.retryable or attempt >= self.max_retries:
+            return None
+        wait = random.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2**attempt))  # full jitter
+        wait = max(wait, err.retry_after_s or 0.0)
+        return wait if wait < deadline.end - time.monotonic() else None
+
+
+# --- the reward function form (pure parts) ---------------------------------------------------
+
+
+def _text(x: str | Sequence[Mapping[str, Any]], role: str, what: str) -> str:
+    """A plain string, or the content of the last `role` message of a chat-message list."""
+    if isinstance(x, str):
+        return x
+    for message in reversed(x):
+        if message.get("role") == role and isinstance(message.get("content"), str):
+            return message["content"]
+    raise InvalidRequest(f"{what} is neither a string nor a message list with a {role!r} message of text")
+
+
+def reward_fn_items(prompts: Sequence, completions: Sequence, references: Sequence | None) -> list[ScoreItem]:
+    """TRL's reward-function inputs as score items. Chat messages: the prompt is the last user
+    message's content, the response the last assistant message's (earlier turns are not sent)."""
+    if len(prompts) != len(completions) or (references is not None and len(references) != len(completions)):
+        n_ref = "no" if references is None else len(references)
+        raise InvalidRequest(
+            f"{len(prompts)} prompts, {len(completions)} completions, {n_ref} references: need one each"
+        )
+    return [
+        ScoreItem(
+            id=str(i),
+            prompt=_text(p, "user", f"prompt {i}"),
+            response=_text(c, "assistant", f"completion {i}"),
+            reference=None if references is None or references[i] is None else str(references[i]),
+        )
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
+    ]
+
+
+def reward_fn_scores(reply: ScoreResponse, reward_id: str) -> list[float | None]:
+    """One score per item; None for a failed item (TRL's "no reward for this sample")."""
+    if reply.reward_id != reward_id:
+        raise ServerError(
+            f"reward {reply.reward!r} is now {reply.reward_id}, not the {reward_id} this function was made for; "
+            "the server changed its reward mid-run, and the two must not be mixed"
+        )
+    return [None if r.error is not None else r.score for r in reply.results]
+
+
+def _named(fn: T, reward: str, reward_id: str) -> T:
+    fn.__name__ = fn.__qualname__ = reward  # type: ignore[attr-defined]
+    fn.reward_id = reward_id  # type: ignore[attr-defined]
+    return fn
+
+
+# --- the clients -----------------------------------------------------------------------------
+
+
+class _ClientBase:
+    _http_transport: type
+    _grpc_transport: type
+
+    def __init__(self, transport: Any, *, timeout_s: float, max_retries: int, backoff_s: float, max_backoff_s: float):
+        """Use `RewardClient.http(url)` or `RewardClient.grpc(target)`."""
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self._t = transport
+        self.timeout_s = timeout_s
+        self.retry = RetryPolicy(max_retries, backoff_s, max_backoff_s)
+
+    @classmethod
+    def http(cls, url: str, *, api_key: str | None = None, timeout_s: float = 30.0, max_retries: int = 4,
+             backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> Self:  # fmt: skip
+        """A client of the HTTP API at base URL `url`, e.g. "http://127.0.0.1:8000"."""
+        return cls(cls._http_transport(url, api_key), timeout_s=timeout_s, max_retries=max_retries,
+                   backoff_s=backoff_s, max_backoff_s=max_backoff_s)  # fmt: skip
+
+    @classmethod
+    def grpc(cls, target: str, *, api_key: str | None = None, timeout_s: float = 30.0, max_retries: int = 4,
+             backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> Self:  # fmt: skip
+        """A client of the gRPC API at `target`, e.g. "127.0.0.1:50051"."""
+        return cls(cls._grpc_transport(target, api_key), timeout_s=timeout_s, max_retries=max_retries,
+                   backoff_s=backoff_s, max_backoff_s=max_backoff_s)  # fmt: skip
+
+    def _attempt(self, req: ScoreRequest | CompareRequest, send: Callable[[Any, float], T]) -> Callable[[float], T]:
+        """One attempt: the request with what is left of the deadline, waited on GRACE_S longer."""
+        return lambda left: send(req.model_copy(update={"timeout_s": left}), left + GRACE_S)
+
+
+class RewardClient(_ClientBase):
+    """A blocking client; see the module docstring for deadlines, retries and ids."""
+
+    _http_transport, _grpc_transport = Http, Grpc
+
+    def _call(self, attempt: Callable[[float], T], timeout_s: float | None) -> T:
+        deadline = _Deadline(timeout_s or self.timeout_s)
+        for n in itertools.count():
+            try:
+                return attempt(deadline.left())
+            except RewardServiceError as err:
+                wait = self.retry.wait(n, err, deadline)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def score(self, reward: str, items: Iterable[ScoreItem | Mapping[str, Any]], *, granularity: str = "outcome",
+              timeout_s: float | None = None) -> ScoreResponse:  # fmt: skip
+        """Score items (ScoreItems or dicts) with one reward; results in request order."""
+        req = score_request(reward, items, granularity)
+        return checked_reply(req, self._call(self._attempt(req, self._t.score), timeout_s))
+
+    def compare(self, reward: str, items: Iterable[CompareItem | Mapping[str, Any]], *,
+                timeout_s: float | None = None) -> CompareResponse:  # fmt: skip
+        """P(response_a is better) per item; results in request order."""
+        req = compare_request(reward, items)
+        return checked_reply(req, self._call(self._attempt(req, self._t.compare), timeout_s))
+
+    def rewards(self, *, timeout_s: float | None = None) -> RewardsResponse:
+        return self._call(self._t.rewards, timeout_s)
+
+    def reward_id(self, name: str, *, timeout_s: float | None = None) -> str:
+        return _find(self.rewards(timeout_s=timeout_s), name)
+
+    def health(self, *, timeout_s: float | None = None) -> bool:
+        """Whether the server answers (one try; False when it cannot be reached)."""
+        return self._t.probe("health", timeout_s or self.timeout_s)
+
+    def ready(self, *, timeout_s: float | None = None) -> bool:
+        """Whether the server has loaded its rewards and takes requests (one try)."""
+        return self._t.probe("ready", timeout_s or self.timeout_s)
+
+    def as_reward_fn(
+        self, reward: str, *, reference_key: str = "reference", timeout_s: float | None = None
+    ) -> RewardFn:
+        """This reward as a TRL reward function, `f(prompts, completions, **kw) -> list[float | None]`.
+
+        `kw[reference_key]`, when given, holds one reference per completion. Prompts and
+        completions are strings or chat-message lists (the last user / assistant message's
+        content is sent). A failed item gives None (TRL: no reward for that sample); a failed
+        call raises. The function carries `.reward_id`, and raises ServerError if the server's
+        reward stops having that id.
+        """
+        reward_id = self.reward_id(reward, timeout_s=timeout_s)
+
+        def fn(prompts: Sequence, completions: Sequence, **kw: Any) -> list[float | None]:
+            items = reward_fn_items(prompts, completions, kw.get(reference_key))
+            if not items:
+                return []
+            return reward_fn_scores(self.score(reward, items, timeout_s=timeout_s), reward_id)
+
+        return _named(fn, reward, reward_id)
+
+    def close(self) -> None:
+        self._t.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncRewardClient(_ClientBase):
+    """The asyncio twin of `RewardClient`: the same methods, awaited."""
+
+    _http_transport, _grpc_transport = AsyncHttp, AsyncGrpc
+
+    async def _call(self, attempt: Callable[[float], Awaitable[T]], timeout_s: float | None) -> T:
+        deadline = _Deadline(timeout_s or self.timeout_s)
+        for n in itertools.count():
+            try:
+                return await attempt(deadline.left())
+            except RewardServiceError as err:
+                wait = self.retry.wait(n, err, deadline)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def score(self, reward: str, items: Iterable[ScoreItem | Mapping[str, Any]], *, granularity: str = "outcome",
+                    timeout_s: float | None = None) -> ScoreResponse:  # fmt: skip
+        req = score_request(reward, items, granularity)
+        return checked_reply(req, await self._call(self._attempt(req, self._t.score), timeout_s))
+
+    async def compare(self, reward: str, items: Iterable[CompareItem | Mapping[str, Any]], *,
+                      timeout_s: float | None = None) -> CompareResponse:  # fmt: skip
+        req = compare_request(reward, items)
+        return checked_reply(req, await self._call(self._attempt(req, self._t.compare), timeout_s))
+
+    async def rewards(self, *, timeout_s: float | None = None) -> RewardsResponse:
+        return await self._call(self._t.rewards, timeout_s)
+
+    async def reward_id(self, name: str, *, timeout_s: float | None = None) -> str:
+        return _find(await self.rewards(timeout_s=timeout_s), name)
+
+    async def health(self, *, timeout_s: float | None = None) -> bool:
+        return await self._t.probe("health", timeout_s or self.timeout_s)
+
+    async def ready(self, *, timeout_s: float | None = None) -> bool:
+        return await self._t.probe("ready", timeout_s or self.timeout_s)
+
+    async def as_reward_fn(self, reward: str, *, reference_key: str = "reference",
+                           timeout_s: float | None = None) -> Callable[..., Awaitable[list[float | None]]]:  # fmt: skip
+        """`RewardClient.as_reward_fn`, returning an async function (awaited to fetch `.reward_id`)."""
+        reward_id = await self.reward_id(reward, timeout_s=timeout_s)
+
+        async def fn(prompts: Sequence, completions: Sequence, **kw: Any) -> list[float | None]:
+            items = reward_fn_items(prompts, completions, kw.get(reference_key))
+            if not items:
+                return []
+            return reward_fn_scores(await self.score(reward, items, timeout_s=timeout_s), reward_id)
+
+        return _named(fn, reward, reward_id)
+
+    async def close(self) -> None:
+        await self._t.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _find(rewards: RewardsResponse, name: str) -> str:
+    for info in rewards.rewards:
+        if info.name == name:
+            return info.reward_id
+    known = ", ".join(r.name for r in rewards.rewards)
+    raise UnknownReward(f"unknown reward {name!r}; this server has {known}", type=ErrorType.unknown_reward)
