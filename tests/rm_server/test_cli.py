@@ -79,7 +79,7 @@ SPEC = {
     "rewards": {
         "format": {"type": "rule.regex", "pattern": "^(-?\\d+[+-]\\d+=-?\\d+ )*#### -?\\d+$", "mode": "fullmatch"},
         "loose": {"type": "rule.exact_match", "answer_pattern": "####\\s*(-?\\d+)"},
-        "long": {"type": "rule.length_penalty", "max_length": 40, "buffer": 20},
+        "long": {"type": "rule.length_penalty", "max_length": 60, "buffer": 10},
     }
 }
 
@@ -100,7 +100,7 @@ def test_probe_reports_which_rewards_presentation_moves():
     # an unanchored answer check ignores an opener and a trailing link
     assert table["loose"]["affirmative opener"].mean_delta == 0.0
     assert table["loose"]["link"].mean_delta == 0.0
-    # padding past max_length costs the length rule, an emoji does not (2 characters)
+    # padding past max_length costs the length rule, an emoji (3 characters) does not
     assert table["long"]["length padding"].mean_delta < 0 and table["long"]["emoji"].mean_delta == 0.0
     assert all(c.scored == 16 and c.failed == 0 for row in table.values() for c in row.values())
 
