@@ -5,8 +5,9 @@ and converts back; nothing else. Auth and errors are handled in one place, `Auth
 
 - every `assay.reward.v1.RewardService` method needs an `authorization: Bearer KEY` metadata
   entry with the `score` scope (when keys are configured); health and reflection stay open;
-- a `ServiceError` becomes its `grpc_code` with its message as details (and `retry-after`
-  trailing metadata, in whole seconds, when it says when to retry), a request that breaks the
+- a `ServiceError` becomes its `grpc_code` with its message as details, an `error-type` trailer
+  (the protocol's ErrorType, as in HTTP's body) and a `retry-after` trailer in seconds when it
+  says when to retry; a request that breaks the
   protocol's rules becomes INVALID_ARGUMENT listing the problems, and anything else becomes
   INTERNAL with a short message (the traceback goes to the log, never to the client).
 
