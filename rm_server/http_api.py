@@ -81,7 +81,8 @@ def create_app(service: RewardService, keys: ApiKeys | None = None) -> FastAPI:
     )
 
     def scope(name: str):
-        def check(authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
+        # async: a plain `def` dependency would run on FastAPI's threadpool, a thread hop per request
+        async def check(authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
             keys.check(authorization, name)
 
         return Depends(check)

@@ -1,0 +1,725 @@
+"""Throughput and latency of the reward service against an in-process ceiling and a naive server.
+
+    .venv/bin/python bench/score_bench.py            # full run, ~5 minutes
+    .venv/bin/python bench/score_bench.py --quick    # smoke test, ~1 minute
+
+Everything runs in one go on this machine against the outcome RM (`arith/checkpoints/orm`),
+with 1024 distinct arithmetic-world items (prompt + correct solution), so no cache can help:
+
+- ceiling: batched forwards in this process through the service's own backend code
+  (`TransformersBackend.pooled`, token ids from its tokenizer), best batch size;
+- Assay HTTP / gRPC unary / gRPC stream: the real server (`python -m rm_server`) as a
+  subprocess, a fresh one per repeat, driven by closed-loop clients that each keep one
+  one-item request outstanding (64 in all); HTTP once with a lean keep-alive client and once
+  with httpx, the client most Python trainers use;
+- naive: `bench/naive_server.py`, one synchronous forward per request, same load;
+- latency at half of Assay's HTTP peak: open-loop Poisson arrivals, latency counted from each
+  request's scheduled arrival (so a stalled server cannot hide its queue).
+
+Load comes from separate processes; for each window the bench reports the CPU cores used by
+the load generator, the server (and its event-loop thread) and everything else on the machine,
+since on a 2-core machine they all compete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "arith" / "checkpoints" / "orm"
+console = Console(width=160)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how hard each part runs; `--quick` shrinks it."""
+
+    concurrency: int = 64  # outstanding one-item requests (closed loop)
+    warmup_s: float = 2.0
+    duration_s: float = 10.0
+    repeats: int = 3
+    procs: int = 1  # load-generating processes
+    streams: int = 1  # gRPC ScoreStream calls the concurrency is spread over
+    batch_sizes: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256)
+    ceiling_s: float = 1.0  # per batch size and pass
+    ceiling_passes: int = 3  # interleaved passes over the batch sizes; the median counts
+    max_wait_ms: float = 5.0  # (both are the spec defaults)
+    max_batch_items: int = 128  # the spec defaults; a sweep (--sweep) found no better setting
+    torch_threads: int | None = None  # OMP_NUM_THREADS for ceiling and servers; None: torch's default
+    http_client: str = "raw"  # raw (bare keep-alive HTTP/1.1) | httpx
+
+
+def bench_items(n: int = 1024) -> list[tuple[str, str, str]]:
+    """(id, prompt, response) for n distinct held-out problems with their correct solutions."""
+    from arith.world import eval_problems
+
+    return [(f"i{k}", p.prompt, p.solution) for k, p in enumerate(eval_problems(n))]
+
+
+# --- ceiling: the model alone ----------------------------------------------------------------
+
+
+def ceiling(items, plan: Plan) -> tuple[dict[int, float], float]:
+    """Median items/s of `TransformersBackend.pooled` per batch size, and of `score_outcome`."""
+    import torch
+
+    from assay.checkpoints import load_embedded
+    from assay.scoring import score_outcome
+    from rm_server.backends.hf import TransformersBackend
+
+    if plan.torch_threads:
+        torch.set_num_threads(plan.torch_threads)
+    backend = TransformersBackend(CHECKPOINT, "outcome")
+    texts = [p + r for _, p, r in items]  # the spec's default template, "{prompt}{response}"
+    ids = backend.tokenizer(texts)["input_ids"]
+    runs: dict[int, list[float]] = {bs: [] for bs in plan.batch_sizes}
+    for _ in range(plan.ceiling_passes):  # interleaved, so a noisy moment does not hit one size only
+        for bs in plan.batch_sizes:
+            backend.pooled(ids[:bs])  # warm-up
+            runs[bs].append(_rate(lambda s, bs=bs: backend.pooled(ids[s : s + bs]), bs, len(ids), plan.ceiling_s))
+    rates = {bs: statistics.median(r) for bs, r in runs.items()}
+    best = max(rates, key=rates.get)
+    model, tokenizer = load_embedded("orm")
+    ref = statistics.median(
+        _rate(lambda s: score_outcome(model, tokenizer, texts[s : s + best], best), best, len(texts), plan.ceiling_s)
+        for _ in range(plan.ceiling_passes)
+    )
+    return rates, ref
+
+
+def _rate(run, bs: int, n: int, seconds: float) -> float:
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run((done // bs * bs) % (n - bs + 1))
+        done += bs
+    return done / (time.perf_counter() - start)
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+_children: list[subprocess.Popen] = []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # the server's own graceful path
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc in _children:
+        _children.remove(proc)
+
+
+def stop_all() -> None:
+    while _children:
+        _stop(_children[-1])
+
+
+@contextmanager
+def spawned(cmd: list[str], url: str, plan: Plan, log: Path, env: dict[str, str] | None = None):
+    """A server subprocess in its own process group, ready (GET /ready is 200) inside the block."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    if plan.torch_threads:
+        env["OMP_NUM_THREADS"] = str(plan.torch_threads)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _children.append(proc)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{log.stem} server exited or hung ({proc.poll()}):\n{log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+def assay_args(spec: Path, port: int, grpc_port: int) -> list[str]:
+    return ["--spec", str(spec), "--port", str(port), "--grpc-port", str(grpc_port), "--log-level", "warning"]
+
+
+def write_spec(folder: Path, plan: Plan) -> Path:
+    spec = folder / "bench_spec.yaml"
+    orm = {"type": "model.outcome", "path": str(CHECKPOINT), "activation": "sigmoid",
+           "max_wait_ms": plan.max_wait_ms, "max_batch_items": plan.max_batch_items}  # fmt: skip
+    spec.write_text(json.dumps({"rewards": {"orm": orm}}))  # JSON is YAML
+    return spec
+
+
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """user + system CPU so far of a process (all its threads), or of one of its threads."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores) so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(sum, count) of the service's items-per-batch histogram."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    get = lambda name: sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE))
+    return get("assay_rm_batch_items_sum"), get("assay_rm_batch_items_count")
+
+
+# --- load generation (in worker processes) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: str  # http | http-open | grpc-unary | grpc-stream
+    target: str  # base URL (http) or host:port (grpc)
+    concurrency: int  # this worker's outstanding requests (closed loop), or its connection cap (open)
+    start_at: float  # time.monotonic() when warm-up starts; the same clock in every process
+    warmup_s: float
+    duration_s: float
+    items: list[tuple[str, str, str]]
+    client: str = "raw"
+    rate: float = 0.0  # http-open: this worker's arrivals per second
+    streams: int = 1
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    done: int = 0  # requests completed inside the window
+    latencies: list[float] = field(default_factory=list)  # seconds, of those requests
+    cpu_s: float = 0.0  # this worker's CPU inside the window
+    errors: int = 0
+    late: bool = False  # still connecting when the window began: the window is not valid
+
+
+def _worker(job: Job, out) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the run and its workers
+    try:
+        import uvloop
+
+        out.send(("ok", uvloop.run(_run_job(job))))
+    except Exception as exc:  # noqa: BLE001 -- sent to the parent, which fails the run with it
+        out.send(("failed", f"{type(exc).__name__}: {exc}"))
+
+
+async def _run_job(job: Job) -> Result:
+    res = Result()
+    begin = job.start_at + job.warmup_s
+    end = begin + job.duration_s
+
+    async def cpu_window() -> None:
+        await asyncio.sleep(max(0.0, begin - time.monotonic()))
+        t0 = time.process_time()
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+        res.cpu_s = time.process_time() - t0
+
+    def record(sent: float, ok: bool) -> None:
+        now = time.monotonic()
+        if not ok:
+            res.errors += 1
+        elif begin <= now < end:
+            res.done += 1
+            res.latencies.append(now - sent)
+
+    async def connected() -> None:
+        res.late = time.monotonic() > begin  # a late start during warm-up is harmless
+        await asyncio.sleep(max(0.0, job.start_at - time.monotonic()))
+
+    run = {"http": _http_closed, "http-open": _http_open, "grpc-unary": _grpc_unary, "grpc-stream": _grpc_stream}
+    await asyncio.gather(cpu_window(), run[job.kind](job, end, record, connected))
+    return res
+
+
+def _http_bodies(job: Job) -> list[bytes]:
+    return [json.dumps({"reward": "orm", "items": [{"id": i, "prompt": p, "response": r}]}).encode()
+            for i, p, r in job.items]  # fmt: skip
+
+
+def _scored(status: int, body: bytes) -> bool:
+    return status == 200 and json.loads(body)["results"][0].get("score") is not None
+
+
+@asynccontextmanager
+async def _httpx_post(job: Job):
+    """`post(body) -> ok` over an httpx.AsyncClient with a pool of `concurrency` connections."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=job.concurrency, max_keepalive_connections=job.concurrency)
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=job.target, limits=limits, timeout=60) as client:
+
+        async def post(body: bytes) -> bool:
+            r = await client.post("/v1/score", content=body, headers=headers)
+            return _scored(r.status_code, r.content)
+
+        yield post
+
+
+@asynccontextmanager
+async def _raw_post(job: Job):
+    """The same over bare keep-alive HTTP/1.1 connections: a load generator that costs little CPU."""
+    host, port = job.target.removeprefix("http://").rsplit(":", 1)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    free = asyncio.Semaphore(job.concurrency)
+    head = f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: "
+
+    async def post(body: bytes) -> bool:
+        async with free:
+            while True:
+                reused = bool(idle)
+                reader, writer = idle.pop() if reused else await asyncio.open_connection(host, int(port))
+                try:
+                    writer.write(f"{head}{len(body)}\r\n\r\n".encode() + body)
+                    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                    length = next(int(x.split(":")[1]) for x in lines if x.lower().startswith("content-length:"))
+                    payload = await reader.readexactly(length)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    writer.close()
+                    if reused:  # the server closed a keep-alive connection that sat idle: use another
+                        continue
+                    raise
+                idle.append((reader, writer))
+                return _scored(int(lines[0].split()[1]), payload)
+
+    try:
+        yield post
+    finally:
+        for _, writer in idle:
+            writer.close()
+
+
+async def _http_closed(job: Job, end: float, record, connected) -> None:
+    bodies = _http_bodies(job)
+    async with (_raw_post if job.client == "raw" else _httpx_post)(job) as post:
+        await connected()
+
+        async def loop(k: int) -> None:
+            while (sent := time.monotonic()) < end:
+                record(sent, await post(bodies[k % len(bodies)]))
+                k += job.concurrency
+
+        await asyncio.gather(*(loop(k) for k in range(job.concurrency)))
+
+
+async def _http_open(job: Job, end: float, record, connected) -> None:
+    import random
+
+    bodies = _http_bodies(job)
+    rng = random.Random(job.seed)
+    async with (_raw_post if job.client == "raw" else _httpx_post)(job) as post:
+        await connected()
+
+        async def one(k: int, due: float) -> None:
+            try:
+                ok = await post(bodies[k % len(bodies)])
+            except (OSError, asyncio.IncompleteReadError):  # counted, not fatal: the server may shed load
+                ok = False
+            record(due, ok)  # latency from the scheduled arrival, not from the send
+
+        tasks, due, k = set(), job.start_at, 0
+        while due < end:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            task = asyncio.create_task(one(k, due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            due += rng.expovariate(job.rate)
+            k += 1
+        await asyncio.gather(*tasks)
+
+
+def _grpc_requests(job: Job) -> list:
+    from proto.reward.v1 import reward_pb2 as pb
+
+    return [pb.ScoreRequest(reward="orm", items=[pb.ScoreItem(id=i, prompt=p, response=r)]) for i, p, r in job.items]
+
+
+def _grpc_ok(resp) -> bool:
+    return len(resp.results) == 1 and resp.results[0].HasField("score")
+
+
+async def _grpc_unary(job: Job, end: float, record, connected) -> None:
+    import grpc
+
+    from proto.reward.v1 import reward_pb2_grpc
+
+    requests = _grpc_requests(job)
+    async with grpc.aio.insecure_channel(job.target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        await channel.channel_ready()
+        await connected()
+
+        async def loop(k: int) -> None:
+            while (sent := time.monotonic()) < end:
+                record(sent, _grpc_ok(await stub.Score(requests[k % len(requests)], timeout=60)))
+                k += job.concurrency
+
+        await asyncio.gather(*(loop(k) for k in range(job.concurrency)))
+
+
+async def _grpc_stream(job: Job, end: float, record, connected) -> None:
+    """`streams` ScoreStream calls on one channel, each keeping concurrency/streams requests in flight."""
+    import grpc
+
+    from proto.reward.v1 import reward_pb2 as pb
+    from proto.reward.v1 import reward_pb2_grpc
+
+    requests = _grpc_requests(job)
+    window = max(1, job.concurrency // job.streams)
+    async with grpc.aio.insecure_channel(job.target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        await channel.channel_ready()
+        await connected()
+
+        async def stream(s: int) -> None:
+            call = stub.ScoreStream()
+            sent: dict[str, float] = {}  # request_id -> when it was written; answers come in any order
+            k = s * window
+
+            async def send() -> None:
+                nonlocal k
+                sent[str(k)] = time.monotonic()
+                await call.write(pb.ScoreStreamRequest(request_id=str(k), request=requests[k % len(requests)]))
+                k += 1
+
+            for _ in range(window):
+                await send()
+            while sent:
+                answer = await call.read()
+                ok = answer.WhichOneof("result") == "response" and _grpc_ok(answer.response)
+                record(sent.pop(answer.request_id), ok)
+                if time.monotonic() < end:
+                    await send()
+            await call.done_writing()
+
+        await asyncio.gather(*(stream(s) for s in range(job.streams)))
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """One measured window, all load workers merged."""
+
+    items_s: float
+    latencies: list[float]  # sorted, seconds
+    load_cores: float  # CPU cores the load generator used, on average
+    server_cores: float
+    loop_cores: float  # the server's main thread: its event loop (forwards run on other threads)
+    other_cores: float  # everything else on the machine: other users, the kernel, this script
+    errors: int
+    batch_mean: float | None = None
+
+    def pct(self, q: float) -> float:
+        xs = self.latencies
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")
+
+    def cores(self) -> str:
+        return f"{self.load_cores:.2f} / {self.server_cores:.2f} ({self.loop_cores:.2f}) / {self.other_cores:.2f}"
+
+
+def measure(kind: str, target: str, plan: Plan, items, server_pid: int, *, rate: float = 0.0,
+            metrics_url: str | None = None, at_edge=None) -> Window:  # fmt: skip
+    """One window of load from `plan.procs` worker processes."""
+    ctx = mp.get_context("spawn")  # no fork: this process may hold torch's thread pool
+    start_at = time.monotonic() + 1.5  # spawn, imports, connect
+    pipes, procs = [], []
+    shares = [plan.concurrency // plan.procs + (p < plan.concurrency % plan.procs) for p in range(plan.procs)]
+    for p, conc in enumerate(shares):
+        job = Job(kind, target, 4 * conc if kind == "http-open" else conc, start_at, plan.warmup_s, plan.duration_s,
+                  items[p :: plan.procs], plan.http_client, rate / plan.procs, plan.streams, seed=p)  # fmt: skip
+        recv, send = ctx.Pipe(duplex=False)
+        procs.append(ctx.Process(target=_worker, args=(job, send), daemon=True))
+        procs[-1].start()
+        pipes.append(recv)
+    begin = start_at + plan.warmup_s
+    time.sleep(max(0.0, begin - time.monotonic()))
+    snap = lambda: (busy_seconds(), cpu_seconds(server_pid), cpu_seconds(server_pid, server_pid),
+                    batch_stats(metrics_url) if metrics_url else (0.0, 0.0))  # fmt: skip
+    s0 = snap()
+    if at_edge:
+        at_edge("begin")
+    time.sleep(max(0.0, begin + plan.duration_s - time.monotonic()))
+    if at_edge:
+        at_edge("end")
+    s1 = snap()
+    results: list[Result] = []
+    for recv, proc in zip(pipes, procs, strict=True):
+        deadline = time.monotonic() + 120
+        while not recv.poll(0.5):
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"a {kind} load worker died or hung (exit code {proc.exitcode})")
+        status, r = recv.recv()
+        proc.join(10)
+        if status != "ok":
+            raise RuntimeError(f"a {kind} load worker failed: {r}")
+        if r.late:
+            raise RuntimeError(f"a {kind} load worker was still connecting when the window began")
+        results.append(r)
+    d = plan.duration_s
+    load, server, loop = sum(r.cpu_s for r in results) / d, (s1[1] - s0[1]) / d, (s1[2] - s0[2]) / d
+    batches = s1[3][1] - s0[3][1]
+    return Window(
+        items_s=sum(r.done for r in results) / d,
+        latencies=sorted(x for r in results for x in r.latencies),
+        load_cores=load,
+        server_cores=server,
+        loop_cores=loop,
+        other_cores=max(0.0, (s1[0] - s0[0]) / d - load - server),
+        errors=sum(r.errors for r in results),
+        batch_mean=(s1[3][0] - s0[3][0]) / batches if batches else None,
+    )
+
+
+@dataclass
+class Row:
+    name: str
+    windows: list[Window] = field(default_factory=list)
+
+    @property
+    def median(self) -> Window:
+        return sorted(self.windows, key=lambda w: w.items_s)[(len(self.windows) - 1) // 2]
+
+    @property
+    def items_s(self) -> float:
+        return statistics.median(w.items_s for w in self.windows)
+
+    def add(self, w: Window) -> Window:
+        self.windows.append(w)
+        batch = f", mean batch {w.batch_mean:.1f}" if w.batch_mean else ""
+        console.log(f"{self.name} #{len(self.windows)}: {w.items_s:.0f} items/s, p50 {w.pct(.5):.1f} ms, "
+                    f"p99 {w.pct(.99):.1f} ms, cores load-gen / server (event loop) / other: {w.cores()}, "
+                    f"errors {w.errors}{batch}")  # fmt: skip
+        return w
+
+
+# --- diagnosis (--profile, --sweep) ----------------------------------------------------------
+
+# The server with two switches, flipped by the bench at the window's edges (SIGUSR1, SIGUSR2):
+# cProfile of the event-loop thread in thread CPU time (waiting for the GIL is not work), and
+# wall and CPU time of the batcher's thread inside `TransformersBackend.pooled`. With
+# BENCH_STUB_MODEL=1 the forward returns zeros at once: what the serving layer alone can do.
+PROFILED_SERVER = """
+import cProfile, json, os, signal, sys, time
+import numpy as np
+from rm_server.backends.hf import TransformersBackend
+out = sys.argv.pop(1)
+prof, fwd = cProfile.Profile(time.thread_time), {}
+pooled = TransformersBackend.pooled
+if os.environ.get("BENCH_STUB_MODEL"):
+    pooled = lambda self, batch: [np.zeros(1, np.float32) for _ in batch]
+def timed(self, batch):
+    wall, cpu = time.perf_counter(), time.thread_time()
+    try:
+        return pooled(self, batch)
+    finally:
+        for k, v in (("wall_s", time.perf_counter() - wall), ("cpu_s", time.thread_time() - cpu),
+                     ("batches", 1), ("items", len(batch))):
+            fwd[k] = fwd.get(k, 0) + v
+TransformersBackend.pooled = timed
+def begin(*_):
+    fwd.clear(); prof.enable()
+def end(*_):
+    prof.disable(); prof.dump_stats(out + ".prof"); open(out + ".json", "w").write(json.dumps(fwd))
+signal.signal(signal.SIGUSR1, begin)
+signal.signal(signal.SIGUSR2, end)
+import typer
+from rm_server.cli import serve_cmd
+typer.run(serve_cmd)
+"""
+
+
+def profile_server(items, plan: Plan, folder: Path, spec: Path, rates: dict[int, float]) -> None:
+    """Where the server's time goes: one profiled window, then one with the model stubbed out."""
+    import pstats
+
+    one = replace(plan, repeats=1)
+    for stub in (False, True):
+        port, out = _free_port(), folder / f"server-{stub}"
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-c", PROFILED_SERVER, str(out), *assay_args(spec, port, -1)]
+        env = {"BENCH_STUB_MODEL": "1"} if stub else {}
+        with spawned(cmd, url, plan, folder / "profiled.log", env) as proc:
+            edge = lambda e, pid=proc.pid: os.kill(pid, signal.SIGUSR1 if e == "begin" else signal.SIGUSR2)
+            w = measure("http", url, one, items, proc.pid, metrics_url=url, at_edge=None if stub else edge)
+            time.sleep(0.5)  # the server writes its files
+        if stub:
+            console.print(f"[bold]Model stubbed out[/bold] (forward returns zeros; unprofiled loop CPU): "
+                          f"{w.items_s:.0f} items/s, p50 {w.pct(.5):.1f} ms, p99 {w.pct(.99):.1f} ms, "
+                          f"event loop {w.loop_cores:.2f} cores = "
+                          f"{1000 * w.loop_cores / w.items_s:.2f} ms per request")  # fmt: skip
+            continue
+        fwd = json.loads((folder / f"server-{stub}.json").read_text())
+        stats = pstats.Stats(str(out) + ".prof")
+        bs = fwd["items"] / fwd["batches"]
+        near = min(rates, key=lambda b: abs(b - bs))
+        console.print(
+            f"[bold]Profiled window[/bold] ({w.items_s:.0f} items/s under the profiler): event loop "
+            f"{stats.total_tt / plan.duration_s:.2f} cores = "
+            f"{1000 * stats.total_tt / (w.items_s * plan.duration_s):.2f} "
+            f"ms CPU per request (profiled; unprofiled runs above show the real share); batcher thread inside the "
+            f"forward {fwd['wall_s'] / plan.duration_s:.0%} of the window, mean batch {bs:.1f}, "
+            f"{1000 * fwd['wall_s'] / fwd['items']:.2f} ms wall per item vs {1000 / rates[near]:.2f} ms in the "
+            f"ceiling at batch {near}"
+        )  # fmt: skip
+        stats.sort_stats("tottime").print_stats(15)
+
+
+def sweep(items, plan: Plan, folder: Path) -> None:
+    """Short windows over the batcher's knobs, a fresh server per setting."""
+    table = Table("max_wait_ms", "max_batch_items", "items/s", "p50 ms", "p99 ms", "mean batch", "server cores",
+                  title="Batcher knobs, Assay HTTP, one window each")  # fmt: skip
+    for wait in (2.0, 5.0):
+        for max_items in (16, 32, 64, 128):
+            tuned = replace(plan, max_wait_ms=wait, max_batch_items=max_items, repeats=1)
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, "-m", "rm_server", *assay_args(write_spec(folder, tuned), port, -1)]
+            with spawned(cmd, url, tuned, folder / "sweep.log") as proc:
+                w = measure("http", url, tuned, items, proc.pid, metrics_url=url)
+            table.add_row(f"{wait:g}", str(max_items), f"{w.items_s:.0f}", f"{w.pct(.5):.1f}", f"{w.pct(.99):.1f}",
+                          f"{w.batch_mean or 0:.1f}", f"{w.server_cores:.2f}")  # fmt: skip
+    console.print(table)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def run(plan: Plan, args: argparse.Namespace) -> None:
+    items = bench_items()
+    console.log(f"{len(items)} distinct items; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; {plan}")
+    rates, reference = ceiling(items, plan)
+    best = max(rates, key=rates.get)
+    table = Table("batch size", "items/s", title=f"Ceiling: TransformersBackend.pooled in this process "
+                  f"(median of {plan.ceiling_passes} passes)")  # fmt: skip
+    for bs, r in rates.items():
+        table.add_row(str(bs), f"{r:.0f}" + (" (best)" if bs == best else ""))
+    table.add_row(f"score_outcome, batch {best}", f"{reference:.0f}")
+    console.print(table)
+
+    http, httpx, unary, stream, half = Row("Assay HTTP"), Row("Assay HTTP, httpx client"), Row("gRPC unary"), \
+        Row("gRPC stream"), Row("Assay HTTP at 50% of peak")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="assay-bench-") as tmp:
+        folder = Path(tmp)
+        if args.sweep:
+            sweep(items, plan, folder)
+        spec = write_spec(folder, plan)
+        for rep in range(plan.repeats):  # a fresh server per repeat: instances differ more than windows do
+            port, grpc_port = _free_port(), _free_port()
+            url, target = f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
+            cmd = [sys.executable, "-m", "rm_server", *assay_args(spec, port, grpc_port)]
+            with spawned(cmd, url, plan, folder / "assay.log") as proc:
+                http.add(measure("http", url, plan, items, proc.pid, metrics_url=url))
+                httpx.add(measure("http", url, replace(plan, http_client="httpx"), items, proc.pid, metrics_url=url))
+                unary.add(measure("grpc-unary", target, plan, items, proc.pid, metrics_url=url))
+                stream.add(measure("grpc-stream", target, plan, items, proc.pid, metrics_url=url))
+                if rep == plan.repeats - 1:
+                    half.add(measure("http-open", url, plan, items, proc.pid, rate=http.items_s / 2, metrics_url=url))
+        if args.profile:
+            profile_server(items, plan, folder, spec, rates)
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--checkpoint", str(CHECKPOINT),
+               "--port", str(port)]  # fmt: skip
+        naive = Row("naive server")
+        with spawned(cmd, url, plan, folder / "naive.log") as proc:
+            for _ in range(plan.repeats):
+                naive.add(measure("http", url, plan, items, proc.pid))
+    summary(plan, rates[best], best, naive, [http, httpx, naive, unary, stream], half)
+
+
+def summary(plan: Plan, ceil: float, best: int, naive: Row, rows: list[Row], half: Row) -> None:
+    table = Table("", "items/s", "x ceiling", "x naive", "p50 ms", "p99 ms", "mean batch",
+                  "cores: load-gen / server (event loop) / other",
+                  title=f"Outcome RM, one-item requests, {plan.concurrency} in flight, median of {plan.repeats} "
+                  f"x {plan.duration_s:g} s windows")  # fmt: skip
+    table.add_row(f"ceiling (batch {best})", f"{ceil:.0f}", "1.00", f"{ceil / naive.items_s:.1f}", "-", "-",
+                  str(best), "-")  # fmt: skip
+    for row in rows:
+        w = row.median
+        table.add_row(row.name, f"{row.items_s:.0f}", f"{row.items_s / ceil:.2f}", f"{row.items_s / naive.items_s:.1f}",
+                      f"{w.pct(.5):.1f}", f"{w.pct(.99):.1f}", f"{w.batch_mean:.1f}" if w.batch_mean else "-",
+                      w.cores())  # fmt: skip
+    console.print(table)
+    w = half.windows[0]
+    console.print(f"Assay HTTP at 50% of its peak: {rows[0].items_s / 2:.0f} items/s offered (Poisson), "
+                  f"{w.items_s:.0f} "
+                  f"served: p50 {w.pct(.5):.1f} ms, p99 {w.pct(.99):.1f} ms (from scheduled arrival), mean batch "
+                  f"{w.batch_mean or 0:.1f}, errors {w.errors}")  # fmt: skip
+    console.print(f"batcher max_wait_ms={plan.max_wait_ms:g} max_batch_items={plan.max_batch_items}; torch threads "
+                  f"{plan.torch_threads or 'default'}; load-gen processes {plan.procs}; gRPC streams {plan.streams}; "
+                  f"load average now {os.getloadavg()[0]:.2f}")  # fmt: skip
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Throughput and latency of the reward service (see the module docstring).")
+    p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run: short windows, one repeat")
+    p.add_argument("--concurrency", type=int, default=Plan.concurrency, help="one-item requests in flight")
+    p.add_argument("--procs", type=int, default=Plan.procs, help="load-generating processes")
+    p.add_argument("--streams", type=int, default=Plan.streams, help="gRPC ScoreStream calls")
+    p.add_argument("--max-wait-ms", type=float, default=Plan.max_wait_ms, help="spec max_wait_ms")
+    p.add_argument("--max-batch-items", type=int, default=Plan.max_batch_items, help="spec max_batch_items")
+    p.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS for ceiling and servers")
+    p.add_argument("--repeats", type=int, default=None, help="windows per row (default 3, quick 1)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per window (default 10, quick 3)")
+    p.add_argument("--sweep", action="store_true", help="first sweep max_wait_ms x max_batch_items")
+    p.add_argument("--profile", action="store_true", help="also profile the server, and run it with the model stubbed")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    plan = Plan(concurrency=args.concurrency, procs=args.procs, streams=args.streams, max_wait_ms=args.max_wait_ms,
+                max_batch_items=args.max_batch_items, torch_threads=args.torch_threads)  # fmt: skip
+    if args.quick:
+        plan = replace(plan, warmup_s=1.0, duration_s=3.0, repeats=1, batch_sizes=(1, 8, 32, 128), ceiling_s=0.7,
+                       ceiling_passes=1)  # fmt: skip
+    plan = replace(plan, repeats=args.repeats or plan.repeats, duration_s=args.duration or plan.duration_s)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below runs
+    try:
+        run(plan, args)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)
+    finally:
+        stop_all()
+
+
+if __name__ == "__main__":
+    main()
