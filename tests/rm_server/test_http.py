@@ -279,3 +279,22 @@ def test_openapi_schema_publishes_the_protocol(server):
     schema = httpx.get(f"{server.http_url}/openapi.json").json()
     assert {"/v1/score", "/v1/compare", "/v1/rewards", "/health", "/ready"} <= set(schema["paths"])
     assert {"ScoreRequest", "ScoreResponse", "ErrorResponse"} <= set(schema["components"]["schemas"])
+
+
+def test_chat_template_mode_reads_the_same_tokens_as_the_equivalent_plain_template(tmp_path):
+    from assay.checkpoints import ARITH_DIR
+
+    spec = tmp_path / "chat.yaml"
+    spec.write_text(
+        "rewards:\n"
+        f"  chat:  {{type: model.outcome, path: {ARITH_DIR / 'orm'}, chat_template: true}}\n"
+        f"  plain: {{type: model.outcome, path: {ARITH_DIR / 'orm'}, template: 'Q: {{prompt}} A: {{response}}</s>'}}\n"
+    )
+    with BackgroundServer(ServerConfig(spec=spec, port=0, grpc_port=None)) as s:
+        items = [{"id": "a", "prompt": "23+45-17", "response": RIGHT}]
+        chat = ScoreResponse.model_validate_json(score(s.http_url, "chat", items).content)
+        plain = ScoreResponse.model_validate_json(score(s.http_url, "plain", items).content)
+        assert chat.results[0].score == plain.results[0].score
+        assert chat.reward_id != plain.reward_id  # the spec says how text is built, so the id does too
+        tokens = ScoreResponse.model_validate_json(score(s.http_url, "chat", items, granularity="tokens").content)
+        assert "".join(t.text for t in tokens.results[0].tokens) == RIGHT  # the response's tokens only
