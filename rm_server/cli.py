@@ -31,7 +31,10 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="address to bind; beyond loopback API keys are required"),
     port: int = typer.Option(8000, help="HTTP port"),
     grpc_port: int = typer.Option(50051, help="gRPC port (-1: no gRPC)"),
-    api_key: list[str] = typer.Option([], help="KEY:scope[,scope] (scopes: score, admin); repeatable"),
+    api_key: list[str] = typer.Option(
+        [], help="KEY:scope[,scope] (scopes: score, admin); repeatable. ASSAY_API_KEYS (space-separated) "
+        "is the safer way: a command line is visible to every user of the machine"
+    ),
     max_items: int = typer.Option(1024, help="items per request"),
     max_body_mb: float = typer.Option(8.0, help="request body limit, MiB"),
     log_level: str = typer.Option("info", help="uvicorn/server log level"),
