@@ -29,6 +29,7 @@ from rm_server.protocol import (
     TokenScore,
 )
 from rm_server.rewards import Item, ItemFailure, Reward
+from rm_server.rewards.base import DEADLINE
 
 
 @dataclass(frozen=True)
@@ -164,15 +165,20 @@ class RewardService:
                 raise InvalidRequest(f"reward {reward.name!r} needs a `reference` and item {item_id!r} has none")
 
     async def _with_deadline(self, work, n: int, timeout_s: float | None) -> list:
-        """Run a reward call under the request deadline; on expiry every item fails with `timeout`.
+        """Run a reward call under the request deadline.
 
-        Cancelling the call cancels its queued model work, so nothing is computed for nobody."""
+        The rewards watch the deadline themselves (`rewards.base.DEADLINE`): items unfinished
+        then fail with `timeout` and their queued work is dropped, finished ones keep their
+        scores. The outer limit, a little later, is a backstop for work that does not watch."""
         timeout = min(timeout_s or self.limits.default_timeout_s, self.limits.max_timeout_s)
+        token = DEADLINE.set(asyncio.get_running_loop().time() + timeout)
         try:
-            return await asyncio.wait_for(work, timeout)
+            return await asyncio.wait_for(work, timeout + 1.0)
         except TimeoutError:
             failure = ItemFailure(ErrorType.timeout, f"the request deadline of {timeout:g}s passed before scoring finished")
             return [failure] * n
+        finally:
+            DEADLINE.reset(token)
 
 
 class Timer:

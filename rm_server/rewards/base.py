@@ -6,10 +6,13 @@ per-step or per-token scores when asked) or an `ItemFailure` with a type and a m
 
 from __future__ import annotations
 
+import asyncio
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from rm_server.protocol import ErrorType, Granularity
 
@@ -101,3 +104,35 @@ class Reward(ABC):
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
+
+# The request's deadline, in event-loop time; set by the serving layer for each request.
+DEADLINE: ContextVar[float | None] = ContextVar("assay_request_deadline", default=None)
+
+
+async def until_deadline(work: Sequence[Awaitable[Any]]) -> list[Any]:
+    """Await each item's work until the request's deadline (`DEADLINE`).
+
+    Work still pending then is cancelled (queued model items leave the queue) and reported as a
+    `timeout` failure; work that finished keeps its result, so a deadline never throws away a
+    score already computed. Exceptions are returned in place, like `gather(return_exceptions=True)`.
+    """
+    tasks = [asyncio.ensure_future(w) for w in work]
+    deadline = DEADLINE.get()
+    timeout = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+    try:
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        raise
+    out: list[Any] = []
+    for t in tasks:
+        if not t.done():
+            t.cancel()
+            out.append(ItemFailure(ErrorType.timeout, "the request deadline passed before this item was scored"))
+        elif t.cancelled():
+            out.append(ItemFailure(ErrorType.timeout, "this item's work was cancelled"))
+        else:
+            out.append(t.exception() or t.result())
+    return out

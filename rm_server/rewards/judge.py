@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import httpx
 
 from rm_server.protocol import ErrorType, Granularity
-from rm_server.rewards.base import Compared, Item, ItemFailure, Outcome, Reward, Scored
+from rm_server.rewards.base import Compared, Item, ItemFailure, Outcome, Reward, Scored, until_deadline
 from rm_server.spec import JudgeSpec
 
 _SCORE_TEMPLATE = (
@@ -212,7 +212,7 @@ class JudgeReward(Reward):
         if granularity != Granularity.outcome:
             why = f"a judge scores outcomes, not {granularity.value}"
             return [ItemFailure(ErrorType.invalid_input, why)] * len(items)
-        return list(await asyncio.gather(*(self._score_one(item) for item in items)))
+        return _raise_bugs(await until_deadline([self._score_one(item) for item in items]))
 
     async def compare(self, items: Sequence[tuple[Item, Item]]) -> list[Compared | ItemFailure]:
         """Pairwise mode: ask in both orders; other modes: the pointwise default (base class).
@@ -223,7 +223,7 @@ class JudgeReward(Reward):
         """
         if not self.pairwise:
             return await super().compare(items)
-        return list(await asyncio.gather(*(self._compare_one(a, b) for a, b in items)))
+        return _raise_bugs(await until_deadline([self._compare_one(a, b) for a, b in items]))
 
     # --- one item ----------------------------------------------------------------------------
 
@@ -303,6 +303,14 @@ class JudgeReward(Reward):
         if not isinstance(choice, dict):
             raise ItemFailure(ErrorType.judge_error, f"{answered} (choices[0] is not an object)")
         return choice
+
+
+def _raise_bugs(outcomes: list) -> list:
+    """Failures of the judge are ItemFailures already; any other exception is a bug: raise it."""
+    for o in outcomes:
+        if isinstance(o, BaseException) and not isinstance(o, ItemFailure):
+            raise o
+    return outcomes
 
 
 def _first_top_logprobs(choice: dict | BaseException, url: str) -> dict[str, float]:

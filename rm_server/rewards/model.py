@@ -24,7 +24,7 @@ import numpy as np
 from rm_server.batcher import Batcher
 from rm_server.errors import InvalidRequest
 from rm_server.protocol import ErrorType, Granularity
-from rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored
+from rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
 from rm_server.spec import OutcomeModelSpec, ProcessModelSpec
 
 
@@ -164,8 +164,9 @@ class ModelReward(Reward):
         encoded = self.encode(items)
         mode = "pooled" if not self.process and granularity == Granularity.outcome else "tokens"
         futures = self.batcher.submit([(mode, e.ids) for e in encoded], [len(e.ids) for e in encoded])
-        # gather: if the request gives up (deadline, disconnect) every queued item is cancelled
-        raws = await asyncio.gather(*futures, return_exceptions=True)
+        # Items still queued at the deadline are cancelled (the batcher drops them); the rest keep
+        # their scores. A request cancelled outright (client gone) cancels all of them.
+        raws = await until_deadline(futures)
         results: list[Outcome] = []
         for e, raw in zip(encoded, raws, strict=True):
             try:

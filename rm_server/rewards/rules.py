@@ -11,7 +11,6 @@ timeouts work.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
@@ -25,7 +24,7 @@ from arith.checks import step_labels
 from arith.world import parse_prompt
 from rm_server.protocol import ErrorType, Granularity
 from rm_server.rewards import mathpool
-from rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored
+from rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
 from rm_server.spec import ExactMatchSpec, JsonSchemaSpec, LengthPenaltySpec, MathEqualSpec, RegexSpec
 
 
@@ -245,11 +244,19 @@ class MathEqual(Reward):
                 tasks.append((i, (item.reference, answer, True)))
         size = max(1, min(mathpool.CHUNK_ITEMS, math.ceil(len(tasks) / mathpool.POOL_WORKERS)))
         chunks = [tasks[k : k + size] for k in range(0, len(tasks), size)]
-        results = await asyncio.gather(*(mathpool.run_chunk(id(self), [t for _, t in chunk], self._seconds) for chunk in chunks))
+        results = await until_deadline(
+            [mathpool.run_chunk(id(self), [t for _, t in chunk], self._seconds) for chunk in chunks]
+        )
         for chunk, outcomes in zip(chunks, results, strict=True):
+            if isinstance(outcomes, BaseException):  # the deadline passed with this chunk unfinished
+                outcomes = [outcomes if isinstance(outcomes, ItemFailure) else _crashed(outcomes)] * len(chunk)
             for (i, _), outcome in zip(chunk, outcomes, strict=True):
                 out[i] = outcome
         return out  # type: ignore[return-value]  (every slot is filled above)
+
+
+def _crashed(exc: BaseException) -> ItemFailure:
+    return ItemFailure(ErrorType.internal, f"math-verify failed: {exc!r}")
 
 
 RULES: dict[str, type[Reward]] = {

@@ -166,10 +166,12 @@ class HeldBackend:
     def __init__(self, backend) -> None:
         self.inner, self.gate, self.calls = backend, threading.Event(), []
         self.num_labels = backend.num_labels
+        self.free_calls = 0  # this many calls pass before the gate holds
 
     def pooled(self, batch):
         self.calls.append(len(batch))
-        self.gate.wait(30)
+        if len(self.calls) > self.free_calls:
+            self.gate.wait(30)
         return self.inner.pooled(batch)
 
     def per_token(self, batch):
@@ -186,13 +188,15 @@ def held_orm(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text(
         f"rewards:\n  orm: {{type: model.outcome, path: {ARITH_DIR / 'orm'}, max_queue: 8, max_wait_ms: 1}}\n"
+        f"  one: {{type: model.outcome, path: {ARITH_DIR / 'orm'}, max_batch_items: 1, max_wait_ms: 0}}\n"
     )
     with BackgroundServer(ServerConfig(spec=spec, port=0, grpc_port=None)) as s:
-        reward = s.service.rewards["orm"]
-        held = HeldBackend(reward.backend)
-        reward.backend = held
+        held = HeldBackend(s.service.rewards["orm"].backend)
+        s.service.rewards["orm"].backend = held
+        s.service.rewards["one"].backend = HeldBackend(s.service.rewards["one"].backend)
         yield s, held
         held.gate.set()
+        s.service.rewards["one"].backend.gate.set()
 
 
 def _wait_for(cond, timeout=10.0):
@@ -234,6 +238,17 @@ def test_deadline_fails_items_and_cancels_their_queued_work(held_orm):
         held.gate.set()
         first.result()
     assert held.calls == [1]  # nothing was computed for the abandoned request
+
+
+def test_deadline_keeps_the_scores_already_computed(held_orm):
+    s, _ = held_orm
+    one = s.service.rewards["one"].backend
+    one.free_calls = 1  # the first one-item batch runs, the second is held past the deadline
+    r = scores(s.http_url, "one", [RIGHT, WRONG], timeout_s=0.5)
+    first, second = r.results
+    assert first.error is None and first.score is not None
+    assert second.score is None and second.error.type == ErrorType.timeout
+    one.gate.set()
 
 
 # --- security, metrics, schema ---------------------------------------------------------------
