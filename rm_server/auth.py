@@ -4,6 +4,9 @@ Keys are given as `KEY:scope[,scope]` (scopes: score, admin; admin implies score
 command line (`--api-key`, repeatable) or in ASSAY_API_KEYS separated by spaces. Only sha256
 digests are kept in memory, compared in constant time. With no keys every route is open, which
 the server allows only on a loopback address.
+
+Another service passes its own scope set and environment variable (the policy server:
+generate, admin in ASSAY_POLICY_API_KEYS); the first scope is a bare KEY's, admin implies all.
 """
 
 from __future__ import annotations
@@ -30,20 +33,22 @@ def is_loopback(host: str) -> bool:
 
 
 class ApiKeys:
-    def __init__(self, entries: Iterable[str] = ()) -> None:
+    def __init__(self, entries: Iterable[str] = (), scopes: tuple[str, ...] = SCOPES) -> None:
         self._scopes: dict[bytes, frozenset[str]] = {}
         for entry in entries:
-            key, sep, scopes = entry.partition(":")
-            wanted = frozenset(s.strip() for s in scopes.split(",") if s.strip()) if sep else frozenset({"score"})
-            if not key or not wanted or not wanted <= set(SCOPES):
-                raise ValueError(f"API key entries look like KEY:score or KEY:score,admin; got scopes {sorted(wanted)}")
+            key, sep, named = entry.partition(":")
+            wanted = frozenset(s.strip() for s in named.split(",") if s.strip()) if sep else frozenset(scopes[:1])
+            if not key or not wanted or not wanted <= set(scopes):
+                raise ValueError(
+                    f"API key entries look like KEY:{scopes[0]} or KEY:{','.join(scopes)}; got scopes {sorted(wanted)}"
+                )
             if "admin" in wanted:
-                wanted |= {"score"}
+                wanted |= set(scopes)
             self._scopes[hashlib.sha256(key.encode()).digest()] = wanted
 
     @classmethod
-    def from_env(cls, extra: Iterable[str] = ()) -> ApiKeys:
-        return cls([*os.environ.get(ENV_VAR, "").split(), *extra])
+    def from_env(cls, extra: Iterable[str] = (), env_var: str = ENV_VAR, scopes: tuple[str, ...] = SCOPES) -> ApiKeys:
+        return cls([*os.environ.get(env_var, "").split(), *extra], scopes)
 
     def __bool__(self) -> bool:
         return bool(self._scopes)

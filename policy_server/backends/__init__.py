@@ -1,0 +1,111 @@
+"""The one interface the serving layer reaches a model through.
+
+A backend turns `GenerationRequest`s (token ids in, one sequence each) into `GenerationOutput`s.
+`generate` is a coroutine: the transformers backend queues the requests on a batcher whose
+worker thread runs the decode loop, a vLLM backend would hand them to its own async engine.
+Either way the event loop never waits on a forward pass, and cancelling the `generate` call
+(the client went away, the deadline passed) drops queued requests and aborts running ones.
+
+No torch here: the serving layer imports this module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate. A request with n completions becomes n of these."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    stop: tuple[str, ...] = ()
+    seed: int = 0  # each sequence samples from its own generator, so batch-mates do not matter
+    top_logprobs: int = 0  # alternatives per position to return, besides the sampled token's logprob
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[int]  # every generated token: eos and the tokens that completed a stop string included
+    logprobs: list[float]  # one per token, under the raw model (before temperature and filtering)
+    text: str  # the decoded completion, specials skipped, cut before a stop string
+    finish_reason: Literal["stop", "length", "abort"]
+    weight_version: int
+    top_logprobs: list[list[tuple[int, float]]] | None = field(default=None)  # per token: (id, logprob), best first
+
+
+class Overloaded(Exception):
+    """The backend's queue cannot take the request now; retrying after `retry_after_s` may work."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class GenerationBackend(ABC):
+    """A served model: its tokenizer, context length, weight version and generate()."""
+
+    name: str
+    max_model_len: int  # prompt + completion tokens
+    weight_version: int = 0  # bumped by every weight update (the next slice: `update_weights`)
+    tokenizer: Any  # a Hugging Face tokenizer
+
+    async def start(self) -> None:
+        """Called on the event loop before the first request."""
+
+    async def close(self) -> None:
+        """Stop accepting work and release threads."""
+
+    @abstractmethod
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+        """One output per request, in order. All are admitted or none (raises `Overloaded`)."""
+
+    def queue_depth(self) -> int:
+        return 0
+
+    # --- tokens ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """A completion prompt's ids, with the tokenizer's special tokens (e.g. <s>) added."""
+        return self.tokenizer(text)["input_ids"]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template with the generation prompt; the template adds its own specials."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token on its own, specials included (`</s>`), as logprobs list them."""
+        pieces = self._pieces
+        for i in ids:
+            if i not in pieces:
+                pieces[i] = self.tokenizer.decode([i])
+        return [pieces[i] for i in ids]
+
+    def visible_text(self, token_id: int) -> str:
+        """What the token adds to a completion's text: its piece, or nothing for a special token."""
+        return "" if token_id in self._specials else self.token_texts([token_id])[0]
+
+    @cached_property
+    def _pieces(self) -> dict[int, str]:
+        # decode([i]) costs microseconds and responses list thousands of tokens: decode each id once
+        return {}
+
+    @cached_property
+    def _specials(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.all_special_ids)
+
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)

@@ -1,0 +1,170 @@
+"""The HTTP adapter: OpenAI-compatible FastAPI routes over `serving.PolicyService`. No torch here.
+
+Errors are mapped in one place (the handlers below) to OpenAI's shape, `{"error": {"message",
+"type", "param", "code"}}`: an `ApiError` becomes its status (with Retry-After on 429), a body
+that is not valid JSON or does not match the protocol becomes 400, an oversized body 413.
+A generation whose client disconnects is cancelled, which drops its queued sequences and stops
+its running ones at the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from policy_server import serving
+from policy_server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorInfo,
+    ErrorResponse,
+    HealthResponse,
+    ModelList,
+)
+from policy_server.serving import ApiError, PolicyService, Timer
+from rm_server import errors as rm_errors
+from rm_server.auth import ApiKeys
+from rm_server.http_api import BodyLimit
+
+log = logging.getLogger("policy_server")
+T = TypeVar("T")
+SCOPES = ("generate", "admin")
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 503, 504)}
+
+
+def _error(status: int, type: str, message: str, param: str | None = None, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+    body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+class _BodyLimit(BodyLimit):
+    """rm_server's body limit, refusing in OpenAI's error shape."""
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is over the limit of {self.limit} bytes"
+        await _error(413, "invalid_request_error", message, code="request_too_large")(scope, receive, send)
+
+
+async def _until_disconnected(request: Request) -> None:
+    # After the body is read, the next ASGI message is `http.disconnect` when the client goes away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T], timer: Timer) -> T | Response:
+    """Run `work`; cancel it if the client disconnects first (and answer 499, which no one reads)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled (shutdown)
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.cancelled() and task.done():
+        return task.result()
+    await asyncio.wait([task])  # let the cancellation run through the batcher and backend
+    if not task.cancelled():
+        task.exception()  # retrieved: whatever it ended with, the client is gone
+    log.info("client disconnected from %s: generation cancelled", request.url.path)
+    timer.code = "499"
+    return Response(status_code=499)
+
+
+def create_app(service: PolicyService, keys: ApiKeys | None = None) -> FastAPI:
+    keys = keys or ApiKeys(scopes=SCOPES)
+    app = FastAPI(
+        title="Assay policy service",
+        version="1",
+        description="OpenAI-compatible generation. Every response carries the weight_version that produced it.",
+    )
+
+    def scope(name: str):
+        async def check(authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
+            try:
+                keys.check(authorization, name)
+            except rm_errors.PermissionDenied as exc:
+                raise serving.PermissionDenied(exc.message, code="insufficient_scope") from None
+            except rm_errors.Unauthenticated as exc:
+                raise serving.Unauthenticated(exc.message, code="invalid_api_key") from None
+
+        return Depends(check)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s else None
+        return _error(exc.status, exc.type, exc.message, exc.param, exc.code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems, params = [], []
+        for e in exc.errors()[:10]:
+            loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+            # union members show up in the location (`prompt.list[int].0`): keep the field names
+            loc = [p for p in loc if "[" not in p and p not in ("str", "int", "float")]
+            where = ".".join(loc) or "body"
+            problems.append(f"{where}: {e.get('msg', 'invalid')}")
+            params.append(loc[0] if loc else None)
+        param = params[0] if len(set(params)) == 1 else None
+        return _error(400, "invalid_request_error", "invalid request: " + "; ".join(problems), param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals: the streamed body over the limit, unknown route, wrong method.
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        code = "request_too_large" if exc.status_code == 413 else None
+        return _error(exc.status_code, kind, str(exc.detail), code=code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, "server_error", f"internal error: {type(exc).__name__}", code="internal")
+
+    @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
+              responses=ERRORS, dependencies=[scope("generate")])  # fmt: skip
+    async def completions(req: CompletionRequest, request: Request) -> CompletionResponse | Response:
+        with Timer(service.metrics, "/v1/completions", service.model_label(req.model)) as timer:
+            return await _unless_disconnected(request, service.completions(req), timer)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True,
+              responses=ERRORS, dependencies=[scope("generate")])  # fmt: skip
+    async def chat(req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
+        with Timer(service.metrics, "/v1/chat/completions", service.model_label(req.model)) as timer:
+            return await _unless_disconnected(request, service.chat(req), timer)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[scope("generate")])
+    async def models() -> ModelList:
+        return service.models()
+
+    @app.get("/v1/admin/queues", responses=ERRORS, dependencies=[scope("admin")])
+    async def queues() -> dict[str, int]:
+        """Sequences waiting per model (admin scope). Weight updates (next slice) live beside it."""
+        return service.queue_depths()
+
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> HealthResponse:
+        return HealthResponse(status="ok")
+
+    @app.get("/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    async def ready() -> Response:
+        body = HealthResponse(status="ok" if service.ready else "starting")
+        return JSONResponse(body.model_dump(), status_code=200 if service.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(service.queue_depths()), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(_BodyLimit, limit=service.limits.max_body_bytes)
+    return app

@@ -1,0 +1,229 @@
+"""Wire types of the policy server: the OpenAI-compatible JSON it speaks.
+
+The shapes follow OpenAI's completions, chat completions and models APIs, so the official
+`openai` client works unchanged. Extensions, all optional: `top_k`, `ignore_eos` and
+`return_token_ids` on requests (as vLLM names them), and `weight_version` on every generation
+response: the version of the weights that produced it (0 until weights are updated).
+
+Requests refuse unknown fields, so a typo is a 400 and not a silent default. OpenAI fields this
+server does not implement (`stream`, `echo`, penalties, ...) are accepted only at their neutral
+values, and refused with a message otherwise.
+
+Nothing heavy is imported here (no torch), so clients and tests can import these cheaply.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_SEED = 2**63 - 1
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Sampling(_Wire):
+    """Fields the two generation requests share."""
+
+    model: str = Field(min_length=1, description="A model id from GET /v1/models.")
+    n: int = Field(default=1, ge=1, description="Completions per prompt.")
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 samples greedily.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1, description="Extension: sample among the k likeliest tokens; 0 or -1: off.")
+    stop: str | list[str] | None = Field(default=None, description="Strings that end a completion (not returned).")
+    seed: int | None = Field(
+        default=None, ge=-MAX_SEED - 1, le=MAX_SEED, description="Same seed, same request: same completions."
+    )
+    ignore_eos: bool = Field(default=False, description="Extension: keep generating past end-of-sequence.")
+    return_token_ids: bool = Field(default=False, description="Extension: return prompt and completion token ids.")
+    # OpenAI fields accepted at their neutral values only (see `_neutral`)
+    stream: bool = False
+    stream_options: dict | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _neutral(self):
+        if self.stream or self.stream_options:
+            raise ValueError("streaming is not supported; send stream=false")
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+# --- /v1/completions -------------------------------------------------------------------------
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="One prompt, a list of prompts, or token ids (one list or a list of lists)."
+    )
+    max_tokens: int = Field(default=16, ge=1, description="Tokens to generate at most, per completion.")
+    logprobs: int | None = Field(
+        default=None, ge=0, description="Return the sampled tokens' logprobs and this many top alternatives."
+    )
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.echo:
+            raise ValueError("echo is not supported; send echo=false")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported (only best_of == n)")
+        return self
+
+
+class CompletionLogprobs(_Wire):
+    """The legacy shape: per generated token its text, logprob, top alternatives, character offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = Field(description="Offset of each token in prompt + completion text.")
+
+
+class CompletionChoice(_Wire):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+    token_ids: list[int] | None = Field(default=None, description="With return_token_ids: every generated token.")
+    prompt_token_ids: list[int] | None = None
+
+
+class Usage(_Wire):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(_Wire):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice] = Field(description="n per prompt, prompt by prompt.")
+    usage: Usage
+    weight_version: int = Field(description="Version of the weights that generated every choice.")
+
+
+# --- /v1/chat/completions --------------------------------------------------------------------
+
+
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="Default: what the context has room for.")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="The newer name of max_tokens.")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("send max_tokens or max_completion_tokens, not both")
+        return self
+
+
+class TopLogprob(_Wire):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(_Wire):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Wire):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(_Wire):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Wire):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(_Wire):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    weight_version: int
+    prompt_token_ids: list[int] | None = None
+
+
+# --- /v1/models, errors, health --------------------------------------------------------------
+
+
+class ModelCard(_Wire):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "assay"
+    max_model_len: int = Field(description="Prompt and completion tokens together, at most.")
+    weight_version: int
+
+
+class ModelList(_Wire):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(_Wire):
+    message: str
+    type: str = Field(description="invalid_request_error, not_found_error, rate_limit_error, ...")
+    param: str | None = Field(default=None, description="The request field at fault, when one is.")
+    code: str | None = Field(default=None, description="A stable short code: model_not_found, queue_full, ...")
+
+
+class ErrorResponse(_Wire):
+    """Body of every 4xx/5xx answer, in OpenAI's shape."""
+
+    error: ErrorInfo
+
+
+class HealthResponse(_Wire):
+    status: Literal["ok", "starting"]

@@ -1,0 +1,161 @@
+"""Run the policy service: uvicorn on one event loop, over one PolicyService.
+
+`PolicyServer` is what `assay policy serve` and `python -m policy_server` run; `BackgroundServer`
+runs the same on a thread of its own, for tests and benchmarks in one process. The socket,
+uvicorn and signal handling are the reward service's (see `rm_server/server.py` for why each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from policy_server.backends import GenerationBackend
+from policy_server.backends.hf import BatchSettings, HFBackend
+from policy_server.http_api import SCOPES, create_app
+from policy_server.serving import Limits, Metrics, PolicyService
+from rm_server.auth import ApiKeys, is_loopback
+from rm_server.server import InsecureBinding, _bind, _Uvicorn
+
+log = logging.getLogger("policy_server")
+ENV_VAR = "ASSAY_POLICY_API_KEYS"
+
+
+def embedded_models() -> dict[str, Path]:
+    """The default: the embedded policy, and the verifier that rm_server's judge reward asks."""
+    from assay.checkpoints import EMBEDDED
+
+    return {"policy": EMBEDDED["policy"][1], "verifier": EMBEDDED["verifier"][1]}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    models: dict[str, Path] | None = None  # served name -> checkpoint directory; None: embedded_models()
+    host: str = "127.0.0.1"
+    port: int = 8001  # 0 picks a free port
+    api_keys: tuple[str, ...] = ()  # KEY:scope[,scope] (generate, admin); ASSAY_POLICY_API_KEYS adds more
+    limits: Limits = field(default_factory=Limits)
+    batching: BatchSettings = field(default_factory=BatchSettings)
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if self.limits.max_sequences > self.batching.max_queue:
+            raise ValueError(
+                f"max_sequences ({self.limits.max_sequences}) must not exceed the queue "
+                f"({self.batching.max_queue}): such a request could never be admitted"
+            )
+
+
+class PolicyServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.keys = ApiKeys.from_env(config.api_keys, env_var=ENV_VAR, scopes=SCOPES)
+        if not is_loopback(config.host) and not self.keys:
+            raise InsecureBinding(
+                f"refusing to serve on {config.host} without API keys: pass --api-key KEY:generate "
+                f"(or set {ENV_VAR}), or bind 127.0.0.1"
+            )
+        metrics = Metrics()
+        backends: dict[str, GenerationBackend] = {}
+        for name, path in (config.models or embedded_models()).items():
+            backends[name] = HFBackend.load(
+                name, path, config.batching,
+                on_batch=functools.partial(metrics.on_batch, name),
+                on_finished=functools.partial(metrics.on_finished, name),
+            )  # fmt: skip
+        self.service = PolicyService(backends, config.limits, metrics)
+        self.http_port: int | None = None
+        self._uvicorn: uvicorn.Server | None = None
+        self._http_task: asyncio.Task | None = None
+
+    @property
+    def http_url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self.http_port}"
+
+    async def start(self) -> None:
+        sock = _bind(self.config.host, self.config.port)
+        self.http_port = sock.getsockname()[1]
+        app = create_app(self.service, self.keys)
+        cfg = uvicorn.Config(app, log_level=self.config.log_level, timeout_graceful_shutdown=5, access_log=False)
+        self._uvicorn = _Uvicorn(cfg)
+        self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        while not self._uvicorn.started:
+            if self._http_task.done():
+                await self._http_task  # raises what stopped it
+            await asyncio.sleep(0.01)
+        await self.service.start()
+        # The models are loaded: keep their objects out of the collector's full passes.
+        gc.collect()
+        gc.freeze()
+        log.info("policy service ready on %s (models: %s)", self.http_url, ", ".join(self.service.backends))
+
+    async def wait(self) -> None:
+        if self._http_task is not None:
+            await self._http_task
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._http_task is not None:
+            await self._http_task
+        await self.service.close()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0)."""
+    server = PolicyServer(config)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    await server.start()
+    try:
+        await asyncio.wait(
+            [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(server.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        await server.stop()
+
+
+class BackgroundServer:
+    """A PolicyServer on its own thread and event loop: `with BackgroundServer(cfg) as s: s.http_url`."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.server: PolicyServer | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="policy-server", daemon=True)
+
+    def __enter__(self) -> PolicyServer:
+        self._thread.start()
+        try:
+            self.server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=120)
+        except BaseException:
+            self._shutdown()
+            raise
+        return self.server
+
+    async def _start(self) -> PolicyServer:
+        server = PolicyServer(self.config)
+        await server.start()
+        return server
+
+    def __exit__(self, *exc) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(timeout=60)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()

@@ -1,0 +1,392 @@
+"""The serving layer: validate an OpenAI request, generate through a backend, build the response.
+
+The HTTP adapter (`http_api.py`) calls `PolicyService` with the protocol models; a gRPC adapter
+will call the same methods. A request with P prompts and n completions each becomes P * n
+`GenerationRequest`s (choice j of every prompt samples with seed + j, so a list of prompts gives
+what the same prompts sent one by one give). Request-level problems raise `ApiError`, which the
+adapter turns into OpenAI's error shape; nothing a client sends produces a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from jinja2.exceptions import TemplateError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from policy_server.backends import GenerationBackend, GenerationOutput, GenerationRequest, Overloaded
+from policy_server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+T = TypeVar("T")
+_SEEDS = 2**64  # torch generators take seeds in [0, 2**64)
+_INLINE_CHARS = 16 * 1024  # prompts longer than this are tokenized on a thread, off the event loop
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A request the service refuses or cannot serve; `message` says what to change."""
+
+    status, type = 400, "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.message, self.param, self.code, self.retry_after_s = message, param, code, retry_after_s
+
+
+class InvalidRequest(ApiError):
+    pass
+
+
+class ModelNotFound(ApiError):
+    status, type = 404, "not_found_error"
+
+
+class Unauthenticated(ApiError):
+    status, type = 401, "authentication_error"
+
+
+class PermissionDenied(ApiError):
+    status, type = 403, "permission_error"
+
+
+class QueueFull(ApiError):
+    status, type = 429, "rate_limit_error"
+
+
+class NotReady(ApiError):
+    status, type = 503, "server_error"
+
+
+class DeadlineExceeded(ApiError):
+    status, type = 504, "timeout_error"
+
+
+# --- limits and metrics ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. The HTTP body limit is enforced before JSON parsing."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 128
+    max_prompts: int = 256  # prompts in one completions request
+    max_sequences: int = 1024  # prompts * n
+    max_tokens: int = 4096  # per completion; the model's context length caps it too
+    max_prompt_tokens: int | None = None  # None: the model's context length
+    max_logprobs: int = 20
+    max_stop: int = 16
+    timeout_s: float = 300.0  # a request still generating after this fails with 504
+
+
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    """Prometheus metrics, in a registry of their own (one per server).
+
+    Tokens per second is `rate(assay_policy_generated_tokens_total)`. Time to first token is not
+    measured: without streaming the first token reaches the client with the last.
+    """
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("assay_policy_requests", "Requests by route, model and status code",
+                                ["route", "model", "code"], registry=r)  # fmt: skip
+        self.latency = Histogram("assay_policy_request_seconds", "Request latency", ["route", "model"], registry=r)
+        self.prompt_tokens = Counter("assay_policy_prompt_tokens", "Prompt tokens received", ["model"], registry=r)
+        self.generated_tokens = Counter("assay_policy_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.sequences = Counter("assay_policy_sequences", "Sequences finished, by finish reason (abort: cancelled)",
+                                 ["model", "finish_reason"], registry=r)  # fmt: skip
+        self.batch_size = Histogram("assay_policy_batch_sequences", "Sequences per decode batch", ["model"],
+                                    buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
+        self.batch_tokens = Histogram("assay_policy_batch_tokens", "Prompt + max tokens per decode batch", ["model"],
+                                      buckets=tuple(64 * b for b in SIZE_BUCKETS), registry=r)  # fmt: skip
+        self.queue_depth = Gauge("assay_policy_queue_depth", "Sequences waiting for a batch", ["model"], registry=r)
+
+    def on_batch(self, model: str, sequences: int, tokens: int) -> None:
+        self.batch_size.labels(model).observe(sequences)
+        self.batch_tokens.labels(model).observe(tokens)
+
+    def on_finished(self, model: str, outputs: list[GenerationOutput]) -> None:
+        """Every sequence a backend ended, aborted ones included (called from its worker thread)."""
+        self.generated_tokens.labels(model).inc(sum(len(o.token_ids) for o in outputs))
+        for o in outputs:
+            self.sequences.labels(model, o.finish_reason).inc()
+
+    def render(self, queue_depths: dict[str, int]) -> bytes:
+        for name, depth in queue_depths.items():
+            self.queue_depth.labels(name).set(depth)
+        return generate_latest(self.registry)
+
+
+class Timer:
+    """Records one request's latency and status code."""
+
+    def __init__(self, metrics: Metrics, route: str, model: str) -> None:
+        self.metrics, self.route, self.model, self.code = metrics, route, model, "200"
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if isinstance(exc, ApiError):
+            self.code = str(exc.status)
+        elif isinstance(exc, asyncio.CancelledError):
+            self.code = "499"  # the client went away
+        elif exc is not None:
+            self.code = "500"
+        self.metrics.latency.labels(self.route, self.model).observe(time.perf_counter() - self.start)
+        self.metrics.requests.labels(self.route, self.model, self.code).inc()
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+class PolicyService:
+    def __init__(self, backends: dict[str, GenerationBackend], limits: Limits | None = None,
+                 metrics: Metrics | None = None) -> None:  # fmt: skip
+        self.backends, self.limits, self.metrics = backends, limits or Limits(), metrics or Metrics()
+        self.ready = False
+        self.created = int(time.time())
+
+    async def start(self) -> None:
+        for b in self.backends.values():
+            await b.start()
+        self.ready = True
+
+    async def close(self) -> None:
+        self.ready = False
+        for b in self.backends.values():
+            await b.close()
+
+    def model_label(self, model: str) -> str:
+        """The metrics label for a requested model: made-up names share one, so they cannot bloat /metrics."""
+        return model if model in self.backends else "unknown"
+
+    def queue_depths(self) -> dict[str, int]:
+        return {name: b.queue_depth() for name, b in self.backends.items()}
+
+    def models(self) -> ModelList:
+        return ModelList(data=[
+            ModelCard(id=name, created=self.created, max_model_len=b.max_model_len, weight_version=b.weight_version)
+            for name, b in self.backends.items()
+        ])  # fmt: skip
+
+    async def completions(self, req: CompletionRequest) -> CompletionResponse:
+        backend = self._backend(req.model)
+        prompts = await _maybe_off_loop(_size(req.prompt), self._prompts, backend, req.prompt)  # [(ids, text)]
+        self._check_sampling(req, len(prompts), req.logprobs, "logprobs")
+        self._check_lengths(backend, [ids for ids, _ in prompts], req.max_tokens, "max_tokens")
+        outputs = await self._generate(backend, req, [ids for ids, _ in prompts], req.max_tokens, req.logprobs or 0)
+        choices = []
+        for index, out in enumerate(outputs):
+            ids, text = prompts[index // req.n]
+            choices.append(CompletionChoice(
+                index=index,
+                text=out.text,
+                logprobs=self._completion_logprobs(backend, out, len(text)) if req.logprobs is not None else None,
+                finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                token_ids=out.token_ids if req.return_token_ids else None,
+                prompt_token_ids=ids if req.return_token_ids else None,
+            ))  # fmt: skip
+        return CompletionResponse(
+            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=choices,
+            usage=_usage([ids for ids, _ in prompts], outputs), weight_version=_version(outputs),
+        )  # fmt: skip
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        backend = self._backend(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = await _maybe_off_loop(sum(len(m["content"]) for m in messages), backend.chat_prompt, messages)
+        except TemplateError as exc:  # templates raise on what they cannot render (roles, order)
+            raise InvalidRequest(f"the chat template refused these messages: {exc}", param="messages") from None
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        self._check_sampling(req, 1, top, "top_logprobs")
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:  # as much as the context has room for
+            max_tokens = max(1, min(self.limits.max_tokens, backend.max_model_len - len(ids)))
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        self._check_lengths(backend, [ids], max_tokens, param)
+        outputs = await self._generate(backend, req, [ids], max_tokens, top or 0)
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=out.text),
+                logprobs=self._chat_logprobs(backend, out) if req.logprobs else None,
+                finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                token_ids=out.token_ids if req.return_token_ids else None,
+            )
+            for i, out in enumerate(outputs)
+        ]
+        return ChatCompletionResponse(
+            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=choices,
+            usage=_usage([ids], outputs), weight_version=_version(outputs),
+            prompt_token_ids=ids if req.return_token_ids else None,
+        )  # fmt: skip
+
+    # --- validation ----------------------------------------------------------------------
+
+    def _backend(self, model: str) -> GenerationBackend:
+        if not self.ready:
+            raise NotReady("the policy server is still loading its models", code="not_ready")
+        try:
+            return self.backends[model]
+        except KeyError:
+            served = ", ".join(self.backends)
+            raise ModelNotFound(f"the model {model!r} does not exist; this server has {served}",
+                                param="model", code="model_not_found") from None  # fmt: skip
+
+    def _prompts(self, backend: GenerationBackend, prompt) -> list[tuple[list[int], str]]:
+        """Every prompt as (token ids, text), checked: none empty, ids inside the vocabulary."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise InvalidRequest("`prompt` is an empty list; send at least one prompt", param="prompt")
+        if len(prompt) > self.limits.max_prompts:
+            raise InvalidRequest(f"{len(prompt)} prompts in one request, more than the limit of "
+                                 f"{self.limits.max_prompts}", param="prompt")  # fmt: skip
+        out = []
+        vocab = backend.vocab_size()
+        for i, p in enumerate(prompt):
+            where = "`prompt`" if len(prompt) == 1 else f"prompt {i}"
+            if not p:
+                raise InvalidRequest(f"{where} is empty", param="prompt")
+            if isinstance(p, str):
+                out.append((backend.encode(p), p))
+                continue
+            if not all(0 <= t < vocab for t in p):
+                raise InvalidRequest(f"{where} has token ids outside [0, {vocab})", param="prompt")
+            out.append((list(p), backend.decode(p)))
+        return out
+
+    def _check_sampling(self, req, prompts: int, logprobs: int | None, logprobs_param: str) -> None:
+        lim = self.limits
+        if req.n > lim.max_n:
+            raise InvalidRequest(f"n={req.n} is more than the limit of {lim.max_n}", param="n")
+        if req.n * prompts > lim.max_sequences:
+            raise InvalidRequest(f"{prompts} prompts x n={req.n} is {req.n * prompts} completions, more than "
+                                 f"the limit of {lim.max_sequences}", param="n")  # fmt: skip
+        if logprobs is not None and logprobs > lim.max_logprobs:
+            raise InvalidRequest(f"{logprobs_param}={logprobs} is more than the limit of {lim.max_logprobs}",
+                                 param=logprobs_param)  # fmt: skip
+        stops = req.stop_list()
+        if len(stops) > lim.max_stop:
+            raise InvalidRequest(f"{len(stops)} stop strings, more than the limit of {lim.max_stop}", param="stop")
+        if any(not s for s in stops):
+            raise InvalidRequest("a stop string is empty", param="stop")
+
+    def _check_lengths(self, backend: GenerationBackend, prompts: list[list[int]], max_tokens: int, param: str) -> None:
+        lim, context = self.limits, backend.max_model_len
+        if max_tokens > lim.max_tokens:
+            raise InvalidRequest(f"{param}={max_tokens} is more than the limit of {lim.max_tokens}", param=param)
+        longest = max(len(ids) for ids in prompts)
+        max_prompt = min(lim.max_prompt_tokens or context, context)
+        if longest > max_prompt:
+            raise InvalidRequest(f"the prompt has {longest} tokens, more than the limit of {max_prompt}",
+                                 param="prompt", code="context_length_exceeded")  # fmt: skip
+        if longest + max_tokens > context:
+            raise InvalidRequest(
+                f"this model's context holds {context} tokens, and the request asks for {longest + max_tokens} "
+                f"({longest} in the prompt, {max_tokens} to generate); lower {param}",
+                param=param, code="context_length_exceeded",
+            )
+
+    # --- generation ----------------------------------------------------------------------
+
+    async def _generate(self, backend: GenerationBackend, req, prompts: list[list[int]], max_tokens: int,
+                        top_logprobs: int) -> list[GenerationOutput]:  # fmt: skip
+        seed = req.seed if req.seed is not None else random.getrandbits(63)
+        common = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+                      stop=tuple(req.stop_list()), top_logprobs=top_logprobs, ignore_eos=req.ignore_eos)  # fmt: skip
+        requests = [
+            GenerationRequest(prompt_ids=ids, seed=(seed + j) % _SEEDS, **common)
+            for ids in prompts
+            for j in range(req.n)
+        ]
+        try:
+            outputs = await asyncio.wait_for(backend.generate(requests), self.limits.timeout_s)
+        except Overloaded as exc:
+            raise QueueFull(f"{exc}; retry after {exc.retry_after_s:.2f}s", code="queue_full",
+                            retry_after_s=exc.retry_after_s) from None  # fmt: skip
+        except TimeoutError:
+            raise DeadlineExceeded(f"generation did not finish within {self.limits.timeout_s:g}s",
+                                   code="timeout") from None  # fmt: skip
+        self.metrics.prompt_tokens.labels(req.model).inc(sum(len(ids) for ids in prompts))
+        return outputs
+
+    def _completion_logprobs(self, backend: GenerationBackend, out: GenerationOutput, start: int) -> CompletionLogprobs:
+        tokens = backend.token_texts(out.token_ids)
+        offsets, at = [], start
+        for token_id in out.token_ids:
+            offsets.append(at)
+            at += len(backend.visible_text(token_id))
+        tops = []
+        for position in out.top_logprobs or [[] for _ in out.token_ids]:
+            top: dict[str, float] = {}
+            for token, lp in zip(backend.token_texts([i for i, _ in position]), (lp for _, lp in position)):
+                top.setdefault(token, lp)  # two ids with one text (rare): keep the likelier
+            tops.append(top)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=out.logprobs, top_logprobs=tops, text_offset=offsets)
+
+    def _chat_logprobs(self, backend: GenerationBackend, out: GenerationOutput) -> ChoiceLogprobs:
+        content = []
+        tops = out.top_logprobs or [[] for _ in out.token_ids]
+        for token, lp, position in zip(backend.token_texts(out.token_ids), out.logprobs, tops, strict=True):
+            alternatives = [
+                TopLogprob(token=t, logprob=alt, bytes=list(t.encode()))
+                for t, (_, alt) in zip(backend.token_texts([i for i, _ in position]), position)
+            ]
+            content.append(TokenLogprob(token=token, logprob=lp, bytes=list(token.encode()), top_logprobs=alternatives))
+        return ChoiceLogprobs(content=content)
+
+
+async def _maybe_off_loop(chars: int, fn: Callable[..., T], *args) -> T:
+    """Tokenizing a few KB takes microseconds, a few MB takes a second: long prompts go to a thread."""
+    return fn(*args) if chars <= _INLINE_CHARS else await asyncio.to_thread(fn, *args)
+
+
+def _size(prompt: str | list) -> int:
+    """Characters (or token ids) in a completions prompt, whatever its shape."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
+
+
+def _usage(prompts: list[list[int]], outputs: list[GenerationOutput]) -> Usage:
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    completion_tokens = sum(len(o.token_ids) for o in outputs)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)  # fmt: skip
+
+
+def _version(outputs: list[GenerationOutput]) -> int:
+    # One version per request while weights never change mid-request; once updates land (next
+    # slice), a request's sequences could straddle one, and the oldest version is the honest one.
+    return min(o.weight_version for o in outputs)
