@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID, TextColumn
 from rich.table import Table
 
-from policy_server.cli import policy_app
+from policy_server.cli import policy_app, search_cmd
 from rm_server.cli import rm_app
 
 app = typer.Typer(help="Assay: rewards as a service, inference-time search, online RLHF.", no_args_is_help=True)
@@ -19,6 +19,7 @@ models_app = typer.Typer(help="The embedded arithmetic world's checkpoints.", no
 app.add_typer(models_app, name="models")
 app.add_typer(rm_app, name="rm")
 app.add_typer(policy_app, name="policy")
+app.command("search")(search_cmd)
 console = Console()
 
 _LABELS = {

@@ -1,4 +1,5 @@
-"""The HTTP adapter: OpenAI-compatible FastAPI routes over `serving.PolicyService`. No torch here.
+"""The HTTP adapter: OpenAI-compatible FastAPI routes over `serving.PolicyService`, and `/v1/search`
+over `serving_search.SearchService`. No torch here.
 
 Errors are mapped in one place (the handlers below) to OpenAI's shape, `{"error": {"message",
 "type", "param", "code"}}`: an `ApiError` becomes its status (with Retry-After on 429), a body
@@ -31,8 +32,11 @@ from policy_server.protocol import (
     ErrorResponse,
     HealthResponse,
     ModelList,
+    SearchRequest,
+    SearchResponse,
 )
 from policy_server.serving import ApiError, PolicyService, Timer
+from policy_server.serving_search import SearchService
 from rm_server import errors as rm_errors
 from rm_server.auth import ApiKeys
 from rm_server.http_api import BodyLimit
@@ -41,6 +45,7 @@ log = logging.getLogger("policy_server")
 T = TypeVar("T")
 SCOPES = ("generate", "admin")
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 503, 504)}
+SEARCH_ERRORS = {status: {"model": ErrorResponse} for status in (*ERRORS, 409, 502)}
 
 
 def _error(status: int, type: str, message: str, param: str | None = None, code: str | None = None,
@@ -83,7 +88,8 @@ async def _unless_disconnected(request: Request, work: Awaitable[T], timer: Time
     return Response(status_code=499)
 
 
-def create_app(service: PolicyService, keys: ApiKeys | None = None) -> FastAPI:
+def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: SearchService | None = None) -> FastAPI:
+    """The app over `service`; with `searches`, also `POST /v1/search`."""
     keys = keys or ApiKeys(scopes=SCOPES)
     app = FastAPI(
         title="Assay policy service",
@@ -143,6 +149,15 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None) -> FastAPI:
     async def chat(req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
         with Timer(service.metrics, "/v1/chat/completions", service.model_label(req.model)) as timer:
             return await _unless_disconnected(request, service.chat(req), timer)
+
+    if searches is not None:
+
+        @app.post("/v1/search", response_model=SearchResponse, responses=SEARCH_ERRORS,
+                  dependencies=[scope("generate")])  # fmt: skip
+        async def search(req: SearchRequest, request: Request) -> SearchResponse | Response:
+            """Inference-time search: generate with `model`, score with rm_server's `reward`, choose."""
+            with Timer(service.metrics, "/v1/search", service.model_label(req.model)) as timer:
+                return await _unless_disconnected(request, searches.search(req), timer)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[scope("generate")])
     async def models() -> ModelList:

@@ -3,7 +3,9 @@
 The shapes follow OpenAI's completions, chat completions and models APIs, so the official
 `openai` client works unchanged. Extensions, all optional: `top_k`, `ignore_eos` and
 `return_token_ids` on requests (as vLLM names them), and `weight_version` on every generation
-response: the version of the weights that produced it (0 until weights are updated).
+response: the version of the weights that produced it (0 until weights are updated). Beside
+them, this server's own `/v1/search` (`SearchRequest` -> `SearchResponse`): inference-time
+search over a served model, scored by rm_server.
 
 Requests refuse unknown fields, so a typo is a 400 and not a silent default. OpenAI fields this
 server does not implement (`stream`, `echo`, penalties, ...) are accepted only at their neutral
@@ -14,7 +16,7 @@ Nothing heavy is imported here (no torch), so clients and tests can import these
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -193,6 +195,85 @@ class ChatCompletionResponse(_Wire):
     usage: Usage
     weight_version: int
     prompt_token_ids: list[int] | None = None
+
+
+# --- /v1/search ------------------------------------------------------------------------------
+
+
+class SearchBudget(_Wire):
+    """The most one search may spend; a field left out gets the server's cap (also its maximum)."""
+
+    max_candidates: int | None = Field(default=None, ge=0, description="Sequences sampled (whole responses, or "
+                                       "step continuations for beam search and DVTS).")  # fmt: skip
+    max_tokens: int | None = Field(default=None, ge=0, description="Tokens generated, summed over every sequence.")
+
+
+class SearchRequest(_Wire):
+    """One inference-time search. Config fields left out take `search.SearchConfig`'s defaults."""
+
+    prompt: str = Field(min_length=1, description="The task prompt; responses continue it.")
+    strategy: str = Field(description="best_of_n, weighted_best_of_n, majority, refine, beam_search or dvts.")
+    reward: str | None = Field(default=None, min_length=1, description="The rm_server reward that scores "
+                               "candidates; every strategy but majority needs one.")  # fmt: skip
+    budget: SearchBudget | None = None
+    reference: str | None = Field(default=None, description="The known answer: sent to the reward, and "
+                                  "marks each candidate `correct`.")  # fmt: skip
+    model: str = Field(default="policy", min_length=1, description="The served model that generates.")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same seed, same request: same "
+                             "search (default: a random one, echoed in the response).")  # fmt: skip
+    n: int | None = Field(default=None, ge=1, description="Candidates (best-of-N, majority), beams (beam "
+                          "search, DVTS).")  # fmt: skip
+    temperature: float | None = Field(default=None, ge=0.0, le=100.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1, description="Tokens in one response, at most.")
+    stop: list[str] | None = Field(default=None, description="Step boundaries (beam search, DVTS); default [\" \"].")
+    beam_width: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    max_step_tokens: int | None = Field(default=None, ge=1)
+    round_size: int | None = Field(default=None, ge=1)
+    consensus: float | None = Field(default=None, gt=0.0, le=1.0)
+    rounds: int | None = Field(default=None, ge=0)
+    threshold: float | None = None
+    step_threshold: float | None = None
+    aggregate: Literal["min", "prod", "last", "mean"] | None = None
+
+
+class SearchCandidate(_Wire):
+    text: str
+    score: float | None = Field(description="None: not scored, or the reward failed on it (see `error`).")
+    final_answer: str | None
+    steps: list[float] | None = Field(description="Per-step scores, from a process reward.")
+    num_tokens: int
+    finish_reason: str = Field(description="stop (end of sequence), step, length, depth or budget.")
+    correct: bool | None = Field(description="final_answer == reference, when a reference was sent.")
+    error: str | None
+
+
+class SearchUsage(_Wire):
+    generated_tokens: int
+    candidates: int = Field(description="Sequences sampled, as the budget counts them.")
+    generate_calls: int
+    reward_calls: int
+    scored_items: int
+
+
+class SearchResponse(_Wire):
+    id: str
+    object: Literal["search"] = "search"
+    created: int
+    model: str
+    strategy: str
+    answer: str | None = Field(description="The chosen candidate's final answer.")
+    text: str | None = Field(description="The chosen candidate's response.")
+    chosen: int | None = Field(description="Its index in `candidates`.")
+    candidates: list[SearchCandidate]
+    trace: list[dict[str, Any]] = Field(description="The strategy's steps, as events.")
+    usage: SearchUsage
+    reward: str | None
+    reward_id: str | None = Field(description="rm_server's id of the reward that scored; None for majority vote.")
+    weight_version: int | None = Field(description="The oldest weight version that generated a candidate; "
+                                       "None when nothing was generated.")  # fmt: skip
+    seed: int
 
 
 # --- /v1/models, errors, health --------------------------------------------------------------

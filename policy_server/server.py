@@ -18,10 +18,12 @@ from pathlib import Path
 
 import uvicorn
 
+from clients.reward import RewardClient
 from policy_server.backends import GenerationBackend
 from policy_server.backends.hf import BatchSettings, HFBackend
 from policy_server.http_api import SCOPES, create_app
 from policy_server.serving import Limits, Metrics, PolicyService
+from policy_server.serving_search import SearchService
 from rm_server.auth import ApiKeys, is_loopback
 from rm_server.server import InsecureBinding, _bind, _Uvicorn
 
@@ -44,6 +46,10 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()  # KEY:scope[,scope] (generate, admin); ASSAY_POLICY_API_KEYS adds more
     limits: Limits = field(default_factory=Limits)
     batching: BatchSettings = field(default_factory=BatchSettings)
+    rm_url: str = "http://127.0.0.1:8000"  # the reward service that /v1/search scores with
+    rm_api_key: str | None = None  # this server's key there (scope `score`), when it needs one
+    rm_timeout_s: float = 30.0  # per scoring call, retries included
+    rm_max_retries: int = 2  # transient failures (refused, 503, 429) retried, with backoff
     log_level: str = "warning"
 
     def __post_init__(self) -> None:
@@ -63,6 +69,9 @@ class PolicyServer:
                 f"refusing to serve on {config.host} without API keys: pass --api-key KEY:generate "
                 f"(or set {ENV_VAR}), or bind 127.0.0.1"
             )
+        # before the models load, so that a malformed --rm-url fails at once
+        rewards = RewardClient.http(config.rm_url, api_key=config.rm_api_key, timeout_s=config.rm_timeout_s,
+                                    max_retries=config.rm_max_retries)  # fmt: skip
         metrics = Metrics()
         backends: dict[str, GenerationBackend] = {}
         for name, path in (config.models or embedded_models()).items():
@@ -72,6 +81,7 @@ class PolicyServer:
                 on_finished=functools.partial(metrics.on_finished, name),
             )  # fmt: skip
         self.service = PolicyService(backends, config.limits, metrics)
+        self.searches = SearchService(self.service, rewards, config.rm_url)
         self.http_port: int | None = None
         self._uvicorn: uvicorn.Server | None = None
         self._http_task: asyncio.Task | None = None
@@ -84,7 +94,7 @@ class PolicyServer:
     async def start(self) -> None:
         sock = _bind(self.config.host, self.config.port)
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.service, self.keys)
+        app = create_app(self.service, self.keys, self.searches)
         cfg = uvicorn.Config(app, log_level=self.config.log_level, timeout_graceful_shutdown=5, access_log=False)
         self._uvicorn = _Uvicorn(cfg)
         self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
@@ -108,6 +118,7 @@ class PolicyServer:
         if self._http_task is not None:
             await self._http_task
         await self.service.close()
+        self.searches.close()
 
 
 async def serve(config: ServerConfig) -> None:

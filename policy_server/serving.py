@@ -77,7 +77,23 @@ class QueueFull(ApiError):
     status, type = 429, "rate_limit_error"
 
 
+class Conflict(ApiError):
+    status, type = 409, "conflict_error"
+
+
 class NotReady(ApiError):
+    status, type = 503, "server_error"
+
+
+class BadGateway(ApiError):
+    """A service this one calls (rm_server) failed or refused this server's credentials."""
+
+    status, type = 502, "server_error"
+
+
+class Unavailable(ApiError):
+    """A service this one calls could not be reached; a retry later may work."""
+
     status, type = 503, "server_error"
 
 
@@ -100,7 +116,10 @@ class Limits:
     max_prompt_tokens: int | None = None  # None: the model's context length
     max_logprobs: int = 20
     max_stop: int = 16
-    timeout_s: float = 300.0  # a request still generating after this fails with 504
+    timeout_s: float = 300.0  # a request still generating (or searching) after this fails with 504
+    max_searches: int = 32  # /v1/search requests running at once; beyond this they get 429
+    max_search_candidates: int = 4096  # the budget of a search that sets none, and the most one may set
+    max_search_tokens: int = 262_144  # generated tokens, likewise
 
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -199,10 +218,10 @@ class PolicyService:
         ])  # fmt: skip
 
     async def completions(self, req: CompletionRequest) -> CompletionResponse:
-        backend = self._backend(req.model)
-        prompts = await _maybe_off_loop(_size(req.prompt), self._prompts, backend, req.prompt)  # [(ids, text)]
+        backend = self.backend(req.model)
+        prompts = await maybe_off_loop(_size(req.prompt), self._prompts, backend, req.prompt)  # [(ids, text)]
         self._check_sampling(req, len(prompts), req.logprobs, "logprobs")
-        self._check_lengths(backend, [ids for ids, _ in prompts], req.max_tokens, "max_tokens")
+        self.check_lengths(backend, [ids for ids, _ in prompts], req.max_tokens, "max_tokens")
         outputs = await self._generate(backend, req, [ids for ids, _ in prompts], req.max_tokens, req.logprobs or 0)
         choices = []
         for index, out in enumerate(outputs):
@@ -221,10 +240,10 @@ class PolicyService:
         )  # fmt: skip
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        backend = self._backend(req.model)
+        backend = self.backend(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            ids = await _maybe_off_loop(sum(len(m["content"]) for m in messages), backend.chat_prompt, messages)
+            ids = await maybe_off_loop(sum(len(m["content"]) for m in messages), backend.chat_prompt, messages)
         except TemplateError as exc:  # templates raise on what they cannot render (roles, order)
             raise InvalidRequest(f"the chat template refused these messages: {exc}", param="messages") from None
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -233,7 +252,7 @@ class PolicyService:
         if max_tokens is None:  # as much as the context has room for
             max_tokens = max(1, min(self.limits.max_tokens, backend.max_model_len - len(ids)))
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        self._check_lengths(backend, [ids], max_tokens, param)
+        self.check_lengths(backend, [ids], max_tokens, param)
         outputs = await self._generate(backend, req, [ids], max_tokens, top or 0)
         choices = [
             ChatChoice(
@@ -253,7 +272,8 @@ class PolicyService:
 
     # --- validation ----------------------------------------------------------------------
 
-    def _backend(self, model: str) -> GenerationBackend:
+    def backend(self, model: str) -> GenerationBackend:
+        """The served model of that name; NotReady while loading, ModelNotFound for other names."""
         if not self.ready:
             raise NotReady("the policy server is still loading its models", code="not_ready")
         try:
@@ -302,7 +322,7 @@ class PolicyService:
         if any(not s for s in stops):
             raise InvalidRequest("a stop string is empty", param="stop")
 
-    def _check_lengths(self, backend: GenerationBackend, prompts: list[list[int]], max_tokens: int, param: str) -> None:
+    def check_lengths(self, backend: GenerationBackend, prompts: list[list[int]], max_tokens: int, param: str) -> None:
         lim, context = self.limits, backend.max_model_len
         if max_tokens > lim.max_tokens:
             raise InvalidRequest(f"{param}={max_tokens} is more than the limit of {lim.max_tokens}", param=param)
@@ -367,7 +387,7 @@ class PolicyService:
         return ChoiceLogprobs(content=content)
 
 
-async def _maybe_off_loop(chars: int, fn: Callable[..., T], *args) -> T:
+async def maybe_off_loop(chars: int, fn: Callable[..., T], *args) -> T:
     """Tokenizing a few KB takes microseconds, a few MB takes a second: long prompts go to a thread."""
     return fn(*args) if chars <= _INLINE_CHARS else await asyncio.to_thread(fn, *args)
 

@@ -40,6 +40,7 @@ class GenerationOutput:
     text: str  # the decoded completion, specials skipped, cut before a stop string
     finish_reason: Literal["stop", "length", "abort"]
     weight_version: int
+    stop_reason: str | None = None  # the stop string that ended it (finish "stop"); None: eos, length, abort
     top_logprobs: list[list[tuple[int, float]]] | None = field(default=None)  # per token: (id, logprob), best first
 
 

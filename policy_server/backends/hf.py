@@ -126,6 +126,7 @@ class _Row:
         self.tops: list[list[tuple[int, float]]] = []
         self.reason: str | None = None
         self.text: str | None = None  # set when a stop string cut it
+        self.stop: str | None = None  # the stop string that cut it
         self.searched = 0  # characters of the text already searched for stop strings
 
     def find_stop(self, tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -133,9 +134,10 @@ class _Row:
         text = tokenizer.decode(self.tokens, skip_special_tokens=True)
         start = max(0, self.searched - max(len(s) for s in self.req.stop) + 1)
         self.searched = len(text)
-        hits = [i for s in self.req.stop if (i := text.find(s, start)) >= 0]
+        hits = [(i, s) for s in self.req.stop if (i := text.find(s, start)) >= 0]
         if hits:
-            self.text = text[: min(hits)]
+            at, self.stop = min(hits)  # the earliest match; at one offset, the smallest string
+            self.text = text[:at]
         return bool(hits)
 
 
@@ -199,6 +201,7 @@ def decode(
             text=r.text if r.text is not None else tokenizer.decode(r.tokens, skip_special_tokens=True),
             finish_reason=r.reason or "abort",  # type: ignore[arg-type]
             weight_version=weight_version,
+            stop_reason=r.stop,
             top_logprobs=r.tops if r.req.top_logprobs else None,
         )
         for r in rows
