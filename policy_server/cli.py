@@ -49,7 +49,7 @@ def serve_cmd(
     from policy_server.backends.hf import BatchSettings
     from policy_server.server import InsecureBinding, ServerConfig, serve
     from policy_server.serving import Limits
-    from rm_server.cli import run_loop
+    from assay.serve import run_loop
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if torch_threads is not None:

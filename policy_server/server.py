@@ -11,8 +11,6 @@ import asyncio
 import functools
 import gc
 import logging
-import signal
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +22,9 @@ from policy_server.backends.hf import BatchSettings, HFBackend
 from policy_server.http_api import SCOPES, create_app
 from policy_server.serving import Limits, Metrics, PolicyService
 from policy_server.serving_search import SearchService
+from assay import serve as runtime
+from assay.serve import InsecureBinding, Uvicorn, bind, serve_until_signal
 from rm_server.auth import ApiKeys, is_loopback
-from rm_server.server import InsecureBinding, _bind, _Uvicorn
 
 log = logging.getLogger("policy_server")
 ENV_VAR = "ASSAY_POLICY_API_KEYS"
@@ -92,11 +91,11 @@ class PolicyServer:
         return f"http://{host}:{self.http_port}"
 
     async def start(self) -> None:
-        sock = _bind(self.config.host, self.config.port)
+        sock = bind(self.config.host, self.config.port)
         self.http_port = sock.getsockname()[1]
         app = create_app(self.service, self.keys, self.searches)
         cfg = uvicorn.Config(app, log_level=self.config.log_level, timeout_graceful_shutdown=5, access_log=False)
-        self._uvicorn = _Uvicorn(cfg)
+        self._uvicorn = Uvicorn(cfg)
         self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:
             if self._http_task.done():
@@ -123,50 +122,12 @@ class PolicyServer:
 
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0)."""
-    server = PolicyServer(config)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    await server.start()
-    try:
-        await asyncio.wait(
-            [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(server.wait())],
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-    finally:
-        await server.stop()
+    await serve_until_signal(PolicyServer(config))
 
 
-class BackgroundServer:
+class BackgroundServer(runtime.BackgroundServer[PolicyServer]):
     """A PolicyServer on its own thread and event loop: `with BackgroundServer(cfg) as s: s.http_url`."""
 
     def __init__(self, config: ServerConfig) -> None:
+        super().__init__(lambda: PolicyServer(config), name="policy-server")
         self.config = config
-        self.server: PolicyServer | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="policy-server", daemon=True)
-
-    def __enter__(self) -> PolicyServer:
-        self._thread.start()
-        try:
-            self.server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=120)
-        except BaseException:
-            self._shutdown()
-            raise
-        return self.server
-
-    async def _start(self) -> PolicyServer:
-        server = PolicyServer(self.config)
-        await server.start()
-        return server
-
-    def __exit__(self, *exc) -> None:
-        if self.server is not None:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(timeout=60)
-        self._shutdown()
-
-    def _shutdown(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -12,17 +11,6 @@ from rich.console import Console
 
 rm_app = typer.Typer(help="The reward service.", no_args_is_help=True)
 console = Console(stderr=True)
-
-
-def run_loop(main) -> None:
-    """Run on uvloop when it is installed (uvicorn[standard] brings it): about 1.5x the requests
-    per core of the stock loop for this service."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
 
 
 @rm_app.command("serve")
@@ -40,6 +28,7 @@ def serve_cmd(
     log_level: str = typer.Option("info", help="uvicorn/server log level"),
 ) -> None:
     """Serve rewards over HTTP and gRPC until interrupted."""
+    from assay.serve import run_loop
     from rm_server.server import InsecureBinding, ServerConfig, serve
     from rm_server.serving import Limits
     from rm_server.spec import SpecError

@@ -7,17 +7,15 @@ the same thing on a thread of its own, for tests and benchmarks in one process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
-import signal
-import socket
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 
+from assay import serve as runtime
+from assay.serve import InsecureBinding, Uvicorn, bind, serve_until_signal
 from rm_server.auth import ApiKeys, is_loopback
 from rm_server.http_api import create_app
 from rm_server.rewards import build_rewards
@@ -38,32 +36,6 @@ class ServerConfig:
     log_level: str = "warning"
 
 
-class InsecureBinding(ValueError):
-    pass
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without its own signal handling: `serve` below owns SIGINT/SIGTERM, so that a
-    stop closes the rewards (model threads, the math-verify process pool) before the process
-    exits, instead of uvicorn re-raising the signal and leaving worker processes behind."""
-
-    def capture_signals(self):
-        return contextlib.nullcontext()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the
-    # listening socket says TCP, and without it Nagle holds each response body for the client's
-    # delayed ACK (uvicorn writes headers and body separately): ~40 ms added to every request.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
 class RewardServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -77,7 +49,7 @@ class RewardServer:
         self.service = RewardService(build_rewards(spec), config.limits)
         self.http_port: int | None = None
         self.grpc_port: int | None = None
-        self._uvicorn: uvicorn.Server | None = None
+        self._uvicorn: Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
         self._grpc = None
 
@@ -92,11 +64,11 @@ class RewardServer:
 
     async def start(self) -> None:
         """Bind both ports (health answers at once, /ready once the models are loaded)."""
-        sock = _bind(self.config.host, self.config.port)
+        sock = bind(self.config.host, self.config.port)
         self.http_port = sock.getsockname()[1]
         app = create_app(self.service, self.keys)
         cfg = uvicorn.Config(app, log_level=self.config.log_level, timeout_graceful_shutdown=5, access_log=False)
-        self._uvicorn = _Uvicorn(cfg)
+        self._uvicorn = Uvicorn(cfg)
         self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         if self.config.grpc_port is not None:
             from rm_server.grpc_api import start_grpc_server
@@ -132,43 +104,12 @@ class RewardServer:
 
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0)."""
-    server = RewardServer(config)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    await server.start()
-    try:
-        await asyncio.wait(
-            [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(server.wait())],
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-    finally:
-        await server.stop()
+    await serve_until_signal(RewardServer(config))
 
 
-class BackgroundServer:
+class BackgroundServer(runtime.BackgroundServer[RewardServer]):
     """A RewardServer on its own thread and event loop: `with BackgroundServer(cfg) as s: s.http_url`."""
 
     def __init__(self, config: ServerConfig) -> None:
+        super().__init__(lambda: RewardServer(config), name="rm-server")
         self.config = config
-        self.server: RewardServer | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="rm-server", daemon=True)
-
-    def __enter__(self) -> RewardServer:
-        self._thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=120)
-        return self.server
-
-    async def _start(self) -> RewardServer:
-        server = RewardServer(self.config)
-        await server.start()
-        return server
-
-    def __exit__(self, *exc) -> None:
-        if self.server is not None:
-            asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(timeout=60)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
