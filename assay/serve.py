@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
 import uvicorn
+from fastapi.responses import JSONResponse, Response  # at module level: routes' annotations resolve here
 
 
 class Server(Protocol):
@@ -52,6 +54,68 @@ class Uvicorn(uvicorn.Server):
 
     def capture_signals(self):
         return contextlib.nullcontext()
+
+
+class HttpListener:
+    """An ASGI app served by uvicorn on a socket of its own, on the running event loop."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.port: int | None = None
+        self._uvicorn: Uvicorn | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self, app, port: int, log_level: str) -> None:
+        """Bind `port` (0: a free one) and return once uvicorn accepts connections."""
+        sock = bind(self.host, port)
+        self.port = sock.getsockname()[1]
+        cfg = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, access_log=False)
+        self._uvicorn = Uvicorn(cfg)
+        self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        while not self._uvicorn.started:
+            if self._task.done():
+                await self._task  # raises what stopped it
+            await asyncio.sleep(0.01)
+
+    async def wait(self) -> None:
+        """Until uvicorn exits (`stop`)."""
+        if self._task is not None:
+            await self._task
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        await self.wait()
+
+
+def settle_after_loading() -> None:
+    """Call once the models are loaded: move their objects out of the collector's sight, or
+    full collections over ~400k long-lived objects (torch, transformers) pause the event loop
+    for 100+ ms."""
+    gc.collect()
+    gc.freeze()
+
+
+def add_ops_routes(app, health_model, is_ready: Callable[[], bool], metrics: Callable[[], bytes]) -> None:
+    """`/health` (the process answers), `/ready` (503 until the models are loaded) and
+    `/metrics` (Prometheus text); all three stay open without an API key."""
+    @app.get("/health", response_model=health_model)
+    async def health():
+        return health_model(status="ok")
+
+    @app.get("/ready", response_model=health_model, responses={503: {"model": health_model}})
+    async def ready() -> Response:
+        ok = is_ready()
+        return JSONResponse(health_model(status="ok" if ok else "starting").model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics(), media_type="text/plain; version=0.0.4")
 
 
 async def serve_until_signal(server: Server) -> None:

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from assay.serve import add_ops_routes
 from policy_server import serving
 from policy_server.protocol import (
     ChatCompletionRequest,
@@ -168,18 +169,7 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
         """Sequences waiting per model (admin scope). Weight updates (next slice) live beside it."""
         return service.queue_depths()
 
-    @app.get("/health", response_model=HealthResponse)
-    async def health() -> HealthResponse:
-        return HealthResponse(status="ok")
-
-    @app.get("/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-    async def ready() -> Response:
-        body = HealthResponse(status="ok" if service.ready else "starting")
-        return JSONResponse(body.model_dump(), status_code=200 if service.ready else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(service.metrics.render(service.queue_depths()), media_type="text/plain; version=0.0.4")
+    add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
 
     app.add_middleware(_BodyLimit, limit=service.limits.max_body_bytes)
     return app

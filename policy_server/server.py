@@ -7,14 +7,11 @@ uvicorn and signal handling are the reward service's (see `rm_server/server.py` 
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvicorn
 
 from clients.reward import RewardClient
 from policy_server.backends import GenerationBackend
@@ -23,7 +20,7 @@ from policy_server.http_api import SCOPES, create_app
 from policy_server.serving import Limits, Metrics, PolicyService
 from policy_server.serving_search import SearchService
 from assay import serve as runtime
-from assay.serve import InsecureBinding, Uvicorn, bind, serve_until_signal
+from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
 from rm_server.auth import ApiKeys, is_loopback
 
 log = logging.getLogger("policy_server")
@@ -81,41 +78,23 @@ class PolicyServer:
             )  # fmt: skip
         self.service = PolicyService(backends, config.limits, metrics)
         self.searches = SearchService(self.service, rewards, config.rm_url)
-        self.http_port: int | None = None
-        self._uvicorn: uvicorn.Server | None = None
-        self._http_task: asyncio.Task | None = None
+        self.http = HttpListener(config.host)
 
     @property
     def http_url(self) -> str:
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        return f"http://{host}:{self.http_port}"
+        return self.http.url
 
     async def start(self) -> None:
-        sock = bind(self.config.host, self.config.port)
-        self.http_port = sock.getsockname()[1]
-        app = create_app(self.service, self.keys, self.searches)
-        cfg = uvicorn.Config(app, log_level=self.config.log_level, timeout_graceful_shutdown=5, access_log=False)
-        self._uvicorn = Uvicorn(cfg)
-        self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
-        while not self._uvicorn.started:
-            if self._http_task.done():
-                await self._http_task  # raises what stopped it
-            await asyncio.sleep(0.01)
+        await self.http.start(create_app(self.service, self.keys, self.searches), self.config.port, self.config.log_level)
         await self.service.start()
-        # The models are loaded: keep their objects out of the collector's full passes.
-        gc.collect()
-        gc.freeze()
+        settle_after_loading()
         log.info("policy service ready on %s (models: %s)", self.http_url, ", ".join(self.service.backends))
 
     async def wait(self) -> None:
-        if self._http_task is not None:
-            await self._http_task
+        await self.http.wait()
 
     async def stop(self) -> None:
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
-        if self._http_task is not None:
-            await self._http_task
+        await self.http.stop()
         await self.service.close()
         self.searches.close()
 

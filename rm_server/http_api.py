@@ -12,10 +12,11 @@ import math
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from assay.serve import add_ops_routes
 from rm_server.auth import ApiKeys
 from rm_server.errors import ServiceError
 from rm_server.protocol import (
@@ -125,18 +126,7 @@ def create_app(service: RewardService, keys: ApiKeys | None = None) -> FastAPI:
         """Items waiting per reward (admin scope)."""
         return service.queue_depths()
 
-    @app.get("/health", response_model=HealthResponse)
-    async def health() -> HealthResponse:
-        return HealthResponse(status="ok")
-
-    @app.get("/ready", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-    async def ready() -> Response:
-        body = HealthResponse(status="ok" if service.ready else "starting")
-        return JSONResponse(body.model_dump(), status_code=200 if service.ready else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(service.metrics.render(service.queue_depths()), media_type="text/plain; version=0.0.4")
+    add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
 
     app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
     return app

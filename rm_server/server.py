@@ -6,16 +6,13 @@ the same thing on a thread of its own, for tests and benchmarks in one process.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvicorn
 
 from assay import serve as runtime
-from assay.serve import InsecureBinding, Uvicorn, bind, serve_until_signal
+from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
 from rm_server.auth import ApiKeys, is_loopback
 from rm_server.http_api import create_app
 from rm_server.rewards import build_rewards
@@ -47,16 +44,13 @@ class RewardServer:
             )
         spec = load_spec(config.spec)
         self.service = RewardService(build_rewards(spec), config.limits)
-        self.http_port: int | None = None
+        self.http = HttpListener(config.host)
         self.grpc_port: int | None = None
-        self._uvicorn: Uvicorn | None = None
-        self._http_task: asyncio.Task | None = None
         self._grpc = None
 
     @property
     def http_url(self) -> str:
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        return f"http://{host}:{self.http_port}"
+        return self.http.url
 
     @property
     def grpc_target(self) -> str:
@@ -64,41 +58,25 @@ class RewardServer:
 
     async def start(self) -> None:
         """Bind both ports (health answers at once, /ready once the models are loaded)."""
-        sock = bind(self.config.host, self.config.port)
-        self.http_port = sock.getsockname()[1]
-        app = create_app(self.service, self.keys)
-        cfg = uvicorn.Config(app, log_level=self.config.log_level, timeout_graceful_shutdown=5, access_log=False)
-        self._uvicorn = Uvicorn(cfg)
-        self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        await self.http.start(create_app(self.service, self.keys), self.config.port, self.config.log_level)
         if self.config.grpc_port is not None:
             from rm_server.grpc_api import start_grpc_server
 
             self._grpc, self.grpc_port = await start_grpc_server(
                 self.service, self.keys, self.config.host, self.config.grpc_port, self.config.limits
             )
-        while not self._uvicorn.started:
-            if self._http_task.done():
-                await self._http_task  # raises what stopped it
-            await asyncio.sleep(0.01)
         await self.service.start()
-        # The models and tokenizers are loaded: move their objects out of the collector's sight,
-        # or full collections over ~400k long-lived objects pause the event loop for 100+ ms.
-        gc.collect()
-        gc.freeze()
+        settle_after_loading()
         log.info("reward service ready on %s (gRPC %s)", self.http_url, self.grpc_port)
 
     async def wait(self) -> None:
-        """Until uvicorn exits (SIGINT/SIGTERM in the main thread, or `stop`)."""
-        if self._http_task is not None:
-            await self._http_task
+        """Until uvicorn exits (`stop`)."""
+        await self.http.wait()
 
     async def stop(self) -> None:
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
         if self._grpc is not None:
             await self._grpc.stop(grace=2)
-        if self._http_task is not None:
-            await self._http_task
+        await self.http.stop()
         await self.service.close()
 
 
