@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -18,32 +16,18 @@ from rm_server.protocol import ScoreResponse
 from rm_server.rewards import build_rewards
 from rm_server.serving import RewardService
 from rm_server.spec import parse_spec
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import free_port, wait_ready
 
 
 def test_server_subprocess_serves_the_embedded_rewards_and_stops_cleanly():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rm_server", "--port", str(port), "--grpc-port", "-1", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
+        wait_ready(proc, url, 60)
         item = {"id": "a", "prompt": "Q: 23+45-17 A: ", "response": "23+45=68 68-17=51 #### 51", "reference": "51"}
         r = httpx.post(f"{url}/v1/score", json={"reward": "final", "items": [item]}, timeout=30)
         res = ScoreResponse.model_validate_json(r.content).results[0]
@@ -58,7 +42,7 @@ def test_server_subprocess_serves_the_embedded_rewards_and_stops_cleanly():
 def test_serving_beyond_loopback_without_keys_exits_with_a_message():
     env = {**os.environ, "ASSAY_API_KEYS": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "rm_server", "--host", "0.0.0.0", "--port", str(_free_port()), "--grpc-port", "-1"],
+        [sys.executable, "-m", "rm_server", "--host", "0.0.0.0", "--port", str(free_port()), "--grpc-port", "-1"],
         capture_output=True, text=True, timeout=60, env=env,
     )
     assert proc.returncode == 2
