@@ -12,7 +12,7 @@ No torch here: the serving layer imports this module.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -44,6 +44,14 @@ class GenerationOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = field(default=None)  # per token: (id, logprob), best first
 
 
+@dataclass(frozen=True)
+class ParamSpec:
+    """What a weight update must match for one parameter: its shape and dtype (torch's name, e.g. "float32")."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
 class Overloaded(Exception):
     """The backend's queue cannot take the request now; retrying after `retry_after_s` may work."""
 
@@ -57,7 +65,7 @@ class GenerationBackend(ABC):
 
     name: str
     max_model_len: int  # prompt + completion tokens
-    weight_version: int = 0  # bumped by every weight update (the next slice: `update_weights`)
+    weight_version: int = 0  # bumped by every weight update (`load_weights`)
     tokenizer: Any  # a Hugging Face tokenizer
 
     async def start(self) -> None:
@@ -72,6 +80,20 @@ class GenerationBackend(ABC):
 
     def queue_depth(self) -> int:
         return 0
+
+    # --- weights -----------------------------------------------------------------------------
+
+    def parameter_specs(self) -> dict[str, ParamSpec]:
+        """Every tensor a weight update may name (the model's state dict), with its shape and dtype."""
+        raise NotImplementedError(f"{type(self).__name__} does not take weight updates")
+
+    async def load_weights(self, tensors: Mapping[str, Any]) -> int:
+        """Swap in `tensors` (name -> torch.Tensor, already checked against `parameter_specs`)
+        between batches, all at once, and bump `weight_version`; return the new version.
+
+        No sequence ever sees some of the new tensors and some of the old: running batches finish
+        on the old weights (and report the old version), later ones start on the new."""
+        raise NotImplementedError(f"{type(self).__name__} does not take weight updates")
 
     # --- tokens ------------------------------------------------------------------------------
 
