@@ -2,10 +2,13 @@
 
 RewardClient / AsyncRewardClient   the reward service, over HTTP (`.http(url)`) or gRPC
                                    (`.grpc(target)`); `.as_reward_fn(name)` gives a TRL reward function
+PolicyClient                       the policy service over HTTP: complete, search, update_weights,
+                                   load_weights, models, weight_version
 clients.errors                     typed failures: what happened, and whether a retry can help
 """
 
 from clients.errors import (
+    Conflict,
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
@@ -14,11 +17,16 @@ from clients.errors import (
     ServerError,
     Unauthenticated,
     Unavailable,
+    UnknownModel,
     UnknownReward,
 )
+from clients.policy import PolicyClient
 from clients.reward import AsyncRewardClient, RetryPolicy, RewardClient
 
 __all__ = [
+    "Conflict",
+    "PolicyClient",
+    "UnknownModel",
     "AsyncRewardClient",
     "DeadlineExceeded",
     "InvalidRequest",

@@ -1,6 +1,8 @@
-"""Typed failures of the reward service, as a client sees them: what happened, and whether a retry can help.
+"""Typed failures of the Assay services, as a client sees them: what happened, and whether a retry can help.
 
-One exception per kind of failure, the same for HTTP and gRPC:
+One exception per kind of failure, the same for HTTP and gRPC, and for the reward and policy
+services (`UnknownReward` is the reward service's 404, `UnknownModel` the policy service's;
+`Conflict` is the policy service's refusal of a weight update made against a stale version):
 
     exception          HTTP              gRPC                 retryable
     InvalidRequest     400, 413          INVALID_ARGUMENT     no
@@ -10,6 +12,8 @@ One exception per kind of failure, the same for HTTP and gRPC:
     Overloaded         429               RESOURCE_EXHAUSTED   yes, after `retry_after_s`
     Unavailable        502, 503, 504,    UNAVAILABLE          yes
                        refused / reset
+    UnknownModel       404               NOT_FOUND            no
+    Conflict           409                                    no
     DeadlineExceeded   client timeout    DEADLINE_EXCEEDED    no (the call's deadline is spent)
     ServerError        500, anything     INTERNAL, anything   no
                        else; a reply     else
@@ -26,7 +30,7 @@ from rm_server.protocol import ErrorType
 
 
 class RewardServiceError(Exception):
-    """A call to the reward service failed as a whole.
+    """A call to an Assay service (reward or policy) failed as a whole; `ServiceError` is its other name.
 
     `status` is the HTTP status (int) or the gRPC code name (str, e.g. "UNAVAILABLE"), None when
     the failure happened before an answer (connection refused, client-side checks). `type` is the
@@ -84,9 +88,20 @@ class Unavailable(RewardServiceError):
     retryable = True
 
 
+class UnknownModel(RewardServiceError):
+    """The policy server serves no model of that name (see `PolicyClient.models()`)."""
+
+
+class Conflict(RewardServiceError):
+    """The policy server's weights are not at the version the update expected: another update landed."""
+
+
 class DeadlineExceeded(RewardServiceError):
     """The call's deadline passed before an answer came."""
 
 
 class ServerError(RewardServiceError):
     """The server failed, or answered something that breaks the protocol (e.g. ids that do not match)."""
+
+
+ServiceError = RewardServiceError  # the base of every failure above, for either service

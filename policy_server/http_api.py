@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from assay.serve import add_ops_routes
@@ -32,13 +33,15 @@ from policy_server.protocol import (
     ErrorInfo,
     ErrorResponse,
     HealthResponse,
+    LoadWeightsRequest,
     ModelList,
     SearchRequest,
     SearchResponse,
+    WeightUpdateResponse,
 )
 from policy_server.serving import ApiError, PolicyService, Timer
 from policy_server.serving_search import SearchService
-from rm_server import errors as rm_errors
+from policy_server.weights import Update, WeightService
 from rm_server.auth import ApiKeys
 from rm_server.http_api import BodyLimit
 
@@ -47,6 +50,7 @@ T = TypeVar("T")
 SCOPES = ("generate", "admin")
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 503, 504)}
 SEARCH_ERRORS = {status: {"model": ErrorResponse} for status in (*ERRORS, 409, 502)}
+WEIGHTS_ROUTE = "/v1/admin/weights"
 
 
 def _error(status: int, type: str, message: str, param: str | None = None, code: str | None = None,
@@ -61,6 +65,11 @@ class _BodyLimit(BodyLimit):
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"the request body is over the limit of {self.limit} bytes"
         await _error(413, "invalid_request_error", message, code="request_too_large")(scope, receive, send)
+
+
+def _update(u: Update) -> WeightUpdateResponse:
+    return WeightUpdateResponse(model=u.model, previous_version=u.previous_version, weight_version=u.weight_version,
+                                tensors=u.tensors, bytes=u.bytes, seconds=round(u.seconds, 6))  # fmt: skip
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -100,12 +109,7 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
 
     def scope(name: str):
         async def check(authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
-            try:
-                keys.check(authorization, name)
-            except rm_errors.PermissionDenied as exc:
-                raise serving.PermissionDenied(exc.message, code="insufficient_scope") from None
-            except rm_errors.Unauthenticated as exc:
-                raise serving.Unauthenticated(exc.message, code="invalid_api_key") from None
+            serving.check_key(keys, authorization, name)
 
         return Depends(check)
 
@@ -166,10 +170,29 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
 
     @app.get("/v1/admin/queues", responses=ERRORS, dependencies=[scope("admin")])
     async def queues() -> dict[str, int]:
-        """Sequences waiting per model (admin scope). Weight updates (next slice) live beside it."""
+        """Sequences waiting per model (admin scope)."""
         return service.queue_depths()
+
+    weights = WeightService(service)
+
+    @app.post(WEIGHTS_ROUTE, response_model=WeightUpdateResponse, responses={**ERRORS, 409: ERRORS[400]},
+              dependencies=[scope("admin")])  # fmt: skip
+    async def update_weights(request: Request, model: str, expect_version: int | None = None) -> WeightUpdateResponse:
+        """New weights for `model`: the body is a safetensors file (the full state dict or a named
+        subset), streamed. Checked against the model's names, shapes and dtypes before any is used."""
+        try:
+            update = await weights.from_stream(model, request.stream(), expect_version)
+        except ClientDisconnect:
+            raise serving.InvalidRequest("the client went away during the upload; the weights are unchanged") from None
+        return _update(update)
+
+    @app.post(WEIGHTS_ROUTE + "/load", response_model=WeightUpdateResponse, responses={**ERRORS, 409: ERRORS[400]},
+              dependencies=[scope("admin")])  # fmt: skip
+    async def load_weights(req: LoadWeightsRequest) -> WeightUpdateResponse:
+        """New weights for `model` from safetensors on the server's disk (a file or a checkpoint directory)."""
+        return _update(await weights.from_path(req.model, req.path, req.expect_version))
 
     add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
 
-    app.add_middleware(_BodyLimit, limit=service.limits.max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=service.limits.max_body_bytes, exempt=(WEIGHTS_ROUTE,))
     return app

@@ -2,8 +2,9 @@
 
 The shapes follow OpenAI's completions, chat completions and models APIs, so the official
 `openai` client works unchanged. Extensions, all optional: `top_k`, `ignore_eos` and
-`return_token_ids` on requests (as vLLM names them), and `weight_version` on every generation
-response: the version of the weights that produced it (0 until weights are updated). Beside
+`return_token_ids` on requests (as vLLM names them), `stop_reason` on completion choices (vLLM's
+too), and `weight_version` on every generation response: the version of the weights that
+produced it (0 until weights are updated). Beside
 them, this server's own `/v1/search` (`SearchRequest` -> `SearchResponse`): inference-time
 search over a served model, scored by rm_server.
 
@@ -103,8 +104,11 @@ class CompletionChoice(_Wire):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"]
+    stop_reason: str | None = Field(default=None, description="Extension (as vLLM names it): the stop string "
+                                    "that ended the choice; None: end-of-sequence or length.")  # fmt: skip
     token_ids: list[int] | None = Field(default=None, description="With return_token_ids: every generated token.")
     prompt_token_ids: list[int] | None = None
+    weight_version: int = Field(description="Version of the weights that generated this choice.")
 
 
 class Usage(_Wire):
@@ -120,7 +124,8 @@ class CompletionResponse(_Wire):
     model: str
     choices: list[CompletionChoice] = Field(description="n per prompt, prompt by prompt.")
     usage: Usage
-    weight_version: int = Field(description="Version of the weights that generated every choice.")
+    weight_version: int = Field(description="The oldest of the choices' weight versions (they differ only when "
+                                "an update landed between the batches of one request).")
 
 
 # --- /v1/chat/completions --------------------------------------------------------------------
@@ -184,6 +189,7 @@ class ChatChoice(_Wire):
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length"]
     token_ids: list[int] | None = None
+    weight_version: int = Field(description="Version of the weights that generated this choice.")
 
 
 class ChatCompletionResponse(_Wire):
@@ -277,6 +283,24 @@ class SearchResponse(_Wire):
 
 
 # --- /v1/models, errors, health --------------------------------------------------------------
+
+
+# --- /v1/admin/weights -----------------------------------------------------------------------
+
+
+class LoadWeightsRequest(_Wire):
+    model: str
+    path: str = Field(min_length=1, description="A .safetensors file, or a directory of them, on the server's disk.")
+    expect_version: int | None = Field(default=None, description="Refuse (409) unless the model is at this version.")
+
+
+class WeightUpdateResponse(_Wire):
+    model: str
+    previous_version: int
+    weight_version: int = Field(description="The version serving now; every later generation carries it.")
+    tensors: int
+    bytes: int
+    seconds: float = Field(description="Reading, checking and swapping in.")
 
 
 class ModelCard(_Wire):

@@ -37,6 +37,8 @@ from policy_server.protocol import (
     TopLogprob,
     Usage,
 )
+from rm_server import errors as rm_errors
+from rm_server.auth import ApiKeys
 
 T = TypeVar("T")
 _SEEDS = 2**64  # torch generators take seeds in [0, 2**64)
@@ -101,6 +103,17 @@ class DeadlineExceeded(ApiError):
     status, type = 504, "timeout_error"
 
 
+def check_key(keys: ApiKeys, authorization: str | None, scope: str) -> None:
+    """`keys.check` refusing with this service's errors (ApiKeys raises the reward service's),
+    for the HTTP and gRPC adapters alike."""
+    try:
+        keys.check(authorization, scope)
+    except rm_errors.PermissionDenied as exc:
+        raise PermissionDenied(exc.message, code="insufficient_scope") from None
+    except rm_errors.Unauthenticated as exc:
+        raise Unauthenticated(exc.message, code="invalid_api_key") from None
+
+
 # --- limits and metrics ----------------------------------------------------------------------
 
 
@@ -146,6 +159,16 @@ class Metrics:
         self.batch_tokens = Histogram("assay_policy_batch_tokens", "Prompt + max tokens per decode batch", ["model"],
                                       buckets=tuple(64 * b for b in SIZE_BUCKETS), registry=r)  # fmt: skip
         self.queue_depth = Gauge("assay_policy_queue_depth", "Sequences waiting for a batch", ["model"], registry=r)
+        self.weight_version = Gauge("assay_policy_weight_version", "The weights serving now", ["model"], registry=r)
+        self.weight_updates = Histogram("assay_policy_weight_update_seconds", "Weight updates: reading, checking "
+                                        "and swapping in", ["model"], registry=r)  # fmt: skip
+        self.weight_bytes = Counter("assay_policy_weight_update_bytes", "Tensor bytes received by weight updates",
+                                    ["model"], registry=r)  # fmt: skip
+
+    def on_weights(self, model: str, version: int, size: int, seconds: float) -> None:
+        self.weight_version.labels(model).set(version)
+        self.weight_updates.labels(model).observe(seconds)
+        self.weight_bytes.labels(model).inc(size)
 
     def on_batch(self, model: str, sequences: int, tokens: int) -> None:
         self.batch_size.labels(model).observe(sequences)
@@ -231,8 +254,10 @@ class PolicyService:
                 text=out.text,
                 logprobs=self._completion_logprobs(backend, out, len(text)) if req.logprobs is not None else None,
                 finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                stop_reason=out.stop_reason,
                 token_ids=out.token_ids if req.return_token_ids else None,
                 prompt_token_ids=ids if req.return_token_ids else None,
+                weight_version=out.weight_version,
             ))  # fmt: skip
         return CompletionResponse(
             id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=choices,
@@ -261,6 +286,7 @@ class PolicyService:
                 logprobs=self._chat_logprobs(backend, out) if req.logprobs else None,
                 finish_reason=out.finish_reason,  # type: ignore[arg-type]
                 token_ids=out.token_ids if req.return_token_ids else None,
+                weight_version=out.weight_version,
             )
             for i, out in enumerate(outputs)
         ]
@@ -407,6 +433,6 @@ def _usage(prompts: list[list[int]], outputs: list[GenerationOutput]) -> Usage:
 
 
 def _version(outputs: list[GenerationOutput]) -> int:
-    # One version per request while weights never change mid-request; once updates land (next
-    # slice), a request's sequences could straddle one, and the oldest version is the honest one.
+    # A request's sequences can straddle a weight update (split over two batches); each choice
+    # carries its own version, and the response the oldest, so "at least this old" stays true.
     return min(o.weight_version for o in outputs)

@@ -43,13 +43,15 @@ def _error(status: int, type: ErrorType, message: str, headers: dict[str, str] |
 
 
 class BodyLimit:
-    """Refuse bodies over `limit` bytes with 413, before they are read into memory whole."""
+    """Refuse bodies over `limit` bytes with 413, before they are read into memory whole.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    Routes in `exempt` bound their own bodies (a weight upload is as large as the model)."""
+
+    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app, self.limit, self.exempt = app, limit, exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.exempt:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.checkpoints import load_model
 from assay.generation import _filter_logits
-from policy_server.backends import GenerationBackend, GenerationOutput, GenerationRequest, Overloaded
+from policy_server.backends import GenerationBackend, GenerationOutput, GenerationRequest, Overloaded, ParamSpec
 from rm_server import errors as rm_errors
 from rm_server.batcher import Batcher
 
@@ -62,8 +62,8 @@ class HFBackend(GenerationBackend):
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", tokenizer.model_max_length))
         self.weight_version = 0
         self._on_finished = on_finished
-        # Weight updates (the next slice) take this lock and bump weight_version under it, so a
-        # batch runs on one version from its first step to its last and reports that version.
+        # A batch decodes under this lock from its first step to its last; a weight update copies
+        # its tensors in and bumps weight_version under it: no sequence sees two versions.
         self._weights_lock = threading.Lock()
         self._batcher: Batcher[_Job, GenerationOutput] = Batcher(
             self._run_batch,
@@ -107,12 +107,40 @@ class HFBackend(GenerationBackend):
                 future.cancel()
             raise
 
+    def parameter_specs(self) -> dict[str, ParamSpec]:
+        return {name: ParamSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                for name, t in self.model.state_dict().items()}  # fmt: skip
+
+    async def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        _check_tied(self.model, tensors)
+        return await asyncio.to_thread(self._swap, tensors)
+
+    @torch.inference_mode()
+    def _swap(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        state = self.model.state_dict()  # views of the live parameters and buffers
+        with self._weights_lock:  # waits for the running batch; the next one starts on the new weights
+            for name, tensor in tensors.items():
+                state[name].copy_(tensor)
+            self.weight_version += 1
+            return self.weight_version
+
     def _run_batch(self, jobs: list[_Job]) -> list[GenerationOutput]:
         with self._weights_lock:
             outputs = decode(self.model, self.tokenizer, jobs, self.weight_version)
         if self._on_finished is not None:
             self._on_finished(outputs)
         return outputs
+
+
+def _check_tied(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Names sharing one storage (tied embeddings) must not be given two different values."""
+    by_storage: dict[int, str] = {}
+    state = model.state_dict()
+    for name in tensors:
+        first = by_storage.setdefault(state[name].data_ptr(), name)
+        if first != name and not torch.equal(tensors[first], tensors[name]):
+            raise ValueError(f"{first} and {name} are one tied tensor in this model, and the update gives them "
+                             "different values")  # fmt: skip
 
 
 class _Row:

@@ -1,0 +1,224 @@
+"""A typed client of the policy service: generation, search, weight updates.
+
+    with PolicyClient.http("http://127.0.0.1:8001") as policy:
+        reply = policy.complete(["Q: 2+3 A: "], n=8, max_tokens=32, seed=0, logprobs=True)
+        reply.choices[0].text, reply.choices[0].weight_version
+        policy.update_weights(model.state_dict())        # -> the new weight_version
+        policy.search("Q: 2+3 A: ", strategy="best_of_n", n=16, reward="orm")
+
+Deadlines and retries are the reward client's (`clients.reward.RetryPolicy`): transient failures
+(refused, reset, 429 with its Retry-After, 503) are retried with jittered backoff until the
+call's deadline. Generation with a `seed` is a pure function of the request and the weights, so
+retrying it is safe; a weight update is retried only when the connection was refused (nothing
+was sent), because a resent update after a lost answer would be applied twice.
+
+Failures are `clients.errors` exceptions, as for the reward client.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Self, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from clients.errors import (
+    Conflict,
+    InvalidRequest,
+    Overloaded,
+    PermissionDenied,
+    ServerError,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+    UnknownModel,
+)
+from clients.reward import RetryPolicy, _Deadline
+from clients.reward_transport import _auth, _http_base, http_failure, problems, retry_after_s
+from policy_server.protocol import (
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    LoadWeightsRequest,
+    ModelList,
+    SearchRequest,
+    SearchResponse,
+    WeightUpdateResponse,
+)
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+UPLOAD_CHUNK = 1 << 20
+_BY_HTTP: dict[int, type[ServiceError]] = {
+    400: InvalidRequest, 413: InvalidRequest, 401: Unauthenticated, 403: PermissionDenied, 404: UnknownModel,
+    409: Conflict, 429: Overloaded, 502: Unavailable, 503: Unavailable, 504: Unavailable,
+}  # fmt: skip
+
+
+def _error(r: httpx.Response) -> ServiceError:
+    try:
+        message = ErrorResponse.model_validate_json(r.content).error.message
+    except ValidationError:
+        message = r.text[:300] or r.reason_phrase
+    cls = _BY_HTTP.get(r.status_code, ServerError)
+    return cls(f"{r.request.method} {r.request.url}: {message}", status=r.status_code,
+               retry_after_s=retry_after_s(r.headers.get("retry-after")))  # fmt: skip
+
+
+def safetensors_chunks(tensors: Mapping[str, Any]) -> tuple[Iterator[bytes], int]:
+    """`tensors` (name -> torch.Tensor) as safetensors bytes in chunks, and the total size.
+
+    Tensors sharing storage (tied embeddings) are sent once, under the first name: the server
+    updates both. Serialised with the `safetensors` package, never pickle."""
+    from safetensors.torch import save
+
+    seen: set[tuple[int, int]] = set()
+    unique = {}
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            unique[name] = t.detach().cpu().contiguous()
+    blob = save(unique)
+    view = memoryview(blob)
+    return (bytes(view[i : i + UPLOAD_CHUNK]) for i in range(0, len(blob), UPLOAD_CHUNK)), len(blob)
+
+
+class PolicyClient:
+    """A blocking client of the policy service's HTTP API."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 120.0, max_retries: int = 4,
+                 backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> None:  # fmt: skip
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.url = _http_base(url)
+        self.timeout_s = timeout_s
+        self.retry = RetryPolicy(max_retries, backoff_s, max_backoff_s)
+        self._client = httpx.Client(base_url=self.url, headers=_auth(api_key))
+
+    @classmethod
+    def http(cls, url: str, **kw: Any) -> Self:
+        """A client of the HTTP API at base URL `url`, e.g. "http://127.0.0.1:8001"."""
+        return cls(url, **kw)
+
+    # --- generation ------------------------------------------------------------------------
+
+    def complete(self, prompt: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], *,
+                 model: str = "policy", timeout_s: float | None = None, **sampling: Any) -> CompletionResponse:  # fmt: skip
+        """`/v1/completions`: n, max_tokens, temperature, top_p, top_k, stop, seed, logprobs (int or
+        True for the sampled tokens' only), return_token_ids... Choices come prompt by prompt, n each."""
+        if sampling.get("logprobs") is True:
+            sampling["logprobs"] = 0
+        req = CompletionRequest(model=model, prompt=prompt, **sampling)
+        return self._call(lambda left: self._send("POST", "/v1/completions", req, CompletionResponse, left), timeout_s)
+
+    def search(self, prompt: str, *, strategy: str, n: int | None = None, reward: str | None = None, model: str = "policy",
+               timeout_s: float | None = None, **options: Any) -> SearchResponse:  # fmt: skip
+        """`/v1/search`: inference-time search over the served model, scored by rm_server's `reward`."""
+        req = SearchRequest(model=model, prompt=prompt, strategy=strategy, n=n, reward=reward, **options)
+        return self._call(lambda left: self._send("POST", "/v1/search", req, SearchResponse, left), timeout_s)
+
+    def models(self, *, timeout_s: float | None = None) -> ModelList:
+        return self._call(lambda left: self._send("GET", "/v1/models", None, ModelList, left), timeout_s)
+
+    def weight_version(self, model: str = "policy", *, timeout_s: float | None = None) -> int:
+        for card in self.models(timeout_s=timeout_s).data:
+            if card.id == model:
+                return card.weight_version
+        raise UnknownModel(f"{self.url} serves no model {model!r}", status=404)
+
+    # --- weights -----------------------------------------------------------------------------
+
+    def update_weights(self, tensors: Mapping[str, Any], *, model: str = "policy", expect_version: int | None = None,
+                       timeout_s: float | None = None) -> WeightUpdateResponse:  # fmt: skip
+        """Send a state dict (or any named subset of it) as safetensors; the server swaps it in
+        between batches. `expect_version`: refuse (Conflict) unless the server is at that version."""
+        params: dict[str, Any] = {"model": model}
+        if expect_version is not None:
+            params["expect_version"] = expect_version
+
+        def attempt(left: float) -> WeightUpdateResponse:
+            chunks, size = safetensors_chunks(tensors)
+            headers = {"content-type": "application/octet-stream", "content-length": str(size)}
+            return self._request("POST", "/v1/admin/weights", WeightUpdateResponse, left, content=chunks,
+                                 params=params, headers=headers, resend_safe=False)  # fmt: skip
+
+        return self._call(attempt, timeout_s)
+
+    def load_weights(self, path: str, *, model: str = "policy", expect_version: int | None = None,
+                     timeout_s: float | None = None) -> WeightUpdateResponse:  # fmt: skip
+        """Have the server load safetensors from `path` on its own disk (a file or a checkpoint directory)."""
+        req = LoadWeightsRequest(model=model, path=path, expect_version=expect_version)
+        return self._call(
+            lambda left: self._send("POST", "/v1/admin/weights/load", req, WeightUpdateResponse, left, False), timeout_s
+        )
+
+    # --- health ------------------------------------------------------------------------------
+
+    def health(self, *, timeout_s: float = 5.0) -> bool:
+        return self._probe("/health", timeout_s)
+
+    def ready(self, *, timeout_s: float = 5.0) -> bool:
+        return self._probe("/ready", timeout_s)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Block until the server answers ready (Unavailable after `timeout_s`)."""
+        end = time.monotonic() + timeout_s
+        while not self.ready(timeout_s=2.0):
+            if time.monotonic() > end:
+                raise Unavailable(f"{self.url} was not ready within {timeout_s:g}s")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _call(self, attempt: Callable[[float], T], timeout_s: float | None) -> T:
+        deadline = _Deadline(timeout_s or self.timeout_s)
+        for n in itertools.count():
+            try:
+                return attempt(deadline.left())
+            except ServiceError as err:
+                wait = self.retry.wait(n, err, deadline)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _send(self, method: str, path: str, req: BaseModel | None, model: type[M], timeout: float,
+              resend_safe: bool = True) -> M:  # fmt: skip
+        body = req.model_dump(mode="json", exclude_none=True) if req is not None else None
+        return self._request(method, path, model, timeout, json=body, resend_safe=resend_safe)
+
+    def _request(self, method: str, path: str, model: type[M], timeout: float, *, resend_safe: bool,
+                 **kw: Any) -> M:  # fmt: skip
+        where = f"{method} {self.url}{path}"
+        try:
+            r = self._client.request(method, path, timeout=timeout, **kw)
+        except httpx.HTTPError as exc:
+            err = http_failure(exc, where)
+            if not resend_safe and not isinstance(exc, httpx.ConnectError):
+                err.retryable = False  # it may have been applied: the caller must look (weight_version)
+            raise err from None
+        if r.status_code != 200:
+            raise _error(r)
+        try:
+            return model.model_validate_json(r.content)
+        except ValidationError as exc:
+            raise ServerError(f"{where}: the reply is not a {model.__name__}: {problems(exc)}", status=200) from None
+
+    def _probe(self, path: str, timeout_s: float) -> bool:
+        try:
+            return self._client.get(path, timeout=timeout_s).status_code == 200
+        except httpx.HTTPError:
+            return False
