@@ -81,9 +81,21 @@ def eval_cmd(
 
 
 @app.command("run")
-def run_cmd() -> None:
-    """The main job: load the embedded checkpoints and print the evaluation table."""
-    eval_cmd(as_json=False, problems=128, samples=64, seed=0, checkpoints=None)
+def run_cmd(
+    problems: int = typer.Option(64, help="held-out problems"),
+    n: int = typer.Option(8, help="candidates per search (beams for beam search and DVTS)"),
+    seed: int = typer.Option(0, help="search seed (problem i uses seed + i)"),
+    in_flight: int = typer.Option(4, help="searches sent at once"),
+) -> None:
+    """The main job: start rm_server and policy_server on loopback, search held-out problems over
+    HTTP with each strategy, print accuracy, tokens and latency, and stop the servers."""
+    from assay.main_job import run
+
+    try:
+        run(problems=problems, n=n, seed=seed, in_flight=in_flight, console=console)
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
 
 
 @models_app.command("build")
