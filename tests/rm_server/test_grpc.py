@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import ValidationError
 
 from assay.checkpoints import ARITH_DIR
+from proto.generate import CONTRACTS
 from proto.reward.v1 import reward_pb2 as pb
 from proto.reward.v1 import reward_pb2_grpc
 from rm_server import grpc_convert as convert
@@ -104,13 +105,18 @@ def http_score(server, req: ScoreRequest) -> ScoreResponse:
 
 
 def test_generated_code_is_what_the_script_produces(tmp_path):
+    """For every contract (the reward's and the policy's)."""
     subprocess.run([sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)], check=True)
-    names = ["reward_pb2.py", "reward_pb2.pyi", "reward_pb2_grpc.py"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == names
-    for name in names:
-        committed = (REPO / "proto" / "reward" / "v1" / name).read_bytes()
-        assert (tmp_path / name).read_bytes() == committed, f"{name} differs: run python proto/generate.py"
-    assert b"from proto.reward.v1 import reward_pb2" in (tmp_path / "reward_pb2_grpc.py").read_bytes()
+    assert {"reward/v1/reward.proto", "policy/v1/policy.proto"} <= set(CONTRACTS)
+    for contract in map(Path, CONTRACTS):
+        folder, stem = contract.parent, contract.stem
+        names = [f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"]
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == names
+        for name in names:
+            committed = (REPO / "proto" / folder / name).read_bytes()
+            assert (tmp_path / folder / name).read_bytes() == committed, f"{name} differs: run python proto/generate.py"
+        package = str(folder).replace("/", ".")
+        assert f"from proto.{package} import {stem}_pb2".encode() in (tmp_path / folder / names[2]).read_bytes()
 
 
 def test_score_messages_round_trip_exactly():

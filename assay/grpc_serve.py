@@ -1,0 +1,185 @@
+"""What the reward and policy servers' gRPC edges share: auth and error mapping, health, reflection.
+
+Each service brings its own pieces: its full service name, a check of the `authorization`
+metadata (its keys, its scope) and `describe`, its one mapping from an exception to a `Failure`.
+From those, `start_server` runs a grpc.aio server on the current event loop with:
+
+- `AuthAndErrors` on every method of that service (health and reflection stay open): the key is
+  checked first; a failure becomes its status code with its message as details, an
+  `error-type` trailer (the service's error type, as in its HTTP error body), an `error-code`
+  trailer when the service has a finer code, and `retry-after` in seconds when a retry can work;
+- grpc.health.v1 following the service's readiness ("" and the service: NOT_SERVING until
+  the models are loaded);
+- reflection, listing the service, health and reflection.
+
+A client that cancels, or whose deadline passes, has its handler task cancelled by grpc.aio; the
+CancelledError runs through the handler like any cancellation, so work it awaits is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+log = logging.getLogger("assay.grpc")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a client is told about a failed call."""
+
+    status: grpc.StatusCode
+    type: str  # the service's error type
+    message: str
+    retry_after_s: float | None = None  # when a retry can succeed (overloaded)
+    code: str | None = None  # a finer, stable code, where the service has one
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        # `retry-after` is in seconds like the HTTP header (fractions allowed here)
+        trailing: tuple[tuple[str, str], ...] = (("error-type", self.type),)
+        if self.code is not None:
+            trailing += (("error-code", self.code),)
+        if self.retry_after_s is not None:
+            trailing += (("retry-after", f"{self.retry_after_s:.3f}"),)
+        return trailing
+
+
+def invalid_argument(exc: ValidationError, error_type: str) -> Failure:
+    """A request that breaks the protocol's rules: INVALID_ARGUMENT listing the problems (ten at most)."""
+    problems = [f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}" for e in exc.errors()[:10]]
+    return Failure(grpc.StatusCode.INVALID_ARGUMENT, error_type, "invalid request: " + "; ".join(problems))
+
+
+def internal(exc: Exception, error_type: str) -> Failure:
+    """A bug: INTERNAL with a short message; the traceback goes to the log, never to the client."""
+    log.error("unexpected error in a gRPC call", exc_info=exc)
+    message = f"internal error ({type(exc).__name__}); the server log has the details"
+    return Failure(grpc.StatusCode.INTERNAL, error_type, message)
+
+
+class AuthAndErrors(grpc.aio.ServerInterceptor):
+    """Checks the API key and maps exceptions to status codes for every method of one service.
+
+    grpc.aio runs the handler after `intercept_service` returns, so a try/except around
+    `continuation` would see no handler exceptions. Instead the interceptor returns the method's
+    handler with its behaviour wrapped; that keeps both concerns in this one class, out of the
+    servicers, and applies them to any method added to the service later without a decorator."""
+
+    def __init__(self, service: str, authorize: Callable[[str | None], None],
+                 describe: Callable[[Exception], Failure]) -> None:  # fmt: skip
+        self.prefix, self.authorize, self.describe = f"/{service}/", authorize, describe
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self.prefix):
+            return handler  # unknown method (UNIMPLEMENTED), health, reflection
+        codec = {"request_deserializer": handler.request_deserializer,
+                 "response_serializer": handler.response_serializer}  # fmt: skip
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **codec)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream), **codec)
+        raise TypeError(f"{details.method}: only unary and bidirectional methods are wrapped")
+
+    def _check_key(self, context: grpc.aio.ServicerContext) -> None:
+        self.authorize(dict(context.invocation_metadata() or ()).get("authorization"))
+
+    def _unary(self, behaviour):
+        async def call(request, context: grpc.aio.ServicerContext):
+            try:
+                self._check_key(context)
+                return await behaviour(request, context)
+            except grpc.aio.AbortError:
+                raise  # already a status
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
+                await self._abort(context, exc)
+
+        return call
+
+    def _stream(self, behaviour):
+        async def call(requests, context: grpc.aio.ServicerContext):
+            try:
+                self._check_key(context)
+                async for answer in behaviour(requests, context):
+                    yield answer
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
+                await self._abort(context, exc)
+
+        return call
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        failure = self.describe(exc)
+        await context.abort(failure.status, failure.message, trailing_metadata=failure.trailers())
+
+
+class Health(health.aio.HealthServicer):
+    """grpc.health.v1 over `is_ready`: "" and the service are SERVING once the models are
+    loaded. Check looks at `is_ready()` itself; Watch hears of a change within 50 ms."""
+
+    def __init__(self, service: str, is_ready: Callable[[], bool]) -> None:
+        super().__init__()
+        self.service, self.is_ready = service, is_ready
+        self.serving: bool | None = None
+
+    async def sync(self) -> None:
+        if self.is_ready() != self.serving:
+            self.serving = self.is_ready()
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if self.serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in ("", self.service):
+                await self.set(name, status)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
+        await self.sync()
+        return await super().Check(request, context)
+
+    async def follow(self, server: grpc.aio.Server) -> None:
+        """Keep the status in step with the service until the server stops."""
+        while True:
+            await self.sync()
+            if not await server.wait_for_termination(timeout=0.05):  # False: it terminated
+                return
+
+
+_background: set[asyncio.Task] = set()
+
+
+async def start_server(
+    service: str,
+    add_servicer: Callable[[grpc.aio.Server], None],
+    interceptor: AuthAndErrors,
+    is_ready: Callable[[], bool],
+    host: str,
+    port: int,
+    max_receive_bytes: int,
+    max_send_bytes: int,
+) -> tuple[grpc.aio.Server, int]:
+    """Start a gRPC server (the service, health, reflection); returns it and its bound port.
+
+    The message size caps are in bytes; -1 lifts one."""
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=[("grpc.max_receive_message_length", max_receive_bytes),
+                 ("grpc.max_send_message_length", max_send_bytes)],
+    )  # fmt: skip
+    add_servicer(server)
+    checks = Health(service, is_ready)
+    await checks.sync()  # NOT_SERVING from the first call on, "" included
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")  # raises if taken
+    await server.start()
+    task = asyncio.create_task(checks.follow(server))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return server, bound
