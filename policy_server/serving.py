@@ -141,8 +141,9 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 class Metrics:
     """Prometheus metrics, in a registry of their own (one per server).
 
-    Tokens per second is `rate(assay_policy_generated_tokens_total)`. Time to first token is not
-    measured: without streaming the first token reaches the client with the last.
+    Tokens per second is `rate(assay_policy_generated_tokens_total)`. Time to first token is the
+    server's: from a sequence's submission to its first sampled token (queue wait and prefill);
+    without streaming, the client gets that token with the last one.
     """
 
     def __init__(self) -> None:
@@ -158,6 +159,8 @@ class Metrics:
                                     buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
         self.batch_tokens = Histogram("assay_policy_batch_tokens", "Prompt + max tokens per decode batch", ["model"],
                                       buckets=tuple(64 * b for b in SIZE_BUCKETS), registry=r)  # fmt: skip
+        self.first_token = Histogram("assay_policy_time_to_first_token_seconds", "Submission to first sampled "
+                                     "token, per sequence", ["model"], registry=r)  # fmt: skip
         self.queue_depth = Gauge("assay_policy_queue_depth", "Sequences waiting for a batch", ["model"], registry=r)
         self.weight_version = Gauge("assay_policy_weight_version", "The weights serving now", ["model"], registry=r)
         self.weight_updates = Histogram("assay_policy_weight_update_seconds", "Weight updates: reading, checking "
@@ -179,6 +182,8 @@ class Metrics:
         self.generated_tokens.labels(model).inc(sum(len(o.token_ids) for o in outputs))
         for o in outputs:
             self.sequences.labels(model, o.finish_reason).inc()
+            if o.first_token_s is not None:
+                self.first_token.labels(model).observe(o.first_token_s)
 
     def render(self, queue_depths: dict[str, int]) -> bytes:
         for name, depth in queue_depths.items():

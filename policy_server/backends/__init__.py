@@ -42,6 +42,7 @@ class GenerationOutput:
     weight_version: int
     stop_reason: str | None = None  # the stop string that ended it (finish "stop"); None: eos, length, abort
     top_logprobs: list[list[tuple[int, float]]] | None = field(default=None)  # per token: (id, logprob), best first
+    first_token_s: float | None = None  # from submission to the first token sampled (queue wait + prefill)
 
 
 @dataclass(frozen=True)

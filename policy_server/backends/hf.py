@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ class BatchSettings:
 class _Job:
     request: GenerationRequest
     abort: threading.Event  # set on the event loop when the request is cancelled
+    submitted: float = field(default_factory=time.monotonic)
 
 
 class HFBackend(GenerationBackend):
@@ -147,7 +149,8 @@ class _Row:
     """One sequence's state in the decode loop."""
 
     def __init__(self, job: _Job) -> None:
-        self.req, self.abort = job.request, job.abort
+        self.req, self.abort, self.submitted = job.request, job.abort, job.submitted
+        self.first_token_s: float | None = None
         self.generator = torch.Generator().manual_seed(self.req.seed) if self.req.temperature > 0 else None
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
@@ -203,6 +206,8 @@ def decode(
                 r.reason = "abort"
                 continue
             token = int(choice[i])
+            if not r.tokens:
+                r.first_token_s = time.monotonic() - r.submitted
             r.tokens.append(token)
             r.logprobs.append(picked[i])
             if r.req.top_logprobs:
@@ -231,6 +236,7 @@ def decode(
             weight_version=weight_version,
             stop_reason=r.stop,
             top_logprobs=r.tops if r.req.top_logprobs else None,
+            first_token_s=r.first_token_s,
         )
         for r in rows
     ]

@@ -115,6 +115,8 @@ def test_concurrent_requests_share_batches(tight):
     assert all(r.status_code == 200 for r in replies)
     assert metric(url, "assay_policy_batch_sequences_sum", model="policy") - sequences == 4
     assert metric(url, "assay_policy_batch_sequences_count", model="policy") - batches < 4
+    ttft = metric(url, "assay_policy_time_to_first_token_seconds_count", model="policy")
+    assert ttft >= 4 and metric(url, "assay_policy_time_to_first_token_seconds_sum", model="policy") > 0
 
 
 def test_a_full_queue_answers_429_with_retry_after(tight):
