@@ -158,7 +158,6 @@ def weight_updates(repeats: int, big: bool) -> Table:
                     wall = statistics.median(walls[1:])
                     table.add_row(label, f"{size:.1f}", way, f"{wall:.3f}", f"{size / wall:.0f}",
                                   f"{statistics.median(server[1:]):.3f}")  # fmt: skip
-            del state
     return table
 
 

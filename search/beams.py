@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from search.base import Candidate, Score
-from search.tracker import Tracker, argmax
+from search.tracker import Tracker
 
 
 @dataclass
@@ -75,13 +75,6 @@ def expand(t: Tracker, prompt: str, beams: list[Beam], width: int) -> list[list[
 
 def to_candidate(t: Tracker, b: Beam) -> Candidate:
     return t.candidate(b.text, b.score, b.num_tokens, b.finish_reason or "budget")
-
-
-def pick(candidates: list[Candidate]) -> int | None:
-    """The best-scored candidate among those with a final answer, else among all."""
-    answered = [c.score if c.final_answer is not None else None for c in candidates]
-    best = argmax(answered)
-    return best if best is not None else argmax([c.score for c in candidates])
 
 
 def ranked(beams: list[Beam]) -> list[Beam]:

@@ -1,4 +1,5 @@
-"""Best-of-N: sample N responses, score each with the reward, answer with the highest-scored one.
+"""Best-of-N: sample N responses, score each with the reward, answer with the highest-scored one
+(among those that reach a final answer, when any does: see `tracker.pick`).
 
 The baseline of inference-time search (rejection sampling with a reward model): its quality is
 bounded by the reward's ability to rank, and pass@N is its ceiling. Reads `n`, `max_tokens`,
@@ -8,7 +9,7 @@ bounded by the reward's ability to rank, and pass@N is its ceiling. Reads `n`, `
 from __future__ import annotations
 
 from search.base import Generator, Scorer, SearchConfig, SearchResult
-from search.tracker import Tracker, argmax
+from search.tracker import Tracker, pick
 
 
 def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,
@@ -20,4 +21,4 @@ def run(prompt: str, generator: Generator, scorer: Scorer | None, config: Search
     scores = t.score(prompt, [g.text for g in gens])
     candidates = [t.candidate(g.text, s, g.num_tokens, g.finish_reason) for g, s in zip(gens, scores)]
     t.event("sampled", candidates=len(candidates), failed=sum(c.score is None for c in candidates))
-    return t.result(candidates, argmax([c.score for c in candidates]))
+    return t.result(candidates, pick(candidates))

@@ -138,6 +138,16 @@ class Tracker:
         )
 
 
+def pick(candidates: Sequence[Candidate]) -> int | None:
+    """The best-scored candidate among those with a final answer, else among all.
+
+    A response with no final answer cannot be right, and a process reward scores an unfinished
+    response high (every step so far is correct): left to the plain argmax, best-of-N with the
+    PRM chose such a fragment for 6 of 32 problems (bench/scaling.py)."""
+    best = argmax([c.score if c.final_answer is not None else None for c in candidates])
+    return best if best is not None else argmax([c.score for c in candidates])
+
+
 def argmax(values: Sequence[float | None]) -> int | None:
     """Index of the largest value, the first on ties; None values lose to any number. None if all are None."""
     best = None

@@ -75,12 +75,18 @@ def test_best_of_n_takes_the_argmax_and_never_a_failed_score():
     assert r.candidates[3].score is None and r.candidates[3].error == "not in the table"
 
 
+def test_best_of_n_prefers_an_answered_response_and_falls_back_to_any():
+    scorer = TableScorer({"1+1=2 ": 0.99, "x #### 5": 0.2})
+    assert best_of_n.run(P, ScriptedGenerator(["1+1=2 ", "x #### 5"]), scorer, SearchConfig(n=2)).chosen == 1
+    assert best_of_n.run(P, ScriptedGenerator(["1+1=2 "]), scorer, SearchConfig(n=1)).chosen == 0
+
+
 def test_weighted_best_of_n_sums_reward_per_answer():
     # "4" has the single best score, but "3" has more reward in total: 0.5 + 0.45 + 0.3 > 0.9
     responses = ["a #### 4", "b #### 3", "c #### 3", "d #### 3", "e", "f #### 4"]
     table = {"a #### 4": 0.9, "b #### 3": 0.3, "c #### 3": 0.5, "d #### 3": 0.45, "e": 0.99, "f #### 4": 0.0}
     gen, scorer = ScriptedGenerator(responses), TableScorer(table)
-    assert best_of_n.run(P, gen, scorer, SearchConfig(n=6)).answer is None  # "e" has no answer
+    assert best_of_n.run(P, gen, scorer, SearchConfig(n=6)).answer == "4"  # "e" scores best but has no answer
     gen = ScriptedGenerator(responses)
     r = weighted_best_of_n.run(P, gen, scorer, SearchConfig(n=6))
     assert r.answer == "3" and r.chosen == 2  # the best-scored candidate with that answer
