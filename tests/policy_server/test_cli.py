@@ -7,17 +7,21 @@ import signal
 import subprocess
 import sys
 
+import grpc
 import openai
+
+from proto.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from tests.servers import free_port, wait_ready
 
 
 def test_server_subprocess_serves_the_embedded_models_and_stops_cleanly():
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "policy_server", "--port", str(port), "--torch-threads", "1", "--log-level", "warning"],
+        [sys.executable, "-m", "policy_server", "--port", str(port), "--grpc-port", str(grpc_port),
+         "--torch-threads", "1", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(proc, url, 90)
@@ -25,6 +29,11 @@ def test_server_subprocess_serves_the_embedded_models_and_stops_cleanly():
         assert {m.id for m in client.models.list().data} == {"policy", "verifier"}
         done = client.completions.create(model="policy", prompt="Q: 23+45-17 A: ", max_tokens=40, temperature=0)
         assert done.choices[0].text == "23+45=68 68-17=51 #### 51"
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            reply = stub.Generate(policy_pb2.GenerateRequest(model="policy", prompt="Q: 23+45-17 A: ", max_tokens=40,
+                                                             temperature=0.0), timeout=30)  # fmt: skip
+        assert reply.choices[0].text == done.choices[0].text
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
@@ -48,3 +57,11 @@ def test_a_missing_checkpoint_exits_with_the_reason(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr + proc.stdout
+
+
+def test_an_unknown_backend_exits_with_the_choices():
+    proc = subprocess.run(
+        [sys.executable, "-m", "policy_server", "--backend", "tgi", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "use one of transformers, vllm" in proc.stderr + proc.stdout
