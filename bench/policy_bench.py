@@ -13,7 +13,7 @@ falls on both; the table gives medians and the overhead ratio median(search) / m
 
 weights: full state dicts pushed with `PolicyClient.update_weights` (safetensors over HTTP,
 checked and swapped in), and the same from the server's disk (`load_weights`), for the embedded
-policy (4 MB) and for a randomly initialised ~200 MB model of the same family served by its own
+policy (4 MB) and for a randomly initialised 806 MB model (201M parameters, float32) of the same family served by its own
 server, so the per-byte cost shows. Seconds are the client's wall clock, request to reply.
 """
 
@@ -109,7 +109,7 @@ def _p90(xs: list[float]) -> float:
 
 
 def big_checkpoint(out: Path, hidden: int = 1024, layers: int = 12) -> Path:
-    """A random model of the embedded policy's family (~200 MB float32), with its tokenizer."""
+    """A random model of the embedded policy's family (201M parameters, 806 MB float32), with its tokenizer."""
     import shutil
 
     from transformers import AutoConfig, AutoModelForCausalLM
