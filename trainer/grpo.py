@@ -1,0 +1,188 @@
+"""Online GRPO against the live services (Shao et al. 2024, DeepSeekMath).
+
+Each step: B training prompts -> G completions each from the policy server (tagged with the
+weight version that made them) -> one reward per completion from `reward_fn` (rm_server by reward
+id, or the same reward in-process) -> group-relative advantages -> `mu` optimisation passes of the
+clipped policy-ratio loss with a k3 KL penalty to the frozen reference -> the new weights pushed
+to the policy server, whose next version the next rollout must carry.
+
+    loss = -1/|o| sum_t [ min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A) - beta * KL_t ]
+    r_t  = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t)          A = (R - mean_group R) / std_group R
+    KL_t = pi_ref/pi - log(pi_ref/pi) - 1                      (k3: unbiased, >= 0)
+
+Variants (`GRPOConfig`): `scale="none"` drops the std normalisation and `loss_norm="constant"`
+divides by a constant instead of each sequence's length (Dr. GRPO); `loss_norm="token_mean"`
+averages over all tokens of the batch (DAPO); `eps_high > eps_low` is DAPO's clip-higher.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from clients.policy import PolicyClient
+from trainer.online import (
+    RewardFn,
+    RunDir,
+    check_reward_id,
+    heldout_pass1,
+    pack,
+    push_weights,
+    sample_groups,
+    score,
+    sync_weights,
+    timed,
+    token_logprobs,
+    train_prompts,
+)
+from trainer.rl_math import entropy_from_logits, group_advantages, kl_estimate, masked_mean, token_loss
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = field(default=100, metadata={"help": "optimisation steps (each: one rollout batch)"})
+    prompts_per_step: int = field(default=16, metadata={"help": "B: training prompts per step"})
+    group_size: int = field(default=8, metadata={"help": "G: completions per prompt"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
+    max_tokens: int = field(default=48, metadata={"help": "tokens per completion, at most"})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant)"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient (0: no reference model)"})
+    eps_low: float = field(default=0.2, metadata={"help": "ratio clip below 1"})
+    eps_high: float = field(default=0.2, metadata={"help": "ratio clip above 1 (DAPO's clip-higher: 0.28)"})
+    mu: int = field(default=1, metadata={"help": "optimisation passes over each rollout batch"})
+    scale: str = field(default="std", metadata={"help": "advantage scaling: std (GRPO), none (Dr. GRPO), batch"})
+    loss_norm: str = field(default="sequence_mean", metadata={"help": "sequence_mean, token_mean (DAPO), constant (Dr. GRPO)"})  # fmt: skip
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    reward: str = field(default="correct", metadata={"help": "the rm_server reward to train on"})
+    seed: int = field(default=0, metadata={"help": "prompts and sampling seeds derive from it and the step"})
+    checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
+    eval_every: int = field(default=0, metadata={"help": "steps between held-out pass@1 evaluations (0: none)"})
+    eval_problems: int = field(default=64, metadata={"help": "held-out problems per evaluation"})
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.prompts_per_step, self.mu, self.checkpoint_every) < 1 or self.group_size < 2:
+            raise ValueError("steps, prompts_per_step, mu and checkpoint_every must be >= 1, group_size >= 2")
+        if self.scale not in ("std", "none", "batch"):
+            raise ValueError(f"scale must be std, none or batch, not {self.scale!r}")
+        if self.loss_norm not in ("sequence_mean", "token_mean", "constant"):
+            raise ValueError(f"loss_norm must be sequence_mean, token_mean or constant, not {self.loss_norm!r}")
+        if self.lr <= 0 or self.beta < 0 or self.eps_low <= 0 or self.eps_high <= 0:
+            raise ValueError("lr, eps_low and eps_high must be > 0, beta >= 0")
+
+
+def train(config: GRPOConfig, model, tokenizer, policy: PolicyClient, reward_fn: RewardFn, run_dir: RunDir, *,
+          resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Run `config.steps` steps (the remaining ones, when resuming); every step's metrics."""
+    torch.manual_seed(config.seed)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    start, reward_id = 1, None
+    if resume and (ckpt := run_dir.latest()) is not None:
+        modules = {"policy": model, **({"reference": ref_model} if ref_model is not None else {})}
+        state = run_dir.load(ckpt, modules, {"policy": optimizer})
+        start, reward_id = state["step"] + 1, state["reward_id"]
+    reward_id = check_reward_id(reward_fn, reward_id)
+    run_dir.write_config({"algorithm": "grpo", **asdict(config), "reward_id": reward_id})
+    version = sync_weights(policy, model, None)  # the server serves exactly these weights
+    model.train()
+    history = []
+    for step in range(start, config.steps + 1):
+        metrics = _step(config, step, model, ref_model, tokenizer, optimizer, policy, reward_fn, version)
+        version = metrics["weight_version"]
+        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            metrics["heldout_pass1"] = heldout_pass1(model, tokenizer, config.eval_problems)
+        run_dir.log(metrics)
+        history.append(metrics)
+        if on_step is not None:
+            on_step(metrics)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            modules = {"policy": model, **({"reference": ref_model} if ref_model is not None else {})}
+            run_dir.save(step, modules, {"policy": optimizer}, {"reward_id": reward_id, "weight_version": version})
+    return history
+
+
+def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer, policy: PolicyClient,
+          reward_fn: RewardFn, version: int) -> dict[str, Any]:  # fmt: skip
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with timed(t, "rollout_s"):
+        version = sync_weights(policy, model, version)  # re-pushed if the server restarted
+        problems = train_prompts(step, config.prompts_per_step, config.seed)
+        groups, stale = sample_groups(policy, problems, config.group_size, temperature=config.temperature,
+                                      max_tokens=config.max_tokens, seed=config.seed * 1_000_003 + step,
+                                      version=version)  # fmt: skip
+    rollouts = [r for g in groups for r in g]
+    if not rollouts:  # every sample was stale: nothing to learn from, nothing mixed in
+        return {"step": step, "samples": 0, "stale_dropped": stale, "weight_version": version,
+                "seconds": time.perf_counter() - t0, **t}  # fmt: skip
+    with timed(t, "reward_s"):
+        scores = score(reward_fn, rollouts)
+    failed = sum(s is None for s in scores)
+
+    # Group-relative advantages over the samples that have a reward; the rest are masked out.
+    width = max(len(g) for g in groups)
+    rewards = torch.full((len(groups), width), float("nan"))  # [B, G]
+    it = iter(scores)
+    for i, g in enumerate(groups):
+        for j in range(len(g)):
+            v = next(it)
+            rewards[i, j] = float("nan") if v is None else v
+    valid = ~rewards.isnan()
+    adv = group_advantages(rewards, valid, scale=config.scale)  # [B, G]
+    flat_adv = torch.cat([adv[i, : len(g)] for i, g in enumerate(groups)])  # [N]
+    flat_valid = torch.cat([valid[i, : len(g)] for i, g in enumerate(groups)]).float()  # [N]
+
+    with timed(t, "train_s"):
+        batch = pack(rollouts, tokenizer.pad_token_id)
+        mask = batch.completion_mask * flat_valid[:, None]  # [N, L-1]
+        with torch.no_grad():
+            old_logp = token_logprobs(model, batch)[0]  # the weights that sampled (version `version`)
+            ref_logp = token_logprobs(ref_model, batch)[0] if ref_model is not None else None
+        gap = _server_gap(rollouts, old_logp, batch)
+        for _ in range(config.mu):
+            logp, logits = token_logprobs(model, batch)
+            ratio = (logp - old_logp).exp()  # [N, L-1]
+            a = flat_adv[:, None]
+            surrogate = torch.min(ratio * a, ratio.clamp(1 - config.eps_low, 1 + config.eps_high) * a)
+            kl = kl_estimate(logp, ref_logp, "k3") if ref_logp is not None else torch.zeros_like(logp)
+            per_token = -(surrogate - config.beta * kl)
+            loss = token_loss(per_token, mask, kind=config.loss_norm, max_tokens=config.max_tokens)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+        with torch.no_grad():
+            clipped = ((ratio < 1 - config.eps_low) | (ratio > 1 + config.eps_high)).float()
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+    with timed(t, "push_s"):
+        version = push_weights(policy, model, version)
+
+    seconds = time.perf_counter() - t0
+    good = [s for s in scores if s is not None]
+    tokens = int(batch.completion_mask.sum())
+    return {
+        "step": step, "loss": loss.item(), "reward_mean": sum(good) / len(good) if good else None,
+        "reward_std": float(torch.tensor(good).std()) if len(good) > 1 else None,
+        "reward_failed": failed, "stale_dropped": stale, "samples": len(rollouts),
+        "kl": float(masked_mean(kl, mask)), "entropy": float(entropy), "clip_frac": float(masked_mean(clipped, mask)),
+        "grad_norm": float(grad_norm), "server_logprob_gap": gap, "tokens": tokens,
+        "tokens_per_s": tokens / seconds, "samples_per_s": len(rollouts) / seconds, "weight_version": version,
+        "seconds": seconds, **t,
+    }  # fmt: skip
+
+
+def _server_gap(rollouts, logp: torch.Tensor, batch) -> float:
+    """Max |server logprob - trainer logprob| over completion tokens: the two must be the same model."""
+    gap = 0.0
+    for i, r in enumerate(rollouts):
+        if not r.server_logprobs:
+            continue
+        p = len(r.prompt_ids)
+        mine = logp[i, p - 1 : p - 1 + len(r.completion_ids)]
+        gap = max(gap, float((mine - torch.tensor(r.server_logprobs)).abs().max()))
+    return gap
