@@ -57,6 +57,17 @@ class Service:
     url: str
     proc: subprocess.Popen
     log: Path
+    argv: list[str]
+    env: dict[str, str]
+
+    def restart(self, timeout_s: float = 180.0) -> None:
+        """Kill the process (SIGKILL, as a crash would) and start it again on the same port."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+        self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -146,6 +157,7 @@ class LocalServices:
 def _launch(module: str, args: list[str], tmp: Path, env: dict[str, str]) -> Service:
     port = args[args.index("--port") + 1]
     log = tmp / f"{module}.log"
+    argv = [sys.executable, "-m", module, *args]
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=subprocess.STDOUT, env=env)
-    return Service(module, f"http://127.0.0.1:{port}", proc, log)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return Service(module, f"http://127.0.0.1:{port}", proc, log, argv, env)

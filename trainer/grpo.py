@@ -144,6 +144,7 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
             old_logp = token_logprobs(model, batch)[0]  # the weights that sampled (version `version`)
             ref_logp = token_logprobs(ref_model, batch)[0] if ref_model is not None else None
         gap = _server_gap(rollouts, old_logp, batch)
+        losses = []
         for _ in range(config.mu):
             logp, logits = token_logprobs(model, batch)
             ratio = (logp - old_logp).exp()  # [N, L-1]
@@ -156,6 +157,7 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            losses.append(loss.item())
         with torch.no_grad():
             clipped = ((ratio < 1 - config.eps_low) | (ratio > 1 + config.eps_high)).float()
             entropy = masked_mean(entropy_from_logits(logits), mask)
@@ -166,10 +168,10 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
     good = [s for s in scores if s is not None]
     tokens = int(batch.completion_mask.sum())
     return {
-        "step": step, "loss": loss.item(), "reward_mean": sum(good) / len(good) if good else None,
+        "step": step, "loss": losses[0], "loss_last_pass": losses[-1], "reward_mean": sum(good) / len(good) if good else None,
         "reward_std": float(torch.tensor(good).std()) if len(good) > 1 else None,
         "reward_failed": failed, "stale_dropped": stale, "samples": len(rollouts),
-        "kl": float(masked_mean(kl, mask)), "entropy": float(entropy), "clip_frac": float(masked_mean(clipped, mask)),
+        "kl": masked_mean(kl.detach(), mask).item(), "entropy": entropy.item(), "clip_frac": masked_mean(clipped, mask).item(),
         "grad_norm": float(grad_norm), "server_logprob_gap": gap, "tokens": tokens,
         "tokens_per_s": tokens / seconds, "samples_per_s": len(rollouts) / seconds, "weight_version": version,
         "seconds": seconds, **t,

@@ -1,0 +1,135 @@
+"""`assay train grpo ...` and `assay plot RUN_DIR`.
+
+    assay train grpo --run-dir runs/grpo                      # starts both services on loopback for the run
+    assay train grpo --config grpo.yaml --run-dir runs/grpo --resume
+    assay train grpo --rm-url http://127.0.0.1:8000 --policy-url http://127.0.0.1:8001 --run-dir runs/grpo
+    assay plot runs/grpo                                      # runs/grpo/curves.png
+
+With no URLs the trainer starts rm_server and policy_server itself (`assay.services`) and stops
+them at the end. `--in-process-reward` computes the same reward (same code, same id) in the
+trainer's process instead of asking rm_server, to measure what the service costs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import ExitStack
+from dataclasses import fields
+from pathlib import Path
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+train_app = typer.Typer(help="Online RL against the live services.", no_args_is_help=True)
+console = Console()
+
+
+def load_config(cls, path: Path | None, overrides: dict):
+    """A config dataclass from a YAML/JSON file plus overrides; unknown keys are an error."""
+    raw = yaml.safe_load(path.read_text()) if path is not None else {}
+    raw = {**(raw or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise typer.BadParameter(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**raw)
+    except (TypeError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@train_app.command("grpo")
+def grpo_cmd(
+    run_dir: Path = typer.Option(..., help="where metrics.jsonl, config.json and checkpoints/ go"),
+    config: Path = typer.Option(None, help="YAML or JSON with GRPOConfig fields"),
+    resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
+    steps: int = typer.Option(None, help="override: steps"),
+    seed: int = typer.Option(None, help="override: seed"),
+    model: Path = typer.Option(None, help="initial policy checkpoint (default: the embedded policy)"),
+    rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
+    policy_url: str = typer.Option(None, help="a running policy_server serving the same initial policy"),
+    rm_api_key: str = typer.Option(None, envvar="ASSAY_RM_API_KEY", help="key with scope score"),
+    policy_api_key: str = typer.Option(None, envvar="ASSAY_POLICY_API_KEY", help="key with scopes generate, admin"),
+    in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
+    torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
+) -> None:
+    """Online GRPO: rollouts from the policy server, rewards from rm_server, weights pushed back."""
+    import torch
+
+    from assay.checkpoints import CheckpointError, load_embedded, load_model
+    from assay.services import LocalServices
+    from clients.policy import PolicyClient
+    from clients.reward import RewardClient
+    from trainer.grpo import GRPOConfig, train
+    from trainer.online import RewardMismatch, RunDir
+    from trainer.rewards import InProcessReward
+
+    torch.set_num_threads(torch_threads)
+    cfg = load_config(GRPOConfig, config, {"steps": steps, "seed": seed})
+    if (rm_url is None) != (policy_url is None):
+        raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
+    try:
+        net, tok = load_model(model, "causal_lm") if model else load_embedded("policy")
+    except CheckpointError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    with ExitStack() as stack:
+        if rm_url is None:
+            policy_args = ["--model", str(model), "--model-name", "policy"] if model else []
+            services = stack.enter_context(LocalServices.start(policy_args=policy_args))
+            rm_url, policy_url = services.rm_url, services.policy_url
+        policy = stack.enter_context(PolicyClient.http(policy_url, api_key=policy_api_key, timeout_s=300))
+        if in_process_reward:
+            reward_fn = stack.enter_context(InProcessReward(cfg.reward))
+        else:
+            rm = stack.enter_context(RewardClient.http(rm_url, api_key=rm_api_key, timeout_s=120, max_retries=8))
+            reward_fn = rm.as_reward_fn(cfg.reward)
+        bar = stack.enter_context(Progress(
+            TextColumn("grpo"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), console=console,
+        ))  # fmt: skip
+        task = bar.add_task("train", total=cfg.steps, info="")
+
+        def on_step(m: dict) -> None:
+            reward = "n/a" if m.get("reward_mean") is None else f"{m['reward_mean']:.3f}"
+            extra = f" pass@1 {m['heldout_pass1']:.3f}" if "heldout_pass1" in m else ""
+            bar.update(task, completed=m["step"], info=f"reward {reward} kl {m.get('kl', 0):.4f} "
+                       f"v{m['weight_version']} {m['seconds']:.1f}s/step{extra}")  # fmt: skip
+
+        try:
+            train(cfg, net, tok, policy, reward_fn, RunDir(run_dir), resume=resume, on_step=on_step)
+        except RewardMismatch as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            sys.exit(1)
+    console.print(f"metrics: {run_dir / 'metrics.jsonl'}")
+
+
+def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metrics.jsonl")) -> None:
+    """Write RUN_DIR/curves.png: reward, KL, entropy, clip fraction, held-out pass@1, step time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        console.print(f"[red]error:[/red] {path} does not exist")
+        sys.exit(2)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    panels = [k for k in ("reward_mean", "heldout_pass1", "kl", "entropy", "clip_frac", "value_loss", "seconds")
+              if any(k in r for r in rows)]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot(*zip(*pts), marker="o" if key == "heldout_pass1" else None, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=110)
+    console.print(f"wrote {out}")
