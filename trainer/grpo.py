@@ -20,26 +20,14 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from clients.policy import PolicyClient
-from trainer.online import (
-    RewardFn,
-    RunDir,
-    check_reward_id,
-    heldout_pass1,
-    pack,
-    push_weights,
-    sample_groups,
-    score,
-    sync_weights,
-    timed,
-    token_logprobs,
-    train_prompts,
-)
+from trainer import online
+from trainer.online import RewardFn, RunDir, pack, push_weights, server_gap, timed, token_logprobs, train_prompts
 from trainer.rl_math import entropy_from_logits, group_advantages, kl_estimate, masked_mean, token_loss
 
 
@@ -81,47 +69,29 @@ def train(config: GRPOConfig, model, tokenizer, policy: PolicyClient, reward_fn:
     torch.manual_seed(config.seed)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    start, reward_id = 1, None
-    if resume and (ckpt := run_dir.latest()) is not None:
-        modules = {"policy": model, **({"reference": ref_model} if ref_model is not None else {})}
-        state = run_dir.load(ckpt, modules, {"policy": optimizer})
-        start, reward_id = state["step"] + 1, state["reward_id"]
-    reward_id = check_reward_id(reward_fn, reward_id)
-    run_dir.write_config({"algorithm": "grpo", **asdict(config), "reward_id": reward_id})
-    version = sync_weights(policy, model, None)  # the server serves exactly these weights
+    modules = {"policy": model, **({"reference": ref_model} if ref_model is not None else {})}
     model.train()
-    history = []
-    for step in range(start, config.steps + 1):
-        metrics = _step(config, step, model, ref_model, tokenizer, optimizer, policy, reward_fn, version)
-        version = metrics["weight_version"]
-        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-            metrics["heldout_pass1"] = heldout_pass1(model, tokenizer, config.eval_problems)
-        run_dir.log(metrics)
-        history.append(metrics)
-        if on_step is not None:
-            on_step(metrics)
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            modules = {"policy": model, **({"reference": ref_model} if ref_model is not None else {})}
-            run_dir.save(step, modules, {"policy": optimizer}, {"reward_id": reward_id, "weight_version": version})
-    return history
+
+    def step_fn(step: int, version: int) -> dict[str, Any]:
+        return _step(config, step, model, ref_model, tokenizer, optimizer, policy, reward_fn, version)
+
+    return online.run("grpo", config, step_fn, model, tokenizer, modules, {"policy": optimizer}, policy, reward_fn,
+                      run_dir, resume=resume, on_step=on_step)  # fmt: skip
 
 
 def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer, policy: PolicyClient,
           reward_fn: RewardFn, version: int) -> dict[str, Any]:  # fmt: skip
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    with timed(t, "rollout_s"):
-        version = sync_weights(policy, model, version)  # re-pushed if the server restarted
-        problems = train_prompts(step, config.prompts_per_step, config.seed)
-        groups, stale = sample_groups(policy, problems, config.group_size, temperature=config.temperature,
-                                      max_tokens=config.max_tokens, seed=config.seed * 1_000_003 + step,
-                                      version=version)  # fmt: skip
+    problems = train_prompts(step, config.prompts_per_step, config.seed)
+    groups, scores, stale, version = online.rollout(
+        policy, model, reward_fn, problems, config.group_size, temperature=config.temperature,
+        max_tokens=config.max_tokens, seed=config.seed * 1_000_003 + step, version=version, seconds=t,
+    )  # fmt: skip
     rollouts = [r for g in groups for r in g]
     if not rollouts:  # every sample was stale: nothing to learn from, nothing mixed in
         return {"step": step, "samples": 0, "stale_dropped": stale, "weight_version": version,
                 "seconds": time.perf_counter() - t0, **t}  # fmt: skip
-    with timed(t, "reward_s"):
-        scores = score(reward_fn, rollouts)
     failed = sum(s is None for s in scores)
 
     # Group-relative advantages over the samples that have a reward; the rest are masked out.
@@ -143,7 +113,7 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
         with torch.no_grad():
             old_logp = token_logprobs(model, batch)[0]  # the weights that sampled (version `version`)
             ref_logp = token_logprobs(ref_model, batch)[0] if ref_model is not None else None
-        gap = _server_gap(rollouts, old_logp, batch)
+        gap = server_gap(rollouts, old_logp)
         losses = []
         for _ in range(config.mu):
             logp, logits = token_logprobs(model, batch)
@@ -176,15 +146,3 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
         "tokens_per_s": tokens / seconds, "samples_per_s": len(rollouts) / seconds, "weight_version": version,
         "seconds": seconds, **t,
     }  # fmt: skip
-
-
-def _server_gap(rollouts, logp: torch.Tensor, batch) -> float:
-    """Max |server logprob - trainer logprob| over completion tokens: the two must be the same model."""
-    gap = 0.0
-    for i, r in enumerate(rollouts):
-        if not r.server_logprobs:
-            continue
-        p = len(r.prompt_ids)
-        mine = logp[i, p - 1 : p - 1 + len(r.completion_ids)]
-        gap = max(gap, float((mine - torch.tensor(r.server_logprobs)).abs().max()))
-    return gap

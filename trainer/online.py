@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +130,18 @@ def pack(rollouts: Sequence[Rollout], pad_id: int) -> Batch:
     return Batch(ids, attn, comp)
 
 
+def server_gap(rollouts: Sequence[Rollout], logp: torch.Tensor) -> float:
+    """Max |server logprob - trainer logprob| over completion tokens (`logp` from `token_logprobs`
+    on `pack(rollouts)`): near 0 when the server sampled with exactly the trainer's weights."""
+    gap = 0.0
+    for i, r in enumerate(rollouts):
+        if r.server_logprobs:
+            p = len(r.prompt_ids)
+            mine = logp[i, p - 1 : p - 1 + len(r.completion_ids)]
+            gap = max(gap, float((mine - torch.tensor(r.server_logprobs)).abs().max()))
+    return gap
+
+
 def token_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs of each next token, logits) under `model`: [rows, length - 1] and [rows, length - 1, vocab]."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
@@ -155,6 +167,55 @@ def sync_weights(policy: PolicyClient, model: torch.nn.Module, version: int | No
 def push_weights(policy: PolicyClient, model: torch.nn.Module, expect_version: int) -> int:
     reply = policy.update_weights(model.state_dict(), expect_version=expect_version)
     return reply.weight_version
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def run(algorithm: str, config: Any, step_fn: Callable[[int, int], dict[str, Any]], model: torch.nn.Module,
+        tokenizer: Any, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+        policy: PolicyClient, reward_fn: RewardFn, run_dir: RunDir, *, resume: bool = False,
+        on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """The loop every online algorithm shares: resume, check the reward id, make the server hold
+    the trainer's weights, then per step `step_fn(step, version) -> metrics` (which pushes the new
+    weights and reports their `weight_version`), evaluation, metrics, checkpoints.
+
+    `modules` and `optimizers` (by name; `modules["policy"]` is `model`) are what a checkpoint
+    holds. `config` needs `steps`, `checkpoint_every`, `eval_every`, `eval_problems`."""
+    start, reward_id = 1, None
+    if resume and (ckpt := run_dir.latest()) is not None:
+        state = run_dir.load(ckpt, modules, optimizers)
+        start, reward_id = state["step"] + 1, state["reward_id"]
+    reward_id = check_reward_id(reward_fn, reward_id)
+    run_dir.write_config({"algorithm": algorithm, **asdict(config), "reward_id": reward_id})
+    version = sync_weights(policy, model, None)  # the server now serves exactly these weights
+    history = []
+    for step in range(start, config.steps + 1):
+        metrics = step_fn(step, version)
+        version = metrics["weight_version"]
+        if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
+            metrics["heldout_pass1"] = heldout_pass1(model, tokenizer, config.eval_problems)
+        run_dir.log(metrics)
+        history.append(metrics)
+        if on_step is not None:
+            on_step(metrics)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            run_dir.save(step, modules, optimizers, {"reward_id": reward_id, "weight_version": version})
+    return history
+
+
+def rollout(policy: PolicyClient, model: torch.nn.Module, reward_fn: RewardFn, problems: Sequence[world.Problem],
+            n: int, *, temperature: float, max_tokens: int, seed: int, version: int,
+            seconds: dict[str, float]) -> tuple[list[list[Rollout]], list[float | None], int, int]:  # fmt: skip
+    """Sync the server's weights, sample `n` per problem, score them: (groups, scores in group
+    order, stale samples dropped, the version that sampled)."""
+    with timed(seconds, "rollout_s"):
+        version = sync_weights(policy, model, version)  # pushed again if the server restarted
+        groups, stale = sample_groups(policy, problems, n, temperature=temperature, max_tokens=max_tokens,
+                                      seed=seed, version=version)  # fmt: skip
+    with timed(seconds, "reward_s"):
+        scores = score(reward_fn, [r for g in groups for r in g])
+    return groups, scores, stale, version
 
 
 # --- evaluation --------------------------------------------------------------------------------

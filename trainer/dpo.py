@@ -1,0 +1,389 @@
+"""Direct Preference Optimization (Rafailov et al. 2023), offline and iterative.
+
+DPO fits a policy to preference pairs (x, y_w, y_l) without a reward model in the loop: the
+policy's log-ratio against a frozen reference *is* the reward, r(x, y) = beta * log pi(y|x)/pi_ref(y|x),
+and the Bradley-Terry likelihood of the pairs is maximised directly:
+
+    L = -log sigmoid(beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))))
+
+with log pi(y|x) summed over the completion's tokens only (prompt masked; the completion is the
+response closed by eos, as `trainer.sft.encode_example` builds it). The reference is a frozen copy
+of the starting policy, so beta bounds how far training may drift from it.
+
+Iterative DPO ("search feeding learning"): each round, best-of-N search on the policy server
+samples N candidates per training prompt and rm_server scores them by reward id; the top- and
+bottom-scored candidates become (chosen, rejected); a few DPO epochs on those pairs; the new
+weights are pushed back to the server, so the next round searches the trained policy. A candidate
+whose score is None (the reward failed on it) is left out, never counted as 0; the run stops
+if rm_server's id for the reward changes mid-run, since the pairs would then mix two rewards.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from arith import world
+from trainer.sft import IGNORE, collate, encode_example
+
+if TYPE_CHECKING:
+    from clients.policy import PolicyClient
+    from policy_server.protocol import SearchResponse
+
+# Strategies whose answer lists every sampled candidate with its own reward score.
+PAIR_STRATEGIES = ("best_of_n", "weighted_best_of_n")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward; "
+                        "larger keeps the policy closer to the reference"})  # fmt: skip
+    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: assumed share of flipped "
+                                   "preference labels (0 = plain DPO)"})  # fmt: skip
+    sft_weight: float = field(default=0.0, metadata={"help": "RPO: weight of the per-token NLL of the "
+                              "chosen response added to the loss (0 = plain DPO)"})  # fmt: skip
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per optimizer step"})
+    epochs: int = field(default=2, metadata={"help": "passes over the pairs (offline: in all; iterative: per round)"})
+    seed: int = field(default=0, metadata={"help": "torch and shuffling seed; search seeds derive from it"})
+    # iterative DPO only
+    rounds: int = field(default=5, metadata={"help": "search -> train -> push rounds"})
+    prompts_per_round: int = field(default=32, metadata={"help": "training prompts searched per round"})
+    n: int = field(default=8, metadata={"help": "candidates sampled per prompt"})
+    reward: str = field(default="orm", metadata={"help": "rm_server reward name that scores candidates"})
+    strategy: str = field(default="best_of_n", metadata={"help": f"search strategy, one of {PAIR_STRATEGIES}"})
+    min_margin: float = field(default=0.0, metadata={"help": "skip a prompt whose top-bottom score gap is "
+                              "below this (equal scores are always skipped)"})  # fmt: skip
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the search"})
+    max_tokens: int = field(default=48, metadata={"help": "tokens per candidate, at most"})
+    ref_update: Literal["fixed", "each_round"] = field(default="fixed", metadata={"help": "reference model: "
+                                                       "the initial policy throughout, or the policy at "
+                                                       "the start of each round"})  # fmt: skip
+    concurrency: int = field(default=4, metadata={"help": "searches in flight at once"})
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError("label_smoothing must be in [0, 0.5): at 0.5 the labels carry no preference")
+        if self.sft_weight < 0 or self.lr <= 0 or self.grad_clip <= 0:
+            raise ValueError("sft_weight must be >= 0, lr and grad_clip > 0")
+        if min(self.batch_size, self.epochs, self.rounds, self.prompts_per_round, self.concurrency) < 1:
+            raise ValueError("batch_size, epochs, rounds, prompts_per_round and concurrency must be >= 1")
+        if self.n < 2:
+            raise ValueError(f"n must be >= 2 to have a chosen and a rejected candidate, got {self.n}")
+        if self.strategy not in PAIR_STRATEGIES:
+            raise ValueError(f"strategy must be one of {PAIR_STRATEGIES} (they score every candidate), "
+                             f"not {self.strategy!r}")  # fmt: skip
+        if self.min_margin < 0:
+            raise ValueError("min_margin must be >= 0")
+        if self.ref_update not in ("fixed", "each_round"):
+            raise ValueError("ref_update must be 'fixed' or 'each_round'")
+
+
+@dataclass
+class Pair:
+    """One preference: `chosen` preferred over `rejected` as responses to `prompt` (no eos in them)."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_score: float | None = None  # the reward's scores, when the pair came from a search
+    rejected_score: float | None = None
+    chosen_correct: bool | None = None  # against the search's reference, when one was sent
+    rejected_correct: bool | None = None
+
+
+class RewardIdChanged(RuntimeError):
+    """rm_server answered with a different id for the reward than at the start of the run."""
+
+
+# --- the loss ------------------------------------------------------------------------------
+
+
+def sequence_logps(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([batch] summed log pi(completion + eos | prompt), [batch] completion token counts)."""
+    ids, _, labels = collate(
+        [encode_example(tokenizer, p, c) for p, c in zip(prompts, completions)], tokenizer.pad_token_id
+    )
+    # Right padding under a causal mask: real tokens never attend to the pads after them (as in sft.py).
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [batch, seq-1, vocab]
+    target = labels[:, 1:]  # position t predicts token t + 1
+    keep = target != IGNORE
+    token_logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)  # [batch, seq-1]
+    return (token_logp * keep).sum(-1), keep.sum(-1)
+
+
+def pair_logps(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over chosen and rejected together: ([B] log pi(y_w|x), [B] log pi(y_l|x), [B] |y_w|)."""
+    prompts = [p.prompt for p in pairs] * 2
+    logp, count = sequence_logps(model, tokenizer, prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    b = len(pairs)
+    return logp[:b], logp[b:], count[:b]
+
+
+def dpo_loss(
+    pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+    beta: float, label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """[B] x 4 sequence log-probs -> (scalar loss, [B] chosen and [B] rejected implicit rewards).
+
+    Implicit reward r = beta * (log pi(y|x) - log pi_ref(y|x)); DPO is Bradley-Terry on it:
+        L = -log sigmoid(r_w - r_l)
+    cDPO (label smoothing e) treats a share e of the labels as flipped:
+        L = -(1 - e) log sigmoid(r_w - r_l) - e log sigmoid(r_l - r_w)
+    """
+    chosen_reward = beta * (pi_chosen - ref_chosen)  # [B]
+    rejected_reward = beta * (pi_rejected - ref_rejected)  # [B]
+    h = chosen_reward - rejected_reward  # [B]
+    loss = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return loss.mean(), chosen_reward.detach(), rejected_reward.detach()
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The reference policy: a copy that never trains."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def make_optimizer(model: torch.nn.Module, config: DPOConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+
+
+def dpo_step(
+    model: PreTrainedModel, ref_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    batch_pairs: Sequence[Pair], optimizer: torch.optim.Optimizer, config: DPOConfig,
+) -> dict[str, float]:  # fmt: skip
+    """One optimizer step on a batch of pairs; metrics measured before the step (TRL's convention)."""
+    model.train()
+    pi_w, pi_l, n_w = pair_logps(model, tokenizer, batch_pairs)
+    with torch.no_grad():
+        ref_w, ref_l, _ = pair_logps(ref_model, tokenizer, batch_pairs)
+    dpo, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta, config.label_smoothing)
+    # RPO's anchor: per-token NLL of the chosen responses, so their likelihood need not fall
+    nll = -(pi_w.sum() / n_w.sum())
+    loss = dpo + config.sft_weight * nll if config.sft_weight else dpo
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return {
+        "loss": loss.item(),
+        "dpo_loss": dpo.item(),
+        "reward_accuracy": (r_w > r_l).float().mean().item(),
+        "margin": (r_w - r_l).mean().item(),
+        "chosen_reward": r_w.mean().item(),
+        "rejected_reward": r_l.mean().item(),
+        "chosen_logp": pi_w.detach().mean().item(),
+        "rejected_logp": pi_l.detach().mean().item(),
+        "grad_norm": grad_norm.item(),
+    }
+
+
+def _train_epochs(
+    model: PreTrainedModel, ref_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair],
+    optimizer: torch.optim.Optimizer, config: DPOConfig, rng: random.Random,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:  # fmt: skip
+    history: list[dict[str, float]] = []
+    for _ in range(config.epochs):
+        order = list(pairs)
+        rng.shuffle(order)
+        for start in range(0, len(order), config.batch_size):
+            history.append(dpo_step(model, ref_model, tokenizer, order[start : start + config.batch_size],
+                                    optimizer, config))  # fmt: skip
+            if on_step:
+                on_step(len(history) - 1, history[-1])
+    model.eval()
+    return history
+
+
+def train_offline(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], config: DPOConfig,
+    on_step: Callable[[int, dict[str, float]], None] | None = None, ref_model: PreTrainedModel | None = None,
+) -> list[dict[str, float]]:  # fmt: skip
+    """DPO in place on fixed pairs for `config.epochs` shuffled passes; the per-step metrics.
+
+    The reference is a frozen copy of `model` as passed in, unless `ref_model` is given.
+    """
+    if not pairs:
+        raise ValueError("train_offline needs at least one pair")
+    torch.manual_seed(config.seed)
+    ref_model = ref_model if ref_model is not None else frozen_copy(model)
+    return _train_epochs(model, ref_model, tokenizer, pairs, make_optimizer(model, config), config,
+                         random.Random(config.seed), on_step)  # fmt: skip
+
+
+# --- iterative DPO: search feeding learning -------------------------------------------------
+
+
+def pair_from_search(prompt: str, response: SearchResponse, min_margin: float = 0.0) -> Pair | None:
+    """(top-scored, bottom-scored) candidates as a Pair; None when nothing separates them.
+
+    Candidates the reward failed on (score None) are left out: a failure is not a low score.
+    """
+    scored = [c for c in response.candidates if c.score is not None]
+    if len(scored) < 2:
+        return None
+    top = max(scored, key=lambda c: c.score)
+    bottom = min(scored, key=lambda c: c.score)
+    margin = top.score - bottom.score
+    if margin <= 0 or margin < min_margin or top.text == bottom.text:
+        return None
+    return Pair(prompt, top.text, bottom.text, top.score, bottom.score, top.correct, bottom.correct)
+
+
+def _check_train_split(prompts: Sequence[str]) -> None:
+    for p in prompts:
+        try:
+            problem = world.parse_prompt(p)
+        except ValueError:
+            continue  # not an arithmetic prompt: its split is the caller's business
+        if problem.split != "train":
+            raise ValueError(f"{p!r} is a held-out evaluation problem; train on world.take('train', ...) prompts")
+
+
+def iterative_dpo(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, policy: PolicyClient, config: DPOConfig,
+    prompts: Sequence[str], on_round: Callable[[dict, list[Pair]], None] | None = None, *,
+    references: Sequence[str | None] | None = None, expected_reward_id: str | None = None,
+) -> list[dict]:  # fmt: skip
+    """`config.rounds` rounds of search -> pairs -> DPO -> weight push; per-round metrics.
+
+    `model` must hold the weights the server is serving when the run starts (the searches sample
+    the served model, the gradient flows through the local one). Round r searches prompts
+    r*prompts_per_round ... (cycling through `prompts`), with `references[i]` sent along when
+    given (a reward like `correct` needs it; each candidate is then marked correct or not). The
+    reference model is the initial policy (`ref_update="fixed"`) or the policy at the start of
+    each round ("each_round"). The AdamW state carries over between rounds.
+    Raises RewardIdChanged when a search is scored by a different reward id than the first one
+    (or than `expected_reward_id`, rm_server's id for the reward, when given).
+    """
+    if not prompts:
+        raise ValueError("iterative_dpo needs at least one prompt")
+    if references is not None and len(references) != len(prompts):
+        raise ValueError("references must have one entry per prompt")
+    _check_train_split(prompts)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    ref_model = frozen_copy(model)
+    optimizer = make_optimizer(model, config)
+    reward_id = expected_reward_id
+    version = policy.weight_version()
+    history: list[dict] = []
+    with ThreadPoolExecutor(config.concurrency) as pool:
+        for r in range(config.rounds):
+            t0 = time.perf_counter()
+            idx = [(r * config.prompts_per_round + i) % len(prompts) for i in range(config.prompts_per_round)]
+
+            def search(i: int, k: int) -> SearchResponse:
+                return policy.search(prompts[i], strategy=config.strategy, n=config.n, reward=config.reward,
+                                     reference=references[i] if references is not None else None,
+                                     temperature=config.temperature, max_tokens=config.max_tokens,
+                                     seed=config.seed * 1_000_003 + r * config.prompts_per_round + k)  # fmt: skip
+
+            responses = list(pool.map(search, idx, range(len(idx))))
+            for resp in responses:
+                if resp.reward_id is None:
+                    raise RewardIdChanged(f"round {r}: the {config.strategy} search answered with no reward id; "
+                                          f"is {config.reward!r} a reward of rm_server?")  # fmt: skip
+                if reward_id is None:
+                    reward_id = resp.reward_id
+                elif resp.reward_id != reward_id:
+                    raise RewardIdChanged(
+                        f"round {r}: reward {config.reward!r} answered with id {resp.reward_id}, but this run "
+                        f"started with {reward_id}: rm_server's reward changed mid-run, so the pairs would mix "
+                        f"two rewards. Restart the run against one reward."
+                    )
+            built = [pair_from_search(prompts[i], resp, config.min_margin) for i, resp in zip(idx, responses)]
+            pairs = [p for p in built if p is not None]
+            t_search = time.perf_counter() - t0
+
+            if config.ref_update == "each_round":
+                ref_model.load_state_dict(model.state_dict())
+            steps = _train_epochs(model, ref_model, tokenizer, pairs, optimizer, config, rng) if pairs else []
+            t_train = time.perf_counter() - t0 - t_search
+
+            if steps:  # nothing trained, nothing to push
+                reply = policy.update_weights(model.state_dict(), expect_version=version)
+                now = policy.weight_version()
+                if not reply.weight_version > version or now != reply.weight_version:
+                    raise RuntimeError(f"round {r}: pushed weights over version {version}, but the server "
+                                       f"answered {reply.weight_version} and now serves {now}")  # fmt: skip
+                version = now
+
+            def mean(xs: list[float]) -> float | None:
+                return sum(xs) / len(xs) if xs else None
+
+            versions = [resp.weight_version for resp in responses if resp.weight_version is not None]
+            history.append({
+                "round": r,
+                "prompts": len(idx),
+                "pairs": len(pairs),
+                "mean_chosen_score": mean([p.chosen_score for p in pairs]),
+                "mean_rejected_score": mean([p.rejected_score for p in pairs]),
+                "chosen_correct": mean([float(p.chosen_correct) for p in pairs if p.chosen_correct is not None]),
+                "rejected_correct": mean([float(p.rejected_correct) for p in pairs if p.rejected_correct is not None]),
+                "search_weight_version": min(versions, default=None),  # what generated this round's pairs
+                "steps": len(steps),
+                "loss": mean([s["loss"] for s in steps]),
+                "reward_accuracy": mean([s["reward_accuracy"] for s in steps]),
+                "margin": mean([s["margin"] for s in steps]),
+                "weight_version": version,
+                "reward_id": reward_id,
+                "search_seconds": round(t_search, 2),
+                "train_seconds": round(t_train, 2),
+                "seconds": round(time.perf_counter() - t0, 2),
+            })  # fmt: skip
+            if on_round:
+                on_round(history[-1], pairs)
+    return history
+
+
+def main_iterative(
+    config: DPOConfig, *, policy_url: str | None = None, rm_url: str | None = None,
+    on_round: Callable[[dict, list[Pair]], None] | None = None,
+) -> tuple[list[dict], PreTrainedModel]:  # fmt: skip
+    """What `assay train dpo` calls: iterative DPO of the embedded policy on training problems.
+
+    With no URLs, starts both services on loopback (`assay.services.LocalServices`) for the run.
+    The server must be serving the embedded policy at the start. Training prompts are
+    `world.take("train", rounds * prompts_per_round, seed)`, each sent with its answer as the
+    search reference (model rewards ignore it; `correct` and `final` need it). Returns the
+    per-round metrics and the trained model.
+    """
+    from assay.checkpoints import load_embedded
+    from assay.services import LocalServices
+    from clients import PolicyClient, RewardClient
+
+    if (policy_url is None) != (rm_url is None):
+        raise ValueError("give both policy_url and rm_url, or neither (to start local services)")
+    services = LocalServices.start() if policy_url is None else None
+    try:
+        policy_url = services.policy_url if services else policy_url
+        rm_url = services.rm_url if services else rm_url
+        with RewardClient.http(rm_url) as rm:
+            expected = rm.reward_id(config.reward)
+        model, tokenizer = load_embedded("policy")
+        problems = world.take("train", config.rounds * config.prompts_per_round, seed=config.seed)
+        with PolicyClient.http(policy_url) as policy:
+            history = iterative_dpo(model, tokenizer, policy, config, [p.prompt for p in problems], on_round,
+                                    references=[str(p.answer) for p in problems], expected_reward_id=expected)  # fmt: skip
+        return history, model
+    finally:
+        if services:
+            services.stop()
