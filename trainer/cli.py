@@ -44,7 +44,7 @@ def load_config(cls, path: Path | None, overrides: dict):
 @train_app.command("grpo")
 def grpo_cmd(
     run_dir: Path = typer.Option(..., help="where metrics.jsonl, config.json and checkpoints/ go"),
-    config: Path = typer.Option(None, help="YAML or JSON with GRPOConfig fields"),
+    config: Path = typer.Option(None, help="YAML or JSON with GRPOConfig fields (trainer/grpo.py)"),
     resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
     steps: int = typer.Option(None, help="override: steps"),
     seed: int = typer.Option(None, help="override: seed"),
@@ -56,19 +56,46 @@ def grpo_cmd(
     in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
     torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
 ) -> None:
-    """Online GRPO: rollouts from the policy server, rewards from rm_server, weights pushed back."""
+    """Online GRPO: groups of rollouts from the policy server, rewards from rm_server, weights pushed back."""
+    _online("grpo", run_dir, config, resume, steps, seed, model, rm_url, policy_url, rm_api_key, policy_api_key,
+            in_process_reward, torch_threads)
+
+
+@train_app.command("ppo")
+def ppo_cmd(
+    run_dir: Path = typer.Option(..., help="where metrics.jsonl, config.json and checkpoints/ go"),
+    config: Path = typer.Option(None, help="YAML or JSON with PPOConfig fields (trainer/ppo.py)"),
+    resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
+    steps: int = typer.Option(None, help="override: steps"),
+    seed: int = typer.Option(None, help="override: seed"),
+    model: Path = typer.Option(None, help="initial policy checkpoint (default: the embedded policy)"),
+    rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
+    policy_url: str = typer.Option(None, help="a running policy_server serving the same initial policy"),
+    rm_api_key: str = typer.Option(None, envvar="ASSAY_RM_API_KEY", help="key with scope score"),
+    policy_api_key: str = typer.Option(None, envvar="ASSAY_POLICY_API_KEY", help="key with scopes generate, admin"),
+    in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
+    torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
+) -> None:
+    """Online PPO: actor, frozen reference, critic from the embedded ORM, reward from rm_server."""
+    _online("ppo", run_dir, config, resume, steps, seed, model, rm_url, policy_url, rm_api_key, policy_api_key,
+            in_process_reward, torch_threads)
+
+
+def _online(algorithm, run_dir, config, resume, steps, seed, model, rm_url, policy_url, rm_api_key, policy_api_key,
+            in_process_reward, torch_threads) -> None:  # fmt: skip
     import torch
 
     from assay.checkpoints import CheckpointError, load_embedded, load_model
     from assay.services import LocalServices
     from clients.policy import PolicyClient
     from clients.reward import RewardClient
-    from trainer.grpo import GRPOConfig, train
+    from trainer import grpo, ppo
     from trainer.online import RewardMismatch, RunDir
     from trainer.rewards import InProcessReward
 
     torch.set_num_threads(torch_threads)
-    cfg = load_config(GRPOConfig, config, {"steps": steps, "seed": seed})
+    module = {"grpo": grpo, "ppo": ppo}[algorithm]
+    cfg = load_config(grpo.GRPOConfig if algorithm == "grpo" else ppo.PPOConfig, config, {"steps": steps, "seed": seed})
     if (rm_url is None) != (policy_url is None):
         raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
     try:
@@ -88,7 +115,7 @@ def grpo_cmd(
             rm = stack.enter_context(RewardClient.http(rm_url, api_key=rm_api_key, timeout_s=120, max_retries=8))
             reward_fn = rm.as_reward_fn(cfg.reward)
         bar = stack.enter_context(Progress(
-            TextColumn("grpo"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn(algorithm), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[info]}"), console=console,
         ))  # fmt: skip
         task = bar.add_task("train", total=cfg.steps, info="")
@@ -99,8 +126,9 @@ def grpo_cmd(
             bar.update(task, completed=m["step"], info=f"reward {reward} kl {m.get('kl', 0):.4f} "
                        f"v{m['weight_version']} {m['seconds']:.1f}s/step{extra}")  # fmt: skip
 
+        extra = (load_embedded("orm")[0],) if algorithm == "ppo" else ()  # the critic starts from the ORM
         try:
-            train(cfg, net, tok, policy, reward_fn, RunDir(run_dir), resume=resume, on_step=on_step)
+            module.train(cfg, net, tok, *extra, policy, reward_fn, RunDir(run_dir), resume=resume, on_step=on_step)
         except RewardMismatch as exc:
             console.print(f"[red]error:[/red] {exc}")
             sys.exit(1)
@@ -108,7 +136,7 @@ def grpo_cmd(
 
 
 def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metrics.jsonl")) -> None:
-    """Write RUN_DIR/curves.png: reward, KL, entropy, clip fraction, held-out pass@1, step time."""
+    """Write RUN_DIR/curves.png: reward, held-out pass@1, KL, entropy, clip fraction, value loss, step time."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,40 +13,12 @@ import pytest
 import torch
 
 from assay.checkpoints import load_embedded
-from assay.services import LocalServices
-from clients.policy import PolicyClient
 from clients.reward import RewardClient
 from trainer.grpo import GRPOConfig, train
 from trainer.online import RewardMismatch, RunDir
 from trainer.rewards import InProcessReward
 
 SMALL = dict(prompts_per_step=4, group_size=4, max_tokens=40, lr=1e-4, checkpoint_every=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def services():
-    with LocalServices.start() as svc:
-        yield svc
-
-
-@pytest.fixture
-def policy(services):
-    with PolicyClient.http(services.policy_url, timeout_s=120) as client:
-        yield client
-
-
-@pytest.fixture
-def reward_fn(services):
-    with RewardClient.http(services.rm_url, timeout_s=120, max_retries=10) as rm:
-        yield rm.as_reward_fn("correct")
 
 
 def test_a_step_learns_pushes_and_the_server_serves_the_trained_weights(policy, reward_fn, tmp_path):

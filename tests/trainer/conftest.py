@@ -1,0 +1,36 @@
+"""Both services on loopback for the online trainers' tests: one pair per session (subprocesses)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from assay.services import LocalServices
+from clients.policy import PolicyClient
+from clients.reward import RewardClient
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def services():
+    with LocalServices.start() as svc:
+        yield svc
+
+
+@pytest.fixture
+def policy(services, one_thread):
+    with PolicyClient.http(services.policy_url, timeout_s=120) as client:
+        yield client
+
+
+@pytest.fixture
+def reward_fn(services):
+    with RewardClient.http(services.rm_url, timeout_s=120, max_retries=10) as rm:
+        yield rm.as_reward_fn("correct")

@@ -1,0 +1,186 @@
+"""Online PPO with the four models of the RLHF recipe (Ouyang et al. 2022, InstructGPT):
+
+- actor: the policy being trained, initialised from the SFT policy; the policy server samples
+  from its latest weights;
+- reference: a frozen copy of the SFT policy;
+- critic: a value model initialised from the outcome reward model (its backbone and its scalar
+  head, read at every position: V(s_t) = head(h_t));
+- reward: rm_server, remote, by reward id (or the same reward in-process).
+
+Per step: B prompts -> n samples each -> sequence rewards -> per-token rewards with the KL
+penalty folded in -> GAE -> `epochs` passes of the clipped surrogate + value loss (+ ptx) ->
+actor weights pushed to the policy server.
+
+    r_t   = -beta * (log pi_old(o_t) - log pi_ref(o_t))  + [t = last] * R        (per-token KL penalty)
+    A_t   = GAE(r, V; gamma, lambda), whitened over the batch;   returns_t = A_t + V_t
+    L_pi  = -mean_t min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t),   rho_t = pi / pi_old
+    L_V   = 0.5 * mean_t max((V_t - ret_t)^2, (clip(V_t, V_old_t +- eps_v) - ret_t)^2)
+    L_ptx = -mean log pi(solution | problem) on SFT data (PPO-ptx)
+    loss  = L_pi + c1 * L_V + gamma_ptx * L_ptx
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from arith import world
+from clients.policy import PolicyClient
+from trainer import online
+from trainer.online import RewardFn, RunDir, pack, push_weights, server_gap, timed, token_logprobs, train_prompts
+from trainer.rl_math import entropy_from_logits, gae, kl_estimate, masked_mean, masked_whiten
+from trainer.sft import collate, encode_example
+
+
+@dataclass
+class PPOConfig:
+    steps: int = field(default=100, metadata={"help": "optimisation steps (each: one rollout batch)"})
+    prompts_per_step: int = field(default=32, metadata={"help": "B: training prompts per step"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "completions per prompt"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
+    max_tokens: int = field(default=48, metadata={"help": "tokens per completion, at most"})
+    lr: float = field(default=1e-4, metadata={"help": "actor AdamW learning rate"})
+    critic_lr: float = field(default=1e-4, metadata={"help": "critic AdamW learning rate"})
+    beta: float = field(default=0.05, metadata={"help": "per-token KL penalty folded into the reward"})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    eps: float = field(default=0.2, metadata={"help": "policy ratio clip"})
+    eps_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
+    c1: float = field(default=0.5, metadata={"help": "value loss coefficient"})
+    gamma_ptx: float = field(default=0.0, metadata={"help": "PPO-ptx: weight of the SFT log-likelihood term (0: off)"})
+    ptx_batch: int = field(default=16, metadata={"help": "SFT examples per ptx term"})
+    epochs: int = field(default=2, metadata={"help": "optimisation passes over each rollout batch"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (actor and critic)"})
+    reward: str = field(default="correct", metadata={"help": "the rm_server reward to train on"})
+    seed: int = field(default=0, metadata={"help": "prompts and sampling seeds derive from it and the step"})
+    checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
+    eval_every: int = field(default=0, metadata={"help": "steps between held-out pass@1 evaluations (0: none)"})
+    eval_problems: int = field(default=64, metadata={"help": "held-out problems per evaluation"})
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.prompts_per_step, self.samples_per_prompt, self.epochs, self.checkpoint_every) < 1:
+            raise ValueError("steps, prompts_per_step, samples_per_prompt, epochs and checkpoint_every must be >= 1")
+        if self.lr <= 0 or self.critic_lr <= 0 or self.eps <= 0 or self.beta < 0 or self.gamma_ptx < 0:
+            raise ValueError("lr, critic_lr and eps must be > 0; beta and gamma_ptx >= 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("gamma and lam must be in [0, 1]")
+
+
+class Critic(torch.nn.Module):
+    """V(s_t) at every position: a sequence-classification model's backbone and scalar head,
+    applied per token instead of pooled at the last one."""
+
+    def __init__(self, reward_model) -> None:
+        super().__init__()
+        if reward_model.config.num_labels != 1:
+            raise ValueError(f"the critic needs a 1-label reward model, got {reward_model.config.num_labels} labels")
+        self.backbone, self.head = reward_model.model, reward_model.score
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden)[..., 0].float()  # [rows, length]
+
+
+def train(config: PPOConfig, model, tokenizer, reward_model, policy: PolicyClient, reward_fn: RewardFn,
+          run_dir: RunDir, *, resume: bool = False,
+          on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """`model`: the SFT policy (becomes the actor); `reward_model`: the ORM the critic starts from."""
+    torch.manual_seed(config.seed)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    critic = Critic(copy.deepcopy(reward_model))
+    actor_opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr, weight_decay=0.0)
+    modules = {"policy": model, "reference": ref_model, "critic": critic}
+    optimizers = {"policy": actor_opt, "critic": critic_opt}
+    model.train()
+    critic.train()
+
+    def step_fn(step: int, version: int) -> dict[str, Any]:
+        return _step(config, step, model, ref_model, critic, tokenizer, actor_opt, critic_opt, policy, reward_fn,
+                     version)  # fmt: skip
+
+    return online.run("ppo", config, step_fn, model, tokenizer, modules, optimizers, policy, reward_fn, run_dir,
+                      resume=resume, on_step=on_step)  # fmt: skip
+
+
+def _step(config: PPOConfig, step: int, model, ref_model, critic, tokenizer, actor_opt, critic_opt,
+          policy: PolicyClient, reward_fn: RewardFn, version: int) -> dict[str, Any]:  # fmt: skip
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    problems = train_prompts(step, config.prompts_per_step, config.seed)
+    groups, scores, stale, version = online.rollout(
+        policy, model, reward_fn, problems, config.samples_per_prompt, temperature=config.temperature,
+        max_tokens=config.max_tokens, seed=config.seed * 1_000_003 + step, version=version, seconds=t,
+    )  # fmt: skip
+    # Samples whose reward failed are dropped whole: no reward, no return to learn from.
+    pairs = [(r, s) for r, s in zip((r for g in groups for r in g), scores, strict=True) if s is not None]
+    failed = len(scores) - len(pairs)
+    if not pairs:
+        return {"step": step, "samples": 0, "stale_dropped": stale, "reward_failed": failed,
+                "weight_version": version, "seconds": time.perf_counter() - t0, **t}  # fmt: skip
+    rollouts = [r for r, _ in pairs]
+    seq_rewards = torch.tensor([s for _, s in pairs])  # [N]
+
+    with timed(t, "train_s"):
+        batch = pack(rollouts, tokenizer.pad_token_id)
+        mask = batch.completion_mask  # [N, L-1]: positions whose next token is a completion token
+        with torch.no_grad():
+            old_logp = token_logprobs(model, batch)[0]
+            ref_logp = token_logprobs(ref_model, batch)[0]
+            old_values = critic(batch.input_ids, batch.attention_mask)[:, :-1] * mask  # V(s_t), s_t = tokens <= t
+            # Per-token reward: the KL penalty everywhere, the reward model's score on the last token.
+            rewards = -config.beta * (old_logp - ref_logp) * mask
+            last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()  # [N, L-1]
+            rewards = rewards + last.float() * seq_rewards[:, None]
+            adv, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
+            adv = masked_whiten(adv, mask)
+        gap = server_gap(rollouts, old_logp)
+        for _ in range(config.epochs):
+            logp, logits = token_logprobs(model, batch)
+            ratio = (logp - old_logp).exp()
+            policy_loss = -masked_mean(torch.min(ratio * adv, ratio.clamp(1 - config.eps, 1 + config.eps) * adv), mask)
+            values = critic(batch.input_ids, batch.attention_mask)[:, :-1]
+            clipped_v = old_values + (values - old_values).clamp(-config.eps_value, config.eps_value)
+            value_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_v - returns) ** 2), mask)
+            ptx = _ptx_loss(model, tokenizer, config, step) if config.gamma_ptx > 0 else torch.zeros(())
+            loss = policy_loss + config.c1 * value_loss + config.gamma_ptx * ptx
+            actor_opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), config.grad_clip)
+            actor_opt.step()
+            critic_opt.step()
+        with torch.no_grad():
+            clip_frac = masked_mean(((ratio - 1).abs() > config.eps).float(), mask)
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+            kl = masked_mean(kl_estimate(old_logp, ref_logp, "k3"), mask)
+    with timed(t, "push_s"):
+        version = push_weights(policy, model, version)
+
+    seconds = time.perf_counter() - t0
+    tokens = int(mask.sum())
+    return {
+        "step": step, "loss": loss.item(), "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+        "ptx_loss": ptx.item(), "reward_mean": seq_rewards.mean().item(),
+        "reward_std": seq_rewards.std().item() if len(pairs) > 1 else None, "reward_failed": failed,
+        "stale_dropped": stale, "samples": len(rollouts), "kl": kl.item(), "entropy": entropy.item(),
+        "clip_frac": clip_frac.item(), "grad_norm": float(grad_norm), "server_logprob_gap": gap, "tokens": tokens,
+        "tokens_per_s": tokens / seconds, "samples_per_s": len(rollouts) / seconds, "weight_version": version,
+        "seconds": seconds, **t,
+    }  # fmt: skip
+
+
+def _ptx_loss(model, tokenizer, config: PPOConfig, step: int) -> torch.Tensor:
+    """Mean next-token NLL of worked solutions to training problems: the SFT data's own objective."""
+    rng = random.Random(config.seed * 7_919 + step)
+    problems = world.take("train", config.ptx_batch, seed=rng.randrange(2**31))
+    ids, attn, labels = collate([encode_example(tokenizer, p.prompt, p.solution) for p in problems],
+                                tokenizer.pad_token_id)  # fmt: skip
+    return model(input_ids=ids, attention_mask=attn, labels=labels).loss
