@@ -146,7 +146,7 @@ def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metr
     if not path.exists():
         console.print(f"[red]error:[/red] {path} does not exist")
         sys.exit(2)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]  # step 0: the start
     panels = [k for k in ("reward_mean", "heldout_pass1", "kl", "entropy", "clip_frac", "value_loss", "seconds")
               if any(k in r for r in rows)]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)

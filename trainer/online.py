@@ -189,6 +189,9 @@ def run(algorithm: str, config: Any, step_fn: Callable[[int, int], dict[str, Any
     reward_id = check_reward_id(reward_fn, reward_id)
     run_dir.write_config({"algorithm": algorithm, **asdict(config), "reward_id": reward_id})
     version = sync_weights(policy, model, None)  # the server now serves exactly these weights
+    if config.eval_every and start == 1:  # where the run starts from, as step 0
+        run_dir.log({"step": 0, "heldout_pass1": heldout_pass1(model, tokenizer, config.eval_problems),
+                     "weight_version": version})  # fmt: skip
     history = []
     for step in range(start, config.steps + 1):
         metrics = step_fn(step, version)
