@@ -5,7 +5,7 @@
     PYTHONPATH=. /tmp/venv_trl/bin/python bench/trl_grpo_bench.py [--steps 12]
 
 The embedded policy, 16 training prompts x 8 completions per step (128 samples), at most 48
-new tokens, T = 1.0, beta 0.04, lr 1e-4, one optimisation pass per batch, 1 torch thread, CPU;
+new tokens, T = 1.0, beta 0.04, lr 1e-4, one optimisation pass per batch, 1 torch thread (--threads), CPU;
 generation by TRL's own transformers path (`model.generate`; no vLLM here). The reward is the
 arithmetic world's answer check in TRL's process (`arith.checks.is_correct`, the same 0/1 that
 Assay's `correct` reward gives), so TRL pays no reward-service cost at all: the comparison is
@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
 
     import torch
@@ -38,7 +39,7 @@ def main() -> None:
     from arith import world
     from arith.checks import is_correct
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     path = ROOT / "arith" / "checkpoints" / "policy"
     problems = world.take("train", 16 * (args.steps + 2), seed=0)
     by_prompt = {p.prompt: p for p in problems}

@@ -161,3 +161,44 @@ def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metr
     out = run_dir / "curves.png"
     fig.savefig(out, dpi=110)
     console.print(f"wrote {out}")
+
+
+@train_app.command("dpo")
+def dpo_cmd(
+    run_dir: Path = typer.Option(..., help="where metrics.jsonl (one line per round) and the final policy go"),
+    config: Path = typer.Option(None, help="YAML or JSON with DPOConfig fields (trainer/dpo.py)"),
+    rounds: int = typer.Option(None, help="override: rounds"),
+    seed: int = typer.Option(None, help="override: seed"),
+    rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
+    policy_url: str = typer.Option(None, help="a running policy_server"),
+    eval_problems: int = typer.Option(64, help="held-out problems for pass@1 before and after (0: none)"),
+    torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
+) -> None:
+    """Iterative DPO: best-of-N through /v1/search, top and bottom candidates as pairs, weights pushed back."""
+    import torch
+    from safetensors.torch import save_file
+
+    from assay.checkpoints import load_embedded
+    from trainer.dpo import DPOConfig, main_iterative
+    from trainer.online import RunDir, heldout_pass1
+
+    torch.set_num_threads(torch_threads)
+    cfg = load_config(DPOConfig, config, {"rounds": rounds, "seed": seed})
+    run = RunDir(run_dir)
+    run.write_config({"algorithm": "dpo", **{f.name: getattr(cfg, f.name) for f in fields(cfg)}})
+    if eval_problems:
+        start, tok = load_embedded("policy")
+        run.log({"eval": "before", "heldout_pass1": heldout_pass1(start, tok, eval_problems)})
+
+    def on_round(m: dict, pairs) -> None:
+        run.log(m)
+        console.print(f"round {m['round']}: {m['pairs']} pairs, loss {m.get('loss') or float('nan'):.4f}, "
+                      f"v{m['weight_version']}, {m['seconds']:.1f}s")  # fmt: skip
+
+    history, model = main_iterative(cfg, policy_url=policy_url, rm_url=rm_url, on_round=on_round)
+    if eval_problems:
+        _, tok = load_embedded("policy")
+        final = heldout_pass1(model, tok, eval_problems)
+        run.log({"eval": "after", "heldout_pass1": final, "rounds": len(history)})
+        console.print(f"held-out pass@1: {run.metrics()[0]['heldout_pass1']:.3f} -> {final:.3f}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run.path / "policy.safetensors")

@@ -45,13 +45,14 @@ PAIR_STRATEGIES = ("best_of_n", "weighted_best_of_n")
 
 @dataclass
 class DPOConfig:
-    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward; "
-                        "larger keeps the policy closer to the reference"})  # fmt: skip
+    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward; larger "
+                        "keeps the policy closer to the reference (iterative runs against the ORM needed "
+                        "0.5: at 0.1 the policy drifts toward what the ORM cannot see)"})  # fmt: skip
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: assumed share of flipped "
                                    "preference labels (0 = plain DPO)"})  # fmt: skip
     sft_weight: float = field(default=0.0, metadata={"help": "RPO: weight of the per-token NLL of the "
                               "chosen response added to the loss (0 = plain DPO)"})  # fmt: skip
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
+    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     batch_size: int = field(default=16, metadata={"help": "pairs per optimizer step"})
@@ -290,25 +291,14 @@ def iterative_dpo(
             t0 = time.perf_counter()
             idx = [(r * config.prompts_per_round + i) % len(prompts) for i in range(config.prompts_per_round)]
 
-            def search(i: int, k: int) -> SearchResponse:
+            def search(i: int, k: int, r: int = r) -> SearchResponse:
                 return policy.search(prompts[i], strategy=config.strategy, n=config.n, reward=config.reward,
                                      reference=references[i] if references is not None else None,
                                      temperature=config.temperature, max_tokens=config.max_tokens,
                                      seed=config.seed * 1_000_003 + r * config.prompts_per_round + k)  # fmt: skip
 
             responses = list(pool.map(search, idx, range(len(idx))))
-            for resp in responses:
-                if resp.reward_id is None:
-                    raise RewardIdChanged(f"round {r}: the {config.strategy} search answered with no reward id; "
-                                          f"is {config.reward!r} a reward of rm_server?")  # fmt: skip
-                if reward_id is None:
-                    reward_id = resp.reward_id
-                elif resp.reward_id != reward_id:
-                    raise RewardIdChanged(
-                        f"round {r}: reward {config.reward!r} answered with id {resp.reward_id}, but this run "
-                        f"started with {reward_id}: rm_server's reward changed mid-run, so the pairs would mix "
-                        f"two rewards. Restart the run against one reward."
-                    )
+            reward_id = _same_reward_id(responses, reward_id, config.reward, r)  # before any pair is trained on
             built = [pair_from_search(prompts[i], resp, config.min_margin) for i, resp in zip(idx, responses)]
             pairs = [p for p in built if p is not None]
             t_search = time.perf_counter() - t0
@@ -317,41 +307,65 @@ def iterative_dpo(
                 ref_model.load_state_dict(model.state_dict())
             steps = _train_epochs(model, ref_model, tokenizer, pairs, optimizer, config, rng) if pairs else []
             t_train = time.perf_counter() - t0 - t_search
-
             if steps:  # nothing trained, nothing to push
-                reply = policy.update_weights(model.state_dict(), expect_version=version)
-                now = policy.weight_version()
-                if not reply.weight_version > version or now != reply.weight_version:
-                    raise RuntimeError(f"round {r}: pushed weights over version {version}, but the server "
-                                       f"answered {reply.weight_version} and now serves {now}")  # fmt: skip
-                version = now
+                version = _push(policy, model, version, r)
 
-            def mean(xs: list[float]) -> float | None:
-                return sum(xs) / len(xs) if xs else None
-
-            versions = [resp.weight_version for resp in responses if resp.weight_version is not None]
             history.append({
                 "round": r,
                 "prompts": len(idx),
                 "pairs": len(pairs),
-                "mean_chosen_score": mean([p.chosen_score for p in pairs]),
-                "mean_rejected_score": mean([p.rejected_score for p in pairs]),
-                "chosen_correct": mean([float(p.chosen_correct) for p in pairs if p.chosen_correct is not None]),
-                "rejected_correct": mean([float(p.rejected_correct) for p in pairs if p.rejected_correct is not None]),
-                "search_weight_version": min(versions, default=None),  # what generated this round's pairs
+                "mean_chosen_score": _mean([p.chosen_score for p in pairs]),
+                "mean_rejected_score": _mean([p.rejected_score for p in pairs]),
+                "chosen_correct": _mean([p.chosen_correct for p in pairs if p.chosen_correct is not None]),
+                "rejected_correct": _mean([p.rejected_correct for p in pairs if p.rejected_correct is not None]),
+                # the weights that generated this round's pairs
+                "search_weight_version": min(
+                    (s.weight_version for s in responses if s.weight_version is not None), default=None
+                ),
                 "steps": len(steps),
-                "loss": mean([s["loss"] for s in steps]),
-                "reward_accuracy": mean([s["reward_accuracy"] for s in steps]),
-                "margin": mean([s["margin"] for s in steps]),
+                "loss": _mean([s["loss"] for s in steps]),
+                "reward_accuracy": _mean([s["reward_accuracy"] for s in steps]),
+                "margin": _mean([s["margin"] for s in steps]),
                 "weight_version": version,
                 "reward_id": reward_id,
                 "search_seconds": round(t_search, 2),
                 "train_seconds": round(t_train, 2),
                 "seconds": round(time.perf_counter() - t0, 2),
-            })  # fmt: skip
+            })
             if on_round:
                 on_round(history[-1], pairs)
     return history
+
+
+def _same_reward_id(responses: Sequence[SearchResponse], reward_id: str | None, reward: str, r: int) -> str:
+    """The run's reward id (the first search's, unless one was expected); RewardIdChanged on any other."""
+    for resp in responses:
+        if resp.reward_id is None:
+            raise RewardIdChanged(f"round {r}: the search answered with no reward id; is {reward!r} a reward "
+                                  "of rm_server, and does the strategy use it?")  # fmt: skip
+        reward_id = reward_id or resp.reward_id
+        if resp.reward_id != reward_id:
+            raise RewardIdChanged(
+                f"round {r}: reward {reward!r} answered with id {resp.reward_id}, but this run started with "
+                f"{reward_id}: rm_server's reward changed mid-run, so the pairs would mix two rewards. "
+                "Restart the run against one reward."
+            )
+    assert reward_id is not None
+    return reward_id
+
+
+def _push(policy: PolicyClient, model: PreTrainedModel, version: int, r: int) -> int:
+    """Send the weights (refused with Conflict if another writer moved the server); the new version."""
+    reply = policy.update_weights(model.state_dict(), expect_version=version)
+    now = policy.weight_version()
+    if not reply.weight_version > version or now != reply.weight_version:
+        raise RuntimeError(f"round {r}: pushed weights over version {version}, but the server answered "
+                           f"{reply.weight_version} and now serves {now}")  # fmt: skip
+    return now
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def main_iterative(
@@ -361,7 +375,8 @@ def main_iterative(
     """What `assay train dpo` calls: iterative DPO of the embedded policy on training problems.
 
     With no URLs, starts both services on loopback (`assay.services.LocalServices`) for the run.
-    The server must be serving the embedded policy at the start. Training prompts are
+    The embedded policy's weights are pushed first, so the searches sample exactly the weights
+    being trained, whatever the server held before. Training prompts are
     `world.take("train", rounds * prompts_per_round, seed)`, each sent with its answer as the
     search reference (model rewards ignore it; `correct` and `final` need it). Returns the
     per-round metrics and the trained model.
@@ -381,8 +396,11 @@ def main_iterative(
         model, tokenizer = load_embedded("policy")
         problems = world.take("train", config.rounds * config.prompts_per_round, seed=config.seed)
         with PolicyClient.http(policy_url) as policy:
-            history = iterative_dpo(model, tokenizer, policy, config, [p.prompt for p in problems], on_round,
-                                    references=[str(p.answer) for p in problems], expected_reward_id=expected)  # fmt: skip
+            policy.update_weights(model.state_dict(), expect_version=policy.weight_version())
+            history = iterative_dpo(
+                model, tokenizer, policy, config, [p.prompt for p in problems], on_round,
+                references=[str(p.answer) for p in problems], expected_reward_id=expected,
+            )  # fmt: skip
         return history, model
     finally:
         if services:

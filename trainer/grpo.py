@@ -111,12 +111,15 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
         batch = pack(rollouts, tokenizer.pad_token_id)
         mask = batch.completion_mask * flat_valid[:, None]  # [N, L-1]
         with torch.no_grad():
-            old_logp = token_logprobs(model, batch)[0]  # the weights that sampled (version `version`)
             ref_logp = token_logprobs(ref_model, batch)[0] if ref_model is not None else None
-        gap = server_gap(rollouts, old_logp)
+            # pi_old: the weights that sampled (version `version`). With one pass they are the
+            # weights of that pass's forward, whose detached logprobs serve: no extra forward.
+            old_logp = token_logprobs(model, batch)[0] if config.mu > 1 else None
         losses = []
         for _ in range(config.mu):
             logp, logits = token_logprobs(model, batch)
+            if old_logp is None:
+                old_logp = logp.detach()
             ratio = (logp - old_logp).exp()  # [N, L-1]
             a = flat_adv[:, None]
             surrogate = torch.min(ratio * a, ratio.clamp(1 - config.eps_low, 1 + config.eps_high) * a)
@@ -128,6 +131,7 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             losses.append(loss.item())
+        gap = server_gap(rollouts, old_logp)
         with torch.no_grad():
             clipped = ((ratio < 1 - config.eps_low) | (ratio > 1 + config.eps_high)).float()
             entropy = masked_mean(entropy_from_logits(logits), mask)
