@@ -41,44 +41,34 @@ def load_config(cls, path: Path | None, overrides: dict):
         raise typer.BadParameter(str(exc)) from None
 
 
-@train_app.command("grpo")
-def grpo_cmd(
-    run_dir: Path = typer.Option(..., help="where metrics.jsonl, config.json and checkpoints/ go"),
-    config: Path = typer.Option(None, help="YAML or JSON with GRPOConfig fields (trainer/grpo.py)"),
-    resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
-    steps: int = typer.Option(None, help="override: steps"),
-    seed: int = typer.Option(None, help="override: seed"),
-    model: Path = typer.Option(None, help="initial policy checkpoint (default: the embedded policy)"),
-    rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
-    policy_url: str = typer.Option(None, help="a running policy_server serving the same initial policy"),
-    rm_api_key: str = typer.Option(None, envvar="ASSAY_RM_API_KEY", help="key with scope score"),
-    policy_api_key: str = typer.Option(None, envvar="ASSAY_POLICY_API_KEY", help="key with scopes generate, admin"),
-    in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
-    torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
-) -> None:
-    """Online GRPO: groups of rollouts from the policy server, rewards from rm_server, weights pushed back."""
-    _online("grpo", run_dir, config, resume, steps, seed, model, rm_url, policy_url, rm_api_key, policy_api_key,
-            in_process_reward, torch_threads)
+def _online_command(algorithm: str, config_class: str, summary: str) -> None:
+    """Register `assay train <algorithm>`: GRPO and PPO take the same options."""
+
+    def command(
+        run_dir: Path = typer.Option(..., help="where metrics.jsonl, config.json and checkpoints/ go"),
+        config: Path = typer.Option(None, help=f"YAML or JSON with {config_class} fields (trainer/{algorithm}.py)"),
+        resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
+        steps: int = typer.Option(None, help="override: steps"),
+        seed: int = typer.Option(None, help="override: seed"),
+        model: Path = typer.Option(None, help="initial policy checkpoint (default: the embedded policy)"),
+        rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
+        policy_url: str = typer.Option(None, help="a running policy_server serving the same initial policy"),
+        rm_api_key: str = typer.Option(None, envvar="ASSAY_RM_API_KEY", help="key with scope score"),
+        policy_api_key: str = typer.Option(None, envvar="ASSAY_POLICY_API_KEY", help="key with scopes generate, admin"),
+        in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
+        torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
+    ) -> None:
+        _online(algorithm, run_dir, config, resume, steps, seed, model, rm_url, policy_url, rm_api_key,
+                policy_api_key, in_process_reward, torch_threads)  # fmt: skip
+
+    command.__doc__ = summary
+    train_app.command(algorithm)(command)
 
 
-@train_app.command("ppo")
-def ppo_cmd(
-    run_dir: Path = typer.Option(..., help="where metrics.jsonl, config.json and checkpoints/ go"),
-    config: Path = typer.Option(None, help="YAML or JSON with PPOConfig fields (trainer/ppo.py)"),
-    resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
-    steps: int = typer.Option(None, help="override: steps"),
-    seed: int = typer.Option(None, help="override: seed"),
-    model: Path = typer.Option(None, help="initial policy checkpoint (default: the embedded policy)"),
-    rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
-    policy_url: str = typer.Option(None, help="a running policy_server serving the same initial policy"),
-    rm_api_key: str = typer.Option(None, envvar="ASSAY_RM_API_KEY", help="key with scope score"),
-    policy_api_key: str = typer.Option(None, envvar="ASSAY_POLICY_API_KEY", help="key with scopes generate, admin"),
-    in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
-    torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
-) -> None:
-    """Online PPO: actor, frozen reference, critic from the embedded ORM, reward from rm_server."""
-    _online("ppo", run_dir, config, resume, steps, seed, model, rm_url, policy_url, rm_api_key, policy_api_key,
-            in_process_reward, torch_threads)
+_online_command("grpo", "GRPOConfig", "Online GRPO: groups of rollouts from the policy server, rewards from rm_server, "
+                "weights pushed back.")  # fmt: skip
+_online_command("ppo", "PPOConfig", "Online PPO: actor, frozen reference, critic from the embedded ORM, reward from "
+                "rm_server.")  # fmt: skip
 
 
 def _online(algorithm, run_dir, config, resume, steps, seed, model, rm_url, policy_url, rm_api_key, policy_api_key,
