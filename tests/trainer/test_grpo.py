@@ -106,3 +106,21 @@ def test_resume_after_a_kill_continues_at_the_next_step(services, tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+
+
+def test_a_policy_server_restart_mid_run_gets_the_trainers_weights_again(policy, reward_fn, services, tmp_path):
+    """The restarted server serves its start-up checkpoint; the trainer pushes its own weights
+    before the next rollout, so no sample comes from the wrong weights."""
+    model, tok = load_embedded("policy")
+
+    def on_step(m):
+        if m["step"] == 1:
+            services.policy.restart()  # SIGKILL, then the same command on the same port
+
+    config = GRPOConfig(steps=3, **{**SMALL, "lr": 3e-3})  # big steps: the trained weights are far from the start
+    pid = services.policy.proc.pid
+    history = train(config, model, tok, policy, reward_fn, RunDir(tmp_path), on_step=on_step)
+    assert services.policy.proc.pid != pid
+    assert [m["samples"] for m in history] == [16, 16, 16]
+    assert all(m["server_logprob_gap"] < 1e-3 for m in history)  # every rollout came from the trainer's weights
+    assert policy.weight_version() == history[-1]["weight_version"]
