@@ -126,7 +126,7 @@ def _online(algorithm, run_dir, config, resume, steps, seed, model, rm_url, poli
 
 
 def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metrics.jsonl")) -> None:
-    """Write RUN_DIR/curves.png: reward, held-out pass@1, KL, entropy, clip fraction, value loss, step time."""
+    """Write RUN_DIR/curves.png: one panel per metric the run logged (reward, held-out pass@1, KL, ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,15 +136,18 @@ def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metr
     if not path.exists():
         console.print(f"[red]error:[/red] {path} does not exist")
         sys.exit(2)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]  # step 0: the start
-    panels = [k for k in ("reward_mean", "heldout_pass1", "kl", "entropy", "clip_frac", "value_loss", "seconds")
-              if any(k in r for r in rows)]  # fmt: skip
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    x = "round" if any("round" in r for r in rows) else "step"  # DPO logs rounds, GRPO and PPO steps (0: the start)
+    rows = [r for r in rows if x in r]
+    panels = [k for k in ("reward_mean", "heldout_pass1", "kl", "entropy", "clip_frac", "value_loss", "loss",
+                          "reward_accuracy", "mean_chosen_score", "mean_rejected_score", "chosen_correct", "seconds")
+              if any(r.get(k) is not None for r in rows) and not (k == "loss" and x == "step")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
     for ax, key in zip(axes[0], panels):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
         ax.plot(*zip(*pts), marker="o" if key == "heldout_pass1" else None, markersize=3)
         ax.set_title(key)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x)
         ax.grid(alpha=0.3)
     fig.suptitle(str(run_dir))
     fig.tight_layout()
