@@ -226,11 +226,8 @@ class WeightService:
         self.service = service
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def _backend(self, model: str) -> GenerationBackend:
-        return self.service.backend(model)
-
     async def from_stream(self, model: str, chunks: AsyncIterator[bytes], expect_version: int | None) -> Update:
-        backend = self._backend(model)
+        backend = self.service.backend(model)
         async with self._lock(model):
             start = time.perf_counter()
             self._check_version(model, backend, expect_version)
@@ -241,7 +238,7 @@ class WeightService:
             return await self._apply(model, backend, tensors, size, start)
 
     async def from_path(self, model: str, path: str, expect_version: int | None) -> Update:
-        backend = self._backend(model)
+        backend = self.service.backend(model)
         async with self._lock(model):
             start = time.perf_counter()
             self._check_version(model, backend, expect_version)

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from assay.services import free_port  # noqa: F401  (re-exported: the tests' one way to pick a port)
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
