@@ -144,7 +144,7 @@ def weight_updates(repeats: int, big: bool) -> Table:
         for label, path in models:
             state = load_file(path / "model.safetensors")
             size = sum(t.numel() * t.element_size() for t in state.values()) / 1e6
-            args = [] if label == "embedded policy" else ["--model", str(path)]
+            args = ["--weights-dir", str(path)] + ([] if label == "embedded policy" else ["--model", str(path)])
             with LocalServices.start(policy_args=args) as services, \
                  PolicyClient.http(services.policy_url, timeout_s=600) as client:  # fmt: skip
                 for way, push in (("HTTP stream", lambda: client.update_weights(state)),

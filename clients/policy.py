@@ -150,7 +150,10 @@ class PolicyClient:
 
     def load_weights(self, path: str, *, model: str = "policy", expect_version: int | None = None,
                      timeout_s: float | None = None) -> WeightUpdateResponse:  # fmt: skip
-        """Have the server load safetensors from `path` on its own disk (a file or a checkpoint directory)."""
+        """Have the server load safetensors from `path` on its own disk (a file or a checkpoint directory),
+        relative to a directory it was started with (`--weights-dir`), or absolute inside one.
+        PermissionDenied when it has none; InvalidRequest, one message whatever the reason, for a path
+        it will not read (its log says why)."""
         req = LoadWeightsRequest(model=model, path=path, expect_version=expect_version)
         return self._call(
             lambda left: self._send("POST", "/v1/admin/weights/load", req, WeightUpdateResponse, left, False), timeout_s

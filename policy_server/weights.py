@@ -11,7 +11,19 @@ Two ways in, both admin-scoped, neither touching pickle:
   here rather than by the `safetensors` package because that package needs the whole file in
   memory first, and a refusal should not wait for gigabytes.
 - `POST /v1/admin/weights/load {"model", "path"}`: safetensors files on the server's own disk (a
-  file, or a checkpoint directory's `*.safetensors`), read with `safetensors.safe_open`.
+  file, or a checkpoint directory's `*.safetensors`), confined to the directories the operator
+  names with `--weights-dir` (none: the route answers 403). `path` is relative to such a root, or
+  absolute and inside one. It is resolved (symlinks followed) and must stay inside its root, name
+  a regular file called `*.safetensors` or a directory holding such files, and is opened with
+  O_NONBLOCK and checked again with fstat, so a FIFO or a device can never block a read. Every
+  refusal of a path is the same 400, whatever the reason (missing, outside, a FIFO, a symlink
+  that escapes, an empty directory), so that the answers do not map the server's disk; the real
+  reason goes to the server log. A file that passes is read like an upload: the header is checked
+  against the model and against the file's size before the data is read, so a truncated file or
+  one that is not safetensors is a 400 naming the problem. All of it runs on a worker thread: the
+  event loop never touches the disk for this route. There is no timeout on it: a regular file's
+  read always progresses, a thread cannot be stopped anyway, and the caller's deadline bounds its
+  own wait.
 
 `WeightService.apply` then hands the tensors to the backend, which swaps them in between batches
 (`GenerationBackend.load_weights`) and bumps the model's `weight_version`. Updates of one model
@@ -23,16 +35,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import stat
 import struct
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from policy_server.backends import GenerationBackend, ParamSpec
-from policy_server.serving import Conflict, InvalidRequest, PolicyService
+from policy_server.serving import Conflict, InvalidRequest, PermissionDenied, PolicyService
 
+log = logging.getLogger("policy_server")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors package's own cap on the JSON header
 # safetensors dtype codes -> torch dtype names (ParamSpec.dtype)
 DTYPES = {
@@ -41,6 +59,13 @@ DTYPES = {
 }  # fmt: skip
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _SHOWN = 5  # problems listed in one refusal
+SUFFIX = ".safetensors"
+# One answer for every path refused, whatever the reason: it must not tell what exists on the disk.
+PATH_REFUSED = ("refused: `path` must name a regular .safetensors file, or a directory holding some, inside a "
+                "directory this server loads weights from (its --weights-dir), relative to it; the server log "
+                "says why this one was refused")  # fmt: skip
+NO_WEIGHTS_DIR = ("loading weights from the server's disk is off: the operator must start the server with "
+                  "--weights-dir DIR (repeatable) to allow it; POST /v1/admin/weights takes them uploaded")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -164,8 +189,6 @@ class _Reader:
 
 async def read_stream(chunks: AsyncIterator[bytes], specs: Mapping[str, ParamSpec]) -> tuple[dict[str, Any], int]:
     """A streamed safetensors body -> (name -> tensor, bytes read), checked before the data is read."""
-    import torch
-
     reader = _Reader(chunks)
     (size,) = struct.unpack("<Q", await reader.read(8, "header length"))
     if size > MAX_HEADER_BYTES:
@@ -176,44 +199,161 @@ async def read_stream(chunks: AsyncIterator[bytes], specs: Mapping[str, ParamSpe
     await reader.read_into(memoryview(data), "tensor data")
     if not await reader.at_end():
         raise ValueError(f"the body goes on after the {len(data)} bytes of tensor data its header announces")
+    return _tensors(entries, data), reader.total
+
+
+def _tensors(entries: list[Entry], data: bytearray) -> dict[str, Any]:
+    """Views into `data`, the tensor data that `entries` describe (no copy)."""
+    import torch
+
     tensors = {}
     for e in entries:
         dtype = getattr(torch, DTYPES[e.dtype])
         count = (e.end - e.begin) // ITEM_BYTES[e.dtype]
         flat = torch.frombuffer(data, dtype=dtype, count=count, offset=e.begin) if count else torch.empty(0, dtype=dtype)
         tensors[e.name] = flat.reshape(e.shape)
-    return tensors, reader.total
+    return tensors
 
 
-def safetensors_files(path: Path) -> list[Path]:
-    """A .safetensors file, or every one in a checkpoint directory (sharded checkpoints included)."""
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if files:
-            return files
-        raise ValueError(f"{path} holds no .safetensors file")
-    raise ValueError(f"{path} does not exist on the server")
+# --- the server's disk ---------------------------------------------------------------------------
 
 
-def read_files(path: Path, specs: Mapping[str, ParamSpec]) -> tuple[dict[str, Any], int]:
-    """Safetensors files on this machine's disk -> (name -> tensor, bytes), checked before loading."""
-    from safetensors import SafetensorError, safe_open
+class PathRefused(Exception):
+    """A `path` this server will not read; the message is the reason, for the server log only."""
 
-    files = safetensors_files(path)
+
+def weight_roots(dirs: Sequence[str | os.PathLike]) -> tuple[Path, ...]:
+    """The operator's `--weights-dir`s, resolved (symlinks followed): what `path`s are confined to."""
+    roots = []
+    for d in dirs:
+        try:
+            root = Path(d).resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            raise ValueError(f"--weights-dir {d}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+        if not root.is_dir():
+            raise ValueError(f"--weights-dir {d} is not a directory")
+        roots.append(root)
+    return tuple(roots)
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """`path` resolved, if it exists and is inside `root` once every symlink is followed."""
     try:
-        handles = [safe_open(str(f), framework="pt") for f in files]
-        declared = []
-        for h in handles:
-            for name in h.keys():
-                piece = h.get_slice(name)
-                declared.append((name, DTYPES.get(piece.get_dtype(), piece.get_dtype()), tuple(piece.get_shape())))
+        real = path.resolve(strict=True)
+    except (OSError, RuntimeError, ValueError) as exc:  # missing, no permission, a symlink loop, a NUL byte
+        raise PathRefused(f"{path} cannot be resolved: {exc}") from None
+    if not real.is_relative_to(root):
+        raise PathRefused(f"{path} resolves to {real}, outside {root}")
+    return real
+
+
+def _regular(root: Path, path: Path) -> Path:
+    real = _inside(root, path)
+    mode = os.stat(real).st_mode  # stat never blocks, whatever the file is
+    if not stat.S_ISREG(mode):
+        raise PathRefused(f"{path} ({real}) is not a regular file (mode {stat.filemode(mode)})")
+    return real
+
+
+def _locate_in(root: Path, requested: str) -> list[Path]:
+    candidate = root / requested  # an absolute `requested` replaces `root`: it must resolve inside it
+    real = _inside(root, candidate)
+    if real.is_dir():
+        names = sorted(n for n in os.listdir(real) if n.endswith(SUFFIX))
+        if not names:
+            raise PathRefused(f"{real} holds no {SUFFIX} file")
+        return [_regular(root, real / n) for n in names]  # one that is not a regular file refuses them all
+    # the name asked for, not the target's: checkpoints in a Hub cache are symlinks to blobs without suffix
+    if not candidate.name.endswith(SUFFIX):
+        raise PathRefused(f"{candidate} is not named *{SUFFIX}")
+    return [_regular(root, candidate)]
+
+
+def locate(roots: Sequence[Path], requested: str) -> list[Path]:
+    """The safetensors files `requested` names under the first root that allows it, resolved.
+
+    PathRefused (its message for the log, never for the client) when no root does."""
+    reasons = []
+    for root in roots:
+        try:
+            return _locate_in(root, requested)
+        except PathRefused as exc:
+            reasons.append(str(exc))
+        except OSError as exc:  # e.g. a directory that cannot be listed
+            reasons.append(f"{root / requested}: {exc}")
+    raise PathRefused("; ".join(reasons) or "no --weights-dir")
+
+
+def _open_regular(path: Path) -> tuple[Any, int]:
+    """`path` open for reading, and its size. O_NONBLOCK so that opening a FIFO (swapped in since the
+    check) returns at once, O_NOFOLLOW so that no symlink is followed; fstat checks the file opened."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise PathRefused(f"{path} is no longer a regular file (mode {stat.filemode(info.st_mode)})")
+    return os.fdopen(fd, "rb"), info.st_size
+
+
+def _read_exactly(file: Any, buffer: memoryview, what: str) -> None:
+    filled = 0
+    while filled < len(buffer):
+        got = file.readinto(buffer[filled:])
+        if not got:
+            raise ValueError(f"{what} ended after {filled} of {len(buffer)} bytes: truncated while being read?")
+        filled += got
+
+
+def _header(file: Any, size: int, shown: str) -> list[Entry]:
+    """The checked header of one open safetensors file of `size` bytes; ValueError says what is wrong."""
+    if size < 8:
+        raise ValueError(f"{shown} is {size} bytes: too short to be a safetensors file")
+    length = bytearray(8)
+    _read_exactly(file, memoryview(length), shown)
+    (n,) = struct.unpack("<Q", length)
+    if n > min(MAX_HEADER_BYTES, size - 8):
+        raise ValueError(f"{shown}: its header claims {n} bytes, and the file is {size}: not a safetensors file?")
+    raw = bytearray(n)
+    _read_exactly(file, memoryview(raw), shown)
+    entries = parse_header(bytes(raw))
+    if 8 + n + entries[-1].end != size:
+        raise ValueError(f"{shown} is {size} bytes, its header announces {8 + n + entries[-1].end}: "
+                         "truncated, or not a safetensors file")  # fmt: skip
+    return entries
+
+
+def read_files(roots: Sequence[Path], requested: str, specs: Mapping[str, ParamSpec]) -> tuple[dict[str, Any], int]:
+    """The safetensors `requested` under `roots` -> (name -> tensor, bytes), every header checked
+    against the files' sizes and the model before any data is read. Blocking: run it on a thread.
+
+    PathRefused: the path is not allowed (say only PATH_REFUSED to the client); ValueError: the
+    files are not weights this model can take (the message names the problem)."""
+    files = locate(roots, requested)
+    if len(files) > len(specs):  # each file holds at least one of the model's tensors, once
+        raise ValueError(f"{requested} holds {len(files)} {SUFFIX} files, more than the model's {len(specs)} tensors")
+    with ExitStack() as stack:
+        opened = []
+        for real in files:
+            try:
+                file, size = _open_regular(real)
+            except OSError as exc:
+                raise PathRefused(f"{real} cannot be opened: {exc}") from None
+            stack.enter_context(file)
+            shown = requested if len(files) == 1 else f"{requested.rstrip('/')}/{real.name}"
+            opened.append((file, shown, _header(file, size, shown)))
+        declared = [e for _, _, entries in opened for e in entries]
+        twice = sorted(name for name, count in Counter(e.name for e in declared).items() if count > 1)
+        if twice:
+            raise ValueError(f"tensors in more than one file: {', '.join(twice[:_SHOWN])}")
         check(declared, specs)
-        tensors = {name: h.get_tensor(name) for h in handles for name in h.keys()}
-    except SafetensorError as exc:
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
-    return tensors, sum(t.numel() * t.element_size() for t in tensors.values())
+        tensors, total = {}, 0
+        for file, shown, entries in opened:
+            data = bytearray(entries[-1].end)
+            _read_exactly(file, memoryview(data), shown)
+            tensors.update(_tensors(entries, data))
+            total += len(data)
+    return tensors, total
 
 
 # --- applying ----------------------------------------------------------------------------------
@@ -222,8 +362,9 @@ def read_files(path: Path, specs: Mapping[str, ParamSpec]) -> tuple[dict[str, An
 class WeightService:
     """Admin weight updates over a `PolicyService`'s backends."""
 
-    def __init__(self, service: PolicyService) -> None:
+    def __init__(self, service: PolicyService, roots: Sequence[Path] = ()) -> None:
         self.service = service
+        self.roots = tuple(roots)  # resolved (`weight_roots`); none: loading from disk is off
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def from_stream(self, model: str, chunks: AsyncIterator[bytes], expect_version: int | None) -> Update:
@@ -238,14 +379,22 @@ class WeightService:
             return await self._apply(model, backend, tensors, size, start)
 
     async def from_path(self, model: str, path: str, expect_version: int | None) -> Update:
+        if not self.roots:
+            raise PermissionDenied(NO_WEIGHTS_DIR, code="weights_dir_not_configured")
         backend = self.service.backend(model)
         async with self._lock(model):
             start = time.perf_counter()
             self._check_version(model, backend, expect_version)
-            try:
-                tensors, size = await asyncio.to_thread(read_files, Path(path), backend.parameter_specs())
-            except ValueError as exc:
-                raise InvalidRequest(str(exc), param="path", code="invalid_weights") from None
+            try:  # on a thread, all of it: resolving, checking and reading never block the event loop
+                tensors, size = await asyncio.to_thread(read_files, self.roots, path, backend.parameter_specs())
+            except PathRefused as exc:
+                log.info("weights load of %r refused: %s", path, exc)
+                raise InvalidRequest(PATH_REFUSED, param="path", code="weights_path_refused") from None
+            except (ValueError, OSError) as exc:  # a readable file that is not weights for this model
+                log.info("weights load of %r refused: %s", path, exc)
+                message = exc if isinstance(exc, ValueError) else f"{path} could not be read"
+                raise InvalidRequest(f"refused, the weights are unchanged: {message}", param="path",
+                                     code="invalid_weights") from None  # fmt: skip
             return await self._apply(model, backend, tensors, size, start)
 
     def _lock(self, model: str) -> asyncio.Lock:

@@ -1,11 +1,19 @@
 """Weight updates on a real server: streamed safetensors and server-side paths, refusals that leave
-the old weights serving, and no generation ever served from a half-updated model."""
+the old weights serving, and no generation ever served from a half-updated model.
+
+Loading from the server's disk is confined to its --weights-dir: every path it will not read (outside,
+escaping by `..` or a symlink, /proc, a FIFO, a directory without weights, missing) gets one and the
+same answer, promptly, and the server keeps serving meanwhile."""
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,15 +23,28 @@ from safetensors.torch import save, save_file
 from assay.checkpoints import EMBEDDED, load_embedded
 from clients import Conflict, InvalidRequest, PermissionDenied, PolicyClient
 from policy_server.server import BackgroundServer, ServerConfig
+from policy_server.weights import PATH_REFUSED
+from tests.servers import free_port, wait_ready
 
 PROMPT = "Q: 23+45-17 A: "
 
 
 @pytest.fixture(scope="module")
-def weights_server():
+def disk(tmp_path_factory) -> Path:
+    """`root`, the server's --weights-dir, and `outside` beside it, which the server must never read."""
+    base = tmp_path_factory.mktemp("disk")
+    (base / "root").mkdir()
+    (base / "outside").mkdir()
+    return base
+
+
+@pytest.fixture(scope="module")
+def weights_server(disk):
     """A server of its own: these tests change its weights. Keys, so admin scope is checked."""
     keys = ("admin-key:admin,generate", "gen-key:generate")
-    with BackgroundServer(ServerConfig(port=0, models={"policy": EMBEDDED["policy"][1]}, api_keys=keys)) as s:
+    config = ServerConfig(port=0, models={"policy": EMBEDDED["policy"][1]}, api_keys=keys,
+                          weights_dirs=(disk / "root",))  # fmt: skip
+    with BackgroundServer(config) as s:
         yield s
 
 
@@ -123,22 +144,168 @@ def test_expect_version_refuses_a_stale_update(admin, original):
     assert admin.update_weights(original, expect_version=version).weight_version == version + 1
 
 
-def test_load_from_a_path_on_the_server(admin, original, tmp_path):
+def test_load_from_a_path_inside_the_weights_dir(admin, original, disk):
+    root = disk / "root"
     text, version = greedy(admin)
     changed = perturbed(original, 0.5, seed=1)
-    save_file(changed, tmp_path / "model.safetensors")
-    reply = admin.load_weights(str(tmp_path))
-    assert reply.weight_version == version + 1
-    assert greedy(admin)[0] != text
-    reply = admin.load_weights(str(EMBEDDED["policy"][1]))  # the shipped checkpoint directory
+    (root / "ckpt").mkdir()
+    save_file(changed, root / "ckpt" / "model.safetensors")
+    assert admin.load_weights("ckpt").weight_version == version + 1  # a directory, relative to the root
+    changed_text = greedy(admin)[0]
+    assert changed_text != text
+    save_file(original, root / "original.safetensors")
+    assert admin.load_weights("original.safetensors").weight_version == version + 2  # a file
     assert greedy(admin) == (text, version + 2)
-    with pytest.raises(InvalidRequest, match="does not exist"):
-        admin.load_weights(str(tmp_path / "missing"))
-    (tmp_path / "bad").mkdir()
-    save_file({"no.such.weight": torch.zeros(2)}, tmp_path / "bad" / "x.safetensors")
-    with pytest.raises(InvalidRequest, match="does not have: no.such.weight"):
-        admin.load_weights(str(tmp_path / "bad"))
-    assert greedy(admin) == (text, version + 2)
+    assert admin.load_weights(str(root / "ckpt")).weight_version == version + 3  # absolute, inside the root
+    assert greedy(admin) == (changed_text, version + 3)
+    # a sharded checkpoint, its files symlinks to blobs without a suffix, as in a Hugging Face cache
+    (root / "blobs").mkdir()
+    (root / "sharded").mkdir()
+    names = list(original)
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        save_file({k: original[k] for k in part}, root / "blobs" / f"b{i}")
+        (root / "sharded" / f"model-{i}.safetensors").symlink_to(root / "blobs" / f"b{i}")
+    reply = admin.load_weights("sharded")
+    assert (reply.weight_version, reply.tensors) == (version + 4, len(original))
+    assert greedy(admin) == (text, version + 4)
+
+
+def _refusal(weights_server, path: str) -> tuple[int, dict]:
+    r = httpx.post(f"{weights_server.http_url}/v1/admin/weights/load", json={"model": "policy", "path": path},
+                   headers={"authorization": "Bearer admin-key"}, timeout=60)  # fmt: skip
+    return r.status_code, r.json()
+
+
+def test_every_path_the_server_will_not_read_gets_one_answer(weights_server, admin, original, disk):
+    """Outside the root, escaping it by `..` or a symlink, /proc, missing, a directory without
+    weights, the wrong name: the same 400 for all, so that answers do not tell what exists."""
+    root, outside = disk / "root", disk / "outside"
+    save_file(original, outside / "model.safetensors")  # good weights, but not where the server may read
+    (root / "escape.safetensors").symlink_to(outside / "model.safetensors")
+    (root / "escape_dir").symlink_to(outside)
+    (root / "environ.safetensors").symlink_to("/proc/self/environ")
+    (root / "empty").mkdir()
+    (root / "notes.txt").write_text("not weights")
+    (root / "fifo_dir").mkdir()
+    os.mkfifo(root / "fifo_dir" / "model.safetensors")
+    paths = [
+        str(outside / "model.safetensors"), str(outside), "../outside/model.safetensors", "../outside",
+        "escape.safetensors", "escape_dir", "escape_dir/model.safetensors", "environ.safetensors",
+        "/proc/self/environ", "../../../../../../proc/self/environ", "/etc/passwd", "missing.safetensors",
+        "missing", "empty", "notes.txt", "fifo_dir", "a\x00b.safetensors", "/",
+    ]  # fmt: skip
+    text, version = greedy(admin)
+    answers = {path: _refusal(weights_server, path) for path in paths}
+    expected = (400, {"error": {"message": PATH_REFUSED, "type": "invalid_request_error", "param": "path",
+                                "code": "weights_path_refused"}})  # fmt: skip
+    assert {path: answer for path, answer in answers.items() if answer != expected} == {}
+    assert "--weights-dir" in PATH_REFUSED
+    with pytest.raises(InvalidRequest, match="weights-dir"):
+        admin.load_weights("../outside")
+    assert greedy(admin) == (text, version)
+
+
+@pytest.fixture
+def served_subprocess(tmp_path):
+    """`python -m policy_server --weights-dir ROOT` (keyless loopback), logging to a file: a process of
+    its own, so that a server frozen by a read cannot freeze the test that watches it."""
+    root, log = tmp_path / "root", tmp_path / "server.log"
+    root.mkdir()
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "policy_server", "--model", str(EMBEDDED["policy"][1]),
+                                 "--port", str(port), "--weights-dir", str(root), "--torch-threads", "1",
+                                 "--log-level", "info"], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}", 120)
+        yield f"http://127.0.0.1:{port}", root, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_fifo_neither_blocks_the_request_nor_the_server(served_subprocess):
+    """A FIFO named *.safetensors, alone or in a checkpoint directory: opening one to read waits for
+    a writer, which once froze the whole server. Refused at once now, /health answers meanwhile, and
+    the server's log (not the answer) says why."""
+    url, root, log = served_subprocess
+    (root / "ckpt").mkdir()
+    fifos = [root / "fifo.safetensors", root / "ckpt" / "model.safetensors"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+
+    def load(path: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/admin/weights/load", json={"model": "policy", "path": path}, timeout=30)
+
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            loads = [pool.submit(load, path) for path in ("fifo.safetensors", str(root / "ckpt"))]
+            for _ in range(3):  # while the loads are in flight (or stuck), the server answers
+                assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+            for reply in (future.result(timeout=60) for future in loads):
+                assert reply.status_code == 400 and reply.json()["error"]["message"] == PATH_REFUSED, reply.text
+        finally:  # had the server opened a FIFO, a writer that comes and goes releases it
+            for fifo in fifos:
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass  # no reader: nothing was blocked on it
+    assert log.read_text().count("is not a regular file") == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (lambda s: b"", "too short to be a safetensors file"),
+        (lambda s: b"name=value\x00" * 8, "not a safetensors file"),
+        (lambda s: struct.pack("<Q", 4) + b"{{{{", "not JSON"),
+        (lambda s: save({"lm_head.weight": s["lm_head.weight"]})[:-10], "truncated"),
+        (lambda s: save({"lm_head.weight": s["lm_head.weight"]}) + b"xx", "not a safetensors file"),
+        (lambda s: save({"no.such.weight": torch.zeros(2)}), "does not have: no.such.weight"),
+        (lambda s: save({"lm_head.weight": torch.zeros(3, 3)}), "wrong shape"),
+    ],
+    ids=["empty", "text", "bad-header", "truncated", "overlong", "unknown-name", "wrong-shape"],
+)
+def test_a_file_that_is_not_the_model_weights_is_a_400_naming_why(weights_server, admin, original, disk, content,
+                                                                  says):  # fmt: skip
+    text, version = greedy(admin)
+    (disk / "root" / "bad.safetensors").write_bytes(content(original))
+    status, body = _refusal(weights_server, "bad.safetensors")
+    assert status == 400 and body["error"]["code"] == "invalid_weights", body
+    assert says in body["error"]["message"] and "unchanged" in body["error"]["message"]
+    assert greedy(admin) == (text, version)
+
+
+def test_two_shards_holding_one_tensor_are_refused(weights_server, admin, original, disk):
+    (disk / "root" / "twice").mkdir()
+    for i in range(2):
+        save_file({"lm_head.weight": original["lm_head.weight"]}, disk / "root" / "twice" / f"m{i}.safetensors")
+    status, body = _refusal(weights_server, "twice")
+    assert status == 400 and "more than one file: lm_head.weight" in body["error"]["message"], body
+
+
+def test_loading_from_disk_is_off_without_a_weights_dir(server):
+    """The shared server was started without --weights-dir: the route answers 403 and says so."""
+    r = httpx.post(f"{server.http_url}/v1/admin/weights/load", json={"model": "policy", "path": "/tmp"}, timeout=30)
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "weights_dir_not_configured"
+    assert "start the server with --weights-dir" in r.json()["error"]["message"]
+    with PolicyClient.http(server.http_url, max_retries=0) as c, pytest.raises(PermissionDenied, match="weights-dir"):
+        c.load_weights(str(EMBEDDED["policy"][1]))
+
+
+def test_the_cli_takes_weights_dirs_and_refuses_a_missing_one(tmp_path):
+    shown = subprocess.run([sys.executable, "-m", "policy_server", "--help"], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert "--weights-dir" in shown.stdout, shown.stdout
+    proc = subprocess.run([sys.executable, "-m", "policy_server", "--weights-dir", str(tmp_path / "absent"),
+                           "--port", "0"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "--weights-dir" in proc.stderr + proc.stdout, proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_no_generation_is_served_from_a_half_updated_model(admin, original):
