@@ -19,7 +19,7 @@ from policy_server.backends.hf import BatchSettings, HFBackend
 from policy_server.http_api import SCOPES, create_app
 from policy_server.serving import Limits, Metrics, PolicyService
 from policy_server.serving_search import SearchService
-from policy_server.weights import weight_roots
+from policy_server.weight_paths import weight_roots
 from assay import serve as runtime
 from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
 from rm_server.auth import ApiKeys, is_loopback

@@ -12,18 +12,14 @@ Two ways in, both admin-scoped, neither touching pickle:
   memory first, and a refusal should not wait for gigabytes.
 - `POST /v1/admin/weights/load {"model", "path"}`: safetensors files on the server's own disk (a
   file, or a checkpoint directory's `*.safetensors`), confined to the directories the operator
-  names with `--weights-dir` (none: the route answers 403). `path` is relative to such a root, or
-  absolute and inside one. It is resolved (symlinks followed) and must stay inside its root, name
-  a regular file called `*.safetensors` or a directory holding such files, and is opened with
-  O_NONBLOCK and checked again with fstat, so a FIFO or a device can never block a read. Every
-  refusal of a path is the same 400, whatever the reason (missing, outside, a FIFO, a symlink
-  that escapes, an empty directory), so that the answers do not map the server's disk; the real
-  reason goes to the server log. A file that passes is read like an upload: the header is checked
-  against the model and against the file's size before the data is read, so a truncated file or
-  one that is not safetensors is a 400 naming the problem. All of it runs on a worker thread: the
-  event loop never touches the disk for this route. There is no timeout on it: a regular file's
-  read always progresses, a thread cannot be stopped anyway, and the caller's deadline bounds its
-  own wait.
+  names with `--weights-dir` (none: the route answers 403); `weight_paths` says how. Every path
+  refused gets the same 400, whatever the reason; the real one goes to the server log. A file that
+  passes is read like an upload, not with the `safetensors` package (whose open blocks on a FIFO
+  and holds the GIL meanwhile, freezing the server): the header is checked against the file's size
+  and the model before the data is read, so a truncated file, or one that is not safetensors, is a
+  400 naming the problem. All of it runs on a worker thread: the event loop never touches the disk
+  for this route. There is no timeout on it: a regular file's read always progresses, a thread
+  cannot be stopped anyway, and the caller's deadline bounds its own wait.
 
 `WeightService.apply` then hands the tensors to the backend, which swaps them in between batches
 (`GenerationBackend.load_weights`) and bumps the model's `weight_version`. Updates of one model
@@ -36,8 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import stat
 import struct
 import time
 from collections import Counter
@@ -49,6 +43,7 @@ from typing import Any
 
 from policy_server.backends import GenerationBackend, ParamSpec
 from policy_server.serving import Conflict, InvalidRequest, PermissionDenied, PolicyService
+from policy_server.weight_paths import SUFFIX, PathRefused, locate, open_regular
 
 log = logging.getLogger("policy_server")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors package's own cap on the JSON header
@@ -59,7 +54,6 @@ DTYPES = {
 }  # fmt: skip
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _SHOWN = 5  # problems listed in one refusal
-SUFFIX = ".safetensors"
 # One answer for every path refused, whatever the reason: it must not tell what exists on the disk.
 PATH_REFUSED = ("refused: `path` must name a regular .safetensors file, or a directory holding some, inside a "
                 "directory this server loads weights from (its --weights-dir), relative to it; the server log "
@@ -218,84 +212,6 @@ def _tensors(entries: list[Entry], data: bytearray) -> dict[str, Any]:
 # --- the server's disk ---------------------------------------------------------------------------
 
 
-class PathRefused(Exception):
-    """A `path` this server will not read; the message is the reason, for the server log only."""
-
-
-def weight_roots(dirs: Sequence[str | os.PathLike]) -> tuple[Path, ...]:
-    """The operator's `--weights-dir`s, resolved (symlinks followed): what `path`s are confined to."""
-    roots = []
-    for d in dirs:
-        try:
-            root = Path(d).resolve(strict=True)
-        except (OSError, RuntimeError) as exc:
-            raise ValueError(f"--weights-dir {d}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
-        if not root.is_dir():
-            raise ValueError(f"--weights-dir {d} is not a directory")
-        roots.append(root)
-    return tuple(roots)
-
-
-def _inside(root: Path, path: Path) -> Path:
-    """`path` resolved, if it exists and is inside `root` once every symlink is followed."""
-    try:
-        real = path.resolve(strict=True)
-    except (OSError, RuntimeError, ValueError) as exc:  # missing, no permission, a symlink loop, a NUL byte
-        raise PathRefused(f"{path} cannot be resolved: {exc}") from None
-    if not real.is_relative_to(root):
-        raise PathRefused(f"{path} resolves to {real}, outside {root}")
-    return real
-
-
-def _regular(root: Path, path: Path) -> Path:
-    real = _inside(root, path)
-    mode = os.stat(real).st_mode  # stat never blocks, whatever the file is
-    if not stat.S_ISREG(mode):
-        raise PathRefused(f"{path} ({real}) is not a regular file (mode {stat.filemode(mode)})")
-    return real
-
-
-def _locate_in(root: Path, requested: str) -> list[Path]:
-    candidate = root / requested  # an absolute `requested` replaces `root`: it must resolve inside it
-    real = _inside(root, candidate)
-    if real.is_dir():
-        names = sorted(n for n in os.listdir(real) if n.endswith(SUFFIX))
-        if not names:
-            raise PathRefused(f"{real} holds no {SUFFIX} file")
-        return [_regular(root, real / n) for n in names]  # one that is not a regular file refuses them all
-    # the name asked for, not the target's: checkpoints in a Hub cache are symlinks to blobs without suffix
-    if not candidate.name.endswith(SUFFIX):
-        raise PathRefused(f"{candidate} is not named *{SUFFIX}")
-    return [_regular(root, candidate)]
-
-
-def locate(roots: Sequence[Path], requested: str) -> list[Path]:
-    """The safetensors files `requested` names under the first root that allows it, resolved.
-
-    PathRefused (its message for the log, never for the client) when no root does."""
-    reasons = []
-    for root in roots:
-        try:
-            return _locate_in(root, requested)
-        except PathRefused as exc:
-            reasons.append(str(exc))
-        except OSError as exc:  # e.g. a directory that cannot be listed
-            reasons.append(f"{root / requested}: {exc}")
-    raise PathRefused("; ".join(reasons) or "no --weights-dir")
-
-
-def _open_regular(path: Path) -> tuple[Any, int]:
-    """`path` open for reading, and its size. O_NONBLOCK so that opening a FIFO (swapped in since the
-    check) returns at once, O_NOFOLLOW so that no symlink is followed; fstat checks the file opened."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise PathRefused(f"{path} is no longer a regular file (mode {stat.filemode(info.st_mode)})")
-    return os.fdopen(fd, "rb"), info.st_size
-
-
 def _read_exactly(file: Any, buffer: memoryview, what: str) -> None:
     filled = 0
     while filled < len(buffer):
@@ -336,7 +252,7 @@ def read_files(roots: Sequence[Path], requested: str, specs: Mapping[str, ParamS
         opened = []
         for real in files:
             try:
-                file, size = _open_regular(real)
+                file, size = open_regular(real)
             except OSError as exc:
                 raise PathRefused(f"{real} cannot be opened: {exc}") from None
             stack.enter_context(file)
