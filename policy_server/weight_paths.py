@@ -20,9 +20,18 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SUFFIX = ".safetensors"
+
+
+class Found(NamedTuple):
+    """A file that passed the checks: its resolved path, the (device, inode) that passed, and the
+    name it was asked for by (a symlink's, in a Hugging Face cache)."""
+
+    path: Path
+    identity: tuple[int, int]
+    name: str
 
 
 class PathRefused(Exception):
@@ -54,15 +63,15 @@ def _inside(root: Path, path: Path) -> Path:
     return real
 
 
-def _regular(root: Path, path: Path) -> Path:
+def _regular(root: Path, path: Path) -> Found:
     real = _inside(root, path)
-    mode = os.stat(real).st_mode  # stat never blocks, whatever the file is
-    if not stat.S_ISREG(mode):
-        raise PathRefused(f"{path} ({real}) is not a regular file (mode {stat.filemode(mode)})")
-    return real
+    info = os.stat(real)  # stat never blocks, whatever the file is
+    if not stat.S_ISREG(info.st_mode):
+        raise PathRefused(f"{path} ({real}) is not a regular file (mode {stat.filemode(info.st_mode)})")
+    return Found(real, (info.st_dev, info.st_ino), path.name)
 
 
-def _locate_in(root: Path, requested: str) -> list[Path]:
+def _locate_in(root: Path, requested: str) -> list[Found]:
     candidate = root / requested  # an absolute `requested` replaces `root`: it must resolve inside it
     real = _inside(root, candidate)
     if real.is_dir():
@@ -76,8 +85,8 @@ def _locate_in(root: Path, requested: str) -> list[Path]:
     return [_regular(root, candidate)]
 
 
-def locate(roots: Sequence[Path], requested: str) -> list[Path]:
-    """The safetensors files `requested` names under the first root that allows it, resolved.
+def locate(roots: Sequence[Path], requested: str) -> list[Found]:
+    """The safetensors files `requested` names under the first root that allows it.
 
     PathRefused (its message for the log, never for the client) when no root does."""
     reasons = []
@@ -91,13 +100,14 @@ def locate(roots: Sequence[Path], requested: str) -> list[Path]:
     raise PathRefused("; ".join(reasons) or "no --weights-dir")
 
 
-def open_regular(path: Path) -> tuple[Any, int]:
-    """`path` open for reading, and its size. O_NONBLOCK so that opening a FIFO (swapped in since the
-    check) returns at once, O_NOFOLLOW so that no symlink is followed; fstat checks the file opened."""
+def open_regular(found: Found) -> tuple[Any, int]:
+    """The file `found` open for reading, and its size. O_NONBLOCK so that opening a FIFO (swapped in
+    since the check) returns at once, O_NOFOLLOW so that no symlink is followed; fstat makes sure the
+    file opened is the one checked (a directory on the way swapped for a symlink would open another)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
+    fd = os.open(found.path, flags)
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
+    if not stat.S_ISREG(info.st_mode) or (info.st_dev, info.st_ino) != found.identity:
         os.close(fd)
-        raise PathRefused(f"{path} is no longer a regular file (mode {stat.filemode(info.st_mode)})")
+        raise PathRefused(f"{found.path} changed since it was checked (now mode {stat.filemode(info.st_mode)})")
     return os.fdopen(fd, "rb"), info.st_size

@@ -250,13 +250,13 @@ def read_files(roots: Sequence[Path], requested: str, specs: Mapping[str, ParamS
         raise ValueError(f"{requested} holds {len(files)} {SUFFIX} files, more than the model's {len(specs)} tensors")
     with ExitStack() as stack:
         opened = []
-        for real in files:
+        for found in files:
             try:
-                file, size = open_regular(real)
+                file, size = open_regular(found)
             except OSError as exc:
-                raise PathRefused(f"{real} cannot be opened: {exc}") from None
+                raise PathRefused(f"{found.path} cannot be opened: {exc}") from None
             stack.enter_context(file)
-            shown = requested if len(files) == 1 else f"{requested.rstrip('/')}/{real.name}"
+            shown = requested if len(files) == 1 else f"{requested.rstrip('/')}/{found.name}"
             opened.append((file, shown, _header(file, size, shown)))
         declared = [e for _, _, entries in opened for e in entries]
         twice = sorted(name for name, count in Counter(e.name for e in declared).items() if count > 1)

@@ -23,6 +23,7 @@ from safetensors.torch import save, save_file
 from assay.checkpoints import EMBEDDED, load_embedded
 from clients import Conflict, InvalidRequest, PermissionDenied, PolicyClient
 from policy_server.server import BackgroundServer, ServerConfig
+from policy_server.weight_paths import PathRefused, locate, open_regular
 from policy_server.weights import PATH_REFUSED
 from tests.servers import free_port, wait_ready
 
@@ -286,6 +287,17 @@ def test_two_shards_holding_one_tensor_are_refused(weights_server, admin, origin
         save_file({"lm_head.weight": original["lm_head.weight"]}, disk / "root" / "twice" / f"m{i}.safetensors")
     status, body = _refusal(weights_server, "twice")
     assert status == 400 and "more than one file: lm_head.weight" in body["error"]["message"], body
+
+
+def test_a_file_swapped_after_its_check_is_not_read(tmp_path):
+    """Between the check and the open, the file (or a directory on its way) may change: the file
+    opened must be the very one that was checked."""
+    (tmp_path / "m.safetensors").write_bytes(b"checked")
+    (found,) = locate([tmp_path], "m.safetensors")
+    (tmp_path / "other").write_bytes(b"swapped in")
+    os.replace(tmp_path / "other", tmp_path / "m.safetensors")
+    with pytest.raises(PathRefused, match="changed since it was checked"):
+        open_regular(found)
 
 
 def test_loading_from_disk_is_off_without_a_weights_dir(server):
