@@ -109,6 +109,16 @@ def pausing_chunks(mid_push: threading.Event, resume: threading.Event):
     return chunks
 
 
+def served(seen: Seen, version: int, after_restart: bool, timeout_s: float = 30.0) -> bool:
+    """Wait (bounded) until the generation load has had a reply from `version`."""
+    deadline = time.monotonic() + timeout_s
+    while not any(v == version and after == after_restart for _, v, after in seen.replies):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def greedy(client: PolicyClient) -> tuple[str, int]:
     choice = client.complete(PROMPT, max_tokens=24, temperature=0.0).choices[0]
     return choice.text, choice.weight_version
@@ -137,10 +147,9 @@ def test_sigkill_during_a_weight_push_loses_no_consistency_and_hangs_no_one(poli
             workers = [pool.submit(generate, policy.url, stop, restarted, seen) for _ in range(2)]
             try:
                 version = 1
-                for pushes in range(1, 13):  # pushes under load, until the load has seen some of them
+                for _ in range(4):  # pushes under load, each served to the load before the next
                     version = push(trainer, version)
-                    if pushes >= 4 and len({v for _, v, _ in seen.replies}) >= 3:
-                        break
+                    assert served(seen, version, after_restart=False)
 
                 # the fault: SIGKILL with the next push's body partly sent
                 mid_push, resume = threading.Event(), threading.Event()
@@ -171,6 +180,7 @@ def test_sigkill_during_a_weight_push_loses_no_consistency_and_hangs_no_one(poli
                 assert greedy(trainer) == (by_parity[1], 1)
                 version = push(trainer, version)
                 assert greedy(trainer) == (by_parity[0], 2)
+                assert served(seen, 2, after_restart=True)
             finally:
                 stop.set()
                 resume.set()
@@ -181,8 +191,8 @@ def test_sigkill_during_a_weight_push_loses_no_consistency_and_hangs_no_one(poli
     assert mixed == []
     before = {v for _, v, after in seen.replies if not after}
     after = {v for _, v, after in seen.replies if after}
-    assert len(before) >= 2, before  # the load straddled pushes before the kill
-    assert after and after <= {0, 1, 2}, after  # and ran on the restarted server, from version 0
+    assert {2, 3, 4, 5} <= before, before  # the load straddled the pushes before the kill
+    assert 2 in after and after <= {0, 1, 2}, after  # and ran on the restarted server, from version 0
     assert all(isinstance(err, Unavailable) for err in seen.errors), seen.errors
     assert push_error_s < 10 and seen.slowest_s < GENERATE_TIMEOUT_S + 10
     print(f"\n{len(seen.replies)} choices checked ({len(before)} versions before the kill, {len(after)} after), "
