@@ -27,6 +27,10 @@ def serve_cmd(
         [], help="KEY:scope[,scope] (scopes: generate, admin); repeatable. ASSAY_POLICY_API_KEYS "
         "(space-separated) is the safer way: a command line is visible to every user of the machine"
     ),
+    allowed_host: list[str] = typer.Option(
+        [], help="a Host name clients reach this server by (e.g. api.example.com, *.example.com); repeatable. "
+        "Others are refused (DNS rebinding); default: loopback names on a loopback bind, any beyond it"
+    ),
     max_n: int = typer.Option(128, help="completions per prompt (n)"),
     max_tokens: int = typer.Option(4096, help="tokens per completion (the model's context caps it too)"),
     max_prompt_tokens: int = typer.Option(None, help="prompt tokens (default: the model's context length)"),
@@ -72,6 +76,7 @@ def serve_cmd(
             port=port,
             grpc_port=grpc_port,
             api_keys=tuple(api_key),
+            allowed_hosts=tuple(allowed_host),
             limits=Limits(
                 max_n=max_n, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
                 max_body_bytes=int(max_body_mb * 1024 * 1024), max_sequences=min(1024, max_queue), timeout_s=timeout_s,

@@ -4,6 +4,8 @@ over `serving_search.SearchService`. No torch here.
 Errors are mapped in one place (the handlers below) to OpenAI's shape, `{"error": {"message",
 "type", "param", "code"}}`: an `ApiError` becomes its status (with Retry-After on 429), a body
 that is not valid JSON or does not match the protocol becomes 400, an oversized body 413.
+The key is checked before the body is read, and what a browser sends cross-site is refused
+(`assay.http_guard`): a web page must not swap the served weights of a keyless loopback server.
 A generation whose client disconnects is cancelled, which drops its queued sequences and stops
 its running ones at the next decode step.
 """
@@ -17,13 +19,14 @@ from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from assay.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
 from assay.serve import add_ops_routes
 from policy_server import serving
 from policy_server.protocol import (
@@ -49,9 +52,12 @@ from rm_server.http_api import BodyLimit
 log = logging.getLogger("policy_server")
 T = TypeVar("T")
 SCOPES = ("generate", "admin")
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 503, 504)}
 SEARCH_ERRORS = {status: {"model": ErrorResponse} for status in (*ERRORS, 409, 502)}
 WEIGHTS_ROUTE = "/v1/admin/weights"
+# The weights upload's body, as the schema documents it and GuardedRoute enforces it (clients/policy.py sends it)
+SAFETENSORS_BODY = {"requestBody": {"required": True, "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": "a safetensors file"}}}}}
 
 
 def _error(status: int, type: str, message: str, param: str | None = None, code: str | None = None,
@@ -66,6 +72,11 @@ class _BodyLimit(BodyLimit):
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"the request body is over the limit of {self.limit} bytes"
         await _error(413, "invalid_request_error", message, code="request_too_large")(scope, receive, send)
+
+
+def _refusal(status: int, message: str) -> JSONResponse:
+    """`CrossSiteGuard`'s refusals, in OpenAI's shape."""
+    return _error(status, "permission_error", message, code="cross_site_request")
 
 
 def _update(u: Update) -> WeightUpdateResponse:
@@ -100,21 +111,20 @@ async def _unless_disconnected(request: Request, work: Awaitable[T], timer: Time
 
 
 def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: SearchService | None = None,
-               weight_roots: Sequence[Path] = ()) -> FastAPI:  # fmt: skip
+               weight_roots: Sequence[Path] = (), hosts: tuple[str, ...] | None = LOOPBACK_HOSTS) -> FastAPI:  # fmt: skip
     """The app over `service`; with `searches`, also `POST /v1/search`; with `weight_roots` (resolved
-    `--weights-dir`s), `POST /v1/admin/weights/load` reads safetensors inside them."""
+    `--weights-dir`s), `POST /v1/admin/weights/load` reads safetensors inside them. `hosts`: the Host
+    names it answers (None: any), see `http_guard.allowed_hosts`."""
     keys = keys or ApiKeys(scopes=SCOPES)
     app = FastAPI(
         title="Assay policy service",
         version="1",
         description="OpenAI-compatible generation. Every response carries the weight_version that produced it.",
     )
+    app.router.route_class = GuardedRoute  # the key before the body
 
     def scope(name: str):
-        async def check(authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
-            serving.check_key(keys, authorization, name)
-
-        return Depends(check)
+        return KeyCheck.depends(lambda authorization: serving.check_key(keys, authorization, name))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -136,10 +146,11 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # FastAPI's own refusals: the streamed body over the limit, unknown route, wrong method.
+        # FastAPI's own refusals: the streamed body over the limit, unknown route, wrong method (with
+        # its Allow header), and GuardedRoute's wrong content type.
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        code = "request_too_large" if exc.status_code == 413 else None
-        return _error(exc.status_code, kind, str(exc.detail), code=code)
+        code = {413: "request_too_large", 415: "unsupported_media_type"}.get(exc.status_code)
+        return _error(exc.status_code, kind, str(exc.detail), code=code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
@@ -179,7 +190,7 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
     weights = WeightService(service, weight_roots)
 
     @app.post(WEIGHTS_ROUTE, response_model=WeightUpdateResponse, responses={**ERRORS, 409: ERRORS[400]},
-              dependencies=[scope("admin")])  # fmt: skip
+              dependencies=[scope("admin")], openapi_extra=SAFETENSORS_BODY)  # fmt: skip
     async def update_weights(request: Request, model: str, expect_version: int | None = None) -> WeightUpdateResponse:
         """New weights for `model`: the body is a safetensors file (the full state dict or a named
         subset), streamed. Checked against the model's names, shapes and dtypes before any is used."""
@@ -199,4 +210,5 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
     add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
 
     app.add_middleware(_BodyLimit, limit=service.limits.max_body_bytes, exempt=(WEIGHTS_ROUTE,))
+    app.add_middleware(CrossSiteGuard, refuse=_refusal, hosts=hosts)  # outermost: before the body is counted
     return app

@@ -21,6 +21,7 @@ from policy_server.serving import Limits, Metrics, PolicyService
 from policy_server.serving_search import SearchService
 from policy_server.weight_paths import weight_roots
 from assay import serve as runtime
+from assay.http_guard import allowed_hosts
 from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
 from rm_server.auth import ApiKeys, is_loopback
 
@@ -43,6 +44,7 @@ class ServerConfig:
     port: int = 8001  # 0 picks a free port
     grpc_port: int | None = None  # None: no gRPC; 0 picks a free port
     api_keys: tuple[str, ...] = ()  # KEY:scope[,scope] (generate, admin); ASSAY_POLICY_API_KEYS adds more
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback's (beyond loopback: none means any)
     limits: Limits = field(default_factory=Limits)
     batching: BatchSettings = field(default_factory=BatchSettings)
     rm_url: str = "http://127.0.0.1:8000"  # the reward service that /v1/search scores with
@@ -107,7 +109,8 @@ class PolicyServer:
         return f"{self.config.host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        app = create_app(self.service, self.keys, self.searches, self.weight_roots)
+        hosts = allowed_hosts(self.config.host, self.config.allowed_hosts)
+        app = create_app(self.service, self.keys, self.searches, self.weight_roots, hosts)
         await self.http.start(app, self.config.port, self.config.log_level)
         if self.config.grpc_port is not None:
             from policy_server.grpc_api import start_grpc_server

@@ -2,8 +2,9 @@
 
 Keys are given as `KEY:scope[,scope]` (scopes: score, admin; admin implies score), on the
 command line (`--api-key`, repeatable) or in ASSAY_API_KEYS separated by spaces. Only sha256
-digests are kept in memory, compared in constant time. With no keys every route is open, which
-the server allows only on a loopback address.
+digests are kept in memory, compared in constant time. A key has at least `MIN_KEY_LENGTH`
+characters. With no keys every route is open, which the server allows only on a loopback address
+(where `assay.http_guard` keeps web pages out).
 
 Another service passes its own scope set and environment variable (the policy server:
 generate, admin in ASSAY_POLICY_API_KEYS); the first scope is a bare KEY's, admin implies all.
@@ -13,23 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 from collections.abc import Iterable
 
+from assay.http_guard import is_loopback  # noqa: F401  (where the servers have always imported it)
 from rm_server.errors import PermissionDenied, Unauthenticated
 
 SCOPES = ("score", "admin")
 ENV_VAR = "ASSAY_API_KEYS"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+# A key guards a server reachable beyond loopback: short ones fall to guessing. 16 characters of
+# `openssl rand -hex 16` (32) or `python -c "import secrets; print(secrets.token_urlsafe())"` (43) are plenty.
+MIN_KEY_LENGTH = 16
 
 
 class ApiKeys:
@@ -41,6 +36,11 @@ class ApiKeys:
             if not key or not wanted or not wanted <= set(scopes):
                 raise ValueError(
                     f"API key entries look like KEY:{scopes[0]} or KEY:{','.join(scopes)}; got scopes {sorted(wanted)}"
+                )
+            if len(key) < MIN_KEY_LENGTH:
+                raise ValueError(
+                    f"an API key must be at least {MIN_KEY_LENGTH} characters; one has {len(key)} "
+                    "(make one with `openssl rand -hex 16`)"
                 )
             if "admin" in wanted:
                 wanted |= set(scopes)

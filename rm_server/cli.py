@@ -23,6 +23,10 @@ def serve_cmd(
         [], help="KEY:scope[,scope] (scopes: score, admin); repeatable. ASSAY_API_KEYS (space-separated) "
         "is the safer way: a command line is visible to every user of the machine"
     ),
+    allowed_host: list[str] = typer.Option(
+        [], help="a Host name clients reach this server by (e.g. api.example.com, *.example.com); repeatable. "
+        "Others are refused (DNS rebinding); default: loopback names on a loopback bind, any beyond it"
+    ),
     max_items: int = typer.Option(1024, help="items per request"),
     max_body_mb: float = typer.Option(8.0, help="request body limit, MiB"),
     log_level: str = typer.Option("info", help="uvicorn/server log level"),
@@ -40,6 +44,7 @@ def serve_cmd(
         port=port,
         grpc_port=None if grpc_port < 0 else grpc_port,
         api_keys=tuple(api_key),
+        allowed_hosts=tuple(allowed_host),
         limits=Limits(max_items=max_items, max_body_bytes=int(max_body_mb * 1024 * 1024)),
         log_level=log_level,
     )

@@ -3,19 +3,21 @@
 Errors are mapped in one place (the exception handlers below): a `ServiceError` becomes its
 status with an `ErrorResponse` body (and Retry-After for 429), a body that is not valid JSON or
 does not match the protocol becomes 400 with the problems listed, and nothing a client sends
-can produce a 500.
+can produce a 500. The key is checked before the body is read, and what a browser sends
+cross-site is refused (`assay.http_guard`).
 """
 
 from __future__ import annotations
 
 import math
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from assay.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
 from assay.serve import add_ops_routes
 from rm_server.auth import ApiKeys
 from rm_server.errors import ServiceError
@@ -32,9 +34,7 @@ from rm_server.protocol import (
 )
 from rm_server.serving import RewardService, Timer
 
-ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
-          404: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 429: {"model": ErrorResponse},
-          503: {"model": ErrorResponse}}  # fmt: skip
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 503)}
 
 
 def _error(status: int, type: ErrorType, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -75,20 +75,24 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def create_app(service: RewardService, keys: ApiKeys | None = None) -> FastAPI:
+def _refusal(status: int, message: str) -> JSONResponse:
+    """`CrossSiteGuard`'s refusals, in this service's shape."""
+    return _error(status, ErrorType.permission_denied, message)
+
+
+def create_app(service: RewardService, keys: ApiKeys | None = None,
+               hosts: tuple[str, ...] | None = LOOPBACK_HOSTS) -> FastAPI:  # fmt: skip
+    """The app over `service`; `hosts`: the Host names it answers (None: any), see `http_guard.allowed_hosts`."""
     keys = keys or ApiKeys()
     app = FastAPI(
         title="Assay reward service",
         version="1",
         description="Scores responses with reward models, rules and judges. Every score carries its reward id.",
     )
+    app.router.route_class = GuardedRoute  # the key before the body
 
     def scope(name: str):
-        # async: a plain `def` dependency would run on FastAPI's threadpool, a thread hop per request
-        async def check(authorization: str | None = Header(default=None, include_in_schema=False)) -> None:
-            keys.check(authorization, name)
-
-        return Depends(check)
+        return KeyCheck.depends(lambda authorization: keys.check(authorization, name))
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -105,9 +109,10 @@ def create_app(service: RewardService, keys: ApiKeys | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # FastAPI's own refusals: unreadable body (e.g. not UTF-8), unknown route, wrong method.
+        # FastAPI's own refusals: unreadable body (e.g. not UTF-8), unknown route, wrong method (with
+        # its Allow header), and GuardedRoute's wrong content type.
         kind = ErrorType.payload_too_large if exc.status_code == 413 else ErrorType.invalid_request
-        return _error(exc.status_code, kind, str(exc.detail))
+        return _error(exc.status_code, kind, str(exc.detail), exc.headers)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, dependencies=[scope("score")])
     async def score(req: ScoreRequest) -> ScoreResponse:
@@ -131,4 +136,5 @@ def create_app(service: RewardService, keys: ApiKeys | None = None) -> FastAPI:
     add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
 
     app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    app.add_middleware(CrossSiteGuard, refuse=_refusal, hosts=hosts)  # outermost: before the body is counted
     return app

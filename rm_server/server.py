@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 from assay import serve as runtime
+from assay.http_guard import allowed_hosts
 from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
 from rm_server.auth import ApiKeys, is_loopback
 from rm_server.http_api import create_app
@@ -29,6 +30,7 @@ class ServerConfig:
     port: int = 8000  # 0 picks a free port
     grpc_port: int | None = 50051  # None: no gRPC; 0 picks a free port
     api_keys: tuple[str, ...] = ()  # KEY:scope[,scope]; ASSAY_API_KEYS adds more
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback's (beyond loopback: none means any)
     limits: Limits = field(default_factory=Limits)
     log_level: str = "warning"
 
@@ -58,7 +60,8 @@ class RewardServer:
 
     async def start(self) -> None:
         """Bind both ports (health answers at once, /ready once the models are loaded)."""
-        await self.http.start(create_app(self.service, self.keys), self.config.port, self.config.log_level)
+        app = create_app(self.service, self.keys, allowed_hosts(self.config.host, self.config.allowed_hosts))
+        await self.http.start(app, self.config.port, self.config.log_level)
         if self.config.grpc_port is not None:
             from rm_server.grpc_api import start_grpc_server
 
