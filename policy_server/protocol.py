@@ -12,16 +12,31 @@ Requests refuse unknown fields, so a typo is a 400 and not a silent default. Ope
 server does not implement (`stream`, `echo`, penalties, ...) are accepted only at their neutral
 values, and refused with a message otherwise.
 
+Rules the serving layer enforces with messages of its own (no empty prompt or stop string, the
+neutral values above, a reward for every strategy but majority) are stated in the schema only
+(`json_schema_extra`, `WithJsonSchema`), so that the OpenAPI schema says what the code enforces.
+
 Nothing heavy is imported here (no torch), so clients and tests can import these cheaply.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 MAX_SEED = 2**63 - 1
+# search.STRATEGIES' names (a test keeps the two equal; importing search here would not be light)
+SEARCH_STRATEGIES = ("best_of_n", "weighted_best_of_n", "majority", "refine", "beam_search", "dvts")
+NO_REWARD_STRATEGIES = ("majority",)  # they score nothing
+
+# schemas of what serving refuses with its own messages
+_TEXT = {"type": "string", "minLength": 1}
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1}, _TOKEN_IDS,
+                     {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]}  # fmt: skip
+_STOP = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}]}
+_NEUTRAL = {"maxProperties": 0}  # an object field accepted only empty (or null)
 
 
 class _Wire(BaseModel):
@@ -36,18 +51,20 @@ class _Sampling(_Wire):
     temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 samples greedily.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1, description="Extension: sample among the k likeliest tokens; 0 or -1: off.")
-    stop: str | list[str] | None = Field(default=None, description="Strings that end a completion (not returned).")
+    stop: Annotated[str | list[str] | None, WithJsonSchema(_STOP)] = Field(
+        default=None, description="Strings that end a completion (not returned)."
+    )
     seed: int | None = Field(
         default=None, ge=-MAX_SEED - 1, le=MAX_SEED, description="Same seed, same request: same completions."
     )
     ignore_eos: bool = Field(default=False, description="Extension: keep generating past end-of-sequence.")
     return_token_ids: bool = Field(default=False, description="Extension: return prompt and completion token ids.")
     # OpenAI fields accepted at their neutral values only (see `_neutral`)
-    stream: bool = False
-    stream_options: dict | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    stream: bool = Field(default=False, json_schema_extra={"const": False})
+    stream_options: dict | None = Field(default=None, json_schema_extra=_NEUTRAL)
+    presence_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
+    frequency_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=_NEUTRAL)
     user: str | None = None
 
     @model_validator(mode="after")
@@ -68,16 +85,16 @@ class _Sampling(_Wire):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="One prompt, a list of prompts, or token ids (one list or a list of lists)."
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_PROMPT)] = Field(
+        description="One prompt, a list of prompts, or token ids (one list or a list of lists); none empty."
     )
     max_tokens: int = Field(default=16, ge=1, description="Tokens to generate at most, per completion.")
     logprobs: int | None = Field(
         default=None, ge=0, description="Return the sampled tokens' logprobs and this many top alternatives."
     )
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    echo: bool = Field(default=False, json_schema_extra={"const": False})
+    suffix: str | None = Field(default=None, json_schema_extra={"maxLength": 0})
+    best_of: int | None = Field(default=None, description="Only equal to n.")
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -146,6 +163,14 @@ class ChatMessage(_Wire):
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        # top_logprobs needs logprobs=true; max_tokens and max_completion_tokens are not both sent
+        {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+         "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},
+        {"not": {"required": ["max_tokens", "max_completion_tokens"],
+                 "properties": {"max_tokens": {"type": "integer"}, "max_completion_tokens": {"type": "integer"}}}},
+    ]})  # fmt: skip
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, description="Default: what the context has room for.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="The newer name of max_tokens.")
@@ -217,8 +242,14 @@ class SearchBudget(_Wire):
 class SearchRequest(_Wire):
     """One inference-time search. Config fields left out take `search.SearchConfig`'s defaults."""
 
+    model_config = ConfigDict(json_schema_extra={  # every strategy but majority needs a reward
+        "if": {"properties": {"strategy": {"enum": list(NO_REWARD_STRATEGIES)}}},
+        "else": {"required": ["reward"], "properties": {"reward": {"type": "string"}}},
+    })  # fmt: skip
+
     prompt: str = Field(min_length=1, description="The task prompt; responses continue it.")
-    strategy: str = Field(description="best_of_n, weighted_best_of_n, majority, refine, beam_search or dvts.")
+    strategy: str = Field(description="best_of_n, weighted_best_of_n, majority, refine, beam_search or dvts.",
+                          json_schema_extra={"enum": list(SEARCH_STRATEGIES)})  # fmt: skip
     reward: str | None = Field(default=None, min_length=1, description="The rm_server reward that scores "
                                "candidates; every strategy but majority needs one.")  # fmt: skip
     budget: SearchBudget | None = None
@@ -232,7 +263,8 @@ class SearchRequest(_Wire):
     temperature: float | None = Field(default=None, ge=0.0, le=100.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1, description="Tokens in one response, at most.")
-    stop: list[str] | None = Field(default=None, description="Step boundaries (beam search, DVTS); default [\" \"].")
+    stop: list[str] | None = Field(default=None, description="Step boundaries (beam search, DVTS); default [\" \"].",
+                                   json_schema_extra={"minItems": 1, "items": _TEXT})  # fmt: skip
     beam_width: int | None = Field(default=None, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     max_step_tokens: int | None = Field(default=None, ge=1)

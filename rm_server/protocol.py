@@ -3,6 +3,9 @@
 Nothing heavy is imported here (no torch), so clients and tests can import these cheaply. The
 gRPC contract in `proto/reward/v1/reward.proto` mirrors these models field for field; the
 conversion lives in `rm_server/grpc_convert.py`, used by the server's and the clients' gRPC edges.
+
+A rule the serving layer enforces with a message of its own (at least one item) is stated in the
+schema only (`json_schema_extra`), so that the OpenAPI schema says what the code enforces.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class ScoreItem(_Wire):
 
 class ScoreRequest(_Wire):
     reward: str = Field(min_length=1, description="Reward name, as listed by GET /v1/rewards.")
-    items: list[ScoreItem]
+    items: list[ScoreItem] = Field(json_schema_extra={"minItems": 1})  # enforced by serving: "`items` is empty"
     granularity: Granularity = Granularity.outcome
     timeout_s: float | None = Field(
         default=None, gt=0, description="Deadline for the whole request; unfinished items fail with `timeout`."
@@ -110,7 +113,7 @@ class CompareItem(_Wire):
 
 class CompareRequest(_Wire):
     reward: str = Field(min_length=1)
-    items: list[CompareItem]
+    items: list[CompareItem] = Field(json_schema_extra={"minItems": 1})
     timeout_s: float | None = Field(default=None, gt=0)
 
 

@@ -88,7 +88,8 @@ def server(tmp_path_factory):
 def strict_server(tmp_path_factory):
     """Rules only (starts fast), an API key, and a 4 KiB request limit."""
     spec = _spec(tmp_path_factory, "strict", {"rewards": {"format": SPEC["rewards"]["format"]}})
-    config = ServerConfig(spec=spec, port=0, grpc_port=0, api_keys=("k1:score",), limits=Limits(max_body_bytes=4096))
+    keys = ("k1-key-for-tests:score",)
+    config = ServerConfig(spec=spec, port=0, grpc_port=0, api_keys=keys, limits=Limits(max_body_bytes=4096))
     with BackgroundServer(config) as s:
         yield s
 
@@ -250,7 +251,7 @@ def test_api_keys_and_size_limit(connect, strict_server):
         with pytest.raises(Unauthenticated) as info:
             connect.to(strict_server, api_key=key, **FAST).score("format", item)
         assert info.value.attempts == 1
-    client = connect.to(strict_server, api_key="k1", **FAST)
+    client = connect.to(strict_server, api_key="k1-key-for-tests", **FAST)
     assert client.score("format", item).results[0].score == 1.0
     # over the server's limit: a request to split, never retried as if the server were busy
     with pytest.raises(InvalidRequest) as info:

@@ -160,20 +160,20 @@ def test_every_api_error_maps_to_its_status(error, status):
 def tight():
     """A server with keys, 4 sequences per batch and 8 queued at most: easy to fill."""
     config = ServerConfig(
-        models=None, port=0, grpc_port=0, api_keys=("gen-key:generate",), limits=Limits(max_sequences=8),
+        models=None, port=0, grpc_port=0, api_keys=("gen-key-for-tests:generate",), limits=Limits(max_sequences=8),
         batching=BatchSettings(max_sequences=4, max_queue=8, max_wait_s=0.2),
     )  # fmt: skip
     with BackgroundServer(config) as s, grpc.insecure_channel(s.grpc_target) as ch:
         yield s, policy_pb2_grpc.PolicyServiceStub(ch)
 
 
-AUTH = (("authorization", "Bearer gen-key"),)
+AUTH = (("authorization", "Bearer gen-key-for-tests"),)
 SHORT = pb.GenerateRequest(model="policy", prompt=PROMPT, max_tokens=2, temperature=0)
 
 
 def test_api_keys_guard_every_policy_method(tight):
     server, stub = tight
-    for metadata in [None, (("authorization", "Bearer wrong"),), (("authorization", "gen-key"),)]:
+    for metadata in [None, (("authorization", "Bearer wrong"),), (("authorization", "gen-key-for-tests"),)]:
         for call, arg in [(stub.Generate, SHORT), (stub.ListModels, pb.ListModelsRequest())]:
             err = rpc_error(call, arg, metadata=metadata, timeout=10)
             assert err.code() == Status.UNAUTHENTICATED and "API key" in err.details()

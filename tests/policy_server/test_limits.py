@@ -103,7 +103,8 @@ def test_oversized_bodies_get_413_declared_or_streamed(tight):
             yield b"1" * 500
         yield b'"}'
 
-    streamed = httpx.post(f"{tight.http_url}/v1/completions", content=chunks())  # no content-length
+    json_type = {"content-type": "application/json"}
+    streamed = httpx.post(f"{tight.http_url}/v1/completions", content=chunks(), headers=json_type)  # no content-length
     assert error_of(streamed, 413).error.code == "request_too_large"
 
 
@@ -160,21 +161,22 @@ def test_client_disconnect_aborts_running_generation(server):
 
 
 def test_api_keys_with_scopes_guard_generation_and_admin():
-    keys = ("gen-key:generate", "admin-key:admin")
+    keys = ("gen-key-for-tests:generate", "admin-key-for-tests:admin")
     with BackgroundServer(ServerConfig(models=None, port=0, api_keys=keys)) as s:
         url = s.http_url
         auth = lambda k: {"authorization": f"Bearer {k}"}  # noqa: E731
         assert error_of(httpx.post(f"{url}/v1/completions", json=OK), 401).error.type == "authentication_error"
         wrong = httpx.post(f"{url}/v1/completions", json=OK, headers=auth("nope"))
         assert error_of(wrong, 401).error.code == "invalid_api_key"
-        for key in ("gen-key", "admin-key"):
+        for key in ("gen-key-for-tests", "admin-key-for-tests"):
             assert httpx.post(f"{url}/v1/completions", json=OK, headers=auth(key), timeout=60).status_code == 200
-        denied = error_of(httpx.get(f"{url}/v1/admin/queues", headers=auth("gen-key")), 403).error
+        denied = error_of(httpx.get(f"{url}/v1/admin/queues", headers=auth("gen-key-for-tests")), 403).error
         assert denied.type == "permission_error" and "admin" in denied.message
-        assert httpx.get(f"{url}/v1/admin/queues", headers=auth("admin-key")).json() == {"policy": 0, "verifier": 0}
+        queues = httpx.get(f"{url}/v1/admin/queues", headers=auth("admin-key-for-tests")).json()
+        assert queues == {"policy": 0, "verifier": 0}
         for open_route in ("/health", "/ready", "/metrics"):
             assert httpx.get(url + open_route).status_code == 200
-        good = openai.OpenAI(base_url=f"{url}/v1", api_key="gen-key", max_retries=0)
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="gen-key-for-tests", max_retries=0)
         done = good.completions.create(model="policy", prompt=PROMPT, max_tokens=2, temperature=0)
         assert done.choices[0].text == "23"
         with pytest.raises(openai.AuthenticationError):

@@ -186,16 +186,16 @@ def test_rm_server_down_is_503_majority_still_works_and_search_needs_a_key():
         s.bind(("127.0.0.1", 0))
         dead_url = f"http://127.0.0.1:{s.getsockname()[1]}"
     config = ServerConfig(models={"policy": EMBEDDED["policy"][1]}, port=0, rm_url=dead_url, rm_max_retries=0,
-                          api_keys=("gen:generate",))  # fmt: skip
+                          api_keys=("gen-key-for-tests:generate",))  # fmt: skip
     body = {"prompt": PROBLEMS[0].prompt, "strategy": "best_of_n", "reward": "orm", "n": 2}
     with BackgroundServer(config) as server:
         url = f"{server.http_url}/v1/search"
         refusal(httpx.post(url, json=body, timeout=60), 401)
         refusal(httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=60), 401)
-        message = refusal(httpx.post(url, json=body, headers={"Authorization": "Bearer gen"}, timeout=60), 503)
+        key = {"Authorization": "Bearer gen-key-for-tests"}
+        message = refusal(httpx.post(url, json=body, headers=key, timeout=60), 503)
         assert "reward service" in message and dead_url in message
-        majority = httpx.post(url, json={**body, "strategy": "majority"}, headers={"Authorization": "Bearer gen"},
-                              timeout=60)  # fmt: skip
+        majority = httpx.post(url, json={**body, "strategy": "majority"}, headers=key, timeout=60)
         assert majority.status_code == 200 and SearchResponse.model_validate_json(majority.content).reward_id is None
 
 

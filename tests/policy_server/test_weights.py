@@ -42,7 +42,7 @@ def disk(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def weights_server(disk):
     """A server of its own: these tests change its weights. Keys, so admin scope is checked."""
-    keys = ("admin-key:admin,generate", "gen-key:generate")
+    keys = ("admin-key-for-tests:admin,generate", "gen-key-for-tests:generate")
     config = ServerConfig(port=0, models={"policy": EMBEDDED["policy"][1]}, api_keys=keys,
                           weights_dirs=(disk / "root",))  # fmt: skip
     with BackgroundServer(config) as s:
@@ -51,7 +51,7 @@ def weights_server(disk):
 
 @pytest.fixture(scope="module")
 def admin(weights_server):
-    with PolicyClient.http(weights_server.http_url, api_key="admin-key", max_retries=0) as c:
+    with PolicyClient.http(weights_server.http_url, api_key="admin-key-for-tests", max_retries=0) as c:
         yield c
 
 
@@ -115,7 +115,7 @@ def test_malformed_bodies_are_refused(weights_server, admin, original):
     text, version = greedy(admin)
     blob = save({"lm_head.weight": original["lm_head.weight"]})
     url = f"{weights_server.http_url}/v1/admin/weights?model=policy"
-    auth = {"authorization": "Bearer admin-key"}
+    auth = {"authorization": "Bearer admin-key-for-tests", "content-type": "application/octet-stream"}
     cases = {
         "body ended inside the tensor data": blob[:-10],
         "goes on after": blob + b"xx",
@@ -131,7 +131,7 @@ def test_malformed_bodies_are_refused(weights_server, admin, original):
 
 
 def test_weights_need_the_admin_scope(weights_server, original):
-    with PolicyClient.http(weights_server.http_url, api_key="gen-key", max_retries=0) as c:
+    with PolicyClient.http(weights_server.http_url, api_key="gen-key-for-tests", max_retries=0) as c:
         with pytest.raises(PermissionDenied):
             c.update_weights({"lm_head.weight": original["lm_head.weight"]})
         with pytest.raises(PermissionDenied):
@@ -173,7 +173,7 @@ def test_load_from_a_path_inside_the_weights_dir(admin, original, disk):
 
 def _refusal(weights_server, path: str) -> tuple[int, dict]:
     r = httpx.post(f"{weights_server.http_url}/v1/admin/weights/load", json={"model": "policy", "path": path},
-                   headers={"authorization": "Bearer admin-key"}, timeout=60)  # fmt: skip
+                   headers={"authorization": "Bearer admin-key-for-tests"}, timeout=60)  # fmt: skip
     return r.status_code, r.json()
 
 

@@ -420,7 +420,8 @@ def guarded(tmp_path_factory):
     spec = tmp_path_factory.mktemp("guarded") / "rewards.yaml"
     spec.write_text('rewards:\n  format: {type: rule.regex, pattern: "#### -?\\\\d+$"}\n')
     limits = Limits(max_body_bytes=64 * 1024, max_items=4)
-    config = ServerConfig(spec=spec, port=0, grpc_port=0, api_keys=("sekret:score", "boss:admin"), limits=limits)
+    keys = ("sekret-key-for-tests:score", "boss-key-for-tests:admin")
+    config = ServerConfig(spec=spec, port=0, grpc_port=0, api_keys=keys, limits=limits)
     with BackgroundServer(config) as s, grpc.insecure_channel(s.grpc_target) as ch:
         yield ch
 
@@ -428,7 +429,7 @@ def guarded(tmp_path_factory):
 def test_api_keys_are_checked_on_every_reward_method(guarded):
     stub = reward_pb2_grpc.RewardServiceStub(guarded)
     req = convert.score_request_to_proto(ScoreRequest(reward="format", items=items(RIGHT, BROKEN)))
-    for metadata in [None, (("authorization", "Bearer wrong"),), (("authorization", "sekret"),)]:
+    for metadata in [None, (("authorization", "Bearer wrong"),), (("authorization", "sekret-key-for-tests"),)]:
         for call, arg in [(stub.Score, req), (stub.ListRewards, pb.ListRewardsRequest())]:
             err = rpc_error(call, arg, metadata=metadata, timeout=5)
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "key" in err.details()
@@ -436,7 +437,7 @@ def test_api_keys_are_checked_on_every_reward_method(guarded):
         lambda: list(stub.ScoreStream(iter([pb.ScoreStreamRequest(request_id="x", request=req)]), timeout=5))
     )
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-    for key in ("sekret", "boss"):
+    for key in ("sekret-key-for-tests", "boss-key-for-tests"):
         resp = stub.Score(req, metadata=(("authorization", f"Bearer {key}"),), timeout=5)
         assert [r.score for r in resp.results] == [1.0, 0.0]
 
@@ -452,7 +453,7 @@ def test_health_and_reflection_need_no_key(guarded):
 
 def test_limits_are_enforced(guarded):
     stub = reward_pb2_grpc.RewardServiceStub(guarded)
-    auth = (("authorization", "Bearer sekret"),)
+    auth = (("authorization", "Bearer sekret-key-for-tests"),)
     five = convert.score_request_to_proto(ScoreRequest(reward="format", items=items(*[RIGHT] * 5)))
     err = rpc_error(stub.Score, five, metadata=auth, timeout=5)
     assert (
