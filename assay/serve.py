@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
 import uvicorn
-from fastapi.responses import JSONResponse, Response  # at module level: routes' annotations resolve here
+from fastapi.responses import JSONResponse, PlainTextResponse, Response  # at module level: routes' annotations resolve here
 
 
 class Server(Protocol):
@@ -113,7 +113,7 @@ def add_ops_routes(app, health_model, is_ready: Callable[[], bool], metrics: Cal
         ok = is_ready()
         return JSONResponse(health_model(status="ok" if ok else "starting").model_dump(), status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, which it is
     async def prometheus() -> Response:
         return Response(metrics(), media_type="text/plain; version=0.0.4")
 

@@ -56,8 +56,8 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 41
 SEARCH_ERRORS = {status: {"model": ErrorResponse} for status in (*ERRORS, 409, 502)}
 WEIGHTS_ROUTE = "/v1/admin/weights"
 # The weights upload's body, as the schema documents it and GuardedRoute enforces it (clients/policy.py sends it)
-SAFETENSORS_BODY = {"requestBody": {"required": True, "content": {
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": "a safetensors file"}}}}}
+SAFETENSORS = {"type": "string", "format": "binary", "description": "a safetensors file"}
+SAFETENSORS_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": SAFETENSORS}}}}
 
 
 def _error(status: int, type: str, message: str, param: str | None = None, code: str | None = None,

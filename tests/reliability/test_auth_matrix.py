@@ -112,6 +112,9 @@ def send(url: str, method: str, path: str, request: dict, headers: dict[str, str
     return httpx.request(method, url + path, headers=merged, timeout=60, **rest)
 
 
+AUTH_TYPES = {401: {"unauthenticated", "authentication_error"}, 403: {"permission_denied", "permission_error"}}
+
+
 def is_auth_refusal(r: httpx.Response) -> bool:
     message = r.json()["error"]["message"] if r.status_code in (401, 403) else ""
     return r.status_code == 401 or (r.status_code == 403 and "API key" in message)
@@ -138,6 +141,7 @@ def test_no_key_and_wrong_keys_get_401_before_the_body_is_read(service):
         for headers in ({}, bearer("not-a-key-of-this-server"), {"authorization": "wrong-scheme"}):
             r = send(url, method, path, request, headers)
             assert r.status_code == 401 and "key" in r.json()["error"]["message"], (method, path, r.text)
+            assert r.json()["error"]["type"] in AUTH_TYPES[401]
         if method == "POST":  # neither a broken body nor a wrong content type is looked at first
             for body, headers in ((b'{"reward": ', JSON), (b"x=1", {"content-type": "text/plain"})):
                 r = httpx.post(url + path, content=body, headers=headers, timeout=60)
@@ -150,6 +154,7 @@ def test_under_scoped_keys_get_403_on_admin_routes(service):
         r = send(url, method, path, request, bearer(keys[base]))
         if path.startswith("/v1/admin/"):
             assert r.status_code == 403 and "admin" in r.json()["error"]["message"], (path, r.text)
+            assert r.json()["error"]["type"] in AUTH_TYPES[403]
         else:
             assert not is_auth_refusal(r), (path, r.text)
 
@@ -201,7 +206,8 @@ def grpc_calls(channel: grpc.Channel, module, service_name: str):
         request_type = getattr(module, method.input_type.name)
         response_type = getattr(module, method.output_type.name)
         path = f"/{service.full_name}/{method.name}"
-        kwargs = {"request_serializer": request_type.SerializeToString, "response_deserializer": response_type.FromString}
+        kwargs = {"request_serializer": request_type.SerializeToString,
+                  "response_deserializer": response_type.FromString}
         if method.client_streaming:
             stub = channel.stream_stream(path, **kwargs)
             yield method.name, lambda md, stub=stub, t=request_type: list(stub(iter([t()]), metadata=md, timeout=30))
@@ -284,8 +290,10 @@ def test_a_web_page_cannot_replace_the_weights_of_a_keyless_server(keyless, lm_h
     for headers in ({"content-type": "text/plain"}, {}, {"content-type": "multipart/form-data; boundary=x"}):
         r = upload(url, lm_head, headers)
         assert r.status_code == 415 and "application/octet-stream" in r.json()["error"]["message"], (headers, r.text)
-    for headers in ({**BINARY, "sec-fetch-site": "cross-site"}, {**BINARY, "sec-fetch-site": "same-site"},
-                    {**BINARY, "origin": "null"}, {**BINARY, "origin": url.replace("127.0.0.1", "localhost")}):  # fmt: skip
+    other_port = url.rsplit(":", 1)[0] + ":1"
+    for extra in ({"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"}, {"origin": "null"},
+                  {"origin": url.replace("127.0.0.1", "localhost")}, {"origin": other_port}):  # fmt: skip
+        headers = {**BINARY, **extra}
         r = upload(url, lm_head, headers)
         assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", (headers, r.text)
     assert weight_version(url) == before
@@ -313,8 +321,9 @@ def test_same_origin_and_programs_still_work(keyless, lm_head):
     url = keyless.http_url
     port = url.rsplit(":", 1)[1]
     body = {"model": "policy", "prompt": "1+1=", "max_tokens": 1}
-    for headers in ({}, {"origin": url, "sec-fetch-site": "same-origin"}, {"host": f"localhost:{port}"},
-                    {"host": f"[::1]:{port}", "origin": f"http://[::1]:{port}"}, {"sec-fetch-site": "none"}):  # fmt: skip
+    ipv6 = {"host": f"[::1]:{port}", "origin": f"http://[::1]:{port}"}
+    for headers in ({}, {"origin": url, "sec-fetch-site": "same-origin"}, {"host": f"localhost:{port}"}, ipv6,
+                    {"sec-fetch-site": "none"}):  # fmt: skip
         r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
         assert r.status_code == 200, (headers, r.text)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -254,23 +254,6 @@ def test_deadline_keeps_the_scores_already_computed(held_orm):
 # --- security, metrics, schema ---------------------------------------------------------------
 
 
-def test_api_keys_and_scopes():
-    keys = ("score-key-for-tests:score", "admin-key-for-tests:admin")
-    with BackgroundServer(ServerConfig(port=0, grpc_port=None, api_keys=keys)) as s:
-        item = [{"id": "a", "prompt": PROMPT, "response": RIGHT}]
-        auth = lambda k: {"authorization": f"Bearer {k}"}  # noqa: E731
-        body = {"reward": "orm", "items": item}
-        assert error_of(httpx.post(f"{s.http_url}/v1/score", json=body), 401).error.type == ErrorType.unauthenticated
-        assert error_of(httpx.post(f"{s.http_url}/v1/score", json=body, headers=auth("nope")), 401)
-        assert httpx.post(f"{s.http_url}/v1/score", json=body, headers=auth("score-key-for-tests")).status_code == 200
-        assert httpx.post(f"{s.http_url}/v1/score", json=body, headers=auth("admin-key-for-tests")).status_code == 200
-        denied = httpx.get(f"{s.http_url}/v1/admin/queues", headers=auth("score-key-for-tests"))
-        assert "admin" in error_of(denied, 403).error.message
-        assert httpx.get(f"{s.http_url}/v1/admin/queues", headers=auth("admin-key-for-tests")).json()["orm"] == 0
-        for open_route in ("/health", "/ready", "/metrics"):
-            assert httpx.get(s.http_url + open_route).status_code == 200
-
-
 def test_binding_beyond_loopback_without_keys_is_refused():
     from rm_server.server import InsecureBinding, RewardServer
 
