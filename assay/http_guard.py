@@ -44,8 +44,11 @@ OWN_FETCH_SITES = frozenset({"same-origin", "none"})
 def allowed_hosts(bind_host: str, configured: Iterable[str] = ()) -> tuple[str, ...] | None:
     """The Host names a server bound to `bind_host` answers; None: any.
 
-    Loopback: the loopback names and `configured`. Beyond loopback: `configured`, or any."""
+    Loopback: the loopback names and `configured`. Beyond loopback: `configured`, or any.
+    A name may start with `*.` (any subdomain), and `*` is any host, as in starlette's TrustedHostMiddleware."""
     names = tuple(_normal(h) for h in configured)
+    if "*" in names:
+        return None
     if is_loopback(bind_host):
         return (*LOOPBACK_HOSTS, *names)
     return names or None
@@ -74,7 +77,6 @@ def _split_host(value: str) -> tuple[str, int | None] | None:
 
 
 def _host_allowed(name: str, allowed: tuple[str, ...]) -> bool:
-    # `*.example.com` as in starlette's TrustedHostMiddleware
     return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in allowed)
 
 

@@ -349,6 +349,7 @@ def test_allowed_hosts_follow_the_bound_address():
     assert allowed_hosts("::1", ["Api.Example.com."]) == ("127.0.0.1", "localhost", "::1", "api.example.com")
     assert allowed_hosts("0.0.0.0") is None  # keys are required there; any Host is fine
     assert allowed_hosts("0.0.0.0", ["api.example.com"]) == ("api.example.com",)
+    assert allowed_hosts("127.0.0.1", ["*"]) is None
 
 
 def test_a_configured_host_name_is_answered_and_others_are_not(tmp_path):
