@@ -15,11 +15,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import httpx
 import pytest
 
 from assay.checkpoints import ARITH_DIR
-from rm_server.protocol import ErrorType, ScoreResponse
+from proto.reward.v1 import reward_pb2_grpc
+from rm_server import grpc_convert as convert
+from rm_server.protocol import ErrorType, ScoreRequest, ScoreResponse
 from rm_server.server import BackgroundServer, ServerConfig
 from tests.servers import free_port, wait_ready
 
@@ -52,7 +55,7 @@ def spec(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(spec):
-    with BackgroundServer(ServerConfig(spec=spec, port=0, grpc_port=None)) as s:
+    with BackgroundServer(ServerConfig(spec=spec, port=0, grpc_port=0)) as s:
         yield s
 
 
@@ -70,6 +73,17 @@ def test_a_caller_that_hangs_up_stops_its_math_work(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.http_url}/v1/score", json={"reward": "correct", "items": HOSTILE, "timeout_s": 120},
                    timeout=2)  # fmt: skip
+    normal, took = post(server.http_url, "correct", NORMAL)
+    assert normal.results[0].score == 1.0
+    assert took < 15
+
+
+def test_a_grpc_caller_that_cancels_stops_its_math_work(server):
+    request = ScoreRequest(reward="correct", items=HOSTILE, timeout_s=120)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = reward_pb2_grpc.RewardServiceStub(channel).Score.future(convert.score_request_to_proto(request))
+        time.sleep(2)  # the hostile items are running by now
+        call.cancel()
     normal, took = post(server.http_url, "correct", NORMAL)
     assert normal.results[0].score == 1.0
     assert took < 15
