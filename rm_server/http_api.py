@@ -9,11 +9,14 @@ cross-site is refused (`assay.http_guard`).
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,6 +43,32 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 41
 def _error(status: int, type: ErrorType, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorInfo(type=type, message=message))
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+T = TypeVar("T")
+
+
+async def _until_disconnected(request: Request) -> None:
+    # With the body read, the next ASGI message is `http.disconnect`, when the client goes.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T], timer: Timer) -> T | Response:
+    """Run `work`, cancelled if the client hangs up first: its queued items leave the model
+    queue and its running math-verify work is stopped, rather than computed for nobody."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler is cancelled (shutdown)
+        watcher.cancel()
+        task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    await asyncio.wait([task])  # let the cancellation run through the rewards
+    timer.code = "499"  # nobody reads the answer
+    return Response(status_code=499)
 
 
 class BodyLimit:
@@ -115,14 +144,14 @@ def create_app(service: RewardService, keys: ApiKeys | None = None,
         return _error(exc.status_code, kind, str(exc.detail), exc.headers)
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, dependencies=[scope("score")])
-    async def score(req: ScoreRequest) -> ScoreResponse:
-        with Timer(service.metrics, "/v1/score", req.reward):
-            return await service.score(req)
+    async def score(req: ScoreRequest, request: Request) -> ScoreResponse | Response:
+        with Timer(service.metrics, "/v1/score", req.reward) as timer:
+            return await _unless_disconnected(request, service.score(req), timer)
 
     @app.post("/v1/compare", response_model=CompareResponse, responses=ERRORS, dependencies=[scope("score")])
-    async def compare(req: CompareRequest) -> CompareResponse:
-        with Timer(service.metrics, "/v1/compare", req.reward):
-            return await service.compare(req)
+    async def compare(req: CompareRequest, request: Request) -> CompareResponse | Response:
+        with Timer(service.metrics, "/v1/compare", req.reward) as timer:
+            return await _unless_disconnected(request, service.compare(req), timer)
 
     @app.get("/v1/rewards", response_model=RewardsResponse, responses=ERRORS, dependencies=[scope("score")])
     async def rewards() -> RewardsResponse:

@@ -1,16 +1,25 @@
-"""Prometheus metrics of the reward service, in a registry of its own (one per server)."""
+"""Prometheus metrics of the reward service, in a registry of its own (one per server).
+
+Label values come only from names the server declares (its spec's reward names, its routes,
+its error types): a request naming an unknown reward is counted under `UNKNOWN`, so client
+text can never add series to /metrics (a 1 MiB reward name once grew a scrape 1000-fold).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Reward values vary in scale (probabilities, logits, penalties); these buckets cover the usual ones.
 VALUE_BUCKETS = (-10, -5, -2, -1, -0.5, -0.25, 0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 2, 5, 10)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+UNKNOWN = "(unknown)"  # the one label of every reward name the server does not have
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, rewards: Iterable[str] = ()) -> None:
+        self.rewards = frozenset(rewards)  # the reward names that may be label values
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -32,6 +41,10 @@ class Metrics:
             "assay_rm_reward_value", "Distribution of scores per reward id (watch for drift)",
             ["reward_id"], buckets=VALUE_BUCKETS, registry=r,
         )
+
+    def reward_label(self, name: str) -> str:
+        """`name` when the server declares that reward, else the one fixed `UNKNOWN`."""
+        return name if name in self.rewards else UNKNOWN
 
     def on_batch(self, reward: str, items: int, tokens: int) -> None:
         self.batch_size.labels(reward).observe(items)

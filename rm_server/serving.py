@@ -47,7 +47,7 @@ class RewardService:
     def __init__(self, rewards: dict[str, Reward], limits: Limits | None = None, metrics: Metrics | None = None):
         self.rewards = rewards
         self.limits = limits or Limits()
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(rewards)
         self.ready = False
         for r in rewards.values():
             if hasattr(r, "on_batch"):
@@ -182,10 +182,12 @@ class RewardService:
 
 
 class Timer:
-    """Records one request's latency and status code into the service's metrics."""
+    """Records one request's latency and status code into the service's metrics.
+
+    `reward` is the client's text: it is labelled only when the server has that reward."""
 
     def __init__(self, metrics: Metrics, route: str, reward: str) -> None:
-        self.metrics, self.route, self.reward = metrics, route, reward
+        self.metrics, self.route, self.reward = metrics, route, metrics.reward_label(reward)
 
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()

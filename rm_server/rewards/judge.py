@@ -15,12 +15,18 @@ The response under judgement is untrusted: `sanitize` strips control tokens and 
 own delimiters and (with one_line) newlines, so it cannot close its block or forge the answer
 marker. A failed call is an `ItemFailure` for that item only, never a score of 0.
 
+At start the judge asks its endpoint's `/models` with its key. A refused key (401, 403) is a
+configuration error that no retry mends, so the service does not start (`JudgeKeyRefused`,
+naming the judge). An endpoint that does not answer yet is fine: the policy server it points
+at may start later, and until then the judge's items fail typed as `judge_unavailable`.
+
 No torch here: `rm_server.spec` imports `resolved_template` to compute reward ids.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import re
@@ -64,6 +70,13 @@ _NEWLINES = re.compile(r"\r\n|[\r\n\v\f\x85\u2028\u2029]")
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _INTEGER = re.compile(r"[-+]?\d+")
 _SNIPPET = 200
+_CHECK_S = 10.0  # the start-up key check waits at most this long for the endpoint
+
+log = logging.getLogger(__name__)
+
+
+class JudgeKeyRefused(ValueError):
+    """The judge's endpoint refuses its key: fix the key, then start the service."""
 
 
 def resolved_template(spec: JudgeSpec) -> str:
@@ -197,6 +210,27 @@ class JudgeReward(Reward):
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
         )
         self._slots = asyncio.Semaphore(n)
+        await self._check_key()
+
+    async def _check_key(self) -> None:
+        """GET `/models` with this judge's key: raise `JudgeKeyRefused` on 401 or 403."""
+        url = f"{self.spec.endpoint}/models"
+        try:
+            r = await self._client.get(url, timeout=min(self.spec.timeout_s, _CHECK_S))
+        except httpx.TransportError as exc:
+            why = "its items fail as judge_unavailable until it does"
+            log.warning("judge %r: %s does not answer yet (%r); %s", self.name, url, exc, why)
+            return
+        if r.status_code in (401, 403):
+            if self.spec.api_key_env:
+                fix = f"set the key it accepts in ${self.spec.api_key_env}"
+            else:
+                fix = "it needs a key: name the variable that holds it in the spec's api_key_env"
+            await self.close()
+            refused = f"{r.status_code} {r.text[:_SNIPPET]!r}"
+            raise JudgeKeyRefused(f"judge {self.name!r}: {url} refused its key ({refused}); {fix}")
+        if r.status_code >= 400:  # a server without the route, or not ready: the completions call decides
+            log.warning("judge %r: %s answered %d at start-up", self.name, url, r.status_code)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -2,32 +2,56 @@
 
 math-verify enforces its timeouts with `signal.alarm`, which works only in a process's main
 thread, while the service scores from an event loop in any thread. A pool task runs in its
-worker's main thread, so math-verify's own timeouts work there. A worker stuck where no alarm
-reaches it (sympy in C code) is killed and the pool replaced. Workers exit by themselves when
-the service process dies, so a killed server leaves nothing behind.
+worker's main thread, so math-verify's own timeouts work there. But an alarm reaches Python
+code only: a worker stuck in C code runs on past it, and a task the caller gave up on would
+still hold its worker. So work never outlives its request:
+
+- one item is one task, and a task is handed to the pool only when a worker is free for it
+  (`_gate`), so an item whose request gave up while it waited never starts;
+- a running task is stopped at its request's deadline (`rewards.base.DEADLINE`) or when its
+  caller is cancelled: pebble kills its worker process, whatever it is doing, and starts a
+  fresh one (a second or two of warm-up, paid by nobody waiting);
+- closing the pool kills the workers rather than waiting for them.
+
+Workers also exit by themselves when the service process dies, so a killed server leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
 from itertools import product
 from typing import Any
 
+from pebble import ProcessExpired, ProcessPool
+
 from rm_server.protocol import ErrorType
-from rm_server.rewards.base import ItemFailure, Outcome, Scored
+from rm_server.rewards.base import DEADLINE, ItemFailure, Outcome, Scored
 
 POOL_WORKERS = 2  # sympy is CPU-bound, and the service's other rewards need cores too
-CHUNK_ITEMS = 8  # items per pool task: few round trips, yet little lost when one task hangs
+CLOSE_S = 10.0  # closing waits this long at most for killed workers to be reaped
 
-_pool: ProcessPoolExecutor | None = None
+_pool: ProcessPool | None = None
 _pool_users: set[int] = set()  # ids of the math_equal rewards using the pool; empty -> shut it
 _pool_lock = threading.Lock()  # rewards may be scored from event loops in several threads
+_running: dict[Future, ProcessPool] = {}  # tasks handed to a pool and not finished: failed when it closes
+# One gate per event loop: at most POOL_WORKERS tasks handed to the pool from each loop.
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+class PoolClosed(Exception):
+    """The pool was shut down while the task ran."""
+
+
+# --- in the worker ---------------------------------------------------------------------------
 
 
 def _warm_worker() -> None:
@@ -50,35 +74,6 @@ def _init_worker() -> None:
     _warm_worker()
 
 
-def _acquire_pool(user: int) -> ProcessPoolExecutor:
-    global _pool
-    with _pool_lock:
-        _pool_users.add(user)
-        if _pool is None:
-            # spawn, not fork: forking a process that runs threads can copy their held locks.
-            # A spawned worker re-runs the parent's main *script* (not a `-m` module), so entry
-            # points should not import torch at module level, or every worker loads it too.
-            ctx = multiprocessing.get_context("spawn")
-            _pool = ProcessPoolExecutor(POOL_WORKERS, mp_context=ctx, initializer=_init_worker)
-        return _pool
-
-
-def _drop_pool(pool: ProcessPoolExecutor, kill: bool) -> None:
-    """Forget `pool`, so the next task starts a fresh one; with `kill`, end its workers now."""
-    global _pool
-    with _pool_lock:
-        if _pool is pool:
-            _pool = None
-    if kill:
-        # A worker stuck in C code (a huge sympy power) never sees its alarm, and a running task
-        # cannot be cancelled; killing the process is the only way back. ProcessPoolExecutor
-        # has no public way to do it before Python 3.14. Tasks of other calls on this pool fail
-        # with BrokenProcessPool and are retried on the fresh pool.
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            proc.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
 def _parse(text: str, seconds: int, bare: bool) -> list:
     """math-verify's parse. A bare answer (a reference, an answer_pattern group) is read as LaTeX
     math first: the default extraction looks for numbers in prose and reads `2^{10}` as 2."""
@@ -94,7 +89,13 @@ def _parse(text: str, seconds: int, bare: bool) -> list:
     return []
 
 
-def _equal(gold: list, target: list, seconds: int) -> bool:
+@functools.lru_cache(maxsize=1024)
+def _gold(reference: str, seconds: int) -> tuple:
+    # The items of one prompt group share their reference: parse it once per worker.
+    return tuple(_parse(reference, seconds, bare=True))
+
+
+def _equal(gold: tuple, target: list, seconds: int) -> bool:
     from math_verify import verify
 
     # Pair by pair, as verify does over lists, but so that one pair sympy cannot compare is not
@@ -108,105 +109,131 @@ def _equal(gold: list, target: list, seconds: int) -> bool:
     return False
 
 
-def _verify_chunk(tasks: list[tuple[str, str, bool]], seconds: int) -> list[tuple[str, Any]]:
-    """Pool task: judge (reference, answer, answer_is_bare) triples in a worker's main thread.
+def _verify(reference: str, answer: str, bare: bool, seconds: int) -> tuple[str, Any]:
+    """Pool task: judge one answer against its reference, in a worker's main thread.
 
-    Returns ("ok", 1.0 | 0.0), ("timeout", why) or ("invalid", why) per triple: plain tuples,
-    since an ItemFailure does not survive pickling.
+    Returns ("ok", 1.0 | 0.0), ("timeout", why) or ("invalid", why): plain tuples, since an
+    ItemFailure does not survive pickling.
     """
     from math_verify.errors import TimeoutException
 
-    golds: dict[str, list] = {}  # the items of one prompt group share their reference
-    out: list[tuple[str, Any]] = []
-    for reference, answer, bare in tasks:
+    try:
+        gold = _gold(reference, seconds)
+        if not gold:
+            return "invalid", f"math-verify finds no answer in the reference {reference[:80]!r}"
+        return "ok", 1.0 if _equal(gold, _parse(answer, seconds, bare), seconds) else 0.0
+    except TimeoutException:
+        return "timeout", f"math-verify did not finish within {seconds} s"
+
+
+# --- in the service --------------------------------------------------------------------------
+
+
+def _acquire_pool(user: int) -> ProcessPool:
+    global _pool
+    with _pool_lock:
+        _pool_users.add(user)
+        if _pool is None:
+            # forkserver, not fork: forking a process that runs threads can copy their held locks.
+            # Workers fork from a single-threaded server that has math-verify and sympy imported
+            # already, so a worker killed at a deadline is replaced in a moment, not seconds.
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["math_verify", "sympy", "pebble"])
+            _pool = ProcessPool(POOL_WORKERS, initializer=_init_worker, context=ctx)
+        return _pool
+
+
+def _gate() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    with _pool_lock:
+        if loop not in _gates:
+            _gates[loop] = asyncio.Semaphore(POOL_WORKERS)
+        return _gates[loop]
+
+
+def _hang_budget(seconds: int) -> float:
+    """How long one item may run when no request deadline bounds it: two parses of the answer
+    and up to four comparisons, each capped by math-verify's alarm, plus a worker's start-up."""
+    return 8 * seconds + 10
+
+
+class Stopped(Exception):
+    """The task ran past its limit and its worker was killed."""
+
+
+async def call(user: int, fn: Callable[..., Any], args: tuple, limit_s: float) -> Any:
+    """`fn(*args)` in a pool worker, without blocking the loop, stopped (its worker killed)
+    after `limit_s` or at the request deadline, whichever comes first.
+
+    Raises `ItemFailure(timeout)` when the deadline passed before it started, `Stopped` when it
+    was stopped, `ProcessExpired` when its worker died, `PoolClosed` when the pool closed.
+    Cancelling the caller stops the task too. `fn` must be importable in a fresh process.
+    """
+    async with _gate():
+        loop = asyncio.get_running_loop()
+        deadline = DEADLINE.get()
+        left = limit_s if deadline is None else min(limit_s, deadline - loop.time())
+        if left <= 0:
+            raise ItemFailure(ErrorType.timeout, "the request deadline passed before this item started")
+        pool = _acquire_pool(user)
+        fut = pool.schedule(fn, args=args, timeout=left)
+        _running[fut] = pool
+        fut.add_done_callback(lambda f: _running.pop(f, None))
         try:
-            if reference not in golds:
-                golds[reference] = _parse(reference, seconds, bare=True)
-            if not golds[reference]:
-                out.append(("invalid", f"math-verify finds no answer in the reference {reference[:80]!r}"))
-                continue
-            target = _parse(answer, seconds, bare)
-            out.append(("ok", 1.0 if _equal(golds[reference], target, seconds) else 0.0))
-        except TimeoutException:
-            out.append(("timeout", f"math-verify did not finish within {seconds} s"))
-    return out
+            # Cancelling the wrapper cancels `fut`, and pebble kills the worker that runs it.
+            return await asyncio.wrap_future(fut)
+        except TimeoutError as exc:
+            raise Stopped(f"stopped after {left:.1f} s; its worker was restarted") from exc
 
 
-def _outcome(status: str, payload: Any) -> Outcome:
+async def judge(user: int, reference: str, answer: str, bare: bool, seconds: int) -> Outcome:
+    """One answer against its reference on the pool: a typed outcome, never an exception."""
+    try:
+        status, payload = await call(user, _verify, (reference, answer, bare, seconds), _hang_budget(seconds))
+    except ItemFailure as failure:
+        return failure
+    except Stopped as exc:
+        return ItemFailure(ErrorType.timeout, f"math-verify {exc}")
+    except ProcessExpired as exc:
+        return ItemFailure(ErrorType.internal, f"math-verify's worker process died ({exc})")
+    except PoolClosed:
+        return ItemFailure(ErrorType.internal, "the math-verify pool closed while this item ran")
     if status == "ok":
         return Scored(payload)
     return ItemFailure(ErrorType.timeout if status == "timeout" else ErrorType.invalid_input, payload)
 
 
-def _hang_budget(n: int, seconds: int) -> float:
-    """How long a pool task of n items may run before its worker counts as stuck.
-
-    A well-behaved item takes a few `seconds` at worst (two parses and a comparison or so, each
-    capped by math-verify's alarm). Doubled, since the executor marks one task more running than
-    it has workers, so a "running" task may still wait for another; plus a worker's start-up.
-    """
-    return 6 * seconds * n + 10
-
-
-class _Hung(Exception):
-    pass
-
-
-async def _result(fut: Future, budget: float) -> Any:
-    """The pool task's result without blocking the loop; _Hung when it runs past `budget`.
-
-    Time spent queued behind other tasks does not count: that is load, not a hang.
-    """
-    waiter = asyncio.wrap_future(fut)
-    try:
-        while not fut.running() and not fut.done():
-            await asyncio.wait([waiter], timeout=0.05)
-        done, _ = await asyncio.wait([waiter], timeout=budget)
-    except asyncio.CancelledError:
-        waiter.cancel()  # a task still queued is dropped rather than run for nobody
-        raise
-    if not done:
-        waiter.cancel()  # nobody will read the BrokenProcessPool it ends with
-        raise _Hung
-    return waiter.result()
-
-
-async def run_chunk(user: int, triples: list[tuple[str, str, bool]], seconds: int) -> list[Outcome]:
-    """Judge (reference, answer, answer_is_bare) triples on the pool, without blocking the loop."""
-    n, budget = len(triples), _hang_budget(len(triples), seconds)
-    for _ in range(2):  # a pool broken by another call's stuck task gets one retry
-        pool = _acquire_pool(user)
-        try:
-            fut = pool.submit(_verify_chunk, triples, seconds)
-        except RuntimeError:  # shut down or broken under us (BrokenProcessPool is one too)
-            _drop_pool(pool, kill=False)
-            continue
-        try:
-            raw = await _result(fut, budget)
-        except BrokenProcessPool:
-            _drop_pool(pool, kill=False)
-            continue
-        except _Hung:
-            _drop_pool(pool, kill=True)
-            why = f"math-verify ran past {budget:.0f} s on a batch of {n}; its worker was restarted"
-            return [ItemFailure(ErrorType.timeout, why)] * n
-        return [_outcome(status, payload) for status, payload in raw]
-    return [ItemFailure(ErrorType.internal, "math-verify's worker process died twice")] * n
+def worker_pids() -> list[int]:
+    """The process ids of the pool's workers now (none when no pool runs)."""
+    with _pool_lock:
+        pool = _pool
+    return [] if pool is None else list(pool._pool_manager.worker_manager.workers)  # pebble has no public list
 
 
 async def start(user: int) -> None:
     """Register a user and start every worker (and import math-verify) now, not on first use."""
     pool = _acquire_pool(user)
-    await asyncio.gather(*(asyncio.wrap_future(pool.submit(_warm_worker)) for _ in range(POOL_WORKERS)))
+    await asyncio.gather(*(asyncio.wrap_future(pool.schedule(_warm_worker)) for _ in range(POOL_WORKERS)))
 
 
 async def release(user: int) -> None:
-    """Forget a user; the last one out shuts the pool down."""
+    """Forget a user; the last one out shuts the pool down, killing whatever it still runs."""
     global _pool
     with _pool_lock:
         _pool_users.discard(user)
         pool = None
         if not _pool_users:
             pool, _pool = _pool, None
-    if pool is not None:
-        await asyncio.to_thread(pool.shutdown, True)
+    if pool is None:
+        return
+    pool.stop()  # no waiting on a worker stuck in C code: stopping kills the workers
+    for fut in [f for f, p in list(_running.items()) if p is pool]:  # a stopped pool leaves them unanswered
+        try:
+            fut.set_exception(PoolClosed())
+        except InvalidStateError:  # finished or cancelled meanwhile
+            pass
+    # Reaping takes a moment (pebble's SIGTERM, then SIGKILL); a daemon thread, so an exiting
+    # process never waits on it.
+    reaper = threading.Thread(target=pool.join, daemon=True, name="mathpool-close")
+    reaper.start()
+    await asyncio.to_thread(reaper.join, CLOSE_S)

@@ -232,7 +232,7 @@ class MathEqual(Reward):
         if refused is not None:
             return refused
         out: list[Outcome | None] = [None] * len(items)
-        tasks: list[tuple[int, tuple[str, str, bool]]] = []  # (item index, pool task triple)
+        tasks: list[tuple[int, tuple[str, str, bool]]] = []  # (item index, (reference, answer, answer_is_bare))
         for i, item in enumerate(items):
             if item.reference is None:
                 out[i] = _no_reference(self.type)
@@ -242,16 +242,10 @@ class MathEqual(Reward):
                 out[i] = Scored(0.0)
             else:
                 tasks.append((i, (item.reference, answer, True)))
-        size = max(1, min(mathpool.CHUNK_ITEMS, math.ceil(len(tasks) / mathpool.POOL_WORKERS)))
-        chunks = [tasks[k : k + size] for k in range(0, len(tasks), size)]
-        results = await until_deadline(
-            [mathpool.run_chunk(id(self), [t for _, t in chunk], self._seconds) for chunk in chunks]
-        )
-        for chunk, outcomes in zip(chunks, results, strict=True):
-            if isinstance(outcomes, BaseException):  # the deadline passed with this chunk unfinished
-                outcomes = [outcomes if isinstance(outcomes, ItemFailure) else _crashed(outcomes)] * len(chunk)
-            for (i, _), outcome in zip(chunk, outcomes, strict=True):
-                out[i] = outcome
+        # One pool task per item, so the deadline stops each item alone (see mathpool).
+        results = await until_deadline([mathpool.judge(id(self), *task, self._seconds) for _, task in tasks])
+        for (i, _), outcome in zip(tasks, results, strict=True):
+            out[i] = outcome if isinstance(outcome, (Scored, ItemFailure)) else _crashed(outcome)
         return out  # type: ignore[return-value]  (every slot is filled above)
 
 

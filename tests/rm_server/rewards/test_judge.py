@@ -23,6 +23,7 @@ from assay.scoring import verifier_yes_prob
 from rm_server.protocol import ErrorType, Granularity
 from rm_server.rewards.base import Item, ItemFailure, Scored
 from rm_server.rewards.judge import (
+    JudgeKeyRefused,
     JudgeReward,
     expected_score,
     parse_score,
@@ -322,3 +323,54 @@ def test_api_key_is_sent_as_bearer(double, monkeypatch):
     monkeypatch.delenv("ASSAY_TEST_JUDGE_KEY")
     with pytest.raises(RuntimeError, match="ASSAY_TEST_JUDGE_KEY"):
         score(judge_spec(url, api_key_env="ASSAY_TEST_JUDGE_KEY"), [Item("Q: 1+1 A: ", "2")])
+
+
+# --- the key check at start-up ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keyed_policy_server():
+    """The real policy server, serving the embedded verifier to holders of `judge-key`."""
+    from policy_server.server import BackgroundServer, ServerConfig
+
+    with BackgroundServer(ServerConfig(port=0, api_keys=("judge-key:generate",))) as s:
+        yield s
+
+
+def test_a_judge_whose_endpoint_refuses_its_key_does_not_start(keyed_policy_server, monkeypatch):
+    url = f"{keyed_policy_server.http_url}/v1"
+    monkeypatch.setenv("ASSAY_TEST_JUDGE_KEY", "wrong-key")
+    refused = r"judge .judge.: .*/v1/models refused its key \(401.*ASSAY_TEST_JUDGE_KEY"
+    with pytest.raises(JudgeKeyRefused, match=refused):
+        score(judge_spec(url, api_key_env="ASSAY_TEST_JUDGE_KEY"), [Item("Q: 1+1 A: ", "2")])
+    with pytest.raises(JudgeKeyRefused, match="api_key_env"):  # no key at all
+        score(judge_spec(url), [Item("Q: 1+1 A: ", "2")])
+    monkeypatch.setenv("ASSAY_TEST_JUDGE_KEY", "judge-key")
+    [o] = score(judge_spec(url, api_key_env="ASSAY_TEST_JUDGE_KEY"), [Item("Q: 1+1 A: ", "2")])
+    assert isinstance(o, Scored)
+
+
+def test_a_judge_whose_endpoint_is_not_up_yet_still_starts():
+    # The policy server it points at may start after the reward service: items fail typed until then.
+    [o] = score(judge_spec(f"http://127.0.0.1:{free_port()}/v1", timeout_s=2), [Item("Q: 1+1 A: ", "2")])
+    assert isinstance(o, ItemFailure) and o.type == ErrorType.judge_unavailable
+
+
+def test_the_reward_service_with_a_refused_judge_key_exits_naming_the_judge(keyed_policy_server, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    spec = tmp_path / "rewards.yaml"
+    spec.write_text(
+        "rewards:\n"
+        f"  grader: {{type: judge, endpoint: '{keyed_policy_server.http_url}/v1', model: verifier, "
+        "mode: yes_prob, api_key_env: ASSAY_TEST_JUDGE_KEY}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "rm_server", "--spec", str(spec), "--port", str(free_port()), "--grpc-port", "-1"],
+        env={**os.environ, "ASSAY_TEST_JUDGE_KEY": "wrong-key"}, capture_output=True, text=True, timeout=120,
+    )
+    said = " ".join((done.stdout + done.stderr).split())  # the console wraps long lines
+    assert done.returncode == 2, said
+    assert "error: judge 'grader':" in said and "refused its key (401" in said, said

@@ -1,14 +1,17 @@
-"""Rule rewards: each rule's verdicts, and math_equal's process pool (timeouts, threads)."""
+"""Rule rewards: each rule's verdicts, and math_equal's process pool (timeouts, deadlines, threads)."""
 
 import asyncio
+import hashlib
+import os
 import threading
+import time
 
 import pytest
 
 from arith.world import Problem
 from rm_server.protocol import ErrorType, Granularity
 from rm_server.rewards import mathpool
-from rm_server.rewards.base import Item, ItemFailure, Scored
+from rm_server.rewards.base import DEADLINE, Item, ItemFailure, Scored
 from rm_server.rewards.rules import (
     RULES, ArithSteps, ExactMatch, JsonSchema, LengthPenalty, MathEqual, RegexMatch, length_penalty,
 )
@@ -116,21 +119,98 @@ def test_math_equal_timeout_is_a_typed_failure():
     assert out[1] == Scored(1.0)
 
 
-def test_math_equal_stuck_worker_is_killed_and_replaced(monkeypatch):
-    # The outer guard, for a worker that math-verify's alarm cannot stop. A real such input
-    # would hang for minutes, so the guard's budget is shrunk below a real 1 s timeout instead.
-    reward = MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", timeout_s=1))
+# Stuck in C code: no signal handler runs until it returns, so math-verify's alarm cannot stop it
+# (about a minute on one core), as with sympy deep in a huge computation.
+STUCK = (hashlib.pbkdf2_hmac, ("sha256", b"x", b"y", 10**9))
+
+
+def _wait_for(cond, timeout=60.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_a_task_stuck_in_c_code_is_stopped_at_its_limit_and_its_worker_replaced(math_equal):
+    before = set(mathpool.worker_pids())
+    with pytest.raises(mathpool.Stopped):
+        asyncio.run(mathpool.call(id(math_equal), *STUCK, limit_s=0.5))
+    _wait_for(lambda: len(mathpool.worker_pids()) == mathpool.POOL_WORKERS)
+    assert len(before - set(mathpool.worker_pids())) == 1  # the stuck worker was killed, not waited for
+    assert values(score(math_equal, [Item("p", "7", "7")])) == [1.0]
+
+
+def test_a_cancelled_caller_stops_its_running_task(math_equal):
+    async def cancel_while_running():
+        task = asyncio.ensure_future(mathpool.call(id(math_equal), *STUCK, limit_s=600))
+        while not any(f.running() for f in mathpool._running):
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    before = set(mathpool.worker_pids())
+    asyncio.run(cancel_while_running())
+    _wait_for(lambda: len(before - set(mathpool.worker_pids())) == 1)
+    assert values(score(math_equal, [Item("p", "7", "7")])) == [1.0]
+
+
+def test_an_item_whose_deadline_passed_never_starts(math_equal, tmp_path):
+    async def past_deadline():
+        token = DEADLINE.set(asyncio.get_running_loop().time() - 1)
+        try:
+            return await mathpool.call(id(math_equal), os.mkdir, (str(tmp_path / "ran"),), limit_s=60)
+        finally:
+            DEADLINE.reset(token)
+
+    with pytest.raises(ItemFailure) as failure:
+        asyncio.run(past_deadline())
+    assert failure.value.type == ErrorType.timeout
+    assert not (tmp_path / "ran").exists()
+
+
+def test_hostile_items_fail_typed_at_the_request_deadline():
+    # Each 9^(9^9) runs into math-verify's 5 s limit once or more; the request allows 1 s in all.
+    reward = MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", timeout_s=5))
+
+    async def within_one_second():
+        await reward.start()
+        token = DEADLINE.set(asyncio.get_running_loop().time() + 1)
+        try:
+            return await reward.score([Item("p", "$9^{9^{9}}$", "1")] * 6, Granularity.outcome)
+        finally:
+            DEADLINE.reset(token)
+            await reward.close()
+
+    out = asyncio.run(within_one_second())
+    assert [o.type for o in out] == [ErrorType.timeout] * 6, out
+
+
+def test_closing_the_pool_kills_work_stuck_in_c_code(monkeypatch):
+    monkeypatch.setattr(mathpool, "_pool", None)  # apart from the module fixture's pool and user
+    monkeypatch.setattr(mathpool, "_pool_users", set())
+
+    async def close_while_running():
+        await mathpool.start(1)
+        workers = mathpool.worker_pids()
+        task = asyncio.ensure_future(mathpool.call(1, *STUCK, limit_s=600))
+        while not any(f.running() for f in mathpool._running):
+            await asyncio.sleep(0.05)
+        await mathpool.release(1)
+        with pytest.raises(mathpool.PoolClosed):
+            await task
+        return workers
+
+    workers = asyncio.run(close_while_running())
+    assert not any(_alive(p) for p in workers)
+
+
+def _alive(pid: int) -> bool:
     try:
-        asyncio.run(reward.start())
-        pool = mathpool._pool
-        monkeypatch.setattr(mathpool, "_hang_budget", lambda n, seconds: 0.2)
-        out = score(reward, [Item("p", "$9^{9^{9}}$", "1")])
-        assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.timeout
-        assert mathpool._pool is not pool  # the stuck pool is gone
-        monkeypatch.undo()
-        assert values(score(reward, [Item("p", "7", "7")])) == [1.0]  # a fresh pool answers
-    finally:
-        asyncio.run(reward.close())
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_math_equal_close_is_idempotent_and_last_user_shuts_the_pool(monkeypatch):
@@ -298,8 +378,7 @@ def test_math_workers_exit_when_the_service_process_is_killed(tmp_path):
         "from rm_server.rewards import mathpool\n"
         "async def main():\n"
         "    await mathpool.start(1)\n"
-        "    pool = mathpool._pool\n"
-        "    print(' '.join(str(p) for p in pool._processes), flush=True)\n"
+        "    print(' '.join(str(p) for p in mathpool.worker_pids()), flush=True)\n"
         "    await asyncio.sleep(60)\n"
         "if __name__ == '__main__':\n"
         "    asyncio.run(main())\n"
