@@ -86,13 +86,32 @@ def load_model(
             f"but the model's vocabulary has {config.vocab_size}."
         )
     try:
-        model = auto.from_pretrained(str(path), config=config)
+        model, info = auto.from_pretrained(str(path), config=config, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: the weights could not be loaded ({_first_line(e)}).") from e
+    _check_complete(path, kind, model, info["missing_keys"], config.architectures)
     if kind != "causal_lm" and model.config.pad_token_id is None:
         # Sequence classifiers find each row's last token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def _check_complete(path: Path, kind: Kind, model: PreTrainedModel, missing: set[str],
+                    architectures: list[str] | None) -> None:
+    """Refuse a checkpoint that lacks some of the model's weights: transformers would initialise them
+    at random (a classifier checkpoint loaded as a causal LM gets a random LM head) and the model
+    would run, producing garbage. A tied weight (lm_head sharing embed_tokens' storage) that the
+    checkpoint stores once is not missing: it shares its tensor with one that was loaded."""
+    state = model.state_dict()
+    loaded_storages = {t.data_ptr() for name, t in state.items() if name not in missing}
+    absent = sorted(name for name in missing if name not in state or state[name].data_ptr() not in loaded_storages)
+    if absent:
+        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        saved_as = f" (its config says {', '.join(architectures)})" if architectures else ""
+        raise CheckpointError(
+            f"{path}: missing weights {shown}: this is not a {kind.replace('_', ' ')} checkpoint{saved_as}, and "
+            "serving it would use randomly initialised weights in their place."
+        )
 
 
 def load_embedded(name: str, root: Path = ARITH_DIR) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

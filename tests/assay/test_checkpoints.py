@@ -85,3 +85,24 @@ def test_broken_tokenizer_is_named(tmp_path, tiny_lm):
 def test_unknown_embedded_name():
     with pytest.raises(CheckpointError, match="no embedded checkpoint named 'critic'"):
         load_embedded("critic")
+
+
+def test_a_classifier_checkpoint_is_no_causal_lm():
+    """The ORM has a score head and no LM head: loaded as a causal LM, transformers would initialise
+    lm_head at random, and the server would answer with garbage."""
+    with pytest.raises(CheckpointError, match=r"missing weights lm_head\.weight.*LlamaForSequenceClassification"):
+        load_model(EMBEDDED["orm"][1], "causal_lm")
+
+
+def test_tied_weights_stored_once_are_not_missing(tmp_path, tiny_lm, tokenizer):
+    tiny_lm.config.tie_word_embeddings = True
+    tiny_lm.tie_weights()
+    tiny_lm.save_pretrained(str(tmp_path))  # stores embed_tokens, not lm_head
+    tokenizer.save_pretrained(str(tmp_path))
+    model, _ = load_model(tmp_path, "causal_lm")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("name", sorted(EMBEDDED))
+def test_embedded_checkpoints_are_complete(name):
+    load_embedded(name)  # nothing missing, the verifier included

@@ -10,6 +10,7 @@ import sys
 import grpc
 import openai
 
+from assay.checkpoints import ARITH_DIR
 from proto.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from tests.servers import free_port, wait_ready
@@ -65,3 +66,12 @@ def test_an_unknown_backend_exits_with_the_choices():
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "use one of transformers, vllm" in proc.stderr + proc.stdout
+
+
+def test_a_classifier_checkpoint_as_the_model_exits_naming_the_missing_weights():
+    orm = ARITH_DIR / "orm"
+    proc = subprocess.run(
+        [sys.executable, "-m", "policy_server", "--model", str(orm), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "missing weights lm_head.weight" in proc.stderr + proc.stdout
