@@ -4,6 +4,12 @@ This is the in-process generation path: the world's build and evaluation use it,
 policy server's transformers backend is built on it. Each sample carries the log-probability of
 every generated token under the model at temperature 1 (what RL needs), whatever temperature it
 was sampled at.
+
+Degenerate parameters mean greedy decoding: a temperature or top_p below `GREEDY_BELOW` (1e-5,
+vLLM's threshold for temperature) takes the argmax. Below it, the logits divided by the temperature
+overflow float32 (5e-324 is 0 in float32, and x/0 is inf), and such a top_p keeps only the most
+likely token of any vocabulary under 100k tokens. Whatever top_p is, the most likely token always
+stays in the nucleus.
 """
 
 from __future__ import annotations
@@ -12,6 +18,15 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float, top_p: float) -> bool:
+    """Whether these parameters decode greedily: temperature 0, or a temperature or top_p below
+    `GREEDY_BELOW`. Written so that NaN, which no comparison holds for, is greedy too."""
+    return not (temperature >= GREEDY_BELOW and top_p >= GREEDY_BELOW)
 
 
 @dataclass
@@ -46,8 +61,10 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # keep the smallest prefix whose mass reaches top_p
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        # The first token always stays: a top_p that is 0 in float32 (below ~1e-45) would drop it too.
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -77,7 +94,7 @@ def sample_batch(
     done = torch.zeros(batch, dtype=torch.bool)
     for _ in range(params.max_new_tokens):
         raw = next_logits.log_softmax(-1)
-        if params.temperature == 0:
+        if is_greedy(params.temperature, params.top_p):
             choice = next_logits.argmax(-1)
         else:
             scaled = _filter_logits(next_logits / params.temperature, params.top_k, params.top_p)

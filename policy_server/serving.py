@@ -20,7 +20,14 @@ from typing import TypeVar
 from jinja2.exceptions import TemplateError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from policy_server.backends import GenerationBackend, GenerationOutput, GenerationRequest, Overloaded
+from policy_server.backends import (
+    GenerationBackend,
+    GenerationFailed,
+    GenerationOutput,
+    GenerationRequest,
+    InvalidParameters,
+    Overloaded,
+)
 from policy_server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -101,6 +108,17 @@ class Unavailable(ApiError):
 
 class DeadlineExceeded(ApiError):
     status, type = 504, "timeout_error"
+
+
+class GenerationError(ApiError):
+    """The backend failed to generate this request's sequences (`GenerationFailed`): a typed 500 for
+    this request alone; the requests that shared its batch got their completions."""
+
+    status, type = 500, "server_error"
+
+    @classmethod
+    def of(cls, exc: GenerationFailed) -> GenerationError:
+        return cls(f"{exc}; the server logged the cause", code="generation_failed")
 
 
 def check_key(keys: ApiKeys, authorization: str | None, scope: str) -> None:
@@ -389,6 +407,10 @@ class PolicyService:
         except TimeoutError:
             raise DeadlineExceeded(f"generation did not finish within {self.limits.timeout_s:g}s",
                                    code="timeout") from None  # fmt: skip
+        except GenerationFailed as exc:
+            raise GenerationError.of(exc) from None
+        except InvalidParameters as exc:
+            raise InvalidRequest(str(exc), code="invalid_sampling_parameters") from None
         self.metrics.prompt_tokens.labels(req.model).inc(sum(len(ids) for ids in prompts))
         return outputs
 

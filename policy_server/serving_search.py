@@ -26,7 +26,7 @@ from dataclasses import fields
 
 from clients import errors as rm
 from clients.reward import RewardClient
-from policy_server.backends import GenerationBackend, Overloaded
+from policy_server.backends import GenerationBackend, GenerationFailed, InvalidParameters, Overloaded
 from policy_server.generator import BackendGenerator, ContextFull, SearchCancelled, TooManySequences
 from policy_server.protocol import SearchRequest, SearchResponse
 from policy_server.serving import (
@@ -34,6 +34,7 @@ from policy_server.serving import (
     BadGateway,
     Conflict,
     DeadlineExceeded,
+    GenerationError,
     InvalidRequest,
     ModelNotFound,
     NotReady,
@@ -171,6 +172,10 @@ def _api_error(exc: Exception, rm_url: str, backend: GenerationBackend) -> ApiEr
                                 code="reward_service_timeout")  # fmt: skip
     if isinstance(exc, rm.RewardServiceError):  # ServerError, or this server's rm credentials refused
         return BadGateway(f"the reward service (rm_server at {rm_url}) failed: {exc}", code="reward_service_error")
+    if isinstance(exc, GenerationFailed):
+        return GenerationError.of(exc)
+    if isinstance(exc, InvalidParameters):
+        return InvalidRequest(str(exc), code="invalid_sampling_parameters")
     if isinstance(exc, Overloaded):
         return QueueFull(f"{exc}; retry after {exc.retry_after_s:.2f}s", code="queue_full",
                          retry_after_s=exc.retry_after_s)  # fmt: skip

@@ -61,6 +61,17 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class InvalidParameters(ValueError):
+    """The backend's engine refuses these sampling parameters, which the serving layer's own checks let
+    through: the request is refused (400) before any of it reaches the engine."""
+
+
+class GenerationFailed(Exception):
+    """Generating failed for a reason of the server's (the model's logits were NaN, a sampling step or
+    the forward pass raised): the requests whose sequences it names fail with it, no others. A backend
+    raises it from `generate` for a request any of whose sequences failed; the message says what broke."""
+
+
 class GenerationBackend(ABC):
     """A served model: its tokenizer, context length, weight version and generate()."""
 
@@ -77,7 +88,8 @@ class GenerationBackend(ABC):
 
     @abstractmethod
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
-        """One output per request, in order. All are admitted or none (raises `Overloaded`)."""
+        """One output per request, in order. All are admitted or none (raises `Overloaded`); raises
+        `GenerationFailed` when any of them could not be generated."""
 
     def queue_depth(self) -> int:
         return 0

@@ -8,11 +8,19 @@ does. What this loop adds to it, per sequence: its own sampling parameters and r
 stop strings, top-k logprobs, `ignore_eos`, and an abort flag checked every step (the request
 was cancelled). A batch runs until its longest sequence ends: no continuous batching here,
 which is what the vLLM backend is for.
+
+One sequence's failure is its own. Whatever goes wrong for one row while sampling or stopping (a
+seed its generator refuses, NaN or infinite logits, a draw that raises, a stop-string search that
+raises) ends that row with `GenerationFailed`, which its request raises; the other rows carry on
+and their requests get their completions. Only a failure of the batch's forward pass fails every
+sequence in it, each request with its own `GenerationFailed`. Degenerate sampling parameters are
+no failure: a temperature or top_p below `assay.generation.GREEDY_BELOW` decodes greedily.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -24,11 +32,19 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.checkpoints import load_model
-from assay.generation import _filter_logits
-from policy_server.backends import GenerationBackend, GenerationOutput, GenerationRequest, Overloaded, ParamSpec
+from assay.generation import _filter_logits, is_greedy
+from policy_server.backends import (
+    GenerationBackend,
+    GenerationFailed,
+    GenerationOutput,
+    GenerationRequest,
+    Overloaded,
+    ParamSpec,
+)
 from rm_server import errors as rm_errors
 from rm_server.batcher import Batcher
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchSettings:
@@ -67,7 +83,7 @@ class HFBackend(GenerationBackend):
         # A batch decodes under this lock from its first step to its last; a weight update copies
         # its tensors in and bumps weight_version under it: no sequence sees two versions.
         self._weights_lock = threading.Lock()
-        self._batcher: Batcher[_Job, GenerationOutput] = Batcher(
+        self._batcher: Batcher[_Job, GenerationOutput | GenerationFailed] = Batcher(
             self._run_batch,
             name=name,
             max_items=batching.max_sequences,
@@ -100,14 +116,20 @@ class HFBackend(GenerationBackend):
             waiting = self._batcher.depth()
             raise Overloaded(f"model {self.name!r} has {waiting} sequences waiting", exc.retry_after_s) from None
         try:
-            return list(await asyncio.gather(*futures))
-        except BaseException:
+            results = await asyncio.gather(*futures)
+        except BaseException as exc:
             # Cancelled (client gone, deadline) or failed: queued jobs are dropped with their
             # futures, running ones stop at their next decode step.
             for job, future in zip(jobs, futures, strict=True):
                 job.abort.set()
                 future.cancel()
+            if isinstance(exc, GenerationFailed):  # one object for the whole batch: each request raises its own
+                raise GenerationFailed(str(exc)) from None
             raise
+        for r in results:
+            if isinstance(r, GenerationFailed):  # one of this request's sequences failed: the request fails
+                raise r
+        return results
 
     def parameter_specs(self) -> dict[str, ParamSpec]:
         return {name: ParamSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
@@ -126,12 +148,20 @@ class HFBackend(GenerationBackend):
             self.weight_version += 1
             return self.weight_version
 
-    def _run_batch(self, jobs: list[_Job]) -> list[GenerationOutput]:
-        with self._weights_lock:
-            outputs = decode(self.model, self.tokenizer, jobs, self.weight_version)
+    def _run_batch(self, jobs: list[_Job]) -> list[GenerationOutput | GenerationFailed]:
+        try:
+            with self._weights_lock:
+                results = decode(self.model, self.tokenizer, jobs, self.weight_version)
+        except Exception as exc:  # the forward pass failed: every sequence of the batch fails with one typed error
+            log.error("a decode batch of %d sequences failed", len(jobs), exc_info=exc)
+            raise GenerationFailed(f"generating this batch of sequences failed ({_describe(exc)})") from exc
+        failed = [r for r in results if isinstance(r, GenerationFailed)]
+        if failed:
+            log.warning("%d of %d sequences failed, alone (the batch went on); the first: %s", len(failed),
+                        len(results), failed[0], exc_info=failed[0].__cause__)  # fmt: skip
         if self._on_finished is not None:
-            self._on_finished(outputs)
-        return outputs
+            self._on_finished([r for r in results if isinstance(r, GenerationOutput)])
+        return results
 
 
 def _check_tied(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -146,19 +176,45 @@ def _check_tied(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> 
 
 
 class _Row:
-    """One sequence's state in the decode loop."""
+    """One sequence's state in the decode loop. What goes wrong for one row (its generator's seed, its
+    draw, its stop-string search) fails that row alone (`fail`): the batch goes on without it."""
 
     def __init__(self, job: _Job) -> None:
         self.req, self.abort, self.submitted = job.request, job.abort, job.submitted
+        self.greedy = is_greedy(self.req.temperature, self.req.top_p)
         self.first_token_s: float | None = None
-        self.generator = torch.Generator().manual_seed(self.req.seed) if self.req.temperature > 0 else None
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.tops: list[list[tuple[int, float]]] = []
-        self.reason: str | None = None
+        self.reason: str | None = None  # set when the row ends: stop, length, abort, or error (see `error`)
+        self.error: BaseException | None = None
         self.text: str | None = None  # set when a stop string cut it
         self.stop: str | None = None  # the stop string that cut it
         self.searched = 0  # characters of the text already searched for stop strings
+        self.generator: torch.Generator | None = None
+        if not self.greedy:
+            try:
+                self.generator = torch.Generator().manual_seed(self.req.seed)
+            except Exception as exc:  # noqa: BLE001 (a bad seed fails this sequence, not the batch)
+                self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        self.reason, self.error = "error", exc
+
+    def take(self, token: int, logprob: float, top: tuple[list[int], list[float]] | None,
+             tokenizer: PreTrainedTokenizerBase) -> None:  # fmt: skip
+        """Append the token sampled for this row and decide whether the row ends with it."""
+        if not self.tokens:
+            self.first_token_s = time.monotonic() - self.submitted
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        if self.req.top_logprobs and top is not None:
+            k = self.req.top_logprobs
+            self.tops.append(list(zip(top[0][:k], top[1][:k], strict=True)))
+        if (token == tokenizer.eos_token_id and not self.req.ignore_eos) or (self.req.stop and self.find_stop(tokenizer)):
+            self.reason = "stop"
+        elif len(self.tokens) >= self.req.max_tokens:
+            self.reason = "length"
 
     def find_stop(self, tokenizer: PreTrainedTokenizerBase) -> bool:
         """Whether the text now contains a stop string; if so, keep the text before it."""
@@ -171,12 +227,31 @@ class _Row:
             self.text = text[:at]
         return bool(hits)
 
+    def output(self, tokenizer: PreTrainedTokenizerBase, weight_version: int) -> GenerationOutput | GenerationFailed:
+        if self.error is not None:
+            failure = GenerationFailed(f"generating this sequence failed ({_describe(self.error)})")
+            failure.__cause__ = self.error
+            return failure
+        return GenerationOutput(
+            token_ids=self.tokens,
+            logprobs=self.logprobs,
+            text=self.text if self.text is not None else tokenizer.decode(self.tokens, skip_special_tokens=True),
+            finish_reason=self.reason or "abort",  # type: ignore[arg-type]
+            weight_version=weight_version,
+            stop_reason=self.stop,
+            top_logprobs=self.tops if self.req.top_logprobs else None,
+            first_token_s=self.first_token_s,
+        )
+
 
 @torch.inference_mode()
 def decode(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, jobs: Sequence[_Job], weight_version: int
-) -> list[GenerationOutput]:
-    """Generate every job's sequence in one batch: left-padded prefill, then cached steps."""
+) -> list[GenerationOutput | GenerationFailed]:
+    """Generate every job's sequence in one batch: left-padded prefill, then cached steps.
+
+    A sequence that fails while sampling or stopping gets a `GenerationFailed` in its place and the
+    others go on; what fails for all (the forward pass) raises."""
     rows = [_Row(job) for job in jobs]
     batch = len(rows)
     width = max(len(r.req.prompt_ids) for r in rows)
@@ -191,7 +266,6 @@ def decode(
     cache, logits = out.past_key_values, out.logits[:, -1, :].float()  # logits: [batch, vocab]
     next_pos = positions[:, -1:] + 1  # [batch, 1]
     k_top = max(r.req.top_logprobs for r in rows)
-    eos = tokenizer.eos_token_id
 
     for _ in range(max(r.req.max_tokens for r in rows)):
         raw = logits.log_softmax(-1)  # the untempered distribution: what logprobs report
@@ -205,18 +279,10 @@ def decode(
             if r.abort.is_set():
                 r.reason = "abort"
                 continue
-            token = int(choice[i])
-            if not r.tokens:
-                r.first_token_s = time.monotonic() - r.submitted
-            r.tokens.append(token)
-            r.logprobs.append(picked[i])
-            if r.req.top_logprobs:
-                k = r.req.top_logprobs
-                r.tops.append(list(zip(top_ids[i][:k], top_values[i][:k], strict=True)))
-            if (token == eos and not r.req.ignore_eos) or (r.req.stop and r.find_stop(tokenizer)):
-                r.reason = "stop"
-            elif len(r.tokens) >= r.req.max_tokens:
-                r.reason = "length"
+            try:
+                r.take(int(choice[i]), picked[i], (top_ids[i], top_values[i]) if k_top else None, tokenizer)
+            except Exception as exc:  # noqa: BLE001 (this sequence fails, the batch goes on)
+                r.fail(exc)
         if all(r.reason is not None for r in rows):
             break
         # Finished rows are fed padding; their cache rows are never read again.
@@ -227,31 +293,50 @@ def decode(
         cache, logits = out.past_key_values, out.logits[:, -1, :].float()
         next_pos = next_pos + 1
 
-    return [
-        GenerationOutput(
-            token_ids=r.tokens,
-            logprobs=r.logprobs,
-            text=r.text if r.text is not None else tokenizer.decode(r.tokens, skip_special_tokens=True),
-            finish_reason=r.reason or "abort",  # type: ignore[arg-type]
-            weight_version=weight_version,
-            stop_reason=r.stop,
-            top_logprobs=r.tops if r.req.top_logprobs else None,
-            first_token_s=r.first_token_s,
-        )
-        for r in rows
-    ]
+    return [r.output(tokenizer, weight_version) for r in rows]
 
 
 def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-    """[batch, vocab] -> [batch]: argmax for greedy rows, a draw from each row's generator otherwise."""
+    """[batch, vocab] -> [batch]: argmax for greedy rows, a draw from each row's generator otherwise.
+
+    A row whose logits cannot be sampled (NaN, +inf, or nothing finite) fails, and so does one whose
+    draw raises; the other rows get their tokens."""
     choice = logits.argmax(-1)
+    broken = ((logits.isnan() | logits.isposinf()).any(-1) | logits.isneginf().all(-1)).tolist()
     # Rows sharing (temperature, top_k, top_p) are filtered together: usually one group per batch.
     groups: dict[tuple[float, int, float], list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
-        if r.reason is None and r.req.temperature > 0:
+        if r.reason is not None:
+            continue
+        if broken[i]:
+            r.fail(FloatingPointError("the model's logits for this sequence are NaN or infinite"))
+        elif not r.greedy:
             groups[(r.req.temperature, r.req.top_k, r.req.top_p)].append(i)
-    for (temperature, top_k, top_p), idx in groups.items():
-        probs = _filter_logits(logits[idx] / temperature, top_k, top_p).softmax(-1)  # [group, vocab]
-        for j, i in enumerate(idx):
-            choice[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+    for idx in groups.values():
+        try:
+            _draw(logits, rows, idx, choice)
+        except Exception:  # noqa: BLE001 (find the rows at fault: each on its own)
+            for i in idx:
+                try:
+                    _draw(logits, rows, [i], choice)
+                except Exception as exc:  # noqa: BLE001
+                    rows[i].fail(exc)
     return choice
+
+
+def _draw(logits: torch.Tensor, rows: list[_Row], idx: list[int], choice: torch.Tensor) -> None:
+    """Sample the rows `idx` (one temperature, top_k and top_p) into `choice`. Rows whose probabilities
+    cannot be drawn from fail before any draw (torch.multinomial would raise for them)."""
+    req = rows[idx[0]].req
+    probs = _filter_logits(logits[idx] / req.temperature, req.top_k, req.top_p).softmax(-1)  # [group, vocab]
+    usable = (probs.isfinite().all(-1) & (probs.sum(-1) > 0)).tolist()
+    for j, i in enumerate(idx):
+        if usable[j]:
+            choice[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+        else:
+            rows[i].fail(FloatingPointError("this sequence's sampling probabilities are NaN or infinite"))
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

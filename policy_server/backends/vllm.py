@@ -20,7 +20,12 @@ handled here (vLLM 0.32):
   int, a stop token id, maps to None: eos). One difference: when two stop strings complete on the
   same token, vLLM picks the first in the request's list, the transformers backend the earliest
   in the text.
-- `top_k=0` means off in both. The engine caps logprobs per position (`MAX_LOGPROBS`, the
+- `top_k=0` means off in both. Degenerate parameters are mapped before they reach the engine: a
+  temperature or top_p below `assay.generation.GREEDY_BELOW` is greedy, as in the transformers
+  backend (`_sampling_options`), and parameters vLLM's `SamplingParams` still refuses fail the
+  request with `InvalidParameters` before any of its sequences is submitted. What the engine
+  raises for one request (`_one`) fails that request with `GenerationFailed`; the engine's other
+  requests are not affected. The engine caps logprobs per position (`MAX_LOGPROBS`, the
   serving layer's own limit).
 - On CPU: `dtype="float32"` (vLLM's "auto" computes in bf16, ~1e-2 off the transformers
   logprobs), a fixed KV cache (`kv_cache_memory_bytes`; without it vLLM reserves most of the
@@ -66,7 +71,16 @@ from pathlib import Path
 from typing import Any
 
 from assay.checkpoints import CheckpointError, load_tokenizer
-from policy_server.backends import GenerationBackend, GenerationOutput, GenerationRequest, Overloaded, ParamSpec
+from assay.generation import is_greedy
+from policy_server.backends import (
+    GenerationBackend,
+    GenerationFailed,
+    GenerationOutput,
+    GenerationRequest,
+    InvalidParameters,
+    Overloaded,
+    ParamSpec,
+)
 from policy_server.weights import DTYPES
 
 CPU_KV_CACHE_BYTES = 128 * 1024**2  # ~130k tokens for the embedded checkpoints
@@ -167,9 +181,10 @@ class VllmBackend(GenerationBackend):
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
         if self._in_flight + len(requests) > self._max_sequences:
             raise Overloaded(f"model {self.name!r} has {self._in_flight} sequences in the engine", RETRY_AFTER_S)
+        params = [_sampling(r) for r in requests]  # all checked before any is submitted
         ids = [f"{self.name}-{uuid.uuid4().hex}" for _ in requests]
         self._in_flight += len(requests)
-        tasks = [asyncio.ensure_future(self._one(i, r)) for i, r in zip(ids, requests, strict=True)]
+        tasks = [asyncio.ensure_future(self._one(i, r, p)) for i, r, p in zip(ids, requests, params, strict=True)]
         try:
             outputs = list(await asyncio.gather(*tasks))
         except BaseException:
@@ -184,12 +199,15 @@ class VllmBackend(GenerationBackend):
         self._report(outputs)
         return outputs
 
-    async def _one(self, request_id: str, req: GenerationRequest) -> GenerationOutput:
+    async def _one(self, request_id: str, req: GenerationRequest, params: Any) -> GenerationOutput:
         from vllm.inputs import tokens_input
 
         final = None
-        async for final in self.engine.generate(tokens_input(list(req.prompt_ids)), _sampling(req), request_id):
-            pass  # FINAL_ONLY: one output, when the sequence ends
+        try:
+            async for final in self.engine.generate(tokens_input(list(req.prompt_ids)), params, request_id):
+                pass  # FINAL_ONLY: one output, when the sequence ends
+        except Exception as exc:  # noqa: BLE001 (the engine failed this request: a typed failure of its own)
+            raise GenerationFailed(f"vLLM failed this sequence ({type(exc).__name__}: {exc})") from exc
         return _output(final.outputs[0], req, self.weight_version)
 
     def _report(self, outputs: list[GenerationOutput]) -> None:
@@ -262,14 +280,25 @@ def _read_specs(path: Path) -> dict[str, ParamSpec]:
 
 
 def _sampling(req: GenerationRequest) -> Any:
+    """vLLM's SamplingParams for one sequence; raises `InvalidParameters` for what vLLM refuses."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    return SamplingParams(
+    try:
+        return SamplingParams(**_sampling_options(req), output_kind=RequestOutputKind.FINAL_ONLY)
+    except ValueError as exc:
+        raise InvalidParameters(f"vLLM refuses these sampling parameters: {exc}") from None
+
+
+def _sampling_options(req: GenerationRequest) -> dict[str, Any]:
+    """SamplingParams' arguments (no vllm needed). A temperature or top_p below GREEDY_BELOW is greedy,
+    sent as vLLM's greedy (temperature 0, no top-p or top-k filter): a 5e-324 never reaches its sampler."""
+    greedy = is_greedy(req.temperature, req.top_p)
+    return dict(
         n=1,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,  # 0: off, as in GenerationRequest
+        temperature=0.0 if greedy else req.temperature,
+        top_p=1.0 if greedy else req.top_p,
+        top_k=0 if greedy else req.top_k,  # 0: off, as in GenerationRequest
         seed=req.seed,
         max_tokens=req.max_tokens,
         stop=list(req.stop) or None,
@@ -277,7 +306,6 @@ def _sampling(req: GenerationRequest) -> Any:
         ignore_eos=req.ignore_eos,
         logprobs=req.top_logprobs,  # the top k, plus the sampled token's always
         skip_special_tokens=True,
-        output_kind=RequestOutputKind.FINAL_ONLY,
     )
 
 

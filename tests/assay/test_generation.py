@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from assay.generation import SamplingParams, _filter_logits, sample
+from assay.generation import GREEDY_BELOW, SamplingParams, _filter_logits, is_greedy, sample
 
 
 def _teacher_forced_logprobs(model, tokenizer, prompt, token_ids):
@@ -47,6 +47,27 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     assert torch.isfinite(_filter_logits(logits, 0, 0.79)).tolist() == [[True, True, False, False]]
     assert torch.isfinite(_filter_logits(logits, 0, 0.81)).tolist() == [[True, True, True, False]]
     assert torch.isfinite(_filter_logits(logits, 0, 0.1)).tolist() == [[True, False, False, False]]
+
+
+def test_a_top_p_that_is_zero_in_float32_keeps_the_most_likely_token():
+    logits = torch.log(torch.tensor([[0.3, 0.5, 0.15, 0.05]]))
+    for top_p in (5e-324, 1e-46):  # 0.0 once the comparison runs in float32
+        assert torch.isfinite(_filter_logits(logits, 0, top_p)).tolist() == [[False, True, False, False]]
+
+
+@pytest.mark.parametrize("shape", [{"temperature": 5e-324}, {"temperature": 1e-39}, {"top_p": 5e-324},
+                                   {"temperature": 1e-300, "top_p": 1e-300}])  # fmt: skip
+def test_degenerate_temperature_or_top_p_decodes_greedily(tiny_lm, tokenizer, shape):
+    prompts = ["Q: 1+2 A: ", "Q: 23+45-17 A: "]
+    greedy = sample(tiny_lm, tokenizer, prompts, SamplingParams(temperature=0, max_new_tokens=10))
+    got = sample(tiny_lm, tokenizer, prompts, SamplingParams(**{"temperature": 1.0, **shape}, max_new_tokens=10))
+    assert [[s.token_ids for s in row] for row in got] == [[s.token_ids for s in row] for row in greedy]
+
+
+def test_the_greedy_threshold():
+    assert is_greedy(0.0, 1.0) and is_greedy(GREEDY_BELOW / 2, 1.0) and is_greedy(1.0, GREEDY_BELOW / 2)
+    assert is_greedy(float("nan"), 1.0) and is_greedy(1.0, float("nan"))
+    assert not is_greedy(GREEDY_BELOW, GREEDY_BELOW) and not is_greedy(0.7, 0.9)
 
 
 def test_sampling_params_refuse_nonsense():
