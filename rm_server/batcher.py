@@ -9,11 +9,20 @@ Back-pressure: a request whose items do not all fit in the queue is refused whol
 (`errors.Overloaded`, which becomes 429 / RESOURCE_EXHAUSTED). A request that gives up (its
 deadline passed, its client went away) cancels its futures, and cancelled items are dropped
 when the batch is formed, so abandoned work is not computed.
+
+Retry-After: a refusal's `retry_after_s` estimates when the same request would fit. Items leave
+the queue a batch at a time, each time the running batch ends; so the wait is what is left of
+the running batch plus the time of each further batch needed before enough items have left,
+those batches counted by the packing rule over the queue as it stands. A batch's time is a line
+in its items (fixed cost + cost per item) fitted to the recent batches (`BatchTimes`): on a GPU
+the per-item part is near zero, on a CPU it is not. The old estimate, an average time per item
+times the items queued, overstated the wait 13-50x: batches run their items together.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -25,6 +34,31 @@ from rm_server.errors import InvalidRequest, Overloaded
 
 P = TypeVar("P")
 R = TypeVar("R")
+
+RETRY_AFTER_BOUNDS_S = (0.05, 120.0)  # the estimate is clamped to this range
+
+
+class BatchTimes:
+    """A batch's duration as `fixed + per_item * items`, fitted by least squares to the recent batches,
+    each batch's weight decaying by `forget` per later batch. Until batches of two sizes have been
+    seen there is no per-item part: every batch takes the (weighted) mean time."""
+
+    def __init__(self, forget: float = 0.8, first_guess_s: float = 1.0) -> None:
+        self.forget, self.first_guess_s = forget, first_guess_s
+        self._w = self._x = self._y = self._xx = self._xy = 0.0  # weighted sums of 1, items, s, items², items*s
+
+    def add(self, items: int, seconds: float) -> None:
+        f = self.forget
+        self._w, self._x, self._y = f * self._w + 1, f * self._x + items, f * self._y + seconds
+        self._xx, self._xy = f * self._xx + items * items, f * self._xy + items * seconds
+
+    def predict(self, items: int) -> float:
+        if self._w == 0:
+            return self.first_guess_s
+        mean_x, mean_y = self._x / self._w, self._y / self._w
+        var_x = self._xx / self._w - mean_x * mean_x
+        per_item = max(0.0, (self._xy / self._w - mean_x * mean_y) / var_x) if var_x > 1e-9 else 0.0
+        return max(0.0, mean_y + per_item * (items - mean_x))
 
 
 @dataclass
@@ -57,7 +91,8 @@ class Batcher(Generic[P, R]):
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
         self._task: asyncio.Task | None = None
-        self._seconds_per_item = 1e-3  # running estimate, for Retry-After
+        self._times = BatchTimes()  # for Retry-After
+        self._running: tuple[float, int] | None = None  # the running batch's start and items; None: none runs
 
     def depth(self) -> int:
         """Items waiting, not counting those whose request already gave up."""
@@ -92,7 +127,7 @@ class Batcher(Generic[P, R]):
                 f"({self.max_queue}); split the request"
             )
         if len(self._queue) + len(payloads) > self.max_queue:
-            wait = max(0.05, (len(self._queue) + len(payloads)) * self._seconds_per_item)
+            wait = self.retry_after(len(self._queue) + len(payloads) - self.max_queue)
             raise Overloaded(
                 f"reward {self.name!r}: queue is full ({len(self._queue)} of {self.max_queue} items waiting); "
                 f"retry after {wait:.2f}s",
@@ -127,7 +162,7 @@ class Batcher(Generic[P, R]):
             batch = self._take()
             if not batch:
                 continue
-            started = time.monotonic()
+            self._running = (started := time.monotonic(), len(batch))
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, [w.payload for w in batch])
             except Exception as exc:  # the whole batch failed: every waiter learns why
@@ -135,13 +170,37 @@ class Batcher(Generic[P, R]):
                     if not w.future.done():
                         w.future.set_exception(exc)
                 continue
-            elapsed = time.monotonic() - started
-            self._seconds_per_item = 0.8 * self._seconds_per_item + 0.2 * elapsed / len(batch)
+            finally:
+                self._running = None
+            self._times.add(len(batch), time.monotonic() - started)
             if self._on_batch is not None:
                 self._on_batch(len(batch), sum(w.cost for w in batch))
             for w, r in zip(batch, results, strict=True):
                 if not w.future.done():
                     w.future.set_result(r)
+
+    def retry_after(self, items: int) -> float:
+        """Seconds until `items` more items would fit: until that many queued ones have been taken
+        into batches. The first batch is taken when the running one ends (at once when none runs),
+        each further one when the one before it ends."""
+        wait = 0.0
+        if self._running is not None:
+            started, running = self._running
+            wait = max(0.0, self._times.predict(running) - (time.monotonic() - started))
+        wait += sum(self._times.predict(size) for size in self._batches_to_take(items)[:-1])
+        low, high = RETRY_AFTER_BOUNDS_S
+        return min(max(wait, low), high)
+
+    def _batches_to_take(self, items: int) -> list[int]:
+        """The sizes of the batches `_take` forms from the queue until `items` items have left it."""
+        sizes, tokens = [0], 0
+        for w in itertools.islice(self._queue, items):
+            if sizes[-1] and (sizes[-1] >= self.max_items or tokens + w.cost > self.max_tokens):
+                sizes.append(0)
+                tokens = 0
+            sizes[-1] += 1
+            tokens += w.cost
+        return sizes
 
     def _drop_cancelled(self) -> None:
         if any(w.future.done() for w in self._queue):

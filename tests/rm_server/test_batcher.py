@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from rm_server.batcher import Batcher
+from rm_server.batcher import Batcher, BatchTimes
 from rm_server.errors import InvalidRequest, Overloaded
 
 
@@ -131,3 +131,36 @@ def test_a_failing_batch_fails_its_waiters_and_the_batcher_keeps_going():
         await b.close()
 
     run(go())
+
+
+def test_batch_times_are_a_line_in_the_items_fitted_to_recent_batches():
+    times = BatchTimes(forget=0.8, first_guess_s=1.0)
+    assert times.predict(8) == 1.0  # nothing measured yet
+    for _ in range(3):
+        times.add(1, 0.5)
+    assert times.predict(8) == pytest.approx(0.5)  # one size seen: no per-item part yet
+    times.add(4, 1.1)
+    assert times.predict(1) == pytest.approx(0.5) and times.predict(4) == pytest.approx(1.1)
+    assert times.predict(8) == pytest.approx(1.9)  # 0.3 s fixed + 0.2 s per item
+
+
+def test_the_wait_for_room_counts_the_batches_that_must_leave_the_queue_first():
+    """Retry-After is the time until enough queued items have been taken into batches: packed by the
+    batcher's rule (items and tokens), each taken when the one before it ends."""
+
+    async def go():
+        batches: list[list[int]] = []
+        gate = threading.Event()
+        b = make(batches, gate=gate, max_items=2, max_tokens=10, max_queue=6, max_wait_s=0)
+        b.start()
+        running = b.submit([0], [1])
+        while not batches:
+            await asyncio.sleep(0.01)
+        waiting = b.submit([1, 2, 3, 4, 5], [1, 1, 10, 1, 1])  # batches [1, 2], [3] (tokens), [4, 5]
+        sizes = [b._batches_to_take(n) for n in (1, 2, 3, 4, 5)]
+        gate.set()
+        await asyncio.gather(*running, *waiting)
+        await b.close()
+        return sizes
+
+    assert run(go()) == [[1], [2], [2, 1], [2, 1, 1], [2, 1, 2]]
