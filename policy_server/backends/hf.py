@@ -46,6 +46,7 @@ from rm_server.batcher import Batcher
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class BatchSettings:
     """How the batcher packs sequences into one decode loop."""
@@ -152,7 +153,7 @@ class HFBackend(GenerationBackend):
         try:
             with self._weights_lock:
                 results = decode(self.model, self.tokenizer, jobs, self.weight_version)
-        except Exception as exc:  # the forward pass failed: every sequence of the batch fails with one typed error
+        except Exception as exc:  # the forward pass failed: every sequence in the batch fails, typed
             log.error("a decode batch of %d sequences failed", len(jobs), exc_info=exc)
             raise GenerationFailed(f"generating this batch of sequences failed ({_describe(exc)})") from exc
         failed = [r for r in results if isinstance(r, GenerationFailed)]
@@ -211,7 +212,8 @@ class _Row:
         if self.req.top_logprobs and top is not None:
             k = self.req.top_logprobs
             self.tops.append(list(zip(top[0][:k], top[1][:k], strict=True)))
-        if (token == tokenizer.eos_token_id and not self.req.ignore_eos) or (self.req.stop and self.find_stop(tokenizer)):
+        at_eos = token == tokenizer.eos_token_id and not self.req.ignore_eos
+        if at_eos or (self.req.stop and self.find_stop(tokenizer)):
             self.reason = "stop"
         elif len(self.tokens) >= self.req.max_tokens:
             self.reason = "length"
