@@ -35,9 +35,12 @@ class RewardServiceError(Exception):
     `status` is the HTTP status (int) or the gRPC code name (str, e.g. "UNAVAILABLE"), None when
     the failure happened before an answer (connection refused, client-side checks). `type` is the
     server's `ErrorType` when it said one. `attempts` is how many times the call was sent.
+    `unanswered` is True when the request went out (whole or in part) and no answer came back
+    (connection reset or dropped): the server may have acted on it.
     """
 
     retryable: bool = False
+    unanswered: bool = False
 
     def __init__(
         self,
@@ -93,7 +96,12 @@ class UnknownModel(RewardServiceError):
 
 
 class Conflict(RewardServiceError):
-    """The policy server's weights are not at the version the update expected: another update landed."""
+    """The policy server's weights are not at the version the update expected: another update landed.
+
+    `after_lost_reply`: an earlier attempt of the same update was sent and its answer lost, so the
+    update that landed may be this call's own (see `PolicyClient.update_weights`)."""
+
+    after_lost_reply: bool = False
 
 
 class DeadlineExceeded(RewardServiceError):

@@ -7,10 +7,13 @@
         policy.search("Q: 2+3 A: ", strategy="best_of_n", n=16, reward="orm")
 
 Deadlines and retries are the reward client's (`clients.reward.RetryPolicy`): transient failures
-(refused, reset, 429 with its Retry-After, 503) are retried with jittered backoff until the
-call's deadline. Generation with a `seed` is a pure function of the request and the weights, so
-retrying it is safe; a weight update is retried only when the connection was refused (nothing
-was sent), because a resent update after a lost answer would be applied twice.
+(refused, reset, 429 with its Retry-After, 503 with its Retry-After while the server loads) are
+retried with capped, jittered backoff until the call's deadline. Generation with a `seed` is a
+pure function of the request and the weights, so retrying it is safe. A weight update is resent
+after a lost answer only when it carries `expect_version`: the server applies an update at a
+given version at most once (a second copy is refused with Conflict, marked `after_lost_reply`),
+so the update lands once or not at all. Without `expect_version` a lost answer may hide an
+update that was applied, and only a refused connection (nothing sent) is retried.
 
 Failures are `clients.errors` exceptions, as for the reward client.
 """
@@ -90,8 +93,8 @@ def safetensors_chunks(tensors: Mapping[str, Any]) -> tuple[Iterator[bytes], int
 class PolicyClient:
     """A blocking client of the policy service's HTTP API."""
 
-    def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 120.0, max_retries: int = 4,
-                 backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> None:  # fmt: skip
+    def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 120.0,
+                 max_retries: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 2.0) -> None:  # fmt: skip
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.url = _http_base(url)
@@ -135,18 +138,19 @@ class PolicyClient:
     def update_weights(self, tensors: Mapping[str, Any], *, model: str = "policy", expect_version: int | None = None,
                        timeout_s: float | None = None) -> WeightUpdateResponse:  # fmt: skip
         """Send a state dict (or any named subset of it) as safetensors; the server swaps it in
-        between batches. `expect_version`: refuse (Conflict) unless the server is at that version."""
+        between batches. `expect_version`: refuse (Conflict) unless the server is at that version;
+        with it, an update whose answer was lost is resent (see the module docstring)."""
         params: dict[str, Any] = {"model": model}
         if expect_version is not None:
             params["expect_version"] = expect_version
 
-        def attempt(left: float) -> WeightUpdateResponse:
+        def send(left: float) -> WeightUpdateResponse:
             chunks, size = safetensors_chunks(tensors)
             headers = {"content-type": "application/octet-stream", "content-length": str(size)}
             return self._request("POST", "/v1/admin/weights", WeightUpdateResponse, left, content=chunks,
-                                 params=params, headers=headers, resend_safe=False)  # fmt: skip
+                                 params=params, headers=headers, resend_safe=expect_version is not None)  # fmt: skip
 
-        return self._call(attempt, timeout_s)
+        return self._call(_once_at_a_version(send), timeout_s)
 
     def load_weights(self, path: str, *, model: str = "policy", expect_version: int | None = None,
                      timeout_s: float | None = None) -> WeightUpdateResponse:  # fmt: skip
@@ -155,9 +159,10 @@ class PolicyClient:
         PermissionDenied when it has none; InvalidRequest, one message whatever the reason, for a path
         it will not read (its log says why)."""
         req = LoadWeightsRequest(model=model, path=path, expect_version=expect_version)
-        return self._call(
-            lambda left: self._send("POST", "/v1/admin/weights/load", req, WeightUpdateResponse, left, False), timeout_s
-        )
+        resend_safe = expect_version is not None
+        return self._call(_once_at_a_version(
+            lambda left: self._send("POST", "/v1/admin/weights/load", req, WeightUpdateResponse, left, resend_safe)
+        ), timeout_s)  # fmt: skip
 
     # --- health ------------------------------------------------------------------------------
 
@@ -210,7 +215,7 @@ class PolicyClient:
             r = self._client.request(method, path, timeout=timeout, **kw)
         except httpx.HTTPError as exc:
             err = http_failure(exc, where)
-            if not resend_safe and not isinstance(exc, httpx.ConnectError):
+            if err.unanswered and not resend_safe:
                 err.retryable = False  # it may have been applied: the caller must look (weight_version)
             raise err from None
         if r.status_code != 200:
@@ -225,3 +230,22 @@ class PolicyClient:
             return self._client.get(path, timeout=timeout_s).status_code == 200
         except httpx.HTTPError:
             return False
+
+
+def _once_at_a_version(send: Callable[[float], T]) -> Callable[[float], T]:
+    """`send` as the attempts of one weight update: a Conflict after an attempt whose answer was
+    lost says so (`after_lost_reply`), since the update that landed first may be this one."""
+    lost = False
+
+    def attempt(left: float) -> T:
+        nonlocal lost
+        try:
+            return send(left)
+        except Conflict as err:
+            err.after_lost_reply = lost
+            raise
+        except ServiceError as err:
+            lost = lost or err.unanswered
+            raise
+
+    return attempt

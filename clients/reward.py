@@ -16,10 +16,14 @@ for the answer, so that the server's per-item answer arrives rather than a clien
 
 Retries. Only transient failures are retried: connection refused or reset, HTTP 502/503/504,
 429, gRPC UNAVAILABLE and RESOURCE_EXHAUSTED (except gRPC's own "message larger than max",
-which no wait can fix: that is InvalidRequest); up to `max_retries` times, sleeping
-uniform(0, min(max_backoff_s, backoff_s * 2**retry)) (exponential backoff, full jitter) but never
-less than the server's Retry-After, and never past the deadline. Scoring is a pure function of
-the request, so resending a batch is safe.
+which no wait can fix: that is InvalidRequest). They are retried until the call's deadline, not
+a number of times, so a service that restarts (seconds to load its models, a minute on a busy
+machine) costs the caller only the wait; `max_retries` can cap the count as well. Between tries
+the client sleeps uniform(0, min(max_backoff_s, backoff_s * 2**retry)) (exponential backoff,
+full jitter, capped), never less than the server's Retry-After (429, and 503 while it loads),
+and never so long that no time is left for one more try: when the server's Retry-After reaches
+past the deadline, the call fails at once with the server's answer. Scoring is a pure function
+of the request, so resending a batch is safe.
 
 Item ids. Items without an id get their position ("0", "1", ...); a retried batch resends the
 same ids, and a reply must hold exactly the ids sent, each once (else `ServerError`). Results
@@ -127,9 +131,13 @@ class _Deadline:
         self.seconds = seconds
         self.end = time.monotonic() + seconds
 
+    def remaining(self) -> float:
+        """Seconds left, <= 0 once the deadline has passed."""
+        return self.end - time.monotonic()
+
     def left(self) -> float:
         """Seconds left; DeadlineExceeded when none are."""
-        left = self.end - time.monotonic()
+        left = self.remaining()
         if left <= 0:
             raise DeadlineExceeded(f"the call's deadline of {self.seconds:g}s passed")
         return left
@@ -137,25 +145,36 @@ class _Deadline:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_retries: int = 4
+    """When a failed attempt is tried again, and after how long: see the module docstring.
+
+    `max_retries`: None (the default) retries until the deadline; a number caps the retries too.
+    `min_attempt_s`: a retry is only started with at least this much of the deadline left.
+    """
+
+    max_retries: int | None = None
     backoff_s: float = 0.2
-    max_backoff_s: float = 5.0
+    max_backoff_s: float = 2.0
+    min_attempt_s: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.max_retries < 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
+        count_ok = self.max_retries is None or self.max_retries >= 0
+        if not (count_ok and 0 <= self.backoff_s <= self.max_backoff_s and self.min_attempt_s >= 0):
             raise ValueError(
-                f"need max_retries >= 0 and 0 <= backoff_s <= max_backoff_s; got {self.max_retries}, "
-                f"{self.backoff_s}, {self.max_backoff_s}"
+                f"need max_retries None or >= 0, 0 <= backoff_s <= max_backoff_s and min_attempt_s >= 0; got "
+                f"{self.max_retries}, {self.backoff_s}, {self.max_backoff_s}, {self.min_attempt_s}"
             )
 
     def wait(self, attempt: int, err: RewardServiceError, deadline: _Deadline) -> float | None:
         """Seconds to sleep after failed attempt number `attempt` (0-based), or None: give up, raise `err`."""
         err.attempts = attempt + 1
-        if not err.retryable or attempt >= self.max_retries:
+        if not err.retryable or (self.max_retries is not None and attempt >= self.max_retries):
             return None
-        wait = random.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2**attempt))  # full jitter
-        wait = max(wait, err.retry_after_s or 0.0)
-        return wait if wait < deadline.end - time.monotonic() else None
+        budget = deadline.remaining() - self.min_attempt_s  # the longest sleep that leaves time for a try
+        floor = err.retry_after_s or 0.0  # the server's word: not sooner
+        if floor > budget:
+            return None  # the server will not take it again before the deadline: say so now, not at the end
+        backoff = random.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2.0 ** min(attempt, 64)))  # full jitter
+        return min(max(backoff, floor), budget)
 
 
 # --- the reward function form (pure parts) ---------------------------------------------------
@@ -213,7 +232,8 @@ class _ClientBase:
     _http_transport: type
     _grpc_transport: type
 
-    def __init__(self, transport: Any, *, timeout_s: float, max_retries: int, backoff_s: float, max_backoff_s: float):
+    def __init__(self, transport: Any, *, timeout_s: float, max_retries: int | None, backoff_s: float,
+                 max_backoff_s: float) -> None:  # fmt: skip
         """Use `RewardClient.http(url)` or `RewardClient.grpc(target)`."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -222,15 +242,15 @@ class _ClientBase:
         self.retry = RetryPolicy(max_retries, backoff_s, max_backoff_s)
 
     @classmethod
-    def http(cls, url: str, *, api_key: str | None = None, timeout_s: float = 30.0, max_retries: int = 4,
-             backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> Self:  # fmt: skip
+    def http(cls, url: str, *, api_key: str | None = None, timeout_s: float = 30.0,
+             max_retries: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 2.0) -> Self:  # fmt: skip
         """A client of the HTTP API at base URL `url`, e.g. "http://127.0.0.1:8000"."""
         return cls(cls._http_transport(url, api_key), timeout_s=timeout_s, max_retries=max_retries,
                    backoff_s=backoff_s, max_backoff_s=max_backoff_s)  # fmt: skip
 
     @classmethod
-    def grpc(cls, target: str, *, api_key: str | None = None, timeout_s: float = 30.0, max_retries: int = 4,
-             backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> Self:  # fmt: skip
+    def grpc(cls, target: str, *, api_key: str | None = None, timeout_s: float = 30.0,
+             max_retries: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 2.0) -> Self:  # fmt: skip
         """A client of the gRPC API at `target`, e.g. "127.0.0.1:50051"."""
         return cls(cls._grpc_transport(target, api_key), timeout_s=timeout_s, max_retries=max_retries,
                    backoff_s=backoff_s, max_backoff_s=max_backoff_s)  # fmt: skip

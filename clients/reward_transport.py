@@ -40,6 +40,14 @@ from rm_server.protocol import (
 )
 
 MAX_GRPC_MESSAGE = 64 * 1024 * 1024  # per-token replies of big batches outgrow gRPC's 4 MiB default
+# A channel whose server went away reconnects with its own backoff, up to 120 s by default; until
+# then every call fails at once with UNAVAILABLE. Capped at 1 s, a restarted server is found again
+# within a second or so of coming back, and the retries (clients/reward.py) do the rest.
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -113,12 +121,15 @@ def http_reply(r: httpx.Response, model: type[M]) -> M:
 
 
 def http_failure(exc: httpx.HTTPError, where: str) -> RewardServiceError:
-    """The typed error for a request that got no answer."""
+    """The typed error for a request that got no answer; `unanswered` unless nothing was sent."""
     if isinstance(exc, httpx.TimeoutException):
-        return DeadlineExceeded(f"{where}: no answer before the deadline ({type(exc).__name__})")
-    if isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)):  # refused, reset, dropped
-        return Unavailable(f"{where}: {exc!r}")
-    return ServerError(f"{where}: {exc!r}")
+        err: RewardServiceError = DeadlineExceeded(f"{where}: no answer before the deadline ({type(exc).__name__})")
+    elif isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)):  # refused, reset, dropped
+        err = Unavailable(f"{where}: {exc!r}")
+    else:
+        err = ServerError(f"{where}: {exc!r}")
+    err.unanswered = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))  # those never connected
+    return err
 
 
 def grpc_error(exc: grpc.RpcError, where: str) -> RewardServiceError:
@@ -231,7 +242,7 @@ class _GrpcRoutes:
         self.target = target
         self._pb, self._convert = reward_pb2, grpc_convert
         self._metadata = tuple(_auth(api_key).items())
-        self._options = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE)]
+        self._options = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE), *RECONNECT_OPTIONS]
 
     def _stubs(self, channel: Any) -> None:
         from grpc_health.v1 import health_pb2_grpc

@@ -94,6 +94,9 @@ class NotReady(ApiError):
     status, type = 503, "server_error"
 
 
+LOADING_RETRY_AFTER_S = 1.0  # NotReady while the models load: a client asks again about this often
+
+
 class BadGateway(ApiError):
     """A service this one calls (rm_server) failed or refused this server's credentials."""
 
@@ -324,7 +327,8 @@ class PolicyService:
     def backend(self, model: str) -> GenerationBackend:
         """The served model of that name; NotReady while loading, ModelNotFound for other names."""
         if not self.ready:
-            raise NotReady("the policy server is still loading its models", code="not_ready")
+            raise NotReady("the policy server is still loading its models", code="not_ready",
+                           retry_after_s=LOADING_RETRY_AFTER_S)  # fmt: skip
         try:
             return self.backends[model]
         except KeyError:

@@ -51,4 +51,9 @@ class PermissionDenied(ServiceError):
 
 
 class NotReady(ServiceError):
+    """Still loading; with Retry-After (HTTP) / `retry-after` (gRPC) so clients poll, not give up."""
+
     type, http_status, grpc_code = ErrorType.not_ready, 503, grpc.StatusCode.UNAVAILABLE
+
+
+LOADING_RETRY_AFTER_S = 1.0  # models load in seconds; a client asks again about this often

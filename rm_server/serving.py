@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rm_server.errors import InvalidRequest, NotReady, ServiceError, UnknownReward
+from rm_server.errors import LOADING_RETRY_AFTER_S, InvalidRequest, NotReady, ServiceError, UnknownReward
 from rm_server.metrics import Metrics
 from rm_server.protocol import (
     CompareRequest,
@@ -140,7 +140,7 @@ class RewardService:
 
     def _reward(self, name: str) -> Reward:
         if not self.ready:
-            raise NotReady("the reward service is still loading its models")
+            raise NotReady("the reward service is still loading its models", retry_after_s=LOADING_RETRY_AFTER_S)
         try:
             return self.rewards[name]
         except KeyError:

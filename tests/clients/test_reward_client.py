@@ -308,6 +308,15 @@ def test_transient_failures_are_retried_with_the_same_ids(connect):
     assert [i.id for i in double.requests[0].items] == ["0", "1", "2"]
 
 
+def test_a_service_still_loading_is_retried_until_the_deadline_not_a_count(connect):
+    """Issue 10, defect 6: ten 503 not_ready in a row (a restart) and then the answer; the old
+    default gave up after four retries."""
+    with connect.double([UNAVAILABLE] * 10 + [echo]) as double:
+        reply = connect.client(double.address, timeout_s=60, **FAST).score("r", ITEMS)
+    assert [r.score for r in reply.results] == [float(len(i["response"])) for i in ITEMS]
+    assert len(double.requests) == 11 and all(req.items == double.requests[0].items for req in double.requests)
+
+
 def test_overloaded_waits_at_least_retry_after(connect):
     with connect.double([OVERLOADED, echo]) as double:
         reply = connect.client(double.address, **FAST).score("r", ITEMS)

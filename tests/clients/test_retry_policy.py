@@ -1,0 +1,131 @@
+"""Retries until the call's deadline, not a count (issue 10, defect 6).
+
+Pure tests of `RetryPolicy` on a simulated clock (no sleeps, no timings), the policy driven
+through whole outages the way `RewardClient._call` drives it; then the servers' own "still
+loading" answer, which must carry a Retry-After so that clients poll rather than give up.
+"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from clients import InvalidRequest, Overloaded, RetryPolicy, Unavailable
+from clients.reward import _Deadline
+from policy_server import grpc_api as policy_grpc
+from policy_server import http_api as policy_http
+from policy_server.serving import PolicyService
+from rm_server import grpc_api as rm_grpc
+from rm_server import http_api as rm_http
+from rm_server.serving import RewardService
+
+
+class SimDeadline:
+    """`_Deadline`'s interface on a simulated clock."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.now = seconds, 0.0
+
+    def remaining(self) -> float:
+        return self.seconds - self.now
+
+
+def outage(policy: RetryPolicy, *, down_s: float, deadline_s: float, retry_after_s: float | None = None,
+           attempt_s: float = 0.01) -> tuple[bool, int, float]:  # fmt: skip
+    """Drive `policy` against a server that refuses for `down_s` seconds, then answers; each
+    attempt takes `attempt_s`. Returns (answered, attempts, simulated seconds when it ended)."""
+    deadline = SimDeadline(deadline_s)
+    for attempt in range(100_000):
+        deadline.now += attempt_s
+        if deadline.now >= down_s:
+            return True, attempt + 1, deadline.now
+        wait = policy.wait(attempt, Unavailable("restarting", retry_after_s=retry_after_s), deadline)
+        if wait is None:
+            return False, attempt + 1, deadline.now
+        assert 0 <= wait <= deadline.remaining() - policy.min_attempt_s  # never sleeps past the deadline
+        deadline.now += wait
+    raise AssertionError("the policy never gave up")
+
+
+def test_the_default_retries_until_the_deadline_however_many_times():
+    policy = RetryPolicy()
+    assert policy.max_retries is None
+    far = _Deadline(3600.0)
+    assert policy.wait(10_000, Unavailable("x"), far) is not None  # no count, and no overflow of 2**attempt
+    answered, attempts, _ = outage(policy, down_s=60.0, deadline_s=120.0)  # a one-minute restart
+    assert answered and attempts > 10
+
+
+def test_a_restart_within_the_deadline_is_waited_out_with_retry_after():
+    answered, attempts, ended = outage(RetryPolicy(), down_s=9.0, deadline_s=30.0, retry_after_s=1.0)
+    assert answered and 9.0 <= ended < 9.0 + 2.0  # found again within the backoff cap of its return
+    assert attempts <= 10  # Retry-After: about once a second, not hammering
+
+
+def test_an_outage_longer_than_the_deadline_gives_up_before_it():
+    for deadline_s in (0.05, 0.3, 2.0, 30.0):
+        for retry_after_s in (None, 1.0):
+            answered, _, ended = outage(RetryPolicy(), down_s=1e9, deadline_s=deadline_s, retry_after_s=retry_after_s)
+            assert not answered and ended <= deadline_s
+
+
+def test_backoff_is_jittered_and_capped():
+    policy = RetryPolicy(backoff_s=0.1, max_backoff_s=0.5)
+    far = _Deadline(3600.0)
+    for attempt in (0, 3, 50, 5000):
+        waits = [policy.wait(attempt, Unavailable("x"), far) for _ in range(200)]
+        cap = min(0.5, 0.1 * 2 ** min(attempt, 10))
+        assert 0 <= min(waits) and max(waits) <= cap
+        assert max(waits) > 0.5 * cap  # spread over the range, not a constant
+
+
+def test_retry_after_is_a_floor_and_one_past_the_deadline_ends_the_call_at_once():
+    policy = RetryPolicy(backoff_s=0.01, max_backoff_s=0.02)
+    assert policy.wait(0, Overloaded("x", retry_after_s=2.0), _Deadline(60.0)) >= 2.0
+    assert policy.wait(0, Unavailable("x", retry_after_s=1.0), _Deadline(60.0)) >= 1.0
+    assert policy.wait(0, Unavailable("x", retry_after_s=5.0), _Deadline(3.0)) is None
+    # the deadline nearly spent: no sleep into it, and no retry without time for one
+    assert policy.wait(0, Unavailable("x"), _Deadline(0.05)) is None
+
+
+def test_an_optional_count_still_caps_and_only_transient_failures_are_retried():
+    policy = RetryPolicy(max_retries=2)
+    far = _Deadline(3600.0)
+    assert policy.wait(1, Unavailable("x"), far) is not None
+    err = Unavailable("x")
+    assert policy.wait(2, err, far) is None and err.attempts == 3 and "after 3 attempts" in str(err)
+    assert RetryPolicy().wait(0, InvalidRequest("x"), far) is None
+    for bad in ({"max_retries": -1}, {"backoff_s": -1.0}, {"backoff_s": 3.0, "max_backoff_s": 2.0},
+                {"min_attempt_s": -0.1}):  # fmt: skip
+        with pytest.raises(ValueError):
+            RetryPolicy(**bad)
+
+
+# --- the servers' "still loading" answer -----------------------------------------------------
+
+
+def test_reward_service_still_loading_says_when_to_ask_again():
+    service = RewardService({})  # not started: still loading
+    with TestClient(rm_http.create_app(service)) as http:
+        r = http.post("/v1/score", json={"reward": "orm", "items": [{"id": "0", "prompt": "p", "response": "r"}]})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
+    assert int(r.headers["retry-after"]) >= 1
+    failure = rm_grpc.describe(_raised(lambda: service._reward("orm")))
+    assert failure.status.name == "UNAVAILABLE" and float(dict(failure.trailers())["retry-after"]) > 0
+
+
+def test_policy_service_still_loading_says_when_to_ask_again():
+    service = PolicyService({})  # not started: still loading
+    with TestClient(policy_http.create_app(service)) as http:
+        r = http.post("/v1/completions", json={"model": "policy", "prompt": "Q: 1+1 A: "})
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+    failure = policy_grpc.describe(_raised(lambda: service.backend("policy")))
+    assert failure.status.name == "UNAVAILABLE" and float(dict(failure.trailers())["retry-after"]) > 0
+
+
+def _raised(fn) -> Exception:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the exception is what the test inspects
+        return exc
+    raise AssertionError("expected a refusal")
