@@ -8,6 +8,9 @@
 With no URLs the trainer starts rm_server and policy_server itself (`assay.services`) and stops
 them at the end. `--in-process-reward` computes the same reward (same code, same id) in the
 trainer's process instead of asking rm_server, to measure what the service costs.
+
+A run directory holds one run: on one that already holds a run, `--resume` continues it and
+`--overwrite` clears it and starts afresh; with neither the command refuses, before anything starts.
 """
 
 from __future__ import annotations
@@ -41,6 +44,22 @@ def load_config(cls, path: Path | None, overrides: dict):
         raise typer.BadParameter(str(exc)) from None
 
 
+def open_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, can_resume: bool = True):
+    """The run directory, checked before anything starts: one run per directory, never two mixed."""
+    from trainer.online import RunDir
+
+    if resume and overwrite:
+        raise typer.BadParameter("--resume continues the run in --run-dir and --overwrite discards it: give one")
+    if RunDir.found_in(run_dir) and not resume and not overwrite:
+        what = "continue it with --resume, or discard it" if can_resume else "discard it"
+        raise typer.BadParameter(f"{run_dir} already holds a run; {what} with --overwrite, or choose another "
+                                 "--run-dir (two runs in one directory would mix their metrics)")  # fmt: skip
+    run = RunDir(run_dir)
+    if overwrite:
+        run.clear()
+    return run
+
+
 def _online_command(algorithm: str, config_class: str, summary: str) -> None:
     """Register `assay train <algorithm>`: GRPO and PPO take the same options."""
 
@@ -48,6 +67,7 @@ def _online_command(algorithm: str, config_class: str, summary: str) -> None:
         run_dir: Path = typer.Option(..., help="where metrics.jsonl, config.json and checkpoints/ go"),
         config: Path = typer.Option(None, help=f"YAML or JSON with {config_class} fields (trainer/{algorithm}.py)"),
         resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
+        overwrite: bool = typer.Option(False, help="discard the run already in the run directory, start afresh"),
         steps: int = typer.Option(None, help="override: steps"),
         seed: int = typer.Option(None, help="override: seed"),
         model: Path = typer.Option(None, help="initial policy checkpoint (default: the embedded policy)"),
@@ -58,7 +78,7 @@ def _online_command(algorithm: str, config_class: str, summary: str) -> None:
         in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
         torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
     ) -> None:
-        _online(algorithm, run_dir, config, resume, steps, seed, model, rm_url, policy_url, rm_api_key,
+        _online(algorithm, run_dir, config, resume, overwrite, steps, seed, model, rm_url, policy_url, rm_api_key,
                 policy_api_key, in_process_reward, torch_threads)  # fmt: skip
 
     command.__doc__ = summary
@@ -71,8 +91,8 @@ _online_command("ppo", "PPOConfig", "Online PPO: actor, frozen reference, critic
                 "rm_server.")  # fmt: skip
 
 
-def _online(algorithm, run_dir, config, resume, steps, seed, model, rm_url, policy_url, rm_api_key, policy_api_key,
-            in_process_reward, torch_threads) -> None:  # fmt: skip
+def _online(algorithm, run_dir, config, resume, overwrite, steps, seed, model, rm_url, policy_url, rm_api_key,
+            policy_api_key, in_process_reward, torch_threads) -> None:  # fmt: skip
     import torch
 
     from assay.checkpoints import CheckpointError, load_embedded, load_model
@@ -80,7 +100,7 @@ def _online(algorithm, run_dir, config, resume, steps, seed, model, rm_url, poli
     from clients.policy import PolicyClient
     from clients.reward import RewardClient
     from trainer import grpo, ppo
-    from trainer.online import RewardMismatch, RunDir
+    from trainer.online import RewardMismatch
     from trainer.rewards import InProcessReward
 
     torch.set_num_threads(torch_threads)
@@ -88,6 +108,7 @@ def _online(algorithm, run_dir, config, resume, steps, seed, model, rm_url, poli
     cfg = load_config(grpo.GRPOConfig if algorithm == "grpo" else ppo.PPOConfig, config, {"steps": steps, "seed": seed})
     if (rm_url is None) != (policy_url is None):
         raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
+    run = open_run_dir(run_dir, resume=resume, overwrite=overwrite)
     try:
         net, tok = load_model(model, "causal_lm") if model else load_embedded("policy")
     except CheckpointError as exc:
@@ -98,11 +119,13 @@ def _online(algorithm, run_dir, config, resume, steps, seed, model, rm_url, poli
             policy_args = ["--model", str(model), "--model-name", "policy"] if model else []
             services = stack.enter_context(LocalServices.start(policy_args=policy_args))
             rm_url, policy_url = services.rm_url, services.policy_url
-        policy = stack.enter_context(PolicyClient.http(policy_url, api_key=policy_api_key, timeout_s=300))
+        # every call's deadline: a service killed and restarted within it costs the run only the wait
+        timeout_s = cfg.service_timeout_s
+        policy = stack.enter_context(PolicyClient.http(policy_url, api_key=policy_api_key, timeout_s=timeout_s))
         if in_process_reward:
             reward_fn = stack.enter_context(InProcessReward(cfg.reward))
         else:
-            rm = stack.enter_context(RewardClient.http(rm_url, api_key=rm_api_key, timeout_s=120, max_retries=8))
+            rm = stack.enter_context(RewardClient.http(rm_url, api_key=rm_api_key, timeout_s=timeout_s))
             reward_fn = rm.as_reward_fn(cfg.reward)
         bar = stack.enter_context(Progress(
             TextColumn(algorithm), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -118,7 +141,7 @@ def _online(algorithm, run_dir, config, resume, steps, seed, model, rm_url, poli
 
         extra = (load_embedded("orm")[0],) if algorithm == "ppo" else ()  # the critic starts from the ORM
         try:
-            module.train(cfg, net, tok, *extra, policy, reward_fn, RunDir(run_dir), resume=resume, on_step=on_step)
+            module.train(cfg, net, tok, *extra, policy, reward_fn, run, resume=resume, on_step=on_step)
         except RewardMismatch as exc:
             console.print(f"[red]error:[/red] {exc}")
             sys.exit(1)
@@ -160,6 +183,7 @@ def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metr
 def dpo_cmd(
     run_dir: Path = typer.Option(..., help="where metrics.jsonl (one line per round) and the final policy go"),
     config: Path = typer.Option(None, help="YAML or JSON with DPOConfig fields (trainer/dpo.py)"),
+    overwrite: bool = typer.Option(False, help="discard the run already in the run directory, start afresh"),
     rounds: int = typer.Option(None, help="override: rounds"),
     seed: int = typer.Option(None, help="override: seed"),
     rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
@@ -173,11 +197,11 @@ def dpo_cmd(
 
     from assay.checkpoints import load_embedded
     from trainer.dpo import DPOConfig, main_iterative
-    from trainer.online import RunDir, heldout_pass1
+    from trainer.online import heldout_pass1
 
     torch.set_num_threads(torch_threads)
     cfg = load_config(DPOConfig, config, {"rounds": rounds, "seed": seed})
-    run = RunDir(run_dir)
+    run = open_run_dir(run_dir, resume=False, overwrite=overwrite, can_resume=False)  # DPO runs do not resume
     run.write_config({"algorithm": "dpo", **{f.name: getattr(cfg, f.name) for f in fields(cfg)}})
     if eval_problems:
         start, tok = load_embedded("policy")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from arith import world
+from trainer.online import SERVICE_TIMEOUT_HELP, SERVICE_TIMEOUT_S, push_weights
 from trainer.sft import IGNORE, collate, encode_example
 
 if TYPE_CHECKING:
@@ -72,10 +73,13 @@ class DPOConfig:
                                                        "the initial policy throughout, or the policy at "
                                                        "the start of each round"})  # fmt: skip
     concurrency: int = field(default=4, metadata={"help": "searches in flight at once"})
+    service_timeout_s: float = field(default=SERVICE_TIMEOUT_S, metadata={"help": SERVICE_TIMEOUT_HELP})
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not self.service_timeout_s > 0:
+            raise ValueError(f"service_timeout_s must be > 0, got {self.service_timeout_s}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError("label_smoothing must be in [0, 0.5): at 0.5 the labels carry no preference")
         if self.sft_weight < 0 or self.lr <= 0 or self.grad_clip <= 0:
@@ -355,12 +359,13 @@ def _same_reward_id(responses: Sequence[SearchResponse], reward_id: str | None, 
 
 
 def _push(policy: PolicyClient, model: PreTrainedModel, version: int, r: int) -> int:
-    """Send the weights (refused with Conflict if another writer moved the server); the new version."""
-    reply = policy.update_weights(model.state_dict(), expect_version=version)
+    """Send the weights (once, across a lost answer or a server restart: `trainer.online.push_weights`;
+    Conflict if another writer moved the server); the new version."""
+    pushed = push_weights(policy, model, version)
     now = policy.weight_version()
-    if not reply.weight_version > version or now != reply.weight_version:
-        raise RuntimeError(f"round {r}: pushed weights over version {version}, but the server answered "
-                           f"{reply.weight_version} and now serves {now}")  # fmt: skip
+    if now != pushed:
+        raise RuntimeError(f"round {r}: pushed weights over version {version}, the server answered {pushed} "
+                           f"and now serves {now}")  # fmt: skip
     return now
 
 
@@ -391,12 +396,12 @@ def main_iterative(
     try:
         policy_url = services.policy_url if services else policy_url
         rm_url = services.rm_url if services else rm_url
-        with RewardClient.http(rm_url) as rm:
+        with RewardClient.http(rm_url, timeout_s=config.service_timeout_s) as rm:
             expected = rm.reward_id(config.reward)
         model, tokenizer = load_embedded("policy")
         problems = world.take("train", config.rounds * config.prompts_per_round, seed=config.seed)
-        with PolicyClient.http(policy_url) as policy:
-            policy.update_weights(model.state_dict(), expect_version=policy.weight_version())
+        with PolicyClient.http(policy_url, timeout_s=config.service_timeout_s) as policy:
+            push_weights(policy, model, policy.weight_version())
             history = iterative_dpo(
                 model, tokenizer, policy, config, [p.prompt for p in problems], on_round,
                 references=[str(p.answer) for p in problems], expected_reward_id=expected,

@@ -27,7 +27,18 @@ import torch
 
 from clients.policy import PolicyClient
 from trainer import online
-from trainer.online import RewardFn, RunDir, pack, push_weights, server_gap, timed, token_logprobs, train_prompts
+from trainer.online import (
+    SERVICE_TIMEOUT_HELP,
+    SERVICE_TIMEOUT_S,
+    RewardFn,
+    RunDir,
+    pack,
+    push_weights,
+    server_gap,
+    timed,
+    token_logprobs,
+    train_prompts,
+)
 from trainer.rl_math import entropy_from_logits, group_advantages, kl_estimate, masked_mean, token_loss
 
 
@@ -51,6 +62,7 @@ class GRPOConfig:
     checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
     eval_every: int = field(default=0, metadata={"help": "steps between held-out pass@1 evaluations (0: none)"})
     eval_problems: int = field(default=64, metadata={"help": "held-out problems per evaluation"})
+    service_timeout_s: float = field(default=SERVICE_TIMEOUT_S, metadata={"help": SERVICE_TIMEOUT_HELP})
 
     def __post_init__(self) -> None:
         if min(self.steps, self.prompts_per_step, self.mu, self.checkpoint_every) < 1 or self.group_size < 2:
@@ -59,6 +71,8 @@ class GRPOConfig:
             raise ValueError(f"scale must be std, none or batch, not {self.scale!r}")
         if self.loss_norm not in ("sequence_mean", "token_mean", "constant"):
             raise ValueError(f"loss_norm must be sequence_mean, token_mean or constant, not {self.loss_norm!r}")
+        if not self.service_timeout_s > 0:
+            raise ValueError(f"service_timeout_s must be > 0, got {self.service_timeout_s}")
         if self.lr <= 0 or self.beta < 0 or self.eps_low <= 0 or self.eps_high <= 0:
             raise ValueError("lr, eps_low and eps_high must be > 0, beta >= 0")
 
@@ -87,6 +101,7 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
     groups, scores, stale, version = online.rollout(
         policy, model, reward_fn, problems, config.group_size, temperature=config.temperature,
         max_tokens=config.max_tokens, seed=config.seed * 1_000_003 + step, version=version, seconds=t,
+        timeout_s=config.service_timeout_s,
     )  # fmt: skip
     rollouts = [r for g in groups for r in g]
     if not rollouts:  # every sample was stale: nothing to learn from, nothing mixed in
@@ -136,7 +151,7 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
             clipped = ((ratio < 1 - config.eps_low) | (ratio > 1 + config.eps_high)).float()
             entropy = masked_mean(entropy_from_logits(logits), mask)
     with timed(t, "push_s"):
-        version = push_weights(policy, model, version)
+        version = push_weights(policy, model, version, config.service_timeout_s)
 
     seconds = time.perf_counter() - t0
     good = [s for s in scores if s is not None]

@@ -33,7 +33,18 @@ import torch
 from arith import world
 from clients.policy import PolicyClient
 from trainer import online
-from trainer.online import RewardFn, RunDir, pack, push_weights, server_gap, timed, token_logprobs, train_prompts
+from trainer.online import (
+    SERVICE_TIMEOUT_HELP,
+    SERVICE_TIMEOUT_S,
+    RewardFn,
+    RunDir,
+    pack,
+    push_weights,
+    server_gap,
+    timed,
+    token_logprobs,
+    train_prompts,
+)
 from trainer.rl_math import entropy_from_logits, gae, kl_estimate, masked_mean, masked_whiten
 from trainer.sft import collate, encode_example
 
@@ -62,12 +73,15 @@ class PPOConfig:
     checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
     eval_every: int = field(default=0, metadata={"help": "steps between held-out pass@1 evaluations (0: none)"})
     eval_problems: int = field(default=64, metadata={"help": "held-out problems per evaluation"})
+    service_timeout_s: float = field(default=SERVICE_TIMEOUT_S, metadata={"help": SERVICE_TIMEOUT_HELP})
 
     def __post_init__(self) -> None:
         if min(self.steps, self.prompts_per_step, self.samples_per_prompt, self.epochs, self.checkpoint_every) < 1:
             raise ValueError("steps, prompts_per_step, samples_per_prompt, epochs and checkpoint_every must be >= 1")
         if self.lr <= 0 or self.critic_lr <= 0 or self.eps <= 0 or self.beta < 0 or self.gamma_ptx < 0:
             raise ValueError("lr, critic_lr and eps must be > 0; beta and gamma_ptx >= 0")
+        if not self.service_timeout_s > 0:
+            raise ValueError(f"service_timeout_s must be > 0, got {self.service_timeout_s}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError("gamma and lam must be in [0, 1]")
 
@@ -117,6 +131,7 @@ def _step(config: PPOConfig, step: int, model, ref_model, critic, tokenizer, act
     groups, scores, stale, version = online.rollout(
         policy, model, reward_fn, problems, config.samples_per_prompt, temperature=config.temperature,
         max_tokens=config.max_tokens, seed=config.seed * 1_000_003 + step, version=version, seconds=t,
+        timeout_s=config.service_timeout_s,
     )  # fmt: skip
     # Samples whose reward failed are dropped whole: no reward, no return to learn from.
     pairs = [(r, s) for r, s in zip((r for g in groups for r in g), scores, strict=True) if s is not None]
@@ -162,7 +177,7 @@ def _step(config: PPOConfig, step: int, model, ref_model, critic, tokenizer, act
             entropy = masked_mean(entropy_from_logits(logits), mask)
             kl = masked_mean(kl_estimate(old_logp, ref_logp, "k3"), mask)
     with timed(t, "push_s"):
-        version = push_weights(policy, model, version)
+        version = push_weights(policy, model, version, config.service_timeout_s)
 
     seconds = time.perf_counter() - t0
     tokens = int(mask.sum())

@@ -26,11 +26,11 @@ def services():
 
 @pytest.fixture
 def policy(services, one_thread):
-    with PolicyClient.http(services.policy_url, timeout_s=120) as client:
+    with PolicyClient.http(services.policy_url, timeout_s=300) as client:
         yield client
 
 
 @pytest.fixture
 def reward_fn(services):
-    with RewardClient.http(services.rm_url, timeout_s=120, max_retries=10) as rm:
+    with RewardClient.http(services.rm_url, timeout_s=300) as rm:
         yield rm.as_reward_fn("correct")

@@ -1,4 +1,4 @@
-"""`assay plot` and `assay train` argument handling (no training here)."""
+"""`assay plot` and `assay train` argument handling; one short run (against the services) for --overwrite."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from assay.cli import app
@@ -42,3 +43,54 @@ def test_an_unknown_config_key_is_refused_before_anything_starts(tmp_path):
                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and "group_sise" in out.stdout + out.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- one run per run directory (issue 10, defect 9: runs were silently mixed, steps 1,2,3,4,1,2) ---
+
+
+def _old_run(run) -> None:
+    """What a finished 4-step run leaves, plus a file of the user's that is not the run's."""
+    (run / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in range(1, 5)))
+    (run / "config.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+
+
+def test_a_second_run_in_the_same_directory_is_refused_before_anything_starts(tmp_path):
+    runner = CliRunner()
+    for algorithm, advice in (("grpo", "--resume"), ("ppo", "--resume"), ("dpo", "--overwrite")):
+        run = tmp_path / algorithm
+        _old_run(run)
+        before = (run / "metrics.jsonl").read_text()
+        result = runner.invoke(app, ["train", algorithm, "--run-dir", str(run)])
+        assert result.exit_code == 2, result.output
+        said = " ".join(result.output.split())
+        assert "already holds a run" in said and advice in said and "--overwrite" in said
+        assert (run / "metrics.jsonl").read_text() == before and (run / "checkpoints" / "step-000004").is_dir()
+    result = runner.invoke(app, ["train", "grpo", "--run-dir", str(tmp_path / "grpo"), "--resume", "--overwrite"])
+    assert result.exit_code == 2 and "give one" in result.output
+
+
+def test_the_library_loop_refuses_to_mix_runs_too(tmp_path):
+    from assay.checkpoints import load_embedded
+    from trainer.grpo import GRPOConfig, train
+    from trainer.online import RunDir, RunExists
+
+    _old_run(tmp_path)
+    model, tok = load_embedded("policy")
+    with pytest.raises(RunExists, match="already holds a run"):  # before any service is called
+        train(GRPOConfig(steps=1), model, tok, None, None, RunDir(tmp_path))
+
+
+def test_overwrite_discards_the_old_run_and_starts_afresh(services, tmp_path):
+    run = tmp_path / "run"
+    _old_run(run)
+    config = tmp_path / "grpo.yaml"
+    config.write_text("prompts_per_step: 2\ngroup_size: 2\nmax_tokens: 24\nsteps: 2\ncheckpoint_every: 1\n")
+    out = subprocess.run([sys.executable, "-m", "assay", "train", "grpo", "--run-dir", str(run), "--config",
+                          str(config), "--overwrite", "--rm-url", services.rm_url, "--policy-url", services.policy_url],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files go
