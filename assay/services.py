@@ -3,6 +3,8 @@ trainer's end-to-end runs stand on.
 
     with LocalServices.start() as svc:
         svc.rm_url, svc.policy_url      # http://127.0.0.1:<free port> each
+    with LocalServices.start(rm_grpc=True) as svc:
+        svc.rm.grpc_target              # 127.0.0.1:<free port>: rm_server's gRPC API too
 
 Each service runs exactly as a user starts it (`python -m rm_server`, `python -m policy_server`,
 which are `assay rm serve` and `assay policy serve`), on free ports. The embedded reward spec's judge asks the policy server on
@@ -59,12 +61,15 @@ class Service:
     log: Path
     argv: list[str]
     env: dict[str, str]
+    grpc_target: str | None = None  # host:port of its gRPC API, when it serves one
 
-    def restart(self, timeout_s: float = 180.0) -> None:
-        """Kill the process (SIGKILL, as a crash would) and start it again on the same port."""
+    def restart(self, timeout_s: float = 180.0, down_s: float = 0.0) -> None:
+        """Kill the process (SIGKILL, as a crash would) and start it again on the same port,
+        after `down_s` seconds (a slow restart); return once it is ready."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        time.sleep(down_s)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env)
         self.wait_ready(timeout_s)
@@ -116,15 +121,19 @@ class LocalServices:
 
     @classmethod
     def start(cls, *, policy_args: Sequence[str] = (), rm_args: Sequence[str] = (), timeout_s: float = 180.0,
-              torch_threads: int = 1) -> LocalServices:  # fmt: skip
-        """rm_server (embedded spec) and policy_server (embedded policy and verifier), ready."""
+              torch_threads: int = 1, rm_grpc: bool = False) -> LocalServices:  # fmt: skip
+        """rm_server (embedded spec; its gRPC API too with `rm_grpc`) and policy_server (embedded
+        policy and verifier), ready."""
         workdir = tempfile.TemporaryDirectory(prefix="assay-services-")
         tmp = Path(workdir.name)
         rm_port, policy_port = free_port(), free_port()
+        rm_grpc_port = free_port() if rm_grpc else -1
         spec = spec_for_policy_port(policy_port, tmp)
         env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads)}
-        rm = _launch("rm_server", ["--port", str(rm_port), "--grpc-port", "-1", "--spec", str(spec),
+        rm = _launch("rm_server", ["--port", str(rm_port), "--grpc-port", str(rm_grpc_port), "--spec", str(spec),
                                    "--log-level", "warning", *rm_args], tmp, env)  # fmt: skip
+        if rm_grpc:
+            rm.grpc_target = f"127.0.0.1:{rm_grpc_port}"
         policy = _launch("policy_server", ["--port", str(policy_port), "--rm-url", rm.url,
                                            "--torch-threads", str(torch_threads), "--log-level", "warning",
                                            *policy_args], tmp, env)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -64,7 +65,7 @@ def test_a_second_run_in_the_same_directory_is_refused_before_anything_starts(tm
         before = (run / "metrics.jsonl").read_text()
         result = runner.invoke(app, ["train", algorithm, "--run-dir", str(run)])
         assert result.exit_code == 2, result.output
-        said = " ".join(result.output.split())
+        said = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # unboxed, unwrapped
         assert "already holds a run" in said and advice in said and "--overwrite" in said
         assert (run / "metrics.jsonl").read_text() == before and (run / "checkpoints" / "step-000004").is_dir()
     result = runner.invoke(app, ["train", "grpo", "--run-dir", str(tmp_path / "grpo"), "--resume", "--overwrite"])

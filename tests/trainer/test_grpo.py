@@ -1,13 +1,10 @@
-"""Online GRPO, short real runs against both services on loopback (subprocesses, embedded checkpoints)."""
+"""Online GRPO, short real runs against both services on loopback (subprocesses, embedded checkpoints).
+
+SIGKILL of rm_server mid-training and of the trainer itself (resume): tests/reliability/test_kill.py."""
 
 from __future__ import annotations
 
-import json
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -60,52 +57,6 @@ def test_a_changed_reward_id_stops_a_resumed_run(policy, reward_fn, services, tm
         other = rm.as_reward_fn("format")
     with pytest.raises(RewardMismatch, match="trained on reward sha256:.* now answers as sha256:"):
         train(GRPOConfig(steps=2, **SMALL), model, tok, policy, other, RunDir(tmp_path), resume=True)
-
-
-def test_a_reward_server_restart_mid_run_loses_and_doubles_nothing(policy, reward_fn, services, tmp_path):
-    model, tok = load_embedded("policy")
-    restarted = []
-
-    def on_step(m):
-        if m["step"] == 1:  # SIGKILL rm_server and bring it back while the run goes on
-            services.rm.proc.kill()
-            restarted.append(time.monotonic())
-
-    import threading
-
-    def bring_back():
-        while not restarted:
-            time.sleep(0.05)
-        services.rm.restart()
-
-    helper = threading.Thread(target=bring_back)
-    helper.start()
-    history = train(GRPOConfig(steps=3, **SMALL), model, tok, policy, reward_fn, RunDir(tmp_path), on_step=on_step)
-    helper.join()
-    assert [m["step"] for m in history] == [1, 2, 3]
-    assert all(m["samples"] == 16 and m["reward_failed"] == 0 for m in history)
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-
-
-def test_resume_after_a_kill_continues_at_the_next_step(services, tmp_path):
-    """`assay train grpo` killed (SIGKILL) after a checkpoint; --resume runs the rest, each step once."""
-    run = tmp_path / "run"
-    argv = [sys.executable, "-m", "assay", "train", "grpo", "--run-dir", str(run), "--rm-url", services.rm_url,
-            "--policy-url", services.policy_url]  # fmt: skip
-    config = tmp_path / "grpo.yaml"
-    config.write_text("\n".join(f"{k}: {v}" for k, v in {**SMALL, "steps": 5, "checkpoint_every": 2}.items()))
-    proc = subprocess.Popen([*argv, "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoints" / "step-000002").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = subprocess.run([*argv, "--config", str(config), "--resume"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
 
 
 def test_a_policy_server_restart_mid_run_gets_the_trainers_weights_again(policy, reward_fn, services, tmp_path):
