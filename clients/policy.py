@@ -71,8 +71,8 @@ def _error(r: httpx.Response) -> ServiceError:
                retry_after_s=retry_after_s(r.headers.get("retry-after")))  # fmt: skip
 
 
-def safetensors_chunks(tensors: Mapping[str, Any]) -> tuple[Iterator[bytes], int]:
-    """`tensors` (name -> torch.Tensor) as safetensors bytes in chunks, and the total size.
+def safetensors_bytes(tensors: Mapping[str, Any]) -> bytes:
+    """`tensors` (name -> torch.Tensor) as one safetensors file.
 
     Tensors sharing storage (tied embeddings) are sent once, under the first name: the server
     updates both. Serialised with the `safetensors` package, never pickle."""
@@ -85,9 +85,13 @@ def safetensors_chunks(tensors: Mapping[str, Any]) -> tuple[Iterator[bytes], int
         if key not in seen:
             seen.add(key)
             unique[name] = t.detach().cpu().contiguous()
-    blob = save(unique)
+    return save(unique)
+
+
+def upload_chunks(blob: bytes) -> Iterator[bytes]:
+    """`blob` as a streamed body, UPLOAD_CHUNK bytes at a time (a fresh iterator for each attempt)."""
     view = memoryview(blob)
-    return (bytes(view[i : i + UPLOAD_CHUNK]) for i in range(0, len(blob), UPLOAD_CHUNK)), len(blob)
+    return (bytes(view[i : i + UPLOAD_CHUNK]) for i in range(0, len(blob), UPLOAD_CHUNK))
 
 
 class PolicyClient:
@@ -144,10 +148,11 @@ class PolicyClient:
         if expect_version is not None:
             params["expect_version"] = expect_version
 
+        blob = safetensors_bytes(tensors)  # once: every attempt sends the same bytes
+        headers = {"content-type": "application/octet-stream", "content-length": str(len(blob))}
+
         def send(left: float) -> WeightUpdateResponse:
-            chunks, size = safetensors_chunks(tensors)
-            headers = {"content-type": "application/octet-stream", "content-length": str(size)}
-            return self._request("POST", "/v1/admin/weights", WeightUpdateResponse, left, content=chunks,
+            return self._request("POST", "/v1/admin/weights", WeightUpdateResponse, left, content=upload_chunks(blob),
                                  params=params, headers=headers, resend_safe=expect_version is not None)  # fmt: skip
 
         return self._call(_once_at_a_version(send), timeout_s)
