@@ -98,7 +98,8 @@ class PolicyClient:
     """A blocking client of the policy service's HTTP API."""
 
     def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 120.0,
-                 max_retries: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 2.0) -> None:  # fmt: skip
+                 max_retries: int | None = None, backoff_s: float = 0.2,
+                 max_backoff_s: float = 2.0) -> None:  # fmt: skip
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.url = _http_base(url)
