@@ -96,12 +96,7 @@ class UnknownModel(RewardServiceError):
 
 
 class Conflict(RewardServiceError):
-    """The policy server's weights are not at the version the update expected: another update landed.
-
-    `after_lost_reply`: an earlier attempt of the same update was sent and its answer lost, so the
-    update that landed may be this call's own (see `PolicyClient.update_weights`)."""
-
-    after_lost_reply: bool = False
+    """The policy server's weights are not at the version the update expected: another update landed."""
 
 
 class DeadlineExceeded(RewardServiceError):

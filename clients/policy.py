@@ -9,11 +9,10 @@
 Deadlines and retries are the reward client's (`clients.reward.RetryPolicy`): transient failures
 (refused, reset, 429 with its Retry-After, 503 with its Retry-After while the server loads) are
 retried with capped, jittered backoff until the call's deadline. Generation with a `seed` is a
-pure function of the request and the weights, so retrying it is safe. A weight update is resent
-after a lost answer only when it carries `expect_version`: the server applies an update at a
-given version at most once (a second copy is refused with Conflict, marked `after_lost_reply`),
-so the update lands once or not at all. Without `expect_version` a lost answer may hide an
-update that was applied, and only a refused connection (nothing sent) is retried.
+pure function of the request and the weights, so retrying it is safe. A weight update is retried
+only when the connection was refused (nothing was sent) or the server answered that it did not
+apply it (503, 429): after a lost answer (`err.unanswered`) the update may have been applied, so
+the caller looks at `weight_version` before sending it again (`trainer.online.push_weights`).
 
 Failures are `clients.errors` exceptions, as for the reward client.
 """
@@ -71,8 +70,8 @@ def _error(r: httpx.Response) -> ServiceError:
                retry_after_s=retry_after_s(r.headers.get("retry-after")))  # fmt: skip
 
 
-def safetensors_bytes(tensors: Mapping[str, Any]) -> bytes:
-    """`tensors` (name -> torch.Tensor) as one safetensors file.
+def safetensors_chunks(tensors: Mapping[str, Any]) -> tuple[Iterator[bytes], int]:
+    """`tensors` (name -> torch.Tensor) as safetensors bytes in chunks, and the total size.
 
     Tensors sharing storage (tied embeddings) are sent once, under the first name: the server
     updates both. Serialised with the `safetensors` package, never pickle."""
@@ -85,13 +84,9 @@ def safetensors_bytes(tensors: Mapping[str, Any]) -> bytes:
         if key not in seen:
             seen.add(key)
             unique[name] = t.detach().cpu().contiguous()
-    return save(unique)
-
-
-def upload_chunks(blob: bytes) -> Iterator[bytes]:
-    """`blob` as a streamed body, UPLOAD_CHUNK bytes at a time (a fresh iterator for each attempt)."""
+    blob = save(unique)
     view = memoryview(blob)
-    return (bytes(view[i : i + UPLOAD_CHUNK]) for i in range(0, len(blob), UPLOAD_CHUNK))
+    return (bytes(view[i : i + UPLOAD_CHUNK]) for i in range(0, len(blob), UPLOAD_CHUNK)), len(blob)
 
 
 class PolicyClient:
@@ -143,20 +138,18 @@ class PolicyClient:
     def update_weights(self, tensors: Mapping[str, Any], *, model: str = "policy", expect_version: int | None = None,
                        timeout_s: float | None = None) -> WeightUpdateResponse:  # fmt: skip
         """Send a state dict (or any named subset of it) as safetensors; the server swaps it in
-        between batches. `expect_version`: refuse (Conflict) unless the server is at that version;
-        with it, an update whose answer was lost is resent (see the module docstring)."""
+        between batches. `expect_version`: refuse (Conflict) unless the server is at that version."""
         params: dict[str, Any] = {"model": model}
         if expect_version is not None:
             params["expect_version"] = expect_version
 
-        blob = safetensors_bytes(tensors)  # once: every attempt sends the same bytes
-        headers = {"content-type": "application/octet-stream", "content-length": str(len(blob))}
+        def attempt(left: float) -> WeightUpdateResponse:
+            chunks, size = safetensors_chunks(tensors)
+            headers = {"content-type": "application/octet-stream", "content-length": str(size)}
+            return self._request("POST", "/v1/admin/weights", WeightUpdateResponse, left, content=chunks,
+                                 params=params, headers=headers, resend_safe=False)  # fmt: skip
 
-        def send(left: float) -> WeightUpdateResponse:
-            return self._request("POST", "/v1/admin/weights", WeightUpdateResponse, left, content=upload_chunks(blob),
-                                 params=params, headers=headers, resend_safe=expect_version is not None)  # fmt: skip
-
-        return self._call(_once_at_a_version(send), timeout_s)
+        return self._call(attempt, timeout_s)
 
     def load_weights(self, path: str, *, model: str = "policy", expect_version: int | None = None,
                      timeout_s: float | None = None) -> WeightUpdateResponse:  # fmt: skip
@@ -165,10 +158,9 @@ class PolicyClient:
         PermissionDenied when it has none; InvalidRequest, one message whatever the reason, for a path
         it will not read (its log says why)."""
         req = LoadWeightsRequest(model=model, path=path, expect_version=expect_version)
-        resend_safe = expect_version is not None
-        return self._call(_once_at_a_version(
-            lambda left: self._send("POST", "/v1/admin/weights/load", req, WeightUpdateResponse, left, resend_safe)
-        ), timeout_s)  # fmt: skip
+        return self._call(
+            lambda left: self._send("POST", "/v1/admin/weights/load", req, WeightUpdateResponse, left, False), timeout_s
+        )
 
     # --- health ------------------------------------------------------------------------------
 
@@ -236,22 +228,3 @@ class PolicyClient:
             return self._client.get(path, timeout=timeout_s).status_code == 200
         except httpx.HTTPError:
             return False
-
-
-def _once_at_a_version(send: Callable[[float], T]) -> Callable[[float], T]:
-    """`send` as the attempts of one weight update: a Conflict after an attempt whose answer was
-    lost says so (`after_lost_reply`), since the update that landed first may be this one."""
-    lost = False
-
-    def attempt(left: float) -> T:
-        nonlocal lost
-        try:
-            return send(left)
-        except Conflict as err:
-            err.after_lost_reply = lost
-            raise
-        except ServiceError as err:
-            lost = lost or err.unanswered
-            raise
-
-    return attempt

@@ -11,8 +11,8 @@ any other version are dropped and counted, never mixed in.
 
 Every call to either service has the config's `service_timeout_s` as its deadline, and the clients
 retry transient failures (refused, reset, 503 while loading) until it: a service that is killed
-and restarted within it costs the run only the wait. A weight push whose answer was lost is
-resolved by the server's version (`push_weights`), so it lands once.
+and restarted within it costs the run only the wait. Whether a weight push whose answer was lost
+landed is read from the server's version (`push_weights`), so it lands once.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from arith import world
 from arith.checks import is_correct
-from clients.errors import Conflict
+from clients.errors import Conflict, Unavailable
 from clients.policy import PolicyClient
 
 RewardFn = Callable[..., list[float | None]]
@@ -181,25 +181,34 @@ def sync_weights(policy: PolicyClient, model: torch.nn.Module, version: int | No
 
 
 def push_weights(policy: PolicyClient, model: torch.nn.Module, expect_version: int,
-                 timeout_s: float | None = None) -> int:  # fmt: skip
+                 timeout_s: float | None = None, tries: int = 3) -> int:  # fmt: skip
     """Push `model`'s weights to a server at `expect_version`; the version that serves them.
 
-    The client resends a push whose answer was lost (say the server was killed mid-upload), and
-    the server applies a push at a given version at most once, answering Conflict to a second
-    copy. The server's version then says what happened, with the trainer as its only writer:
-    one past `expect_version` after a lost answer: this push landed, and is not sent again; at or
-    below it: the server restarted from its start-up checkpoint (versions count from 0 again) and
-    gets the weights again; above it otherwise: another writer pushed, and the run stops."""
+    The client does not resend a push whose answer was lost (the server killed mid-upload, say):
+    it may have landed. Nor does the server take a push made against another version (Conflict).
+    Either way the server's version, read once it answers again, says what happened, with the
+    trainer as its only writer: one past `expect_version` after a lost answer: the push landed,
+    and is not sent again; at or below it: it did not land, or the server restarted from its
+    start-up checkpoint (versions count from 0 again), and the weights are pushed again against
+    that version; above it otherwise: another writer pushed, and the run stops (Conflict)."""
     state = model.state_dict()
-    try:
-        return policy.update_weights(state, expect_version=expect_version, timeout_s=timeout_s).weight_version
-    except Conflict as err:
+    for _ in range(tries):
+        try:
+            return policy.update_weights(state, expect_version=expect_version, timeout_s=timeout_s).weight_version
+        except Conflict as err:
+            refused, lost = err, False
+        except Unavailable as err:
+            if not err.unanswered:
+                raise
+            refused, lost = err, True
         current = policy.weight_version(timeout_s=timeout_s)
-        if err.after_lost_reply and current == expect_version + 1:
+        if lost and current == expect_version + 1:
             return current
         if current > expect_version:
-            raise
-    return policy.update_weights(state, expect_version=current, timeout_s=timeout_s).weight_version
+            raise Conflict(f"the policy server is at weight_version {current}, past the {expect_version} this trainer "
+                           "pushed over: another writer is pushing weights", status=409) from refused  # fmt: skip
+        expect_version = current
+    raise refused
 
 
 # --- the loop ------------------------------------------------------------------------------------

@@ -126,21 +126,22 @@ def test_sigkill_of_rm_server_mid_training_loses_and_doubles_no_sample(services,
 
 
 def test_sigkill_of_policy_server_during_a_weight_push_applies_it_once(services, policy, tmp_path, monkeypatch):
-    """The policy server is SIGKILLed halfway through the upload of step 2's weights. The push is
-    resent until the server is back; the restarted server (at its start-up checkpoint, version 0)
-    then gets the trainer's weights exactly once, and every later rollout comes from them."""
-    bytes_of, chunks_of = policy_module.safetensors_bytes, policy_module.upload_chunks
-    pushes, attempts, restarts = [], [], []
+    """The policy server is SIGKILLed halfway through the upload of step 2's weights. The client
+    does not resend a push whose answer was lost; the trainer waits for the server's version: the
+    restarted server (at its start-up checkpoint, version 0) then gets the trainer's weights exactly
+    once, and every later rollout comes from them."""
+    chunks_of, update_of = policy_module.safetensors_chunks, policy.update_weights
+    pushes, attempts, restarts = [], [], []  # expect_version of each push; the push each upload belongs to
 
-    def counting_bytes(tensors):
-        pushes.append(len(pushes) + 1)
-        return bytes_of(tensors)
+    def counting_update(tensors, **kw):
+        pushes.append(kw["expect_version"])
+        return update_of(tensors, **kw)
 
-    def killing_chunks(blob):
+    def killing_chunks(tensors):
         attempts.append(len(pushes))
-        chunks = chunks_of(blob)
+        chunks, size = chunks_of(tensors)
         if len(pushes) != 3 or attempts.count(3) != 1:
-            return chunks  # only the first attempt of push 3 (1: the run's first sync, 2: step 1's, 3: step 2's)
+            return chunks, size  # only push 3 is cut (1: the run's first sync, 2: step 1's, 3: step 2's)
 
         def cut():
             yield next(chunks)
@@ -149,10 +150,10 @@ def test_sigkill_of_policy_server_during_a_weight_push_applies_it_once(services,
             restarts.append(in_background(lambda: services.policy.restart(down_s=DOWN_S)))
             yield from chunks
 
-        return cut()
+        return cut(), size
 
-    monkeypatch.setattr(policy_module, "safetensors_bytes", counting_bytes)
-    monkeypatch.setattr(policy_module, "upload_chunks", killing_chunks)
+    monkeypatch.setattr(policy, "update_weights", counting_update)
+    monkeypatch.setattr(policy_module, "safetensors_chunks", killing_chunks)
     with RewardClient.http(services.rm_url, timeout_s=SERVICE_TIMEOUT_S) as rm:
         model, tok = load_embedded("policy")
         pid = services.policy.proc.pid
@@ -160,9 +161,11 @@ def test_sigkill_of_policy_server_during_a_weight_push_applies_it_once(services,
     restarts[0].join(180)
     versions = [m["weight_version"] for m in history]
     print(f"\npolicy_server SIGKILL during a weight push (1 fault, down {DOWN_S:g}s): {len(history)} steps, "
-          f"{len(pushes)} pushes ({attempts.count(3)} attempts of the cut one), weight versions per step {versions}, "
+          f"{len(pushes)} pushes (expecting versions {pushes}), weight versions per step {versions}, "
           f"{sum(m['samples'] for m in history)} samples, {sum(m['stale_dropped'] for m in history)} stale dropped")
-    assert services.policy.proc.pid != pid and attempts.count(3) >= 2  # the cut push was sent again
+    assert services.policy.proc.pid != pid
+    # the cut push was not resent blindly: the trainer read the restarted server's version (0) and pushed once
+    assert attempts.count(3) == 1 and pushes[3] == 0 and len(pushes) == 5
     assert [m["samples"] for m in history] == [8, 8, 8]
     assert all(m["server_logprob_gap"] < 1e-3 for m in history)  # every rollout from the trainer's weights
     # the restarted server counts from 0: step 2's weights landed once (1), step 3's next (2)

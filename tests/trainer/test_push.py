@@ -1,0 +1,70 @@
+"""`trainer.online.push_weights`: a push whose answer was lost, or whose server restarted, lands once.
+
+The real server cannot be made to apply a push and then lose its answer on demand (a SIGKILL loses
+the applied weights too: tests/reliability/test_kill.py covers that case against real services),
+so these drive the decision against a scripted stand-in for the client's two weight calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from clients import Conflict, Unavailable
+from trainer.online import push_weights
+
+
+@dataclass
+class ScriptedServer:
+    """`update_weights` and `weight_version` of a server at `version`; `script` says, per push,
+    what happens: "ok", "lost-applied" (applied, answer lost), "lost" (not applied, answer lost),
+    "unavailable" (answered 503 until the deadline)."""
+
+    version: int
+    script: list[str]
+    pushes: list[int] = field(default_factory=list)  # expect_version of each push
+
+    def update_weights(self, state, *, expect_version, timeout_s=None):
+        self.pushes.append(expect_version)
+        if expect_version != self.version:
+            raise Conflict(f"at weight_version {self.version}", status=409)
+        what = self.script.pop(0) if self.script else "ok"
+        if what in ("ok", "lost-applied"):
+            self.version += 1
+        if what.startswith("lost"):
+            err = Unavailable("connection reset")
+            err.unanswered = True
+            raise err
+        if what == "unavailable":
+            raise Unavailable("still loading", status=503)
+        return type("Reply", (), {"weight_version": self.version})()
+
+    def weight_version(self, timeout_s=None):
+        return self.version
+
+
+MODEL = torch.nn.Linear(2, 2)
+
+
+def test_a_push_that_landed_with_its_answer_lost_is_not_sent_again():
+    server = ScriptedServer(version=4, script=["lost-applied"])
+    assert push_weights(server, MODEL, 4) == 5 and server.pushes == [4]
+
+
+def test_a_push_lost_before_it_landed_is_sent_again():
+    server = ScriptedServer(version=4, script=["lost"])
+    assert push_weights(server, MODEL, 4) == 5 and server.pushes == [4, 4]
+
+
+def test_a_restarted_server_gets_the_weights_once_against_its_own_version():
+    server = ScriptedServer(version=0, script=[])  # restarted: counts from 0 again
+    assert push_weights(server, MODEL, 4) == 1 and server.pushes == [4, 0]
+
+
+def test_another_writer_stops_the_run_and_an_answered_failure_is_raised():
+    with pytest.raises(Conflict, match="another writer"):
+        push_weights(ScriptedServer(version=7, script=[]), MODEL, 4)
+    with pytest.raises(Unavailable, match="still loading"):
+        push_weights(ScriptedServer(version=4, script=["unavailable"]), MODEL, 4)
