@@ -304,8 +304,9 @@ class RunDir:
     dropped, so every step appears once however often the run was killed. A directory holds one
     run: a new one starts only in an empty directory or after `clear()`."""
 
+    MARKS = ("metrics.jsonl", "config.json", "checkpoints")  # any of them: the directory holds a run
     # what a run writes here (DPO: the final policy; `assay plot`: the curves); clear() removes these only
-    FILES = ("metrics.jsonl", "config.json", "checkpoints", "curves.png", "policy.safetensors")
+    FILES = (*MARKS, "curves.png", "policy.safetensors")
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -316,7 +317,7 @@ class RunDir:
     @staticmethod
     def found_in(path: str | Path) -> bool:
         """Whether `path` holds (part of) a run; creates nothing."""
-        return any((Path(path) / name).exists() for name in RunDir.FILES[:3])
+        return any((Path(path) / name).exists() for name in RunDir.MARKS)
 
     def clear(self) -> None:
         """Remove the run's files (`FILES`); anything else in the directory stays."""
