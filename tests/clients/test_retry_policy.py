@@ -106,7 +106,7 @@ def test_an_optional_count_still_caps_and_only_transient_failures_are_retried():
 
 def test_reward_service_still_loading_says_when_to_ask_again():
     service = RewardService({})  # not started: still loading
-    with TestClient(rm_http.create_app(service)) as http:
+    with TestClient(rm_http.create_app(service), base_url="http://127.0.0.1:8000") as http:
         r = http.post("/v1/score", json={"reward": "orm", "items": [{"id": "0", "prompt": "p", "response": "r"}]})
     assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
     assert int(r.headers["retry-after"]) >= 1
@@ -116,7 +116,7 @@ def test_reward_service_still_loading_says_when_to_ask_again():
 
 def test_policy_service_still_loading_says_when_to_ask_again():
     service = PolicyService({})  # not started: still loading
-    with TestClient(policy_http.create_app(service)) as http:
+    with TestClient(policy_http.create_app(service), base_url="http://127.0.0.1:8001") as http:
         r = http.post("/v1/completions", json={"model": "policy", "prompt": "Q: 1+1 A: "})
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
     failure = policy_grpc.describe(_raised(lambda: service.backend("policy")))
