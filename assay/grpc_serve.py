@@ -12,6 +12,12 @@ From those, `start_server` runs a grpc.aio server on the current event loop with
   the models are loaded);
 - reflection, listing the service, health and reflection.
 
+A request whose bytes do not parse as the method's message gets INVALID_ARGUMENT (grpc.aio would
+answer UNKNOWN and log a traceback): the deserialiser is wrapped so that it hands the handler a
+`Malformed` marker instead of raising, and the wrapped handler refuses it. The server never
+shares its port: SO_REUSEPORT (grpc's default, which let a second server bind the same port and
+take half the calls) is off, and a taken port fails the start with `PortInUse`.
+
 A client that cancels, or whose deadline passes, has its handler task cancelled by grpc.aio; the
 CancelledError runs through the handler like any cancellation, so work it awaits is dropped.
 """
@@ -27,6 +33,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
+
+from assay.serve import PortInUse, check_port_free
 
 log = logging.getLogger("assay.grpc")
 
@@ -58,10 +66,59 @@ def invalid_argument(exc: ValidationError, error_type: str) -> Failure:
 
 
 def internal(exc: Exception, error_type: str) -> Failure:
-    """A bug: INTERNAL with a short message; the traceback goes to the log, never to the client."""
+    """A bug: INTERNAL with a short message; the traceback goes to the log (once per site, see
+    `assay.logs`), never to the client."""
     log.error("unexpected error in a gRPC call", exc_info=exc)
     message = f"internal error ({type(exc).__name__}); the server log has the details"
     return Failure(grpc.StatusCode.INTERNAL, error_type, message)
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What the wrapped deserialiser hands on for bytes that are not the method's message."""
+
+    problem: str
+
+
+class MalformedMessage(Exception):
+    """A request message that did not parse; `describe` functions map it to INVALID_ARGUMENT."""
+
+
+def malformed(exc: MalformedMessage, error_type: str) -> Failure:
+    return Failure(grpc.StatusCode.INVALID_ARGUMENT, error_type, str(exc))
+
+
+def _tolerant(deserialize: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, or others on odd bytes
+            return Malformed(f"the request message does not parse ({type(exc).__name__}: {exc})")
+
+    return parse
+
+
+def _parsed(request: object) -> object:
+    if isinstance(request, Malformed):
+        raise MalformedMessage(request.problem)
+    return request
+
+
+async def _parsed_stream(requests):
+    async for request in requests:
+        yield _parsed(request)
+
+
+def _malformed_within(exc: Exception) -> Exception:
+    """A task group's error (a stream read by a task) around a malformed message is that message's."""
+    if isinstance(exc, BaseExceptionGroup) and (part := exc.subgroup(MalformedMessage)) is not None:
+        while isinstance(part, BaseExceptionGroup):
+            part = part.exceptions[0]
+        return part
+    return exc
 
 
 class AuthAndErrors(grpc.aio.ServerInterceptor):
@@ -80,7 +137,7 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self.prefix):
             return handler  # unknown method (UNIMPLEMENTED), health, reflection
-        codec = {"request_deserializer": handler.request_deserializer,
+        codec = {"request_deserializer": _tolerant(handler.request_deserializer),
                  "response_serializer": handler.response_serializer}  # fmt: skip
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **codec)
@@ -95,7 +152,7 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
         async def call(request, context: grpc.aio.ServicerContext):
             try:
                 self._check_key(context)
-                return await behaviour(request, context)
+                return await behaviour(_parsed(request), context)
             except grpc.aio.AbortError:
                 raise  # already a status
             except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
@@ -107,7 +164,7 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
         async def call(requests, context: grpc.aio.ServicerContext):
             try:
                 self._check_key(context)
-                async for answer in behaviour(requests, context):
+                async for answer in behaviour(_parsed_stream(requests), context):
                     yield answer
             except grpc.aio.AbortError:
                 raise
@@ -117,7 +174,7 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
         return call
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        failure = self.describe(exc)
+        failure = self.describe(_malformed_within(exc))
         await context.abort(failure.status, failure.message, trailing_metadata=failure.trailers())
 
 
@@ -166,18 +223,23 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int]:
     """Start a gRPC server (the service, health, reflection); returns it and its bound port.
 
-    The message size caps are in bytes; -1 lifts one."""
+    The message size caps are in bytes; -1 lifts one. PortInUse when the port is taken."""
+    check_port_free(host, port, "gRPC")
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[("grpc.max_receive_message_length", max_receive_bytes),
-                 ("grpc.max_send_message_length", max_send_bytes)],
+                 ("grpc.max_send_message_length", max_send_bytes),
+                 ("grpc.so_reuseport", 0)],  # one server per port: a second one must fail to start
     )  # fmt: skip
     add_servicer(server)
     checks = Health(service, is_ready)
     await checks.sync()  # NOT_SERVING from the first call on, "" included
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")  # raises if taken
+    try:
+        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    except RuntimeError:  # taken between the check and here
+        raise PortInUse("gRPC", host, port) from None
     await server.start()
     task = asyncio.create_task(checks.follow(server))
     _background.add(task)

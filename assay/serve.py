@@ -1,15 +1,28 @@
-"""What the reward and policy servers share to run: binding, uvicorn, signals, a background mode.
+"""What the reward and policy servers share to run: binding, uvicorn, signals, drain, a background mode.
 
 A server here is any object with `async start()`, `async wait()` and `async stop()`:
 `serve_until_signal` runs one until SIGINT/SIGTERM and stops it cleanly (exit status 0), and
 `BackgroundServer` runs one on a thread of its own for tests and benchmarks. No torch here.
+
+Shutdown drains (`drain`): on SIGTERM `/ready` answers 503 at once and new requests get the
+service's typed, retryable 503 (with Retry-After) while the listener stays open; requests in
+flight may finish for up to the drain timeout, and whatever is still running then is cancelled
+and answered with that same 503 (a response already streaming is closed). gRPC does the same
+through grpc.aio's own `stop(grace)`: new calls are refused and calls cut off get UNAVAILABLE.
+Nothing is ever answered with uvicorn's bare text/plain 500.
+
+The HTTP edge's last layer (`Gate`) also catches what escapes the app: it logs one line (see
+`assay.logs` for the traceback, once per site) and answers 500 in the service's shape.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import gc
+import logging
 import signal
 import socket
 import threading
@@ -18,7 +31,17 @@ from typing import Generic, Protocol, TypeVar
 
 import uvicorn
 from fastapi.responses import JSONResponse, PlainTextResponse, Response  # at module level: routes' annotations resolve here
+from starlette.applications import Starlette
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from assay.connections import Connections
+from assay.http_bounds import BodyTimeout, GuardedHttp, raw_response
+from assay.logs import quiet_tracebacks
+
+log = logging.getLogger("assay.serve")
+
+ErrorReply = Callable[[int, str], Response]
+"""The service's error answer for a status and message, in its protocol's shape (503: with Retry-After)."""
 
 class Server(Protocol):
     async def start(self) -> None: ...
@@ -33,18 +56,50 @@ class InsecureBinding(ValueError):
     """Binding beyond loopback with no API keys configured."""
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0 picks a free one)."""
+class PortInUse(OSError):
+    """The port to serve on is taken; the message is one sentence naming it."""
+
+    def __init__(self, protocol: str, host: str, port: int) -> None:
+        super().__init__(errno.EADDRINUSE, f"the {protocol} port {port} on {host} is already in use "
+                                           "(another server on it?); stop that one or pick another port")
+        self.port = port
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _tcp_socket(host: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket says TCP, and without it Nagle holds each response body for the client's
     # delayed ACK (uvicorn writes headers and body separately): ~40 ms added to every request.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    # SO_REUSEADDR lets a restart bind while the last run's connections sit in TIME_WAIT; on
+    # Linux it never lets two sockets listen on one port (that takes SO_REUSEPORT, never set)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    return sock
+
+
+def bind(host: str, port: int, protocol: str = "HTTP") -> socket.socket:
+    """A listening TCP socket (port 0 picks a free one); PortInUse when the port is taken."""
+    sock = _tcp_socket(host)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(protocol, host, port) from None
+        raise
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def check_port_free(host: str, port: int, protocol: str) -> None:
+    """PortInUse when `port` is taken, for servers that bind it themselves (grpc): a clear sentence
+    before their own, vaguer error."""
+    if port != 0:
+        bind(host, port, protocol).close()
 
 
 class Uvicorn(uvicorn.Server):
@@ -56,12 +111,96 @@ class Uvicorn(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+class Gate:
+    """ASGI middleware, the HTTP edge's last layer: the drain, and errors that escape the app.
+
+    While serving it keeps the tasks of the requests in flight (uvicorn runs each request in a
+    task of its own), so that the drain can cut them off. Once `draining`, new requests get
+    `reply(503, ...)` and `/ready` 503; `/health` and `/metrics` stay open. At the drain's end
+    what still runs is cancelled, and each one whose response has not started is answered with
+    that 503."""
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app: ASGIApp, reply: ErrorReply) -> None:
+        self.app, self.reply = app, reply
+        self.draining = False
+        self._running: set[asyncio.Task] = set()
+        self._cut: set[asyncio.Task] = set()  # cancelled by the drain, not by anyone else
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            return await self.app(scope, receive, send)
+        if self.draining:
+            return await self._refuse(scope, receive, send)
+        task = asyncio.current_task()
+        self._running.add(task)
+        self._idle.clear()
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if task not in self._cut:
+                raise
+            task.uncancel()  # the drain's cancellation ends here, answered
+            if not started:
+                await self._refuse(scope, receive, send)
+        except Exception as exc:  # noqa: BLE001 - the one place an escaped error is logged and answered
+            log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
+            if not started:
+                await _bug_reply(self.reply, exc)(scope, receive, send)
+        finally:
+            self._running.discard(task)
+            self._cut.discard(task)
+            if not self._running:
+                self._idle.set()
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == "/ready":
+            return await JSONResponse({"status": "stopping"}, status_code=503)(scope, receive, send)
+        await self.reply(503, "the server is shutting down; retry (another replica, or this one once restarted)")(
+            scope, receive, send
+        )
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests and wait up to `timeout_s` for those in flight; then cut them off."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        if self._running:
+            log.warning("drain: %d request(s) still running after %gs, answered 503", self.in_flight, timeout_s)
+        for task in self._running:
+            self._cut.add(task)
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):  # the refusals are small: this is only a bound
+                await self._idle.wait()
+
+
+def _bug_reply(reply: ErrorReply, exc: Exception) -> Response:
+    return reply(500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+
 class HttpListener:
     """An ASGI app served by uvicorn on a socket of its own, on the running event loop."""
 
     def __init__(self, host: str) -> None:
         self.host = host
         self.port: int | None = None
+        self.gate: Gate | None = None
         self._uvicorn: Uvicorn | None = None
         self._task: asyncio.Task | None = None
 
@@ -70,11 +209,26 @@ class HttpListener:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    async def start(self, app, port: int, log_level: str) -> None:
-        """Bind `port` (0: a free one) and return once uvicorn accepts connections."""
+    async def start(self, app, port: int, log_level: str, reply: ErrorReply, limits: Connections) -> None:
+        """Bind `port` (0: a free one) and return once uvicorn accepts connections.
+
+        `reply` gives the service's error answers (the drain's and the connection cap's 503, 500)."""
         sock = bind(self.host, port)
         self.port = sock.getsockname()[1]
-        cfg = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, access_log=False)
+        if isinstance(app, Starlette) and Exception not in app.exception_handlers:
+            # else Starlette answers a bug with its text/plain 500 before the Gate can
+            async def on_bug(request, exc: Exception) -> Response:
+                return _bug_reply(reply, exc)
+
+            app.add_exception_handler(Exception, on_bug)
+        self.gate = Gate(BodyTimeout(app, limits.body_timeout_s), reply)
+        full = reply(503, f"this server has {limits.max_connections} connections open, its limit; retry shortly")
+        http = functools.partial(GuardedHttp, limits=limits, refusal=raw_response(full))
+        cfg = uvicorn.Config(
+            self.gate, http=http, log_level=log_level, access_log=False, timeout_keep_alive=limits.idle_timeout_s,
+            # the drain has answered every request before uvicorn stops: this only bounds the rest
+            timeout_graceful_shutdown=5,
+        )  # fmt: skip
         self._uvicorn = Uvicorn(cfg)
         self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:
@@ -87,10 +241,29 @@ class HttpListener:
         if self._task is not None:
             await self._task
 
+    async def drain(self, timeout_s: float) -> None:
+        """See `Gate.drain`; the listener stays open (answering 503) until `stop`."""
+        if self.gate is not None:
+            await self.gate.drain(timeout_s)
+
     async def stop(self) -> None:
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         await self.wait()
+
+
+async def drain(http: HttpListener, grpc_server, timeout_s: float) -> None:
+    """Drain HTTP and gRPC side by side for up to `timeout_s`, then close both listeners.
+
+    grpc.aio's `stop(grace)` refuses new calls at once and cancels what still runs at the end of
+    the grace period, which its clients see as UNAVAILABLE."""
+    log.info("draining for up to %gs: %d HTTP request(s) in flight", timeout_s, http.gate.in_flight if http.gate else 0)
+    waits = [http.drain(timeout_s)]
+    if grpc_server is not None:
+        waits.append(grpc_server.stop(grace=timeout_s))
+    await asyncio.gather(*waits)
+    await http.stop()
+    log.info("drained; listeners closed")
 
 
 def settle_after_loading() -> None:
@@ -119,7 +292,8 @@ def add_ops_routes(app, health_model, is_ready: Callable[[], bool], metrics: Cal
 
 
 async def serve_until_signal(server: Server) -> None:
-    """Start `server`, serve until SIGINT or SIGTERM (or until it ends), then stop it."""
+    """Start `server`, serve until SIGINT or SIGTERM (or until it ends), then stop it (its drain)."""
+    quiet_tracebacks()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

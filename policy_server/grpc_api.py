@@ -10,8 +10,9 @@ Auth and errors are handled in one place, the shared `assay.grpc_serve.AuthAndEr
 `generate` scope and `describe` below: an `ApiError` becomes the status matching its HTTP status
 (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED with `retry-after`, DEADLINE_EXCEEDED, ...),
 with its message as details and its OpenAI `type` and `code` as `error-type` and `error-code`
-trailers. A client that cancels (or whose deadline passes) has its call's task cancelled, which
-drops its queued sequences and stops its running ones, as an HTTP disconnect does.
+trailers; bytes that do not parse as the request message get INVALID_ARGUMENT. A client that
+cancels (or whose deadline passes) has its call's task cancelled, which drops its queued
+sequences and stops its running ones, as an HTTP disconnect does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import grpc
 from pydantic import ValidationError
 
 from assay import grpc_serve
-from assay.grpc_serve import AuthAndErrors, Failure, internal, invalid_argument
+from assay.grpc_serve import AuthAndErrors, Failure, MalformedMessage, internal, invalid_argument, malformed
 from policy_server.protocol import CompletionLogprobs, CompletionRequest, CompletionResponse, ModelList
 from policy_server.serving import ApiError, InvalidRequest, Limits, PolicyService, Timer, check_key
 from proto.policy.v1 import policy_pb2 as pb
@@ -56,6 +57,8 @@ def describe(exc: Exception) -> Failure:
         return Failure(_STATUS[exc.status], exc.type, exc.message, exc.retry_after_s, exc.code)
     if isinstance(exc, ValidationError):
         return invalid_argument(exc, "invalid_request_error")
+    if isinstance(exc, MalformedMessage):  # bytes that are not the request message
+        return malformed(exc, "invalid_request_error")
     return internal(exc, "server_error")
 
 

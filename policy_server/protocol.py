@@ -365,4 +365,4 @@ class ErrorResponse(_Wire):
 
 
 class HealthResponse(_Wire):
-    status: Literal["ok", "starting"]
+    status: Literal["ok", "starting", "stopping"]

@@ -2,7 +2,8 @@
 
 `PolicyServer` is what `assay policy serve` and `python -m policy_server` run; `BackgroundServer`
 runs the same on a thread of its own, for tests and benchmarks in one process. The socket,
-uvicorn and signal handling are the reward service's (see `rm_server/server.py` for why each).
+uvicorn, signal handling, connection bounds and drain are `assay.serve`'s; `error_reply` gives
+them OpenAI's error shape (503 `server_error`, code `not_ready`, with Retry-After).
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastapi.responses import JSONResponse
 
 from clients.reward import RewardClient
 from policy_server.backends import GenerationBackend
 from policy_server.backends.hf import BatchSettings, HFBackend
 from policy_server.http_api import SCOPES, create_app
+from policy_server.protocol import ErrorInfo, ErrorResponse
 from policy_server.serving import Limits, Metrics, PolicyService
 from policy_server.serving_search import SearchService
 from policy_server.weight_paths import weight_roots
 from assay import serve as runtime
+from assay.connections import Connections
 from assay.http_guard import allowed_hosts
 from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
 from rm_server.auth import ApiKeys, is_loopback
@@ -28,6 +32,16 @@ from rm_server.auth import ApiKeys, is_loopback
 log = logging.getLogger("policy_server")
 ENV_VAR = "ASSAY_POLICY_API_KEYS"
 BACKENDS = ("transformers", "vllm")
+RETRY_AFTER_S = 1  # what a refused client is told while the server drains or is full
+
+
+def error_reply(status: int, message: str) -> JSONResponse:
+    """OpenAI's error shape for the runtime's own refusals (503 retryable, 500)."""
+    code = {503: "not_ready", 500: "internal"}.get(status)
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    body = ErrorResponse(error=ErrorInfo(message=message, type=kind, code=code))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
 def embedded_models() -> dict[str, Path]:
@@ -46,6 +60,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()  # KEY:scope[,scope] (generate, admin); ASSAY_POLICY_API_KEYS adds more
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback's (beyond loopback: none means any)
     limits: Limits = field(default_factory=Limits)
+    connections: Connections = field(default_factory=Connections)  # caps, timeouts, the drain
     batching: BatchSettings = field(default_factory=BatchSettings)
     rm_url: str = "http://127.0.0.1:8000"  # the reward service that /v1/search scores with
     rm_api_key: str | None = None  # this server's key there (scope `score`), when it needs one
@@ -88,7 +103,10 @@ class PolicyServer:
                 f"(or set {ENV_VAR}), or bind 127.0.0.1"
             )
         self.weight_roots = weight_roots(config.weights_dirs)  # a missing one fails before the models load
-        # before the models load, so that a malformed --rm-url fails at once
+        # before the models load, so that a taken port or a malformed --rm-url fails at once
+        runtime.check_port_free(config.host, config.port, "HTTP")
+        if config.grpc_port is not None:
+            runtime.check_port_free(config.host, config.grpc_port, "gRPC")
         rewards = RewardClient.http(config.rm_url, api_key=config.rm_api_key, timeout_s=config.rm_timeout_s,
                                     max_retries=config.rm_max_retries)  # fmt: skip
         metrics = Metrics()
@@ -111,13 +129,17 @@ class PolicyServer:
     async def start(self) -> None:
         hosts = allowed_hosts(self.config.host, self.config.allowed_hosts)
         app = create_app(self.service, self.keys, self.searches, self.weight_roots, hosts)
-        await self.http.start(app, self.config.port, self.config.log_level)
+        await self.http.start(app, self.config.port, self.config.log_level, error_reply, self.config.connections)
         if self.config.grpc_port is not None:
             from policy_server.grpc_api import start_grpc_server
 
-            self._grpc, self.grpc_port = await start_grpc_server(
-                self.service, self.keys, self.config.host, self.config.grpc_port, self.config.limits
-            )
+            try:
+                self._grpc, self.grpc_port = await start_grpc_server(
+                    self.service, self.keys, self.config.host, self.config.grpc_port, self.config.limits
+                )
+            except BaseException:
+                await self.http.stop()
+                raise
         await self.service.start()
         settle_after_loading()
         log.info("policy service ready on %s (gRPC %s; models: %s)", self.http_url, self.grpc_port,
@@ -127,9 +149,8 @@ class PolicyServer:
         await self.http.wait()
 
     async def stop(self) -> None:
-        if self._grpc is not None:
-            await self._grpc.stop(grace=2)
-        await self.http.stop()
+        """Drain (see `assay.serve`), then close the models."""
+        await runtime.drain(self.http, self._grpc, self.config.connections.drain_timeout_s)
         await self.service.close()
         self.searches.close()
 

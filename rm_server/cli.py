@@ -9,8 +9,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from assay.connections import Connections
+
 rm_app = typer.Typer(help="The reward service.", no_args_is_help=True)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # an error sentence stays one line
 
 
 @rm_app.command("serve")
@@ -29,6 +31,16 @@ def serve_cmd(
     ),
     max_items: int = typer.Option(1024, help="items per request"),
     max_body_mb: float = typer.Option(8.0, help="request body limit, MiB"),
+    max_connections: int = typer.Option(Connections.max_connections, help="HTTP connections open at once; "
+                                        "past it a new one is answered 503 and closed"),
+    header_timeout: float = typer.Option(Connections.header_timeout_s, help="seconds for a request's headers "
+                                         "to arrive (from connect, or a kept-alive connection's next byte)"),
+    body_timeout: float = typer.Option(Connections.body_timeout_s, help="seconds for a request's body to "
+                                       "arrive after its headers (else 408); uploads included"),
+    idle_timeout: float = typer.Option(Connections.idle_timeout_s, help="keep-alive: seconds an idle "
+                                       "connection is kept after a response"),
+    drain_timeout: float = typer.Option(Connections.drain_timeout_s, help="on SIGTERM: seconds in-flight "
+                                        "requests may take to finish; what still runs then gets a retryable 503"),
     log_level: str = typer.Option("info", help="uvicorn/server log level"),
 ) -> None:
     """Serve rewards over HTTP and gRPC until interrupted."""
@@ -38,17 +50,20 @@ def serve_cmd(
     from rm_server.spec import SpecError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = ServerConfig(
-        spec=spec,
-        host=host,
-        port=port,
-        grpc_port=None if grpc_port < 0 else grpc_port,
-        api_keys=tuple(api_key),
-        allowed_hosts=tuple(allowed_host),
-        limits=Limits(max_items=max_items, max_body_bytes=int(max_body_mb * 1024 * 1024)),
-        log_level=log_level,
-    )
     try:
+        config = ServerConfig(
+            spec=spec,
+            host=host,
+            port=port,
+            grpc_port=None if grpc_port < 0 else grpc_port,
+            api_keys=tuple(api_key),
+            allowed_hosts=tuple(allowed_host),
+            limits=Limits(max_items=max_items, max_body_bytes=int(max_body_mb * 1024 * 1024)),
+            connections=Connections(max_connections=max_connections, header_timeout_s=header_timeout,
+                                    body_timeout_s=body_timeout, idle_timeout_s=idle_timeout,
+                                    drain_timeout_s=drain_timeout),  # fmt: skip
+            log_level=log_level,
+        )
         run_loop(serve(config))
     except (SpecError, InsecureBinding, ValueError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")

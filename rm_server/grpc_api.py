@@ -9,8 +9,8 @@ and converts back; nothing else. Auth and errors are handled in one place, the s
 - a `ServiceError` becomes its `grpc_code` with its message as details, an `error-type` trailer
   (the protocol's ErrorType, as in HTTP's body) and a `retry-after` trailer in seconds when it
   says when to retry; a request that breaks the protocol's rules becomes INVALID_ARGUMENT
-  listing the problems, and anything else becomes INTERNAL with a short message (the
-  traceback goes to the log, never to the client).
+  listing the problems, bytes that do not parse as the request message too, and anything else
+  becomes INTERNAL with a short message (the traceback goes to the log, never to the client).
 
 ScoreStream answers each of its requests in-band instead: a failed request becomes an
 `ErrorInfo` on its own answer, built by the same `describe` function, and the stream goes on.
@@ -27,7 +27,7 @@ import grpc
 from pydantic import ValidationError
 
 from assay import grpc_serve
-from assay.grpc_serve import AuthAndErrors, Failure, internal, invalid_argument
+from assay.grpc_serve import AuthAndErrors, Failure, MalformedMessage, internal, invalid_argument, malformed
 from proto.reward.v1 import reward_pb2 as pb
 from proto.reward.v1 import reward_pb2_grpc
 from rm_server import grpc_convert as convert
@@ -48,6 +48,8 @@ def describe(exc: Exception) -> Failure:
         return Failure(exc.grpc_code, exc.type.value, exc.message, exc.retry_after_s)
     if isinstance(exc, ValidationError):
         return invalid_argument(exc, ErrorType.invalid_request.value)
+    if isinstance(exc, MalformedMessage):  # bytes that are not the request message
+        return malformed(exc, ErrorType.invalid_request.value)
     return internal(exc, ErrorType.internal.value)
 
 

@@ -148,4 +148,4 @@ class RewardsResponse(_Wire):
 
 
 class HealthResponse(_Wire):
-    status: Literal["ok", "starting"]
+    status: Literal["ok", "starting", "stopping"]

@@ -1,7 +1,9 @@
 """Run the reward service: HTTP (uvicorn) and gRPC on one event loop, over one RewardService.
 
 `RewardServer` is what `assay rm serve` and `python -m rm_server` run; `BackgroundServer` runs
-the same thing on a thread of its own, for tests and benchmarks in one process.
+the same thing on a thread of its own, for tests and benchmarks in one process. The connection
+bounds and the drain on shutdown are `assay.serve`'s; `error_reply` gives them this protocol's
+error body (503 `not_ready` with Retry-After, while draining or over the connection cap).
 """
 
 from __future__ import annotations
@@ -11,16 +13,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from fastapi.responses import JSONResponse
+
 from assay import serve as runtime
+from assay.connections import Connections
 from assay.http_guard import allowed_hosts
 from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
 from rm_server.auth import ApiKeys, is_loopback
 from rm_server.http_api import create_app
+from rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType
 from rm_server.rewards import build_rewards
 from rm_server.serving import Limits, RewardService
 from rm_server.spec import load_spec
 
 log = logging.getLogger("rm_server")
+RETRY_AFTER_S = 1  # what a refused client is told while the server drains or is full
+
+
+def error_reply(status: int, message: str) -> JSONResponse:
+    """This protocol's answer for the runtime's own refusals (503 retryable, 500)."""
+    kind = {503: ErrorType.not_ready, 500: ErrorType.internal}.get(status, ErrorType.invalid_request)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    body = ErrorResponse(error=ErrorInfo(type=kind, message=message))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()  # KEY:scope[,scope]; ASSAY_API_KEYS adds more
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback's (beyond loopback: none means any)
     limits: Limits = field(default_factory=Limits)
+    connections: Connections = field(default_factory=Connections)  # caps, timeouts, the drain
     log_level: str = "warning"
 
 
@@ -61,13 +77,17 @@ class RewardServer:
     async def start(self) -> None:
         """Bind both ports (health answers at once, /ready once the models are loaded)."""
         app = create_app(self.service, self.keys, allowed_hosts(self.config.host, self.config.allowed_hosts))
-        await self.http.start(app, self.config.port, self.config.log_level)
+        await self.http.start(app, self.config.port, self.config.log_level, error_reply, self.config.connections)
         if self.config.grpc_port is not None:
             from rm_server.grpc_api import start_grpc_server
 
-            self._grpc, self.grpc_port = await start_grpc_server(
-                self.service, self.keys, self.config.host, self.config.grpc_port, self.config.limits
-            )
+            try:
+                self._grpc, self.grpc_port = await start_grpc_server(
+                    self.service, self.keys, self.config.host, self.config.grpc_port, self.config.limits
+                )
+            except BaseException:
+                await self.http.stop()
+                raise
         await self.service.start()
         settle_after_loading()
         log.info("reward service ready on %s (gRPC %s)", self.http_url, self.grpc_port)
@@ -77,9 +97,8 @@ class RewardServer:
         await self.http.wait()
 
     async def stop(self) -> None:
-        if self._grpc is not None:
-            await self._grpc.stop(grace=2)
-        await self.http.stop()
+        """Drain (see `assay.serve`), then close the rewards."""
+        await runtime.drain(self.http, self._grpc, self.config.connections.drain_timeout_s)
         await self.service.close()
 
 
