@@ -142,11 +142,12 @@ class Gate:
         task = asyncio.current_task()
         self._running.add(task)
         self._idle.clear()
-        started = False
+        status: int | None = None  # the response's, once started
 
         async def watched(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
             await send(message)
 
         try:
@@ -155,11 +156,13 @@ class Gate:
             if task not in self._cut:
                 raise
             task.uncancel()  # the drain's cancellation ends here, answered
-            if not started:
+            if status is None:
                 await self._refuse(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - the one place an escaped error is logged and answered
+            if status == 500:
+                return  # answered by the app's error handler, which logged it (Starlette re-raises after)
             log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)
-            if not started:
+            if status is None:
                 await _bug_reply(self.reply, exc)(scope, receive, send)
         finally:
             self._running.discard(task)
@@ -218,6 +221,7 @@ class HttpListener:
         if isinstance(app, Starlette) and Exception not in app.exception_handlers:
             # else Starlette answers a bug with its text/plain 500 before the Gate can
             async def on_bug(request, exc: Exception) -> Response:
+                log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
                 return _bug_reply(reply, exc)
 
             app.add_exception_handler(Exception, on_bug)
