@@ -207,12 +207,12 @@ def test_rm_server_cuts_off_at_the_drain_timeout_with_typed_retryable_errors(rew
 
 
 def test_policy_server_drains_and_cuts_off_with_typed_retryable_errors(tmp_path):
-    drain_s = 3.0
+    drain_s = 1.0
     server = Proc("policy_server", ["--drain-timeout", str(drain_s), "--torch-threads", "1", "--log-level", "warning"],
                   tmp_path / "policy.log")  # fmt: skip
     try:
         server.wait_ready()
-        body = {"model": "policy", "prompt": "Q: 23+45-17 A: ", "max_tokens": 96, "n": 4, "ignore_eos": True}
+        body = {"model": "policy", "prompt": "Q: 23+45-17 A: ", "max_tokens": 200, "n": 8, "ignore_eos": True}
 
         async def run():
             async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
@@ -230,7 +230,7 @@ def test_policy_server_drains_and_cuts_off_with_typed_retryable_errors(tmp_path)
         server.kill()
     outcomes = Counter(_outcome(a, CompletionResponse, PolicyError, _typed_policy_503) for a in answers)
     assert set(outcomes) <= {"ok", "retry", "refused"}, outcomes
-    assert outcomes["retry"] >= 1, outcomes  # 120 sequences of 96 tokens outlast a 3 s drain
+    assert outcomes["retry"] >= 1, outcomes  # 240 sequences of 200 tokens outlast a 1 s drain
     assert ready in (503, "refused"), ready
     assert _outcome(late, CompletionResponse, PolicyError, _typed_policy_503) in ("retry", "refused")
     assert status == 0, server.log.read_text()[-3000:]
