@@ -148,8 +148,8 @@ def test_rm_server_finishes_what_is_in_flight_and_refuses_new_work_typed(reward_
 
     async def run():
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
-            flight = [asyncio.ensure_future(_post(client, f"{server.url}/v1/score", _score(16))) for _ in range(30)]
-            await asyncio.sleep(2.0)  # all sent and read; the server works through them (~10 s)
+            flight = [asyncio.ensure_future(_post(client, f"{server.url}/v1/score", _score(32))) for _ in range(30)]
+            await asyncio.sleep(1.0)  # all sent and read; the server works through them (2-30 s)
             sent = server.terminate()
             await asyncio.sleep(0.5)
             ready = await _ready_status(server.url)
@@ -176,7 +176,7 @@ def test_rm_server_cuts_off_at_the_drain_timeout_with_typed_retryable_errors(rew
     server = reward_server(drain_s, grpc_port)
 
     async def grpc_score(stub) -> str:
-        request = pb.ScoreRequest(reward="prm", items=[pb.ScoreItem(id=str(i), **ITEM) for i in range(48)])
+        request = pb.ScoreRequest(reward="prm", items=[pb.ScoreItem(id=str(i), **ITEM) for i in range(64)])
         try:
             await stub.Score(request, timeout=300)
             return "ok"
@@ -187,9 +187,9 @@ def test_rm_server_cuts_off_at_the_drain_timeout_with_typed_retryable_errors(rew
         async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client, \
                 grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # fmt: skip
             stub = reward_pb2_grpc.RewardServiceStub(channel)
-            http = [asyncio.ensure_future(_post(client, f"{server.url}/v1/score", _score(48))) for _ in range(30)]
+            http = [asyncio.ensure_future(_post(client, f"{server.url}/v1/score", _score(64))) for _ in range(30)]
             calls = [asyncio.ensure_future(grpc_score(stub)) for _ in range(20)]
-            await asyncio.sleep(2.0)
+            await asyncio.sleep(1.0)  # sent and being worked on
             sent = server.terminate()
             return await asyncio.gather(*http), await asyncio.gather(*calls), sent
 
@@ -197,7 +197,8 @@ def test_rm_server_cuts_off_at_the_drain_timeout_with_typed_retryable_errors(rew
     status, took = server.exit_after(sent, drain_s + EXIT_MARGIN_S)
     outcomes = Counter(_outcome(a, ScoreResponse, RewardError, _typed_reward_503) for a in answers)
     assert set(outcomes) <= {"ok", "retry", "refused"}, outcomes
-    assert outcomes["retry"] >= 1, outcomes  # 50 requests of 48 items outlast a 1 s drain: some were cut off
+    # 50 requests of 64 items (3200, under the queue of 4096) outlast 1 s of work and a 1 s drain
+    assert outcomes["retry"] + Counter(codes)["UNAVAILABLE"] >= 1, outcomes
     assert set(codes) <= {"ok", "UNAVAILABLE"}, Counter(codes)
     assert status == 0, server.log.read_text()[-3000:]
     print(f"rm_server cut-off: HTTP {dict(outcomes)}, gRPC {dict(Counter(codes))}, exit 0 {took:.1f}s after SIGTERM")
