@@ -88,8 +88,9 @@ class Service:
                 raise RuntimeError(f"{self.name} was not ready within {timeout_s:g}s:\n{self.tail()}")
             time.sleep(0.2)
 
-    def stop(self, grace_s: float = 30.0) -> int:
-        """SIGTERM, then wait; the exit status (killed after `grace_s`: an error)."""
+    def stop(self, grace_s: float = 45.0) -> int:
+        """SIGTERM, then wait; the exit status (killed after `grace_s`: an error). The default is the
+        servers' default drain (30 s) plus time to close their models."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

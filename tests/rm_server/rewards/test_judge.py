@@ -330,10 +330,10 @@ def test_api_key_is_sent_as_bearer(double, monkeypatch):
 
 @pytest.fixture(scope="module")
 def keyed_policy_server():
-    """The real policy server, serving the embedded verifier to holders of `judge-key`."""
+    """The real policy server, serving the embedded verifier to holders of `judge-key-for-tests`."""
     from policy_server.server import BackgroundServer, ServerConfig
 
-    with BackgroundServer(ServerConfig(port=0, api_keys=("judge-key:generate",))) as s:
+    with BackgroundServer(ServerConfig(port=0, api_keys=("judge-key-for-tests:generate",))) as s:
         yield s
 
 
@@ -345,7 +345,7 @@ def test_a_judge_whose_endpoint_refuses_its_key_does_not_start(keyed_policy_serv
         score(judge_spec(url, api_key_env="ASSAY_TEST_JUDGE_KEY"), [Item("Q: 1+1 A: ", "2")])
     with pytest.raises(JudgeKeyRefused, match="api_key_env"):  # no key at all
         score(judge_spec(url), [Item("Q: 1+1 A: ", "2")])
-    monkeypatch.setenv("ASSAY_TEST_JUDGE_KEY", "judge-key")
+    monkeypatch.setenv("ASSAY_TEST_JUDGE_KEY", "judge-key-for-tests")
     [o] = score(judge_spec(url, api_key_env="ASSAY_TEST_JUDGE_KEY"), [Item("Q: 1+1 A: ", "2")])
     assert isinstance(o, Scored)
 
