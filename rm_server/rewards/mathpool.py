@@ -28,6 +28,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
+from concurrent.futures.process import BrokenProcessPool
 from itertools import product
 from typing import Any
 
@@ -184,6 +185,8 @@ async def call(user: int, fn: Callable[..., Any], args: tuple, limit_s: float) -
             return await asyncio.wrap_future(fut)
         except TimeoutError as exc:
             raise Stopped(f"stopped after {left:.1f} s; its worker was restarted") from exc
+        except BrokenProcessPool as exc:  # how pebble answers the tasks of a pool stopped under them
+            raise PoolClosed() from exc
 
 
 async def judge(user: int, reference: str, answer: str, bare: bool, seconds: int) -> Outcome:
@@ -227,13 +230,15 @@ async def release(user: int) -> None:
     if pool is None:
         return
     pool.stop()  # no waiting on a worker stuck in C code: stopping kills the workers
-    for fut in [f for f, p in list(_running.items()) if p is pool]:  # a stopped pool leaves them unanswered
-        try:
-            fut.set_exception(PoolClosed())
-        except InvalidStateError:  # finished or cancelled meanwhile
-            pass
     # Reaping takes a moment (pebble's SIGTERM, then SIGKILL); a daemon thread, so an exiting
     # process never waits on it.
     reaper = threading.Thread(target=pool.join, daemon=True, name="mathpool-close")
     reaper.start()
     await asyncio.to_thread(reaper.join, CLOSE_S)
+    # Only now: pebble's own threads may still answer a task while the pool stops (a broken pool),
+    # and a future answered twice raises in pebble's thread. What is left unanswered gets PoolClosed.
+    for fut in [f for f, p in list(_running.items()) if p is pool]:
+        try:
+            fut.set_exception(PoolClosed())
+        except InvalidStateError:  # finished or cancelled meanwhile
+            pass
