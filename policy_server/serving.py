@@ -119,9 +119,16 @@ class GenerationError(ApiError):
 
     status, type = 500, "server_error"
 
-    @classmethod
-    def of(cls, exc: GenerationFailed) -> GenerationError:
-        return cls(f"{exc}; the server logged the cause", code="generation_failed")
+
+def backend_error(exc: Overloaded | GenerationFailed | InvalidParameters) -> ApiError:
+    """A backend's refusal or failure as the API error it is; the one place these are mapped,
+    for completions, chat and /v1/search alike."""
+    if isinstance(exc, Overloaded):
+        return QueueFull(f"{exc}; retry after {exc.retry_after_s:.2f}s", code="queue_full",
+                         retry_after_s=exc.retry_after_s)  # fmt: skip
+    if isinstance(exc, GenerationFailed):
+        return GenerationError(f"{exc}; the server logged the cause", code="generation_failed")
+    return InvalidRequest(str(exc), code="invalid_sampling_parameters")
 
 
 def check_key(keys: ApiKeys, authorization: str | None, scope: str) -> None:
@@ -405,16 +412,11 @@ class PolicyService:
         ]
         try:
             outputs = await asyncio.wait_for(backend.generate(requests), self.limits.timeout_s)
-        except Overloaded as exc:
-            raise QueueFull(f"{exc}; retry after {exc.retry_after_s:.2f}s", code="queue_full",
-                            retry_after_s=exc.retry_after_s) from None  # fmt: skip
+        except (Overloaded, GenerationFailed, InvalidParameters) as exc:
+            raise backend_error(exc) from None
         except TimeoutError:
             raise DeadlineExceeded(f"generation did not finish within {self.limits.timeout_s:g}s",
                                    code="timeout") from None  # fmt: skip
-        except GenerationFailed as exc:
-            raise GenerationError.of(exc) from None
-        except InvalidParameters as exc:
-            raise InvalidRequest(str(exc), code="invalid_sampling_parameters") from None
         self.metrics.prompt_tokens.labels(req.model).inc(sum(len(ids) for ids in prompts))
         return outputs
 

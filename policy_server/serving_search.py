@@ -34,13 +34,13 @@ from policy_server.serving import (
     BadGateway,
     Conflict,
     DeadlineExceeded,
-    GenerationError,
     InvalidRequest,
     ModelNotFound,
     NotReady,
     PolicyService,
     QueueFull,
     Unavailable,
+    backend_error,
     maybe_off_loop,
 )
 from search import STRATEGIES, Budget, SearchConfig, SearchError, SearchResult
@@ -172,13 +172,8 @@ def _api_error(exc: Exception, rm_url: str, backend: GenerationBackend) -> ApiEr
                                 code="reward_service_timeout")  # fmt: skip
     if isinstance(exc, rm.RewardServiceError):  # ServerError, or this server's rm credentials refused
         return BadGateway(f"the reward service (rm_server at {rm_url}) failed: {exc}", code="reward_service_error")
-    if isinstance(exc, GenerationFailed):
-        return GenerationError.of(exc)
-    if isinstance(exc, InvalidParameters):
-        return InvalidRequest(str(exc), code="invalid_sampling_parameters")
-    if isinstance(exc, Overloaded):
-        return QueueFull(f"{exc}; retry after {exc.retry_after_s:.2f}s", code="queue_full",
-                         retry_after_s=exc.retry_after_s)  # fmt: skip
+    if isinstance(exc, (Overloaded, GenerationFailed, InvalidParameters)):
+        return backend_error(exc)
     if isinstance(exc, (ContextFull, TooManySequences)):
         return InvalidRequest(f"model {backend.name!r}: {exc}")
     if isinstance(exc, SearchCancelled):
