@@ -27,14 +27,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from arith import world
-from arith.checks import is_correct
-from arith.tokenizer import build_tokenizer
-from arith.verifier import NO, YES, verifier_prompt
+from assay.arith import world
+from assay.arith.checks import is_correct
+from assay.arith.tokenizer import build_tokenizer
+from assay.arith.verifier import NO, YES, verifier_prompt
 from assay.checkpoints import ARITH_DIR
 from assay.generation import Sample, SamplingParams, sample
-from trainer.reward_model import RankedGroup, RMConfig, StepExample, train_outcome_rm, train_process_rm
-from trainer.sft import SFTConfig, train_sft
+from assay.trainer.reward_model import RankedGroup, RMConfig, StepExample, train_outcome_rm, train_process_rm
+from assay.trainer.sft import SFTConfig, train_sft
 
 MAX_NEW_TOKENS = 48  # a correct level-2 solution is about 30 characters
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from arith.world import ANSWER_MARK, Problem, apply
+from assay.arith.world import ANSWER_MARK, Problem, apply
 
 _EQUATION = re.compile(r"^(-?\d+)([+-])(\d+)=(-?\d+)$")
 _FINAL = re.compile(rf"{re.escape(ANSWER_MARK)}\s*(-?\d+)\s*$")

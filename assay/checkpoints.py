@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from assay import arith
+
 Kind = Literal["causal_lm", "sequence_classification", "token_classification"]
 
 _AUTO = {
@@ -31,7 +33,7 @@ _AUTO = {
 }
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
-ARITH_DIR = Path(__file__).resolve().parent.parent / "arith" / "checkpoints"
+ARITH_DIR = Path(arith.__file__).resolve().parent / "checkpoints"  # installed or editable alike
 EMBEDDED = {
     "policy": ("causal_lm", ARITH_DIR / "policy"),
     "orm": ("sequence_classification", ARITH_DIR / "orm"),

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.progress import Progress, TaskID, TextColumn
 from rich.table import Table
 
-from policy_server.cli import policy_app, search_cmd
-from rm_server.cli import rm_app
-from trainer.cli import plot_cmd, train_app
+from assay.policy_server.cli import policy_app, search_cmd
+from assay.rm_server.cli import rm_app
+from assay.trainer.cli import plot_cmd, train_app
 
 app = typer.Typer(help="Assay: rewards as a service, inference-time search, online RLHF.", no_args_is_help=True)
 models_app = typer.Typer(help="The embedded arithmetic world's checkpoints.", no_args_is_help=True)
@@ -108,7 +108,7 @@ def models_build(
     skip_policy: bool = typer.Option(False, help="keep the policy in --out; rebuild only the reward models"),
 ) -> None:
     """Rebuild the four embedded checkpoints deterministically from seeds."""
-    from arith.build import BuildConfig, build
+    from assay.arith.build import BuildConfig, build
     from assay.checkpoints import ARITH_DIR
 
     target = out or ARITH_DIR

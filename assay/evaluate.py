@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from arith import world
-from arith.checks import is_correct, is_well_formed, segments, step_labels
-from arith.verifier import verifier_prompt
+from assay.arith import world
+from assay.arith.checks import is_correct, is_well_formed, segments, step_labels
+from assay.arith.verifier import verifier_prompt
 from assay.checkpoints import ARITH_DIR, load_embedded
 from assay.generation import SamplingParams, sample
 from assay.scoring import score_outcome, score_steps, verifier_yes_prob

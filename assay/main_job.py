@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from arith import world
+from assay.arith import world
 from assay.services import LocalServices
-from clients.policy import PolicyClient
+from assay.clients.policy import PolicyClient
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from arith.verifier import NO, YES
-from trainer.reward_model import outcome_scores, step_token_positions
+from assay.arith.verifier import NO, YES
+from assay.trainer.reward_model import outcome_scores, step_token_positions
 
 
 @torch.inference_mode()

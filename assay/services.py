@@ -6,7 +6,7 @@ trainer's end-to-end runs stand on.
     with LocalServices.start(rm_grpc=True) as svc:
         svc.rm.grpc_target              # 127.0.0.1:<free port>: rm_server's gRPC API too
 
-Each service runs exactly as a user starts it (`python -m rm_server`, `python -m policy_server`,
+Each service runs exactly as a user starts it (`python -m assay.rm_server`, `python -m assay.policy_server`,
 which are `assay rm serve` and `assay policy serve`), on free ports. The embedded reward spec's judge asks the policy server on
 :8001; when the policy server runs elsewhere, rm_server gets a copy of the spec whose judge points
 at the right port (checkpoint paths made absolute, nothing else changed, so every reward id is
@@ -30,7 +30,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-EMBEDDED_SPEC = Path(__file__).resolve().parents[1] / "rm_server" / "embedded.yaml"
+from assay import rm_server
+
+EMBEDDED_SPEC = Path(rm_server.__file__).resolve().parent / "embedded.yaml"
 EMBEDDED_JUDGE_PORT = 8001
 
 
@@ -131,11 +133,11 @@ class LocalServices:
         rm_grpc_port = free_port() if rm_grpc else -1
         spec = spec_for_policy_port(policy_port, tmp)
         env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads)}
-        rm = _launch("rm_server", ["--port", str(rm_port), "--grpc-port", str(rm_grpc_port), "--spec", str(spec),
+        rm = _launch("assay.rm_server", ["--port", str(rm_port), "--grpc-port", str(rm_grpc_port), "--spec", str(spec),
                                    "--log-level", "warning", *rm_args], tmp, env)  # fmt: skip
         if rm_grpc:
             rm.grpc_target = f"127.0.0.1:{rm_grpc_port}"
-        policy = _launch("policy_server", ["--port", str(policy_port), "--rm-url", rm.url,
+        policy = _launch("assay.policy_server", ["--port", str(policy_port), "--rm-url", rm.url,
                                            "--torch-threads", str(torch_threads), "--log-level", "warning",
                                            *policy_args], tmp, env)  # fmt: skip
         services = cls(rm, policy, workdir)

@@ -48,10 +48,10 @@ async def run(prompts: int, repeats: int, want_vllm: bool) -> None:
 
     import torch
 
-    from arith import world
+    from assay.arith import world
     from assay.checkpoints import EMBEDDED, load_model
-    from policy_server.backends import GenerationRequest
-    from policy_server.backends.hf import BatchSettings, HFBackend
+    from assay.policy_server.backends import GenerationRequest
+    from assay.policy_server.backends.hf import BatchSettings, HFBackend
 
     torch.set_num_threads(1)
     path = EMBEDDED["policy"][1]
@@ -62,7 +62,7 @@ async def run(prompts: int, repeats: int, want_vllm: bool) -> None:
 
     backends = {"transformers backend": HFBackend("policy", model, tokenizer, BatchSettings(max_sequences=BATCH))}
     if want_vllm and importlib.util.find_spec("vllm") is not None:
-        from policy_server.backends.vllm import VllmBackend
+        from assay.policy_server.backends.vllm import VllmBackend
 
         backends["vLLM backend"] = VllmBackend("policy", path)
     for b in backends.values():

@@ -195,7 +195,7 @@ async def _http_open(job: Job, end: float, record, connected) -> None:
 
 
 def _grpc_requests(job: Job) -> list:
-    from proto.reward.v1 import reward_pb2 as pb
+    from assay.proto.reward.v1 import reward_pb2 as pb
 
     return [pb.ScoreRequest(reward="orm", items=[pb.ScoreItem(id=i, prompt=p, response=r)]) for i, p, r in job.items]
 
@@ -207,7 +207,7 @@ def _grpc_ok(resp) -> bool:
 async def _grpc_unary(job: Job, end: float, record, connected) -> None:
     import grpc
 
-    from proto.reward.v1 import reward_pb2_grpc
+    from assay.proto.reward.v1 import reward_pb2_grpc
 
     requests = _grpc_requests(job)
     async with grpc.aio.insecure_channel(job.target) as channel:
@@ -227,8 +227,8 @@ async def _grpc_stream(job: Job, end: float, record, connected) -> None:
     """`streams` ScoreStream calls on one channel, each keeping concurrency/streams requests in flight."""
     import grpc
 
-    from proto.reward.v1 import reward_pb2 as pb
-    from proto.reward.v1 import reward_pb2_grpc
+    from assay.proto.reward.v1 import reward_pb2 as pb
+    from assay.proto.reward.v1 import reward_pb2_grpc
 
     requests = _grpc_requests(job)
     window = max(1, job.concurrency // job.streams)

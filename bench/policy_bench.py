@@ -41,16 +41,16 @@ console = Console(width=140)
 def search_overhead(problems: int, n: int = 16) -> Table:
     import torch
 
-    from arith import world
+    from assay.arith import world
     from assay.checkpoints import EMBEDDED
     from assay.services import LocalServices
-    from clients.policy import PolicyClient
-    from policy_server.backends import GenerationRequest
-    from policy_server.backends.hf import HFBackend
-    from rm_server.protocol import ScoreItem, ScoreRequest
-    from rm_server.rewards import build_rewards
-    from rm_server.serving import RewardService
-    from rm_server.spec import load_spec
+    from assay.clients.policy import PolicyClient
+    from assay.policy_server.backends import GenerationRequest
+    from assay.policy_server.backends.hf import HFBackend
+    from assay.rm_server.protocol import ScoreItem, ScoreRequest
+    from assay.rm_server.rewards import build_rewards
+    from assay.rm_server.serving import RewardService
+    from assay.rm_server.spec import load_spec
 
     torch.set_num_threads(1)
     tasks = world.eval_problems(problems)
@@ -132,7 +132,7 @@ def weight_updates(repeats: int, big: bool) -> Table:
 
     from assay.checkpoints import EMBEDDED
     from assay.services import LocalServices
-    from clients.policy import PolicyClient
+    from assay.clients.policy import PolicyClient
 
     table = Table(title="Full-checkpoint weight updates (client wall clock, request to reply)")
     for col in ("model", "MB", "way in", "median s", "MB/s", "server s (median)"):

@@ -53,8 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from search import STRATEGIES, Generation, GenParams, Score, SearchConfig  # noqa: E402
-from search.base import final_answer  # noqa: E402
+from assay.search import STRATEGIES, Generation, GenParams, Score, SearchConfig  # noqa: E402
+from assay.search.base import final_answer  # noqa: E402
 
 POOL = 64  # samples per problem (M of the pass@k estimator)
 BEAM_WIDTH = 4  # SearchConfig's default
@@ -199,7 +199,7 @@ def pool_diagnostics(pools: Sequence[Pooled], rewards: Sequence[str]) -> dict[st
     - per reward, pairwise accuracy over (correct, wrong) sample pairs of the same problem, and
       over (correct, well-formed wrong) pairs (ties count half; a failed score loses).
     """
-    from arith.checks import is_well_formed
+    from assay.arith.checks import is_well_formed
 
     plural = unanswered = total = off_by_one = 0
     d_ok, d_wrong, d_wf = [], [], []
@@ -333,8 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from arith import world
-    from search.local import LocalGenerator, LocalScorer
+    from assay.arith import world
+    from assay.search.local import LocalGenerator, LocalScorer
 
     t_start = time.perf_counter()
     walls: dict[str, float] = {}

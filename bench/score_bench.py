@@ -8,7 +8,7 @@ with 1024 distinct arithmetic-world items (prompt + correct solution), so no cac
 
 - ceiling: batched forwards in this process through the service's own backend code
   (`TransformersBackend.pooled`, token ids from its tokenizer), best batch size;
-- Assay HTTP / gRPC unary / gRPC stream: the real server (`python -m rm_server`) as a
+- Assay HTTP / gRPC unary / gRPC stream: the real server (`python -m assay.rm_server`) as a
   subprocess, a fresh one per repeat, driven by closed-loop clients that each keep one
   one-item request outstanding (64 in all); HTTP once with a lean keep-alive client and once
   with httpx, the client most Python trainers use;
@@ -72,7 +72,7 @@ class Plan:
 
 def bench_items(n: int = 1024) -> list[tuple[str, str, str]]:
     """(id, prompt, response) for n distinct held-out problems with their correct solutions."""
-    from arith.world import eval_problems
+    from assay.arith.world import eval_problems
 
     return [(f"i{k}", p.prompt, p.solution) for k, p in enumerate(eval_problems(n))]
 
@@ -86,7 +86,7 @@ def ceiling(items, plan: Plan) -> tuple[dict[int, float], float]:
 
     from assay.checkpoints import load_embedded
     from assay.scoring import score_outcome
-    from rm_server.backends.hf import TransformersBackend
+    from assay.rm_server.backends.hf import TransformersBackend
 
     if plan.torch_threads:
         torch.set_num_threads(plan.torch_threads)
@@ -216,7 +216,7 @@ class Row:
 PROFILED_SERVER = """
 import cProfile, json, os, signal, sys, time
 import numpy as np
-from rm_server.backends.hf import TransformersBackend
+from assay.rm_server.backends.hf import TransformersBackend
 out = sys.argv.pop(1)
 prof, fwd = cProfile.Profile(time.thread_time), {}
 pooled = TransformersBackend.pooled
@@ -238,7 +238,7 @@ def end(*_):
 signal.signal(signal.SIGUSR1, begin)
 signal.signal(signal.SIGUSR2, end)
 import typer
-from rm_server.cli import serve_cmd
+from assay.rm_server.cli import serve_cmd
 typer.run(serve_cmd)
 """
 
@@ -288,7 +288,7 @@ def sweep(items, plan: Plan, folder: Path) -> None:
             tuned = replace(plan, max_wait_ms=wait, max_batch_items=max_items, repeats=1)
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
-            cmd = [sys.executable, "-m", "rm_server", *assay_args(write_spec(folder, tuned), port, -1)]
+            cmd = [sys.executable, "-m", "assay.rm_server", *assay_args(write_spec(folder, tuned), port, -1)]
             with spawned(cmd, url, tuned, folder / "sweep.log") as proc:
                 w = measure("http", url, tuned, items, proc.pid, metrics_url=url)
             table.add_row(f"{wait:g}", str(max_items), f"{w.items_s:.0f}", f"{w.pct(.5):.1f}", f"{w.pct(.99):.1f}",
@@ -321,7 +321,7 @@ def run(plan: Plan, args: argparse.Namespace) -> None:
         for rep in range(plan.repeats):  # a fresh server per repeat: instances differ more than windows do
             port, grpc_port = _free_port(), _free_port()
             url, target = f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
-            cmd = [sys.executable, "-m", "rm_server", *assay_args(spec, port, grpc_port)]
+            cmd = [sys.executable, "-m", "assay.rm_server", *assay_args(spec, port, grpc_port)]
             with spawned(cmd, url, plan, folder / "assay.log") as proc:
                 http.add(measure("http", url, plan, items, proc.pid, metrics_url=url))
                 httpx.add(measure("http", url, replace(plan, http_client="httpx"), items, proc.pid, metrics_url=url))

@@ -36,8 +36,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from arith import world
-    from arith.checks import is_correct
+    from assay.arith import world
+    from assay.arith.checks import is_correct
 
     torch.set_num_threads(args.threads)
     path = ROOT / "arith" / "checkpoints" / "policy"

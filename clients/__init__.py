@@ -7,7 +7,7 @@ PolicyClient                       the policy service over HTTP: complete, searc
 clients.errors                     typed failures: what happened, and whether a retry can help
 """
 
-from clients.errors import (
+from assay.clients.errors import (
     Conflict,
     DeadlineExceeded,
     InvalidRequest,
@@ -20,8 +20,8 @@ from clients.errors import (
     UnknownModel,
     UnknownReward,
 )
-from clients.policy import PolicyClient
-from clients.reward import AsyncRewardClient, RetryPolicy, RewardClient
+from assay.clients.policy import PolicyClient
+from assay.clients.reward import AsyncRewardClient, RetryPolicy, RewardClient
 
 __all__ = [
     "Conflict",

@@ -26,7 +26,7 @@ These are failures of a whole call. A failed *item* is not an exception: it come
 
 from __future__ import annotations
 
-from rm_server.protocol import ErrorType
+from assay.rm_server.protocol import ErrorType
 
 
 class RewardServiceError(Exception):

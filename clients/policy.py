@@ -27,7 +27,7 @@ from typing import Any, Self, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from clients.errors import (
+from assay.clients.errors import (
     Conflict,
     InvalidRequest,
     Overloaded,
@@ -38,9 +38,9 @@ from clients.errors import (
     Unavailable,
     UnknownModel,
 )
-from clients.reward import RetryPolicy, _Deadline
-from clients.reward_transport import _auth, _http_base, http_failure, problems, retry_after_s
-from policy_server.protocol import (
+from assay.clients.reward import RetryPolicy, _Deadline
+from assay.clients.reward_transport import _auth, _http_base, http_failure, problems, retry_after_s
+from assay.policy_server.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,

@@ -42,9 +42,9 @@ from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from clients.errors import DeadlineExceeded, InvalidRequest, RewardServiceError, ServerError, UnknownReward
-from clients.reward_transport import AsyncGrpc, AsyncHttp, Grpc, Http, problems
-from rm_server.protocol import (
+from assay.clients.errors import DeadlineExceeded, InvalidRequest, RewardServiceError, ServerError, UnknownReward
+from assay.clients.reward_transport import AsyncGrpc, AsyncHttp, Grpc, Http, problems
+from assay.rm_server.protocol import (
     CompareItem,
     CompareRequest,
     CompareResponse,

@@ -18,7 +18,7 @@ import grpc
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from clients.errors import (
+from assay.clients.errors import (
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
@@ -29,7 +29,7 @@ from clients.errors import (
     Unavailable,
     UnknownReward,
 )
-from rm_server.protocol import (
+from assay.rm_server.protocol import (
     CompareRequest,
     CompareResponse,
     ErrorResponse,
@@ -232,8 +232,8 @@ class _GrpcRoutes:
 
     def __init__(self, target: str, api_key: str | None) -> None:
         # Imported here so that HTTP-only users never load the generated protobuf code.
-        from proto.reward.v1 import reward_pb2
-        from rm_server import grpc_convert
+        from assay.proto.reward.v1 import reward_pb2
+        from assay.rm_server import grpc_convert
 
         if not target or "://" in target:
             raise ValueError(
@@ -247,7 +247,7 @@ class _GrpcRoutes:
     def _stubs(self, channel: Any) -> None:
         from grpc_health.v1 import health_pb2_grpc
 
-        from proto.reward.v1 import reward_pb2_grpc
+        from assay.proto.reward.v1 import reward_pb2_grpc
 
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         self._rpcs = {"Score": stub.Score, "Compare": stub.Compare, "ListRewards": stub.ListRewards}

@@ -71,9 +71,9 @@ def serve_cmd(
 ) -> None:
     """Serve generation (and search, scored by rm_server) over HTTP, and gRPC with --grpc-port, until interrupted."""
     from assay.checkpoints import CheckpointError
-    from policy_server.backends.hf import BatchSettings
-    from policy_server.server import InsecureBinding, ServerConfig, serve
-    from policy_server.serving import Limits
+    from assay.policy_server.backends.hf import BatchSettings
+    from assay.policy_server.server import InsecureBinding, ServerConfig, serve
+    from assay.policy_server.serving import Limits
     from assay.serve import run_loop
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -149,7 +149,7 @@ def search_cmd(
 
     import httpx
 
-    from policy_server.protocol import ErrorResponse, SearchResponse
+    from assay.policy_server.protocol import ErrorResponse, SearchResponse
 
     if reward is None and strategy != "majority":
         reward = "prm" if strategy in PROCESS_REWARD_STRATEGIES else "orm"

@@ -22,8 +22,8 @@ import hashlib
 import threading
 from collections.abc import Sequence
 
-from policy_server.backends import GenerationBackend, GenerationOutput, GenerationRequest
-from search.base import Generation, GenParams
+from assay.policy_server.backends import GenerationBackend, GenerationOutput, GenerationRequest
+from assay.search.base import Generation, GenParams
 
 
 class SearchCancelled(Exception):

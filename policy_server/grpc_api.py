@@ -25,11 +25,11 @@ from pydantic import ValidationError
 
 from assay import grpc_serve
 from assay.grpc_serve import AuthAndErrors, Failure, MalformedMessage, internal, invalid_argument, malformed
-from policy_server.protocol import CompletionLogprobs, CompletionRequest, CompletionResponse, ModelList
-from policy_server.serving import ApiError, InvalidRequest, Limits, PolicyService, Timer, check_key
-from proto.policy.v1 import policy_pb2 as pb
-from proto.policy.v1 import policy_pb2_grpc
-from rm_server.auth import ApiKeys
+from assay.policy_server.protocol import CompletionLogprobs, CompletionRequest, CompletionResponse, ModelList
+from assay.policy_server.serving import ApiError, InvalidRequest, Limits, PolicyService, Timer, check_key
+from assay.proto.policy.v1 import policy_pb2 as pb
+from assay.proto.policy.v1 import policy_pb2_grpc
+from assay.rm_server.auth import ApiKeys
 
 SERVICE = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name  # assay.policy.v1.PolicyService
 _OPTIONAL = ("n", "max_tokens", "temperature", "top_p", "seed", "logprobs")  # absent: HTTP's default

@@ -28,8 +28,8 @@ from starlette.types import Receive, Scope, Send
 
 from assay.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
 from assay.serve import add_ops_routes
-from policy_server import serving
-from policy_server.protocol import (
+from assay.policy_server import serving
+from assay.policy_server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -43,11 +43,11 @@ from policy_server.protocol import (
     SearchResponse,
     WeightUpdateResponse,
 )
-from policy_server.serving import ApiError, PolicyService, Timer
-from policy_server.serving_search import SearchService
-from policy_server.weights import Update, WeightService
-from rm_server.auth import ApiKeys
-from rm_server.http_api import BodyLimit
+from assay.policy_server.serving import ApiError, PolicyService, Timer
+from assay.policy_server.serving_search import SearchService
+from assay.policy_server.weights import Update, WeightService
+from assay.rm_server.auth import ApiKeys
+from assay.rm_server.http_api import BodyLimit
 
 log = logging.getLogger("policy_server")
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """Run the policy service: HTTP (uvicorn) and, with a grpc_port, gRPC on one event loop, over one PolicyService.
 
-`PolicyServer` is what `assay policy serve` and `python -m policy_server` run; `BackgroundServer`
+`PolicyServer` is what `assay policy serve` and `python -m assay.policy_server` run; `BackgroundServer`
 runs the same on a thread of its own, for tests and benchmarks in one process. The socket,
 uvicorn, signal handling, connection bounds and drain are `assay.serve`'s; `error_reply` gives
 them OpenAI's error shape (503 `server_error`, code `not_ready`, with Retry-After).
@@ -15,19 +15,19 @@ from pathlib import Path
 
 from fastapi.responses import JSONResponse
 
-from clients.reward import RewardClient
-from policy_server.backends import GenerationBackend
-from policy_server.backends.hf import BatchSettings, HFBackend
-from policy_server.http_api import SCOPES, create_app
-from policy_server.protocol import ErrorInfo, ErrorResponse
-from policy_server.serving import Limits, Metrics, PolicyService
-from policy_server.serving_search import SearchService
-from policy_server.weight_paths import weight_roots
+from assay.clients.reward import RewardClient
+from assay.policy_server.backends import GenerationBackend
+from assay.policy_server.backends.hf import BatchSettings, HFBackend
+from assay.policy_server.http_api import SCOPES, create_app
+from assay.policy_server.protocol import ErrorInfo, ErrorResponse
+from assay.policy_server.serving import Limits, Metrics, PolicyService
+from assay.policy_server.serving_search import SearchService
+from assay.policy_server.weight_paths import weight_roots
 from assay import serve as runtime
 from assay.connections import Connections
 from assay.http_guard import allowed_hosts
 from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
-from rm_server.auth import ApiKeys, is_loopback
+from assay.rm_server.auth import ApiKeys, is_loopback
 
 log = logging.getLogger("policy_server")
 ENV_VAR = "ASSAY_POLICY_API_KEYS"
@@ -85,7 +85,7 @@ def load_backend(config: ServerConfig, name: str, path: Path, metrics: Metrics) 
     """One served model on the configured backend, reporting to `metrics`."""
     finished = functools.partial(metrics.on_finished, name)
     if config.backend == "vllm":
-        from policy_server.backends.vllm import VllmBackend
+        from assay.policy_server.backends.vllm import VllmBackend
 
         return VllmBackend(name, path, max_sequences=config.batching.max_queue,
                            gpu_memory_utilization=config.gpu_memory_utilization, on_finished=finished)  # fmt: skip
@@ -131,7 +131,7 @@ class PolicyServer:
         app = create_app(self.service, self.keys, self.searches, self.weight_roots, hosts)
         await self.http.start(app, self.config.port, self.config.log_level, error_reply, self.config.connections)
         if self.config.grpc_port is not None:
-            from policy_server.grpc_api import start_grpc_server
+            from assay.policy_server.grpc_api import start_grpc_server
 
             try:
                 self._grpc, self.grpc_port = await start_grpc_server(

@@ -20,7 +20,7 @@ from typing import TypeVar
 from jinja2.exceptions import TemplateError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from policy_server.backends import (
+from assay.policy_server.backends import (
     GenerationBackend,
     GenerationFailed,
     GenerationOutput,
@@ -28,7 +28,7 @@ from policy_server.backends import (
     InvalidParameters,
     Overloaded,
 )
-from policy_server.protocol import (
+from assay.policy_server.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -44,8 +44,8 @@ from policy_server.protocol import (
     TopLogprob,
     Usage,
 )
-from rm_server import errors as rm_errors
-from rm_server.auth import ApiKeys
+from assay.rm_server import errors as rm_errors
+from assay.rm_server.auth import ApiKeys
 
 T = TypeVar("T")
 _SEEDS = 2**64  # torch generators take seeds in [0, 2**64)

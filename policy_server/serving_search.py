@@ -24,12 +24,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 
-from clients import errors as rm
-from clients.reward import RewardClient
-from policy_server.backends import GenerationBackend, GenerationFailed, InvalidParameters, Overloaded
-from policy_server.generator import BackendGenerator, ContextFull, SearchCancelled, TooManySequences
-from policy_server.protocol import SearchRequest, SearchResponse
-from policy_server.serving import (
+from assay.clients import errors as rm
+from assay.clients.reward import RewardClient
+from assay.policy_server.backends import GenerationBackend, GenerationFailed, InvalidParameters, Overloaded
+from assay.policy_server.generator import BackendGenerator, ContextFull, SearchCancelled, TooManySequences
+from assay.policy_server.protocol import SearchRequest, SearchResponse
+from assay.policy_server.serving import (
     ApiError,
     BadGateway,
     Conflict,
@@ -43,8 +43,8 @@ from policy_server.serving import (
     backend_error,
     maybe_off_loop,
 )
-from search import STRATEGIES, Budget, SearchConfig, SearchError, SearchResult
-from search.remote import RemoteScorer
+from assay.search import STRATEGIES, Budget, SearchConfig, SearchError, SearchResult
+from assay.search.remote import RemoteScorer
 
 NO_REWARD = frozenset({"majority"})  # strategies that score nothing
 # the SearchConfig fields a request may set (seed and budget are set apart)

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from policy_server.backends import GenerationBackend, ParamSpec
-from policy_server.serving import Conflict, InvalidRequest, PermissionDenied, PolicyService
-from policy_server.weight_paths import SUFFIX, PathRefused, locate, open_regular
+from assay.policy_server.backends import GenerationBackend, ParamSpec
+from assay.policy_server.serving import Conflict, InvalidRequest, PermissionDenied, PolicyService
+from assay.policy_server.weight_paths import SUFFIX, PathRefused, locate, open_regular
 
 log = logging.getLogger("policy_server")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors package's own cap on the JSON header

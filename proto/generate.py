@@ -2,8 +2,8 @@
 
 Runs grpc_tools.protoc with `proto/` as the include root (so the descriptors are named
 `reward/v1/reward.proto`, as other languages see them) and rewrites the one import protoc
-writes relative to that root into a package-absolute one (`from proto.reward.v1 import ...`),
-since `proto` is an installed package. The output is committed and never edited by hand;
+writes relative to that root into a package-absolute one (`from assay.proto.reward.v1 import ...`),
+since `proto/` is installed as `assay.proto`. The output is committed and never edited by hand;
 tests/rm_server/test_grpc.py checks it is what this script produces, for every contract.
 
     python proto/generate.py            # next to each .proto: proto/reward/v1/, proto/policy/v1/
@@ -37,7 +37,7 @@ def generate(proto: str, out: Path) -> list[Path]:
             text = src.read_text()
             # protoc: `from reward.v1 import reward_pb2 as ...`; the package lives under `proto`.
             text = re.sub(
-                rf"^from {re.escape(package)} import ", f"from proto.{package} import ", text, flags=re.MULTILINE
+                rf"^from {re.escape(package)} import ", f"from assay.proto.{package} import ", text, flags=re.MULTILINE
             )
             dest = out / src.name
             dest.write_text(text)

@@ -1,8 +1,8 @@
-"""`python -m rm_server [options]` is `assay rm serve [options]`."""
+"""`python -m assay.rm_server [options]` is `assay rm serve [options]`."""
 
 import typer
 
-from rm_server.cli import serve_cmd
+from assay.rm_server.cli import serve_cmd
 
 if __name__ == "__main__":
     typer.run(serve_cmd)

@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable
 
 from assay.http_guard import is_loopback  # noqa: F401  (where the servers have always imported it)
-from rm_server.errors import PermissionDenied, Unauthenticated
+from assay.rm_server.errors import PermissionDenied, Unauthenticated
 
 SCOPES = ("score", "admin")
 ENV_VAR = "ASSAY_API_KEYS"

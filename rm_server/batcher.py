@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from rm_server.errors import InvalidRequest, Overloaded
+from assay.rm_server.errors import InvalidRequest, Overloaded
 
 P = TypeVar("P")
 R = TypeVar("R")

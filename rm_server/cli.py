@@ -45,9 +45,9 @@ def serve_cmd(
 ) -> None:
     """Serve rewards over HTTP and gRPC until interrupted."""
     from assay.serve import run_loop
-    from rm_server.server import InsecureBinding, ServerConfig, serve
-    from rm_server.serving import Limits
-    from rm_server.spec import SpecError
+    from assay.rm_server.server import InsecureBinding, ServerConfig, serve
+    from assay.rm_server.serving import Limits
+    from assay.rm_server.spec import SpecError
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -81,8 +81,8 @@ def probe_cmd(
     """Perturb responses with non-content features and report how much each moves each reward."""
     from rich.table import Table
 
-    from rm_server.probe import PERTURBATIONS, probe_spec
-    from rm_server.spec import SpecError
+    from assay.rm_server.probe import PERTURBATIONS, probe_spec
+    from assay.rm_server.spec import SpecError
 
     try:
         table, ids = probe_spec(spec, list(reward) or None, problems)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from rm_server.protocol import ErrorType
+from assay.rm_server.protocol import ErrorType
 
 
 class ServiceError(Exception):

@@ -28,13 +28,13 @@ from pydantic import ValidationError
 
 from assay import grpc_serve
 from assay.grpc_serve import AuthAndErrors, Failure, MalformedMessage, internal, invalid_argument, malformed
-from proto.reward.v1 import reward_pb2 as pb
-from proto.reward.v1 import reward_pb2_grpc
-from rm_server import grpc_convert as convert
-from rm_server.auth import ApiKeys
-from rm_server.errors import ServiceError
-from rm_server.protocol import CompareRequest, ErrorInfo, ErrorType, ScoreRequest
-from rm_server.serving import Limits, RewardService, Timer
+from assay.proto.reward.v1 import reward_pb2 as pb
+from assay.proto.reward.v1 import reward_pb2_grpc
+from assay.rm_server import grpc_convert as convert
+from assay.rm_server.auth import ApiKeys
+from assay.rm_server.errors import ServiceError
+from assay.rm_server.protocol import CompareRequest, ErrorInfo, ErrorType, ScoreRequest
+from assay.rm_server.serving import Limits, RewardService, Timer
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RewardService"].full_name  # assay.reward.v1.RewardService
 R = TypeVar("R", ScoreRequest, CompareRequest)

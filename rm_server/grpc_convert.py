@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from proto.reward.v1 import reward_pb2 as pb
-from rm_server.protocol import (
+from assay.proto.reward.v1 import reward_pb2 as pb
+from assay.rm_server.protocol import (
     CompareRequest,
     CompareResponse,
     ErrorInfo,

@@ -22,9 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from assay.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
 from assay.serve import add_ops_routes
-from rm_server.auth import ApiKeys
-from rm_server.errors import ServiceError
-from rm_server.protocol import (
+from assay.rm_server.auth import ApiKeys
+from assay.rm_server.errors import ServiceError
+from assay.rm_server.protocol import (
     CompareRequest,
     CompareResponse,
     ErrorInfo,
@@ -35,7 +35,7 @@ from rm_server.protocol import (
     ScoreRequest,
     ScoreResponse,
 )
-from rm_server.serving import RewardService, Timer
+from assay.rm_server.serving import RewardService, Timer
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 503)}
 

@@ -16,9 +16,9 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from arith.world import ANSWER_MARK, eval_problems
-from rm_server.protocol import Granularity, ScoreItem, ScoreRequest
-from rm_server.serving import RewardService
+from assay.arith.world import ANSWER_MARK, eval_problems
+from assay.rm_server.protocol import Granularity, ScoreItem, ScoreRequest
+from assay.rm_server.serving import RewardService
 
 
 def _as_list(response: str) -> str:
@@ -94,8 +94,8 @@ async def run_probe(
 
 def probe_spec(spec_path, rewards: list[str] | None, problems: int) -> tuple[dict[str, dict[str, ProbeCell]], dict[str, str]]:
     """Build and start the spec's rewards in-process, probe them, and return (table, reward ids)."""
-    from rm_server.rewards import build_rewards
-    from rm_server.spec import load_spec
+    from assay.rm_server.rewards import build_rewards
+    from assay.rm_server.spec import load_spec
 
     spec = load_spec(spec_path)
     built = build_rewards(spec)

@@ -1,6 +1,6 @@
 """Run the reward service: HTTP (uvicorn) and gRPC on one event loop, over one RewardService.
 
-`RewardServer` is what `assay rm serve` and `python -m rm_server` run; `BackgroundServer` runs
+`RewardServer` is what `assay rm serve` and `python -m assay.rm_server` run; `BackgroundServer` runs
 the same thing on a thread of its own, for tests and benchmarks in one process. The connection
 bounds and the drain on shutdown are `assay.serve`'s; `error_reply` gives them this protocol's
 error body (503 `not_ready` with Retry-After, while draining or over the connection cap).
@@ -19,12 +19,12 @@ from assay import serve as runtime
 from assay.connections import Connections
 from assay.http_guard import allowed_hosts
 from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
-from rm_server.auth import ApiKeys, is_loopback
-from rm_server.http_api import create_app
-from rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType
-from rm_server.rewards import build_rewards
-from rm_server.serving import Limits, RewardService
-from rm_server.spec import load_spec
+from assay.rm_server.auth import ApiKeys, is_loopback
+from assay.rm_server.http_api import create_app
+from assay.rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType
+from assay.rm_server.rewards import build_rewards
+from assay.rm_server.serving import Limits, RewardService
+from assay.rm_server.spec import load_spec
 
 log = logging.getLogger("rm_server")
 RETRY_AFTER_S = 1  # what a refused client is told while the server drains or is full
@@ -79,7 +79,7 @@ class RewardServer:
         app = create_app(self.service, self.keys, allowed_hosts(self.config.host, self.config.allowed_hosts))
         await self.http.start(app, self.config.port, self.config.log_level, error_reply, self.config.connections)
         if self.config.grpc_port is not None:
-            from rm_server.grpc_api import start_grpc_server
+            from assay.rm_server.grpc_api import start_grpc_server
 
             try:
                 self._grpc, self.grpc_port = await start_grpc_server(

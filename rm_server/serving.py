@@ -12,9 +12,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rm_server.errors import LOADING_RETRY_AFTER_S, InvalidRequest, NotReady, ServiceError, UnknownReward
-from rm_server.metrics import Metrics
-from rm_server.protocol import (
+from assay.rm_server.errors import LOADING_RETRY_AFTER_S, InvalidRequest, NotReady, ServiceError, UnknownReward
+from assay.rm_server.metrics import Metrics
+from assay.rm_server.protocol import (
     CompareRequest,
     CompareResponse,
     CompareResult,
@@ -28,8 +28,8 @@ from rm_server.protocol import (
     ScoreResponse,
     TokenScore,
 )
-from rm_server.rewards import Item, ItemFailure, Reward
-from rm_server.rewards.base import DEADLINE
+from assay.rm_server.rewards import Item, ItemFailure, Reward
+from assay.rm_server.rewards.base import DEADLINE
 
 
 @dataclass(frozen=True)

@@ -267,7 +267,7 @@ def parse_spec(raw: Any, base_dir: Path = Path("."), source: str = "spec") -> Sp
 
 
 def _check_composites(spec: SpecFile, source: str) -> None:
-    from rm_server.rewards.composite import expression_names  # the parser owns the grammar
+    from assay.rm_server.rewards.composite import expression_names  # the parser owns the grammar
 
     for name, r in spec.rewards.items():
         if not isinstance(r, CompositeSpec):
@@ -283,7 +283,7 @@ def _check_composites(spec: SpecFile, source: str) -> None:
 
 
 def dependencies(spec: SpecFile, name: str) -> set[str]:
-    from rm_server.rewards.composite import expression_names
+    from assay.rm_server.rewards.composite import expression_names
 
     r = spec.rewards[name]
     return expression_names(r.expr) | set(r.gate) if isinstance(r, CompositeSpec) else set()
@@ -336,7 +336,7 @@ def checkpoint_digest(path: Path) -> str:
 
 def reward_ids(spec: SpecFile) -> dict[str, str]:
     """The content-addressed id of every reward in the spec, `sha256:<hex>`."""
-    from rm_server.rewards.judge import resolved_template  # default prompts are part of the id
+    from assay.rm_server.rewards.judge import resolved_template  # default prompts are part of the id
 
     ids: dict[str, str] = {}
     digests: dict[Path, str] = {}

@@ -1,6 +1,6 @@
 """Inference-time search: one strategy per file, one signature, one dict to dispatch them.
 
-    from search import STRATEGIES, SearchConfig
+    from assay.search import STRATEGIES, SearchConfig
     result = STRATEGIES["weighted_best_of_n"](prompt, generator, scorer, SearchConfig(n=16))
     result.answer, result.candidates, result.usage, result.reward_id
 
@@ -11,8 +11,8 @@ adapters over the services in `search.remote`. This package imports no torch.
 
 from collections.abc import Callable
 
-from search import beam_search, best_of_n, dvts, majority, refine, weighted_best_of_n
-from search.base import (
+from assay.search import beam_search, best_of_n, dvts, majority, refine, weighted_best_of_n
+from assay.search.base import (
     Budget,
     Candidate,
     Generation,
@@ -25,7 +25,7 @@ from search.base import (
     Usage,
     final_answer,
 )
-from search.tracker import SearchError
+from assay.search.tracker import SearchError
 
 Strategy = Callable[..., SearchResult]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from search.base import Candidate, Score
-from search.tracker import Tracker
+from assay.search.base import Candidate, Score
+from assay.search.tracker import Tracker
 
 
 @dataclass

@@ -8,8 +8,8 @@ bounded by the reward's ability to rank, and pass@N is its ceiling. Reads `n`, `
 
 from __future__ import annotations
 
-from search.base import Generator, Scorer, SearchConfig, SearchResult
-from search.tracker import Tracker, pick
+from assay.search.base import Generator, Scorer, SearchConfig, SearchResult
+from assay.search.tracker import Tracker, pick
 
 
 def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,

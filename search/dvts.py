@@ -12,9 +12,9 @@ responses. Reads `n`, `beam_width`, `max_steps`, `max_step_tokens`, `max_tokens`
 
 from __future__ import annotations
 
-from search.base import Generator, Scorer, SearchConfig, SearchResult
-from search.beams import Beam, expand, ranked, to_candidate
-from search.tracker import Tracker, pick
+from assay.search.base import Generator, Scorer, SearchConfig, SearchResult
+from assay.search.beams import Beam, expand, ranked, to_candidate
+from assay.search.tracker import Tracker, pick
 
 
 def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,

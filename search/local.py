@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from search.base import Generation, GenParams, Granularity, Score, aggregate, step_ends
+from assay.search.base import Generation, GenParams, Granularity, Score, aggregate, step_ends
 
 
 class LocalGenerator:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from search.base import Candidate, Generator, Scorer, SearchConfig, SearchResult
-from search.tracker import Tracker
+from assay.search.base import Candidate, Generator, Scorer, SearchConfig, SearchResult
+from assay.search.tracker import Tracker
 
 
 def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from search.base import Candidate, Generator, Scorer, SearchConfig, SearchResult
-from search.tracker import Tracker, argmax
+from assay.search.base import Candidate, Generator, Scorer, SearchConfig, SearchResult
+from assay.search.tracker import Tracker, argmax
 
 # (prompt, draft, its step scores or None, config) -> (text to continue, response prefix kept)
 Reviser = Callable[[str, str, Sequence[float] | None, SearchConfig], tuple[str, str]]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from clients.reward import RewardClient
-from search.base import Granularity, Score
+from assay.clients.reward import RewardClient
+from assay.search.base import Granularity, Score
 
 
 class RemoteScorer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from search.base import (
+from assay.search.base import (
     Candidate,
     Generation,
     Generator,

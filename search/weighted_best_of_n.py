@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from search.base import Candidate, Generator, Scorer, SearchConfig, SearchResult
-from search.tracker import SearchError, Tracker, argmax
+from assay.search.base import Candidate, Generator, Scorer, SearchConfig, SearchResult
+from assay.search.tracker import SearchError, Tracker, argmax
 
 
 def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from arith.tokenizer import build_tokenizer
+from assay.arith.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="session")

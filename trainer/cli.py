@@ -46,7 +46,7 @@ def load_config(cls, path: Path | None, overrides: dict):
 
 def open_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, can_resume: bool = True):
     """The run directory, checked before anything starts: one run per directory, never two mixed."""
-    from trainer.online import RunDir
+    from assay.trainer.online import RunDir
 
     if resume and overwrite:
         raise typer.BadParameter("--resume continues the run in --run-dir and --overwrite discards it: give one")
@@ -97,11 +97,11 @@ def _online(algorithm, run_dir, config, resume, overwrite, steps, seed, model, r
 
     from assay.checkpoints import CheckpointError, load_embedded, load_model
     from assay.services import LocalServices
-    from clients.policy import PolicyClient
-    from clients.reward import RewardClient
-    from trainer import grpo, ppo
-    from trainer.online import RewardMismatch
-    from trainer.rewards import InProcessReward
+    from assay.clients.policy import PolicyClient
+    from assay.clients.reward import RewardClient
+    from assay.trainer import grpo, ppo
+    from assay.trainer.online import RewardMismatch
+    from assay.trainer.rewards import InProcessReward
 
     torch.set_num_threads(torch_threads)
     module = {"grpo": grpo, "ppo": ppo}[algorithm]
@@ -196,8 +196,8 @@ def dpo_cmd(
     from safetensors.torch import save_file
 
     from assay.checkpoints import load_embedded
-    from trainer.dpo import DPOConfig, main_iterative
-    from trainer.online import heldout_pass1
+    from assay.trainer.dpo import DPOConfig, main_iterative
+    from assay.trainer.online import heldout_pass1
 
     torch.set_num_threads(torch_threads)
     cfg = load_config(DPOConfig, config, {"rounds": rounds, "seed": seed})

@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from arith import world
-from trainer.online import SERVICE_TIMEOUT_HELP, SERVICE_TIMEOUT_S, push_weights
-from trainer.sft import IGNORE, collate, encode_example
+from assay.arith import world
+from assay.trainer.online import SERVICE_TIMEOUT_HELP, SERVICE_TIMEOUT_S, push_weights
+from assay.trainer.sft import IGNORE, collate, encode_example
 
 if TYPE_CHECKING:
-    from clients.policy import PolicyClient
-    from policy_server.protocol import SearchResponse
+    from assay.clients.policy import PolicyClient
+    from assay.policy_server.protocol import SearchResponse
 
 # Strategies whose answer lists every sampled candidate with its own reward score.
 PAIR_STRATEGIES = ("best_of_n", "weighted_best_of_n")
@@ -388,7 +388,7 @@ def main_iterative(
     """
     from assay.checkpoints import load_embedded
     from assay.services import LocalServices
-    from clients import PolicyClient, RewardClient
+    from assay.clients import PolicyClient, RewardClient
 
     if (policy_url is None) != (rm_url is None):
         raise ValueError("give both policy_url and rm_url, or neither (to start local services)")

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from clients.policy import PolicyClient
-from trainer import online
-from trainer.online import (
+from assay.clients.policy import PolicyClient
+from assay.trainer import online
+from assay.trainer.online import (
     SERVICE_TIMEOUT_HELP,
     SERVICE_TIMEOUT_S,
     RewardFn,
@@ -39,7 +39,7 @@ from trainer.online import (
     token_logprobs,
     train_prompts,
 )
-from trainer.rl_math import entropy_from_logits, group_advantages, kl_estimate, masked_mean, token_loss
+from assay.trainer.rl_math import entropy_from_logits, group_advantages, kl_estimate, masked_mean, token_loss
 
 
 @dataclass

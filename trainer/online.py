@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from arith import world
-from arith.checks import is_correct
-from clients.errors import Conflict, Unavailable
-from clients.policy import PolicyClient
+from assay.arith import world
+from assay.arith.checks import is_correct
+from assay.clients.errors import Conflict, Unavailable
+from assay.clients.policy import PolicyClient
 
 RewardFn = Callable[..., list[float | None]]
 
@@ -112,7 +112,7 @@ def check_reward_id(reward_fn: RewardFn, expected: str | None) -> str:
     current = getattr(reward_fn, "reward_id", None)
     if current is None:
         raise RewardMismatch("the reward function carries no reward_id: use RewardClient.as_reward_fn or "
-                             "trainer.rewards.InProcessReward")  # fmt: skip
+                             "assay.trainer.rewards.InProcessReward")  # fmt: skip
     if expected is not None and current != expected:
         raise RewardMismatch(f"this run was trained on reward {expected}, and the reward now answers as {current}: "
                              "rewards with different ids must not be mixed in one run")  # fmt: skip

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from arith import world
-from clients.policy import PolicyClient
-from trainer import online
-from trainer.online import (
+from assay.arith import world
+from assay.clients.policy import PolicyClient
+from assay.trainer import online
+from assay.trainer.online import (
     SERVICE_TIMEOUT_HELP,
     SERVICE_TIMEOUT_S,
     RewardFn,
@@ -45,8 +45,8 @@ from trainer.online import (
     token_logprobs,
     train_prompts,
 )
-from trainer.rl_math import entropy_from_logits, gae, kl_estimate, masked_mean, masked_whiten
-from trainer.sft import collate, encode_example
+from assay.trainer.rl_math import entropy_from_logits, gae, kl_estimate, masked_mean, masked_whiten
+from assay.trainer.sft import collate, encode_example
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.sft import SFTConfig, make_update
+from assay.trainer.sft import SFTConfig, make_update
 
 Loss = Literal["bradley_terry", "listwise", "margin"]
 

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clients.reward import reward_fn_items, reward_fn_scores
-from rm_server.protocol import ScoreRequest
-from rm_server.rewards import build_rewards
-from rm_server.serving import RewardService
-from rm_server.spec import dependencies, load_spec, reward_ids
+from assay.clients.reward import reward_fn_items, reward_fn_scores
+from assay.rm_server.protocol import ScoreRequest
+from assay.rm_server.rewards import build_rewards
+from assay.rm_server.serving import RewardService
+from assay.rm_server.spec import dependencies, load_spec, reward_ids
 
 
 class InProcessReward:

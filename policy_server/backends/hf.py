@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.checkpoints import load_model
 from assay.generation import _filter_logits, is_greedy
-from policy_server.backends import (
+from assay.policy_server.backends import (
     GenerationBackend,
     GenerationFailed,
     GenerationOutput,
@@ -41,8 +41,8 @@ from policy_server.backends import (
     Overloaded,
     ParamSpec,
 )
-from rm_server import errors as rm_errors
-from rm_server.batcher import Batcher
+from assay.rm_server import errors as rm_errors
+from assay.rm_server.batcher import Batcher
 
 log = logging.getLogger(__name__)
 

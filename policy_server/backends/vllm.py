@@ -72,7 +72,7 @@ from typing import Any
 
 from assay.checkpoints import CheckpointError, load_tokenizer
 from assay.generation import is_greedy
-from policy_server.backends import (
+from assay.policy_server.backends import (
     GenerationBackend,
     GenerationFailed,
     GenerationOutput,
@@ -81,7 +81,7 @@ from policy_server.backends import (
     Overloaded,
     ParamSpec,
 )
-from policy_server.weights import DTYPES
+from assay.policy_server.weights import DTYPES
 
 CPU_KV_CACHE_BYTES = 128 * 1024**2  # ~130k tokens for the embedded checkpoints
 MAX_LOGPROBS = 20  # alternatives per position; the serving layer's Limits.max_logprobs

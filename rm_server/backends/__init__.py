@@ -38,11 +38,11 @@ class ScoringBackend(ABC):
 def load_backend(name: str, path, kind: Kind, device: str = "cpu") -> tuple[ScoringBackend, object]:
     """(backend, tokenizer) for a local checkpoint."""
     if name == "transformers":
-        from rm_server.backends.hf import TransformersBackend
+        from assay.rm_server.backends.hf import TransformersBackend
 
         backend = TransformersBackend(path, kind, device)
     elif name == "vllm":
-        from rm_server.backends.vllm import VllmBackend
+        from assay.rm_server.backends.vllm import VllmBackend
 
         backend = VllmBackend(path, kind)
     else:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from assay.checkpoints import CheckpointError, load_model
-from rm_server.backends import Kind, ScoringBackend
+from assay.rm_server.backends import Kind, ScoringBackend
 
 
 class TransformersBackend(ScoringBackend):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from assay.checkpoints import load_tokenizer
-from rm_server.backends import Kind, ScoringBackend
+from assay.rm_server.backends import Kind, ScoringBackend
 
 CPU_KV_CACHE_BYTES = 64 * 1024**2  # 65k tokens for the embedded checkpoints; enough for a batch
 

@@ -9,18 +9,18 @@
 
 from __future__ import annotations
 
-from rm_server.rewards.base import Compared, Item, ItemFailure, Outcome, Reward, Scored
-from rm_server.spec import CompositeSpec, JudgeSpec, SpecError, SpecFile, _ModelSpec, order_rewards, reward_ids
+from assay.rm_server.rewards.base import Compared, Item, ItemFailure, Outcome, Reward, Scored
+from assay.rm_server.spec import CompositeSpec, JudgeSpec, SpecError, SpecFile, _ModelSpec, order_rewards, reward_ids
 
 __all__ = ["Compared", "Item", "ItemFailure", "Outcome", "Reward", "Scored", "build_rewards"]
 
 
 def build_rewards(spec: SpecFile, ids: dict[str, str] | None = None) -> dict[str, Reward]:
     """Construct (not start) every reward of a spec, parts before the composites using them."""
-    from rm_server.rewards.composite import CompositeReward
-    from rm_server.rewards.judge import JudgeReward
-    from rm_server.rewards.model import ModelReward
-    from rm_server.rewards.rules import RULES
+    from assay.rm_server.rewards.composite import CompositeReward
+    from assay.rm_server.rewards.judge import JudgeReward
+    from assay.rm_server.rewards.model import ModelReward
+    from assay.rm_server.rewards.rules import RULES
 
     ids = ids if ids is not None else reward_ids(spec)
     built: dict[str, Reward] = {}

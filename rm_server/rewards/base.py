@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from rm_server.protocol import ErrorType, Granularity
+from assay.rm_server.protocol import ErrorType, Granularity
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import asyncio
 import operator
 from collections.abc import Callable, Sequence
 
-from rm_server.protocol import ErrorType, Granularity
-from rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored
-from rm_server.spec import CompositeSpec
+from assay.rm_server.protocol import ErrorType, Granularity
+from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored
+from assay.rm_server.spec import CompositeSpec
 
 _BINARY: dict[type, Callable[[float, float], float]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,

@@ -34,9 +34,9 @@ from collections.abc import Sequence
 
 import httpx
 
-from rm_server.protocol import ErrorType, Granularity
-from rm_server.rewards.base import Compared, Item, ItemFailure, Outcome, Reward, Scored, until_deadline
-from rm_server.spec import JudgeSpec
+from assay.rm_server.protocol import ErrorType, Granularity
+from assay.rm_server.rewards.base import Compared, Item, ItemFailure, Outcome, Reward, Scored, until_deadline
+from assay.rm_server.spec import JudgeSpec
 
 _SCORE_TEMPLATE = (
     "Rate how good the response is as an answer to the prompt, on a scale from {score_min} to "

@@ -34,8 +34,8 @@ from typing import Any
 
 from pebble import ProcessExpired, ProcessPool
 
-from rm_server.protocol import ErrorType
-from rm_server.rewards.base import DEADLINE, ItemFailure, Outcome, Scored
+from assay.rm_server.protocol import ErrorType
+from assay.rm_server.rewards.base import DEADLINE, ItemFailure, Outcome, Scored
 
 POOL_WORKERS = 2  # sympy is CPU-bound, and the service's other rewards need cores too
 CLOSE_S = 10.0  # closing waits this long at most for killed workers to be reaped

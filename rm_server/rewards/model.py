@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rm_server.batcher import Batcher
-from rm_server.errors import InvalidRequest
-from rm_server.protocol import ErrorType, Granularity
-from rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
-from rm_server.spec import OutcomeModelSpec, ProcessModelSpec
+from assay.rm_server.batcher import Batcher
+from assay.rm_server.errors import InvalidRequest
+from assay.rm_server.protocol import ErrorType, Granularity
+from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
+from assay.rm_server.spec import OutcomeModelSpec, ProcessModelSpec
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class _Encoded:
 def step_ends(response: str, how: str) -> list[int]:
     """Character offsets (exclusive) where each step of the response ends."""
     if how == "arith":
-        from arith.checks import segments
+        from assay.arith.checks import segments
 
         return [s.end for s in segments(response)]
     sep = r"\n" if how == "lines" else r"\n\s*\n"
@@ -80,7 +80,7 @@ class ModelReward(Reward):
         self.on_batch = None  # set by the service to record batch metrics
 
     async def start(self) -> None:
-        from rm_server.backends import load_backend
+        from assay.rm_server.backends import load_backend
 
         self.backend, self.tokenizer = await asyncio.to_thread(  # loading weights takes a while
             load_backend, self.spec.backend, self.path, "process" if self.process else "outcome", self.spec.device

@@ -20,12 +20,12 @@ from typing import Any
 
 import jsonschema
 
-from arith.checks import step_labels
-from arith.world import parse_prompt
-from rm_server.protocol import ErrorType, Granularity
-from rm_server.rewards import mathpool
-from rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
-from rm_server.spec import ExactMatchSpec, JsonSchemaSpec, LengthPenaltySpec, MathEqualSpec, RegexSpec
+from assay.arith.checks import step_labels
+from assay.arith.world import parse_prompt
+from assay.rm_server.protocol import ErrorType, Granularity
+from assay.rm_server.rewards import mathpool
+from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
+from assay.rm_server.spec import ExactMatchSpec, JsonSchemaSpec, LengthPenaltySpec, MathEqualSpec, RegexSpec
 
 
 def _compile(pattern: str, what: str) -> re.Pattern[str]:

@@ -2,10 +2,10 @@
 
 from safetensors.torch import load_file
 
-from arith.build import BuildConfig, build
+from assay.arith.build import BuildConfig, build
 from assay.checkpoints import load_model
-from trainer.reward_model import RMConfig
-from trainer.sft import SFTConfig
+from assay.trainer.reward_model import RMConfig
+from assay.trainer.sft import SFTConfig
 
 MICRO = BuildConfig(
     hidden_size=32, layers=1, heads=2, intermediate_size=64,
@@ -33,9 +33,9 @@ def test_build_writes_four_loadable_checkpoints_deterministically(tmp_path):
 def test_prefix_labels_agree_with_step_labels_at_step_ends():
     import random
 
-    from arith import world
-    from arith.build import prefix_examples
-    from arith.checks import segments, step_labels
+    from assay.arith import world
+    from assay.arith.build import prefix_examples
+    from assay.arith.checks import segments, step_labels
     from assay.generation import Sample
 
     rng = random.Random(0)

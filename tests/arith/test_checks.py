@@ -1,5 +1,5 @@
-from arith.checks import final_answer, is_correct, segments, step_labels
-from arith.world import Problem
+from assay.arith.checks import final_answer, is_correct, segments, step_labels
+from assay.arith.world import Problem
 
 P = Problem((23, 45, 17), ("+", "-"))
 
@@ -50,7 +50,7 @@ def test_missing_or_malformed_final_answer():
 
 
 def test_well_formed_means_every_segment_parses():
-    from arith.checks import is_well_formed
+    from assay.arith.checks import is_well_formed
 
     assert is_well_formed(P.solution)
     assert is_well_formed("23+45=67 67-17=50 #### 50")  # wrong, but only a plausible slip

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from arith.tokenizer import BOS, EOS, build_tokenizer
+from assay.arith.tokenizer import BOS, EOS, build_tokenizer
 
 
 def test_one_token_per_character_with_bos_and_exact_round_trip(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 
-from arith import world
+from assay.arith import world
 
 
 def test_example_from_the_issue_has_the_documented_shape():

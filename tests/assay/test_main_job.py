@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from assay.services import EMBEDDED_SPEC, spec_for_policy_port
-from rm_server.spec import load_spec, reward_ids
+from assay.rm_server.spec import load_spec, reward_ids
 
 
 def test_assay_run_prints_every_strategy_and_stops_the_servers_cleanly():

@@ -20,9 +20,9 @@ from fastapi import FastAPI
 from assay.connections import Connections
 from assay.logs import OneTracebackPerSite
 from assay.serve import BackgroundServer, HttpListener, PortInUse
-from rm_server.protocol import ErrorResponse, ErrorType
-from rm_server.server import BackgroundServer as RewardBackgroundServer
-from rm_server.server import RewardServer, ServerConfig, error_reply
+from assay.rm_server.protocol import ErrorResponse, ErrorType
+from assay.rm_server.server import BackgroundServer as RewardBackgroundServer
+from assay.rm_server.server import RewardServer, ServerConfig, error_reply
 
 RULES = """
 rewards:
@@ -93,7 +93,7 @@ def test_a_malformed_message_in_a_stream_gets_invalid_argument(server):
 
 
 def test_the_policy_service_refuses_malformed_bytes_the_same_way():
-    from policy_server.grpc_api import describe
+    from assay.policy_server.grpc_api import describe
     from assay.grpc_serve import MalformedMessage
 
     failure = describe(MalformedMessage("the request message does not parse"))

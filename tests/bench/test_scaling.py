@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from search import Generation, GenParams, Score
+from assay.search import Generation, GenParams, Score
 
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "scaling.py"
 _spec = importlib.util.spec_from_file_location("bench_scaling", _PATH)

@@ -25,9 +25,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 
-from proto.reward.v1 import reward_pb2_grpc
-from rm_server import grpc_convert
-from rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType, ItemResult, ScoreRequest, ScoreResponse
+from assay.proto.reward.v1 import reward_pb2_grpc
+from assay.rm_server import grpc_convert
+from assay.rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType, ItemResult, ScoreRequest, ScoreResponse
 
 
 @dataclass(frozen=True)

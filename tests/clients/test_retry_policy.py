@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from clients import InvalidRequest, Overloaded, RetryPolicy, Unavailable
-from clients.reward import _Deadline
-from policy_server import grpc_api as policy_grpc
-from policy_server import http_api as policy_http
-from policy_server.serving import PolicyService
-from rm_server import grpc_api as rm_grpc
-from rm_server import http_api as rm_http
-from rm_server.serving import RewardService
+from assay.clients import InvalidRequest, Overloaded, RetryPolicy, Unavailable
+from assay.clients.reward import _Deadline
+from assay.policy_server import grpc_api as policy_grpc
+from assay.policy_server import http_api as policy_http
+from assay.policy_server.serving import PolicyService
+from assay.rm_server import grpc_api as rm_grpc
+from assay.rm_server import http_api as rm_http
+from assay.rm_server.serving import RewardService
 
 
 class SimDeadline:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from assay.checkpoints import ARITH_DIR
-from clients import (
+from assay.clients import (
     AsyncRewardClient,
     DeadlineExceeded,
     InvalidRequest,
@@ -33,12 +33,12 @@ from clients import (
     Unavailable,
     UnknownReward,
 )
-from clients import reward as reward_module
-from clients.reward import _Deadline
-from clients.reward_transport import retry_after_s
-from rm_server.protocol import ErrorType, ScoreItem, ScoreResponse
-from rm_server.server import BackgroundServer, ServerConfig
-from rm_server.serving import Limits
+from assay.clients import reward as reward_module
+from assay.clients.reward import _Deadline
+from assay.clients.reward_transport import retry_after_s
+from assay.rm_server.protocol import ErrorType, ScoreItem, ScoreResponse
+from assay.rm_server.server import BackgroundServer, ServerConfig
+from assay.rm_server.serving import Limits
 from tests.clients.reward_doubles import (
     INTERNAL,
     INVALID,

@@ -6,7 +6,7 @@ import openai
 import pytest
 import torch
 
-from policy_server.server import BackgroundServer, ServerConfig
+from assay.policy_server.server import BackgroundServer, ServerConfig
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,9 +11,9 @@ import asyncio
 import pytest
 import torch
 
-from policy_server.backends import GenerationFailed, GenerationOutput, GenerationRequest
-from policy_server.backends.hf import BatchSettings, HFBackend, _Job, _next_tokens, _Row
-from policy_server.backends.vllm import _sampling_options
+from assay.policy_server.backends import GenerationFailed, GenerationOutput, GenerationRequest
+from assay.policy_server.backends.hf import BatchSettings, HFBackend, _Job, _next_tokens, _Row
+from assay.policy_server.backends.vllm import _sampling_options
 
 PROMPT = "Q: 23+45-17 A: "
 GREEDY = "23+45=68 68-17=51 #### 51"

@@ -1,4 +1,4 @@
-"""`python -m policy_server` as a real subprocess: serves, answers the openai client, stops on SIGTERM."""
+"""`python -m assay.policy_server` as a real subprocess: serves, answers the openai client, stops on SIGTERM."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import grpc
 import openai
 
 from assay.checkpoints import ARITH_DIR
-from proto.policy.v1 import policy_pb2, policy_pb2_grpc
+from assay.proto.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from tests.servers import free_port, wait_ready
 
@@ -19,7 +19,7 @@ from tests.servers import free_port, wait_ready
 def test_server_subprocess_serves_the_embedded_models_and_stops_cleanly():
     port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "policy_server", "--port", str(port), "--grpc-port", str(grpc_port),
+        [sys.executable, "-m", "assay.policy_server", "--port", str(port), "--grpc-port", str(grpc_port),
          "--torch-threads", "1", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -45,7 +45,7 @@ def test_server_subprocess_serves_the_embedded_models_and_stops_cleanly():
 def test_serving_beyond_loopback_without_keys_exits_with_a_message():
     env = {**os.environ, "ASSAY_POLICY_API_KEYS": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "policy_server", "--host", "0.0.0.0", "--port", str(free_port())],
+        [sys.executable, "-m", "assay.policy_server", "--host", "0.0.0.0", "--port", str(free_port())],
         capture_output=True, text=True, timeout=60, env=env,
     )
     assert proc.returncode == 2
@@ -54,7 +54,7 @@ def test_serving_beyond_loopback_without_keys_exits_with_a_message():
 
 def test_a_missing_checkpoint_exits_with_the_reason(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "policy_server", "--model", str(tmp_path / "absent"), "--port", str(free_port())],
+        [sys.executable, "-m", "assay.policy_server", "--model", str(tmp_path / "absent"), "--port", str(free_port())],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr + proc.stdout
@@ -62,7 +62,7 @@ def test_a_missing_checkpoint_exits_with_the_reason(tmp_path):
 
 def test_an_unknown_backend_exits_with_the_choices():
     proc = subprocess.run(
-        [sys.executable, "-m", "policy_server", "--backend", "tgi", "--port", str(free_port())],
+        [sys.executable, "-m", "assay.policy_server", "--backend", "tgi", "--port", str(free_port())],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "use one of transformers, vllm" in proc.stderr + proc.stdout
@@ -71,7 +71,7 @@ def test_an_unknown_backend_exits_with_the_choices():
 def test_a_classifier_checkpoint_as_the_model_exits_naming_the_missing_weights():
     orm = ARITH_DIR / "orm"
     proc = subprocess.run(
-        [sys.executable, "-m", "policy_server", "--model", str(orm), "--port", str(free_port())],
+        [sys.executable, "-m", "assay.policy_server", "--model", str(orm), "--port", str(free_port())],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "missing weights lm_head.weight" in proc.stderr + proc.stdout

@@ -13,15 +13,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from policy_server import serving
-from policy_server.backends.hf import BatchSettings
-from policy_server.grpc_api import SERVICE, describe, generate_response_to_proto, start_grpc_server
-from policy_server.protocol import CompletionResponse, ModelList
-from policy_server.server import BackgroundServer, ServerConfig
-from policy_server.serving import Limits, PolicyService
-from proto.policy.v1 import policy_pb2 as pb
-from proto.policy.v1 import policy_pb2_grpc
-from rm_server.auth import ApiKeys
+from assay.policy_server import serving
+from assay.policy_server.backends.hf import BatchSettings
+from assay.policy_server.grpc_api import SERVICE, describe, generate_response_to_proto, start_grpc_server
+from assay.policy_server.protocol import CompletionResponse, ModelList
+from assay.policy_server.server import BackgroundServer, ServerConfig
+from assay.policy_server.serving import Limits, PolicyService
+from assay.proto.policy.v1 import policy_pb2 as pb
+from assay.proto.policy.v1 import policy_pb2_grpc
+from assay.rm_server.auth import ApiKeys
 
 PROMPT = "Q: 23+45-17 A: "
 Status = grpc.StatusCode

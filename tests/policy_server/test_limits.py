@@ -11,11 +11,11 @@ import httpx
 import openai
 import pytest
 
-from policy_server.backends.hf import BatchSettings
-from policy_server.protocol import CompletionResponse, ErrorResponse
-from policy_server.server import BackgroundServer, PolicyServer, ServerConfig
-from policy_server.serving import Limits
-from rm_server.server import InsecureBinding
+from assay.policy_server.backends.hf import BatchSettings
+from assay.policy_server.protocol import CompletionResponse, ErrorResponse
+from assay.policy_server.server import BackgroundServer, PolicyServer, ServerConfig
+from assay.policy_server.serving import Limits
+from assay.rm_server.server import InsecureBinding
 
 PROMPT = "Q: 23+45-17 A: "
 OK = {"model": "policy", "prompt": PROMPT, "max_tokens": 4}

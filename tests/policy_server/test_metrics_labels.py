@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import httpx
 
-from proto.policy.v1 import policy_pb2 as pb
-from proto.policy.v1 import policy_pb2_grpc
+from assay.proto.policy.v1 import policy_pb2 as pb
+from assay.proto.policy.v1 import policy_pb2_grpc
 
 
 def test_unknown_model_names_share_one_label_and_never_reach_metrics(server):

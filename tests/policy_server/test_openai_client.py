@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from assay.generation import SamplingParams, sample
-from policy_server.protocol import ChatCompletionResponse, CompletionResponse, ModelList
+from assay.policy_server.protocol import ChatCompletionResponse, CompletionResponse, ModelList
 
 PROMPTS = ["Q: 23+45-17 A: ", "Q: 8-3+12 A: "]
 

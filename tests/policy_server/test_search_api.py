@@ -20,19 +20,19 @@ import typer
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from arith import world
+from assay.arith import world
 from assay.checkpoints import ARITH_DIR, EMBEDDED, load_embedded
-from clients.reward import RewardClient
-from policy_server.backends import GenerationOutput, GenerationRequest
-from policy_server.backends.hf import HFBackend, _Job, decode
-from policy_server.cli import search_cmd
-from policy_server.generator import BackendGenerator, sequence_seed
-from policy_server.protocol import ErrorResponse, SearchResponse
-from policy_server.server import BackgroundServer, ServerConfig
-from rm_server.server import BackgroundServer as RewardServer
-from rm_server.server import ServerConfig as RewardConfig
-from search import STRATEGIES, Budget, GenParams, SearchConfig
-from search.remote import RemoteScorer
+from assay.clients.reward import RewardClient
+from assay.policy_server.backends import GenerationOutput, GenerationRequest
+from assay.policy_server.backends.hf import HFBackend, _Job, decode
+from assay.policy_server.cli import search_cmd
+from assay.policy_server.generator import BackendGenerator, sequence_seed
+from assay.policy_server.protocol import ErrorResponse, SearchResponse
+from assay.policy_server.server import BackgroundServer, ServerConfig
+from assay.rm_server.server import BackgroundServer as RewardServer
+from assay.rm_server.server import ServerConfig as RewardConfig
+from assay.search import STRATEGIES, Budget, GenParams, SearchConfig
+from assay.search.remote import RemoteScorer
 
 SPEC = f"""
 rewards:

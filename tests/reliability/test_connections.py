@@ -19,8 +19,8 @@ import pytest
 
 from assay.connections import Connections
 from assay.services import free_port
-from rm_server.protocol import ErrorResponse, ErrorType
-from rm_server.server import BackgroundServer, ServerConfig
+from assay.rm_server.protocol import ErrorResponse, ErrorType
+from assay.rm_server.server import BackgroundServer, ServerConfig
 
 pytestmark = pytest.mark.reliability
 
@@ -125,7 +125,7 @@ def test_past_the_connection_cap_a_new_connection_gets_the_typed_503(server):
 @pytest.mark.parametrize("taken", ["http", "grpc"])
 def test_a_second_server_on_a_taken_port_exits_with_one_sentence_naming_it(spec, taken):
     port, grpc_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "rm_server", "--spec", str(spec), "--log-level", "warning"]
+    argv = [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--log-level", "warning"]
     first = subprocess.Popen([*argv, "--port", str(port), "--grpc-port", str(grpc_port)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:

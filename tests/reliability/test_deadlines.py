@@ -20,10 +20,10 @@ import httpx
 import pytest
 
 from assay.checkpoints import ARITH_DIR
-from proto.reward.v1 import reward_pb2_grpc
-from rm_server import grpc_convert as convert
-from rm_server.protocol import ErrorType, ScoreRequest, ScoreResponse
-from rm_server.server import BackgroundServer, ServerConfig
+from assay.proto.reward.v1 import reward_pb2_grpc
+from assay.rm_server import grpc_convert as convert
+from assay.rm_server.protocol import ErrorType, ScoreRequest, ScoreResponse
+from assay.rm_server.server import BackgroundServer, ServerConfig
 from tests.servers import free_port, wait_ready
 
 pytestmark = pytest.mark.reliability
@@ -140,7 +140,7 @@ def test_model_items_whose_caller_gave_up_leave_the_queue_unrun(server):
 def test_sigterm_with_hostile_work_running_exits_promptly(spec):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rm_server", "--spec", str(spec), "--port", str(port), "--grpc-port", "-1",
+        [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", str(port), "--grpc-port", "-1",
          "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip

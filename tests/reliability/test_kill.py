@@ -21,12 +21,12 @@ import torch
 
 from assay.checkpoints import load_embedded
 from assay.services import LocalServices
-from clients import PolicyClient, RewardClient
-from clients import policy as policy_module
+from assay.clients import PolicyClient, RewardClient
+from assay.clients import policy as policy_module
 from tests.reliability import loadgen
-from trainer.grpo import GRPOConfig, train
-from trainer.online import RunDir
-from trainer.rewards import InProcessReward
+from assay.trainer.grpo import GRPOConfig, train
+from assay.trainer.online import RunDir
+from assay.trainer.rewards import InProcessReward
 
 pytestmark = pytest.mark.reliability
 

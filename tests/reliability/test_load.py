@@ -14,7 +14,7 @@ import time
 import pytest
 
 from assay.services import LocalServices
-from clients import RewardClient
+from assay.clients import RewardClient
 from tests.reliability import loadgen
 
 pytestmark = pytest.mark.reliability

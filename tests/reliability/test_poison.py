@@ -21,12 +21,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from arith.tokenizer import build_tokenizer
+from assay.arith.tokenizer import build_tokenizer
 from assay.checkpoints import ARITH_DIR
-from policy_server.backends.hf import BatchSettings
-from policy_server.protocol import ChatCompletionResponse, CompletionResponse, ErrorResponse, SearchResponse
-from policy_server.server import BackgroundServer, ServerConfig
-from proto.policy.v1 import policy_pb2, policy_pb2_grpc
+from assay.policy_server.backends.hf import BatchSettings
+from assay.policy_server.protocol import ChatCompletionResponse, CompletionResponse, ErrorResponse, SearchResponse
+from assay.policy_server.server import BackgroundServer, ServerConfig
+from assay.proto.policy.v1 import policy_pb2, policy_pb2_grpc
 
 pytestmark = pytest.mark.reliability
 

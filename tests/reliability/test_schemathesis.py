@@ -27,20 +27,20 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from assay.checkpoints import ARITH_DIR, EMBEDDED
-from policy_server.backends.hf import BatchSettings
-from policy_server.protocol import (
+from assay.policy_server.backends.hf import BatchSettings
+from assay.policy_server.protocol import (
     NO_REWARD_STRATEGIES,
     SEARCH_STRATEGIES,
     ChatCompletionRequest,
     CompletionRequest,
     SearchRequest,
 )
-from policy_server.server import BackgroundServer as PolicyBackground
-from policy_server.server import ServerConfig as PolicyConfig
-from policy_server.serving import Limits as PolicyLimits
-from rm_server.protocol import CompareRequest, ScoreRequest
-from rm_server.server import BackgroundServer as RewardBackground
-from rm_server.server import ServerConfig as RewardConfig
+from assay.policy_server.server import BackgroundServer as PolicyBackground
+from assay.policy_server.server import ServerConfig as PolicyConfig
+from assay.policy_server.serving import Limits as PolicyLimits
+from assay.rm_server.protocol import CompareRequest, ScoreRequest
+from assay.rm_server.server import BackgroundServer as RewardBackground
+from assay.rm_server.server import ServerConfig as RewardConfig
 
 pytestmark = pytest.mark.reliability
 
@@ -150,8 +150,8 @@ def test_the_schemas_state_the_rules_serving_enforces():
 
 
 def test_the_schemas_strategy_names_are_the_servers():
-    import search
-    from policy_server.serving_search import NO_REWARD
+    from assay import search
+    from assay.policy_server.serving_search import NO_REWARD
 
     assert set(SEARCH_STRATEGIES) == set(search.STRATEGIES)
     assert set(NO_REWARD_STRATEGIES) == NO_REWARD

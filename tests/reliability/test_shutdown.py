@@ -1,6 +1,6 @@
 """SIGTERM with requests in flight: every request completes or gets a retryable, typed error.
 
-Each service runs as a real subprocess (`python -m rm_server`, `python -m policy_server`, as a
+Each service runs as a real subprocess (`python -m assay.rm_server`, `python -m assay.policy_server`, as a
 user starts it). Some 30 requests are put in flight, then SIGTERM. Promised (README, Reliability):
 `/ready` turns 503 at once; a request sent during the drain gets 503 in the protocol's error
 shape with Retry-After; requests in flight finish within `--drain-timeout`, and those cut off
@@ -23,12 +23,12 @@ import httpx
 import pytest
 
 from assay.services import free_port
-from policy_server.protocol import CompletionResponse
-from policy_server.protocol import ErrorResponse as PolicyError
-from proto.reward.v1 import reward_pb2 as pb
-from proto.reward.v1 import reward_pb2_grpc
-from rm_server.protocol import ErrorResponse as RewardError
-from rm_server.protocol import ErrorType, ScoreResponse
+from assay.policy_server.protocol import CompletionResponse
+from assay.policy_server.protocol import ErrorResponse as PolicyError
+from assay.proto.reward.v1 import reward_pb2 as pb
+from assay.proto.reward.v1 import reward_pb2_grpc
+from assay.rm_server.protocol import ErrorResponse as RewardError
+from assay.rm_server.protocol import ErrorType, ScoreResponse
 
 pytestmark = pytest.mark.reliability
 
@@ -127,7 +127,7 @@ def reward_server(tmp_path):
     started: list[Proc] = []
 
     def start(drain_s: float, grpc_port: int = -1) -> Proc:
-        proc = Proc("rm_server", ["--grpc-port", str(grpc_port), "--drain-timeout", str(drain_s),
+        proc = Proc("assay.rm_server", ["--grpc-port", str(grpc_port), "--drain-timeout", str(drain_s),
                                   "--log-level", "warning"], tmp_path / f"rm{len(started)}.log")  # fmt: skip
         started.append(proc)
         proc.wait_ready()
@@ -209,7 +209,7 @@ def test_rm_server_cuts_off_at_the_drain_timeout_with_typed_retryable_errors(rew
 
 def test_policy_server_drains_and_cuts_off_with_typed_retryable_errors(tmp_path):
     drain_s = 1.0
-    server = Proc("policy_server", ["--drain-timeout", str(drain_s), "--torch-threads", "1", "--log-level", "warning"],
+    server = Proc("assay.policy_server", ["--drain-timeout", str(drain_s), "--torch-threads", "1", "--log-level", "warning"],
                   tmp_path / "policy.log")  # fmt: skip
     try:
         server.wait_ready()

@@ -1,6 +1,6 @@
 """SIGKILL of the policy server in the middle of a weight push, with greedy generations running.
 
-The server is a real subprocess (`python -m policy_server`); `assay.services.Service.restart` starts
+The server is a real subprocess (`python -m assay.policy_server`); `assay.services.Service.restart` starts
 it again on the same port, as a supervisor would. A trainer pushes full weight sets with
 `expect_version`, alternating two of them so that a version's parity says which set it serves, and
 the push in flight is cut off by SIGKILL once part of its body is sent. What must hold:
@@ -32,11 +32,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import clients.policy
+from assay.clients import policy as policy_client
 from assay.checkpoints import EMBEDDED
 from assay.services import Service, free_port
-from clients import Conflict, PolicyClient, Unavailable
-from clients.errors import ServiceError
+from assay.clients import Conflict, PolicyClient, Unavailable
+from assay.clients.errors import ServiceError
 
 pytestmark = pytest.mark.reliability
 
@@ -48,9 +48,9 @@ MAX_GENERATIONS = 400  # per worker, whatever happens
 
 @pytest.fixture
 def policy(tmp_path):
-    """`python -m policy_server` serving the embedded policy, as a `Service` that can be restarted."""
+    """`python -m assay.policy_server` serving the embedded policy, as a `Service` that can be restarted."""
     port = free_port()
-    argv = [sys.executable, "-m", "policy_server", "--model", str(EMBEDDED["policy"][1]), "--port", str(port),
+    argv = [sys.executable, "-m", "assay.policy_server", "--model", str(EMBEDDED["policy"][1]), "--port", str(port),
             "--torch-threads", "1", "--log-level", "warning"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = tmp_path / "policy_server.log"
@@ -93,7 +93,7 @@ def generate(url: str, stop: threading.Event, restarted: threading.Event, seen: 
 def pausing_chunks(mid_push: threading.Event, resume: threading.Event):
     """`safetensors_chunks`, but once the first chunk is sent the upload waits for `resume`: the
     moment to kill the server with a push certainly in flight."""
-    real = clients.policy.safetensors_chunks
+    real = policy_client.safetensors_chunks
 
     def chunks(tensors):
         it, size = real(tensors)
@@ -153,7 +153,7 @@ def test_sigkill_during_a_weight_push_loses_no_consistency_and_hangs_no_one(poli
 
                 # the fault: SIGKILL with the next push's body partly sent
                 mid_push, resume = threading.Event(), threading.Event()
-                monkeypatch.setattr(clients.policy, "safetensors_chunks", pausing_chunks(mid_push, resume))
+                monkeypatch.setattr(policy_client, "safetensors_chunks", pausing_chunks(mid_push, resume))
                 pushing = pool.submit(push, trainer, version)
                 assert mid_push.wait(PUSH_TIMEOUT_S)
                 policy.proc.kill()

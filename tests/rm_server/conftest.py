@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from assay.checkpoints import ARITH_DIR
-from rm_server.server import BackgroundServer, ServerConfig
+from assay.rm_server.server import BackgroundServer, ServerConfig
 from tests.rm_server.judge_double import serve_judge_double
 
 

@@ -19,13 +19,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import ValidationError
 
 from assay.checkpoints import ARITH_DIR
-from proto.generate import CONTRACTS
-from proto.reward.v1 import reward_pb2 as pb
-from proto.reward.v1 import reward_pb2_grpc
-from rm_server import grpc_convert as convert
-from rm_server.auth import ApiKeys
-from rm_server.grpc_api import SERVICE, _within_deadline, start_grpc_server
-from rm_server.protocol import (
+from assay.proto.generate import CONTRACTS
+from assay.proto.reward.v1 import reward_pb2 as pb
+from assay.proto.reward.v1 import reward_pb2_grpc
+from assay.rm_server import grpc_convert as convert
+from assay.rm_server.auth import ApiKeys
+from assay.rm_server.grpc_api import SERVICE, _within_deadline, start_grpc_server
+from assay.rm_server.protocol import (
     CompareItem,
     CompareRequest,
     CompareResponse,
@@ -41,9 +41,9 @@ from rm_server.protocol import (
     ScoreResponse,
     TokenScore,
 )
-from rm_server.rewards import Reward
-from rm_server.server import BackgroundServer, ServerConfig
-from rm_server.serving import Limits, RewardService
+from assay.rm_server.rewards import Reward
+from assay.rm_server.server import BackgroundServer, ServerConfig
+from assay.rm_server.serving import Limits, RewardService
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "Q: 23+45-17 A: "
@@ -116,7 +116,7 @@ def test_generated_code_is_what_the_script_produces(tmp_path):
             committed = (REPO / "proto" / folder / name).read_bytes()
             assert (tmp_path / folder / name).read_bytes() == committed, f"{name} differs: run python proto/generate.py"
         package = str(folder).replace("/", ".")
-        assert f"from proto.{package} import {stem}_pb2".encode() in (tmp_path / folder / names[2]).read_bytes()
+        assert f"from assay.proto.{package} import {stem}_pb2".encode() in (tmp_path / folder / names[2]).read_bytes()
 
 
 def test_score_messages_round_trip_exactly():

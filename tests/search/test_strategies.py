@@ -6,8 +6,8 @@ import inspect
 
 import pytest
 
-import search
-from search import (
+from assay import search
+from assay.search import (
     STRATEGIES,
     Budget,
     SearchConfig,
@@ -19,7 +19,7 @@ from search import (
     refine,
     weighted_best_of_n,
 )
-from search.base import aggregate, final_answer, step_ends
+from assay.search.base import aggregate, final_answer, step_ends
 from tests.search.doubles import ScriptedGenerator, TableScorer, TreeGenerator
 
 P = "Q: 1+1+1 A: "

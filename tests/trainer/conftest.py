@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from assay.services import LocalServices
-from clients.policy import PolicyClient
-from clients.reward import RewardClient
+from assay.clients.policy import PolicyClient
+from assay.clients.reward import RewardClient
 
 
 @pytest.fixture(scope="module")

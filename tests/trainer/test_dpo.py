@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from arith import world
+from assay.arith import world
 from assay.generation import SamplingParams, sample
-from clients import PolicyClient, RewardClient
-from trainer.dpo import (
+from assay.clients import PolicyClient, RewardClient
+from assay.trainer.dpo import (
     DPOConfig,
     Pair,
     RewardIdChanged,
@@ -184,7 +184,7 @@ def test_a_changed_reward_id_stops_the_run(services, embedded):
 
 
 def test_pair_from_search_leaves_out_failed_and_tied_candidates():
-    from policy_server.protocol import SearchCandidate
+    from assay.policy_server.protocol import SearchCandidate
 
     def resp(*scores):
         cands = [SearchCandidate(text=f"r{i}", score=s, final_answer=None, steps=None, num_tokens=1,

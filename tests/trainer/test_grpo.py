@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from assay.checkpoints import load_embedded
-from clients.reward import RewardClient
-from trainer.grpo import GRPOConfig, train
-from trainer.online import RewardMismatch, RunDir
-from trainer.rewards import InProcessReward
+from assay.clients.reward import RewardClient
+from assay.trainer.grpo import GRPOConfig, train
+from assay.trainer.online import RewardMismatch, RunDir
+from assay.trainer.rewards import InProcessReward
 
 SMALL = dict(prompts_per_step=4, group_size=4, max_tokens=40, lr=1e-4, checkpoint_every=1)
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trainer.reward_model import bradley_terry_loss, listwise_loss, margin_ranking_loss
+from assay.trainer.reward_model import bradley_terry_loss, listwise_loss, margin_ranking_loss
 
 
 def test_bradley_terry_matches_hand_computed_values():

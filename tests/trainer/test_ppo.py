@@ -7,8 +7,8 @@ import math
 import torch
 
 from assay.checkpoints import load_embedded
-from trainer.online import RunDir
-from trainer.ppo import Critic, PPOConfig, train
+from assay.trainer.online import RunDir
+from assay.trainer.ppo import Critic, PPOConfig, train
 
 SMALL = dict(prompts_per_step=4, samples_per_prompt=2, max_tokens=40, checkpoint_every=1)
 

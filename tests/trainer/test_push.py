@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from clients import Conflict, Unavailable
-from trainer.online import push_weights
+from assay.clients import Conflict, Unavailable
+from assay.trainer.online import push_weights
 
 
 @dataclass

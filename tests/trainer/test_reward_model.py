@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
 
-from arith import world
-from arith.checks import segments, step_labels
-from trainer.reward_model import (
+from assay.arith import world
+from assay.arith.checks import segments, step_labels
+from assay.trainer.reward_model import (
     RankedGroup,
     RMConfig,
     StepExample,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trainer.rl_math import (
+from assay.trainer.rl_math import (
     entropy_from_logits,
     gae,
     gather_logprobs,

@@ -5,8 +5,8 @@ import pytest
 
 import torch
 
-from arith import world
-from trainer.sft import IGNORE, SFTConfig, collate, encode_example, lr_lambda, train_sft
+from assay.arith import world
+from assay.trainer.sft import IGNORE, SFTConfig, collate, encode_example, lr_lambda, train_sft
 
 
 def test_prompt_tokens_are_masked_and_completion_ends_with_eos(tokenizer):
@@ -47,7 +47,7 @@ def test_config_refuses_nonsense():
 
 
 def test_sft_loss_without_smoothing_is_shifted_cross_entropy():
-    from trainer.sft import sft_loss
+    from assay.trainer.sft import sft_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 6)
@@ -57,7 +57,7 @@ def test_sft_loss_without_smoothing_is_shifted_cross_entropy():
 
 
 def test_class_restricted_label_smoothing_by_hand():
-    from trainer.sft import sft_loss
+    from assay.trainer.sft import sft_loss
 
     # one predicted position over a 4-token vocabulary; tokens 1 and 2 form the smoothed class
     logp = torch.log(torch.tensor([0.1, 0.6, 0.2, 0.1]))

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.policy.v1 import policy_pb2 as policy_dot_v1_dot_policy__pb2
+from assay.proto.policy.v1 import policy_pb2 as policy_dot_v1_dot_policy__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -15,14 +15,14 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-from arith.checks import is_correct
-from arith.verifier import verifier_prompt
-from arith.world import ANSWER_MARK, Problem, take
+from assay.arith.checks import is_correct
+from assay.arith.verifier import verifier_prompt
+from assay.arith.world import ANSWER_MARK, Problem, take
 from assay.checkpoints import load_embedded
 from assay.scoring import verifier_yes_prob
-from rm_server.protocol import ErrorType, Granularity
-from rm_server.rewards.base import Item, ItemFailure, Scored
-from rm_server.rewards.judge import (
+from assay.rm_server.protocol import ErrorType, Granularity
+from assay.rm_server.rewards.base import Item, ItemFailure, Scored
+from assay.rm_server.rewards.judge import (
     JudgeKeyRefused,
     JudgeReward,
     expected_score,
@@ -32,7 +32,7 @@ from rm_server.rewards.judge import (
     sanitize,
     two_way,
 )
-from rm_server.spec import JudgeSpec, parse_spec
+from assay.rm_server.spec import JudgeSpec, parse_spec
 from tests.rm_server.judge_double import judge_app, serve, serve_judge_double
 
 PAIR_TEMPLATE = "{prompt}\nA: {response_a}\nB: {response_b}\nBetter:"
@@ -199,7 +199,7 @@ def test_resolved_templates_and_reward_ids():
     assert resolved_template(judge_spec("http://judge/v1", mode="pairwise")).endswith("Better:")
     judge = {"type": "judge", "endpoint": "http://x/v1", "model": "m", "mode": "expected_score"}
     spec = parse_spec({"rewards": {"a": judge, "b": {**judge, "score_max": 5}, "c": {**judge, "timeout_s": 5}}})
-    from rm_server.spec import reward_ids
+    from assay.rm_server.spec import reward_ids
 
     ids = reward_ids(spec)
     assert ids["a"] != ids["b"]  # the filled-in range is part of the hashed prompt
@@ -331,7 +331,7 @@ def test_api_key_is_sent_as_bearer(double, monkeypatch):
 @pytest.fixture(scope="module")
 def keyed_policy_server():
     """The real policy server, serving the embedded verifier to holders of `judge-key-for-tests`."""
-    from policy_server.server import BackgroundServer, ServerConfig
+    from assay.policy_server.server import BackgroundServer, ServerConfig
 
     with BackgroundServer(ServerConfig(port=0, api_keys=("judge-key-for-tests:generate",))) as s:
         yield s
@@ -368,7 +368,7 @@ def test_the_reward_service_with_a_refused_judge_key_exits_naming_the_judge(keye
         "mode: yes_prob, api_key_env: ASSAY_TEST_JUDGE_KEY}\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "rm_server", "--spec", str(spec), "--port", str(free_port()), "--grpc-port", "-1"],
+        [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", str(free_port()), "--grpc-port", "-1"],
         env={**os.environ, "ASSAY_TEST_JUDGE_KEY": "wrong-key"}, capture_output=True, text=True, timeout=120,
     )
     said = " ".join((done.stdout + done.stderr).split())  # the console wraps long lines

@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from arith.world import Problem
-from rm_server.protocol import ErrorType, Granularity
-from rm_server.rewards import mathpool
-from rm_server.rewards.base import DEADLINE, Item, ItemFailure, Scored
-from rm_server.rewards.rules import (
+from assay.arith.world import Problem
+from assay.rm_server.protocol import ErrorType, Granularity
+from assay.rm_server.rewards import mathpool
+from assay.rm_server.rewards.base import DEADLINE, Item, ItemFailure, Scored
+from assay.rm_server.rewards.rules import (
     RULES, ArithSteps, ExactMatch, JsonSchema, LengthPenalty, MathEqual, RegexMatch, length_penalty,
 )
-from rm_server.spec import (
+from assay.rm_server.spec import (
     ArithStepsSpec, ExactMatchSpec, JsonSchemaSpec, LengthPenaltySpec, MathEqualSpec, RegexSpec,
 )
 
@@ -375,7 +375,7 @@ def test_math_workers_exit_when_the_service_process_is_killed(tmp_path):
     script = tmp_path / "serve.py"
     script.write_text(
         "import asyncio, os, sys\n"
-        "from rm_server.rewards import mathpool\n"
+        "from assay.rm_server.rewards import mathpool\n"
         "async def main():\n"
         "    await mathpool.start(1)\n"
         "    print(' '.join(str(p) for p in mathpool.worker_pids()), flush=True)\n"
