@@ -23,7 +23,7 @@ from assay.proto.generate import CONTRACTS
 from assay.proto.reward.v1 import reward_pb2 as pb
 from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server import grpc_convert as convert
-from assay.rm_server.auth import ApiKeys
+from assay.base.auth import ApiKeys
 from assay.rm_server.grpc_api import SERVICE, _within_deadline, start_grpc_server
 from assay.rm_server.protocol import (
     CompareItem,
