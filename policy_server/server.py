@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from assay.base import serve as runtime
@@ -111,7 +112,7 @@ class PolicyServer(ServiceServer):
         self.service = PolicyService(backends, config.limits, metrics)
         self.searches = SearchService(self.service, rewards, config.rm_url)
 
-    def create_app(self):
+    def create_app(self) -> FastAPI:
         return create_app(self.service, self.keys, self.searches, self.weight_roots, self.hosts)
 
     async def start_grpc(self) -> tuple[grpc.aio.Server, int]:

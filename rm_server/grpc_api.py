@@ -6,11 +6,12 @@ and converts back; nothing else. Auth and errors are handled in one place, the s
 
 - every `assay.reward.v1.RewardService` method needs an `authorization: Bearer KEY` metadata
   entry with the `score` scope (when keys are configured); health and reflection stay open;
-- a `ServiceError` becomes the gRPC code of its HTTP status (`assay.base.errors.grpc_status`) with its message as details, an `error-type` trailer
-  (the protocol's ErrorType, as in HTTP's body) and a `retry-after` trailer in seconds when it
-  says when to retry; a request that breaks the protocol's rules becomes INVALID_ARGUMENT
-  listing the problems, bytes that do not parse as the request message too, and anything else
-  becomes INTERNAL with a short message (the traceback goes to the log, never to the client).
+- a `ServiceError` becomes the gRPC code of its HTTP status (`assay.base.errors.grpc_status`),
+  with its message as details, an `error-type` trailer (the protocol's ErrorType, as in HTTP's
+  body, `errors.error_type`) and a `retry-after` trailer in seconds when it says when to retry;
+  a request that breaks the protocol's rules becomes INVALID_ARGUMENT listing the problems, bytes
+  that do not parse as the request message too, and anything else becomes INTERNAL with a short
+  message (the traceback goes to the log, never to the client).
 
 ScoreStream answers each of its requests in-band instead: a failed request becomes an
 `ErrorInfo` on its own answer, built by the same `describe` function, and the stream goes on.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from assay.base import serve as runtime
@@ -59,7 +60,7 @@ class RewardServer(ServiceServer):
         self.config: ServerConfig = config
         self.service = RewardService(build_rewards(load_spec(config.spec)), config.limits)
 
-    def create_app(self):
+    def create_app(self) -> FastAPI:
         return create_app(self.service, self.keys, self.hosts)
 
     async def start_grpc(self) -> tuple[grpc.aio.Server, int]:
