@@ -17,6 +17,7 @@ The config is read by its field names only (`Listening`), so each service keeps 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -33,14 +34,20 @@ log = logging.getLogger(__name__)
 
 
 class Listening(Protocol):
-    """What the runtime reads of a service's config."""
+    """What the runtime reads of a service's config (read-only, as the frozen config dataclasses are)."""
 
-    host: str
-    port: int  # 0 picks a free port
-    grpc_port: int | None  # None: no gRPC; 0 picks a free port
-    allowed_hosts: tuple[str, ...]
-    connections: Connections
-    log_level: str
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...  # 0 picks a free port
+    @property
+    def grpc_port(self) -> int | None: ...  # None: no gRPC; 0 picks a free port
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]: ...
+    @property
+    def connections(self) -> Connections: ...
+    @property
+    def log_level(self) -> str: ...
 
 
 class Service(Protocol):
@@ -63,7 +70,7 @@ def keys_for(host: str, entries: Iterable[str], env_var: str, scopes: tuple[str,
     return keys
 
 
-class ServiceServer:
+class ServiceServer(ABC):
     """A service's HTTP and gRPC listeners over its serving layer; subclasses fill in the hooks below."""
 
     service: Service
@@ -78,16 +85,17 @@ class ServiceServer:
 
     # --- what each service says ----------------------------------------------------------
 
+    @abstractmethod
     def create_app(self) -> FastAPI:
-        raise NotImplementedError
+        """The service's HTTP app (its routes, its error handlers, the guards)."""
 
+    @abstractmethod
     async def start_grpc(self) -> tuple[grpc.aio.Server, int]:
         """Start the gRPC server on `config.grpc_port`; returns it and its bound port."""
-        raise NotImplementedError
 
+    @abstractmethod
     def error_reply(self, status: int, message: str) -> Response:
         """This protocol's answer for the runtime's own refusals (503 retryable, 500)."""
-        raise NotImplementedError
 
     async def close(self) -> None:
         """After the drain: free what the server holds (the service's models, by default)."""
