@@ -25,8 +25,9 @@ from pydantic import ValidationError
 
 from assay import grpc_serve
 from assay.grpc_serve import AuthAndErrors, Failure, MalformedMessage, internal, invalid_argument, malformed
+from assay.policy_server.config import Limits
 from assay.policy_server.protocol import CompletionLogprobs, CompletionRequest, CompletionResponse, ModelList
-from assay.policy_server.serving import ApiError, InvalidRequest, Limits, PolicyService, Timer, check_key
+from assay.policy_server.serving import ApiError, InvalidRequest, PolicyService, Timer, check_key
 from assay.proto.policy.v1 import policy_pb2 as pb
 from assay.proto.policy.v1 import policy_pb2_grpc
 from assay.rm_server.auth import ApiKeys

@@ -14,7 +14,6 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from jinja2.exceptions import TemplateError
@@ -28,6 +27,7 @@ from assay.policy_server.backends import (
     InvalidParameters,
     Overloaded,
 )
+from assay.policy_server.config import Limits
 from assay.policy_server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -142,25 +142,7 @@ def check_key(keys: ApiKeys, authorization: str | None, scope: str) -> None:
         raise Unauthenticated(exc.message, code="invalid_api_key") from None
 
 
-# --- limits and metrics ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for. The HTTP body limit is enforced before JSON parsing."""
-
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 128
-    max_prompts: int = 256  # prompts in one completions request
-    max_sequences: int = 1024  # prompts * n
-    max_tokens: int = 4096  # per completion; the model's context length caps it too
-    max_prompt_tokens: int | None = None  # None: the model's context length
-    max_logprobs: int = 20
-    max_stop: int = 16
-    timeout_s: float = 300.0  # a request still generating (or searching) after this fails with 504
-    max_searches: int = 32  # /v1/search requests running at once; beyond this they get 429
-    max_search_candidates: int = 4096  # the budget of a search that sets none, and the most one may set
-    max_search_tokens: int = 262_144  # generated tokens, likewise
+# --- metrics ---------------------------------------------------------------------------------
 
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -17,7 +17,6 @@ import hmac
 import os
 from collections.abc import Iterable
 
-from assay.http_guard import is_loopback  # noqa: F401  (where the servers have always imported it)
 from assay.rm_server.errors import PermissionDenied, Unauthenticated
 
 SCOPES = ("score", "admin")

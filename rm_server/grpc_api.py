@@ -34,7 +34,8 @@ from assay.rm_server import grpc_convert as convert
 from assay.rm_server.auth import ApiKeys
 from assay.rm_server.errors import ServiceError
 from assay.rm_server.protocol import CompareRequest, ErrorInfo, ErrorType, ScoreRequest
-from assay.rm_server.serving import Limits, RewardService, Timer
+from assay.rm_server.config import Limits
+from assay.rm_server.serving import RewardService, Timer
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RewardService"].full_name  # assay.reward.v1.RewardService
 R = TypeVar("R", ScoreRequest, CompareRequest)

@@ -9,21 +9,19 @@ error body (503 `not_ready` with Retry-After, while draining or over the connect
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-
 
 from fastapi.responses import JSONResponse
 
 from assay import serve as runtime
-from assay.connections import Connections
+from assay.connections import InsecureBinding, is_loopback
 from assay.http_guard import allowed_hosts
-from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
-from assay.rm_server.auth import ApiKeys, is_loopback
+from assay.serve import HttpListener, serve_until_signal, settle_after_loading
+from assay.rm_server.auth import ApiKeys
+from assay.rm_server.config import ServerConfig
 from assay.rm_server.http_api import create_app
 from assay.rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType
 from assay.rm_server.rewards import build_rewards
-from assay.rm_server.serving import Limits, RewardService
+from assay.rm_server.serving import RewardService
 from assay.rm_server.spec import load_spec
 
 log = logging.getLogger("rm_server")
@@ -36,19 +34,6 @@ def error_reply(status: int, message: str) -> JSONResponse:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     body = ErrorResponse(error=ErrorInfo(type=kind, message=message))
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    spec: Path | None = None  # None: the embedded arithmetic world's rewards
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0 picks a free port
-    grpc_port: int | None = 50051  # None: no gRPC; 0 picks a free port
-    api_keys: tuple[str, ...] = ()  # KEY:scope[,scope]; ASSAY_API_KEYS adds more
-    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback's (beyond loopback: none means any)
-    limits: Limits = field(default_factory=Limits)
-    connections: Connections = field(default_factory=Connections)  # caps, timeouts, the drain
-    log_level: str = "warning"
 
 
 class RewardServer:
