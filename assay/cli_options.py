@@ -38,12 +38,13 @@ import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import typer
 
 GIVEN = {"COMMANDLINE", "ENVIRONMENT"}  # click's ParameterSource names of a value that was given
 CONTEXT = "cli_options_context"  # the parameter typer passes its Context in (typer vendors click: no import)
+T = TypeVar("T")
 
 
 class Option(NamedTuple):
@@ -106,7 +107,7 @@ def options(cls: type, *, defaults: Mapping[str, Any] | None = None, exclude: tu
     return opts
 
 
-def build(cls: type, *layers: Mapping[str, Any] | None) -> Any:
+def build(cls: type[T], *layers: Mapping[str, Any] | None) -> T:
     """`cls` from nested mappings of field values, later layers winning; nested dataclasses from nested
     mappings, lists into tuples. A key that is no field is a ValueError naming the fields there are."""
     merged: dict[str, Any] = {}

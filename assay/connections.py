@@ -74,9 +74,11 @@ class BaseServerConfig:
     log_level: str = field(default="warning", metadata={"help": f"server log level: {', '.join(LOG_LEVELS)}"})
 
     def __post_init__(self) -> None:
-        for name, port in (("port", self.port), ("grpc_port", self.grpc_port)):
-            if port is not None and not 0 <= port <= 65535:
-                raise ValueError(f"{name} must be a port number 0-65535 (0 picks a free one), not {port}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be a port number 0-65535 (0 picks a free one), not {self.port}")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port must be a port number 0-65535 (0 picks a free one), or None for no gRPC "
+                             f"(--grpc-port none), not {self.grpc_port}")  # fmt: skip
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"unknown log level {self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
         if not is_loopback(self.host) and not self.api_keys:

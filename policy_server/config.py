@@ -110,7 +110,8 @@ class ServerConfig(BaseServerConfig):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization is a share of the GPU, in (0, 1], not {self.gpu_memory_utilization}")
+            raise ValueError(f"gpu_memory_utilization is a share of the GPU, in (0, 1], "
+                             f"not {self.gpu_memory_utilization}")  # fmt: skip
         if not self.rm_timeout_s > 0:
             raise ValueError(f"rm_timeout_s must be positive, not {self.rm_timeout_s}")
         if self.limits.max_sequences > self.batching.max_queue:

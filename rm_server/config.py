@@ -23,7 +23,8 @@ class Limits:
     max_items: int = field(default=1024, metadata={"help": "items per request"})
     max_item_chars: int = field(default=64 * 1024, metadata={
         "help": "characters per item: prompt, response and reference together"})
-    default_timeout_s: float = field(default=60.0, metadata={"help": "seconds a request that sets no timeout_s may take"})
+    default_timeout_s: float = field(default=60.0, metadata={
+        "help": "seconds a request that sets no timeout_s may take"})
     max_timeout_s: float = field(default=600.0, metadata={"help": "the longest timeout_s a request may set"})
 
     def __post_init__(self) -> None:
