@@ -7,7 +7,8 @@
 
 With no URLs the trainer starts rm_server and policy_server itself (`assay.services`) and stops
 them at the end. `--in-process-reward` computes the same reward (same code, same id) in the
-trainer's process instead of asking rm_server, to measure what the service costs.
+trainer's process instead of asking rm_server over the network (the reward client over
+`rm_server.local.LocalTransport`), to measure what the service costs.
 
 A run directory holds one run: on one that already holds a run, `--resume` continues it and
 `--overwrite` clears it and starts afresh; with neither the command refuses, before anything starts.
@@ -101,7 +102,6 @@ def _online(algorithm, run_dir, config, resume, overwrite, steps, seed, model, r
     from assay.clients.reward import RewardClient
     from assay.trainer import grpo, ppo
     from assay.trainer.online import RewardMismatch
-    from assay.trainer.rewards import InProcessReward
 
     torch.set_num_threads(torch_threads)
     module = {"grpo": grpo, "ppo": ppo}[algorithm]
@@ -122,11 +122,13 @@ def _online(algorithm, run_dir, config, resume, overwrite, steps, seed, model, r
         # every call's deadline: a service killed and restarted within it costs the run only the wait
         timeout_s = cfg.service_timeout_s
         policy = stack.enter_context(PolicyClient.http(policy_url, api_key=policy_api_key, timeout_s=timeout_s))
-        if in_process_reward:
-            reward_fn = stack.enter_context(InProcessReward(cfg.reward))
+        if in_process_reward:  # the same service and reward id, in this process: no network
+            from assay.rm_server.local import LocalTransport
+
+            rm = stack.enter_context(RewardClient(LocalTransport(rewards=[cfg.reward]), timeout_s=timeout_s))
         else:
             rm = stack.enter_context(RewardClient.http(rm_url, api_key=rm_api_key, timeout_s=timeout_s))
-            reward_fn = rm.as_reward_fn(cfg.reward)
+        reward_fn = rm.as_reward_fn(cfg.reward)
         bar = stack.enter_context(Progress(
             TextColumn(algorithm), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[info]}"), console=console,

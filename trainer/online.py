@@ -1,10 +1,10 @@
 """The online loop's plumbing, shared by GRPO and PPO: rollouts from the policy server, rewards by
 reward id, weight pushes, held-out evaluation, and the run directory (metrics, checkpoints, resume).
 
-The trainer never computes a reward itself: `reward_fn` is `clients.RewardClient.as_reward_fn`
-(rm_server, remote) or `trainer.rewards.InProcessReward` (the same reward code and id, in this
-process); both are `f(prompts, completions, reference=[...]) -> list[float | None]` carrying a
-`.reward_id`. The policy server generates every rollout, and its replies carry the weight version
+The trainer never computes a reward itself: `reward_fn` is `clients.RewardClient.as_reward_fn`,
+`f(prompts, completions, reference=[...]) -> list[float | None]` carrying a `.reward_id`, over
+whichever transport the caller chose (rm_server over HTTP or gRPC, or the same service in this
+process, `rm_server.local.LocalTransport`: the same reward code and id). The policy server generates every rollout, and its replies carry the weight version
 that produced each sample; `sync_weights` makes the server hold exactly the trainer's weights
 before each rollout (after a restart it holds the checkpoint it started from), and samples from
 any other version are dropped and counted, never mixed in.
@@ -111,8 +111,7 @@ def check_reward_id(reward_fn: RewardFn, expected: str | None) -> str:
     """The reward function's id, which must be `expected` when one is recorded (a resumed run)."""
     current = getattr(reward_fn, "reward_id", None)
     if current is None:
-        raise RewardMismatch("the reward function carries no reward_id: use RewardClient.as_reward_fn or "
-                             "assay.trainer.rewards.InProcessReward")  # fmt: skip
+        raise RewardMismatch("the reward function carries no reward_id: use RewardClient.as_reward_fn")
     if expected is not None and current != expected:
         raise RewardMismatch(f"this run was trained on reward {expected}, and the reward now answers as {current}: "
                              "rewards with different ids must not be mixed in one run")  # fmt: skip
