@@ -49,7 +49,8 @@ class LocalTransport:
         names = list(loaded.rewards) if rewards is None else list(rewards)
         unknown = [n for n in names if n not in loaded.rewards]
         if unknown:
-            raise ValueError(f"no reward {', '.join(map(repr, unknown))} in the spec; it has {', '.join(loaded.rewards)}")
+            known = ", ".join(loaded.rewards)
+            raise ValueError(f"no reward {', '.join(map(repr, unknown))} in the spec; it has {known}")
         needed = _closure(loaded, names)
         served = loaded.model_copy(update={"rewards": {k: v for k, v in loaded.rewards.items() if k in needed}})
         # ids from the whole spec, as the service computes them (a composite's id covers its parts')
