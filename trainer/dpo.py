@@ -25,8 +25,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,63 +34,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.arith import world
 from assay.trainer import online
-from assay.trainer.config import OnlineConfig
+from assay.trainer.config import DPOConfig
 from assay.trainer.online import RewardMismatch, push_weights, same_reward, sync_weights
 from assay.trainer.sft import IGNORE, collate, encode_example
 
 if TYPE_CHECKING:
     from assay.clients.policy import PolicyClient
     from assay.policy_server.protocol import SearchResponse
-
-# Strategies whose answer lists every sampled candidate with its own reward score.
-PAIR_STRATEGIES = ("best_of_n", "weighted_best_of_n")
-
-
-@dataclass
-class DPOConfig(OnlineConfig):
-    reward: str = field(default="orm", metadata={"help": "the rm_server reward that scores the candidates, by name"})
-    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward; larger "
-                        "keeps the policy closer to the reference (iterative runs against the ORM needed "
-                        "0.5: at 0.1 the policy drifts toward what the ORM cannot see)"})  # fmt: skip
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: assumed share of flipped "
-                                   "preference labels (0 = plain DPO)"})  # fmt: skip
-    sft_weight: float = field(default=0.0, metadata={"help": "RPO: weight of the per-token NLL of the "
-                              "chosen response added to the loss (0 = plain DPO)"})  # fmt: skip
-    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    batch_size: int = field(default=16, metadata={"help": "pairs per optimizer step"})
-    epochs: int = field(default=2, metadata={"help": "passes over the pairs (offline: in all; iterative: per round)"})
-    # iterative DPO only
-    rounds: int = field(default=5, metadata={"help": "search -> train -> push rounds"})
-    prompts_per_round: int = field(default=32, metadata={"help": "training prompts searched per round"})
-    n: int = field(default=8, metadata={"help": "candidates sampled per prompt"})
-    strategy: str = field(default="best_of_n", metadata={"help": f"search strategy, one of {PAIR_STRATEGIES}"})
-    min_margin: float = field(default=0.0, metadata={"help": "skip a prompt whose top-bottom score gap is "
-                              "below this (equal scores are always skipped)"})  # fmt: skip
-    ref_update: Literal["fixed", "each_round"] = field(default="fixed", metadata={"help": "reference model: "
-                                                       "the initial policy throughout, or the policy at "
-                                                       "the start of each round"})  # fmt: skip
-    concurrency: int = field(default=4, metadata={"help": "searches in flight at once"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError("label_smoothing must be in [0, 0.5): at 0.5 the labels carry no preference")
-        if self.sft_weight < 0 or self.lr <= 0:
-            raise ValueError("sft_weight must be >= 0, lr > 0")
-        if min(self.batch_size, self.epochs, self.rounds, self.prompts_per_round, self.concurrency) < 1:
-            raise ValueError("batch_size, epochs, rounds, prompts_per_round and concurrency must be >= 1")
-        if self.n < 2:
-            raise ValueError(f"n must be >= 2 to have a chosen and a rejected candidate, got {self.n}")
-        if self.strategy not in PAIR_STRATEGIES:
-            raise ValueError(f"strategy must be one of {PAIR_STRATEGIES} (they score every candidate), "
-                             f"not {self.strategy!r}")  # fmt: skip
-        if self.min_margin < 0:
-            raise ValueError("min_margin must be >= 0")
-        if self.ref_update not in ("fixed", "each_round"):
-            raise ValueError("ref_update must be 'fixed' or 'each_round'")
 
 
 @dataclass

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from assay.clients.policy import PolicyClient
 from assay.trainer import online
-from assay.trainer.config import RLConfig
+from assay.trainer.config import GRPOConfig
 from assay.trainer.online import (
     OnStep,
     RewardFn,
@@ -40,30 +39,6 @@ from assay.trainer.online import (
     train_prompts,
 )
 from assay.trainer.rl_math import entropy_from_logits, group_advantages, kl_estimate, masked_mean, token_loss
-
-
-@dataclass
-class GRPOConfig(RLConfig):
-    prompts_per_step: int = field(default=16, metadata={"help": "B: training prompts per step"})
-    group_size: int = field(default=8, metadata={"help": "G: completions per prompt"})
-    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant)"})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient (0: no reference model)"})
-    eps_low: float = field(default=0.2, metadata={"help": "ratio clip below 1"})
-    eps_high: float = field(default=0.2, metadata={"help": "ratio clip above 1 (DAPO's clip-higher: 0.28)"})
-    mu: int = field(default=1, metadata={"help": "optimisation passes over each rollout batch"})
-    scale: str = field(default="std", metadata={"help": "advantage scaling: std (GRPO), none (Dr. GRPO), batch"})
-    loss_norm: str = field(default="sequence_mean", metadata={"help": "sequence_mean, token_mean (DAPO), constant (Dr. GRPO)"})  # fmt: skip
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if min(self.prompts_per_step, self.mu) < 1 or self.group_size < 2:
-            raise ValueError("prompts_per_step and mu must be >= 1, group_size >= 2")
-        if self.scale not in ("std", "none", "batch"):
-            raise ValueError(f"scale must be std, none or batch, not {self.scale!r}")
-        if self.loss_norm not in ("sequence_mean", "token_mean", "constant"):
-            raise ValueError(f"loss_norm must be sequence_mean, token_mean or constant, not {self.loss_norm!r}")
-        if self.lr <= 0 or self.beta < 0 or self.eps_low <= 0 or self.eps_high <= 0:
-            raise ValueError("lr, eps_low and eps_high must be > 0, beta >= 0")
 
 
 def train(config: GRPOConfig, model, tokenizer, policy: PolicyClient, reward_fn: RewardFn, run_dir: RunDir, *,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ import torch
 from assay.arith import world
 from assay.clients.policy import PolicyClient
 from assay.trainer import online
-from assay.trainer.config import RLConfig
+from assay.trainer.config import PPOConfig
 from assay.trainer.online import (
     OnStep,
     RewardFn,
@@ -47,32 +46,6 @@ from assay.trainer.online import (
 )
 from assay.trainer.rl_math import entropy_from_logits, gae, kl_estimate, masked_mean, masked_whiten
 from assay.trainer.sft import collate, encode_example
-
-
-@dataclass
-class PPOConfig(RLConfig):
-    prompts_per_step: int = field(default=32, metadata={"help": "B: training prompts per step"})
-    samples_per_prompt: int = field(default=4, metadata={"help": "completions per prompt"})
-    lr: float = field(default=1e-4, metadata={"help": "actor AdamW learning rate"})
-    critic_lr: float = field(default=1e-4, metadata={"help": "critic AdamW learning rate"})
-    beta: float = field(default=0.05, metadata={"help": "per-token KL penalty folded into the reward"})
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    eps: float = field(default=0.2, metadata={"help": "policy ratio clip"})
-    eps_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
-    c1: float = field(default=0.5, metadata={"help": "value loss coefficient"})
-    gamma_ptx: float = field(default=0.0, metadata={"help": "PPO-ptx: weight of the SFT log-likelihood term (0: off)"})
-    ptx_batch: int = field(default=16, metadata={"help": "SFT examples per ptx term"})
-    epochs: int = field(default=2, metadata={"help": "optimisation passes over each rollout batch"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if min(self.prompts_per_step, self.samples_per_prompt, self.epochs) < 1:
-            raise ValueError("prompts_per_step, samples_per_prompt and epochs must be >= 1")
-        if self.lr <= 0 or self.critic_lr <= 0 or self.eps <= 0 or self.beta < 0 or self.gamma_ptx < 0:
-            raise ValueError("lr, critic_lr and eps must be > 0; beta and gamma_ptx >= 0")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError("gamma and lam must be in [0, 1]")
 
 
 class Critic(torch.nn.Module):
