@@ -57,7 +57,7 @@ def train(config: GRPOConfig, model, tokenizer, policy: PolicyClient, reward_fn:
     return online.run(ctx, "grpo", step_fn, modules, {"policy": optimizer}, resume=resume, on_step=on_step)
 
 
-def _step(ctx: Run, step: int, version: int, ref_model, optimizer) -> dict[str, Any]:
+def _step(ctx: Run[GRPOConfig], step: int, version: int, ref_model, optimizer) -> dict[str, Any]:
     config, model = ctx.config, ctx.model
     t: dict[str, float] = {}
     t0 = time.perf_counter()

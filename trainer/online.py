@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,11 +58,14 @@ class RunExists(RuntimeError):
     """The run directory already holds a run, and this one was not asked to continue it."""
 
 
+C = TypeVar("C", bound=RLConfig)
+
+
 @dataclass
-class Run:
+class Run(Generic[C]):
     """What one run of GRPO or PPO works with: its loop, rollouts and steps take this, not ten arguments."""
 
-    config: RLConfig
+    config: C
     model: torch.nn.Module  # the policy being trained; the policy server serves its weights
     tokenizer: Any
     policy: PolicyClient

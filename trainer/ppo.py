@@ -83,7 +83,7 @@ def train(config: PPOConfig, model, tokenizer, reward_model, policy: PolicyClien
     return online.run(ctx, "ppo", step_fn, modules, optimizers, resume=resume, on_step=on_step)
 
 
-def _step(ctx: Run, step: int, version: int, ref_model, critic, actor_opt, critic_opt) -> dict[str, Any]:
+def _step(ctx: Run[PPOConfig], step: int, version: int, ref_model, critic, actor_opt, critic_opt) -> dict[str, Any]:
     config, model, tokenizer = ctx.config, ctx.model, ctx.tokenizer
     t: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -150,7 +150,7 @@ def _step(ctx: Run, step: int, version: int, ref_model, critic, actor_opt, criti
     }  # fmt: skip
 
 
-def _ptx_loss(ctx: Run, step: int) -> torch.Tensor:
+def _ptx_loss(ctx: Run[PPOConfig], step: int) -> torch.Tensor:
     """Mean next-token NLL of worked solutions to training problems: the SFT data's own objective."""
     config, tokenizer = ctx.config, ctx.tokenizer
     rng = random.Random(config.seed * 7_919 + step)
