@@ -232,11 +232,12 @@ def dpo_cmd(
     from safetensors.torch import save_file
 
     from assay.checkpoints import load_embedded
-    from assay.trainer.dpo import main_iterative
     from assay.trainer.online import heldout_pass1
 
     torch.set_num_threads(torch_threads)
     cfg = load_config(DPOConfig, config, given)
+    if (rm_url is None) != (policy_url is None):
+        raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
     run = open_run_dir(run_dir, resume=False, overwrite=overwrite, can_resume=False)  # DPO runs do not resume
     run.write_config({"algorithm": "dpo", **{f.name: getattr(cfg, f.name) for f in fields(cfg)}})
     if eval_problems:
@@ -248,10 +249,42 @@ def dpo_cmd(
         console.print(f"round {m['round']}: {m['pairs']} pairs, loss {m.get('loss') or float('nan'):.4f}, "
                       f"v{m['weight_version']}, {m['seconds']:.1f}s")  # fmt: skip
 
-    history, model = main_iterative(cfg, policy_url=policy_url, rm_url=rm_url, on_round=on_round)
+    history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round)
     if eval_problems:
         _, tok = load_embedded("policy")
         final = heldout_pass1(model, tok, eval_problems)
         run.log({"eval": "after", "heldout_pass1": final, "rounds": len(history)})
         console.print(f"held-out pass@1: {run.metrics()[0]['heldout_pass1']:.3f} -> {final:.3f}")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run.path / "policy.safetensors")
+
+
+def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, on_round) -> tuple[list[dict], Any]:
+    """Iterative DPO of the embedded policy on training problems; the per-round metrics and the trained model.
+
+    With no URLs, both services start on loopback for the run. The embedded policy's weights are
+    pushed first, so the searches sample exactly the weights being trained, whatever the server
+    held before. Training prompts are `world.take("train", rounds * prompts_per_round, seed)`, each
+    sent with its answer as the search reference (model rewards ignore it; `correct` and `final`
+    need it), and the run holds rm_server's id for the reward from the start.
+    """
+    from assay.arith import world
+    from assay.checkpoints import load_embedded
+    from assay.clients import PolicyClient, RewardClient
+    from assay.services import LocalServices
+    from assay.trainer.dpo import iterative_dpo
+    from assay.trainer.online import sync_weights
+
+    with ExitStack() as stack:
+        if rm_url is None or policy_url is None:
+            local = stack.enter_context(LocalServices.start())
+            rm_url, policy_url = local.rm_url, local.policy_url
+        timeout_s = cfg.service_timeout_s
+        with RewardClient.http(rm_url, timeout_s=timeout_s) as rm:
+            expected = rm.reward_id(cfg.reward)
+        model, tokenizer = load_embedded("policy")
+        problems = world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)
+        policy = stack.enter_context(PolicyClient.http(policy_url, timeout_s=timeout_s))
+        sync_weights(policy, model, None, timeout_s)
+        history = iterative_dpo(model, tokenizer, policy, cfg, [p.prompt for p in problems], on_round,
+                                references=[str(p.answer) for p in problems], expected_reward_id=expected)  # fmt: skip
+    return history, model
