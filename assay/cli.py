@@ -108,7 +108,7 @@ def models_build(
     skip_policy: bool = typer.Option(False, help="keep the policy in --out; rebuild only the reward models"),
 ) -> None:
     """Rebuild the four embedded checkpoints deterministically from seeds."""
-    from assay.arith.build import BuildConfig, build
+    from assay.build import BuildConfig, build
     from assay.checkpoints import ARITH_DIR
 
     target = out or ARITH_DIR

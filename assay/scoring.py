@@ -1,7 +1,11 @@
 """In-process scoring with the world's reward models: outcome, process and verifier.
 
-Batched forward passes, no gradients. The reward service's transformers backend and the
-evaluation both use these, so a score means the same thing everywhere.
+Part of the models base (torch, nothing of ours above it). `outcome_scores` and
+`step_token_positions` are the forward pass and the step read-out themselves: reward-model
+training (`trainer.reward_model`) calls them with gradients. The `score_*` functions batch them
+with no gradients for the evaluation (`assay eval`) and in-process search (`search.local`). The
+reward service's transformers backend runs its own batched passes on the same checkpoints; its
+tests check that it answers exactly what these give, so a score means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -12,7 +16,36 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.arith.verifier import NO, YES
-from assay.trainer.reward_model import outcome_scores, step_token_positions
+
+
+# --- the forward passes (with gradients when the caller trains: trainer.reward_model) ---------
+
+
+def outcome_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
+) -> torch.Tensor:
+    """[len(texts)] one scalar per text, read at its last token (the model pools there)."""
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="right")
+    # Right padding under a causal mask needs no attention mask (and CPU attention is much
+    # faster without one); the classifier finds each row's last real token by the pad id.
+    return model(input_ids=enc["input_ids"], use_cache=False).logits[:, 0]
+
+
+def step_token_positions(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, step_ends: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """Token ids of prompt+response and, per step, the index of the token holding its last char."""
+    enc = tokenizer(prompt + response, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    positions = []
+    for end in step_ends:
+        last_char = len(prompt) + end - 1
+        idx = next(i for i, (s, e) in enumerate(offsets) if s <= last_char < e)
+        positions.append(idx)
+    return enc["input_ids"], positions
+
+
+# --- batched scores, no gradients --------------------------------------------------------------
 
 
 @torch.inference_mode()

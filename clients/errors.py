@@ -26,6 +26,8 @@ These are failures of a whole call. A failed *item* is not an exception: it come
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from assay.rm_server.protocol import ErrorType
 
 
@@ -108,3 +110,15 @@ class ServerError(RewardServiceError):
 
 
 ServiceError = RewardServiceError  # the base of every failure above, for either service
+
+# The error type a reward server names (HTTP body, gRPC trailer, or rm_server.local in process)
+# decides the exception before any status does.
+BY_ERROR_TYPE: Mapping[ErrorType, type[RewardServiceError]] = {
+    ErrorType.invalid_request: InvalidRequest,
+    ErrorType.payload_too_large: InvalidRequest,
+    ErrorType.unknown_reward: UnknownReward,
+    ErrorType.overloaded: Overloaded,
+    ErrorType.unauthenticated: Unauthenticated,
+    ErrorType.permission_denied: PermissionDenied,
+    ErrorType.not_ready: Unavailable,
+}

@@ -25,6 +25,11 @@ and never so long that no time is left for one more try: when the server's Retry
 past the deadline, the call fails at once with the server's answer. Scoring is a pure function
 of the request, so resending a batch is safe.
 
+Transports. `RewardClient.http(url)` and `.grpc(target)` build one; `RewardClient(transport)`
+takes any object with the same methods (`clients/reward_transport.py`), such as rm_server's
+in-process one (`assay.rm_server.local.LocalTransport`), and gets the same deadlines, retries and
+id checks.
+
 Item ids. Items without an id get their position ("0", "1", ...); a retried batch resends the
 same ids, and a reply must hold exactly the ids sent, each once (else `ServerError`). Results
 come back in request order, matched by id, so a batch can never be counted twice or shifted.
@@ -232,9 +237,9 @@ class _ClientBase:
     _http_transport: type
     _grpc_transport: type
 
-    def __init__(self, transport: Any, *, timeout_s: float, max_retries: int | None, backoff_s: float,
-                 max_backoff_s: float) -> None:  # fmt: skip
-        """Use `RewardClient.http(url)` or `RewardClient.grpc(target)`."""
+    def __init__(self, transport: Any, *, timeout_s: float = 30.0, max_retries: int | None = None,
+                 backoff_s: float = 0.2, max_backoff_s: float = 2.0) -> None:  # fmt: skip
+        """A client over `transport`; `RewardClient.http(url)` and `.grpc(target)` build the network ones."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self._t = transport

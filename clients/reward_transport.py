@@ -19,6 +19,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from assay.clients.errors import (
+    BY_ERROR_TYPE,
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
@@ -58,15 +59,6 @@ def problems(exc: ValidationError) -> str:
 
 # --- error mapping (pure) --------------------------------------------------------------------
 
-_BY_TYPE: dict[ErrorType, type[RewardServiceError]] = {
-    ErrorType.invalid_request: InvalidRequest,
-    ErrorType.payload_too_large: InvalidRequest,
-    ErrorType.unknown_reward: UnknownReward,
-    ErrorType.overloaded: Overloaded,
-    ErrorType.unauthenticated: Unauthenticated,
-    ErrorType.permission_denied: PermissionDenied,
-    ErrorType.not_ready: Unavailable,
-}
 _BY_HTTP: dict[int, type[RewardServiceError]] = {
     400: InvalidRequest, 413: InvalidRequest, 401: Unauthenticated, 403: PermissionDenied, 404: UnknownReward,
     429: Overloaded, 502: Unavailable, 503: Unavailable, 504: Unavailable,
@@ -99,7 +91,7 @@ def http_error(r: httpx.Response) -> RewardServiceError:
         type_, message = info.type, info.message
     except ValidationError:
         type_, message = None, r.text[:300] or r.reason_phrase
-    cls = _BY_TYPE.get(type_) or _BY_HTTP.get(r.status_code, ServerError)
+    cls = BY_ERROR_TYPE.get(type_) or _BY_HTTP.get(r.status_code, ServerError)
     where = f"{r.request.method} {r.request.url}"
     return cls(
         f"{where}: {message}",
@@ -141,7 +133,7 @@ def grpc_error(exc: grpc.RpcError, where: str) -> RewardServiceError:
         type_ = ErrorType(metadata.get("error-type"))
     except ValueError:
         type_ = None
-    cls = _BY_TYPE.get(type_) or _BY_GRPC.get(code.name, ServerError)
+    cls = BY_ERROR_TYPE.get(type_) or _BY_GRPC.get(code.name, ServerError)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         # gRPC's own message-size limit (either side) says RESOURCE_EXHAUSTED too, but no wait
         # makes that message fit: it is a request to split, not an overload to retry.

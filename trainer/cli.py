@@ -1,13 +1,20 @@
-"""`assay train grpo ...` and `assay plot RUN_DIR`.
+"""`assay train grpo|ppo|dpo ...` and `assay plot RUN_DIR`.
 
     assay train grpo --run-dir runs/grpo                      # starts both services on loopback for the run
+    assay train grpo --run-dir runs/grpo --lr 1e-5 --group-size 4 --steps 50
     assay train grpo --config grpo.yaml --run-dir runs/grpo --resume
     assay train grpo --rm-url http://127.0.0.1:8000 --policy-url http://127.0.0.1:8001 --run-dir runs/grpo
     assay plot runs/grpo                                      # runs/grpo/curves.png
 
+Every field of the algorithm's config (`trainer/config.py`) is an option, with the field's default
+and help (`assay.cli_options`): `assay train grpo --help` lists them. `--config FILE` (YAML or
+JSON) sets fields too; an option given on the command line wins over the file. A value the config
+refuses ends the command before anything starts.
+
 With no URLs the trainer starts rm_server and policy_server itself (`assay.services`) and stops
 them at the end. `--in-process-reward` computes the same reward (same code, same id) in the
-trainer's process instead of asking rm_server, to measure what the service costs.
+trainer's process instead of asking rm_server over the network (the reward client over
+`rm_server.local.LocalTransport`), to measure what the service costs.
 
 A run directory holds one run: on one that already holds a run, `--resume` continues it and
 `--overwrite` clears it and starts afresh; with neither the command refuses, before anything starts.
@@ -18,28 +25,29 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import ExitStack
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import typer
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from assay.cli_options import build, config_options
+from assay.trainer.config import DPOConfig, GRPOConfig, PPOConfig, RLConfig
+
 train_app = typer.Typer(help="Online RL against the live services.", no_args_is_help=True)
 console = Console()
 
 
-def load_config(cls, path: Path | None, overrides: dict):
-    """A config dataclass from a YAML/JSON file plus overrides; unknown keys are an error."""
-    raw = yaml.safe_load(path.read_text()) if path is not None else {}
-    raw = {**(raw or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise typer.BadParameter(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+def load_config(cls: type, path: Path | None, given: dict[str, Any]) -> Any:
+    """`cls` from a YAML or JSON file's fields and the options given (which win); unknown keys are an error."""
+    from_file = yaml.safe_load(path.read_text()) if path is not None else None
+    if from_file is not None and not isinstance(from_file, dict):
+        raise typer.BadParameter(f"{path} holds no mapping of {cls.__name__} fields")
     try:
-        return cls(**raw)
+        return build(cls, from_file, given)
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -60,16 +68,29 @@ def open_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, can_resume: bo
     return run
 
 
-def _online_command(algorithm: str, config_class: str, summary: str) -> None:
-    """Register `assay train <algorithm>`: GRPO and PPO take the same options."""
+CONFIG_HELP = "YAML or JSON with {} fields (trainer/config.py); options given on the command line win over it"
+
+
+@dataclass(frozen=True)
+class Services:
+    """Where a run's services are (no URLs: both start here, on loopback) and how the trainer reaches them."""
+
+    rm_url: str | None
+    policy_url: str | None
+    rm_api_key: str | None
+    policy_api_key: str | None
+    in_process_reward: bool
+
+
+def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) -> None:
+    """Register `assay train <algorithm>`: GRPO and PPO take the same options besides their config's."""
 
     def command(
+        given: dict,
         run_dir: Path = typer.Option(..., help="where metrics.jsonl, config.json and checkpoints/ go"),
-        config: Path = typer.Option(None, help=f"YAML or JSON with {config_class} fields (trainer/{algorithm}.py)"),
+        config: Path = typer.Option(None, exists=True, dir_okay=False, help=CONFIG_HELP.format(config_class.__name__)),
         resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
         overwrite: bool = typer.Option(False, help="discard the run already in the run directory, start afresh"),
-        steps: int = typer.Option(None, help="override: steps"),
-        seed: int = typer.Option(None, help="override: seed"),
         model: Path = typer.Option(None, help="initial policy checkpoint (default: the embedded policy)"),
         rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
         policy_url: str = typer.Option(None, help="a running policy_server serving the same initial policy"),
@@ -78,74 +99,89 @@ def _online_command(algorithm: str, config_class: str, summary: str) -> None:
         in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
         torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
     ) -> None:
-        _online(algorithm, run_dir, config, resume, overwrite, steps, seed, model, rm_url, policy_url, rm_api_key,
-                policy_api_key, in_process_reward, torch_threads)  # fmt: skip
+        cfg = load_config(config_class, config, given)
+        if (rm_url is None) != (policy_url is None):
+            raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
+        run = open_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        services = Services(rm_url, policy_url, rm_api_key, policy_api_key, in_process_reward)
+        _online(algorithm, cfg, run, resume=resume, model_path=model, services=services, torch_threads=torch_threads)
 
     command.__doc__ = summary
-    train_app.command(algorithm)(command)
+    train_app.command(algorithm)(config_options(config_class)(command))
 
 
-_online_command("grpo", "GRPOConfig", "Online GRPO: groups of rollouts from the policy server, rewards from rm_server, "
+_online_command("grpo", GRPOConfig, "Online GRPO: groups of rollouts from the policy server, rewards from rm_server, "
                 "weights pushed back.")  # fmt: skip
-_online_command("ppo", "PPOConfig", "Online PPO: actor, frozen reference, critic from the embedded ORM, reward from "
+_online_command("ppo", PPOConfig, "Online PPO: actor, frozen reference, critic from the embedded ORM, reward from "
                 "rm_server.")  # fmt: skip
 
 
-def _online(algorithm, run_dir, config, resume, overwrite, steps, seed, model, rm_url, policy_url, rm_api_key,
-            policy_api_key, in_process_reward, torch_threads) -> None:  # fmt: skip
+def _online(algorithm: str, cfg: RLConfig, run, *, resume: bool, model_path: Path | None, services: Services,
+            torch_threads: int) -> None:  # fmt: skip
     import torch
 
     from assay.checkpoints import CheckpointError, load_embedded, load_model
-    from assay.services import LocalServices
-    from assay.clients.policy import PolicyClient
-    from assay.clients.reward import RewardClient
     from assay.trainer import grpo, ppo
     from assay.trainer.online import RewardMismatch
-    from assay.trainer.rewards import InProcessReward
 
     torch.set_num_threads(torch_threads)
-    module = {"grpo": grpo, "ppo": ppo}[algorithm]
-    cfg = load_config(grpo.GRPOConfig if algorithm == "grpo" else ppo.PPOConfig, config, {"steps": steps, "seed": seed})
-    if (rm_url is None) != (policy_url is None):
-        raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
-    run = open_run_dir(run_dir, resume=resume, overwrite=overwrite)
     try:
-        net, tok = load_model(model, "causal_lm") if model else load_embedded("policy")
+        net, tok = load_model(model_path, "causal_lm") if model_path else load_embedded("policy")
     except CheckpointError as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
     with ExitStack() as stack:
-        if rm_url is None:
-            policy_args = ["--model", str(model), "--model-name", "policy"] if model else []
-            services = stack.enter_context(LocalServices.start(policy_args=policy_args))
-            rm_url, policy_url = services.rm_url, services.policy_url
-        # every call's deadline: a service killed and restarted within it costs the run only the wait
-        timeout_s = cfg.service_timeout_s
-        policy = stack.enter_context(PolicyClient.http(policy_url, api_key=policy_api_key, timeout_s=timeout_s))
-        if in_process_reward:
-            reward_fn = stack.enter_context(InProcessReward(cfg.reward))
-        else:
-            rm = stack.enter_context(RewardClient.http(rm_url, api_key=rm_api_key, timeout_s=timeout_s))
-            reward_fn = rm.as_reward_fn(cfg.reward)
-        bar = stack.enter_context(Progress(
-            TextColumn(algorithm), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"), console=console,
-        ))  # fmt: skip
-        task = bar.add_task("train", total=cfg.steps, info="")
-
-        def on_step(m: dict) -> None:
-            reward = "n/a" if m.get("reward_mean") is None else f"{m['reward_mean']:.3f}"
-            extra = f" pass@1 {m['heldout_pass1']:.3f}" if "heldout_pass1" in m else ""
-            bar.update(task, completed=m["step"], info=f"reward {reward} kl {m.get('kl', 0):.4f} "
-                       f"v{m['weight_version']} {m['seconds']:.1f}s/step{extra}")  # fmt: skip
-
-        extra = (load_embedded("orm")[0],) if algorithm == "ppo" else ()  # the critic starts from the ORM
+        policy, reward_fn = _clients(stack, cfg, model_path, services)
+        on_step = _progress(stack, algorithm, cfg.steps)
         try:
-            module.train(cfg, net, tok, *extra, policy, reward_fn, run, resume=resume, on_step=on_step)
+            if algorithm == "ppo":  # the critic starts from the ORM
+                orm = load_embedded("orm")[0]
+                ppo.train(cfg, net, tok, orm, policy, reward_fn, run, resume=resume, on_step=on_step)
+            else:
+                grpo.train(cfg, net, tok, policy, reward_fn, run, resume=resume, on_step=on_step)
         except RewardMismatch as exc:
             console.print(f"[red]error:[/red] {exc}")
             sys.exit(1)
-    console.print(f"metrics: {run_dir / 'metrics.jsonl'}")
+    console.print(f"metrics: {run.path / 'metrics.jsonl'}")
+
+
+def _clients(stack: ExitStack, cfg: RLConfig, model_path: Path | None, services: Services):
+    """The policy client and the reward function, over services started here when no URLs were given."""
+    from assay.clients import PolicyClient, RewardClient
+    from assay.services import LocalServices
+
+    rm_url, policy_url = services.rm_url, services.policy_url
+    if rm_url is None or policy_url is None:
+        policy_args = ["--model", str(model_path), "--model-name", "policy"] if model_path else []
+        local = stack.enter_context(LocalServices.start(policy_args=policy_args))
+        rm_url, policy_url = local.rm_url, local.policy_url
+    # every call's deadline: a service killed and restarted within it costs the run only the wait
+    timeout_s = cfg.service_timeout_s
+    policy = stack.enter_context(PolicyClient.http(policy_url, api_key=services.policy_api_key, timeout_s=timeout_s))
+    if services.in_process_reward:  # the same service and reward id, in this process: no network
+        from assay.rm_server.local import LocalTransport
+
+        rm = stack.enter_context(RewardClient(LocalTransport(rewards=[cfg.reward]), timeout_s=timeout_s))
+    else:
+        rm = stack.enter_context(RewardClient.http(rm_url, api_key=services.rm_api_key, timeout_s=timeout_s))
+    return policy, rm.as_reward_fn(cfg.reward)
+
+
+def _progress(stack: ExitStack, algorithm: str, steps: int):
+    """A progress bar for the run; the `on_step` that advances it with each step's reward, KL and version."""
+    bar = stack.enter_context(Progress(
+        TextColumn(algorithm), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"), console=console,
+    ))  # fmt: skip
+    task = bar.add_task("train", total=steps, info="")
+
+    def on_step(m: dict) -> None:
+        reward = "n/a" if m.get("reward_mean") is None else f"{m['reward_mean']:.3f}"
+        extra = f" pass@1 {m['heldout_pass1']:.3f}" if "heldout_pass1" in m else ""
+        bar.update(task, completed=m["step"], info=f"reward {reward} kl {m.get('kl', 0):.4f} "
+                   f"v{m['weight_version']} {m['seconds']:.1f}s/step{extra}")  # fmt: skip
+
+    return on_step
 
 
 def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metrics.jsonl")) -> None:
@@ -180,12 +216,12 @@ def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metr
 
 
 @train_app.command("dpo")
+@config_options(DPOConfig)
 def dpo_cmd(
+    given: dict,
     run_dir: Path = typer.Option(..., help="where metrics.jsonl (one line per round) and the final policy go"),
-    config: Path = typer.Option(None, help="YAML or JSON with DPOConfig fields (trainer/dpo.py)"),
+    config: Path = typer.Option(None, exists=True, dir_okay=False, help=CONFIG_HELP.format("DPOConfig")),
     overwrite: bool = typer.Option(False, help="discard the run already in the run directory, start afresh"),
-    rounds: int = typer.Option(None, help="override: rounds"),
-    seed: int = typer.Option(None, help="override: seed"),
     rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
     policy_url: str = typer.Option(None, help="a running policy_server"),
     eval_problems: int = typer.Option(64, help="held-out problems for pass@1 before and after (0: none)"),
@@ -196,11 +232,12 @@ def dpo_cmd(
     from safetensors.torch import save_file
 
     from assay.checkpoints import load_embedded
-    from assay.trainer.dpo import DPOConfig, main_iterative
     from assay.trainer.online import heldout_pass1
 
     torch.set_num_threads(torch_threads)
-    cfg = load_config(DPOConfig, config, {"rounds": rounds, "seed": seed})
+    cfg = load_config(DPOConfig, config, given)
+    if (rm_url is None) != (policy_url is None):
+        raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
     run = open_run_dir(run_dir, resume=False, overwrite=overwrite, can_resume=False)  # DPO runs do not resume
     run.write_config({"algorithm": "dpo", **{f.name: getattr(cfg, f.name) for f in fields(cfg)}})
     if eval_problems:
@@ -212,10 +249,42 @@ def dpo_cmd(
         console.print(f"round {m['round']}: {m['pairs']} pairs, loss {m.get('loss') or float('nan'):.4f}, "
                       f"v{m['weight_version']}, {m['seconds']:.1f}s")  # fmt: skip
 
-    history, model = main_iterative(cfg, policy_url=policy_url, rm_url=rm_url, on_round=on_round)
+    history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round)
     if eval_problems:
         _, tok = load_embedded("policy")
         final = heldout_pass1(model, tok, eval_problems)
         run.log({"eval": "after", "heldout_pass1": final, "rounds": len(history)})
         console.print(f"held-out pass@1: {run.metrics()[0]['heldout_pass1']:.3f} -> {final:.3f}")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run.path / "policy.safetensors")
+
+
+def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, on_round) -> tuple[list[dict], Any]:
+    """Iterative DPO of the embedded policy on training problems; the per-round metrics and the trained model.
+
+    With no URLs, both services start on loopback for the run. The embedded policy's weights are
+    pushed first, so the searches sample exactly the weights being trained, whatever the server
+    held before. Training prompts are `world.take("train", rounds * prompts_per_round, seed)`, each
+    sent with its answer as the search reference (model rewards ignore it; `correct` and `final`
+    need it), and the run holds rm_server's id for the reward from the start.
+    """
+    from assay.arith import world
+    from assay.checkpoints import load_embedded
+    from assay.clients import PolicyClient, RewardClient
+    from assay.services import LocalServices
+    from assay.trainer.dpo import iterative_dpo
+    from assay.trainer.online import sync_weights
+
+    with ExitStack() as stack:
+        if rm_url is None or policy_url is None:
+            local = stack.enter_context(LocalServices.start())
+            rm_url, policy_url = local.rm_url, local.policy_url
+        timeout_s = cfg.service_timeout_s
+        with RewardClient.http(rm_url, timeout_s=timeout_s) as rm:
+            expected = rm.reward_id(cfg.reward)
+        model, tokenizer = load_embedded("policy")
+        problems = world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)
+        policy = stack.enter_context(PolicyClient.http(policy_url, timeout_s=timeout_s))
+        sync_weights(policy, model, None, timeout_s)
+        history = iterative_dpo(model, tokenizer, policy, cfg, [p.prompt for p in problems], on_round,
+                                references=[str(p.answer) for p in problems], expected_reward_id=expected)  # fmt: skip
+    return history, model

@@ -25,76 +25,22 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.arith import world
-from assay.trainer.online import SERVICE_TIMEOUT_HELP, SERVICE_TIMEOUT_S, push_weights
+from assay.trainer import online
+from assay.trainer.config import DPOConfig
+from assay.trainer.online import RewardMismatch, push_weights, same_reward, sync_weights
 from assay.trainer.sft import IGNORE, collate, encode_example
 
 if TYPE_CHECKING:
     from assay.clients.policy import PolicyClient
     from assay.policy_server.protocol import SearchResponse
-
-# Strategies whose answer lists every sampled candidate with its own reward score.
-PAIR_STRATEGIES = ("best_of_n", "weighted_best_of_n")
-
-
-@dataclass
-class DPOConfig:
-    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward; larger "
-                        "keeps the policy closer to the reference (iterative runs against the ORM needed "
-                        "0.5: at 0.1 the policy drifts toward what the ORM cannot see)"})  # fmt: skip
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: assumed share of flipped "
-                                   "preference labels (0 = plain DPO)"})  # fmt: skip
-    sft_weight: float = field(default=0.0, metadata={"help": "RPO: weight of the per-token NLL of the "
-                              "chosen response added to the loss (0 = plain DPO)"})  # fmt: skip
-    lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    batch_size: int = field(default=16, metadata={"help": "pairs per optimizer step"})
-    epochs: int = field(default=2, metadata={"help": "passes over the pairs (offline: in all; iterative: per round)"})
-    seed: int = field(default=0, metadata={"help": "torch and shuffling seed; search seeds derive from it"})
-    # iterative DPO only
-    rounds: int = field(default=5, metadata={"help": "search -> train -> push rounds"})
-    prompts_per_round: int = field(default=32, metadata={"help": "training prompts searched per round"})
-    n: int = field(default=8, metadata={"help": "candidates sampled per prompt"})
-    reward: str = field(default="orm", metadata={"help": "rm_server reward name that scores candidates"})
-    strategy: str = field(default="best_of_n", metadata={"help": f"search strategy, one of {PAIR_STRATEGIES}"})
-    min_margin: float = field(default=0.0, metadata={"help": "skip a prompt whose top-bottom score gap is "
-                              "below this (equal scores are always skipped)"})  # fmt: skip
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the search"})
-    max_tokens: int = field(default=48, metadata={"help": "tokens per candidate, at most"})
-    ref_update: Literal["fixed", "each_round"] = field(default="fixed", metadata={"help": "reference model: "
-                                                       "the initial policy throughout, or the policy at "
-                                                       "the start of each round"})  # fmt: skip
-    concurrency: int = field(default=4, metadata={"help": "searches in flight at once"})
-    service_timeout_s: float = field(default=SERVICE_TIMEOUT_S, metadata={"help": SERVICE_TIMEOUT_HELP})
-
-    def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not self.service_timeout_s > 0:
-            raise ValueError(f"service_timeout_s must be > 0, got {self.service_timeout_s}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError("label_smoothing must be in [0, 0.5): at 0.5 the labels carry no preference")
-        if self.sft_weight < 0 or self.lr <= 0 or self.grad_clip <= 0:
-            raise ValueError("sft_weight must be >= 0, lr and grad_clip > 0")
-        if min(self.batch_size, self.epochs, self.rounds, self.prompts_per_round, self.concurrency) < 1:
-            raise ValueError("batch_size, epochs, rounds, prompts_per_round and concurrency must be >= 1")
-        if self.n < 2:
-            raise ValueError(f"n must be >= 2 to have a chosen and a rejected candidate, got {self.n}")
-        if self.strategy not in PAIR_STRATEGIES:
-            raise ValueError(f"strategy must be one of {PAIR_STRATEGIES} (they score every candidate), "
-                             f"not {self.strategy!r}")  # fmt: skip
-        if self.min_margin < 0:
-            raise ValueError("min_margin must be >= 0")
-        if self.ref_update not in ("fixed", "each_round"):
-            raise ValueError("ref_update must be 'fixed' or 'each_round'")
 
 
 @dataclass
@@ -108,10 +54,6 @@ class Pair:
     rejected_score: float | None = None
     chosen_correct: bool | None = None  # against the search's reference, when one was sent
     rejected_correct: bool | None = None
-
-
-class RewardIdChanged(RuntimeError):
-    """rm_server answered with a different id for the reward than at the start of the run."""
 
 
 # --- the loss ------------------------------------------------------------------------------
@@ -269,14 +211,16 @@ def iterative_dpo(
 ) -> list[dict]:  # fmt: skip
     """`config.rounds` rounds of search -> pairs -> DPO -> weight push; per-round metrics.
 
-    `model` must hold the weights the server is serving when the run starts (the searches sample
-    the served model, the gradient flows through the local one). Round r searches prompts
-    r*prompts_per_round ... (cycling through `prompts`), with `references[i]` sent along when
-    given (a reward like `correct` needs it; each candidate is then marked correct or not). The
-    reference model is the initial policy (`ref_update="fixed"`) or the policy at the start of
-    each round ("each_round"). The AdamW state carries over between rounds.
-    Raises RewardIdChanged when a search is scored by a different reward id than the first one
-    (or than `expected_reward_id`, rm_server's id for the reward, when given).
+    The rounds are the steps of the online loop GRPO and PPO run on (`trainer.online.steps`): the
+    server is made to hold the trainer's weights before each round's searches and is pushed the
+    new ones after it (`sync_weights`, `push_weights`). `model` must hold the weights the server
+    is serving when the run starts (the searches sample the served model, the gradient flows
+    through the local one). Round r searches prompts r*prompts_per_round ... (cycling through
+    `prompts`), with `references[i]` sent along when given (a reward like `correct` needs it; each
+    candidate is then marked correct or not). The reference model is the initial policy
+    (`ref_update="fixed"`) or the policy at the start of each round ("each_round"). The AdamW state
+    carries over between rounds. Raises RewardMismatch when a search is scored by a different
+    reward id than the first one (or than `expected_reward_id`, rm_server's id for the reward).
     """
     if not prompts:
         raise ValueError("iterative_dpo needs at least one prompt")
@@ -288,125 +232,73 @@ def iterative_dpo(
     ref_model = frozen_copy(model)
     optimizer = make_optimizer(model, config)
     reward_id = expected_reward_id
-    version = policy.weight_version()
-    history: list[dict] = []
+    timeout_s = config.service_timeout_s
+
+    def one_round(r: int, version: int) -> dict:
+        nonlocal reward_id
+        t0 = time.perf_counter()
+        version = sync_weights(policy, model, version, timeout_s)  # pushed again if the server restarted
+        idx = [(r * config.prompts_per_round + i) % len(prompts) for i in range(config.prompts_per_round)]
+
+        def search(i: int, k: int) -> SearchResponse:
+            return policy.search(prompts[i], strategy=config.strategy, n=config.n, reward=config.reward,
+                                 reference=references[i] if references is not None else None,
+                                 temperature=config.temperature, max_tokens=config.max_tokens,
+                                 seed=config.seed * 1_000_003 + r * config.prompts_per_round + k)  # fmt: skip
+
+        responses = list(pool.map(search, idx, range(len(idx))))
+        reward_id = _same_reward_id(responses, reward_id, config.reward, r)  # before any pair is trained on
+        built = [pair_from_search(prompts[i], resp, config.min_margin) for i, resp in zip(idx, responses)]
+        pairs = [p for p in built if p is not None]
+        t_search = time.perf_counter() - t0
+
+        if config.ref_update == "each_round":
+            ref_model.load_state_dict(model.state_dict())
+        steps = _train_epochs(model, ref_model, tokenizer, pairs, optimizer, config, rng) if pairs else []
+        t_train = time.perf_counter() - t0 - t_search
+        if steps:  # nothing trained, nothing to push
+            version = push_weights(policy, model, version, timeout_s)
+
+        metrics = {
+            "round": r,
+            "prompts": len(idx),
+            "pairs": len(pairs),
+            "mean_chosen_score": _mean([p.chosen_score for p in pairs]),
+            "mean_rejected_score": _mean([p.rejected_score for p in pairs]),
+            "chosen_correct": _mean([p.chosen_correct for p in pairs if p.chosen_correct is not None]),
+            "rejected_correct": _mean([p.rejected_correct for p in pairs if p.rejected_correct is not None]),
+            # the weights that generated this round's pairs
+            "search_weight_version": min(
+                (s.weight_version for s in responses if s.weight_version is not None), default=None
+            ),
+            "steps": len(steps),
+            "loss": _mean([s["loss"] for s in steps]),
+            "reward_accuracy": _mean([s["reward_accuracy"] for s in steps]),
+            "margin": _mean([s["margin"] for s in steps]),
+            "weight_version": version,
+            "reward_id": reward_id,
+            "search_seconds": round(t_search, 2),
+            "train_seconds": round(t_train, 2),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        if on_round:
+            on_round(metrics, pairs)
+        return metrics
+
     with ThreadPoolExecutor(config.concurrency) as pool:
-        for r in range(config.rounds):
-            t0 = time.perf_counter()
-            idx = [(r * config.prompts_per_round + i) % len(prompts) for i in range(config.prompts_per_round)]
-
-            def search(i: int, k: int, r: int = r) -> SearchResponse:
-                return policy.search(prompts[i], strategy=config.strategy, n=config.n, reward=config.reward,
-                                     reference=references[i] if references is not None else None,
-                                     temperature=config.temperature, max_tokens=config.max_tokens,
-                                     seed=config.seed * 1_000_003 + r * config.prompts_per_round + k)  # fmt: skip
-
-            responses = list(pool.map(search, idx, range(len(idx))))
-            reward_id = _same_reward_id(responses, reward_id, config.reward, r)  # before any pair is trained on
-            built = [pair_from_search(prompts[i], resp, config.min_margin) for i, resp in zip(idx, responses)]
-            pairs = [p for p in built if p is not None]
-            t_search = time.perf_counter() - t0
-
-            if config.ref_update == "each_round":
-                ref_model.load_state_dict(model.state_dict())
-            steps = _train_epochs(model, ref_model, tokenizer, pairs, optimizer, config, rng) if pairs else []
-            t_train = time.perf_counter() - t0 - t_search
-            if steps:  # nothing trained, nothing to push
-                version = _push(policy, model, version, r)
-
-            history.append({
-                "round": r,
-                "prompts": len(idx),
-                "pairs": len(pairs),
-                "mean_chosen_score": _mean([p.chosen_score for p in pairs]),
-                "mean_rejected_score": _mean([p.rejected_score for p in pairs]),
-                "chosen_correct": _mean([p.chosen_correct for p in pairs if p.chosen_correct is not None]),
-                "rejected_correct": _mean([p.rejected_correct for p in pairs if p.rejected_correct is not None]),
-                # the weights that generated this round's pairs
-                "search_weight_version": min(
-                    (s.weight_version for s in responses if s.weight_version is not None), default=None
-                ),
-                "steps": len(steps),
-                "loss": _mean([s["loss"] for s in steps]),
-                "reward_accuracy": _mean([s["reward_accuracy"] for s in steps]),
-                "margin": _mean([s["margin"] for s in steps]),
-                "weight_version": version,
-                "reward_id": reward_id,
-                "search_seconds": round(t_search, 2),
-                "train_seconds": round(t_train, 2),
-                "seconds": round(time.perf_counter() - t0, 2),
-            })
-            if on_round:
-                on_round(history[-1], pairs)
-    return history
+        return online.steps(range(config.rounds), one_round, policy.weight_version(timeout_s=timeout_s))
 
 
 def _same_reward_id(responses: Sequence[SearchResponse], reward_id: str | None, reward: str, r: int) -> str:
-    """The run's reward id (the first search's, unless one was expected); RewardIdChanged on any other."""
+    """The run's reward id (the first search's, unless one was expected); RewardMismatch on any other."""
     for resp in responses:
         if resp.reward_id is None:
-            raise RewardIdChanged(f"round {r}: the search answered with no reward id; is {reward!r} a reward "
-                                  "of rm_server, and does the strategy use it?")  # fmt: skip
-        reward_id = reward_id or resp.reward_id
-        if resp.reward_id != reward_id:
-            raise RewardIdChanged(
-                f"round {r}: reward {reward!r} answered with id {resp.reward_id}, but this run started with "
-                f"{reward_id}: rm_server's reward changed mid-run, so the pairs would mix two rewards. "
-                "Restart the run against one reward."
-            )
+            raise RewardMismatch(f"round {r}: the search answered with no reward id; is {reward!r} a reward "
+                                 "of rm_server, and does the strategy use it?")  # fmt: skip
+        reward_id = same_reward(resp.reward_id, reward_id, f"round {r}, reward {reward!r}")
     assert reward_id is not None
     return reward_id
 
 
-def _push(policy: PolicyClient, model: PreTrainedModel, version: int, r: int) -> int:
-    """Send the weights (once, across a lost answer or a server restart: `trainer.online.push_weights`;
-    Conflict if another writer moved the server); the new version."""
-    pushed = push_weights(policy, model, version)
-    now = policy.weight_version()
-    if now != pushed:
-        raise RuntimeError(f"round {r}: pushed weights over version {version}, the server answered {pushed} "
-                           f"and now serves {now}")  # fmt: skip
-    return now
-
-
 def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
-
-
-def main_iterative(
-    config: DPOConfig, *, policy_url: str | None = None, rm_url: str | None = None,
-    on_round: Callable[[dict, list[Pair]], None] | None = None,
-) -> tuple[list[dict], PreTrainedModel]:  # fmt: skip
-    """What `assay train dpo` calls: iterative DPO of the embedded policy on training problems.
-
-    With no URLs, starts both services on loopback (`assay.services.LocalServices`) for the run.
-    The embedded policy's weights are pushed first, so the searches sample exactly the weights
-    being trained, whatever the server held before. Training prompts are
-    `world.take("train", rounds * prompts_per_round, seed)`, each sent with its answer as the
-    search reference (model rewards ignore it; `correct` and `final` need it). Returns the
-    per-round metrics and the trained model.
-    """
-    from assay.checkpoints import load_embedded
-    from assay.services import LocalServices
-    from assay.clients import PolicyClient, RewardClient
-
-    if (policy_url is None) != (rm_url is None):
-        raise ValueError("give both policy_url and rm_url, or neither (to start local services)")
-    services = LocalServices.start() if policy_url is None else None
-    try:
-        policy_url = services.policy_url if services else policy_url
-        rm_url = services.rm_url if services else rm_url
-        with RewardClient.http(rm_url, timeout_s=config.service_timeout_s) as rm:
-            expected = rm.reward_id(config.reward)
-        model, tokenizer = load_embedded("policy")
-        problems = world.take("train", config.rounds * config.prompts_per_round, seed=config.seed)
-        with PolicyClient.http(policy_url, timeout_s=config.service_timeout_s) as policy:
-            push_weights(policy, model, policy.weight_version())
-            history = iterative_dpo(
-                model, tokenizer, policy, config, [p.prompt for p in problems], on_round,
-                references=[str(p.answer) for p in problems], expected_reward_id=expected,
-            )  # fmt: skip
-        return history, model
-    finally:
-        if services:
-            services.stop()

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from assay.clients.policy import PolicyClient
 from assay.trainer import online
+from assay.trainer.config import GRPOConfig
 from assay.trainer.online import (
-    SERVICE_TIMEOUT_HELP,
-    SERVICE_TIMEOUT_S,
+    OnStep,
     RewardFn,
+    Run,
     RunDir,
     pack,
     push_weights,
@@ -42,67 +41,30 @@ from assay.trainer.online import (
 from assay.trainer.rl_math import entropy_from_logits, group_advantages, kl_estimate, masked_mean, token_loss
 
 
-@dataclass
-class GRPOConfig:
-    steps: int = field(default=100, metadata={"help": "optimisation steps (each: one rollout batch)"})
-    prompts_per_step: int = field(default=16, metadata={"help": "B: training prompts per step"})
-    group_size: int = field(default=8, metadata={"help": "G: completions per prompt"})
-    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
-    max_tokens: int = field(default=48, metadata={"help": "tokens per completion, at most"})
-    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (constant)"})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient (0: no reference model)"})
-    eps_low: float = field(default=0.2, metadata={"help": "ratio clip below 1"})
-    eps_high: float = field(default=0.2, metadata={"help": "ratio clip above 1 (DAPO's clip-higher: 0.28)"})
-    mu: int = field(default=1, metadata={"help": "optimisation passes over each rollout batch"})
-    scale: str = field(default="std", metadata={"help": "advantage scaling: std (GRPO), none (Dr. GRPO), batch"})
-    loss_norm: str = field(default="sequence_mean", metadata={"help": "sequence_mean, token_mean (DAPO), constant (Dr. GRPO)"})  # fmt: skip
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    reward: str = field(default="correct", metadata={"help": "the rm_server reward to train on"})
-    seed: int = field(default=0, metadata={"help": "prompts and sampling seeds derive from it and the step"})
-    checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
-    eval_every: int = field(default=0, metadata={"help": "steps between held-out pass@1 evaluations (0: none)"})
-    eval_problems: int = field(default=64, metadata={"help": "held-out problems per evaluation"})
-    service_timeout_s: float = field(default=SERVICE_TIMEOUT_S, metadata={"help": SERVICE_TIMEOUT_HELP})
-
-    def __post_init__(self) -> None:
-        if min(self.steps, self.prompts_per_step, self.mu, self.checkpoint_every) < 1 or self.group_size < 2:
-            raise ValueError("steps, prompts_per_step, mu and checkpoint_every must be >= 1, group_size >= 2")
-        if self.scale not in ("std", "none", "batch"):
-            raise ValueError(f"scale must be std, none or batch, not {self.scale!r}")
-        if self.loss_norm not in ("sequence_mean", "token_mean", "constant"):
-            raise ValueError(f"loss_norm must be sequence_mean, token_mean or constant, not {self.loss_norm!r}")
-        if not self.service_timeout_s > 0:
-            raise ValueError(f"service_timeout_s must be > 0, got {self.service_timeout_s}")
-        if self.lr <= 0 or self.beta < 0 or self.eps_low <= 0 or self.eps_high <= 0:
-            raise ValueError("lr, eps_low and eps_high must be > 0, beta >= 0")
-
-
 def train(config: GRPOConfig, model, tokenizer, policy: PolicyClient, reward_fn: RewardFn, run_dir: RunDir, *,
-          resume: bool = False, on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+          resume: bool = False, on_step: OnStep | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Run `config.steps` steps (the remaining ones, when resuming); every step's metrics."""
     torch.manual_seed(config.seed)
+    ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     modules = {"policy": model, **({"reference": ref_model} if ref_model is not None else {})}
     model.train()
 
     def step_fn(step: int, version: int) -> dict[str, Any]:
-        return _step(config, step, model, ref_model, tokenizer, optimizer, policy, reward_fn, version)
+        return _step(ctx, step, version, ref_model, optimizer)
 
-    return online.run("grpo", config, step_fn, model, tokenizer, modules, {"policy": optimizer}, policy, reward_fn,
-                      run_dir, resume=resume, on_step=on_step)  # fmt: skip
+    return online.run(ctx, "grpo", step_fn, modules, {"policy": optimizer}, resume=resume, on_step=on_step)
 
 
-def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer, policy: PolicyClient,
-          reward_fn: RewardFn, version: int) -> dict[str, Any]:  # fmt: skip
+def _step(ctx: Run[GRPOConfig], step: int, version: int, ref_model, optimizer) -> dict[str, Any]:
+    config, model = ctx.config, ctx.model
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     problems = train_prompts(step, config.prompts_per_step, config.seed)
-    groups, scores, stale, version = online.rollout(
-        policy, model, reward_fn, problems, config.group_size, temperature=config.temperature,
-        max_tokens=config.max_tokens, seed=config.seed * 1_000_003 + step, version=version, seconds=t,
-        timeout_s=config.service_timeout_s,
-    )  # fmt: skip
+    seed = config.seed * 1_000_003 + step
+    groups, scores, stale, version = online.rollout(ctx, problems, config.group_size, seed=seed, version=version,
+                                                    seconds=t)  # fmt: skip
     rollouts = [r for g in groups for r in g]
     if not rollouts:  # every sample was stale: nothing to learn from, nothing mixed in
         return {"step": step, "samples": 0, "stale_dropped": stale, "weight_version": version,
@@ -123,7 +85,7 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
     flat_valid = torch.cat([valid[i, : len(g)] for i, g in enumerate(groups)]).float()  # [N]
 
     with timed(t, "train_s"):
-        batch = pack(rollouts, tokenizer.pad_token_id)
+        batch = pack(rollouts, ctx.tokenizer.pad_token_id)
         mask = batch.completion_mask * flat_valid[:, None]  # [N, L-1]
         with torch.no_grad():
             ref_logp = token_logprobs(ref_model, batch)[0] if ref_model is not None else None
@@ -151,7 +113,7 @@ def _step(config: GRPOConfig, step: int, model, ref_model, tokenizer, optimizer,
             clipped = ((ratio < 1 - config.eps_low) | (ratio > 1 + config.eps_high)).float()
             entropy = masked_mean(entropy_from_logits(logits), mask)
     with timed(t, "push_s"):
-        version = push_weights(policy, model, version, config.service_timeout_s)
+        version = push_weights(ctx.policy, model, version, config.service_timeout_s)
 
     seconds = time.perf_counter() - t0
     good = [s for s in scores if s is not None]

@@ -1,13 +1,20 @@
-"""The online loop's plumbing, shared by GRPO and PPO: rollouts from the policy server, rewards by
-reward id, weight pushes, held-out evaluation, and the run directory (metrics, checkpoints, resume).
+"""The online loop and its plumbing: rollouts from the policy server, rewards by reward id, weight
+pushes, held-out evaluation, and the run directory (metrics, checkpoints, resume).
 
-The trainer never computes a reward itself: `reward_fn` is `clients.RewardClient.as_reward_fn`
-(rm_server, remote) or `trainer.rewards.InProcessReward` (the same reward code and id, in this
-process); both are `f(prompts, completions, reference=[...]) -> list[float | None]` carrying a
-`.reward_id`. The policy server generates every rollout, and its replies carry the weight version
-that produced each sample; `sync_weights` makes the server hold exactly the trainer's weights
-before each rollout (after a restart it holds the checkpoint it started from), and samples from
-any other version are dropped and counted, never mixed in.
+`steps` is the loop every online algorithm runs on: a step samples from the weights the server
+serves, trains, and pushes the new weights, whose version the next step samples from. GRPO and
+PPO run it through `run` (resume, reward id, evaluation, metrics, checkpoints), with a `Run` (the
+config, the model and tokenizer, both clients, the run directory) as what each step works with;
+iterative DPO's rounds are its steps too, and stop on the same `RewardMismatch`.
+
+The trainer never computes a reward itself: `reward_fn` is `clients.RewardClient.as_reward_fn`,
+`f(prompts, completions, reference=[...]) -> list[float | None]` carrying a `.reward_id`, over
+whichever transport the caller chose (rm_server over HTTP or gRPC, or the same service in this
+process, `rm_server.local.LocalTransport`: the same reward code and id). The policy server
+generates every rollout, and its replies carry the weight version that produced each sample;
+`sync_weights` makes the server hold exactly the trainer's weights before each rollout (after a
+restart it holds the checkpoint it started from), and samples from any other version are dropped
+and counted, never mixed in.
 
 Every call to either service has the config's `service_timeout_s` as its deadline, and the clients
 retry transient failures (refused, reset, 503 while loading) until it: a service that is killed
@@ -23,11 +30,11 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,12 +43,11 @@ from assay.arith import world
 from assay.arith.checks import is_correct
 from assay.clients.errors import Conflict, Unavailable
 from assay.clients.policy import PolicyClient
+from assay.trainer.config import RLConfig
 
 RewardFn = Callable[..., list[float | None]]
-
-SERVICE_TIMEOUT_S = 300.0  # long enough for a killed service to come back on a busy machine (it loads in 5-60 s)
-SERVICE_TIMEOUT_HELP = ("deadline (s) of each call to rm_server or policy_server, retries included: a service "
-                        "killed and restarted within it costs the run only the wait")  # fmt: skip
+StepFn = Callable[[int, int], dict[str, Any]]  # (step, weight version serving now) -> the step's metrics
+OnStep = Callable[[dict[str, Any]], None]
 
 
 class RewardMismatch(RuntimeError):
@@ -50,6 +56,21 @@ class RewardMismatch(RuntimeError):
 
 class RunExists(RuntimeError):
     """The run directory already holds a run, and this one was not asked to continue it."""
+
+
+C = TypeVar("C", bound=RLConfig)
+
+
+@dataclass
+class Run(Generic[C]):
+    """What one run of GRPO or PPO works with: its loop, rollouts and steps take this, not ten arguments."""
+
+    config: C
+    model: torch.nn.Module  # the policy being trained; the policy server serves its weights
+    tokenizer: Any
+    policy: PolicyClient
+    reward_fn: RewardFn  # RewardClient.as_reward_fn: the reward by id, over any transport
+    run_dir: RunDir
 
 
 # --- rollouts --------------------------------------------------------------------------------
@@ -107,15 +128,20 @@ def score(reward_fn: RewardFn, rollouts: Sequence[Rollout]) -> list[float | None
     return [v if v is not None and math.isfinite(v) else None for v in values]
 
 
-def check_reward_id(reward_fn: RewardFn, expected: str | None) -> str:
-    """The reward function's id, which must be `expected` when one is recorded (a resumed run)."""
+def reward_id_of(reward_fn: RewardFn) -> str:
+    """The id of the reward `reward_fn` answers with; RewardMismatch when it carries none."""
     current = getattr(reward_fn, "reward_id", None)
     if current is None:
-        raise RewardMismatch("the reward function carries no reward_id: use RewardClient.as_reward_fn or "
-                             "assay.trainer.rewards.InProcessReward")  # fmt: skip
-    if expected is not None and current != expected:
-        raise RewardMismatch(f"this run was trained on reward {expected}, and the reward now answers as {current}: "
-                             "rewards with different ids must not be mixed in one run")  # fmt: skip
+        raise RewardMismatch("the reward function carries no reward_id: use RewardClient.as_reward_fn")
+    return current
+
+
+def same_reward(current: str, recorded: str | None, where: str) -> str:
+    """`current`, the id the reward answers with now, which must be the one the run recorded (if any)."""
+    if recorded is not None and current != recorded:
+        raise RewardMismatch(f"{where}: this run was trained on reward {recorded}, and the reward now answers as "
+                             f"{current}: rm_server's reward changed mid-run, and rewards with different ids must "
+                             "not be mixed in one run")  # fmt: skip
     return current
 
 
@@ -214,16 +240,14 @@ def push_weights(policy: PolicyClient, model: torch.nn.Module, expect_version: i
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def run(algorithm: str, config: Any, step_fn: Callable[[int, int], dict[str, Any]], model: torch.nn.Module,
-        tokenizer: Any, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-        policy: PolicyClient, reward_fn: RewardFn, run_dir: RunDir, *, resume: bool = False,
-        on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """The loop every online algorithm shares: resume, check the reward id, make the server hold
-    the trainer's weights, then per step `step_fn(step, version) -> metrics` (which pushes the new
-    weights and reports their `weight_version`), evaluation, metrics, checkpoints.
+def run(ctx: Run, algorithm: str, step_fn: StepFn, modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer], *, resume: bool = False,
+        on_step: OnStep | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """GRPO's and PPO's run: resume, check the reward id, make the server hold the trainer's
+    weights, then `steps` with held-out evaluation, `metrics.jsonl` and checkpoints after each.
 
-    `modules` and `optimizers` (by name; `modules["policy"]` is `model`) are what a checkpoint
-    holds. `config` needs `steps`, `checkpoint_every`, `eval_every`, `eval_problems`, `service_timeout_s`."""
+    `modules` and `optimizers` (by name; `modules["policy"]` is the model) are what a checkpoint holds."""
+    config, run_dir = ctx.config, ctx.run_dir
     if not resume and RunDir.found_in(run_dir.path):
         raise RunExists(f"{run_dir.path} already holds a run: resume it, or clear it first (RunDir.clear), "
                         "since two runs in one directory would mix their metrics")  # fmt: skip
@@ -233,45 +257,59 @@ def run(algorithm: str, config: Any, step_fn: Callable[[int, int], dict[str, Any
         start, reward_id = state["step"] + 1, state["reward_id"]
     elif resume:  # killed before its first checkpoint: it starts again at step 1, so its lines go
         run_dir.clear()
-    reward_id = check_reward_id(reward_fn, reward_id)
+    reward_id = same_reward(reward_id_of(ctx.reward_fn), reward_id, f"resuming {run_dir.path}")
     run_dir.write_config({"algorithm": algorithm, **asdict(config), "reward_id": reward_id})
-    version = sync_weights(policy, model, None, config.service_timeout_s)  # the server now serves exactly these
+    version = sync_weights(ctx.policy, ctx.model, None, config.service_timeout_s)  # the server now serves exactly these
     if config.eval_every and start == 1:  # where the run starts from, as step 0
-        run_dir.log({"step": 0, "heldout_pass1": heldout_pass1(model, tokenizer, config.eval_problems),
+        run_dir.log({"step": 0, "heldout_pass1": heldout_pass1(ctx.model, ctx.tokenizer, config.eval_problems),
                      "weight_version": version})  # fmt: skip
-    history = []
-    for step in range(start, config.steps + 1):
-        metrics = step_fn(step, version)
-        version = metrics["weight_version"]
+
+    def record(metrics: dict[str, Any]) -> None:
+        step = metrics["step"]
         if config.eval_every and (step % config.eval_every == 0 or step == config.steps):
-            metrics["heldout_pass1"] = heldout_pass1(model, tokenizer, config.eval_problems)
+            metrics["heldout_pass1"] = heldout_pass1(ctx.model, ctx.tokenizer, config.eval_problems)
         run_dir.log(metrics)
-        history.append(metrics)
         if on_step is not None:
             on_step(metrics)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            run_dir.save(step, modules, optimizers, {"reward_id": reward_id, "weight_version": version})
+            state = {"reward_id": reward_id, "weight_version": metrics["weight_version"]}
+            run_dir.save(step, modules, optimizers, state)
+
+    return steps(range(start, config.steps + 1), step_fn, version, record)
+
+
+def steps(numbers: Iterable[int], step_fn: StepFn, version: int, on_step: OnStep | None = None) -> list[dict[str, Any]]:
+    """The loop every online algorithm runs on (GRPO and PPO through `run`, iterative DPO's rounds):
+    `step_fn(n, version)` trains on samples from the weights at `version` and pushes the new ones
+    (`push_weights`), reporting the version that serves them as `weight_version`, which the next
+    step samples from; then `on_step(metrics)`. The steps' metrics, in order."""
+    history = []
+    for n in numbers:
+        metrics = step_fn(n, version)
+        version = metrics["weight_version"]
+        history.append(metrics)
+        if on_step is not None:
+            on_step(metrics)
     return history
 
 
-def rollout(policy: PolicyClient, model: torch.nn.Module, reward_fn: RewardFn, problems: Sequence[world.Problem],
-            n: int, *, temperature: float, max_tokens: int, seed: int, version: int, seconds: dict[str, float],
-            timeout_s: float | None = None,
+def rollout(ctx: Run, problems: Sequence[world.Problem], n: int, *, seed: int, version: int, seconds: dict[str, float],
             tries: int = 3) -> tuple[list[list[Rollout]], list[float | None], int, int]:  # fmt: skip
     """Sync the server's weights, sample `n` per problem, score them: (groups, scores in group
     order, stale samples dropped, the version that sampled). When every sample is stale (the
     server restarted between the sync and the sampling), sync and sample again, `tries` in all."""
-    stale = 0
+    config, stale = ctx.config, 0
     with timed(seconds, "rollout_s"):
         for _ in range(tries):
-            version = sync_weights(policy, model, version, timeout_s)  # pushed again if the server restarted
-            groups, dropped = sample_groups(policy, problems, n, temperature=temperature, max_tokens=max_tokens,
-                                            seed=seed, version=version, timeout_s=timeout_s)  # fmt: skip
+            version = sync_weights(ctx.policy, ctx.model, version, config.service_timeout_s)  # again after a restart
+            groups, dropped = sample_groups(ctx.policy, problems, n, temperature=config.temperature,
+                                            max_tokens=config.max_tokens, seed=seed, version=version,
+                                            timeout_s=config.service_timeout_s)  # fmt: skip
             stale += dropped
             if any(groups):
                 break
     with timed(seconds, "reward_s"):
-        scores = score(reward_fn, [r for g in groups for r in g])
+        scores = score(ctx.reward_fn, [r for g in groups for r in g])
     return groups, scores, stale, version
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,10 +31,11 @@ import torch
 from assay.arith import world
 from assay.clients.policy import PolicyClient
 from assay.trainer import online
+from assay.trainer.config import PPOConfig
 from assay.trainer.online import (
-    SERVICE_TIMEOUT_HELP,
-    SERVICE_TIMEOUT_S,
+    OnStep,
     RewardFn,
+    Run,
     RunDir,
     pack,
     push_weights,
@@ -47,43 +46,6 @@ from assay.trainer.online import (
 )
 from assay.trainer.rl_math import entropy_from_logits, gae, kl_estimate, masked_mean, masked_whiten
 from assay.trainer.sft import collate, encode_example
-
-
-@dataclass
-class PPOConfig:
-    steps: int = field(default=100, metadata={"help": "optimisation steps (each: one rollout batch)"})
-    prompts_per_step: int = field(default=32, metadata={"help": "B: training prompts per step"})
-    samples_per_prompt: int = field(default=4, metadata={"help": "completions per prompt"})
-    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature"})
-    max_tokens: int = field(default=48, metadata={"help": "tokens per completion, at most"})
-    lr: float = field(default=1e-4, metadata={"help": "actor AdamW learning rate"})
-    critic_lr: float = field(default=1e-4, metadata={"help": "critic AdamW learning rate"})
-    beta: float = field(default=0.05, metadata={"help": "per-token KL penalty folded into the reward"})
-    gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
-    eps: float = field(default=0.2, metadata={"help": "policy ratio clip"})
-    eps_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
-    c1: float = field(default=0.5, metadata={"help": "value loss coefficient"})
-    gamma_ptx: float = field(default=0.0, metadata={"help": "PPO-ptx: weight of the SFT log-likelihood term (0: off)"})
-    ptx_batch: int = field(default=16, metadata={"help": "SFT examples per ptx term"})
-    epochs: int = field(default=2, metadata={"help": "optimisation passes over each rollout batch"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (actor and critic)"})
-    reward: str = field(default="correct", metadata={"help": "the rm_server reward to train on"})
-    seed: int = field(default=0, metadata={"help": "prompts and sampling seeds derive from it and the step"})
-    checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
-    eval_every: int = field(default=0, metadata={"help": "steps between held-out pass@1 evaluations (0: none)"})
-    eval_problems: int = field(default=64, metadata={"help": "held-out problems per evaluation"})
-    service_timeout_s: float = field(default=SERVICE_TIMEOUT_S, metadata={"help": SERVICE_TIMEOUT_HELP})
-
-    def __post_init__(self) -> None:
-        if min(self.steps, self.prompts_per_step, self.samples_per_prompt, self.epochs, self.checkpoint_every) < 1:
-            raise ValueError("steps, prompts_per_step, samples_per_prompt, epochs and checkpoint_every must be >= 1")
-        if self.lr <= 0 or self.critic_lr <= 0 or self.eps <= 0 or self.beta < 0 or self.gamma_ptx < 0:
-            raise ValueError("lr, critic_lr and eps must be > 0; beta and gamma_ptx >= 0")
-        if not self.service_timeout_s > 0:
-            raise ValueError(f"service_timeout_s must be > 0, got {self.service_timeout_s}")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError("gamma and lam must be in [0, 1]")
 
 
 class Critic(torch.nn.Module):
@@ -102,10 +64,10 @@ class Critic(torch.nn.Module):
 
 
 def train(config: PPOConfig, model, tokenizer, reward_model, policy: PolicyClient, reward_fn: RewardFn,
-          run_dir: RunDir, *, resume: bool = False,
-          on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+          run_dir: RunDir, *, resume: bool = False, on_step: OnStep | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """`model`: the SFT policy (becomes the actor); `reward_model`: the ORM the critic starts from."""
     torch.manual_seed(config.seed)
+    ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     critic = Critic(copy.deepcopy(reward_model))
     actor_opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
@@ -116,23 +78,19 @@ def train(config: PPOConfig, model, tokenizer, reward_model, policy: PolicyClien
     critic.train()
 
     def step_fn(step: int, version: int) -> dict[str, Any]:
-        return _step(config, step, model, ref_model, critic, tokenizer, actor_opt, critic_opt, policy, reward_fn,
-                     version)  # fmt: skip
+        return _step(ctx, step, version, ref_model, critic, actor_opt, critic_opt)
 
-    return online.run("ppo", config, step_fn, model, tokenizer, modules, optimizers, policy, reward_fn, run_dir,
-                      resume=resume, on_step=on_step)  # fmt: skip
+    return online.run(ctx, "ppo", step_fn, modules, optimizers, resume=resume, on_step=on_step)
 
 
-def _step(config: PPOConfig, step: int, model, ref_model, critic, tokenizer, actor_opt, critic_opt,
-          policy: PolicyClient, reward_fn: RewardFn, version: int) -> dict[str, Any]:  # fmt: skip
+def _step(ctx: Run[PPOConfig], step: int, version: int, ref_model, critic, actor_opt, critic_opt) -> dict[str, Any]:
+    config, model, tokenizer = ctx.config, ctx.model, ctx.tokenizer
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     problems = train_prompts(step, config.prompts_per_step, config.seed)
-    groups, scores, stale, version = online.rollout(
-        policy, model, reward_fn, problems, config.samples_per_prompt, temperature=config.temperature,
-        max_tokens=config.max_tokens, seed=config.seed * 1_000_003 + step, version=version, seconds=t,
-        timeout_s=config.service_timeout_s,
-    )  # fmt: skip
+    seed = config.seed * 1_000_003 + step
+    groups, scores, stale, version = online.rollout(ctx, problems, config.samples_per_prompt, seed=seed,
+                                                    version=version, seconds=t)  # fmt: skip
     # Samples whose reward failed are dropped whole: no reward, no return to learn from.
     pairs = [(r, s) for r, s in zip((r for g in groups for r in g), scores, strict=True) if s is not None]
     failed = len(scores) - len(pairs)
@@ -163,7 +121,7 @@ def _step(config: PPOConfig, step: int, model, ref_model, critic, tokenizer, act
             values = critic(batch.input_ids, batch.attention_mask)[:, :-1]
             clipped_v = old_values + (values - old_values).clamp(-config.eps_value, config.eps_value)
             value_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_v - returns) ** 2), mask)
-            ptx = _ptx_loss(model, tokenizer, config, step) if config.gamma_ptx > 0 else torch.zeros(())
+            ptx = _ptx_loss(ctx, step) if config.gamma_ptx > 0 else torch.zeros(())
             loss = policy_loss + config.c1 * value_loss + config.gamma_ptx * ptx
             actor_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
@@ -177,7 +135,7 @@ def _step(config: PPOConfig, step: int, model, ref_model, critic, tokenizer, act
             entropy = masked_mean(entropy_from_logits(logits), mask)
             kl = masked_mean(kl_estimate(old_logp, ref_logp, "k3"), mask)
     with timed(t, "push_s"):
-        version = push_weights(policy, model, version, config.service_timeout_s)
+        version = push_weights(ctx.policy, model, version, config.service_timeout_s)
 
     seconds = time.perf_counter() - t0
     tokens = int(mask.sum())
@@ -192,10 +150,11 @@ def _step(config: PPOConfig, step: int, model, ref_model, critic, tokenizer, act
     }  # fmt: skip
 
 
-def _ptx_loss(model, tokenizer, config: PPOConfig, step: int) -> torch.Tensor:
+def _ptx_loss(ctx: Run[PPOConfig], step: int) -> torch.Tensor:
     """Mean next-token NLL of worked solutions to training problems: the SFT data's own objective."""
+    config, tokenizer = ctx.config, ctx.tokenizer
     rng = random.Random(config.seed * 7_919 + step)
     problems = world.take("train", config.ptx_batch, seed=rng.randrange(2**31))
     ids, attn, labels = collate([encode_example(tokenizer, p.prompt, p.solution) for p in problems],
                                 tokenizer.pad_token_id)  # fmt: skip
-    return model(input_ids=ids, attention_mask=attn, labels=labels).loss
+    return ctx.model(input_ids=ids, attention_mask=attn, labels=labels).loss

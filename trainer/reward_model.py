@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from assay.scoring import outcome_scores, step_token_positions
 from assay.trainer.sft import SFTConfig, make_update
 
 Loss = Literal["bradley_terry", "listwise", "margin"]
@@ -76,16 +77,6 @@ class RMConfig(SFTConfig):
             raise ValueError("loss must be bradley_terry, listwise or margin")
         if self.k < 2:
             raise ValueError("k must be >= 2")
-
-
-def outcome_scores(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
-) -> torch.Tensor:
-    """[len(texts)] one scalar per text, read at its last token (the model pools there)."""
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="right")
-    # Right padding under a causal mask needs no attention mask (and CPU attention is much
-    # faster without one); the classifier finds each row's last real token by the pad id.
-    return model(input_ids=enc["input_ids"], use_cache=False).logits[:, 0]
 
 
 def _group_batch(
@@ -144,20 +135,6 @@ class StepExample:
     response: str
     step_ends: list[int]  # exclusive end offsets into `response`, one per step
     labels: list[bool]
-
-
-def step_token_positions(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, step_ends: Sequence[int]
-) -> tuple[list[int], list[int]]:
-    """Token ids of prompt+response and, per step, the index of the token holding its last char."""
-    enc = tokenizer(prompt + response, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
-    positions = []
-    for end in step_ends:
-        last_char = len(prompt) + end - 1
-        idx = next(i for i, (s, e) in enumerate(offsets) if s <= last_char < e)
-        positions.append(idx)
-    return enc["input_ids"], positions
 
 
 def train_process_rm(

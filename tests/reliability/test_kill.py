@@ -23,10 +23,10 @@ from assay.checkpoints import load_embedded
 from assay.services import LocalServices
 from assay.clients import PolicyClient, RewardClient
 from assay.clients import policy as policy_module
+from assay.rm_server.local import LocalTransport
 from tests.reliability import loadgen
 from assay.trainer.grpo import GRPOConfig, train
 from assay.trainer.online import RunDir
-from assay.trainer.rewards import InProcessReward
 
 pytestmark = pytest.mark.reliability
 
@@ -113,7 +113,8 @@ def test_sigkill_of_rm_server_mid_training_loses_and_doubles_no_sample(services,
         pid = services.rm.proc.pid
         history = train(GRPOConfig(steps=3, **TINY), model, tok, policy, reward, RunDir(tmp_path))
         restarts[0].join(180)
-    with InProcessReward("correct") as local:
+    with RewardClient(LocalTransport(rewards=["correct"]), timeout_s=SERVICE_TIMEOUT_S) as rm:
+        local = rm.as_reward_fn("correct")
         wrong = sum(out != local(p, c, reference=r) for p, c, r, out in calls)
     samples = sum(m["samples"] for m in history)
     print(f"\nrm_server SIGKILL mid-training (1 fault, down {DOWN_S:g}s): {len(history)} steps, {samples} samples, "

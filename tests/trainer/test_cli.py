@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 from typer.testing import CliRunner
@@ -44,6 +45,47 @@ def test_an_unknown_config_key_is_refused_before_anything_starts(tmp_path):
                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and "group_sise" in out.stdout + out.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- every config field is an option; flags win over --config -----------------------------------
+
+
+def test_every_config_field_is_an_option_with_its_default_and_help():
+    import typer.main
+
+    from assay.trainer.config import DPOConfig, GRPOConfig, PPOConfig
+
+    train = typer.main.get_command(app).commands["train"]
+    for name, cls in (("grpo", GRPOConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
+        params = {p.name: p for p in train.commands[name].params}
+        for f in fields(cls):
+            option = params[f.name]
+            assert option.opts == ["--" + f.name.replace("_", "-")], (name, f.name)
+            assert (option.help, option.default) == (f.metadata["help"], f.default), (name, f.name)
+
+
+def _refusal(args: list[str]) -> str:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # unboxed, unwrapped
+
+
+def test_flags_override_the_config_file_and_the_file_fills_the_rest(tmp_path):
+    _old_run(tmp_path / "run")  # every command below ends, at the latest, at this run directory's refusal
+    bad_group, good_group = tmp_path / "bad.yaml", tmp_path / "good.yaml"
+    bad_group.write_text("group_size: 1\nlr: 1.0e-5\n")
+    good_group.write_text("group_size: 4\nsteps: 0\n")
+    base = ["train", "grpo", "--run-dir", str(tmp_path / "run")]
+    assert "group_size >= 2" in _refusal([*base, "--config", str(bad_group)])
+    assert "already holds a run" in _refusal([*base, "--config", str(bad_group), "--group-size", "4"])
+    assert "group_size >= 2" in _refusal([*base, "--config", str(good_group), "--group-size", "1", "--steps", "3"])
+    said = _refusal([*base, "--config", str(good_group), "--lr", "1e-4"])  # the file's steps: 0 stays
+    assert "steps, checkpoint_every and eval_problems must be >= 1" in said
+    assert "already holds a run" in _refusal([*base, "--config", str(good_group), "--steps", "3"])
+    assert "scale must be std, none or batch" in _refusal([*base, "--scale", "nope"])
+    assert "already holds a run" in _refusal(["train", "dpo", "--run-dir", str(tmp_path / "run"), "--rounds", "2",
+                                              "--ref-update", "each_round", "--beta", "0.5"])  # fmt: skip
+    assert "beta must be > 0" in _refusal(["train", "dpo", "--run-dir", str(tmp_path / "run"), "--beta", "0"])
 
 
 # --- one run per run directory (issue 10, defect 9: runs were silently mixed, steps 1,2,3,4,1,2) ---

@@ -14,7 +14,6 @@ from assay.clients import PolicyClient, RewardClient
 from assay.trainer.dpo import (
     DPOConfig,
     Pair,
-    RewardIdChanged,
     dpo_loss,
     dpo_step,
     frozen_copy,
@@ -25,6 +24,7 @@ from assay.trainer.dpo import (
     sequence_logps,
     train_offline,
 )  # fmt: skip
+from assay.trainer.online import RewardMismatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/trainer/conftest.py
 
@@ -178,7 +178,7 @@ def test_a_changed_reward_id_stops_the_run(services, embedded):
     config = DPOConfig(rounds=1, prompts_per_round=2, n=2, concurrency=1)
     with RecordingPolicy(services.policy_url, swap_reward_id_on=2) as client:
         v0 = client.weight_version()
-        with pytest.raises(RewardIdChanged, match="changed mid-run"):
+        with pytest.raises(RewardMismatch, match="changed mid-run"):
             iterative_dpo(model, tokenizer, client, config, prompts)
         assert client.weight_version() == v0  # stopped before training or pushing anything
 

@@ -12,8 +12,8 @@ import torch
 from assay.checkpoints import load_embedded
 from assay.clients.reward import RewardClient
 from assay.trainer.grpo import GRPOConfig, train
+from assay.rm_server.local import LocalTransport
 from assay.trainer.online import RewardMismatch, RunDir
-from assay.trainer.rewards import InProcessReward
 
 SMALL = dict(prompts_per_step=4, group_size=4, max_tokens=40, lr=1e-4, checkpoint_every=1)
 
@@ -36,7 +36,8 @@ def test_a_step_learns_pushes_and_the_server_serves_the_trained_weights(policy, 
 
 
 def test_a_nan_reward_is_masked_and_counted_never_zero(policy, tmp_path):
-    inner = InProcessReward("correct")
+    rm = RewardClient(LocalTransport(rewards=["correct"]), timeout_s=300)
+    inner = rm.as_reward_fn("correct")
 
     def flaky(prompts, completions, **kw):
         out = inner(prompts, completions, **kw)
@@ -44,7 +45,7 @@ def test_a_nan_reward_is_masked_and_counted_never_zero(policy, tmp_path):
 
     flaky.reward_id = inner.reward_id
     model, tok = load_embedded("policy")
-    with inner:
+    with rm:
         (m,) = train(GRPOConfig(steps=1, **SMALL), model, tok, policy, flaky, RunDir(tmp_path))
     assert m["reward_failed"] == 6  # i = 0, 3, 6, 9, 12 are NaN, and the last one is None
     assert m["samples"] == 16 and math.isfinite(m["loss"])

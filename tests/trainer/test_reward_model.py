@@ -4,15 +4,8 @@ from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTo
 
 from assay.arith import world
 from assay.arith.checks import segments, step_labels
-from assay.trainer.reward_model import (
-    RankedGroup,
-    RMConfig,
-    StepExample,
-    outcome_scores,
-    step_token_positions,
-    train_outcome_rm,
-    train_process_rm,
-)
+from assay.scoring import outcome_scores
+from assay.trainer.reward_model import RankedGroup, RMConfig, StepExample, train_outcome_rm, train_process_rm
 
 
 def _cfg(tokenizer, **kw):
@@ -42,23 +35,6 @@ def test_outcome_rm_learns_to_rank_the_correct_answer_first(tokenizer, loss):
         good = outcome_scores(model, tokenizer, [g.prompt + g.responses[0] for g in groups])
         bad = outcome_scores(model, tokenizer, [g.prompt + g.responses[1] for g in groups])
     assert (good > bad).float().mean() >= 0.9
-
-
-def test_scores_do_not_depend_on_padding(tokenizer):
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(_cfg(tokenizer)).eval()
-    short, long = "Q: 1+2 A: 1+2=3 #### 3", "Q: 11+22-5 A: 11+22=33 33-5=28 #### 28"
-    with torch.no_grad():
-        alone = outcome_scores(model, tokenizer, [short])
-        padded = outcome_scores(model, tokenizer, [short, long])
-    assert torch.allclose(alone[0], padded[0], atol=1e-5)
-
-
-def test_step_positions_point_at_each_steps_last_character(tokenizer):
-    p = world.Problem((23, 45, 17), ("+", "-"))
-    ids, pos = step_token_positions(tokenizer, p.prompt, p.solution, [s.end for s in segments(p.solution)])
-    assert [tokenizer.decode([ids[i]]) for i in pos] == ["8", "1", "1"]
-    assert tokenizer.decode(ids[: pos[0] + 1], skip_special_tokens=True) == p.prompt + "23+45=68"
 
 
 def test_process_rm_learns_step_labels(tokenizer):

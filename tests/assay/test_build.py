@@ -2,7 +2,7 @@
 
 from safetensors.torch import load_file
 
-from assay.arith.build import BuildConfig, build
+from assay.build import BuildConfig, build
 from assay.checkpoints import load_model
 from assay.trainer.reward_model import RMConfig
 from assay.trainer.sft import SFTConfig
@@ -34,7 +34,7 @@ def test_prefix_labels_agree_with_step_labels_at_step_ends():
     import random
 
     from assay.arith import world
-    from assay.arith.build import prefix_examples
+    from assay.build import prefix_examples
     from assay.arith.checks import segments, step_labels
     from assay.generation import Sample
 

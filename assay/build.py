@@ -8,6 +8,9 @@
 5. orm        - sequence classifier initialised from the PRM, Bradley-Terry on
                 (correct, incorrect) pairs of the policy's samples;
 6. verifier   - the policy with the PRM's backbone, fine-tuned to answer `Correct? yes|no`.
+
+The pipeline sits here, in the composition layer, rather than beside the world in `arith/`: it
+trains with `assay.trainer`, and `assay.arith` stays a leaf that imports nothing else of ours.
 """
 
 from __future__ import annotations
