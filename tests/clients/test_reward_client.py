@@ -37,8 +37,9 @@ from assay.clients import reward as reward_module
 from assay.clients.reward import _Deadline
 from assay.clients.reward_transport import retry_after_s
 from assay.rm_server.protocol import ErrorType, ScoreItem, ScoreResponse
-from assay.rm_server.server import BackgroundServer, ServerConfig
-from assay.rm_server.serving import Limits
+from assay.rm_server.server import BackgroundServer
+from assay.rm_server.config import ServerConfig
+from assay.rm_server.config import Limits
 from tests.clients.reward_doubles import (
     INTERNAL,
     INVALID,

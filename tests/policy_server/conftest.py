@@ -6,7 +6,9 @@ import openai
 import pytest
 import torch
 
-from assay.policy_server.server import BackgroundServer, ServerConfig
+from assay.policy_server.server import BackgroundServer
+
+from assay.policy_server.config import ServerConfig
 
 
 @pytest.fixture(scope="session", autouse=True)

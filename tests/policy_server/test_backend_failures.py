@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from assay.policy_server.backends import GenerationFailed, GenerationOutput, GenerationRequest
-from assay.policy_server.backends.hf import BatchSettings, HFBackend, _Job, _next_tokens, _Row
+from assay.policy_server.backends.hf import HFBackend, _Job, _next_tokens, _Row
+from assay.policy_server.config import BatchSettings
 from assay.policy_server.backends.vllm import _sampling_options
 
 PROMPT = "Q: 23+45-17 A: "

@@ -14,12 +14,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from assay.policy_server import errors
-from assay.policy_server.backends.hf import BatchSettings
+from assay.policy_server.config import BatchSettings
 from assay.policy_server.grpc_api import SERVICE, describe, start_grpc_server
 from assay.policy_server.grpc_convert import generate_response_to_proto
 from assay.policy_server.protocol import CompletionResponse, ModelList
-from assay.policy_server.server import BackgroundServer, ServerConfig
-from assay.policy_server.serving import Limits, PolicyService
+from assay.policy_server.server import BackgroundServer
+from assay.policy_server.config import ServerConfig
+from assay.policy_server.serving import PolicyService
+from assay.policy_server.config import Limits
 from assay.proto.policy.v1 import policy_pb2 as pb
 from assay.proto.policy.v1 import policy_pb2_grpc
 from assay.base.auth import ApiKeys

@@ -9,7 +9,7 @@ from assay.arith.verifier import verifier_prompt
 from assay.scoring import verifier_yes_prob
 from assay.rm_server.protocol import ScoreResponse
 from assay.rm_server.server import BackgroundServer as RewardBackgroundServer
-from assay.rm_server.server import ServerConfig as RewardConfig
+from assay.rm_server.config import ServerConfig as RewardConfig
 
 PROBLEM = "23+45-17"
 RESPONSES = ["23+45=68 68-17=51 #### 51", "23+45=68 68-17=52 #### 52", "23+45=68 68-1", "#### 51"]

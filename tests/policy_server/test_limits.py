@@ -11,10 +11,11 @@ import httpx
 import openai
 import pytest
 
-from assay.policy_server.backends.hf import BatchSettings
+from assay.policy_server.config import BatchSettings
 from assay.policy_server.protocol import CompletionResponse, ErrorResponse
-from assay.policy_server.server import BackgroundServer, PolicyServer, ServerConfig
-from assay.policy_server.serving import Limits
+from assay.policy_server.server import BackgroundServer, PolicyServer
+from assay.policy_server.config import ServerConfig
+from assay.policy_server.config import Limits
 from assay.base.connections import InsecureBinding
 
 PROMPT = "Q: 23+45-17 A: "

@@ -28,9 +28,10 @@ from assay.policy_server.backends.hf import HFBackend, _Job, decode
 from assay.policy_server.cli import search_cmd
 from assay.policy_server.generator import BackendGenerator, sequence_seed
 from assay.policy_server.protocol import ErrorResponse, SearchResponse
-from assay.policy_server.server import BackgroundServer, ServerConfig
+from assay.policy_server.server import BackgroundServer
+from assay.policy_server.config import ServerConfig
 from assay.rm_server.server import BackgroundServer as RewardServer
-from assay.rm_server.server import ServerConfig as RewardConfig
+from assay.rm_server.config import ServerConfig as RewardConfig
 from assay.search import STRATEGIES, Budget, GenParams, SearchConfig
 from assay.search.remote import RemoteScorer
 

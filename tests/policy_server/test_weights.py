@@ -22,7 +22,8 @@ from safetensors.torch import save, save_file
 
 from assay.checkpoints import EMBEDDED, load_embedded
 from assay.clients import Conflict, InvalidRequest, PermissionDenied, PolicyClient
-from assay.policy_server.server import BackgroundServer, ServerConfig
+from assay.policy_server.server import BackgroundServer
+from assay.policy_server.config import ServerConfig
 from assay.policy_server.weight_paths import PathRefused, locate, open_regular
 from assay.policy_server.weights import PATH_REFUSED
 from tests.servers import free_port, wait_ready

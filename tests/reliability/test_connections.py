@@ -20,7 +20,8 @@ import pytest
 from assay.base.connections import Connections
 from assay.services import free_port
 from assay.rm_server.protocol import ErrorResponse, ErrorType
-from assay.rm_server.server import BackgroundServer, ServerConfig
+from assay.rm_server.server import BackgroundServer
+from assay.rm_server.config import ServerConfig
 
 pytestmark = pytest.mark.reliability
 

@@ -23,7 +23,8 @@ from assay.checkpoints import ARITH_DIR
 from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server import grpc_convert as convert
 from assay.rm_server.protocol import ErrorType, ScoreRequest, ScoreResponse
-from assay.rm_server.server import BackgroundServer, ServerConfig
+from assay.rm_server.server import BackgroundServer
+from assay.rm_server.config import ServerConfig
 from tests.servers import free_port, wait_ready
 
 pytestmark = pytest.mark.reliability

@@ -23,13 +23,13 @@ import pytest
 import torch
 
 from assay.checkpoints import ARITH_DIR
-from assay.policy_server.backends.hf import BatchSettings
+from assay.policy_server.config import BatchSettings
 from assay.policy_server.server import BackgroundServer as PolicyServer
-from assay.policy_server.server import ServerConfig as PolicyConfig
-from assay.policy_server.serving import Limits
+from assay.policy_server.config import ServerConfig as PolicyConfig
+from assay.policy_server.config import Limits
 from assay.proto.policy.v1 import policy_pb2, policy_pb2_grpc
 from assay.rm_server.server import BackgroundServer as RewardServer
-from assay.rm_server.server import ServerConfig as RewardConfig
+from assay.rm_server.config import ServerConfig as RewardConfig
 
 pytestmark = pytest.mark.reliability
 

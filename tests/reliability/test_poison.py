@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from assay.arith.tokenizer import build_tokenizer
 from assay.checkpoints import ARITH_DIR
-from assay.policy_server.backends.hf import BatchSettings
+from assay.policy_server.config import BatchSettings
 from assay.policy_server.protocol import ChatCompletionResponse, CompletionResponse, ErrorResponse, SearchResponse
-from assay.policy_server.server import BackgroundServer, ServerConfig
+from assay.policy_server.server import BackgroundServer
+from assay.policy_server.config import ServerConfig
 from assay.proto.policy.v1 import policy_pb2, policy_pb2_grpc
 
 pytestmark = pytest.mark.reliability

@@ -27,7 +27,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from assay.checkpoints import ARITH_DIR, EMBEDDED
-from assay.policy_server.backends.hf import BatchSettings
+from assay.policy_server.config import BatchSettings
 from assay.policy_server.protocol import (
     NO_REWARD_STRATEGIES,
     SEARCH_STRATEGIES,
@@ -36,11 +36,11 @@ from assay.policy_server.protocol import (
     SearchRequest,
 )
 from assay.policy_server.server import BackgroundServer as PolicyBackground
-from assay.policy_server.server import ServerConfig as PolicyConfig
-from assay.policy_server.serving import Limits as PolicyLimits
+from assay.policy_server.config import ServerConfig as PolicyConfig
+from assay.policy_server.config import Limits as PolicyLimits
 from assay.rm_server.protocol import CompareRequest, ScoreRequest
 from assay.rm_server.server import BackgroundServer as RewardBackground
-from assay.rm_server.server import ServerConfig as RewardConfig
+from assay.rm_server.config import ServerConfig as RewardConfig
 
 pytestmark = pytest.mark.reliability
 

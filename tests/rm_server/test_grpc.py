@@ -43,8 +43,10 @@ from assay.rm_server.protocol import (
     TokenScore,
 )
 from assay.rm_server.rewards import Reward
-from assay.rm_server.server import BackgroundServer, ServerConfig
-from assay.rm_server.serving import Limits, RewardService
+from assay.rm_server.server import BackgroundServer
+from assay.rm_server.config import ServerConfig
+from assay.rm_server.serving import RewardService
+from assay.rm_server.config import Limits
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "Q: 23+45-17 A: "

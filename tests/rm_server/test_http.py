@@ -11,8 +11,9 @@ import pytest
 
 
 from assay.rm_server.protocol import CompareResponse, ErrorResponse, ErrorType, RewardsResponse, ScoreResponse
-from assay.rm_server.server import BackgroundServer, ServerConfig
-from assay.rm_server.serving import Limits
+from assay.rm_server.server import BackgroundServer
+from assay.rm_server.config import ServerConfig
+from assay.rm_server.config import Limits
 
 PROMPT = "Q: 23+45-17 A: "
 RIGHT = "23+45=68 68-17=51 #### 51"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from assay.rm_server.server import BackgroundServer, ServerConfig
+from assay.rm_server.server import BackgroundServer
+
+from assay.rm_server.config import ServerConfig
 
 ITEM = {"id": "a", "prompt": "Q: 1+1 A: ", "response": "#### 2", "reference": "2"}
 PAIR = {"id": "a", "prompt": "Q: 1+1 A: ", "response_a": "#### 2", "response_b": "#### 3", "reference": "2"}

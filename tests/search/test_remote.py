@@ -7,7 +7,8 @@ import pytest
 from assay.arith import world
 from assay.checkpoints import ARITH_DIR
 from assay.clients.reward import RewardClient
-from assay.rm_server.server import BackgroundServer, ServerConfig
+from assay.rm_server.server import BackgroundServer
+from assay.rm_server.config import ServerConfig
 from assay.search import STRATEGIES, SearchConfig
 from assay.search.local import LocalGenerator, LocalScorer
 from assay.search.remote import RemoteScorer

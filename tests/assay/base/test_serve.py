@@ -22,7 +22,8 @@ from assay.base.logs import OneTracebackPerSite
 from assay.base.serve import BackgroundServer, HttpListener, PortInUse
 from assay.rm_server.protocol import ErrorResponse, ErrorType
 from assay.rm_server.server import BackgroundServer as RewardBackgroundServer
-from assay.rm_server.server import RewardServer, ServerConfig, error_reply
+from assay.rm_server.server import RewardServer, error_reply
+from assay.rm_server.config import ServerConfig
 
 RULES = """
 rewards:

@@ -331,7 +331,8 @@ def test_api_key_is_sent_as_bearer(double, monkeypatch):
 @pytest.fixture(scope="module")
 def keyed_policy_server():
     """The real policy server, serving the embedded verifier to holders of `judge-key-for-tests`."""
-    from assay.policy_server.server import BackgroundServer, ServerConfig
+    from assay.policy_server.server import BackgroundServer
+    from assay.policy_server.config import ServerConfig
 
     with BackgroundServer(ServerConfig(port=0, api_keys=("judge-key-for-tests:generate",))) as s:
         yield s
