@@ -1,7 +1,7 @@
 """Retries until the call's deadline, not a count (issue 10, defect 6).
 
 Pure tests of `RetryPolicy` on a simulated clock (no sleeps, no timings), the policy driven
-through whole outages the way `RewardClient._call` drives it; then the servers' own "still
+through whole outages the way `RetryPolicy.call` drives it; then the servers' own "still
 loading" answer, which must carry a Retry-After so that clients poll rather than give up.
 """
 
@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from assay.clients import InvalidRequest, Overloaded, RetryPolicy, Unavailable
-from assay.clients.reward import _Deadline
+from assay.clients.retry import Deadline
 from assay.policy_server import grpc_api as policy_grpc
 from assay.policy_server import http_api as policy_http
 from assay.policy_server.serving import PolicyService
@@ -21,7 +21,7 @@ from assay.rm_server.serving import RewardService
 
 
 class SimDeadline:
-    """`_Deadline`'s interface on a simulated clock."""
+    """`Deadline`'s interface on a simulated clock."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds, self.now = seconds, 0.0
@@ -50,7 +50,7 @@ def outage(policy: RetryPolicy, *, down_s: float, deadline_s: float, retry_after
 def test_the_default_retries_until_the_deadline_however_many_times():
     policy = RetryPolicy()
     assert policy.max_retries is None
-    far = _Deadline(3600.0)
+    far = Deadline(3600.0)
     assert policy.wait(10_000, Unavailable("x"), far) is not None  # no count, and no overflow of 2**attempt
     answered, attempts, _ = outage(policy, down_s=60.0, deadline_s=120.0)  # a one-minute restart
     assert answered and attempts > 10
@@ -71,7 +71,7 @@ def test_an_outage_longer_than_the_deadline_gives_up_before_it():
 
 def test_backoff_is_jittered_and_capped():
     policy = RetryPolicy(backoff_s=0.1, max_backoff_s=0.5)
-    far = _Deadline(3600.0)
+    far = Deadline(3600.0)
     for attempt in (0, 3, 50, 5000):
         waits = [policy.wait(attempt, Unavailable("x"), far) for _ in range(200)]
         cap = min(0.5, 0.1 * 2 ** min(attempt, 10))
@@ -81,16 +81,16 @@ def test_backoff_is_jittered_and_capped():
 
 def test_retry_after_is_a_floor_and_one_past_the_deadline_ends_the_call_at_once():
     policy = RetryPolicy(backoff_s=0.01, max_backoff_s=0.02)
-    assert policy.wait(0, Overloaded("x", retry_after_s=2.0), _Deadline(60.0)) >= 2.0
-    assert policy.wait(0, Unavailable("x", retry_after_s=1.0), _Deadline(60.0)) >= 1.0
-    assert policy.wait(0, Unavailable("x", retry_after_s=5.0), _Deadline(3.0)) is None
+    assert policy.wait(0, Overloaded("x", retry_after_s=2.0), Deadline(60.0)) >= 2.0
+    assert policy.wait(0, Unavailable("x", retry_after_s=1.0), Deadline(60.0)) >= 1.0
+    assert policy.wait(0, Unavailable("x", retry_after_s=5.0), Deadline(3.0)) is None
     # the deadline nearly spent: no sleep into it, and no retry without time for one
-    assert policy.wait(0, Unavailable("x"), _Deadline(0.05)) is None
+    assert policy.wait(0, Unavailable("x"), Deadline(0.05)) is None
 
 
 def test_an_optional_count_still_caps_and_only_transient_failures_are_retried():
     policy = RetryPolicy(max_retries=2)
-    far = _Deadline(3600.0)
+    far = Deadline(3600.0)
     assert policy.wait(1, Unavailable("x"), far) is not None
     err = Unavailable("x")
     assert policy.wait(2, err, far) is None and err.attempts == 3 and "after 3 attempts" in str(err)
