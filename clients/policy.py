@@ -84,8 +84,14 @@ class PolicyClient:
 
     # --- generation ------------------------------------------------------------------------
 
-    def complete(self, prompt: str | list[str] | list[int] | list[list[int]], *,
-                 model: str = "policy", timeout_s: float | None = None, **sampling: Any) -> CompletionResponse:  # fmt: skip
+    def complete(
+        self,
+        prompt: str | list[str] | list[int] | list[list[int]],
+        *,
+        model: str = "policy",
+        timeout_s: float | None = None,
+        **sampling: Any,
+    ) -> CompletionResponse:
         """`/v1/completions`: n, max_tokens, temperature, top_p, top_k, stop, seed, logprobs (int or
         True for the sampled tokens' only), return_token_ids... Choices come prompt by prompt, n each."""
         if sampling.get("logprobs") is True:
@@ -93,8 +99,17 @@ class PolicyClient:
         req = CompletionRequest(model=model, prompt=prompt, **sampling)
         return self._call(lambda left: self._send("POST", "/v1/completions", req, CompletionResponse, left), timeout_s)
 
-    def search(self, prompt: str, *, strategy: str, n: int | None = None, reward: str | None = None, model: str = "policy",
-               timeout_s: float | None = None, **options: Any) -> SearchResponse:  # fmt: skip
+    def search(
+        self,
+        prompt: str,
+        *,
+        strategy: str,
+        n: int | None = None,
+        reward: str | None = None,
+        model: str = "policy",
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> SearchResponse:
         """`/v1/search`: inference-time search over the served model, scored by rm_server's `reward`."""
         req = SearchRequest(model=model, prompt=prompt, strategy=strategy, n=n, reward=reward, **options)
         return self._call(lambda left: self._send("POST", "/v1/search", req, SearchResponse, left), timeout_s)

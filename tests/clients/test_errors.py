@@ -28,8 +28,19 @@ from assay.policy_server.protocol import ErrorInfo as PolicyErrorInfo
 from assay.policy_server.protocol import ErrorResponse as PolicyErrorResponse
 from assay.rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType
 
-SHARED = {400: InvalidRequest, 413: InvalidRequest, 401: Unauthenticated, 403: PermissionDenied, 409: Conflict,
-          429: Overloaded, 502: Unavailable, 503: Unavailable, 504: Unavailable, 500: ServerError, 418: ServerError}  # fmt: skip
+SHARED = {
+    400: InvalidRequest,
+    413: InvalidRequest,
+    401: Unauthenticated,
+    403: PermissionDenied,
+    409: Conflict,
+    429: Overloaded,
+    502: Unavailable,
+    503: Unavailable,
+    504: Unavailable,
+    500: ServerError,
+    418: ServerError,
+}
 
 
 def answer(status: int, body: bytes, **headers: str) -> httpx.Response:
