@@ -27,7 +27,7 @@ from typing import Any, Self, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from assay.clients.errors import POLICY_HTTP, UnknownModel, Unavailable, http_failure
+from assay.clients.errors import POLICY_HTTP, Unavailable, UnknownModel, http_failure
 from assay.clients.http import auth_headers, base_url, json_body, reply
 from assay.clients.retry import Attempt, RetryPolicy
 from assay.policy_server.protocol import (

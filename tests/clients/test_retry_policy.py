@@ -7,10 +7,12 @@ loading" answer, which must carry a Retry-After so that clients poll rather than
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from fastapi.testclient import TestClient
 
-from assay.clients import InvalidRequest, Overloaded, RetryPolicy, Unavailable
+from assay.clients import DeadlineExceeded, InvalidRequest, Overloaded, RetryPolicy, ServiceError, Unavailable
 from assay.clients.retry import Deadline
 from assay.policy_server import grpc_api as policy_grpc
 from assay.policy_server import http_api as policy_http
@@ -99,6 +101,38 @@ def test_an_optional_count_still_caps_and_only_transient_failures_are_retried():
                 {"min_attempt_s": -0.1}):  # fmt: skip
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
+
+
+class Script:
+    """An attempt that fails with `failures` in turn, then answers "ok"; records the seconds it was given."""
+
+    def __init__(self, *failures: ServiceError) -> None:
+        self.failures, self.given = list(failures), []
+
+    def __call__(self, left: float) -> str:
+        self.given.append(left)
+        if self.failures:
+            raise self.failures.pop(0)
+        return "ok"
+
+    async def awaited(self, left: float) -> str:
+        return self(left)
+
+
+def test_one_loop_blocking_and_awaited():
+    fast = RetryPolicy(backoff_s=0.001, max_backoff_s=0.002)
+    for run in (fast.call, lambda attempt, s: asyncio.run(fast.acall(attempt.awaited, s))):
+        script = Script(Unavailable("restarting"), Overloaded("busy", retry_after_s=0.01))
+        assert run(script, 60.0) == "ok" and len(script.given) == 3
+        assert 0 < script.given[-1] <= script.given[0] <= 60.0  # each attempt gets what is left of one deadline
+        script = Script(InvalidRequest("bad"), Unavailable("never reached"))
+        with pytest.raises(InvalidRequest) as info:
+            run(script, 60.0)
+        assert info.value.attempts == 1 and len(script.given) == 1  # not transient: not retried
+    script = Script()
+    with pytest.raises(DeadlineExceeded):
+        fast.call(script, -1.0)
+    assert script.given == []  # a spent deadline sends nothing
 
 
 # --- the servers' "still loading" answer -----------------------------------------------------

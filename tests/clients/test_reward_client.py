@@ -34,8 +34,8 @@ from assay.clients import (
     UnknownReward,
 )
 from assay.clients import reward as reward_module
-from assay.clients.retry import Deadline
 from assay.clients.errors import retry_after_s
+from assay.clients.retry import Deadline
 from assay.rm_server.protocol import ErrorType, ScoreItem, ScoreResponse
 from assay.rm_server.server import BackgroundServer, ServerConfig
 from assay.rm_server.serving import Limits
