@@ -9,6 +9,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -23,7 +24,7 @@ from assay.proto.generate import CONTRACTS
 from assay.proto.reward.v1 import reward_pb2 as pb
 from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server import grpc_convert as convert
-from assay.rm_server.auth import ApiKeys
+from assay.base.auth import ApiKeys
 from assay.rm_server.grpc_api import SERVICE, _within_deadline, start_grpc_server
 from assay.rm_server.protocol import (
     CompareItem,
@@ -331,11 +332,29 @@ class Boom(Reward):
         raise RuntimeError("secret internal state")
 
 
+class Hang(Reward):
+    """Scores nothing until its call is cancelled, and says when it started and when it was cancelled."""
+
+    type = "test.hang"
+
+    def __init__(self, name: str, reward_id: str) -> None:
+        super().__init__(name, reward_id)
+        self.started, self.cancelled = threading.Event(), threading.Event()
+
+    async def score(self, items, granularity):
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
 class BareServer:
     """Only the gRPC server, over a RewardService that the test starts when it wants."""
 
-    def __init__(self) -> None:
-        self.service = RewardService({"boom": Boom("boom", "sha256:boom")})
+    def __init__(self, rewards: dict[str, Reward] | None = None) -> None:
+        self.service = RewardService(rewards or {"boom": Boom("boom", "sha256:boom")})
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -384,6 +403,25 @@ def test_unexpected_errors_are_internal_without_details():
         (answer,) = boom.ScoreStream(iter([pb.ScoreStreamRequest(request_id="x", request=req)]), timeout=10)
         assert answer.request_id == "x" and answer.error.type == pb.ERROR_TYPE_INTERNAL
         assert "secret" not in answer.error.message
+
+
+def test_a_call_the_client_cancels_is_counted_499():
+    """The base's one Timer: a request cancelled under it is recorded 499 (nobody reads the answer),
+    as on the policy service, not 500 (a bug); the reward's work is cancelled with it."""
+    hang = Hang("hang", "sha256:hang")
+    with (bare := BareServer({"hang": hang})) as channel:
+        bare.run(bare.service.start())
+        req = convert.score_request_to_proto(ScoreRequest(reward="hang", items=items(RIGHT)))
+        call = reward_pb2_grpc.RewardServiceStub(channel).Score.future(req, timeout=60)
+        assert hang.started.wait(30), "the call never reached the reward"
+        assert call.cancel()
+        assert hang.cancelled.wait(30), "the cancelled call's work went on"
+        count = lambda code: bare.service.metrics.registry.get_sample_value(  # noqa: E731
+            "assay_rm_requests_total", {"route": "grpc/Score", "reward": "hang", "code": code})  # fmt: skip
+        deadline = time.monotonic() + 30
+        while count("499") is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the handler records it as it unwinds, just after the reward's cancellation
+        assert count("499") == 1 and count("500") is None
 
 
 # --- health and reflection -------------------------------------------------------------------
