@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first, pinned: it takes the local CPU build; a range would pull GBs of CUDA wheels
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[all,test]"  # the services, the trainer and the tests; `pip install .` alone is the light client
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""Typed failures of the Assay services, as a client sees them: what happened, and whether a retry can help.
+"""Typed failures of the Assay services, as a client sees them, and the one place answers become them.
 
 One exception per kind of failure, the same for HTTP and gRPC, and for the reward and policy
 services (`UnknownReward` is the reward service's 404, `UnknownModel` the policy service's;
@@ -20,19 +20,33 @@ services (`UnknownReward` is the reward service's 404, `UnknownModel` the policy
                        that breaks the
                        protocol
 
+The tables below are that table in code; `http_error`, `http_failure` and `grpc_error` apply
+them, for every client and transport. The reward service also names its error in the body
+(`ErrorType`, or the `error-type` gRPC trailer), which decides before the status does.
+
 These are failures of a whole call. A failed *item* is not an exception: it comes back as
 `ItemResult.error` (and as None from a reward function, see `RewardClient.as_reward_fn`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Protocol, cast
 
+import grpc
+import httpx
+from pydantic import ValidationError
+
+from assay.policy_server.protocol import ErrorResponse as PolicyErrorResponse
+from assay.rm_server.protocol import ErrorResponse as RewardErrorResponse
 from assay.rm_server.protocol import ErrorType
 
 
-class RewardServiceError(Exception):
-    """A call to an Assay service (reward or policy) failed as a whole; `ServiceError` is its other name.
+class ServiceError(Exception):
+    """A call to an Assay service (reward or policy) failed as a whole.
 
     `status` is the HTTP status (int) or the gRPC code name (str, e.g. "UNAVAILABLE"), None when
     the failure happened before an answer (connection refused, client-side checks). `type` is the
@@ -65,55 +79,57 @@ class RewardServiceError(Exception):
         return f"{self.message}{where}{tries}"
 
 
-class InvalidRequest(RewardServiceError):
+# Its name from when only the reward client raised it; `assay.clients` exports both names.
+RewardServiceError = ServiceError
+
+
+class InvalidRequest(ServiceError):
     """The request is malformed or over a limit; change it before sending again."""
 
 
-class Unauthenticated(RewardServiceError):
+class Unauthenticated(ServiceError):
     """No API key, or one the server does not know."""
 
 
-class PermissionDenied(RewardServiceError):
+class PermissionDenied(ServiceError):
     """The API key lacks the scope this call needs."""
 
 
-class UnknownReward(RewardServiceError):
+class UnknownReward(ServiceError):
     """The server has no reward of that name (see `rewards()`)."""
 
 
-class Overloaded(RewardServiceError):
+class Overloaded(ServiceError):
     """The server's queue is full; retry after `retry_after_s` seconds (when it said)."""
 
     retryable = True
 
 
-class Unavailable(RewardServiceError):
+class Unavailable(ServiceError):
     """The server could not be reached, dropped the connection, or is not ready yet."""
 
     retryable = True
 
 
-class UnknownModel(RewardServiceError):
+class UnknownModel(ServiceError):
     """The policy server serves no model of that name (see `PolicyClient.models()`)."""
 
 
-class Conflict(RewardServiceError):
+class Conflict(ServiceError):
     """The policy server's weights are not at the version the update expected: another update landed."""
 
 
-class DeadlineExceeded(RewardServiceError):
+class DeadlineExceeded(ServiceError):
     """The call's deadline passed before an answer came."""
 
 
-class ServerError(RewardServiceError):
+class ServerError(ServiceError):
     """The server failed, or answered something that breaks the protocol (e.g. ids that do not match)."""
 
 
-ServiceError = RewardServiceError  # the base of every failure above, for either service
+# --- the tables ------------------------------------------------------------------------------
 
-# The error type a reward server names (HTTP body, gRPC trailer, or rm_server.local in process)
-# decides the exception before any status does.
-BY_ERROR_TYPE: Mapping[ErrorType, type[RewardServiceError]] = {
+BY_ERROR_TYPE: Mapping[ErrorType, type[ServiceError]] = {
     ErrorType.invalid_request: InvalidRequest,
     ErrorType.payload_too_large: InvalidRequest,
     ErrorType.unknown_reward: UnknownReward,
@@ -122,3 +138,108 @@ BY_ERROR_TYPE: Mapping[ErrorType, type[RewardServiceError]] = {
     ErrorType.permission_denied: PermissionDenied,
     ErrorType.not_ready: Unavailable,
 }
+# 404 is missing here: what is not found is the service's own (see `HttpDialect.not_found`).
+BY_HTTP_STATUS: Mapping[int, type[ServiceError]] = {
+    400: InvalidRequest, 413: InvalidRequest, 401: Unauthenticated, 403: PermissionDenied, 409: Conflict,
+    429: Overloaded, 502: Unavailable, 503: Unavailable, 504: Unavailable,
+}  # fmt: skip
+BY_GRPC_CODE: Mapping[str, type[ServiceError]] = {
+    "INVALID_ARGUMENT": InvalidRequest, "OUT_OF_RANGE": InvalidRequest, "NOT_FOUND": UnknownReward,
+    "UNAUTHENTICATED": Unauthenticated, "PERMISSION_DENIED": PermissionDenied, "RESOURCE_EXHAUSTED": Overloaded,
+    "UNAVAILABLE": Unavailable, "DEADLINE_EXCEEDED": DeadlineExceeded,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HttpDialect:
+    """What differs between the two services' HTTP failures: the shape of the error body, and the 404."""
+
+    error_body: type[RewardErrorResponse] | type[PolicyErrorResponse]
+    not_found: type[ServiceError]
+
+
+REWARD_HTTP = HttpDialect(RewardErrorResponse, UnknownReward)
+POLICY_HTTP = HttpDialect(PolicyErrorResponse, UnknownModel)  # OpenAI's error shape; its `type` is not ours
+
+
+class FailedRpc(Protocol):
+    """What a failed RPC tells: a sync `grpc.RpcError` is also a `grpc.Call`; aio's `AioRpcError` has the same three."""
+
+    def code(self) -> grpc.StatusCode: ...
+    def details(self) -> str | None: ...
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...] | None: ...
+
+
+# --- answers and failures -> exceptions (pure) -----------------------------------------------
+
+
+def problems(exc: ValidationError) -> str:
+    """A pydantic validation error as one line: `field.path: what is wrong; ...`."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'item'}: {e['msg']}" for e in exc.errors(include_url=False))
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def http_error(r: httpx.Response, dialect: HttpDialect) -> ServiceError:
+    """The typed error for a non-200 answer; the reward service's ErrorType decides when it said one."""
+    type_: ErrorType | None = None
+    try:
+        info = dialect.error_body.model_validate_json(r.content).error
+        message = info.message
+        if isinstance(info.type, ErrorType):
+            type_ = info.type
+    except ValidationError:
+        message = r.text[:300] or r.reason_phrase
+    by_status = {**BY_HTTP_STATUS, 404: dialect.not_found}
+    cls = (BY_ERROR_TYPE.get(type_) if type_ is not None else None) or by_status.get(r.status_code, ServerError)
+    return cls(
+        f"{r.request.method} {r.request.url}: {message}",
+        status=r.status_code,
+        type=type_,
+        retry_after_s=retry_after_s(r.headers.get("retry-after")),
+    )
+
+
+def http_failure(exc: httpx.HTTPError, where: str) -> ServiceError:
+    """The typed error for a request that got no answer; `unanswered` unless nothing was sent."""
+    err: ServiceError
+    if isinstance(exc, httpx.TimeoutException):
+        err = DeadlineExceeded(f"{where}: no answer before the deadline ({type(exc).__name__})")
+    elif isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)):  # refused, reset, dropped
+        err = Unavailable(f"{where}: {exc!r}")
+    else:
+        err = ServerError(f"{where}: {exc!r}")
+    err.unanswered = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))  # those never connected
+    return err
+
+
+def grpc_error(exc: grpc.RpcError, where: str) -> ServiceError:
+    """The typed error for a failed RPC (sync `grpc.RpcError` and `grpc.aio.AioRpcError` alike)."""
+    call = cast(FailedRpc, exc)
+    code = call.code()
+    metadata = {k: v for k, v in call.trailing_metadata() or () if isinstance(v, str)}  # "-bin" keys are bytes
+    details = call.details() or code.name
+    try:
+        type_: ErrorType | None = ErrorType(metadata.get("error-type"))
+    except ValueError:
+        type_ = None
+    cls = (BY_ERROR_TYPE.get(type_) if type_ is not None else None) or BY_GRPC_CODE.get(code.name, ServerError)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        # gRPC's own message-size limit (either side) says RESOURCE_EXHAUSTED too, but no wait
+        # makes that message fit: it is a request to split, not an overload to retry.
+        cls = InvalidRequest
+    return cls(
+        f"{where}: {details}", status=code.name, type=type_, retry_after_s=retry_after_s(metadata.get("retry-after"))
+    )

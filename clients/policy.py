@@ -6,7 +6,7 @@
         policy.update_weights(model.state_dict())        # -> the new weight_version
         policy.search("Q: 2+3 A: ", strategy="best_of_n", n=16, reward="orm")
 
-Deadlines and retries are the reward client's (`clients.reward.RetryPolicy`): transient failures
+Deadlines and retries are the reward client's (`clients/retry.py`, one loop): transient failures
 (refused, reset, 429 with its Retry-After, 503 with its Retry-After while the server loads) are
 retried with capped, jittered backoff until the call's deadline. Generation with a `seed` is a
 pure function of the request and the weights, so retrying it is safe. A weight update is retried
@@ -14,36 +14,25 @@ only when the connection was refused (nothing was sent) or the server answered t
 apply it (503, 429): after a lost answer (`err.unanswered`) the update may have been applied, so
 the caller looks at `weight_version` before sending it again (`trainer.online.push_weights`).
 
-Failures are `clients.errors` exceptions, as for the reward client.
+Failures are `clients.errors` exceptions, mapped by the same table as the reward client's (a 404
+here is `UnknownModel`, a 409 `Conflict`).
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any, Self, TypeVar
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from assay.clients.errors import (
-    Conflict,
-    InvalidRequest,
-    Overloaded,
-    PermissionDenied,
-    ServerError,
-    ServiceError,
-    Unauthenticated,
-    Unavailable,
-    UnknownModel,
-)
-from assay.clients.reward import RetryPolicy, _Deadline
-from assay.clients.reward_transport import _auth, _http_base, http_failure, problems, retry_after_s
+from assay.clients.errors import POLICY_HTTP, Unavailable, UnknownModel, http_failure
+from assay.clients.http import auth_headers, base_url, json_body, reply
+from assay.clients.retry import Attempt, RetryPolicy
 from assay.policy_server.protocol import (
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     LoadWeightsRequest,
     ModelList,
     SearchRequest,
@@ -54,20 +43,6 @@ from assay.policy_server.protocol import (
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 UPLOAD_CHUNK = 1 << 20
-_BY_HTTP: dict[int, type[ServiceError]] = {
-    400: InvalidRequest, 413: InvalidRequest, 401: Unauthenticated, 403: PermissionDenied, 404: UnknownModel,
-    409: Conflict, 429: Overloaded, 502: Unavailable, 503: Unavailable, 504: Unavailable,
-}  # fmt: skip
-
-
-def _error(r: httpx.Response) -> ServiceError:
-    try:
-        message = ErrorResponse.model_validate_json(r.content).error.message
-    except ValidationError:
-        message = r.text[:300] or r.reason_phrase
-    cls = _BY_HTTP.get(r.status_code, ServerError)
-    return cls(f"{r.request.method} {r.request.url}: {message}", status=r.status_code,
-               retry_after_s=retry_after_s(r.headers.get("retry-after")))  # fmt: skip
 
 
 def safetensors_chunks(tensors: Mapping[str, Any]) -> tuple[Iterator[bytes], int]:
@@ -97,10 +72,10 @@ class PolicyClient:
                  max_backoff_s: float = 2.0) -> None:  # fmt: skip
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self.url = _http_base(url)
+        self.url = base_url(url, "the policy service")
         self.timeout_s = timeout_s
         self.retry = RetryPolicy(max_retries, backoff_s, max_backoff_s)
-        self._client = httpx.Client(base_url=self.url, headers=_auth(api_key))
+        self._client = httpx.Client(base_url=self.url, headers=auth_headers(api_key))
 
     @classmethod
     def http(cls, url: str, **kw: Any) -> Self:
@@ -109,8 +84,14 @@ class PolicyClient:
 
     # --- generation ------------------------------------------------------------------------
 
-    def complete(self, prompt: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], *,
-                 model: str = "policy", timeout_s: float | None = None, **sampling: Any) -> CompletionResponse:  # fmt: skip
+    def complete(
+        self,
+        prompt: str | list[str] | list[int] | list[list[int]],
+        *,
+        model: str = "policy",
+        timeout_s: float | None = None,
+        **sampling: Any,
+    ) -> CompletionResponse:
         """`/v1/completions`: n, max_tokens, temperature, top_p, top_k, stop, seed, logprobs (int or
         True for the sampled tokens' only), return_token_ids... Choices come prompt by prompt, n each."""
         if sampling.get("logprobs") is True:
@@ -118,8 +99,17 @@ class PolicyClient:
         req = CompletionRequest(model=model, prompt=prompt, **sampling)
         return self._call(lambda left: self._send("POST", "/v1/completions", req, CompletionResponse, left), timeout_s)
 
-    def search(self, prompt: str, *, strategy: str, n: int | None = None, reward: str | None = None, model: str = "policy",
-               timeout_s: float | None = None, **options: Any) -> SearchResponse:  # fmt: skip
+    def search(
+        self,
+        prompt: str,
+        *,
+        strategy: str,
+        n: int | None = None,
+        reward: str | None = None,
+        model: str = "policy",
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> SearchResponse:
         """`/v1/search`: inference-time search over the served model, scored by rm_server's `reward`."""
         req = SearchRequest(model=model, prompt=prompt, strategy=strategy, n=n, reward=reward, **options)
         return self._call(lambda left: self._send("POST", "/v1/search", req, SearchResponse, left), timeout_s)
@@ -189,39 +179,23 @@ class PolicyClient:
 
     # --- plumbing ----------------------------------------------------------------------------
 
-    def _call(self, attempt: Callable[[float], T], timeout_s: float | None) -> T:
-        deadline = _Deadline(timeout_s or self.timeout_s)
-        for n in itertools.count():
-            try:
-                return attempt(deadline.left())
-            except ServiceError as err:
-                wait = self.retry.wait(n, err, deadline)
-                if wait is None:
-                    raise
-            time.sleep(wait)
-        raise AssertionError("unreachable")
+    def _call(self, attempt: Attempt[T], timeout_s: float | None) -> T:
+        return self.retry.call(attempt, timeout_s or self.timeout_s)
 
     def _send(self, method: str, path: str, req: BaseModel | None, model: type[M], timeout: float,
               resend_safe: bool = True) -> M:  # fmt: skip
-        body = req.model_dump(mode="json", exclude_none=True) if req is not None else None
-        return self._request(method, path, model, timeout, json=body, resend_safe=resend_safe)
+        return self._request(method, path, model, timeout, json=json_body(req), resend_safe=resend_safe)
 
     def _request(self, method: str, path: str, model: type[M], timeout: float, *, resend_safe: bool,
                  **kw: Any) -> M:  # fmt: skip
-        where = f"{method} {self.url}{path}"
         try:
             r = self._client.request(method, path, timeout=timeout, **kw)
         except httpx.HTTPError as exc:
-            err = http_failure(exc, where)
+            err = http_failure(exc, f"{method} {self.url}{path}")
             if err.unanswered and not resend_safe:
                 err.retryable = False  # it may have been applied: the caller must look (weight_version)
             raise err from None
-        if r.status_code != 200:
-            raise _error(r)
-        try:
-            return model.model_validate_json(r.content)
-        except ValidationError as exc:
-            raise ServerError(f"{where}: the reply is not a {model.__name__}: {problems(exc)}", status=200) from None
+        return reply(r, model, POLICY_HTTP)
 
     def _probe(self, path: str, timeout_s: float) -> bool:
         try:

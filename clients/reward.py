@@ -14,21 +14,15 @@ retries and waits included. Each attempt sends what is left of it as the request
 for the answer, so that the server's per-item answer arrives rather than a client-side
 `DeadlineExceeded`.
 
-Retries. Only transient failures are retried: connection refused or reset, HTTP 502/503/504,
-429, gRPC UNAVAILABLE and RESOURCE_EXHAUSTED (except gRPC's own "message larger than max",
-which no wait can fix: that is InvalidRequest). They are retried until the call's deadline, not
-a number of times, so a service that restarts (seconds to load its models, a minute on a busy
-machine) costs the caller only the wait; `max_retries` can cap the count as well. Between tries
-the client sleeps uniform(0, min(max_backoff_s, backoff_s * 2**retry)) (exponential backoff,
-full jitter, capped), never less than the server's Retry-After (429, and 503 while it loads),
-and never so long that no time is left for one more try: when the server's Retry-After reaches
-past the deadline, the call fails at once with the server's answer. Scoring is a pure function
-of the request, so resending a batch is safe.
+Retries. Only transient failures are retried (connection refused or reset, HTTP 502/503/504,
+429, gRPC UNAVAILABLE and RESOURCE_EXHAUSTED except gRPC's own "message larger than max", which
+no wait can fix: that is InvalidRequest), until the call's deadline, with capped, jittered
+backoff and never sooner than the server's Retry-After: `clients/retry.py`, the loop the policy
+client runs too. Scoring is a pure function of the request, so resending a batch is safe.
 
 Transports. `RewardClient.http(url)` and `.grpc(target)` build one; `RewardClient(transport)`
-takes any object with the same methods (`clients/reward_transport.py`), such as rm_server's
-in-process one (`assay.rm_server.local.LocalTransport`), and gets the same deadlines, retries and
-id checks.
+takes any object with the `RewardTransport` methods (`clients/reward_transport.py`), and gets
+the same deadlines, retries and id checks.
 
 Item ids. Items without an id get their position ("0", "1", ...); a retried batch resends the
 same ids, and a reply must hold exactly the ids sent, each once (else `ServerError`). Results
@@ -37,18 +31,14 @@ come back in request order, matched by id, so a batch can never be counted twice
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import random
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Self, TypeVar
+from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from assay.clients.errors import DeadlineExceeded, InvalidRequest, RewardServiceError, ServerError, UnknownReward
-from assay.clients.reward_transport import AsyncGrpc, AsyncHttp, Grpc, Http, problems
+from assay.clients.errors import InvalidRequest, ServerError, UnknownReward, problems
+from assay.clients.retry import Attempt, RetryPolicy
+from assay.clients.reward_transport import AsyncGrpc, AsyncHttp, AsyncRewardTransport, Grpc, Http, RewardTransport
 from assay.rm_server.protocol import (
     CompareItem,
     CompareRequest,
@@ -64,15 +54,15 @@ from assay.rm_server.protocol import (
 GRACE_S = 1.0  # how much longer than the server's deadline a client waits for its answer
 
 T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
+Item = TypeVar("Item", ScoreItem, CompareItem)
 RewardFn = Callable[..., list[float | None]]
 
 # --- request building and reply checking (pure, shared by every client) -----------------------
 
 
-def _with_ids(model: type[M], items: Iterable[M | Mapping[str, Any]]) -> list[M]:
+def _with_ids(model: type[Item], items: Iterable[Item | Mapping[str, Any]]) -> list[Item]:
     """Validate items; those without an id get their position as id. Ids must be unique."""
-    out: list[M] = []
+    out: list[Item] = []
     for i, item in enumerate(items):
         if isinstance(item, model):
             out.append(item)
@@ -107,6 +97,7 @@ def compare_request(reward: str, items: Iterable[CompareItem | Mapping[str, Any]
 
 
 R = TypeVar("R", ScoreResponse, CompareResponse)
+Request = TypeVar("Request", ScoreRequest, CompareRequest)
 
 
 def checked_reply(req: ScoreRequest | CompareRequest, reply: R) -> R:
@@ -128,60 +119,6 @@ def checked_reply(req: ScoreRequest | CompareRequest, reply: R) -> R:
     return reply.model_copy(update={"results": [by_id[i] for i in sent]})
 
 
-# --- deadlines and retries (pure) ------------------------------------------------------------
-
-
-class _Deadline:
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.end = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        """Seconds left, <= 0 once the deadline has passed."""
-        return self.end - time.monotonic()
-
-    def left(self) -> float:
-        """Seconds left; DeadlineExceeded when none are."""
-        left = self.remaining()
-        if left <= 0:
-            raise DeadlineExceeded(f"the call's deadline of {self.seconds:g}s passed")
-        return left
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """When a failed attempt is tried again, and after how long: see the module docstring.
-
-    `max_retries`: None (the default) retries until the deadline; a number caps the retries too.
-    `min_attempt_s`: a retry is only started with at least this much of the deadline left.
-    """
-
-    max_retries: int | None = None
-    backoff_s: float = 0.2
-    max_backoff_s: float = 2.0
-    min_attempt_s: float = 0.1
-
-    def __post_init__(self) -> None:
-        count_ok = self.max_retries is None or self.max_retries >= 0
-        if not (count_ok and 0 <= self.backoff_s <= self.max_backoff_s and self.min_attempt_s >= 0):
-            raise ValueError(
-                f"need max_retries None or >= 0, 0 <= backoff_s <= max_backoff_s and min_attempt_s >= 0; got "
-                f"{self.max_retries}, {self.backoff_s}, {self.max_backoff_s}, {self.min_attempt_s}"
-            )
-
-    def wait(self, attempt: int, err: RewardServiceError, deadline: _Deadline) -> float | None:
-        """Seconds to sleep after failed attempt number `attempt` (0-based), or None: give up, raise `err`."""
-        err.attempts = attempt + 1
-        if not err.retryable or (self.max_retries is not None and attempt >= self.max_retries):
-            return None
-        budget = deadline.remaining() - self.min_attempt_s  # the longest sleep that leaves time for a try
-        floor = err.retry_after_s or 0.0  # the server's word: not sooner
-        if floor > budget:
-            return None  # the server will not take it again before the deadline: say so now, not at the end
-        backoff = random.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2.0 ** min(attempt, 64)))  # full jitter
-        return min(max(backoff, floor), budget)
-
-
 # --- the reward function form (pure parts) ---------------------------------------------------
 
 
@@ -191,11 +128,13 @@ def _text(x: str | Sequence[Mapping[str, Any]], role: str, what: str) -> str:
         return x
     for message in reversed(x):
         if message.get("role") == role and isinstance(message.get("content"), str):
-            return message["content"]
+            return str(message["content"])
     raise InvalidRequest(f"{what} is neither a string nor a message list with a {role!r} message of text")
 
 
-def reward_fn_items(prompts: Sequence, completions: Sequence, references: Sequence | None) -> list[ScoreItem]:
+def reward_fn_items(
+    prompts: Sequence[Any], completions: Sequence[Any], references: Sequence[Any] | None
+) -> list[ScoreItem]:
     """TRL's reward-function inputs as score items. Chat messages: the prompt is the last user
     message's content, the response the last assistant message's (earlier turns are not sent)."""
     if len(prompts) != len(completions) or (references is not None and len(references) != len(completions)):
@@ -232,55 +171,53 @@ def _named(fn: T, reward: str, reward_id: str) -> T:
 
 # --- the clients -----------------------------------------------------------------------------
 
+Transport = TypeVar("Transport", RewardTransport, AsyncRewardTransport)
 
-class _ClientBase:
-    _http_transport: type
-    _grpc_transport: type
 
-    def __init__(self, transport: Any, *, timeout_s: float = 30.0, max_retries: int | None = None,
+class ClientOptions(TypedDict, total=False):
+    """What `RewardClient.http` and `.grpc` pass on to the client (defaults: `_ClientBase.__init__`)."""
+
+    timeout_s: float
+    max_retries: int | None
+    backoff_s: float
+    max_backoff_s: float
+
+
+class _ClientBase(Generic[Transport]):
+    _http_transport: Callable[[str, str | None], Transport]
+    _grpc_transport: Callable[[str, str | None], Transport]
+
+    def __init__(self, transport: Transport, *, timeout_s: float = 30.0, max_retries: int | None = None,
                  backoff_s: float = 0.2, max_backoff_s: float = 2.0) -> None:  # fmt: skip
         """A client over `transport`; `RewardClient.http(url)` and `.grpc(target)` build the network ones."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        self._t = transport
+        self._t: Transport = transport
         self.timeout_s = timeout_s
         self.retry = RetryPolicy(max_retries, backoff_s, max_backoff_s)
 
     @classmethod
-    def http(cls, url: str, *, api_key: str | None = None, timeout_s: float = 30.0,
-             max_retries: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 2.0) -> Self:  # fmt: skip
+    def http(cls, url: str, *, api_key: str | None = None, **options: Unpack[ClientOptions]) -> Self:
         """A client of the HTTP API at base URL `url`, e.g. "http://127.0.0.1:8000"."""
-        return cls(cls._http_transport(url, api_key), timeout_s=timeout_s, max_retries=max_retries,
-                   backoff_s=backoff_s, max_backoff_s=max_backoff_s)  # fmt: skip
+        return cls(cls._http_transport(url, api_key), **options)
 
     @classmethod
-    def grpc(cls, target: str, *, api_key: str | None = None, timeout_s: float = 30.0,
-             max_retries: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 2.0) -> Self:  # fmt: skip
+    def grpc(cls, target: str, *, api_key: str | None = None, **options: Unpack[ClientOptions]) -> Self:
         """A client of the gRPC API at `target`, e.g. "127.0.0.1:50051"."""
-        return cls(cls._grpc_transport(target, api_key), timeout_s=timeout_s, max_retries=max_retries,
-                   backoff_s=backoff_s, max_backoff_s=max_backoff_s)  # fmt: skip
+        return cls(cls._grpc_transport(target, api_key), **options)
 
-    def _attempt(self, req: ScoreRequest | CompareRequest, send: Callable[[Any, float], T]) -> Callable[[float], T]:
+    def _attempt(self, req: Request, send: Callable[[Request, float], T]) -> Attempt[T]:
         """One attempt: the request with what is left of the deadline, waited on GRACE_S longer."""
         return lambda left: send(req.model_copy(update={"timeout_s": left}), left + GRACE_S)
 
 
-class RewardClient(_ClientBase):
+class RewardClient(_ClientBase[RewardTransport]):
     """A blocking client; see the module docstring for deadlines, retries and ids."""
 
     _http_transport, _grpc_transport = Http, Grpc
 
-    def _call(self, attempt: Callable[[float], T], timeout_s: float | None) -> T:
-        deadline = _Deadline(timeout_s or self.timeout_s)
-        for n in itertools.count():
-            try:
-                return attempt(deadline.left())
-            except RewardServiceError as err:
-                wait = self.retry.wait(n, err, deadline)
-                if wait is None:
-                    raise
-            time.sleep(wait)
-        raise AssertionError("unreachable")
+    def _call(self, attempt: Attempt[T], timeout_s: float | None) -> T:
+        return self.retry.call(attempt, timeout_s or self.timeout_s)
 
     def score(self, reward: str, items: Iterable[ScoreItem | Mapping[str, Any]], *, granularity: str = "outcome",
               timeout_s: float | None = None) -> ScoreResponse:  # fmt: skip
@@ -321,7 +258,7 @@ class RewardClient(_ClientBase):
         """
         reward_id = self.reward_id(reward, timeout_s=timeout_s)
 
-        def fn(prompts: Sequence, completions: Sequence, **kw: Any) -> list[float | None]:
+        def fn(prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float | None]:
             items = reward_fn_items(prompts, completions, kw.get(reference_key))
             if not items:
                 return []
@@ -339,22 +276,13 @@ class RewardClient(_ClientBase):
         self.close()
 
 
-class AsyncRewardClient(_ClientBase):
+class AsyncRewardClient(_ClientBase[AsyncRewardTransport]):
     """The asyncio twin of `RewardClient`: the same methods, awaited."""
 
     _http_transport, _grpc_transport = AsyncHttp, AsyncGrpc
 
-    async def _call(self, attempt: Callable[[float], Awaitable[T]], timeout_s: float | None) -> T:
-        deadline = _Deadline(timeout_s or self.timeout_s)
-        for n in itertools.count():
-            try:
-                return await attempt(deadline.left())
-            except RewardServiceError as err:
-                wait = self.retry.wait(n, err, deadline)
-                if wait is None:
-                    raise
-            await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
+    async def _call(self, attempt: Attempt[Awaitable[T]], timeout_s: float | None) -> T:
+        return await self.retry.acall(attempt, timeout_s or self.timeout_s)
 
     async def score(self, reward: str, items: Iterable[ScoreItem | Mapping[str, Any]], *, granularity: str = "outcome",
                     timeout_s: float | None = None) -> ScoreResponse:  # fmt: skip
@@ -383,7 +311,7 @@ class AsyncRewardClient(_ClientBase):
         """`RewardClient.as_reward_fn`, returning an async function (awaited to fetch `.reward_id`)."""
         reward_id = await self.reward_id(reward, timeout_s=timeout_s)
 
-        async def fn(prompts: Sequence, completions: Sequence, **kw: Any) -> list[float | None]:
+        async def fn(prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float | None]:
             items = reward_fn_items(prompts, completions, kw.get(reference_key))
             if not items:
                 return []

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from assay.clients.errors import BY_ERROR_TYPE, DeadlineExceeded, RewardServiceError, ServerError
-from assay.rm_server.errors import ServiceError
+from assay.base.errors import ServiceError
+from assay.rm_server.errors import error_type
 from assay.rm_server.protocol import CompareRequest, CompareResponse, RewardsResponse, ScoreRequest, ScoreResponse
 from assay.rm_server.rewards import build_rewards
 from assay.rm_server.serving import RewardService
@@ -94,8 +95,9 @@ class LocalTransport:
 
 def client_error(exc: ServiceError) -> RewardServiceError:
     """The exception a client of the service over HTTP would raise for the same refusal."""
-    cls = BY_ERROR_TYPE.get(exc.type, ServerError)
-    return cls(f"{WHERE}: {exc.message}", status=exc.http_status, type=exc.type, retry_after_s=exc.retry_after_s)
+    kind = error_type(exc)
+    cls = BY_ERROR_TYPE.get(kind, ServerError)
+    return cls(f"{WHERE}: {exc.message}", status=exc.status, type=kind, retry_after_s=exc.retry_after_s)
 
 
 def _closure(spec: SpecFile, names: Iterable[str]) -> set[str]:

@@ -1,17 +1,19 @@
 """Retries until the call's deadline, not a count (issue 10, defect 6).
 
 Pure tests of `RetryPolicy` on a simulated clock (no sleeps, no timings), the policy driven
-through whole outages the way `RewardClient._call` drives it; then the servers' own "still
+through whole outages the way `RetryPolicy.call` drives it; then the servers' own "still
 loading" answer, which must carry a Retry-After so that clients poll rather than give up.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from fastapi.testclient import TestClient
 
-from assay.clients import InvalidRequest, Overloaded, RetryPolicy, Unavailable
-from assay.clients.reward import _Deadline
+from assay.clients import DeadlineExceeded, InvalidRequest, Overloaded, RetryPolicy, ServiceError, Unavailable
+from assay.clients.retry import Deadline
 from assay.policy_server import grpc_api as policy_grpc
 from assay.policy_server import http_api as policy_http
 from assay.policy_server.serving import PolicyService
@@ -21,7 +23,7 @@ from assay.rm_server.serving import RewardService
 
 
 class SimDeadline:
-    """`_Deadline`'s interface on a simulated clock."""
+    """`Deadline`'s interface on a simulated clock."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds, self.now = seconds, 0.0
@@ -50,7 +52,7 @@ def outage(policy: RetryPolicy, *, down_s: float, deadline_s: float, retry_after
 def test_the_default_retries_until_the_deadline_however_many_times():
     policy = RetryPolicy()
     assert policy.max_retries is None
-    far = _Deadline(3600.0)
+    far = Deadline(3600.0)
     assert policy.wait(10_000, Unavailable("x"), far) is not None  # no count, and no overflow of 2**attempt
     answered, attempts, _ = outage(policy, down_s=60.0, deadline_s=120.0)  # a one-minute restart
     assert answered and attempts > 10
@@ -71,7 +73,7 @@ def test_an_outage_longer_than_the_deadline_gives_up_before_it():
 
 def test_backoff_is_jittered_and_capped():
     policy = RetryPolicy(backoff_s=0.1, max_backoff_s=0.5)
-    far = _Deadline(3600.0)
+    far = Deadline(3600.0)
     for attempt in (0, 3, 50, 5000):
         waits = [policy.wait(attempt, Unavailable("x"), far) for _ in range(200)]
         cap = min(0.5, 0.1 * 2 ** min(attempt, 10))
@@ -81,16 +83,16 @@ def test_backoff_is_jittered_and_capped():
 
 def test_retry_after_is_a_floor_and_one_past_the_deadline_ends_the_call_at_once():
     policy = RetryPolicy(backoff_s=0.01, max_backoff_s=0.02)
-    assert policy.wait(0, Overloaded("x", retry_after_s=2.0), _Deadline(60.0)) >= 2.0
-    assert policy.wait(0, Unavailable("x", retry_after_s=1.0), _Deadline(60.0)) >= 1.0
-    assert policy.wait(0, Unavailable("x", retry_after_s=5.0), _Deadline(3.0)) is None
+    assert policy.wait(0, Overloaded("x", retry_after_s=2.0), Deadline(60.0)) >= 2.0
+    assert policy.wait(0, Unavailable("x", retry_after_s=1.0), Deadline(60.0)) >= 1.0
+    assert policy.wait(0, Unavailable("x", retry_after_s=5.0), Deadline(3.0)) is None
     # the deadline nearly spent: no sleep into it, and no retry without time for one
-    assert policy.wait(0, Unavailable("x"), _Deadline(0.05)) is None
+    assert policy.wait(0, Unavailable("x"), Deadline(0.05)) is None
 
 
 def test_an_optional_count_still_caps_and_only_transient_failures_are_retried():
     policy = RetryPolicy(max_retries=2)
-    far = _Deadline(3600.0)
+    far = Deadline(3600.0)
     assert policy.wait(1, Unavailable("x"), far) is not None
     err = Unavailable("x")
     assert policy.wait(2, err, far) is None and err.attempts == 3 and "after 3 attempts" in str(err)
@@ -99,6 +101,38 @@ def test_an_optional_count_still_caps_and_only_transient_failures_are_retried():
                 {"min_attempt_s": -0.1}):  # fmt: skip
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
+
+
+class Script:
+    """An attempt that fails with `failures` in turn, then answers "ok"; records the seconds it was given."""
+
+    def __init__(self, *failures: ServiceError) -> None:
+        self.failures, self.given = list(failures), []
+
+    def __call__(self, left: float) -> str:
+        self.given.append(left)
+        if self.failures:
+            raise self.failures.pop(0)
+        return "ok"
+
+    async def awaited(self, left: float) -> str:
+        return self(left)
+
+
+def test_one_loop_blocking_and_awaited():
+    fast = RetryPolicy(backoff_s=0.001, max_backoff_s=0.002)
+    for run in (fast.call, lambda attempt, s: asyncio.run(fast.acall(attempt.awaited, s))):
+        script = Script(Unavailable("restarting"), Overloaded("busy", retry_after_s=0.01))
+        assert run(script, 60.0) == "ok" and len(script.given) == 3
+        assert 0 < script.given[-1] <= script.given[0] <= 60.0  # each attempt gets what is left of one deadline
+        script = Script(InvalidRequest("bad"), Unavailable("never reached"))
+        with pytest.raises(InvalidRequest) as info:
+            run(script, 60.0)
+        assert info.value.attempts == 1 and len(script.given) == 1  # not transient: not retried
+    script = Script()
+    with pytest.raises(DeadlineExceeded):
+        fast.call(script, -1.0)
+    assert script.given == []  # a spent deadline sends nothing
 
 
 # --- the servers' "still loading" answer -----------------------------------------------------

@@ -34,8 +34,8 @@ from assay.clients import (
     UnknownReward,
 )
 from assay.clients import reward as reward_module
-from assay.clients.reward import _Deadline
-from assay.clients.reward_transport import retry_after_s
+from assay.clients.errors import retry_after_s
+from assay.clients.retry import Deadline
 from assay.rm_server.protocol import ErrorType, ScoreItem, ScoreResponse
 from assay.rm_server.server import BackgroundServer
 from assay.rm_server.config import ServerConfig
@@ -377,7 +377,7 @@ def test_retry_after_parsing():
 
 def test_backoff_is_full_jitter_capped_floored_and_bounded():
     policy = RetryPolicy(max_retries=3, backoff_s=0.1, max_backoff_s=0.3)
-    far = _Deadline(100.0)
+    far = Deadline(100.0)
     waits = [[policy.wait(n, Unavailable("x"), far) for _ in range(200)] for n in range(3)]
     for n, ws in enumerate(waits):
         assert 0 <= min(ws) and max(ws) <= min(0.3, 0.1 * 2**n)
@@ -385,7 +385,7 @@ def test_backoff_is_full_jitter_capped_floored_and_bounded():
     assert policy.wait(3, Unavailable("x"), far) is None  # max_retries spent
     assert policy.wait(0, InvalidRequest("x"), far) is None  # not transient
     assert policy.wait(0, Overloaded("x", retry_after_s=2.0), far) >= 2.0
-    assert policy.wait(0, Overloaded("x", retry_after_s=2.0), _Deadline(1.0)) is None
+    assert policy.wait(0, Overloaded("x", retry_after_s=2.0), Deadline(1.0)) is None
     err = Unavailable("x")
     policy.wait(2, err, far)
     assert err.attempts == 3 and "after 3 attempts" in str(err)

@@ -1,0 +1,46 @@
+"""What the reward and policy clients share over HTTP: the address, the key, and reading an answer.
+
+The I/O itself stays with each client (httpx's sync and async clients are two objects); these
+pure pieces are what the two would otherwise copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from assay.clients.errors import HttpDialect, ServerError, http_error, problems
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def base_url(url: str, service: str) -> str:
+    """`url` without a trailing slash; ValueError unless it is an http(s) base URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{service}'s HTTP address is a base URL like http://127.0.0.1:8000, got {url!r}")
+    return url.rstrip("/")
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def json_body(req: BaseModel | None) -> Any:
+    """A request model as the JSON it is sent as (unset optional fields left out)."""
+    return req.model_dump(mode="json", exclude_none=True) if req is not None else None
+
+
+def reply(r: httpx.Response, model: type[M], dialect: HttpDialect) -> M:
+    """The answer parsed as `model`; the typed error when it is not a 200 or not a `model`."""
+    if r.status_code != 200:
+        raise http_error(r, dialect)
+    try:
+        return model.model_validate_json(r.content)
+    except ValidationError as exc:
+        raise ServerError(
+            f"{r.request.method} {r.request.url}: the reply is not a {model.__name__}: {problems(exc)}", status=200
+        ) from None
