@@ -1,11 +1,14 @@
 """The build pipeline end to end at toy scale: every stage runs, saves, reloads, and repeats exactly."""
 
+import pytest
 from safetensors.torch import load_file
 
 from assay.arith.build import BuildConfig, build
 from assay.checkpoints import load_model
 from assay.trainer.reward_model import RMConfig
 from assay.trainer.sft import SFTConfig
+
+pytestmark = pytest.mark.unit
 
 MICRO = BuildConfig(
     hidden_size=32, layers=1, heads=2, intermediate_size=64,

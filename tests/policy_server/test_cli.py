@@ -9,13 +9,18 @@ import sys
 
 import grpc
 import openai
+import pytest
 
 from assay.checkpoints import ARITH_DIR
 from assay.proto.policy.v1 import policy_pb2, policy_pb2_grpc
+from assay.services import free_port
 
-from tests.servers import free_port, wait_ready
+from tests.helpers import wait_ready
+
+pytestmark = pytest.mark.unit
 
 
+@pytest.mark.service
 def test_server_subprocess_serves_the_embedded_models_and_stops_cleanly():
     port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen(

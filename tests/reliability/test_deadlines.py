@@ -24,9 +24,10 @@ from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server import grpc_convert as convert
 from assay.rm_server.protocol import ErrorType, ScoreRequest, ScoreResponse
 from assay.rm_server.server import BackgroundServer, ServerConfig
-from tests.servers import free_port, wait_ready
+from assay.services import free_port
+from tests.helpers import wait_ready
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
 # sympy spends far longer than math-verify's 5 s alarm on 9^(9^9) against 1, once per comparison
 # it tries: about 5-10 s an item, so 24 of them on the 2 workers are a minute of work.

@@ -10,6 +10,8 @@ import pytest
 from assay.rm_server.batcher import Batcher, BatchTimes
 from assay.rm_server.errors import InvalidRequest, Overloaded
 
+pytestmark = pytest.mark.unit
+
 
 def run(coro):
     return asyncio.run(coro)

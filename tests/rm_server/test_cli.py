@@ -16,9 +16,13 @@ from assay.rm_server.protocol import ScoreResponse
 from assay.rm_server.rewards import build_rewards
 from assay.rm_server.serving import RewardService
 from assay.rm_server.spec import parse_spec
-from tests.servers import free_port, wait_ready
+from assay.services import free_port
+from tests.helpers import wait_ready
+
+pytestmark = pytest.mark.unit
 
 
+@pytest.mark.service
 def test_server_subprocess_serves_the_embedded_rewards_and_stops_cleanly():
     port = free_port()
     proc = subprocess.Popen(

@@ -3,12 +3,12 @@ auth, health and reflection. Plus the conversion functions and the generated cod
 
 from __future__ import annotations
 
-import asyncio
 import math
 import queue
 import subprocess
 import sys
-import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -44,6 +44,9 @@ from assay.rm_server.protocol import (
 from assay.rm_server.rewards import Reward
 from assay.rm_server.server import BackgroundServer, ServerConfig
 from assay.rm_server.serving import Limits, RewardService
+from tests.helpers import LoopThread, grpc_served
+
+pytestmark = pytest.mark.service
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "Q: 23+45-17 A: "
@@ -104,6 +107,7 @@ def http_score(server, req: ScoreRequest) -> ScoreResponse:
 # --- the generated code and the conversion ---------------------------------------------------
 
 
+@pytest.mark.unit
 def test_generated_code_is_what_the_script_produces(tmp_path):
     """For every contract (the reward's and the policy's)."""
     subprocess.run([sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)], check=True)
@@ -119,6 +123,7 @@ def test_generated_code_is_what_the_script_produces(tmp_path):
         assert f"from assay.proto.{package} import {stem}_pb2".encode() in (tmp_path / folder / names[2]).read_bytes()
 
 
+@pytest.mark.unit
 def test_score_messages_round_trip_exactly():
     req = ScoreRequest(
         reward="orm",
@@ -139,6 +144,7 @@ def test_score_messages_round_trip_exactly():
     assert back.results[0].steps == [] and back.results[1].steps is None and back.results[1].tokens is None
 
 
+@pytest.mark.unit
 def test_compare_and_rewards_messages_round_trip_exactly():
     req = CompareRequest(reward="j", items=[CompareItem(id="a", prompt="p", response_a="x", response_b="y")])
     assert convert.compare_request_from_proto(convert.compare_request_to_proto(req)) == req
@@ -164,6 +170,7 @@ def test_compare_and_rewards_messages_round_trip_exactly():
     assert convert.rewards_response_from_proto(convert.rewards_response_to_proto(rewards)) == rewards
 
 
+@pytest.mark.unit
 def test_proto_requests_are_validated_like_json_bodies():
     assert convert.score_request_from_proto(pb.ScoreRequest(reward="orm")).granularity == Granularity.outcome
     bad = pb.ScoreRequest(reward="", items=[pb.ScoreItem(id="", prompt="p", response="r")], granularity=9, timeout_s=0)
@@ -173,6 +180,7 @@ def test_proto_requests_are_validated_like_json_bodies():
     assert locs == {("reward",), ("items", 0, "id"), ("granularity",), ("timeout_s",)}
 
 
+@pytest.mark.unit
 def test_grpc_deadline_lowers_the_request_timeout():
     class Context:
         def __init__(self, left):
@@ -331,33 +339,16 @@ class Boom(Reward):
         raise RuntimeError("secret internal state")
 
 
-class BareServer:
+@contextmanager
+def bare_server() -> Iterator[tuple[LoopThread, RewardService, grpc.Channel]]:
     """Only the gRPC server, over a RewardService that the test starts when it wants."""
-
-    def __init__(self) -> None:
-        self.service = RewardService({"boom": Boom("boom", "sha256:boom")})
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def run(self, coro, timeout: float = 10):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def __enter__(self) -> grpc.Channel:
-        self.thread.start()
-        self.server, port = self.run(start_grpc_server(self.service, ApiKeys(), "127.0.0.1", 0, Limits()))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        return self.channel
-
-    def __exit__(self, *exc) -> None:
-        self.channel.close()
-        self.run(self.server.stop(None))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+    service = RewardService({"boom": Boom("boom", "sha256:boom")})
+    with LoopThread() as loop, grpc_served(loop, start_grpc_server(service, ApiKeys(), "127.0.0.1", 0, Limits())) as ch:
+        yield loop, service, ch
 
 
 def test_health_follows_readiness():
-    with (bare := BareServer()) as channel:
+    with bare_server() as (loop, service, channel):
         health = health_pb2_grpc.HealthStub(channel)
         watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
         for name in ("", SERVICE):
@@ -367,15 +358,15 @@ def test_health_follows_readiness():
         req = convert.score_request_to_proto(ScoreRequest(reward="boom", items=items(RIGHT)))
         err = rpc_error(reward_pb2_grpc.RewardServiceStub(channel).Score, req, timeout=5)
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.details()
-        bare.run(bare.service.start())
+        loop.run(service.start())
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
 
 
 def test_unexpected_errors_are_internal_without_details():
     """A bug in a reward becomes INTERNAL (unary) or an `internal` answer (stream), nothing leaked."""
-    with (bare := BareServer()) as channel:
-        bare.run(bare.service.start())
+    with bare_server() as (loop, service, channel):
+        loop.run(service.start())
         boom = reward_pb2_grpc.RewardServiceStub(channel)
         req = convert.score_request_to_proto(ScoreRequest(reward="boom", items=items(RIGHT)))
         err = rpc_error(boom.Score, req, timeout=10)

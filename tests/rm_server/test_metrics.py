@@ -7,6 +7,8 @@ import pytest
 
 from assay.rm_server.server import BackgroundServer, ServerConfig
 
+pytestmark = pytest.mark.service
+
 ITEM = {"id": "a", "prompt": "Q: 1+1 A: ", "response": "#### 2", "reference": "2"}
 PAIR = {"id": "a", "prompt": "Q: 1+1 A: ", "response_a": "#### 2", "response_b": "#### 3", "reference": "2"}
 

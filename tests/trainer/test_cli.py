@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from assay.cli import app
 
+pytestmark = pytest.mark.unit
+
 
 def test_plot_writes_curves_for_step_and_round_runs(tmp_path):
     steps = tmp_path / "grpo"
@@ -83,6 +85,7 @@ def test_the_library_loop_refuses_to_mix_runs_too(tmp_path):
         train(GRPOConfig(steps=1), model, tok, None, None, RunDir(tmp_path))
 
 
+@pytest.mark.e2e
 def test_overwrite_discards_the_old_run_and_starts_afresh(services, tmp_path):
     run = tmp_path / "run"
     _old_run(run)

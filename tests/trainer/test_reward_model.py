@@ -14,6 +14,8 @@ from assay.trainer.reward_model import (
     train_process_rm,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def _cfg(tokenizer, **kw):
     return LlamaConfig(
