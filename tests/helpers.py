@@ -20,9 +20,10 @@ import grpc
 import httpx
 
 
-def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, log: Path | None = None) -> None:
+def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 300, log: Path | None = None) -> None:
     """Poll `url`/ready until it answers 200; fail with the process's output (its pipe, or the tail
-    of `log` where it writes to a file) if it exits first or is not ready within `timeout_s`."""
+    of `log` where it writes to a file) if it exits first or is not ready within `timeout_s`.
+    The default is generous: a server loading its models on a busy 2-core machine takes minutes."""
     deadline = time.monotonic() + timeout_s
     while True:
         assert proc.poll() is None, f"the server exited while starting:\n{_output(proc, log)}"

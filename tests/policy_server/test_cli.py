@@ -30,7 +30,7 @@ def test_server_subprocess_serves_the_embedded_models_and_stops_cleanly():
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_ready(proc, url, 90)
+        wait_ready(proc, url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"policy", "verifier"}
         done = client.completions.create(model="policy", prompt="Q: 23+45-17 A: ", max_tokens=40, temperature=0)

@@ -221,7 +221,7 @@ def served_subprocess(tmp_path):
                                  "--port", str(port), "--weights-dir", str(root), "--torch-threads", "1",
                                  "--log-level", "info"], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        wait_ready(proc, f"http://127.0.0.1:{port}", 120)
+        wait_ready(proc, f"http://127.0.0.1:{port}")
         yield f"http://127.0.0.1:{port}", root, log
     finally:
         proc.terminate()

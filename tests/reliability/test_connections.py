@@ -129,7 +129,7 @@ def test_a_second_server_on_a_taken_port_exits_with_one_sentence_naming_it(spec,
     first = subprocess.Popen([*argv, "--port", str(port), "--grpc-port", str(grpc_port)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        wait_ready(first, f"http://127.0.0.1:{port}", 300)  # both ports bound
+        wait_ready(first, f"http://127.0.0.1:{port}")  # both ports bound
         ports = ["--port", str(free_port()), "--grpc-port", str(grpc_port)] if taken == "grpc" else \
             ["--port", str(port), "--grpc-port", str(free_port())]  # fmt: skip
         second = subprocess.run([*argv, *ports], capture_output=True, text=True, timeout=300)

@@ -147,7 +147,7 @@ def test_sigterm_with_hostile_work_running_exits_promptly(spec):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(proc, url, timeout_s=120)
+        wait_ready(proc, url)
         post(url, "correct", HOSTILE, timeout_s=3)  # leaves its items behind, on old code
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -48,8 +48,8 @@ class Proc:
             self.proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(self.port), *args],
                                          stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        wait_ready(self.proc, self.url, timeout_s, log=self.log)
+    def wait_ready(self) -> None:
+        wait_ready(self.proc, self.url, log=self.log)
 
     def terminate(self) -> float:
         """SIGTERM; the monotonic time it was sent."""

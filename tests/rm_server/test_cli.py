@@ -31,7 +31,7 @@ def test_server_subprocess_serves_the_embedded_rewards_and_stops_cleanly():
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_ready(proc, url, 60)
+        wait_ready(proc, url)
         item = {"id": "a", "prompt": "Q: 23+45-17 A: ", "response": "23+45=68 68-17=51 #### 51", "reference": "51"}
         r = httpx.post(f"{url}/v1/score", json={"reward": "final", "items": [item]}, timeout=30)
         res = ScoreResponse.model_validate_json(r.content).results[0]
