@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from assay.arith.tokenizer import build_tokenizer
 from tests.helpers import torch_threads
-from tests.tiers import pytest_collection_modifyitems  # noqa: F401  (a hook: pytest finds it by its name here)
+from tests.tiers import pytest_collection_modifyitems, pytest_runtest_setup  # noqa: F401  (hooks: found by name)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
-"""The tier check (tests/tiers.py) in a pytest run of its own: a module without a tier fails the
-collection, and `-m` selects by the closest tier marker only."""
+"""The tier check (tests/tiers.py) in a pytest run of its own: `-m` selects by the closest tier
+marker only, and a test without a tier fails in every tier's run, naming its module."""
 
 import pytest
 
@@ -7,7 +7,7 @@ pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.unit
 
 INI = "[pytest]\nmarkers =\n    unit\n    service\n    e2e\naddopts = --strict-markers -p no:cacheprovider\n"
-CONFTEST = "from tests.tiers import pytest_collection_modifyitems  # noqa: F401\n"
+CONFTEST = "from tests.tiers import pytest_collection_modifyitems, pytest_runtest_setup  # noqa: F401\n"
 MIXED = """
 import pytest
 
@@ -48,9 +48,9 @@ def test_the_closest_tier_marker_is_the_only_one_m_sees(suite, tier, selected):
     assert [line for line in result.outlines if line.startswith("test_mixed.py")] == selected
 
 
-def test_a_module_without_a_tier_fails_the_collection_naming_it(suite):
+@pytest.mark.parametrize("tier", ["unit", "service", "e2e"])
+def test_a_test_without_a_tier_fails_in_every_tiers_run_naming_its_module(suite, tier):
     suite.makepyfile(test_untiered="def test_forgotten():\n    pass\n")
-    result = suite.runpytest("--collect-only", "-q")
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*every test needs a tier marker*test_untiered.py*"])
-    assert "test_mixed.py" not in result.stderr.str()
+    result = suite.runpytest("-m", tier, "-p", "no:xdist")
+    result.assert_outcomes(passed=1, errors=1)  # failed at its setup
+    result.stdout.fnmatch_lines(["*test_untiered.py has no tier marker: add `pytestmark = pytest.mark.unit`*"])

@@ -10,8 +10,11 @@ A module states its tier once, `pytestmark = pytest.mark.unit`; a test of anothe
 its own, `@pytest.mark.service`, and the closest marker wins. `slow` (what a quick loop skips) and
 `reliability` (tests/reliability) are not tiers: they go beside one.
 
-Collection fails on a test without a tier, so a new module can neither slip into the quick loop
-nor out of every tier unnoticed. tests/conftest.py installs the hook below.
+A test without a tier fails, in whichever tier's run (`-m unit`, `-m service`, `-m e2e`, or all of
+them: `make test`), with a message saying what to add: a new module can neither slip out of the
+tiers nor be left out of the quick loop unnoticed. It fails as a test rather than stopping the
+collection, because pytest-xdist's workers swallow a collection-time error's message.
+tests/conftest.py installs the hooks below.
 """
 
 from __future__ import annotations
@@ -19,25 +22,31 @@ from __future__ import annotations
 import pytest
 
 TIERS = ("unit", "service", "e2e")
+UNTIERED = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own `-m` selection reads the markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Give each test its closest tier marker and only that one, or fail naming the untiered."""
+    """Give each test its closest tier marker and only that one; a test without one gets them all,
+    so that every tier's run selects it, and is failed at its setup."""
     tiers = {item: _closest_tier(item) for item in items}
-    untiered = sorted({item.nodeid.split("::")[0] for item, tier in tiers.items() if tier is None})
-    if untiered:
-        raise pytest.UsageError(
-            "every test needs a tier marker (tests/tiers.py): add `pytestmark = pytest.mark.unit` "
-            "(or service, e2e) to " + ", ".join(untiered)
-        )
     # `-m unit` matches any marker a test inherits: a module's `unit` would select its service
     # tests too. So the winning tier moves onto the test, and the module or class keeps none.
     for item in items:
         for node in item.listchain():
             node.own_markers[:] = [mark for mark in node.own_markers if mark.name not in TIERS]
     for item, tier in tiers.items():
-        item.add_marker(tier)
+        if tier is None:
+            item.stash[UNTIERED] = True
+        for name in TIERS if tier is None else (tier,):
+            item.add_marker(name)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.stash.get(UNTIERED, False):
+        module = item.nodeid.split("::")[0]
+        pytest.fail(f"{module} has no tier marker: add `pytestmark = pytest.mark.unit` (or service, e2e; "
+                    "see tests/tiers.py)", pytrace=False)  # fmt: skip
 
 
 def _closest_tier(item: pytest.Item) -> str | None:
