@@ -21,6 +21,7 @@ MICRO = BuildConfig(
 KINDS = {"policy": "causal_lm", "orm": "sequence_classification", "prm": "token_classification", "verifier": "causal_lm"}
 
 
+@pytest.mark.slow  # trains all four toy checkpoints, twice
 def test_build_writes_four_loadable_checkpoints_deterministically(tmp_path):
     build(tmp_path / "a", MICRO, log=lambda _: None)
     build(tmp_path / "b", MICRO, log=lambda _: None)

@@ -42,6 +42,7 @@ def test_embedded_checkpoints_meet_the_targets_on_the_fixed_heldout_set():
     assert 0.5 < figures["prm_step_accuracy"] <= 1.0
 
 
+@pytest.mark.slow  # `assay eval` on 8 problems, in a subprocess
 def test_cli_eval_json_prints_one_object():
     out = subprocess.run(
         [sys.executable, "-m", "assay", "eval", "--json", "--problems", "8"],

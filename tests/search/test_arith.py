@@ -46,6 +46,7 @@ def test_strategies_cover_the_dict():
     assert set(REWARD) == set(STRATEGIES)
 
 
+@pytest.mark.slow  # every strategy on 24 problems with the real policy
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_search_beats_or_equals_single_sample_accuracy(name, generator, scorers, baseline):
     scorer = scorers[REWARD[name]] if REWARD[name] else None
