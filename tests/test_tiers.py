@@ -36,12 +36,15 @@ def suite(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-@pytest.mark.parametrize(("tier", "selected"), [
-    ("unit", ["test_mixed.py::test_pure"]),
-    ("service", ["test_mixed.py::test_serves"]),
-    ("e2e", ["test_mixed.py::TestGroup::test_across"]),
-    ("not unit", ["test_mixed.py::test_serves", "test_mixed.py::TestGroup::test_across"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("tier", "selected"),
+    [
+        ("unit", ["test_mixed.py::test_pure"]),
+        ("service", ["test_mixed.py::test_serves"]),
+        ("e2e", ["test_mixed.py::TestGroup::test_across"]),
+        ("not unit", ["test_mixed.py::test_serves", "test_mixed.py::TestGroup::test_across"]),
+    ],
+)
 def test_the_closest_tier_marker_is_the_only_one_m_sees(suite, tier, selected):
     result = suite.runpytest("-m", tier, "--collect-only", "-q")
     assert result.ret == pytest.ExitCode.OK
@@ -51,6 +54,6 @@ def test_the_closest_tier_marker_is_the_only_one_m_sees(suite, tier, selected):
 @pytest.mark.parametrize("tier", ["unit", "service", "e2e"])
 def test_a_test_without_a_tier_fails_in_every_tiers_run_naming_its_module(suite, tier):
     suite.makepyfile(test_untiered="def test_forgotten():\n    pass\n")
-    result = suite.runpytest("-m", tier, "-p", "no:xdist")
+    result = suite.runpytest("-m", tier)
     result.assert_outcomes(passed=1, errors=1)  # failed at its setup
     result.stdout.fnmatch_lines(["*test_untiered.py has no tier marker: add `pytestmark = pytest.mark.unit`*"])

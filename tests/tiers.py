@@ -45,8 +45,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.stash.get(UNTIERED, False):
         module = item.nodeid.split("::")[0]
-        pytest.fail(f"{module} has no tier marker: add `pytestmark = pytest.mark.unit` (or service, e2e; "
-                    "see tests/tiers.py)", pytrace=False)  # fmt: skip
+        message = f"{module} has no tier marker: add `pytestmark = pytest.mark.unit` (or service, e2e: tests/tiers.py)"
+        pytest.fail(message, pytrace=False)
 
 
 def _closest_tier(item: pytest.Item) -> str | None:
