@@ -39,6 +39,7 @@ def test_plot_of_a_missing_run_says_so(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
+@pytest.mark.slow  # a subprocess that imports torch before it refuses: ~10 s
 def test_an_unknown_config_key_is_refused_before_anything_starts(tmp_path):
     config = tmp_path / "grpo.yaml"
     config.write_text("steps: 3\ngroup_sise: 4\n")
