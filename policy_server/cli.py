@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from assay.connections import Connections
+from assay.base.connections import Connections
 
 policy_app = typer.Typer(help="The policy (generation) service.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)  # an error naming a long path stays one line
@@ -70,11 +70,11 @@ def serve_cmd(
     ),
 ) -> None:
     """Serve generation (and search, scored by rm_server) over HTTP, and gRPC with --grpc-port, until interrupted."""
+    from assay.base.serve import InsecureBinding, run_loop
     from assay.checkpoints import CheckpointError
     from assay.policy_server.backends.hf import BatchSettings
-    from assay.policy_server.server import InsecureBinding, ServerConfig, serve
+    from assay.policy_server.server import ServerConfig, serve
     from assay.policy_server.serving import Limits
-    from assay.serve import run_loop
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if torch_threads is not None:

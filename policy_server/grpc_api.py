@@ -6,7 +6,7 @@ proto response. So validation, limits, batching, the timeout and the seeds are H
 same request gives the same completions on either edge. No streaming: the serving layer answers
 when every choice is done.
 
-Auth and errors are handled in one place, the shared `assay.grpc_serve.AuthAndErrors`, with the
+Auth and errors are handled in one place, the shared `assay.base.grpc_serve.AuthAndErrors`, with the
 `generate` scope and `describe` below: an `ApiError` becomes the status matching its HTTP status
 (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED with `retry-after`, DEADLINE_EXCEEDED, ...),
 with its message as details and its OpenAI `type` and `code` as `error-type` and `error-code`
@@ -18,106 +18,35 @@ sequences and stops its running ones, as an HTTP disconnect does.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import grpc
 from pydantic import ValidationError
 
-from assay import grpc_serve
-from assay.grpc_serve import AuthAndErrors, Failure, MalformedMessage, internal, invalid_argument, malformed
-from assay.policy_server.protocol import CompletionLogprobs, CompletionRequest, CompletionResponse, ModelList
-from assay.policy_server.serving import ApiError, InvalidRequest, Limits, PolicyService, Timer, check_key
+from assay.base import grpc_serve
+from assay.base.auth import ApiKeys
+from assay.base.errors import grpc_status
+from assay.base.grpc_serve import AuthAndErrors, Failure, MalformedMessage, internal, invalid_argument, malformed
+from assay.base.metrics import Timer
+from assay.policy_server import grpc_convert as convert
+from assay.policy_server.errors import ApiError, check_key
+from assay.policy_server.serving import Limits, PolicyService
 from assay.proto.policy.v1 import policy_pb2 as pb
 from assay.proto.policy.v1 import policy_pb2_grpc
-from assay.rm_server.auth import ApiKeys
 
 SERVICE = pb.DESCRIPTOR.services_by_name["PolicyService"].full_name  # assay.policy.v1.PolicyService
-_OPTIONAL = ("n", "max_tokens", "temperature", "top_p", "seed", "logprobs")  # absent: HTTP's default
 
 
 # --- errors: the one mapping from an exception to what the client is told ---------------------
 
 
-_STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.FAILED_PRECONDITION,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    500: grpc.StatusCode.INTERNAL,
-    502: grpc.StatusCode.UNAVAILABLE,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
 def describe(exc: Exception) -> Failure:
     if isinstance(exc, ApiError):
-        return Failure(_STATUS[exc.status], exc.type, exc.message, exc.retry_after_s, exc.code)
+        return Failure(grpc_status(exc.status), exc.type, exc.message, exc.retry_after_s, exc.code)
     if isinstance(exc, ValidationError):
         return invalid_argument(exc, "invalid_request_error")
     if isinstance(exc, MalformedMessage):  # bytes that are not the request message
         return malformed(exc, "invalid_request_error")
     return internal(exc, "server_error")
-
-
-# --- conversion ------------------------------------------------------------------------------
-
-
-def generate_request_from_proto(msg: pb.GenerateRequest) -> CompletionRequest:
-    """The completions request Generate stands for; raises ValidationError as a JSON body would."""
-    if msg.prompt and msg.prompt_token_ids:
-        raise InvalidRequest("send prompt or prompt_token_ids, not both", param="prompt")
-    data: dict[str, Any] = {
-        "model": msg.model,
-        "prompt": list(msg.prompt_token_ids) or msg.prompt,  # neither: "", refused as an empty prompt
-        "top_k": msg.top_k,
-        "stop": list(msg.stop),
-        "ignore_eos": msg.ignore_eos,
-        "return_token_ids": True,
-        **{name: getattr(msg, name) for name in _OPTIONAL if msg.HasField(name)},
-    }
-    return CompletionRequest.model_validate(data)
-
-
-def generate_response_to_proto(resp: CompletionResponse) -> pb.GenerateResponse:
-    return pb.GenerateResponse(
-        model=resp.model,
-        choices=[
-            pb.Choice(
-                index=c.index,
-                text=c.text,
-                token_ids=c.token_ids,
-                logprobs=_logprobs_to_proto(c.logprobs) if c.logprobs is not None else None,
-                finish_reason=pb.FinishReason.Value(f"FINISH_REASON_{c.finish_reason.upper()}"),
-                stop_reason=c.stop_reason,
-                weight_version=c.weight_version,
-            )
-            for c in resp.choices
-        ],
-        usage=pb.Usage(**resp.usage.model_dump()),
-        weight_version=resp.weight_version,
-        prompt_token_ids=resp.choices[0].prompt_token_ids,  # one prompt: every choice has the same
-    )
-
-
-def _logprobs_to_proto(lp: CompletionLogprobs) -> pb.Logprobs:
-    return pb.Logprobs(
-        tokens=lp.tokens,
-        token_logprobs=lp.token_logprobs,
-        top_logprobs=[
-            pb.TopLogprobs(values=[pb.TopLogprob(token=t, logprob=v) for t, v in top.items()])
-            for top in lp.top_logprobs
-        ],
-        text_offset=lp.text_offset,
-    )
-
-
-def models_to_proto(models: ModelList) -> pb.ListModelsResponse:
-    return pb.ListModelsResponse(models=[
-        pb.ModelInfo(name=m.id, max_model_len=m.max_model_len, weight_version=m.weight_version) for m in models.data
-    ])  # fmt: skip
 
 
 # --- the servicer and the server -------------------------------------------------------------
@@ -128,12 +57,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.service = service
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        req = generate_request_from_proto(request)
+        req = convert.generate_request_from_proto(request)
         with Timer(self.service.metrics, "grpc/Generate", self.service.model_label(req.model)):
-            return generate_response_to_proto(await self.service.completions(req))
+            return convert.generate_response_to_proto(await self.service.completions(req))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        return models_to_proto(self.service.models())
+        return convert.models_to_proto(self.service.models())
 
 
 async def start_grpc_server(

@@ -5,30 +5,33 @@ Errors are mapped in one place (the handlers below) to OpenAI's shape, `{"error"
 "type", "param", "code"}}`: an `ApiError` becomes its status (with Retry-After on 429), a body
 that is not valid JSON or does not match the protocol becomes 400, an oversized body 413.
 The key is checked before the body is read, and what a browser sends cross-site is refused
-(`assay.http_guard`): a web page must not swap the served weights of a keyless loopback server.
-A generation whose client disconnects is cancelled, which drops its queued sequences and stops
-its running ones at the next decode step.
+(`assay.base.http_guard`): a web page must not swap the served weights of a keyless loopback server.
+A generation whose client disconnects is cancelled (`assay.base.disconnect`), which drops its queued
+sequences and stops its running ones at the next decode step. `create_app` assembles the app from
+one small function per route group.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.params import Depends
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
 
-from assay.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
-from assay.serve import add_ops_routes
-from assay.policy_server import serving
+from assay.base.auth import ApiKeys
+from assay.base.disconnect import unless_disconnected
+from assay.base.http_bounds import BodyLimit
+from assay.base.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
+from assay.base.metrics import Timer
+from assay.base.serve import add_ops_routes
+from assay.policy_server.errors import ApiError, InvalidRequest, check_key
 from assay.policy_server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -43,14 +46,11 @@ from assay.policy_server.protocol import (
     SearchResponse,
     WeightUpdateResponse,
 )
-from assay.policy_server.serving import ApiError, PolicyService, Timer
+from assay.policy_server.serving import PolicyService
 from assay.policy_server.serving_search import SearchService
 from assay.policy_server.weights import Update, WeightService
-from assay.rm_server.auth import ApiKeys
-from assay.rm_server.http_api import BodyLimit
 
 log = logging.getLogger("policy_server")
-T = TypeVar("T")
 SCOPES = ("generate", "admin")
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 503, 504)}
 SEARCH_ERRORS = {status: {"model": ErrorResponse} for status in (*ERRORS, 409, 502)}
@@ -66,12 +66,9 @@ def _error(status: int, type: str, message: str, param: str | None = None, code:
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
-class _BodyLimit(BodyLimit):
-    """rm_server's body limit, refusing in OpenAI's error shape."""
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"the request body is over the limit of {self.limit} bytes"
-        await _error(413, "invalid_request_error", message, code="request_too_large")(scope, receive, send)
+def _too_large(message: str) -> JSONResponse:
+    """`BodyLimit`'s refusal, in OpenAI's shape."""
+    return _error(413, "invalid_request_error", message, code="request_too_large")
 
 
 def _refusal(status: int, message: str) -> JSONResponse:
@@ -84,30 +81,7 @@ def _update(u: Update) -> WeightUpdateResponse:
                                 tensors=u.tensors, bytes=u.bytes, seconds=round(u.seconds, 6))  # fmt: skip
 
 
-async def _until_disconnected(request: Request) -> None:
-    # After the body is read, the next ASGI message is `http.disconnect` when the client goes away.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T], timer: Timer) -> T | Response:
-    """Run `work`; cancel it if the client disconnects first (and answer 499, which no one reads)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this handler is cancelled (shutdown)
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.cancelled() and task.done():
-        return task.result()
-    await asyncio.wait([task])  # let the cancellation run through the batcher and backend
-    if not task.cancelled():
-        task.exception()  # retrieved: whatever it ended with, the client is gone
-    log.info("client disconnected from %s: generation cancelled", request.url.path)
-    timer.code = "499"
-    return Response(status_code=499)
+Scope = Callable[[str], Depends]  # a route's key check for one scope: `dependencies=[scope("generate")]`
 
 
 def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: SearchService | None = None,
@@ -123,8 +97,24 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
     )
     app.router.route_class = GuardedRoute  # the key before the body
 
-    def scope(name: str):
-        return KeyCheck.depends(lambda authorization: serving.check_key(keys, authorization, name))
+    def scope(name: str) -> Depends:
+        return KeyCheck.depends(lambda authorization: check_key(keys, authorization, name))
+
+    _add_error_handlers(app)
+    _add_generation_routes(app, service, scope)
+    if searches is not None:
+        _add_search_route(app, service, searches, scope)
+    _add_model_routes(app, service, scope)
+    _add_weight_routes(app, WeightService(service, weight_roots), scope)
+    add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
+
+    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes, refuse=_too_large, exempt=(WEIGHTS_ROUTE,))
+    app.add_middleware(CrossSiteGuard, refuse=_refusal, hosts=hosts)  # outermost: before the body is counted
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """The one mapping of what a route raises to OpenAI's error shape."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -157,27 +147,33 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
         log.exception("internal error on %s", request.url.path)
         return _error(500, "server_error", f"internal error: {type(exc).__name__}", code="internal")
 
+
+def _add_generation_routes(app: FastAPI, service: PolicyService, scope: Scope) -> None:
+    """OpenAI's completions and chat completions."""
+
     @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
               responses=ERRORS, dependencies=[scope("generate")])  # fmt: skip
     async def completions(req: CompletionRequest, request: Request) -> CompletionResponse | Response:
         with Timer(service.metrics, "/v1/completions", service.model_label(req.model)) as timer:
-            return await _unless_disconnected(request, service.completions(req), timer)
+            return await unless_disconnected(request, service.completions(req), timer)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True,
               responses=ERRORS, dependencies=[scope("generate")])  # fmt: skip
     async def chat(req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
         with Timer(service.metrics, "/v1/chat/completions", service.model_label(req.model)) as timer:
-            return await _unless_disconnected(request, service.chat(req), timer)
+            return await unless_disconnected(request, service.chat(req), timer)
 
-    if searches is not None:
 
-        @app.post("/v1/search", response_model=SearchResponse, responses=SEARCH_ERRORS,
-                  dependencies=[scope("generate")])  # fmt: skip
-        async def search(req: SearchRequest, request: Request) -> SearchResponse | Response:
-            """Inference-time search: generate with `model`, score with rm_server's `reward`, choose."""
-            with Timer(service.metrics, "/v1/search", service.model_label(req.model)) as timer:
-                return await _unless_disconnected(request, searches.search(req), timer)
+def _add_search_route(app: FastAPI, service: PolicyService, searches: SearchService, scope: Scope) -> None:
+    @app.post("/v1/search", response_model=SearchResponse, responses=SEARCH_ERRORS,
+              dependencies=[scope("generate")])  # fmt: skip
+    async def search(req: SearchRequest, request: Request) -> SearchResponse | Response:
+        """Inference-time search: generate with `model`, score with rm_server's `reward`, choose."""
+        with Timer(service.metrics, "/v1/search", service.model_label(req.model)) as timer:
+            return await unless_disconnected(request, searches.search(req), timer)
 
+
+def _add_model_routes(app: FastAPI, service: PolicyService, scope: Scope) -> None:
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=[scope("generate")])
     async def models() -> ModelList:
         return service.models()
@@ -187,7 +183,9 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
         """Sequences waiting per model (admin scope)."""
         return service.queue_depths()
 
-    weights = WeightService(service, weight_roots)
+
+def _add_weight_routes(app: FastAPI, weights: WeightService, scope: Scope) -> None:
+    """Weight updates (admin scope): an upload, or a load from the server's disk."""
 
     @app.post(WEIGHTS_ROUTE, response_model=WeightUpdateResponse, responses={**ERRORS, 409: ERRORS[400]},
               dependencies=[scope("admin")], openapi_extra=SAFETENSORS_BODY)  # fmt: skip
@@ -197,7 +195,7 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
         try:
             update = await weights.from_stream(model, request.stream(), expect_version)
         except ClientDisconnect:
-            raise serving.InvalidRequest("the client went away during the upload; the weights are unchanged") from None
+            raise InvalidRequest("the client went away during the upload; the weights are unchanged") from None
         return _update(update)
 
     @app.post(WEIGHTS_ROUTE + "/load", response_model=WeightUpdateResponse, responses={**ERRORS, 409: ERRORS[400]},
@@ -206,9 +204,3 @@ def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: Se
         """New weights for `model` from safetensors on the server's disk (a file or a checkpoint directory),
         inside a directory the server was started with (`--weights-dir`; none: 403)."""
         return _update(await weights.from_path(req.model, req.path, req.expect_version))
-
-    add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
-
-    app.add_middleware(_BodyLimit, limit=service.limits.max_body_bytes, exempt=(WEIGHTS_ROUTE,))
-    app.add_middleware(CrossSiteGuard, refuse=_refusal, hosts=hosts)  # outermost: before the body is counted
-    return app

@@ -2,34 +2,34 @@
 
 `PolicyServer` is what `assay policy serve` and `python -m assay.policy_server` run; `BackgroundServer`
 runs the same on a thread of its own, for tests and benchmarks in one process. The socket,
-uvicorn, signal handling, connection bounds and drain are `assay.serve`'s; `error_reply` gives
+uvicorn, signal handling, connection bounds and drain are `assay.base.serve`'s; `error_reply` gives
 them OpenAI's error shape (503 `server_error`, code `not_ready`, with Retry-After).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from assay.base import serve as runtime
+from assay.base.connections import Connections
+from assay.base.serve import serve_until_signal
+from assay.base.server import ServiceServer, keys_for
 from assay.clients.reward import RewardClient
 from assay.policy_server.backends import GenerationBackend
 from assay.policy_server.backends.hf import BatchSettings, HFBackend
 from assay.policy_server.http_api import SCOPES, create_app
+from assay.policy_server.metrics import Metrics
 from assay.policy_server.protocol import ErrorInfo, ErrorResponse
-from assay.policy_server.serving import Limits, Metrics, PolicyService
+from assay.policy_server.serving import Limits, PolicyService
 from assay.policy_server.serving_search import SearchService
 from assay.policy_server.weight_paths import weight_roots
-from assay import serve as runtime
-from assay.connections import Connections
-from assay.http_guard import allowed_hosts
-from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
-from assay.rm_server.auth import ApiKeys, is_loopback
 
-log = logging.getLogger("policy_server")
 ENV_VAR = "ASSAY_POLICY_API_KEYS"
 BACKENDS = ("transformers", "vllm")
 RETRY_AFTER_S = 1  # what a refused client is told while the server drains or is full
@@ -93,15 +93,12 @@ def load_backend(config: ServerConfig, name: str, path: Path, metrics: Metrics) 
                           on_finished=finished)  # fmt: skip
 
 
-class PolicyServer:
+class PolicyServer(ServiceServer):
+    name = "policy service"
+
     def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        self.keys = ApiKeys.from_env(config.api_keys, env_var=ENV_VAR, scopes=SCOPES)
-        if not is_loopback(config.host) and not self.keys:
-            raise InsecureBinding(
-                f"refusing to serve on {config.host} without API keys: pass --api-key KEY:generate "
-                f"(or set {ENV_VAR}), or bind 127.0.0.1"
-            )
+        super().__init__(config, keys_for(config.host, config.api_keys, ENV_VAR, SCOPES))
+        self.config: ServerConfig = config
         self.weight_roots = weight_roots(config.weights_dirs)  # a missing one fails before the models load
         # before the models load, so that a taken port or a malformed --rm-url fails at once
         runtime.check_port_free(config.host, config.port, "HTTP")
@@ -114,43 +111,21 @@ class PolicyServer:
                     for name, path in (config.models or embedded_models()).items()}  # fmt: skip
         self.service = PolicyService(backends, config.limits, metrics)
         self.searches = SearchService(self.service, rewards, config.rm_url)
-        self.http = HttpListener(config.host)
-        self.grpc_port: int | None = None
-        self._grpc = None
 
-    @property
-    def http_url(self) -> str:
-        return self.http.url
+    def create_app(self) -> FastAPI:
+        return create_app(self.service, self.keys, self.searches, self.weight_roots, self.hosts)
 
-    @property
-    def grpc_target(self) -> str:
-        return f"{self.config.host}:{self.grpc_port}"
+    async def start_grpc(self) -> tuple[grpc.aio.Server, int]:
+        from assay.policy_server.grpc_api import start_grpc_server
 
-    async def start(self) -> None:
-        hosts = allowed_hosts(self.config.host, self.config.allowed_hosts)
-        app = create_app(self.service, self.keys, self.searches, self.weight_roots, hosts)
-        await self.http.start(app, self.config.port, self.config.log_level, error_reply, self.config.connections)
-        if self.config.grpc_port is not None:
-            from assay.policy_server.grpc_api import start_grpc_server
+        cfg = self.config
+        return await start_grpc_server(self.service, self.keys, cfg.host, cfg.grpc_port, cfg.limits)
 
-            try:
-                self._grpc, self.grpc_port = await start_grpc_server(
-                    self.service, self.keys, self.config.host, self.config.grpc_port, self.config.limits
-                )
-            except BaseException:
-                await self.http.stop()
-                raise
-        await self.service.start()
-        settle_after_loading()
-        log.info("policy service ready on %s (gRPC %s; models: %s)", self.http_url, self.grpc_port,
-                 ", ".join(self.service.backends))  # fmt: skip
+    def error_reply(self, status: int, message: str) -> JSONResponse:
+        return error_reply(status, message)
 
-    async def wait(self) -> None:
-        await self.http.wait()
-
-    async def stop(self) -> None:
-        """Drain (see `assay.serve`), then close the models."""
-        await runtime.drain(self.http, self._grpc, self.config.connections.drain_timeout_s)
+    async def close(self) -> None:
+        """The models, then the search threads and the rm_server client."""
         await self.service.close()
         self.searches.close()
 

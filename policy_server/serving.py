@@ -1,10 +1,12 @@
 """The serving layer: validate an OpenAI request, generate through a backend, build the response.
 
-The HTTP adapter (`http_api.py`) calls `PolicyService` with the protocol models; a gRPC adapter
-will call the same methods. A request with P prompts and n completions each becomes P * n
-`GenerationRequest`s (choice j of every prompt samples with seed + j, so a list of prompts gives
-what the same prompts sent one by one give). Request-level problems raise `ApiError`, which the
-adapter turns into OpenAI's error shape; nothing a client sends produces a 500.
+The HTTP adapter (`http_api.py`) calls `PolicyService` with the protocol models, and the gRPC
+adapter (`grpc_api.py`) calls the same `completions` for its Generate, so the two edges cannot
+drift apart. A request with P prompts and n completions each becomes P * n `GenerationRequest`s
+(choice j of every prompt samples with seed + j, so a list of prompts gives what the same prompts
+sent one by one give). Request-level problems raise an `errors.ApiError`, which each adapter
+turns into its error shape; nothing a client sends produces a 500. `/v1/search` is served by
+`serving_search.SearchService` over this service.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from jinja2.exceptions import TemplateError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from assay.base.errors import LOADING_RETRY_AFTER_S
 from assay.policy_server.backends import (
     GenerationBackend,
     GenerationFailed,
@@ -28,6 +30,8 @@ from assay.policy_server.backends import (
     InvalidParameters,
     Overloaded,
 )
+from assay.policy_server.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NotReady, backend_error
+from assay.policy_server.metrics import Metrics
 from assay.policy_server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -44,105 +48,10 @@ from assay.policy_server.protocol import (
     TopLogprob,
     Usage,
 )
-from assay.rm_server import errors as rm_errors
-from assay.rm_server.auth import ApiKeys
 
 T = TypeVar("T")
 _SEEDS = 2**64  # torch generators take seeds in [0, 2**64)
 _INLINE_CHARS = 16 * 1024  # prompts longer than this are tokenized on a thread, off the event loop
-
-
-# --- errors ----------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """A request the service refuses or cannot serve; `message` says what to change."""
-
-    status, type = 400, "invalid_request_error"
-
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after_s: float | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.message, self.param, self.code, self.retry_after_s = message, param, code, retry_after_s
-
-
-class InvalidRequest(ApiError):
-    pass
-
-
-class ModelNotFound(ApiError):
-    status, type = 404, "not_found_error"
-
-
-class Unauthenticated(ApiError):
-    status, type = 401, "authentication_error"
-
-
-class PermissionDenied(ApiError):
-    status, type = 403, "permission_error"
-
-
-class QueueFull(ApiError):
-    status, type = 429, "rate_limit_error"
-
-
-class Conflict(ApiError):
-    status, type = 409, "conflict_error"
-
-
-class NotReady(ApiError):
-    status, type = 503, "server_error"
-
-
-LOADING_RETRY_AFTER_S = 1.0  # NotReady while the models load: a client asks again about this often
-
-
-class BadGateway(ApiError):
-    """A service this one calls (rm_server) failed or refused this server's credentials."""
-
-    status, type = 502, "server_error"
-
-
-class Unavailable(ApiError):
-    """A service this one calls could not be reached; a retry later may work."""
-
-    status, type = 503, "server_error"
-
-
-class DeadlineExceeded(ApiError):
-    status, type = 504, "timeout_error"
-
-
-class GenerationError(ApiError):
-    """The backend failed to generate this request's sequences (`GenerationFailed`): a typed 500 for
-    this request alone; the requests that shared its batch got their completions."""
-
-    status, type = 500, "server_error"
-
-
-def backend_error(exc: Overloaded | GenerationFailed | InvalidParameters) -> ApiError:
-    """A backend's refusal or failure as the API error it is; the one place these are mapped,
-    for completions, chat and /v1/search alike."""
-    if isinstance(exc, Overloaded):
-        return QueueFull(f"{exc}; retry after {exc.retry_after_s:.2f}s", code="queue_full",
-                         retry_after_s=exc.retry_after_s)  # fmt: skip
-    if isinstance(exc, GenerationFailed):
-        return GenerationError(f"{exc}; the server logged the cause", code="generation_failed")
-    return InvalidRequest(str(exc), code="invalid_sampling_parameters")
-
-
-def check_key(keys: ApiKeys, authorization: str | None, scope: str) -> None:
-    """`keys.check` refusing with this service's errors (ApiKeys raises the reward service's),
-    for the HTTP and gRPC adapters alike."""
-    try:
-        keys.check(authorization, scope)
-    except rm_errors.PermissionDenied as exc:
-        raise PermissionDenied(exc.message, code="insufficient_scope") from None
-    except rm_errors.Unauthenticated as exc:
-        raise Unauthenticated(exc.message, code="invalid_api_key") from None
-
-
-# --- limits and metrics ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -162,85 +71,6 @@ class Limits:
     max_search_candidates: int = 4096  # the budget of a search that sets none, and the most one may set
     max_search_tokens: int = 262_144  # generated tokens, likewise
 
-
-SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-
-
-class Metrics:
-    """Prometheus metrics, in a registry of their own (one per server).
-
-    Tokens per second is `rate(assay_policy_generated_tokens_total)`. Time to first token is the
-    server's: from a sequence's submission to its first sampled token (queue wait and prefill);
-    without streaming, the client gets that token with the last one.
-    """
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("assay_policy_requests", "Requests by route, model and status code",
-                                ["route", "model", "code"], registry=r)  # fmt: skip
-        self.latency = Histogram("assay_policy_request_seconds", "Request latency", ["route", "model"], registry=r)
-        self.prompt_tokens = Counter("assay_policy_prompt_tokens", "Prompt tokens received", ["model"], registry=r)
-        self.generated_tokens = Counter("assay_policy_generated_tokens", "Tokens generated", ["model"], registry=r)
-        self.sequences = Counter("assay_policy_sequences", "Sequences finished, by finish reason (abort: cancelled)",
-                                 ["model", "finish_reason"], registry=r)  # fmt: skip
-        self.batch_size = Histogram("assay_policy_batch_sequences", "Sequences per decode batch", ["model"],
-                                    buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
-        self.batch_tokens = Histogram("assay_policy_batch_tokens", "Prompt + max tokens per decode batch", ["model"],
-                                      buckets=tuple(64 * b for b in SIZE_BUCKETS), registry=r)  # fmt: skip
-        self.first_token = Histogram("assay_policy_time_to_first_token_seconds", "Submission to first sampled "
-                                     "token, per sequence", ["model"], registry=r)  # fmt: skip
-        self.queue_depth = Gauge("assay_policy_queue_depth", "Sequences waiting for a batch", ["model"], registry=r)
-        self.weight_version = Gauge("assay_policy_weight_version", "The weights serving now", ["model"], registry=r)
-        self.weight_updates = Histogram("assay_policy_weight_update_seconds", "Weight updates: reading, checking "
-                                        "and swapping in", ["model"], registry=r)  # fmt: skip
-        self.weight_bytes = Counter("assay_policy_weight_update_bytes", "Tensor bytes received by weight updates",
-                                    ["model"], registry=r)  # fmt: skip
-
-    def on_weights(self, model: str, version: int, size: int, seconds: float) -> None:
-        self.weight_version.labels(model).set(version)
-        self.weight_updates.labels(model).observe(seconds)
-        self.weight_bytes.labels(model).inc(size)
-
-    def on_batch(self, model: str, sequences: int, tokens: int) -> None:
-        self.batch_size.labels(model).observe(sequences)
-        self.batch_tokens.labels(model).observe(tokens)
-
-    def on_finished(self, model: str, outputs: list[GenerationOutput]) -> None:
-        """Every sequence a backend ended, aborted ones included (called from its worker thread)."""
-        self.generated_tokens.labels(model).inc(sum(len(o.token_ids) for o in outputs))
-        for o in outputs:
-            self.sequences.labels(model, o.finish_reason).inc()
-            if o.first_token_s is not None:
-                self.first_token.labels(model).observe(o.first_token_s)
-
-    def render(self, queue_depths: dict[str, int]) -> bytes:
-        for name, depth in queue_depths.items():
-            self.queue_depth.labels(name).set(depth)
-        return generate_latest(self.registry)
-
-
-class Timer:
-    """Records one request's latency and status code."""
-
-    def __init__(self, metrics: Metrics, route: str, model: str) -> None:
-        self.metrics, self.route, self.model, self.code = metrics, route, model, "200"
-
-    def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if isinstance(exc, ApiError):
-            self.code = str(exc.status)
-        elif isinstance(exc, asyncio.CancelledError):
-            self.code = "499"  # the client went away
-        elif exc is not None:
-            self.code = "500"
-        self.metrics.latency.labels(self.route, self.model).observe(time.perf_counter() - self.start)
-        self.metrics.requests.labels(self.route, self.model, self.code).inc()
-
-
-# --- the service -----------------------------------------------------------------------------
 
 
 class PolicyService:

@@ -27,9 +27,7 @@ from dataclasses import fields
 from assay.clients import errors as rm
 from assay.clients.reward import RewardClient
 from assay.policy_server.backends import GenerationBackend, GenerationFailed, InvalidParameters, Overloaded
-from assay.policy_server.generator import BackendGenerator, ContextFull, SearchCancelled, TooManySequences
-from assay.policy_server.protocol import SearchRequest, SearchResponse
-from assay.policy_server.serving import (
+from assay.policy_server.errors import (
     ApiError,
     BadGateway,
     Conflict,
@@ -37,12 +35,13 @@ from assay.policy_server.serving import (
     InvalidRequest,
     ModelNotFound,
     NotReady,
-    PolicyService,
     QueueFull,
     Unavailable,
     backend_error,
-    maybe_off_loop,
 )
+from assay.policy_server.generator import BackendGenerator, ContextFull, SearchCancelled, TooManySequences
+from assay.policy_server.protocol import SearchRequest, SearchResponse
+from assay.policy_server.serving import PolicyService, maybe_off_loop
 from assay.search import STRATEGIES, Budget, SearchConfig, SearchError, SearchResult
 from assay.search.remote import RemoteScorer
 

@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from assay.policy_server.backends import GenerationBackend, ParamSpec
-from assay.policy_server.serving import Conflict, InvalidRequest, PermissionDenied, PolicyService
+from assay.policy_server.errors import Conflict, InvalidRequest, PermissionDenied
+from assay.policy_server.serving import PolicyService
 from assay.policy_server.weight_paths import SUFFIX, PathRefused, locate, open_regular
 
 log = logging.getLogger("policy_server")

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from assay.connections import Connections
+from assay.base.connections import Connections
 
 rm_app = typer.Typer(help="The reward service.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)  # an error sentence stays one line
@@ -44,8 +44,8 @@ def serve_cmd(
     log_level: str = typer.Option("info", help="uvicorn/server log level"),
 ) -> None:
     """Serve rewards over HTTP and gRPC until interrupted."""
-    from assay.serve import run_loop
-    from assay.rm_server.server import InsecureBinding, ServerConfig, serve
+    from assay.base.serve import InsecureBinding, run_loop
+    from assay.rm_server.server import ServerConfig, serve
     from assay.rm_server.serving import Limits
     from assay.rm_server.spec import SpecError
 

@@ -2,15 +2,16 @@
 
 The servicer converts protobuf to the protocol models (`grpc_convert`), calls the serving layer
 and converts back; nothing else. Auth and errors are handled in one place, the shared
-`assay.grpc_serve.AuthAndErrors`, with this service's scope and `describe`:
+`assay.base.grpc_serve.AuthAndErrors`, with this service's scope and `describe`:
 
 - every `assay.reward.v1.RewardService` method needs an `authorization: Bearer KEY` metadata
   entry with the `score` scope (when keys are configured); health and reflection stay open;
-- a `ServiceError` becomes its `grpc_code` with its message as details, an `error-type` trailer
-  (the protocol's ErrorType, as in HTTP's body) and a `retry-after` trailer in seconds when it
-  says when to retry; a request that breaks the protocol's rules becomes INVALID_ARGUMENT
-  listing the problems, bytes that do not parse as the request message too, and anything else
-  becomes INTERNAL with a short message (the traceback goes to the log, never to the client).
+- a `ServiceError` becomes the gRPC code of its HTTP status (`assay.base.errors.grpc_status`),
+  with its message as details, an `error-type` trailer (the protocol's ErrorType, as in HTTP's
+  body, `errors.error_type`) and a `retry-after` trailer in seconds when it says when to retry;
+  a request that breaks the protocol's rules becomes INVALID_ARGUMENT listing the problems, bytes
+  that do not parse as the request message too, and anything else becomes INTERNAL with a short
+  message (the traceback goes to the log, never to the client).
 
 ScoreStream answers each of its requests in-band instead: a failed request becomes an
 `ErrorInfo` on its own answer, built by the same `describe` function, and the stream goes on.
@@ -26,15 +27,17 @@ from typing import TypeVar
 import grpc
 from pydantic import ValidationError
 
-from assay import grpc_serve
-from assay.grpc_serve import AuthAndErrors, Failure, MalformedMessage, internal, invalid_argument, malformed
+from assay.base import grpc_serve
+from assay.base.auth import ApiKeys
+from assay.base.errors import ServiceError, grpc_status
+from assay.base.grpc_serve import AuthAndErrors, Failure, MalformedMessage, internal, invalid_argument, malformed
+from assay.base.metrics import Timer
 from assay.proto.reward.v1 import reward_pb2 as pb
 from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server import grpc_convert as convert
-from assay.rm_server.auth import ApiKeys
-from assay.rm_server.errors import ServiceError
+from assay.rm_server.errors import error_type
 from assay.rm_server.protocol import CompareRequest, ErrorInfo, ErrorType, ScoreRequest
-from assay.rm_server.serving import Limits, RewardService, Timer
+from assay.rm_server.serving import Limits, RewardService
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RewardService"].full_name  # assay.reward.v1.RewardService
 R = TypeVar("R", ScoreRequest, CompareRequest)
@@ -45,7 +48,7 @@ R = TypeVar("R", ScoreRequest, CompareRequest)
 
 def describe(exc: Exception) -> Failure:
     if isinstance(exc, ServiceError):
-        return Failure(exc.grpc_code, exc.type.value, exc.message, exc.retry_after_s)
+        return Failure(grpc_status(exc.status), error_type(exc).value, exc.message, exc.retry_after_s)
     if isinstance(exc, ValidationError):
         return invalid_argument(exc, ErrorType.invalid_request.value)
     if isinstance(exc, MalformedMessage):  # bytes that are not the request message
@@ -68,14 +71,17 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, service: RewardService) -> None:
         self.service = service
 
+    def _timer(self, route: str, req: ScoreRequest | CompareRequest) -> Timer:
+        return Timer(self.service.metrics, route, self.service.metrics.reward_label(req.reward))
+
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         req = _within_deadline(convert.score_request_from_proto(request), context)
-        with Timer(self.service.metrics, "grpc/Score", req.reward):
+        with self._timer("grpc/Score", req):
             return convert.score_response_to_proto(await self.service.score(req))
 
     async def Compare(self, request: pb.CompareRequest, context) -> pb.CompareResponse:
         req = _within_deadline(convert.compare_request_from_proto(request), context)
-        with Timer(self.service.metrics, "grpc/Compare", req.reward):
+        with self._timer("grpc/Compare", req):
             return convert.compare_response_to_proto(await self.service.compare(req))
 
     async def ListRewards(self, request: pb.ListRewardsRequest, context) -> pb.RewardsResponse:
@@ -107,7 +113,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def _stream_one(self, msg: pb.ScoreStreamRequest, context) -> pb.ScoreStreamResponse:
         try:
             req = _within_deadline(convert.score_request_from_proto(msg.request), context)
-            with Timer(self.service.metrics, "grpc/ScoreStream", req.reward):
+            with self._timer("grpc/ScoreStream", req):
                 resp = await self.service.score(req)
             answer = convert.ScoreStreamAnswer(msg.request_id, response=resp)
         except Exception as exc:  # noqa: BLE001 - answered in-band, mapped by describe

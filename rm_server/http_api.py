@@ -4,26 +4,27 @@ Errors are mapped in one place (the exception handlers below): a `ServiceError` 
 status with an `ErrorResponse` body (and Retry-After for 429), a body that is not valid JSON or
 does not match the protocol becomes 400 with the problems listed, and nothing a client sends
 can produce a 500. The key is checked before the body is read, and what a browser sends
-cross-site is refused (`assay.http_guard`).
+cross-site is refused (`assay.base.http_guard`). A client that hangs up has its work cancelled
+(`assay.base.disconnect`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-from collections.abc import Awaitable
-from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from assay.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
-from assay.serve import add_ops_routes
-from assay.rm_server.auth import ApiKeys
-from assay.rm_server.errors import ServiceError
+from assay.base.auth import ApiKeys
+from assay.base.disconnect import unless_disconnected
+from assay.base.errors import ServiceError
+from assay.base.http_bounds import BodyLimit
+from assay.base.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
+from assay.base.metrics import Timer
+from assay.base.serve import add_ops_routes
+from assay.rm_server.errors import error_type
 from assay.rm_server.protocol import (
     CompareRequest,
     CompareResponse,
@@ -35,7 +36,7 @@ from assay.rm_server.protocol import (
     ScoreRequest,
     ScoreResponse,
 )
-from assay.rm_server.serving import RewardService, Timer
+from assay.rm_server.serving import RewardService
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 503)}
 
@@ -45,63 +46,9 @@ def _error(status: int, type: ErrorType, message: str, headers: dict[str, str] |
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
-T = TypeVar("T")
-
-
-async def _until_disconnected(request: Request) -> None:
-    # With the body read, the next ASGI message is `http.disconnect`, when the client goes.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T], timer: Timer) -> T | Response:
-    """Run `work`, cancelled if the client hangs up first: its queued items leave the model
-    queue and its running math-verify work is stopped, rather than computed for nobody."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this handler is cancelled (shutdown)
-        watcher.cancel()
-        task.cancel()
-    if task.done() and not task.cancelled():
-        return task.result()
-    await asyncio.wait([task])  # let the cancellation run through the rewards
-    timer.code = "499"  # nobody reads the answer
-    return Response(status_code=499)
-
-
-class BodyLimit:
-    """Refuse bodies over `limit` bytes with 413, before they are read into memory whole.
-
-    Routes in `exempt` bound their own bodies (a weight upload is as large as the model)."""
-
-    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
-        self.app, self.limit, self.exempt = app, limit, exempt
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt:
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                # FastAPI passes HTTPException through its body parsing untouched (anything else
-                # becomes a generic 400), and the handler below gives it the protocol's shape.
-                raise StarletteHTTPException(413, f"the request body is over the limit of {self.limit} bytes")
-            return message
-
-        await self.app(scope, counted, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = _error(413, ErrorType.payload_too_large, f"the request body is over the limit of {self.limit} bytes")
-        await response(scope, receive, send)
+def _too_large(message: str) -> JSONResponse:
+    """`BodyLimit`'s refusal, in this service's shape."""
+    return _error(413, ErrorType.payload_too_large, message)
 
 
 def _refusal(status: int, message: str) -> JSONResponse:
@@ -126,7 +73,7 @@ def create_app(service: RewardService, keys: ApiKeys | None = None,
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s else None
-        return _error(exc.http_status, exc.type, exc.message, headers)
+        return _error(exc.status, error_type(exc), exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -145,13 +92,13 @@ def create_app(service: RewardService, keys: ApiKeys | None = None,
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=ERRORS, dependencies=[scope("score")])
     async def score(req: ScoreRequest, request: Request) -> ScoreResponse | Response:
-        with Timer(service.metrics, "/v1/score", req.reward) as timer:
-            return await _unless_disconnected(request, service.score(req), timer)
+        with Timer(service.metrics, "/v1/score", service.metrics.reward_label(req.reward)) as timer:
+            return await unless_disconnected(request, service.score(req), timer)
 
     @app.post("/v1/compare", response_model=CompareResponse, responses=ERRORS, dependencies=[scope("score")])
     async def compare(req: CompareRequest, request: Request) -> CompareResponse | Response:
-        with Timer(service.metrics, "/v1/compare", req.reward) as timer:
-            return await _unless_disconnected(request, service.compare(req), timer)
+        with Timer(service.metrics, "/v1/compare", service.metrics.reward_label(req.reward)) as timer:
+            return await unless_disconnected(request, service.compare(req), timer)
 
     @app.get("/v1/rewards", response_model=RewardsResponse, responses=ERRORS, dependencies=[scope("score")])
     async def rewards() -> RewardsResponse:
@@ -164,6 +111,6 @@ def create_app(service: RewardService, keys: ApiKeys | None = None,
 
     add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
 
-    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes, refuse=_too_large)
     app.add_middleware(CrossSiteGuard, refuse=_refusal, hosts=hosts)  # outermost: before the body is counted
     return app

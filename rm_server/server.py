@@ -1,32 +1,33 @@
 """Run the reward service: HTTP (uvicorn) and gRPC on one event loop, over one RewardService.
 
 `RewardServer` is what `assay rm serve` and `python -m assay.rm_server` run; `BackgroundServer` runs
-the same thing on a thread of its own, for tests and benchmarks in one process. The connection
-bounds and the drain on shutdown are `assay.serve`'s; `error_reply` gives them this protocol's
-error body (503 `not_ready` with Retry-After, while draining or over the connection cap).
+the same thing on a thread of its own, for tests and benchmarks in one process. Binding, the
+connection bounds, the start order and the drain on shutdown are the base's (`assay.base.server`,
+`assay.base.serve`); this module says what is the reward service's: its app, its gRPC server, and
+`error_reply`, this protocol's error body for the runtime's refusals (503 `not_ready` with
+Retry-After, while draining or over the connection cap).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+import grpc
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from assay import serve as runtime
-from assay.connections import Connections
-from assay.http_guard import allowed_hosts
-from assay.serve import HttpListener, InsecureBinding, serve_until_signal, settle_after_loading
-from assay.rm_server.auth import ApiKeys, is_loopback
+from assay.base import serve as runtime
+from assay.base.auth import ENV_VAR, SCOPES
+from assay.base.connections import Connections
+from assay.base.serve import serve_until_signal
+from assay.base.server import ServiceServer, keys_for
 from assay.rm_server.http_api import create_app
 from assay.rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType
 from assay.rm_server.rewards import build_rewards
 from assay.rm_server.serving import Limits, RewardService
 from assay.rm_server.spec import load_spec
 
-log = logging.getLogger("rm_server")
 RETRY_AFTER_S = 1  # what a refused client is told while the server drains or is full
 
 
@@ -51,55 +52,25 @@ class ServerConfig:
     log_level: str = "warning"
 
 
-class RewardServer:
+class RewardServer(ServiceServer):
+    name = "reward service"
+
     def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        self.keys = ApiKeys.from_env(config.api_keys)
-        if not is_loopback(config.host) and not self.keys:
-            raise InsecureBinding(
-                f"refusing to serve on {config.host} without API keys: pass --api-key KEY:score "
-                "(or set ASSAY_API_KEYS), or bind 127.0.0.1"
-            )
-        spec = load_spec(config.spec)
-        self.service = RewardService(build_rewards(spec), config.limits)
-        self.http = HttpListener(config.host)
-        self.grpc_port: int | None = None
-        self._grpc = None
+        super().__init__(config, keys_for(config.host, config.api_keys, ENV_VAR, SCOPES))
+        self.config: ServerConfig = config
+        self.service = RewardService(build_rewards(load_spec(config.spec)), config.limits)
 
-    @property
-    def http_url(self) -> str:
-        return self.http.url
+    def create_app(self) -> FastAPI:
+        return create_app(self.service, self.keys, self.hosts)
 
-    @property
-    def grpc_target(self) -> str:
-        return f"{self.config.host}:{self.grpc_port}"
+    async def start_grpc(self) -> tuple[grpc.aio.Server, int]:
+        from assay.rm_server.grpc_api import start_grpc_server
 
-    async def start(self) -> None:
-        """Bind both ports (health answers at once, /ready once the models are loaded)."""
-        app = create_app(self.service, self.keys, allowed_hosts(self.config.host, self.config.allowed_hosts))
-        await self.http.start(app, self.config.port, self.config.log_level, error_reply, self.config.connections)
-        if self.config.grpc_port is not None:
-            from assay.rm_server.grpc_api import start_grpc_server
+        cfg = self.config
+        return await start_grpc_server(self.service, self.keys, cfg.host, cfg.grpc_port, cfg.limits)
 
-            try:
-                self._grpc, self.grpc_port = await start_grpc_server(
-                    self.service, self.keys, self.config.host, self.config.grpc_port, self.config.limits
-                )
-            except BaseException:
-                await self.http.stop()
-                raise
-        await self.service.start()
-        settle_after_loading()
-        log.info("reward service ready on %s (gRPC %s)", self.http_url, self.grpc_port)
-
-    async def wait(self) -> None:
-        """Until uvicorn exits (`stop`)."""
-        await self.http.wait()
-
-    async def stop(self) -> None:
-        """Drain (see `assay.serve`), then close the rewards."""
-        await runtime.drain(self.http, self._grpc, self.config.connections.drain_timeout_s)
-        await self.service.close()
+    def error_reply(self, status: int, message: str) -> JSONResponse:
+        return error_reply(status, message)
 
 
 async def serve(config: ServerConfig) -> None:

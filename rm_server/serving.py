@@ -1,18 +1,18 @@
 """The serving layer: validate a request, run its reward, build the response.
 
 HTTP (`http_api.py`) and gRPC (`grpc_api.py`) both call `RewardService`, with the protocol
-models, so the two cannot drift apart. Request-level problems raise `errors.ServiceError`;
+models, so the two cannot drift apart. Request-level problems raise `assay.base.errors.ServiceError`;
 per-item problems become `ItemResult.error`. Metrics are recorded here, once for both.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from assay.rm_server.errors import LOADING_RETRY_AFTER_S, InvalidRequest, NotReady, ServiceError, UnknownReward
+from assay.base.errors import LOADING_RETRY_AFTER_S, InvalidRequest, NotReady
+from assay.rm_server.errors import UnknownReward
 from assay.rm_server.metrics import Metrics
 from assay.rm_server.protocol import (
     CompareRequest,
@@ -180,25 +180,3 @@ class RewardService:
         finally:
             DEADLINE.reset(token)
 
-
-class Timer:
-    """Records one request's latency and status code into the service's metrics.
-
-    `reward` is the client's text: it is labelled only when the server has that reward."""
-
-    def __init__(self, metrics: Metrics, route: str, reward: str) -> None:
-        self.metrics, self.route, self.reward = metrics, route, metrics.reward_label(reward)
-
-    def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        self.code = "200"
-        return self
-
-    def fail(self, exc: BaseException) -> None:
-        self.code = str(exc.http_status) if isinstance(exc, ServiceError) else "500"
-
-    def __exit__(self, *exc_info) -> None:
-        if exc_info[1] is not None and self.code == "200":
-            self.fail(exc_info[1])
-        self.metrics.latency.labels(self.route, self.reward).observe(time.perf_counter() - self.start)
-        self.metrics.requests.labels(self.route, self.reward, self.code).inc()

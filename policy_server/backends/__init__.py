@@ -1,12 +1,15 @@
 """The one interface the serving layer reaches a model through.
 
 A backend turns `GenerationRequest`s (token ids in, one sequence each) into `GenerationOutput`s.
-`generate` is a coroutine: the transformers backend queues the requests on a batcher whose
-worker thread runs the decode loop, a vLLM backend would hand them to its own async engine.
-Either way the event loop never waits on a forward pass, and cancelling the `generate` call
-(the client went away, the deadline passed) drops queued requests and aborts running ones.
+`generate` is a coroutine: the transformers backend (`hf.py`) queues the requests on the base's
+batcher, whose worker thread runs the decode loop; the vLLM backend (`vllm.py`) hands them to
+vLLM's own async engine. Either way the event loop never waits on a forward pass, and cancelling
+the `generate` call (the client went away, the deadline passed) drops queued requests and aborts
+running ones. What a backend refuses or fails at it says with the exceptions below (`Overloaded`,
+`InvalidParameters`, `GenerationFailed`), which `errors.backend_error` maps to the API's errors.
 
-No torch here: the serving layer imports this module.
+No torch here: the serving layer and the adapters import this module; the server imports `hf`
+(torch), and `vllm` only when that backend is chosen.
 """
 
 from __future__ import annotations

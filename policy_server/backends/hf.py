@@ -1,6 +1,6 @@
 """The transformers backend: dynamic batches, decoded with a KV cache on a worker thread.
 
-Concurrent requests meet in `rm_server.batcher.Batcher` (a bounded queue with a batch cap, a
+Concurrent requests meet in `assay.base.batcher.Batcher` (a bounded queue with a batch cap, a
 token budget and a wait deadline), whose worker thread runs `decode` on each batch: one
 left-padded prefill, then one cached forward step per token, as `assay.generation.sample_batch`
 does. What this loop adds to it, per sequence: its own sampling parameters and random generator
@@ -41,8 +41,8 @@ from assay.policy_server.backends import (
     Overloaded,
     ParamSpec,
 )
-from assay.rm_server import errors as rm_errors
-from assay.rm_server.batcher import Batcher
+from assay.base import errors as base_errors
+from assay.base.batcher import Batcher
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class HFBackend(GenerationBackend):
         jobs = [_Job(r, threading.Event()) for r in requests]
         try:
             futures = self._batcher.submit(jobs, [len(r.prompt_ids) + r.max_tokens for r in requests])
-        except rm_errors.Overloaded as exc:
+        except base_errors.Overloaded as exc:
             waiting = self._batcher.depth()
             raise Overloaded(f"model {self.name!r} has {waiting} sequences waiting", exc.retry_after_s) from None
         try:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from assay.rm_server.batcher import Batcher
-from assay.rm_server.errors import InvalidRequest
+from assay.base.batcher import Batcher
+from assay.base.errors import InvalidRequest
 from assay.rm_server.protocol import ErrorType, Granularity
 from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
 from assay.rm_server.spec import OutcomeModelSpec, ProcessModelSpec

@@ -9,15 +9,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from assay.policy_server import serving
+from assay.base.auth import ApiKeys
+from assay.policy_server import errors
 from assay.policy_server.backends.hf import BatchSettings
-from assay.policy_server.grpc_api import SERVICE, describe, generate_response_to_proto, start_grpc_server
+from assay.policy_server.grpc_api import SERVICE, describe, start_grpc_server
+from assay.policy_server.grpc_convert import generate_response_to_proto
 from assay.policy_server.protocol import CompletionResponse, ModelList
 from assay.policy_server.server import BackgroundServer, ServerConfig
 from assay.policy_server.serving import Limits, PolicyService
 from assay.proto.policy.v1 import policy_pb2 as pb
 from assay.proto.policy.v1 import policy_pb2_grpc
-from assay.rm_server.auth import ApiKeys
 from tests.helpers import LoopThread, grpc_served, wait_for
 
 pytestmark = pytest.mark.service
@@ -132,11 +133,11 @@ def test_bad_requests_get_the_right_status_and_a_clear_message(stub, change, sta
 @pytest.mark.parametrize(
     ("error", "status"),
     [
-        (serving.Unauthenticated, Status.UNAUTHENTICATED),
-        (serving.PermissionDenied, Status.PERMISSION_DENIED),
-        (serving.QueueFull, Status.RESOURCE_EXHAUSTED),
-        (serving.DeadlineExceeded, Status.DEADLINE_EXCEEDED),
-        (serving.NotReady, Status.UNAVAILABLE),
+        (errors.Unauthenticated, Status.UNAUTHENTICATED),
+        (errors.PermissionDenied, Status.PERMISSION_DENIED),
+        (errors.QueueFull, Status.RESOURCE_EXHAUSTED),
+        (errors.DeadlineExceeded, Status.DEADLINE_EXCEEDED),
+        (errors.NotReady, Status.UNAVAILABLE),
     ],
 )
 def test_every_api_error_maps_to_its_status(error, status):

@@ -22,13 +22,13 @@ import pytest
 from safetensors.torch import save
 
 from assay.checkpoints import EMBEDDED, load_embedded
-from assay.http_guard import allowed_hosts
+from assay.base.http_guard import allowed_hosts
 from assay.policy_server.server import BackgroundServer as PolicyBackground
 from assay.policy_server.server import PolicyServer
 from assay.policy_server.server import ServerConfig as PolicyConfig
 from assay.proto.policy.v1 import policy_pb2
 from assay.proto.reward.v1 import reward_pb2
-from assay.rm_server.auth import MIN_KEY_LENGTH, ApiKeys
+from assay.base.auth import MIN_KEY_LENGTH, ApiKeys
 from assay.rm_server.server import BackgroundServer as RewardBackground
 from assay.rm_server.server import RewardServer
 from assay.rm_server.server import ServerConfig as RewardConfig

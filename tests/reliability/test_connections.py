@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from assay.connections import Connections
+from assay.base.connections import Connections
 from assay.services import free_port
 from assay.rm_server.protocol import ErrorResponse, ErrorType
 from assay.rm_server.server import BackgroundServer, ServerConfig

@@ -3,10 +3,13 @@ auth, health and reflection. Plus the conversion functions and the generated cod
 
 from __future__ import annotations
 
+import asyncio
 import math
 import queue
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +26,7 @@ from assay.proto.generate import CONTRACTS
 from assay.proto.reward.v1 import reward_pb2 as pb
 from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server import grpc_convert as convert
-from assay.rm_server.auth import ApiKeys
+from assay.base.auth import ApiKeys
 from assay.rm_server.grpc_api import SERVICE, _within_deadline, start_grpc_server
 from assay.rm_server.protocol import (
     CompareItem,
@@ -339,10 +342,28 @@ class Boom(Reward):
         raise RuntimeError("secret internal state")
 
 
+class Hang(Reward):
+    """Scores nothing until its call is cancelled, and says when it started and when it was cancelled."""
+
+    type = "test.hang"
+
+    def __init__(self, name: str, reward_id: str) -> None:
+        super().__init__(name, reward_id)
+        self.started, self.cancelled = threading.Event(), threading.Event()
+
+    async def score(self, items, granularity):
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
 @contextmanager
-def bare_server() -> Iterator[tuple[LoopThread, RewardService, grpc.Channel]]:
+def bare_server(rewards: dict[str, Reward] | None = None) -> Iterator[tuple[LoopThread, RewardService, grpc.Channel]]:
     """Only the gRPC server, over a RewardService that the test starts when it wants."""
-    service = RewardService({"boom": Boom("boom", "sha256:boom")})
+    service = RewardService(rewards or {"boom": Boom("boom", "sha256:boom")})
     with LoopThread() as loop, grpc_served(loop, start_grpc_server(service, ApiKeys(), "127.0.0.1", 0, Limits())) as ch:
         yield loop, service, ch
 
@@ -375,6 +396,25 @@ def test_unexpected_errors_are_internal_without_details():
         (answer,) = boom.ScoreStream(iter([pb.ScoreStreamRequest(request_id="x", request=req)]), timeout=10)
         assert answer.request_id == "x" and answer.error.type == pb.ERROR_TYPE_INTERNAL
         assert "secret" not in answer.error.message
+
+
+def test_a_call_the_client_cancels_is_counted_499():
+    """The base's one Timer: a request cancelled under it is recorded 499 (nobody reads the answer),
+    as on the policy service, not 500 (a bug); the reward's work is cancelled with it."""
+    hang = Hang("hang", "sha256:hang")
+    with bare_server({"hang": hang}) as (loop, service, channel):
+        loop.run(service.start())
+        req = convert.score_request_to_proto(ScoreRequest(reward="hang", items=items(RIGHT)))
+        call = reward_pb2_grpc.RewardServiceStub(channel).Score.future(req, timeout=60)
+        assert hang.started.wait(30), "the call never reached the reward"
+        assert call.cancel()
+        assert hang.cancelled.wait(30), "the cancelled call's work went on"
+        count = lambda code: service.metrics.registry.get_sample_value(  # noqa: E731
+            "assay_rm_requests_total", {"route": "grpc/Score", "reward": "hang", "code": code})  # fmt: skip
+        deadline = time.monotonic() + 30
+        while count("499") is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the handler records it as it unwinds, just after the reward's cancellation
+        assert count("499") == 1 and count("500") is None
 
 
 # --- health and reflection -------------------------------------------------------------------

@@ -250,7 +250,8 @@ def test_deadline_keeps_the_scores_already_computed(held_orm):
 
 @pytest.mark.unit
 def test_binding_beyond_loopback_without_keys_is_refused():
-    from assay.rm_server.server import InsecureBinding, RewardServer
+    from assay.base.serve import InsecureBinding
+    from assay.rm_server.server import RewardServer
 
     with pytest.raises(InsecureBinding, match="API keys"):
         RewardServer(ServerConfig(host="0.0.0.0", port=0, grpc_port=None))

@@ -1,5 +1,5 @@
 """The bounds on clients' HTTP connections and the drain on shutdown: the settings, light to import
-(the CLIs take their defaults from here). What enforces them is `assay.http_bounds` and `assay.serve`.
+(the CLIs take their defaults from here). What enforces them is `assay.base.http_bounds` and `assay.base.serve`.
 """
 
 from __future__ import annotations

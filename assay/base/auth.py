@@ -1,10 +1,10 @@
-"""API keys with scopes.
+"""API keys with scopes, for both services.
 
-Keys are given as `KEY:scope[,scope]` (scopes: score, admin; admin implies score), on the
-command line (`--api-key`, repeatable) or in ASSAY_API_KEYS separated by spaces. Only sha256
+Keys are given as `KEY:scope[,scope]` (the reward service's scopes: score, admin; admin implies score),
+on the command line (`--api-key`, repeatable) or in ASSAY_API_KEYS separated by spaces. Only sha256
 digests are kept in memory, compared in constant time. A key has at least `MIN_KEY_LENGTH`
 characters. With no keys every route is open, which the server allows only on a loopback address
-(where `assay.http_guard` keeps web pages out).
+(where `assay.base.http_guard` keeps web pages out).
 
 Another service passes its own scope set and environment variable (the policy server:
 generate, admin in ASSAY_POLICY_API_KEYS); the first scope is a bare KEY's, admin implies all.
@@ -17,8 +17,7 @@ import hmac
 import os
 from collections.abc import Iterable
 
-from assay.http_guard import is_loopback  # noqa: F401  (where the servers have always imported it)
-from assay.rm_server.errors import PermissionDenied, Unauthenticated
+from assay.base.errors import PermissionDenied, Unauthenticated
 
 SCOPES = ("score", "admin")
 ENV_VAR = "ASSAY_API_KEYS"
@@ -54,7 +53,7 @@ class ApiKeys:
         return bool(self._scopes)
 
     def check(self, authorization: str | None, scope: str) -> None:
-        """Raise Unauthenticated / PermissionDenied unless the bearer key holds `scope`."""
+        """Raise `errors.Unauthenticated` / `errors.PermissionDenied` unless the bearer key holds `scope`."""
         if not self._scopes:
             return
         if not authorization or not authorization.lower().startswith("bearer "):

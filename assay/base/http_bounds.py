@@ -11,7 +11,8 @@ forever. Here, on top of uvicorn's httptools protocol (what uvicorn[standard] pi
   closed (408 when part of a request had come);
 - **idle**: between requests uvicorn's keep-alive timeout (`idle_timeout_s`) closes it;
 - **body**: `BodyTimeout` answers 408 in the service's error shape when a request's body is not
-  all read within `body_timeout_s` of its headers (a weight upload counts too).
+  all read within `body_timeout_s` of its headers (a weight upload counts too), and `BodyLimit`
+  answers 413 to a body over the service's `max_body_bytes`, before it is read whole.
 
 Not covered: the time a client takes to read a response (the kernel's buffers and TCP's own
 timeouts bound that), and HTTP/2 (not served).
@@ -20,6 +21,7 @@ timeouts bound that), and HTTP/2 (not served).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from http import HTTPStatus
 
 from starlette.exceptions import HTTPException
@@ -27,7 +29,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from assay.connections import Connections
+from assay.base.connections import Connections
 
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
@@ -146,3 +148,36 @@ class BodyTimeout:
 
     def _too_slow(self) -> HTTPException:
         return HTTPException(408, f"the request body did not arrive within {self.timeout_s:g}s")
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes gets 413, before it is read into memory whole.
+
+    A declared Content-Length over the limit is answered at once with `refuse(message)`, the
+    service's error shape; a body that outgrows the limit while streaming raises Starlette's
+    HTTPException(413) from `receive` (FastAPI passes it through its body parsing untouched, where
+    anything else would become a generic 400), which the service's own handler answers. Routes in
+    `exempt` bound their own bodies (a weight upload is as large as the model)."""
+
+    def __init__(self, app: ASGIApp, limit: int, refuse: Callable[[str], Response],
+                 exempt: tuple[str, ...] = ()) -> None:  # fmt: skip
+        self.app, self.limit, self.refuse, self.exempt = app, limit, refuse, exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt:
+            return await self.app(scope, receive, send)
+        too_large = f"the request body is over the limit of {self.limit} bytes"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(too_large)(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, counted, send)

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from assay.rm_server.batcher import Batcher, BatchTimes
-from assay.rm_server.errors import InvalidRequest, Overloaded
+from assay.base.batcher import Batcher, BatchTimes
+from assay.base.errors import InvalidRequest, Overloaded
 
 pytestmark = pytest.mark.unit
 

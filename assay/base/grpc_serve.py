@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
-from assay.serve import PortInUse, check_port_free
+from assay.base.serve import PortInUse, check_port_free
 
 log = logging.getLogger("assay.grpc")
 
@@ -67,7 +67,7 @@ def invalid_argument(exc: ValidationError, error_type: str) -> Failure:
 
 def internal(exc: Exception, error_type: str) -> Failure:
     """A bug: INTERNAL with a short message; the traceback goes to the log (once per site, see
-    `assay.logs`), never to the client."""
+    `assay.base.logs`), never to the client."""
     log.error("unexpected error in a gRPC call", exc_info=exc)
     message = f"internal error ({type(exc).__name__}); the server log has the details"
     return Failure(grpc.StatusCode.INTERNAL, error_type, message)

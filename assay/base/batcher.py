@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from assay.rm_server.errors import InvalidRequest, Overloaded
+from assay.base.errors import InvalidRequest, Overloaded
 
 P = TypeVar("P")
 R = TypeVar("R")

@@ -1,4 +1,4 @@
-"""The servers' shared runtime (assay.serve, assay.grpc_serve, assay.logs) against the real reward
+"""The servers' shared runtime (assay.base.serve, assay.base.grpc_serve, assay.base.logs) against the real reward
 server on loopback: busy ports, malformed gRPC messages, what an unexpected error answers and logs.
 
 Timing bounds (timeouts, the drain) are the reliability suite's (tests/reliability)."""
@@ -16,9 +16,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from assay.connections import Connections
-from assay.logs import OneTracebackPerSite
-from assay.serve import BackgroundServer, HttpListener, PortInUse
+from assay.base.connections import Connections
+from assay.base.logs import OneTracebackPerSite
+from assay.base.serve import BackgroundServer, HttpListener, PortInUse
 from assay.rm_server.protocol import ErrorResponse, ErrorType
 from assay.rm_server.server import BackgroundServer as RewardBackgroundServer
 from assay.rm_server.server import RewardServer, ServerConfig, error_reply
@@ -97,7 +97,7 @@ def test_a_malformed_message_in_a_stream_gets_invalid_argument(server):
 @pytest.mark.unit
 def test_the_policy_service_refuses_malformed_bytes_the_same_way():
     from assay.policy_server.grpc_api import describe
-    from assay.grpc_serve import MalformedMessage
+    from assay.base.grpc_serve import MalformedMessage
 
     failure = describe(MalformedMessage("the request message does not parse"))
     assert failure.status == grpc.StatusCode.INVALID_ARGUMENT and failure.type == "invalid_request_error"

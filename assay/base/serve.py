@@ -12,7 +12,7 @@ through grpc.aio's own `stop(grace)`: new calls are refused and calls cut off ge
 Nothing is ever answered with uvicorn's bare text/plain 500.
 
 The HTTP edge's last layer (`Gate`) also catches what escapes the app: it logs one line (see
-`assay.logs` for the traceback, once per site) and answers 500 in the service's shape.
+`assay.base.logs` for the traceback, once per site) and answers 500 in the service's shape.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response  # at mo
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from assay.connections import Connections
-from assay.http_bounds import BodyTimeout, GuardedHttp, raw_response
-from assay.logs import quiet_tracebacks
+from assay.base.connections import Connections
+from assay.base.http_bounds import BodyTimeout, GuardedHttp, raw_response
+from assay.base.logs import quiet_tracebacks
 
-log = logging.getLogger("assay.serve")
+log = logging.getLogger("assay.base.serve")
 
 ErrorReply = Callable[[int, str], Response]
 """The service's error answer for a status and message, in its protocol's shape (503: with Retry-After)."""

@@ -1,0 +1,135 @@
+"""One service's listeners, HTTP and gRPC on one event loop: the runtime both servers share.
+
+`ServiceServer` is what `RewardServer` and `PolicyServer` are, less what differs between them:
+a subclass builds its serving layer (`service`) in `__init__` and says how to make its FastAPI
+app (`create_app`), how to start its gRPC server (`start_grpc`), how it answers the runtime's own
+refusals (`error_reply`: 503 while draining or over the connection cap, 500 for a bug) and, when
+it holds more than its service, what to close after it (`close`). From those this class:
+
+- refuses to bind beyond loopback without API keys (`keys_for`);
+- binds HTTP (health answers at once, /ready once the models are loaded), then gRPC when the
+  config has a `grpc_port` (a failed gRPC start closes HTTP again), then starts the service;
+- on `stop` drains both listeners side by side (`assay.base.serve.drain`), then closes.
+
+The config is read by its field names only (`Listening`), so each service keeps its own config class.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Protocol
+
+import grpc
+from fastapi import FastAPI
+from fastapi.responses import Response
+
+from assay.base.auth import ApiKeys
+from assay.base.connections import Connections
+from assay.base.http_guard import allowed_hosts, is_loopback
+from assay.base.serve import HttpListener, InsecureBinding, drain, settle_after_loading
+
+log = logging.getLogger(__name__)
+
+
+class Listening(Protocol):
+    """What the runtime reads of a service's config (read-only, as the frozen config dataclasses are)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...  # 0 picks a free port
+    @property
+    def grpc_port(self) -> int | None: ...  # None: no gRPC; 0 picks a free port
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]: ...
+    @property
+    def connections(self) -> Connections: ...
+    @property
+    def log_level(self) -> str: ...
+
+
+class Service(Protocol):
+    """What the runtime needs of a serving layer: `ready` once loaded, `start` loads, `close` frees."""
+
+    ready: bool
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+def keys_for(host: str, entries: Iterable[str], env_var: str, scopes: tuple[str, ...]) -> ApiKeys:
+    """The keys from `entries` and `env_var`; InsecureBinding when there are none and `host` is not loopback."""
+    keys = ApiKeys.from_env(entries, env_var=env_var, scopes=scopes)
+    if not is_loopback(host) and not keys:
+        raise InsecureBinding(
+            f"refusing to serve on {host} without API keys: pass --api-key KEY:{scopes[0]} "
+            f"(or set {env_var}), or bind 127.0.0.1"
+        )
+    return keys
+
+
+class ServiceServer(ABC):
+    """A service's HTTP and gRPC listeners over its serving layer; subclasses fill in the hooks below."""
+
+    service: Service
+    name = "service"  # for the log: "reward service ready on ..."
+
+    def __init__(self, config: Listening, keys: ApiKeys) -> None:
+        self.config, self.keys = config, keys
+        self.hosts = allowed_hosts(config.host, config.allowed_hosts)  # the Host names HTTP answers
+        self.http = HttpListener(config.host)
+        self.grpc_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+
+    # --- what each service says ----------------------------------------------------------
+
+    @abstractmethod
+    def create_app(self) -> FastAPI:
+        """The service's HTTP app (its routes, its error handlers, the guards)."""
+
+    @abstractmethod
+    async def start_grpc(self) -> tuple[grpc.aio.Server, int]:
+        """Start the gRPC server on `config.grpc_port`; returns it and its bound port."""
+
+    @abstractmethod
+    def error_reply(self, status: int, message: str) -> Response:
+        """This protocol's answer for the runtime's own refusals (503 retryable, 500)."""
+
+    async def close(self) -> None:
+        """After the drain: free what the server holds (the service's models, by default)."""
+        await self.service.close()
+
+    # --- the runtime ---------------------------------------------------------------------
+
+    @property
+    def http_url(self) -> str:
+        return self.http.url
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.config.host}:{self.grpc_port}"
+
+    async def start(self) -> None:
+        """Bind both ports (health answers at once, /ready once the models are loaded)."""
+        cfg = self.config
+        await self.http.start(self.create_app(), cfg.port, cfg.log_level, self.error_reply, cfg.connections)
+        if cfg.grpc_port is not None:
+            try:
+                self._grpc, self.grpc_port = await self.start_grpc()
+            except BaseException:
+                await self.http.stop()
+                raise
+        await self.service.start()
+        settle_after_loading()
+        log.info("%s ready on %s (gRPC %s)", self.name, self.http_url, self.grpc_port)
+
+    async def wait(self) -> None:
+        """Until uvicorn exits (`stop`)."""
+        await self.http.wait()
+
+    async def stop(self) -> None:
+        """Drain (see `assay.base.serve`), then close."""
+        await drain(self.http, self._grpc, self.config.connections.drain_timeout_s)
+        await self.close()
