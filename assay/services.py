@@ -130,10 +130,10 @@ class LocalServices:
         workdir = tempfile.TemporaryDirectory(prefix="assay-services-")
         tmp = Path(workdir.name)
         rm_port, policy_port = free_port(), free_port()
-        rm_grpc_port = free_port() if rm_grpc else -1
+        rm_grpc_port = str(free_port()) if rm_grpc else "none"
         spec = spec_for_policy_port(policy_port, tmp)
         env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads)}
-        rm = _launch("rm_server", ["--port", str(rm_port), "--grpc-port", str(rm_grpc_port), "--spec", str(spec),
+        rm = _launch("rm_server", ["--port", str(rm_port), "--grpc-port", rm_grpc_port, "--spec", str(spec),
                                    "--log-level", "warning", *rm_args], tmp, env)  # fmt: skip
         if rm_grpc:
             rm.grpc_target = f"127.0.0.1:{rm_grpc_port}"

@@ -51,7 +51,8 @@ async def run(prompts: int, repeats: int, want_vllm: bool) -> None:
     from assay.arith import world
     from assay.checkpoints import EMBEDDED, load_model
     from assay.policy_server.backends import GenerationRequest
-    from assay.policy_server.backends.hf import BatchSettings, HFBackend
+    from assay.policy_server.backends.hf import HFBackend
+    from assay.policy_server.config import BatchSettings
 
     torch.set_num_threads(1)
     path = EMBEDDED["policy"][1]

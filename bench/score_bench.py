@@ -170,8 +170,8 @@ def spawned(cmd: list[str], url: str, plan: Plan, log: Path, env: dict[str, str]
         _stop(proc)
 
 
-def assay_args(spec: Path, port: int, grpc_port: int) -> list[str]:
-    return ["--spec", str(spec), "--port", str(port), "--grpc-port", str(grpc_port), "--log-level", "warning"]
+def assay_args(spec: Path, port: int, grpc_port: int | None) -> list[str]:
+    return ["--spec", str(spec), "--port", str(port), "--grpc-port", str(grpc_port).lower(), "--log-level", "warning"]
 
 
 def write_spec(folder: Path, plan: Plan) -> Path:
@@ -251,7 +251,7 @@ def profile_server(items, plan: Plan, folder: Path, spec: Path, rates: dict[int,
     for stub in (False, True):
         port, out = _free_port(), folder / f"server-{stub}"
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-c", PROFILED_SERVER, str(out), *assay_args(spec, port, -1)]
+        cmd = [sys.executable, "-c", PROFILED_SERVER, str(out), *assay_args(spec, port, None)]
         env = {"BENCH_STUB_MODEL": "1"} if stub else {}
         with spawned(cmd, url, plan, folder / "profiled.log", env) as proc:
             edge = lambda e, pid=proc.pid: os.kill(pid, signal.SIGUSR1 if e == "begin" else signal.SIGUSR2)
@@ -288,7 +288,7 @@ def sweep(items, plan: Plan, folder: Path) -> None:
             tuned = replace(plan, max_wait_ms=wait, max_batch_items=max_items, repeats=1)
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
-            cmd = [sys.executable, "-m", "assay.rm_server", *assay_args(write_spec(folder, tuned), port, -1)]
+            cmd = [sys.executable, "-m", "assay.rm_server", *assay_args(write_spec(folder, tuned), port, None)]
             with spawned(cmd, url, tuned, folder / "sweep.log") as proc:
                 w = measure("http", url, tuned, items, proc.pid, metrics_url=url)
             table.add_row(f"{wait:g}", str(max_items), f"{w.items_s:.0f}", f"{w.pct(.5):.1f}", f"{w.pct(.99):.1f}",

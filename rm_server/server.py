@@ -10,22 +10,19 @@ Retry-After, while draining or over the connection cap).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import grpc
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from assay.base import serve as runtime
-from assay.base.auth import ENV_VAR, SCOPES
-from assay.base.connections import Connections
+from assay.base.auth import SCOPES, ApiKeys
 from assay.base.serve import serve_until_signal
-from assay.base.server import ServiceServer, keys_for
+from assay.base.server import ServiceServer
+from assay.rm_server.config import ServerConfig
 from assay.rm_server.http_api import create_app
 from assay.rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType
 from assay.rm_server.rewards import build_rewards
-from assay.rm_server.serving import Limits, RewardService
+from assay.rm_server.serving import RewardService
 from assay.rm_server.spec import load_spec
 
 RETRY_AFTER_S = 1  # what a refused client is told while the server drains or is full
@@ -39,24 +36,11 @@ def error_reply(status: int, message: str) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    spec: Path | None = None  # None: the embedded arithmetic world's rewards
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0 picks a free port
-    grpc_port: int | None = 50051  # None: no gRPC; 0 picks a free port
-    api_keys: tuple[str, ...] = ()  # KEY:scope[,scope]; ASSAY_API_KEYS adds more
-    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback's (beyond loopback: none means any)
-    limits: Limits = field(default_factory=Limits)
-    connections: Connections = field(default_factory=Connections)  # caps, timeouts, the drain
-    log_level: str = "warning"
-
-
 class RewardServer(ServiceServer):
     name = "reward service"
 
     def __init__(self, config: ServerConfig) -> None:
-        super().__init__(config, keys_for(config.host, config.api_keys, ENV_VAR, SCOPES))
+        super().__init__(config, ApiKeys.from_env(config.api_keys, env_var=config.keys_env_var, scopes=SCOPES))
         self.config: ServerConfig = config
         self.service = RewardService(build_rewards(load_spec(config.spec)), config.limits)
 

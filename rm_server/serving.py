@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from assay.base.errors import LOADING_RETRY_AFTER_S, InvalidRequest, NotReady
 from assay.rm_server.errors import UnknownReward
+from assay.rm_server.config import Limits
 from assay.rm_server.metrics import Metrics
 from assay.rm_server.protocol import (
     CompareRequest,
@@ -30,17 +30,6 @@ from assay.rm_server.protocol import (
 )
 from assay.rm_server.rewards import Item, ItemFailure, Reward
 from assay.rm_server.rewards.base import DEADLINE
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for. The HTTP body limit is enforced before JSON parsing."""
-
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_items: int = 1024
-    max_item_chars: int = 64 * 1024
-    default_timeout_s: float = 60.0
-    max_timeout_s: float = 600.0
 
 
 class RewardService:

@@ -23,7 +23,6 @@ browser's reach and has none of this.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -33,6 +32,8 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from assay.base.connections import is_loopback
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -52,15 +53,6 @@ def allowed_hosts(bind_host: str, configured: Iterable[str] = ()) -> tuple[str, 
     if is_loopback(bind_host):
         return (*LOOPBACK_HOSTS, *names)
     return names or None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _normal(host: str) -> str:

@@ -52,10 +52,6 @@ class Server(Protocol):
 S = TypeVar("S", bound=Server)
 
 
-class InsecureBinding(ValueError):
-    """Binding beyond loopback with no API keys configured."""
-
-
 class PortInUse(OSError):
     """The port to serve on is taken; the message is one sentence naming it."""
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
 from typing import Protocol
 
 import grpc
@@ -27,8 +26,8 @@ from fastapi.responses import Response
 
 from assay.base.auth import ApiKeys
 from assay.base.connections import Connections
-from assay.base.http_guard import allowed_hosts, is_loopback
-from assay.base.serve import HttpListener, InsecureBinding, drain, settle_after_loading
+from assay.base.http_guard import allowed_hosts
+from assay.base.serve import HttpListener, drain, settle_after_loading
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +56,6 @@ class Service(Protocol):
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
-
-
-def keys_for(host: str, entries: Iterable[str], env_var: str, scopes: tuple[str, ...]) -> ApiKeys:
-    """The keys from `entries` and `env_var`; InsecureBinding when there are none and `host` is not loopback."""
-    keys = ApiKeys.from_env(entries, env_var=env_var, scopes=scopes)
-    if not is_loopback(host) and not keys:
-        raise InsecureBinding(
-            f"refusing to serve on {host} without API keys: pass --api-key KEY:{scopes[0]} "
-            f"(or set {env_var}), or bind 127.0.0.1"
-        )
-    return keys
 
 
 class ServiceServer(ABC):

@@ -43,18 +43,9 @@ from assay.policy_server.backends import (
 )
 from assay.base import errors as base_errors
 from assay.base.batcher import Batcher
+from assay.policy_server.config import BatchSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """How the batcher packs sequences into one decode loop."""
-
-    max_sequences: int = 64  # sequences per batch
-    max_tokens: int = 64 * 256  # prompt + max_tokens, summed over a batch
-    max_wait_s: float = 0.005  # how long the oldest sequence waits for company
-    max_queue: int = 4096  # sequences waiting; beyond this requests get 429
 
 
 @dataclass

@@ -15,7 +15,7 @@ from assay.policy_server.backends.hf import BatchSettings
 from assay.policy_server.protocol import CompletionResponse, ErrorResponse
 from assay.policy_server.server import BackgroundServer, PolicyServer, ServerConfig
 from assay.policy_server.serving import Limits
-from assay.base.serve import InsecureBinding
+from assay.base.connections import InsecureBinding
 
 pytestmark = pytest.mark.service
 

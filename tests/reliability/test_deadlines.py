@@ -141,7 +141,7 @@ def test_model_items_whose_caller_gave_up_leave_the_queue_unrun(server):
 def test_sigterm_with_hostile_work_running_exits_promptly(spec):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", str(port), "--grpc-port", "-1",
+        [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", str(port), "--grpc-port", "none",
          "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.unit
 def test_server_subprocess_serves_the_embedded_rewards_and_stops_cleanly():
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "assay.rm_server", "--port", str(port), "--grpc-port", "-1", "--log-level", "warning"],
+        [sys.executable, "-m", "assay.rm_server", "--port", str(port), "--grpc-port", "none", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -46,7 +46,7 @@ def test_server_subprocess_serves_the_embedded_rewards_and_stops_cleanly():
 def test_serving_beyond_loopback_without_keys_exits_with_a_message():
     env = {**os.environ, "ASSAY_API_KEYS": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "assay.rm_server", "--host", "0.0.0.0", "--port", str(free_port()), "--grpc-port", "-1"],
+        [sys.executable, "-m", "assay.rm_server", "--host", "0.0.0.0", "--port", str(free_port()), "--grpc-port", "none"],
         capture_output=True, text=True, timeout=60, env=env,
     )
     assert proc.returncode == 2
@@ -57,7 +57,7 @@ def test_a_bad_spec_exits_with_the_reason(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text("rewards:\n  x: {type: rule.regex}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", "0", "--grpc-port", "-1"],
+        [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", "0", "--grpc-port", "none"],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "pattern" in proc.stderr + proc.stdout

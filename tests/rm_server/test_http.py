@@ -250,7 +250,7 @@ def test_deadline_keeps_the_scores_already_computed(held_orm):
 
 @pytest.mark.unit
 def test_binding_beyond_loopback_without_keys_is_refused():
-    from assay.base.serve import InsecureBinding
+    from assay.base.connections import InsecureBinding
     from assay.rm_server.server import RewardServer
 
     with pytest.raises(InsecureBinding, match="API keys"):

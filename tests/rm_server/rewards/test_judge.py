@@ -371,7 +371,7 @@ def test_the_reward_service_with_a_refused_judge_key_exits_naming_the_judge(keye
         "mode: yes_prob, api_key_env: ASSAY_TEST_JUDGE_KEY}\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", str(free_port()), "--grpc-port", "-1"],
+        [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", str(free_port()), "--grpc-port", "none"],
         env={**os.environ, "ASSAY_TEST_JUDGE_KEY": "wrong-key"}, capture_output=True, text=True, timeout=120,
     )
     said = " ".join((done.stdout + done.stderr).split())  # the console wraps long lines

@@ -1,0 +1,64 @@
+"""The `assay` command line stays cheap: help and refusals answer before torch, transformers or fastapi load.
+
+Each case runs the real command in a fresh interpreter (`assay.cli.app`, as `assay ...` does) and
+reports its exit status, its output and which heavy modules it imported by then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "transformers", "fastapi", "uvicorn")
+RUN = f"""
+import contextlib, io, json, sys
+out = io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    try:
+        from assay.cli import app
+        app(sys.argv[1:], prog_name="assay")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+print(json.dumps({{"code": code, "output": out.getvalue(), "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+
+
+def assay(*args: str) -> dict:
+    env = {**os.environ, "ASSAY_API_KEYS": "", "ASSAY_POLICY_API_KEYS": "", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", RUN, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("args, shown", [
+    (["--help"], "rm"),
+    (["rm", "serve", "--help"], "--max-items"),
+    (["policy", "serve", "--help"], "--max-batch"),
+])  # fmt: skip
+def test_help_imports_no_server_stack(args, shown):
+    result = assay(*args)
+    assert result["code"] == 0 and shown in result["output"], result
+    assert result["heavy"] == []
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["policy", "serve", "--backend", "nope"], "use one of transformers, vllm"),
+    (["policy", "serve", "--model", "/nonexistent/absent"], "no such checkpoint directory"),
+    (["policy", "serve", "--weights-dir", "/nonexistent/absent"], "--weights-dir /nonexistent/absent"),
+    (["policy", "serve", "--host", "0.0.0.0"], "without API keys: pass --api-key KEY:generate"),
+    (["policy", "serve", "--max-sequences", "64", "--max-queue", "32"], "lower max_sequences or raise max_queue"),
+    (["policy", "serve", "--log-level", "loud"], "unknown log level 'loud'"),
+    (["rm", "serve", "--host", "0.0.0.0"], "without API keys: pass --api-key KEY:score (or set ASSAY_API_KEYS)"),
+    (["rm", "serve", "--spec", "/nonexistent/absent.yaml"], "does not exist"),
+    (["rm", "serve", "--grpc-port", "70000"], "grpc_port must be a port number 0-65535"),
+    (["rm", "serve", "--max-items", "0"], "max_items must be at least 1"),
+])  # fmt: skip
+def test_refusals_answer_before_the_server_stack_is_imported(args, reason):
+    result = assay(*args)
+    assert result["code"] == 2 and reason in result["output"], result
+    assert result["heavy"] == []
