@@ -53,7 +53,6 @@ def test_cli_eval_json_prints_one_object():
     assert set(TARGETS) <= set(figures)
 
 
-@pytest.mark.slow  # a subprocess that imports torch before it refuses: ~10 s
 def test_cli_refuses_bad_options_without_a_traceback():
     out = subprocess.run(
         [sys.executable, "-m", "assay", "eval", "--samples", "4"], capture_output=True, text=True, timeout=120

@@ -47,7 +47,6 @@ def test_server_subprocess_serves_the_embedded_models_and_stops_cleanly():
     assert "Traceback" not in out
 
 
-@pytest.mark.slow  # a subprocess that imports torch before it refuses: ~10 s
 def test_serving_beyond_loopback_without_keys_exits_with_a_message():
     env = {**os.environ, "ASSAY_POLICY_API_KEYS": ""}
     proc = subprocess.run(
@@ -58,7 +57,6 @@ def test_serving_beyond_loopback_without_keys_exits_with_a_message():
     assert "without API keys" in proc.stderr + proc.stdout
 
 
-@pytest.mark.slow  # a subprocess that imports torch before it refuses: ~10 s
 def test_a_missing_checkpoint_exits_with_the_reason(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "assay.policy_server", "--model", str(tmp_path / "absent"), "--port", str(free_port())],
@@ -67,7 +65,6 @@ def test_a_missing_checkpoint_exits_with_the_reason(tmp_path):
     assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr + proc.stdout
 
 
-@pytest.mark.slow  # a subprocess that imports torch before it refuses: ~10 s
 def test_an_unknown_backend_exits_with_the_choices():
     proc = subprocess.run(
         [sys.executable, "-m", "assay.policy_server", "--backend", "tgi", "--port", str(free_port())],
@@ -76,7 +73,7 @@ def test_an_unknown_backend_exits_with_the_choices():
     assert proc.returncode == 2 and "use one of transformers, vllm" in proc.stderr + proc.stdout
 
 
-@pytest.mark.slow  # a subprocess that imports torch before it refuses: ~10 s
+@pytest.mark.slow  # a subprocess that loads the checkpoint to refuse it: ~9 s
 def test_a_classifier_checkpoint_as_the_model_exits_naming_the_missing_weights():
     orm = ARITH_DIR / "orm"
     proc = subprocess.run(

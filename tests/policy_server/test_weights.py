@@ -315,7 +315,6 @@ def test_loading_from_disk_is_off_without_a_weights_dir(server):
 
 
 @pytest.mark.unit
-@pytest.mark.slow  # a subprocess that imports torch before it refuses: ~10 s
 def test_the_cli_takes_weights_dirs_and_refuses_a_missing_one(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "assay.policy_server", "--help"], capture_output=True, text=True,
                            timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
