@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install run test reliability models eval clean
+.PHONY: install run test test-fast reliability models eval clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ TEST_WORKERS ?= 2
 test: install
 	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+# The quick loop: the unit tier (pure, in-process tests; tests/tiers.py), without what is marked slow.
+test-fast: install
+	$(PY) -m pytest -m "unit and not slow" $(PYTEST_ARGS)
 
 reliability: install
 	$(PY) -m pytest -m reliability tests/reliability $(PYTEST_ARGS)

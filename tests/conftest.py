@@ -1,10 +1,13 @@
-"""Shared fixtures: a tiny random Llama for fast unit tests, and the embedded checkpoints."""
+"""Shared fixtures: a tiny random Llama for fast unit tests, the embedded checkpoints, one torch
+thread; and the tier check (tests/tiers.py). Plain helpers live in tests/helpers.py."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from assay.arith.tokenizer import build_tokenizer
+from tests.helpers import torch_threads
+from tests.tiers import pytest_collection_modifyitems, pytest_runtest_setup  # noqa: F401  (hooks: found by name)
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +32,12 @@ def policy():
     from assay.checkpoints import load_embedded
 
     return load_embedded("policy")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread while a module runs, then torch's default again. Tiny models on many small
+    calls run faster on one thread, and far faster on a busy machine: with torch's default of one
+    thread per core, each served model's threads spin against each other and everything else."""
+    with torch_threads(1):
+        yield

@@ -1,5 +1,9 @@
+import pytest
+
 from assay.arith.checks import final_answer, is_correct, segments, step_labels
 from assay.arith.world import Problem
+
+pytestmark = pytest.mark.unit
 
 P = Problem((23, 45, 17), ("+", "-"))
 

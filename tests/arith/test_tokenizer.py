@@ -1,6 +1,9 @@
+import pytest
 from transformers import AutoTokenizer
 
 from assay.arith.tokenizer import BOS, EOS, build_tokenizer
+
+pytestmark = pytest.mark.unit
 
 
 def test_one_token_per_character_with_bos_and_exact_round_trip(tmp_path):

@@ -2,6 +2,8 @@ import pytest
 
 from assay.arith import world
 
+pytestmark = pytest.mark.unit
+
 
 def test_example_from_the_issue_has_the_documented_shape():
     p = world.Problem((23, 45, 17), ("+", "-"))

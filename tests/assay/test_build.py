@@ -1,11 +1,14 @@
 """The build pipeline end to end at toy scale: every stage runs, saves, reloads, and repeats exactly."""
 
+import pytest
 from safetensors.torch import load_file
 
 from assay.build import BuildConfig, build
 from assay.checkpoints import load_model
 from assay.trainer.reward_model import RMConfig
 from assay.trainer.sft import SFTConfig
+
+pytestmark = pytest.mark.unit
 
 MICRO = BuildConfig(
     hidden_size=32, layers=1, heads=2, intermediate_size=64,
@@ -18,6 +21,7 @@ MICRO = BuildConfig(
 KINDS = {"policy": "causal_lm", "orm": "sequence_classification", "prm": "token_classification", "verifier": "causal_lm"}
 
 
+@pytest.mark.slow  # trains all four toy checkpoints, twice
 def test_build_writes_four_loadable_checkpoints_deterministically(tmp_path):
     build(tmp_path / "a", MICRO, log=lambda _: None)
     build(tmp_path / "b", MICRO, log=lambda _: None)

@@ -11,6 +11,8 @@ from transformers import (
 
 from assay.checkpoints import EMBEDDED, CheckpointError, load_embedded, load_model
 
+pytestmark = pytest.mark.unit
+
 AUTO = {
     "causal_lm": AutoModelForCausalLM,
     "sequence_classification": AutoModelForSequenceClassification,

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 HEAVY = ("torch", "transformers", "fastapi", "uvicorn")
 RUN = f"""
 import contextlib, io, json, sys

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from assay.cli_options import build, config_options, options
 
+pytestmark = pytest.mark.unit
+
 
 @dataclass(frozen=True)
 class Bounds:

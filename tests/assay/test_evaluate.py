@@ -7,6 +7,8 @@ import pytest
 
 from assay.evaluate import TARGETS, EvalConfig, auroc, evaluate, meets_targets, pass_at_k
 
+pytestmark = pytest.mark.unit
+
 
 def test_pass_at_k_unbiased_estimator_by_hand():
     assert pass_at_k(4, 0, 1) == 0.0
@@ -30,6 +32,7 @@ def test_eval_config_needs_enough_samples_for_pass_at_64():
         EvalConfig(samples=16)
 
 
+@pytest.mark.slow  # the full `assay eval`: 51 s on a quiet machine
 def test_embedded_checkpoints_meet_the_targets_on_the_fixed_heldout_set():
     """The full `assay eval`: if a rebuild or a code change degrades a model, this fails."""
     figures = evaluate(EvalConfig())
@@ -39,6 +42,7 @@ def test_embedded_checkpoints_meet_the_targets_on_the_fixed_heldout_set():
     assert 0.5 < figures["prm_step_accuracy"] <= 1.0
 
 
+@pytest.mark.slow  # `assay eval` on 8 problems, in a subprocess
 def test_cli_eval_json_prints_one_object():
     out = subprocess.run(
         [sys.executable, "-m", "assay", "eval", "--json", "--problems", "8"],

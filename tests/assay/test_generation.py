@@ -3,6 +3,8 @@ import torch
 
 from assay.generation import GREEDY_BELOW, SamplingParams, _filter_logits, is_greedy, sample
 
+pytestmark = pytest.mark.unit
+
 
 def _teacher_forced_logprobs(model, tokenizer, prompt, token_ids):
     ids = tokenizer(prompt)["input_ids"] + token_ids

@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from assay.services import EMBEDDED_SPEC, spec_for_policy_port
 from assay.rm_server.spec import load_spec, reward_ids
+
+pytestmark = pytest.mark.e2e
 
 
 def test_assay_run_prints_every_strategy_and_stops_the_servers_cleanly():
@@ -28,6 +31,7 @@ def test_assay_run_prints_every_strategy_and_stops_the_servers_cleanly():
     assert "policy_server exit 0, rm_server exit 0" in text
 
 
+@pytest.mark.unit
 def test_the_spec_copy_moves_only_the_judge(tmp_path: Path):
     copy = spec_for_policy_port(8123, tmp_path)
     raw = yaml.safe_load(copy.read_text())

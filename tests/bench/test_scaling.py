@@ -14,6 +14,8 @@ import pytest
 
 from assay.search import Generation, GenParams, Score
 
+pytestmark = pytest.mark.unit
+
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "scaling.py"
 _spec = importlib.util.spec_from_file_location("bench_scaling", _PATH)
 scaling = importlib.util.module_from_spec(_spec)

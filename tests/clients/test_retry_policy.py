@@ -21,6 +21,8 @@ from assay.rm_server import grpc_api as rm_grpc
 from assay.rm_server import http_api as rm_http
 from assay.rm_server.serving import RewardService
 
+pytestmark = pytest.mark.unit
+
 
 class SimDeadline:
     """`Deadline`'s interface on a simulated clock."""

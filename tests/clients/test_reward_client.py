@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from assay.rm_server.protocol import ErrorType, ScoreItem, ScoreResponse
 from assay.rm_server.server import BackgroundServer
 from assay.rm_server.config import ServerConfig
 from assay.rm_server.config import Limits
+from assay.services import free_port
 from tests.clients.reward_doubles import (
     INTERNAL,
     INVALID,
@@ -55,6 +55,8 @@ from tests.clients.reward_doubles import (
     scripted_http,
     wrong_id,
 )
+
+pytestmark = pytest.mark.service
 
 PROMPT = "Q: 23+45-17 A: "
 RIGHT = "23+45=68 68-17=51 #### 51"
@@ -93,12 +95,6 @@ def strict_server(tmp_path_factory):
     config = ServerConfig(spec=spec, port=0, grpc_port=0, api_keys=keys, limits=Limits(max_body_bytes=4096))
     with BackgroundServer(config) as s:
         yield s
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed on exit: connecting is refused
 
 
 class Blocking:
@@ -168,7 +164,7 @@ class Connector:
         return scripted_http(steps) if self.transport == "http" else scripted_grpc(steps)
 
     def closed(self) -> str:
-        port = closed_port()
+        port = free_port()  # bound and closed again: connecting is refused
         return f"http://127.0.0.1:{port}" if self.transport == "http" else f"127.0.0.1:{port}"
 
 
@@ -368,6 +364,7 @@ def test_deadline_is_sent_and_enforced(connect, monkeypatch):
 # --- pure parts ------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_retry_after_parsing():
     assert retry_after_s("2") == 2.0 and retry_after_s("0.5") == 0.5 and retry_after_s("-3") == 0.0
     assert retry_after_s(None) is None and retry_after_s("soon") is None
@@ -375,6 +372,7 @@ def test_retry_after_parsing():
     assert 55 <= retry_after_s(in_a_minute) <= 61
 
 
+@pytest.mark.unit
 def test_backoff_is_full_jitter_capped_floored_and_bounded():
     policy = RetryPolicy(max_retries=3, backoff_s=0.1, max_backoff_s=0.3)
     far = Deadline(100.0)
@@ -393,6 +391,7 @@ def test_backoff_is_full_jitter_capped_floored_and_bounded():
         RetryPolicy(max_retries=-1)
 
 
+@pytest.mark.unit
 def test_addresses_are_checked():
     with pytest.raises(ValueError, match="base URL"):
         RewardClient.http("127.0.0.1:8000")

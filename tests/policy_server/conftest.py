@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import openai
 import pytest
-import torch
 
 from assay.policy_server.server import BackgroundServer
 
 from assay.policy_server.config import ServerConfig
+from tests.helpers import torch_threads
 
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     # Each served model decodes on its own thread; with torch's default of one intra-op thread per
     # core, the tiny models' threads spin against each other (and against other work on the box).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    # For the whole session here, not a module (tests/conftest.py): the session's server serves them all.
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

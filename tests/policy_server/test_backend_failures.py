@@ -16,6 +16,8 @@ from assay.policy_server.backends.hf import HFBackend, _Job, _next_tokens, _Row
 from assay.policy_server.config import BatchSettings
 from assay.policy_server.backends.vllm import _sampling_options
 
+pytestmark = pytest.mark.unit
+
 PROMPT = "Q: 23+45-17 A: "
 GREEDY = "23+45=68 68-17=51 #### 51"
 INNOCENTS = 8

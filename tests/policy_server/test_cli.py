@@ -9,13 +9,18 @@ import sys
 
 import grpc
 import openai
+import pytest
 
 from assay.checkpoints import ARITH_DIR
 from assay.proto.policy.v1 import policy_pb2, policy_pb2_grpc
+from assay.services import free_port
 
-from tests.servers import free_port, wait_ready
+from tests.helpers import wait_ready
+
+pytestmark = pytest.mark.unit
 
 
+@pytest.mark.service
 def test_server_subprocess_serves_the_embedded_models_and_stops_cleanly():
     port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen(
@@ -25,7 +30,7 @@ def test_server_subprocess_serves_the_embedded_models_and_stops_cleanly():
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_ready(proc, url, 90)
+        wait_ready(proc, url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"policy", "verifier"}
         done = client.completions.create(model="policy", prompt="Q: 23+45-17 A: ", max_tokens=40, temperature=0)
@@ -68,6 +73,7 @@ def test_an_unknown_backend_exits_with_the_choices():
     assert proc.returncode == 2 and "use one of transformers, vllm" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow  # a subprocess that loads the checkpoint to refuse it: ~9 s
 def test_a_classifier_checkpoint_as_the_model_exits_naming_the_missing_weights():
     orm = ARITH_DIR / "orm"
     proc = subprocess.run(

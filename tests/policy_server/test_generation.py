@@ -8,6 +8,8 @@ import torch
 
 from assay.policy_server.protocol import ChatCompletionResponse, CompletionResponse
 
+pytestmark = pytest.mark.service
+
 PROMPTS = ["Q: 23+45-17 A: ", "Q: 91-38 A: ", "Q: 12+7+30-5 A: "]  # different lengths: left padding
 GREEDY = "23+45=68 68-17=51 #### 51"
 

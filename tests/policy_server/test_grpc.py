@@ -3,16 +3,13 @@ status codes, auth, overload, cancellation, health and reflection."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
-
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from assay.base.auth import ApiKeys
 from assay.policy_server import errors
 from assay.policy_server.config import BatchSettings
 from assay.policy_server.grpc_api import SERVICE, describe, start_grpc_server
@@ -24,7 +21,9 @@ from assay.policy_server.serving import PolicyService
 from assay.policy_server.config import Limits
 from assay.proto.policy.v1 import policy_pb2 as pb
 from assay.proto.policy.v1 import policy_pb2_grpc
-from assay.base.auth import ApiKeys
+from tests.helpers import LoopThread, grpc_served, wait_for
+
+pytestmark = pytest.mark.service
 
 PROMPT = "Q: 23+45-17 A: "
 Status = grpc.StatusCode
@@ -34,13 +33,6 @@ def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call(*args, **kwargs)
     return info.value
-
-
-def wait_until(condition, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +131,7 @@ def test_bad_requests_get_the_right_status_and_a_clear_message(stub, change, sta
     assert trailers["error-type"] == ("not_found_error" if status == Status.NOT_FOUND else "invalid_request_error")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("error", "status"),
     [
@@ -197,14 +190,14 @@ def test_overload_and_client_cancellation(tight):
     before = aborted()
     long = pb.GenerateRequest(model="policy", prompt=PROMPT, n=8, max_tokens=200, ignore_eos=True)
     call = stub.Generate.future(long, metadata=AUTH, timeout=120)
-    wait_until(lambda: server.service.queue_depths()["policy"] == 4, "the long call never filled a batch")
+    wait_for(lambda: server.service.queue_depths()["policy"] == 4, 60, "the long call never filled a batch")
     err = rpc_error(stub.Generate, pb.GenerateRequest(model="policy", prompt=PROMPT, n=5), metadata=AUTH, timeout=10)
     trailers = dict(err.trailing_metadata())
     assert err.code() == Status.RESOURCE_EXHAUSTED and "sequences waiting" in err.details()
     assert float(trailers["retry-after"]) > 0 and trailers["error-code"] == "queue_full"
     assert call.cancel()
-    wait_until(lambda: server.service.queue_depths()["policy"] == 0, "the cancelled call's sequences still wait")
-    wait_until(lambda: aborted() - before == 4, "the cancelled call's running sequences were not aborted")
+    wait_for(lambda: server.service.queue_depths()["policy"] == 0, 60, "the cancelled call's sequences still wait")
+    wait_for(lambda: aborted() - before == 4, 60, "the cancelled call's running sequences were not aborted")
     cancelled = {"route": "grpc/Generate", "model": "policy", "code": "499"}
     assert registry.get_sample_value("assay_policy_requests_total", cancelled) == 1
     done = stub.Generate(pb.GenerateRequest(model="policy", prompt=PROMPT, n=8, max_tokens=4), metadata=AUTH,
@@ -230,21 +223,11 @@ def test_health_reports_serving_and_reflection_lists_the_service(channel):
 def test_health_follows_readiness():
     """Before the models are loaded: NOT_SERVING, and Generate answers UNAVAILABLE."""
     service = PolicyService({})
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    run = lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(10)  # noqa: E731
-    grpc_server, port = run(start_grpc_server(service, ApiKeys(), "127.0.0.1", 0, Limits()))
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            health = health_pb2_grpc.HealthStub(ch)
-            check = lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status  # noqa: E731
-            assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
-            err = rpc_error(policy_pb2_grpc.PolicyServiceStub(ch).Generate, SHORT, timeout=5)
-            assert err.code() == Status.UNAVAILABLE and "still loading" in err.details()
-            run(service.start())
-            assert check() == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        run(grpc_server.stop(None))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+    with LoopThread() as loop, grpc_served(loop, start_grpc_server(service, ApiKeys(), "127.0.0.1", 0, Limits())) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        check = lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status  # noqa: E731
+        assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+        err = rpc_error(policy_pb2_grpc.PolicyServiceStub(ch).Generate, SHORT, timeout=5)
+        assert err.code() == Status.UNAVAILABLE and "still loading" in err.details()
+        loop.run(service.start())
+        assert check() == health_pb2.HealthCheckResponse.SERVING

@@ -11,6 +11,8 @@ from assay.rm_server.protocol import ScoreResponse
 from assay.rm_server.server import BackgroundServer as RewardBackgroundServer
 from assay.rm_server.config import ServerConfig as RewardConfig
 
+pytestmark = pytest.mark.e2e
+
 PROBLEM = "23+45-17"
 RESPONSES = ["23+45=68 68-17=51 #### 51", "23+45=68 68-17=52 #### 52", "23+45=68 68-1", "#### 51"]
 

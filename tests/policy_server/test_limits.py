@@ -18,6 +18,8 @@ from assay.policy_server.config import ServerConfig
 from assay.policy_server.config import Limits
 from assay.base.connections import InsecureBinding
 
+pytestmark = pytest.mark.service
+
 PROMPT = "Q: 23+45-17 A: "
 OK = {"model": "policy", "prompt": PROMPT, "max_tokens": 4}
 
@@ -161,6 +163,7 @@ def test_client_disconnect_aborts_running_generation(server):
     assert httpx.post(f"{url}/v1/completions", json=OK, timeout=60).status_code == 200
 
 
+@pytest.mark.unit
 def test_binding_beyond_loopback_needs_keys(monkeypatch):
     monkeypatch.delenv("ASSAY_POLICY_API_KEYS", raising=False)
     with pytest.raises(InsecureBinding, match="API keys"):

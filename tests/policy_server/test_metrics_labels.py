@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import grpc
 import httpx
+import pytest
 
 from assay.proto.policy.v1 import policy_pb2 as pb
 from assay.proto.policy.v1 import policy_pb2_grpc
+
+pytestmark = pytest.mark.service
 
 
 def test_unknown_model_names_share_one_label_and_never_reach_metrics(server):

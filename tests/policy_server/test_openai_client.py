@@ -9,6 +9,8 @@ import pytest
 from assay.generation import SamplingParams, sample
 from assay.policy_server.protocol import ChatCompletionResponse, CompletionResponse, ModelList
 
+pytestmark = pytest.mark.service
+
 PROMPTS = ["Q: 23+45-17 A: ", "Q: 8-3+12 A: "]
 
 

@@ -10,7 +10,6 @@ call, and the two searches agree exactly: texts, scores, choices, usage and trac
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -34,6 +33,9 @@ from assay.rm_server.server import BackgroundServer as RewardServer
 from assay.rm_server.config import ServerConfig as RewardConfig
 from assay.search import STRATEGIES, Budget, GenParams, SearchConfig
 from assay.search.remote import RemoteScorer
+from assay.services import free_port
+
+pytestmark = pytest.mark.e2e
 
 SPEC = f"""
 rewards:
@@ -104,6 +106,7 @@ def refusal(r: httpx.Response, status: int) -> str:
 # --- the generator -------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_generations_keep_stop_strings_and_say_how_they_ended(direct):
     prompt = "Q: 23+45-17 A: "  # greedy: "23+45=68 68-17=51 #### 51"
 
@@ -119,6 +122,7 @@ def test_generations_keep_stop_strings_and_say_how_they_ended(direct):
     assert direct.weight_version == "0"
 
 
+@pytest.mark.unit
 def test_every_sequence_of_a_search_gets_its_own_seed(direct):
     params = GenParams(seed=5)
     seeds = [r.seed for r in direct.requests(["a", "a"], 3, params)]
@@ -182,10 +186,9 @@ def test_an_unknown_reward_is_rm_servers_404(policy):
     assert "unknown reward 'nope'" in message and "orm" in message and "prm" in message
 
 
+@pytest.mark.service
 def test_rm_server_down_is_503_majority_still_works_and_search_needs_a_key():
-    with socket.socket() as s:  # a free port, closed again: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        dead_url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead_url = f"http://127.0.0.1:{free_port()}"  # bound and closed again: nothing listens there
     config = ServerConfig(models={"policy": EMBEDDED["policy"][1]}, port=0, rm_url=dead_url, rm_max_retries=0,
                           api_keys=("gen-key-for-tests:generate",))  # fmt: skip
     body = {"prompt": PROBLEMS[0].prompt, "strategy": "best_of_n", "reward": "orm", "n": 2}

@@ -17,6 +17,13 @@ import math
 
 from assay.checkpoints import ARITH_DIR
 
+try:  # pytest imported only where it runs: the file is a script too, in a vLLM environment without it
+    import pytest
+
+    pytestmark = pytest.mark.unit
+except ImportError:
+    pass
+
 LOGPROB_TOLERANCE = 1e-3  # on CPU, float32 in both; on GPU vLLM runs the float32 checkpoint in bf16
 GPU_LOGPROB_TOLERANCE = 5e-2
 PROMPTS = ["Q: 1+2 A: ", "Q: 23+45-17 A: ", "Q: 91-38 A: ", "Q: 12+7+30-5 A: "]

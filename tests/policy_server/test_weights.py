@@ -26,7 +26,10 @@ from assay.policy_server.server import BackgroundServer
 from assay.policy_server.config import ServerConfig
 from assay.policy_server.weight_paths import PathRefused, locate, open_regular
 from assay.policy_server.weights import PATH_REFUSED
-from tests.servers import free_port, wait_ready
+from assay.services import free_port
+from tests.helpers import wait_ready
+
+pytestmark = pytest.mark.service
 
 PROMPT = "Q: 23+45-17 A: "
 
@@ -219,7 +222,7 @@ def served_subprocess(tmp_path):
                                  "--port", str(port), "--weights-dir", str(root), "--torch-threads", "1",
                                  "--log-level", "info"], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        wait_ready(proc, f"http://127.0.0.1:{port}", 120)
+        wait_ready(proc, f"http://127.0.0.1:{port}")
         yield f"http://127.0.0.1:{port}", root, log
     finally:
         proc.terminate()
@@ -290,6 +293,7 @@ def test_two_shards_holding_one_tensor_are_refused(weights_server, admin, origin
     assert status == 400 and "more than one file: lm_head.weight" in body["error"]["message"], body
 
 
+@pytest.mark.unit
 def test_a_file_swapped_after_its_check_is_not_read(tmp_path):
     """Between the check and the open, the file (or a directory on its way) may change: the file
     opened must be the very one that was checked."""
@@ -311,6 +315,7 @@ def test_loading_from_disk_is_off_without_a_weights_dir(server):
         c.load_weights(str(EMBEDDED["policy"][1]))
 
 
+@pytest.mark.unit
 def test_the_cli_takes_weights_dirs_and_refuses_a_missing_one(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "assay.policy_server", "--help"], capture_output=True, text=True,
                            timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
@@ -354,6 +359,7 @@ def test_no_generation_is_served_from_a_half_updated_model(admin, original):
         admin.update_weights(original)
 
 
+@pytest.mark.unit
 def test_tied_tensors_must_agree():
     """In a model with tied embeddings, the two names are one tensor: two values for it are refused."""
     import asyncio

@@ -33,7 +33,7 @@ from assay.rm_server.server import BackgroundServer as RewardBackground
 from assay.rm_server.server import RewardServer
 from assay.rm_server.config import ServerConfig as RewardConfig
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
 OPEN_ROUTES = {"/health", "/ready", "/metrics"}
 RM_KEYS = {"score": "score-key-for-tests", "admin": "admin-key-for-tests"}

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from assay.base.connections import Connections
@@ -22,8 +21,9 @@ from assay.services import free_port
 from assay.rm_server.protocol import ErrorResponse, ErrorType
 from assay.rm_server.server import BackgroundServer
 from assay.rm_server.config import ServerConfig
+from tests.helpers import wait_ready
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
 RULES = """
 rewards:
@@ -130,7 +130,7 @@ def test_a_second_server_on_a_taken_port_exits_with_one_sentence_naming_it(spec,
     first = subprocess.Popen([*argv, "--port", str(port), "--grpc-port", str(grpc_port)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        _wait_listening(port, first)
+        wait_ready(first, f"http://127.0.0.1:{port}")  # both ports bound
         ports = ["--port", str(free_port()), "--grpc-port", str(grpc_port)] if taken == "grpc" else \
             ["--port", str(port), "--grpc-port", str(free_port())]  # fmt: skip
         second = subprocess.run([*argv, *ports], capture_output=True, text=True, timeout=300)
@@ -142,16 +142,3 @@ def test_a_second_server_on_a_taken_port_exits_with_one_sentence_naming_it(spec,
     assert second.returncode == 2, out
     assert f"{'gRPC' if taken == 'grpc' else 'HTTP'} port {taken_port} on 127.0.0.1 is already in use" in out
     assert "Traceback" not in out
-
-
-def _wait_listening(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the first server exited"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return  # both ports bound
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail("the first server did not start")

@@ -25,9 +25,10 @@ from assay.rm_server import grpc_convert as convert
 from assay.rm_server.protocol import ErrorType, ScoreRequest, ScoreResponse
 from assay.rm_server.server import BackgroundServer
 from assay.rm_server.config import ServerConfig
-from tests.servers import free_port, wait_ready
+from assay.services import free_port
+from tests.helpers import wait_ready
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
 # sympy spends far longer than math-verify's 5 s alarm on 9^(9^9) against 1, once per comparison
 # it tries: about 5-10 s an item, so 24 of them on the 2 workers are a minute of work.
@@ -147,7 +148,7 @@ def test_sigterm_with_hostile_work_running_exits_promptly(spec):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(proc, url, timeout_s=120)
+        wait_ready(proc, url)
         post(url, "correct", HOSTILE, timeout_s=3)  # leaves its items behind, on old code
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -28,7 +28,7 @@ from tests.reliability import loadgen
 from assay.trainer.grpo import GRPOConfig, train
 from assay.trainer.online import RunDir
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.e2e]
 
 DOWN_S = 5.0  # how long a killed service stays down before it starts again (then it loads its models)
 TINY = dict(prompts_per_step=2, group_size=4, max_tokens=32, lr=1e-4, checkpoint_every=1)  # 8 samples a step
@@ -43,15 +43,7 @@ def services():
 
 
 @pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def policy(services, one_thread):
+def policy(services, one_torch_thread):
     with PolicyClient.http(services.policy_url, timeout_s=SERVICE_TIMEOUT_S) as client:
         yield client
 

@@ -17,7 +17,7 @@ from assay.services import LocalServices
 from assay.clients import RewardClient
 from tests.reliability import loadgen
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.e2e]
 
 LOAD_S = 25.0
 REWARDS = ("correct", "orm", "format")

@@ -20,7 +20,6 @@ from collections.abc import Callable
 import grpc
 import httpx
 import pytest
-import torch
 
 from assay.checkpoints import ARITH_DIR
 from assay.policy_server.config import BatchSettings
@@ -30,8 +29,9 @@ from assay.policy_server.config import Limits
 from assay.proto.policy.v1 import policy_pb2, policy_pb2_grpc
 from assay.rm_server.server import BackgroundServer as RewardServer
 from assay.rm_server.config import ServerConfig as RewardConfig
+from tests.helpers import wait_for
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.service, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPT = "Q: 23+45-17 A: "
 BATCH, QUEUE = 4, 16  # the policy server's sequences per decode batch, and its queue
@@ -39,14 +39,6 @@ LONG = {"model": "policy", "prompt": PROMPT, "max_tokens": 120, "ignore_eos": Tr
 WARM_UP = 4
 PROBE_EVERY_S = 0.1
 MAX_PROBES = 1000  # 100 s of probing at most
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _bounds_hold(retry_after: int, waited: float) -> bool:
@@ -62,13 +54,6 @@ def _wait_until_accepted(send: Callable[[], int]) -> float:
             return sent
         time.sleep(PROBE_EVERY_S)
     raise AssertionError("the queue never accepted the request again")
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 def test_the_policy_servers_retry_after_is_within_2x_of_the_real_wait():
@@ -89,7 +74,7 @@ def test_the_policy_servers_retry_after_is_within_2x_of_the_real_wait():
             # Full enough that the excess does not fit (a burst request the queue refused does not matter).
             excess = {**LONG, "n": 2 * BATCH}
             queued = lambda: metric('assay_policy_queue_depth{model="policy"}')  # noqa: E731
-            _wait_for(lambda: queued() > QUEUE - 2 * BATCH, 60, "the queue never filled")
+            wait_for(lambda: queued() > QUEUE - 2 * BATCH, 60, "the queue never filled")
             refused = post(excess)
             refused_at = time.monotonic()
             assert refused.status_code == 429, refused.text

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from assay.arith.tokenizer import build_tokenizer
@@ -29,7 +28,7 @@ from assay.policy_server.server import BackgroundServer
 from assay.policy_server.config import ServerConfig
 from assay.proto.policy.v1 import policy_pb2, policy_pb2_grpc
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.service, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPT = "Q: 23+45-17 A: "
 GREEDY = "23+45=68 68-17=51 #### 51"
@@ -38,14 +37,6 @@ TINY = 5e-324  # the smallest positive double: 0 in float32
 
 
 BROKEN_TOKEN = "~"  # never in an arithmetic prompt or completion
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _serve(checkpoint):

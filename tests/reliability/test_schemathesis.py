@@ -42,7 +42,7 @@ from assay.rm_server.protocol import CompareRequest, ScoreRequest
 from assay.rm_server.server import BackgroundServer as RewardBackground
 from assay.rm_server.config import ServerConfig as RewardConfig
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Bounded and repeatable: ~16 operations x 25 examples in about a minute on two busy cores.
@@ -127,6 +127,7 @@ def test_the_reward_service_answers_every_fuzzed_request_as_documented(rm):
     assert fuzz(schema, {"reward": reward_names(rm)}) == []
 
 
+@pytest.mark.e2e
 def test_the_policy_service_answers_every_fuzzed_request_as_documented(rm, policy):
     schema = schemathesis.openapi.from_url(f"{policy.http_url}/openapi.json")
     names = {"model": ["policy"], "reward": reward_names(rm)}
@@ -136,6 +137,7 @@ def test_the_policy_service_answers_every_fuzzed_request_as_documented(rm, polic
 # --- the schemas state what the code enforces (defect 9) -------------------------------------
 
 
+@pytest.mark.unit
 def test_the_schemas_state_the_rules_serving_enforces():
     for request in (ScoreRequest, CompareRequest):
         assert request.model_json_schema()["properties"]["items"]["minItems"] == 1
@@ -149,6 +151,7 @@ def test_the_schemas_state_the_rules_serving_enforces():
     assert search["else"]["required"] == ["reward"]
 
 
+@pytest.mark.unit
 def test_the_schemas_strategy_names_are_the_servers():
     from assay import search
     from assay.policy_server.serving_search import NO_REWARD

@@ -29,8 +29,9 @@ from assay.proto.reward.v1 import reward_pb2 as pb
 from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server.protocol import ErrorResponse as RewardError
 from assay.rm_server.protocol import ErrorType, ScoreResponse
+from tests.helpers import wait_ready
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
 EXIT_MARGIN_S = 30.0  # after the drain: closing the models, on a loaded 2-core machine
 ITEM = {"prompt": "Q: 23+45-17 A: ", "response": "23+45=68 68-17=51 #### 51"}
@@ -47,17 +48,8 @@ class Proc:
             self.proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(self.port), *args],
                                          stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
 
-    def wait_ready(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.proc.poll() is None, f"exited while starting:\n{self.log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"not ready in {timeout_s}s:\n{self.log.read_text()[-3000:]}"
-            time.sleep(0.2)
+    def wait_ready(self) -> None:
+        wait_ready(self.proc, self.url, log=self.log)
 
     def terminate(self) -> float:
         """SIGTERM; the monotonic time it was sent."""

@@ -38,7 +38,7 @@ from assay.services import Service, free_port
 from assay.clients import Conflict, PolicyClient, Unavailable
 from assay.clients.errors import ServiceError
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
 PROMPT = "Q: 23+45-17 A: "
 PUSH_TIMEOUT_S = 30.0  # a push's deadline: its error must come well within it

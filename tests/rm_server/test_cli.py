@@ -16,9 +16,13 @@ from assay.rm_server.protocol import ScoreResponse
 from assay.rm_server.rewards import build_rewards
 from assay.rm_server.serving import RewardService
 from assay.rm_server.spec import parse_spec
-from tests.servers import free_port, wait_ready
+from assay.services import free_port
+from tests.helpers import wait_ready
+
+pytestmark = pytest.mark.unit
 
 
+@pytest.mark.service
 def test_server_subprocess_serves_the_embedded_rewards_and_stops_cleanly():
     port = free_port()
     proc = subprocess.Popen(
@@ -27,7 +31,7 @@ def test_server_subprocess_serves_the_embedded_rewards_and_stops_cleanly():
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_ready(proc, url, 60)
+        wait_ready(proc, url)
         item = {"id": "a", "prompt": "Q: 23+45-17 A: ", "response": "23+45=68 68-17=51 #### 51", "reference": "51"}
         r = httpx.post(f"{url}/v1/score", json={"reward": "final", "items": [item]}, timeout=30)
         res = ScoreResponse.model_validate_json(r.content).results[0]

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -47,6 +49,9 @@ from assay.rm_server.server import BackgroundServer
 from assay.rm_server.config import ServerConfig
 from assay.rm_server.serving import RewardService
 from assay.rm_server.config import Limits
+from tests.helpers import LoopThread, grpc_served
+
+pytestmark = pytest.mark.service
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "Q: 23+45-17 A: "
@@ -107,6 +112,7 @@ def http_score(server, req: ScoreRequest) -> ScoreResponse:
 # --- the generated code and the conversion ---------------------------------------------------
 
 
+@pytest.mark.unit
 def test_generated_code_is_what_the_script_produces(tmp_path):
     """For every contract (the reward's and the policy's)."""
     subprocess.run([sys.executable, str(REPO / "proto" / "generate.py"), "--out", str(tmp_path)], check=True)
@@ -122,6 +128,7 @@ def test_generated_code_is_what_the_script_produces(tmp_path):
         assert f"from assay.proto.{package} import {stem}_pb2".encode() in (tmp_path / folder / names[2]).read_bytes()
 
 
+@pytest.mark.unit
 def test_score_messages_round_trip_exactly():
     req = ScoreRequest(
         reward="orm",
@@ -142,6 +149,7 @@ def test_score_messages_round_trip_exactly():
     assert back.results[0].steps == [] and back.results[1].steps is None and back.results[1].tokens is None
 
 
+@pytest.mark.unit
 def test_compare_and_rewards_messages_round_trip_exactly():
     req = CompareRequest(reward="j", items=[CompareItem(id="a", prompt="p", response_a="x", response_b="y")])
     assert convert.compare_request_from_proto(convert.compare_request_to_proto(req)) == req
@@ -167,6 +175,7 @@ def test_compare_and_rewards_messages_round_trip_exactly():
     assert convert.rewards_response_from_proto(convert.rewards_response_to_proto(rewards)) == rewards
 
 
+@pytest.mark.unit
 def test_proto_requests_are_validated_like_json_bodies():
     assert convert.score_request_from_proto(pb.ScoreRequest(reward="orm")).granularity == Granularity.outcome
     bad = pb.ScoreRequest(reward="", items=[pb.ScoreItem(id="", prompt="p", response="r")], granularity=9, timeout_s=0)
@@ -176,6 +185,7 @@ def test_proto_requests_are_validated_like_json_bodies():
     assert locs == {("reward",), ("items", 0, "id"), ("granularity",), ("timeout_s",)}
 
 
+@pytest.mark.unit
 def test_grpc_deadline_lowers_the_request_timeout():
     class Context:
         def __init__(self, left):
@@ -352,33 +362,16 @@ class Hang(Reward):
             raise
 
 
-class BareServer:
+@contextmanager
+def bare_server(rewards: dict[str, Reward] | None = None) -> Iterator[tuple[LoopThread, RewardService, grpc.Channel]]:
     """Only the gRPC server, over a RewardService that the test starts when it wants."""
-
-    def __init__(self, rewards: dict[str, Reward] | None = None) -> None:
-        self.service = RewardService(rewards or {"boom": Boom("boom", "sha256:boom")})
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def run(self, coro, timeout: float = 10):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def __enter__(self) -> grpc.Channel:
-        self.thread.start()
-        self.server, port = self.run(start_grpc_server(self.service, ApiKeys(), "127.0.0.1", 0, Limits()))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        return self.channel
-
-    def __exit__(self, *exc) -> None:
-        self.channel.close()
-        self.run(self.server.stop(None))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
+    service = RewardService(rewards or {"boom": Boom("boom", "sha256:boom")})
+    with LoopThread() as loop, grpc_served(loop, start_grpc_server(service, ApiKeys(), "127.0.0.1", 0, Limits())) as ch:
+        yield loop, service, ch
 
 
 def test_health_follows_readiness():
-    with (bare := BareServer()) as channel:
+    with bare_server() as (loop, service, channel):
         health = health_pb2_grpc.HealthStub(channel)
         watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
         for name in ("", SERVICE):
@@ -388,15 +381,15 @@ def test_health_follows_readiness():
         req = convert.score_request_to_proto(ScoreRequest(reward="boom", items=items(RIGHT)))
         err = rpc_error(reward_pb2_grpc.RewardServiceStub(channel).Score, req, timeout=5)
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "loading" in err.details()
-        bare.run(bare.service.start())
+        loop.run(service.start())
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         watch.cancel()
 
 
 def test_unexpected_errors_are_internal_without_details():
     """A bug in a reward becomes INTERNAL (unary) or an `internal` answer (stream), nothing leaked."""
-    with (bare := BareServer()) as channel:
-        bare.run(bare.service.start())
+    with bare_server() as (loop, service, channel):
+        loop.run(service.start())
         boom = reward_pb2_grpc.RewardServiceStub(channel)
         req = convert.score_request_to_proto(ScoreRequest(reward="boom", items=items(RIGHT)))
         err = rpc_error(boom.Score, req, timeout=10)
@@ -411,14 +404,14 @@ def test_a_call_the_client_cancels_is_counted_499():
     """The base's one Timer: a request cancelled under it is recorded 499 (nobody reads the answer),
     as on the policy service, not 500 (a bug); the reward's work is cancelled with it."""
     hang = Hang("hang", "sha256:hang")
-    with (bare := BareServer({"hang": hang})) as channel:
-        bare.run(bare.service.start())
+    with bare_server({"hang": hang}) as (loop, service, channel):
+        loop.run(service.start())
         req = convert.score_request_to_proto(ScoreRequest(reward="hang", items=items(RIGHT)))
         call = reward_pb2_grpc.RewardServiceStub(channel).Score.future(req, timeout=60)
         assert hang.started.wait(30), "the call never reached the reward"
         assert call.cancel()
         assert hang.cancelled.wait(30), "the cancelled call's work went on"
-        count = lambda code: bare.service.metrics.registry.get_sample_value(  # noqa: E731
+        count = lambda code: service.metrics.registry.get_sample_value(  # noqa: E731
             "assay_rm_requests_total", {"route": "grpc/Score", "reward": "hang", "code": code})  # fmt: skip
         deadline = time.monotonic() + 30
         while count("499") is None and time.monotonic() < deadline:

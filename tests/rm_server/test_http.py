@@ -14,6 +14,9 @@ from assay.rm_server.protocol import CompareResponse, ErrorResponse, ErrorType, 
 from assay.rm_server.server import BackgroundServer
 from assay.rm_server.config import ServerConfig
 from assay.rm_server.config import Limits
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.service
 
 PROMPT = "Q: 23+45-17 A: "
 RIGHT = "23+45=68 68-17=51 #### 51"
@@ -200,23 +203,14 @@ def held_orm(tmp_path):
         s.service.rewards["one"].backend.gate.set()
 
 
-def _wait_for(cond, timeout=10.0):
-    import time
-
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.01)
-
-
 def test_full_queue_answers_429_with_retry_after(held_orm):
     s, held = held_orm
     item = lambda k: {"id": str(k), "prompt": PROMPT, "response": RIGHT}  # noqa: E731
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(score, s.http_url, "orm", [item(0)])  # occupies the worker
-        _wait_for(lambda: held.calls)
+        wait_for(lambda: held.calls, 10)
         queued = pool.submit(score, s.http_url, "orm", [item(k) for k in range(8)])  # fills the queue
-        _wait_for(lambda: s.service.rewards["orm"].queue_depth() == 8)
+        wait_for(lambda: s.service.rewards["orm"].queue_depth() == 8, 10)
         r = score(s.http_url, "orm", [item(99)])
         assert error_of(r, 429).error.type == ErrorType.overloaded
         assert int(r.headers["retry-after"]) >= 1
@@ -232,7 +226,7 @@ def test_deadline_fails_items_and_cancels_their_queued_work(held_orm):
     item = lambda k: {"id": str(k), "prompt": PROMPT, "response": RIGHT}  # noqa: E731
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(score, s.http_url, "orm", [item(0)])
-        _wait_for(lambda: held.calls)
+        wait_for(lambda: held.calls, 10)
         r = scores(s.http_url, "orm", [RIGHT, WRONG], timeout_s=0.2)
         assert [(x.score, x.error.type) for x in r.results] == [(None, ErrorType.timeout)] * 2
         assert s.service.rewards["orm"].queue_depth() == 0  # abandoned items left the queue
@@ -255,6 +249,7 @@ def test_deadline_keeps_the_scores_already_computed(held_orm):
 # --- security, metrics, schema ---------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_binding_beyond_loopback_without_keys_is_refused():
     from assay.base.connections import InsecureBinding
     from assay.rm_server.server import RewardServer

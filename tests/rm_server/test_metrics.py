@@ -9,6 +9,8 @@ from assay.rm_server.server import BackgroundServer
 
 from assay.rm_server.config import ServerConfig
 
+pytestmark = pytest.mark.service
+
 ITEM = {"id": "a", "prompt": "Q: 1+1 A: ", "response": "#### 2", "reference": "2"}
 PAIR = {"id": "a", "prompt": "Q: 1+1 A: ", "response_a": "#### 2", "response_b": "#### 3", "reference": "2"}
 

@@ -12,6 +12,8 @@ import yaml
 from assay.checkpoints import ARITH_DIR
 from assay.rm_server.spec import SpecError, load_spec, parse_spec, reward_ids
 
+pytestmark = pytest.mark.unit
+
 
 def ids_of(rewards: dict, base: Path = Path(".")) -> dict[str, str]:
     return reward_ids(parse_spec({"rewards": rewards}, base_dir=base))

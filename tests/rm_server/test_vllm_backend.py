@@ -14,6 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from assay.checkpoints import ARITH_DIR
 
+try:  # pytest imported only where it runs: the file is a script too, in a vLLM environment without it
+    import pytest
+
+    pytestmark = pytest.mark.unit
+except ImportError:
+    pass
+
 TOLERANCE = 1e-4
 TEXTS = [  # arithmetic texts of different lengths, the ORM/PRM default template "{prompt}{response}"
     "Q: 1+2 A: 1+2=3 #### 3",

@@ -13,24 +13,14 @@ from assay.arith import world
 from assay.search import STRATEGIES, Budget, GenParams, SearchConfig
 from assay.search.local import LocalGenerator, LocalScorer
 
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
+
 PROBLEMS = world.eval_problems(24)
 CONFIG = SearchConfig(n=8, temperature=1.0, max_tokens=48, max_step_tokens=12, seed=0)
 REWARD = {  # which embedded reward each strategy searches with (None: no reward model)
     "best_of_n": "orm", "weighted_best_of_n": "orm", "majority": None,
     "refine": "prm", "beam_search": "prm", "dvts": "prm",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on many small calls: one thread is faster, and far faster on a busy machine
-    (two spinning threads per process on 2 shared cores); restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +46,7 @@ def test_strategies_cover_the_dict():
     assert set(REWARD) == set(STRATEGIES)
 
 
+@pytest.mark.slow  # every strategy on 24 problems with the real policy
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_search_beats_or_equals_single_sample_accuracy(name, generator, scorers, baseline):
     scorer = scorers[REWARD[name]] if REWARD[name] else None

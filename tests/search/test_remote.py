@@ -13,6 +13,8 @@ from assay.search import STRATEGIES, SearchConfig
 from assay.search.local import LocalGenerator, LocalScorer
 from assay.search.remote import RemoteScorer
 
+pytestmark = pytest.mark.service
+
 SPEC = f"""
 rewards:
   orm: {{type: model.outcome, path: {ARITH_DIR / "orm"}, activation: sigmoid, max_tokens: 64}}

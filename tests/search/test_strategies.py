@@ -22,6 +22,8 @@ from assay.search import (
 from assay.search.base import aggregate, final_answer, step_ends
 from tests.search.doubles import ScriptedGenerator, TableScorer, TreeGenerator
 
+pytestmark = pytest.mark.unit
+
 P = "Q: 1+1+1 A: "
 GOOD, SLIP, BROKEN = "1+1=2 2+1=3 #### 3", "1+1=2 2+1=4 #### 4", "1+1=2 2+x #### 9"
 

@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from assay.services import LocalServices
 from assay.clients.policy import PolicyClient
 from assay.clients.reward import RewardClient
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +16,7 @@ def services():
 
 
 @pytest.fixture
-def policy(services, one_thread):
+def policy(services, one_torch_thread):
     with PolicyClient.http(services.policy_url, timeout_s=300) as client:
         yield client
 

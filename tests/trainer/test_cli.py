@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from assay.cli import app
 
+pytestmark = pytest.mark.unit
+
 
 def test_plot_writes_curves_for_step_and_round_runs(tmp_path):
     steps = tmp_path / "grpo"
@@ -38,6 +40,7 @@ def test_plot_of_a_missing_run_says_so(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
+@pytest.mark.slow  # a subprocess that imports torch before it refuses: ~10 s
 def test_an_unknown_config_key_is_refused_before_anything_starts(tmp_path):
     config = tmp_path / "grpo.yaml"
     config.write_text("steps: 3\ngroup_sise: 4\n")
@@ -125,6 +128,7 @@ def test_the_library_loop_refuses_to_mix_runs_too(tmp_path):
         train(GRPOConfig(steps=1), model, tok, None, None, RunDir(tmp_path))
 
 
+@pytest.mark.e2e
 def test_overwrite_discards_the_old_run_and_starts_afresh(services, tmp_path):
     run = tmp_path / "run"
     _old_run(run)

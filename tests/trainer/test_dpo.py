@@ -26,7 +26,7 @@ from assay.trainer.dpo import (
 )  # fmt: skip
 from assay.trainer.online import RewardMismatch
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/trainer/conftest.py
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,7 @@ def restores_weights(services, embedded):
         client.update_weights(embedded[0].state_dict())
 
 
+@pytest.mark.e2e
 def test_one_round_searches_trains_and_pushes(services, embedded, restores_weights):
     model, tokenizer = embedded
     model = frozen_copy(model).requires_grad_(True)
@@ -171,6 +172,7 @@ def _completion_logp(model, tokenizer, prompt: str, text: str) -> tuple[float, i
     return logp.item(), n.item()
 
 
+@pytest.mark.e2e
 def test_a_changed_reward_id_stops_the_run(services, embedded):
     model, tokenizer = embedded
     model = frozen_copy(model).requires_grad_(True)

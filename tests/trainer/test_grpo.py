@@ -15,6 +15,8 @@ from assay.trainer.grpo import GRPOConfig, train
 from assay.rm_server.local import LocalTransport
 from assay.trainer.online import RewardMismatch, RunDir
 
+pytestmark = pytest.mark.e2e
+
 SMALL = dict(prompts_per_step=4, group_size=4, max_tokens=40, lr=1e-4, checkpoint_every=1)
 
 

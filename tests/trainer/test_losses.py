@@ -5,6 +5,8 @@ import torch
 
 from assay.trainer.reward_model import bradley_terry_loss, listwise_loss, margin_ranking_loss
 
+pytestmark = pytest.mark.unit
+
 
 def test_bradley_terry_matches_hand_computed_values():
     chosen = torch.tensor([2.0, 0.0])

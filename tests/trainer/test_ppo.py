@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from assay.checkpoints import load_embedded
 from assay.trainer.online import RunDir
 from assay.trainer.ppo import Critic, PPOConfig, train
 
+pytestmark = pytest.mark.e2e
+
 SMALL = dict(prompts_per_step=4, samples_per_prompt=2, max_tokens=40, checkpoint_every=1)
 
 
+@pytest.mark.unit
 def test_the_critic_reads_the_reward_models_head_at_every_position():
     orm, tok = load_embedded("orm")
     critic = Critic(orm)

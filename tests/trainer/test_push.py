@@ -15,6 +15,8 @@ import torch
 from assay.clients import Conflict, Unavailable
 from assay.trainer.online import push_weights
 
+pytestmark = pytest.mark.unit
+
 
 @dataclass
 class ScriptedServer:

@@ -7,6 +7,8 @@ from assay.arith.checks import segments, step_labels
 from assay.scoring import outcome_scores
 from assay.trainer.reward_model import RankedGroup, RMConfig, StepExample, train_outcome_rm, train_process_rm
 
+pytestmark = pytest.mark.unit
+
 
 def _cfg(tokenizer, **kw):
     return LlamaConfig(

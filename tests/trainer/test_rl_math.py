@@ -16,6 +16,8 @@ from assay.trainer.rl_math import (
     token_loss,
 )
 
+pytestmark = pytest.mark.unit
+
 NAN = float("nan")
 
 

@@ -8,6 +8,8 @@ import torch
 from assay.arith import world
 from assay.trainer.sft import IGNORE, SFTConfig, collate, encode_example, lr_lambda, train_sft
 
+pytestmark = pytest.mark.unit
+
 
 def test_prompt_tokens_are_masked_and_completion_ends_with_eos(tokenizer):
     ids, labels = encode_example(tokenizer, "Q: 1+2 A: ", "1+2=3 #### 3")

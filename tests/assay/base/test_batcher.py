@@ -10,6 +10,8 @@ import pytest
 from assay.base.batcher import Batcher, BatchTimes
 from assay.base.errors import InvalidRequest, Overloaded
 
+pytestmark = pytest.mark.unit
+
 
 def run(coro):
     return asyncio.run(coro)

@@ -10,6 +10,8 @@ import pytest
 from assay.base.errors import NotReady, Overloaded
 from assay.base.metrics import RequestMetrics, Timer
 
+pytestmark = pytest.mark.unit
+
 
 def recorded(metrics: RequestMetrics, code: str) -> float | None:
     return metrics.registry.get_sample_value("test_requests_total", {"route": "/r", "model": "m", "code": code})

@@ -9,7 +9,6 @@ import asyncio
 import io
 import logging
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -24,6 +23,9 @@ from assay.rm_server.protocol import ErrorResponse, ErrorType
 from assay.rm_server.server import BackgroundServer as RewardBackgroundServer
 from assay.rm_server.server import RewardServer, error_reply
 from assay.rm_server.config import ServerConfig
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.service
 
 RULES = """
 rewards:
@@ -93,6 +95,7 @@ def test_a_malformed_message_in_a_stream_gets_invalid_argument(server):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
 
 
+@pytest.mark.unit
 def test_the_policy_service_refuses_malformed_bytes_the_same_way():
     from assay.policy_server.grpc_api import describe
     from assay.base.grpc_serve import MalformedMessage
@@ -164,6 +167,7 @@ def test_an_unexpected_error_answers_500_in_the_protocol_shape_and_logs_one_line
     assert len(log) < 10_000, len(log)
 
 
+@pytest.mark.unit
 def test_a_traceback_is_logged_once_per_site_and_kept_at_debug():
     out = io.StringIO()
     logger = logging.getLogger("test.one-traceback")
@@ -192,7 +196,7 @@ def test_the_drain_refuses_new_work_and_cuts_off_what_runs_with_the_typed_503():
     with background as faulty, httpx.Client(base_url=faulty.http.url, timeout=60) as client, \
             ThreadPoolExecutor(4) as pool:  # fmt: skip
         running = [pool.submit(client.get, "/slow") for _ in range(3)]
-        _until(lambda: faulty.http.gate.in_flight == 3)
+        wait_for(lambda: faulty.http.gate.in_flight == 3, 60)
         # no time to finish (0 s): all three are cut off at once
         asyncio.run_coroutine_threadsafe(faulty.http.drain(0), background._loop).result(timeout=60)
         answers = [r.result(timeout=60) for r in running]
@@ -209,19 +213,12 @@ def test_the_drain_lets_what_runs_finish_within_its_time():
     with background as faulty, httpx.Client(base_url=faulty.http.url, timeout=60) as client, \
             ThreadPoolExecutor(4) as pool:  # fmt: skip
         running = [pool.submit(client.get, "/slow") for _ in range(3)]
-        _until(lambda: faulty.http.gate.in_flight == 3)
+        wait_for(lambda: faulty.http.gate.in_flight == 3, 60)
         draining = asyncio.run_coroutine_threadsafe(faulty.http.drain(600), background._loop)
-        _until(lambda: faulty.http.gate.draining)
+        wait_for(lambda: faulty.http.gate.draining, 60)
         late = client.get("/slow")
         background._loop.call_soon_threadsafe(faulty.release.set)
         answers = [r.result(timeout=60) for r in running]
         draining.result(timeout=60)
     assert [r.json() for r in answers] == [{"done": True}] * 3
     assert late.status_code == 503
-
-
-def _until(condition, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.01)

@@ -4,7 +4,6 @@ import asyncio
 import hashlib
 import os
 import threading
-import time
 
 import pytest
 
@@ -18,6 +17,9 @@ from assay.rm_server.rewards.rules import (
 from assay.rm_server.spec import (
     ArithStepsSpec, ExactMatchSpec, JsonSchemaSpec, LengthPenaltySpec, MathEqualSpec, RegexSpec,
 )
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.unit
 
 HASH_ANSWER = r"####\s*(-?\d+)\s*$"  # the embedded spec's answer_pattern
 
@@ -124,18 +126,11 @@ def test_math_equal_timeout_is_a_typed_failure():
 STUCK = (hashlib.pbkdf2_hmac, ("sha256", b"x", b"y", 10**9))
 
 
-def _wait_for(cond, timeout=60.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_a_task_stuck_in_c_code_is_stopped_at_its_limit_and_its_worker_replaced(math_equal):
     before = set(mathpool.worker_pids())
     with pytest.raises(mathpool.Stopped):
         asyncio.run(mathpool.call(id(math_equal), *STUCK, limit_s=0.5))
-    _wait_for(lambda: len(mathpool.worker_pids()) == mathpool.POOL_WORKERS)
+    wait_for(lambda: len(mathpool.worker_pids()) == mathpool.POOL_WORKERS, 60)
     assert len(before - set(mathpool.worker_pids())) == 1  # the stuck worker was killed, not waited for
     assert values(score(math_equal, [Item("p", "7", "7")])) == [1.0]
 
@@ -151,7 +146,7 @@ def test_a_cancelled_caller_stops_its_running_task(math_equal):
 
     before = set(mathpool.worker_pids())
     asyncio.run(cancel_while_running())
-    _wait_for(lambda: len(before - set(mathpool.worker_pids())) == 1)
+    wait_for(lambda: len(before - set(mathpool.worker_pids())) == 1, 60)
     assert values(score(math_equal, [Item("p", "7", "7")])) == [1.0]
 
 

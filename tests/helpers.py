@@ -1,0 +1,98 @@
+"""Helpers the tests share: waiting for a server or a condition, an event loop on a thread for the
+async servers that synchronous tests drive, and torch's thread count.
+
+A port to bind comes from `assay.services.free_port`, as the product picks its own; fixtures live
+in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 300, log: Path | None = None) -> None:
+    """Poll `url`/ready until it answers 200; fail with the process's output (its pipe, or the tail
+    of `log` where it writes to a file) if it exits first or is not ready within `timeout_s`.
+    The default is generous: a server loading its models on a busy 2-core machine takes minutes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"the server exited while starting:\n{_output(proc, log)}"
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the server was not ready within {timeout_s:g} s:\n{_output(proc, log)}"
+        time.sleep(0.2)
+
+
+def _output(proc: subprocess.Popen, log: Path | None) -> str:
+    if log is not None:
+        return log.read_text(errors="replace")[-3000:]
+    if proc.stdout is not None and proc.poll() is not None:  # reading a live process's pipe would block
+        return proc.stdout.read()
+    return "(output not captured)"
+
+
+def wait_for(
+    condition: Callable[[], object], timeout_s: float, what: str = "condition not reached", every_s: float = 0.05
+) -> None:
+    """Call `condition` every `every_s` until it is true; fail saying `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(every_s)
+
+
+class LoopThread:
+    """An asyncio event loop running on a thread of its own, for the length of a `with` block."""
+
+    def __enter__(self) -> LoopThread:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float = 10) -> Any:
+        """Run `coro` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@contextmanager
+def grpc_served(loop: LoopThread, start: Coroutine[Any, Any, tuple[Any, int]]) -> Iterator[grpc.Channel]:
+    """A channel to the grpc.aio server that `start` starts on `loop` (it answers the server and its
+    port: a service's `start_grpc_server(...)`); the server is stopped after the block."""
+    server, port = loop.run(start)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        loop.run(server.stop(None))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` for the block, and restored after it."""
+    import torch  # here, not at the top: the helpers serve the torch-free client tests too
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
