@@ -133,11 +133,11 @@ class LocalServices:
         rm_grpc_port = free_port() if rm_grpc else -1
         spec = spec_for_policy_port(policy_port, tmp)
         env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads)}
-        rm = _launch("assay.rm_server", ["--port", str(rm_port), "--grpc-port", str(rm_grpc_port), "--spec", str(spec),
+        rm = _launch("rm_server", ["--port", str(rm_port), "--grpc-port", str(rm_grpc_port), "--spec", str(spec),
                                    "--log-level", "warning", *rm_args], tmp, env)  # fmt: skip
         if rm_grpc:
             rm.grpc_target = f"127.0.0.1:{rm_grpc_port}"
-        policy = _launch("assay.policy_server", ["--port", str(policy_port), "--rm-url", rm.url,
+        policy = _launch("policy_server", ["--port", str(policy_port), "--rm-url", rm.url,
                                            "--torch-threads", str(torch_threads), "--log-level", "warning",
                                            *policy_args], tmp, env)  # fmt: skip
         services = cls(rm, policy, workdir)
@@ -166,10 +166,11 @@ class LocalServices:
         self.stop()
 
 
-def _launch(module: str, args: list[str], tmp: Path, env: dict[str, str]) -> Service:
+def _launch(name: str, args: list[str], tmp: Path, env: dict[str, str]) -> Service:
+    """`python -m assay.<name>`, its output in `<name>.log`."""
     port = args[args.index("--port") + 1]
-    log = tmp / f"{module}.log"
-    argv = [sys.executable, "-m", module, *args]
+    log = tmp / f"{name}.log"
+    argv = [sys.executable, "-m", f"assay.{name}", *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return Service(module, f"http://127.0.0.1:{port}", proc, log, argv, env)
+    return Service(name, f"http://127.0.0.1:{port}", proc, log, argv, env)
