@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install run test test-fast reliability models eval clean
+.PHONY: install run lint test test-fast reliability models eval clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,13 @@ install: $(VENV)/.installed
 
 run: install
 	$(VENV)/bin/assay run
+
+# What CI checks before the tests: ruff's lint and formatter (settings in pyproject.toml), then mypy (strict on
+# the clients, search and the wire types; tools/typecheck.py lays out the package as package-dir maps it).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) tools/typecheck.py
 
 # Two workers, whole test files each (tests in one file share their servers): much of the suite
 # waits on servers starting in subprocesses, so two workers on two cores take about 2/3 the time.
@@ -39,4 +46,4 @@ eval: install
 	$(VENV)/bin/assay eval
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build/typecheck

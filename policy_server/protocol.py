@@ -21,9 +21,10 @@ Nothing heavy is imported here (no torch), so clients and tests can import these
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic.json_schema import JsonDict
 
 MAX_SEED = 2**63 - 1
 # search.STRATEGIES' names (a test keeps the two equal; importing search here would not be light)
@@ -31,12 +32,12 @@ SEARCH_STRATEGIES = ("best_of_n", "weighted_best_of_n", "majority", "refine", "b
 NO_REWARD_STRATEGIES = ("majority",)  # they score nothing
 
 # schemas of what serving refuses with its own messages
-_TEXT = {"type": "string", "minLength": 1}
-_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
-_PROMPT = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1}, _TOKEN_IDS,
+_TEXT: JsonDict = {"type": "string", "minLength": 1}
+_TOKEN_IDS: JsonDict = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_PROMPT: JsonDict = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1}, _TOKEN_IDS,
                      {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]}  # fmt: skip
-_STOP = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}]}
-_NEUTRAL = {"maxProperties": 0}  # an object field accepted only empty (or null)
+_STOP: JsonDict = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}]}
+_NEUTRAL: JsonDict = {"maxProperties": 0}  # an object field accepted only empty (or null)
 
 
 class _Wire(BaseModel):
@@ -61,14 +62,14 @@ class _Sampling(_Wire):
     return_token_ids: bool = Field(default=False, description="Extension: return prompt and completion token ids.")
     # OpenAI fields accepted at their neutral values only (see `_neutral`)
     stream: bool = Field(default=False, json_schema_extra={"const": False})
-    stream_options: dict | None = Field(default=None, json_schema_extra=_NEUTRAL)
+    stream_options: dict[Any, Any] | None = Field(default=None, json_schema_extra=_NEUTRAL)
     presence_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
     frequency_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
     logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=_NEUTRAL)
     user: str | None = None
 
     @model_validator(mode="after")
-    def _neutral(self):
+    def _neutral(self) -> Self:
         if self.stream or self.stream_options:
             raise ValueError("streaming is not supported; send stream=false")
         if self.presence_penalty or self.frequency_penalty:
@@ -97,7 +98,7 @@ class CompletionRequest(_Sampling):
     best_of: int | None = Field(default=None, description="Only equal to n.")
 
     @model_validator(mode="after")
-    def _unsupported(self):
+    def _unsupported(self) -> Self:
         if self.echo:
             raise ValueError("echo is not supported; send echo=false")
         if self.suffix:
@@ -178,7 +179,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, ge=0)
 
     @model_validator(mode="after")
-    def _logprobs(self):
+    def _logprobs(self) -> Self:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:

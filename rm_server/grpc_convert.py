@@ -65,7 +65,9 @@ __all__ = [
 _ENUMS = {"GRANULARITY": pb.Granularity, "ERROR_TYPE": pb.ErrorType, "WINNER": pb.Winner}
 
 
-def _enum_to_proto(prefix: str, value: Enum | str) -> int:
+def _enum_to_proto(prefix: str, value: Enum | str) -> Any:
+    """The proto enum number for a protocol value (typed Any: the generated stubs give each enum field
+    its own class, and which one `prefix` names is known only here, at run time)."""
     text = value.value if isinstance(value, Enum) else value
     return _ENUMS[prefix].Value(f"{prefix}_{text.upper()}")
 

@@ -22,8 +22,10 @@ from assay.search.tracker import Tracker, pick
 def distinct(beams: list[Beam]) -> list[Beam]:
     """The beams with duplicate texts dropped (the first kept): equal prefixes would spend the
     beam slots on one line of reasoning (search-and-learn's `filter_duplicates`)."""
-    seen: set[str] = set()
-    return [b for b in beams if not (b.text in seen or seen.add(b.text))]
+    first: dict[str, Beam] = {}
+    for b in beams:
+        first.setdefault(b.text, b)
+    return list(first.values())
 
 
 def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,
