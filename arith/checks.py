@@ -49,10 +49,7 @@ def segments(response: str) -> list[Segment]:
     """
     mark = response.find(ANSWER_MARK)
     work_end = mark if mark >= 0 else len(response)
-    out = [
-        Segment(m.group(0), m.start(), m.end(), False)
-        for m in re.finditer(r"\S+", response[:work_end])
-    ]
+    out = [Segment(m.group(0), m.start(), m.end(), False) for m in re.finditer(r"\S+", response[:work_end])]
     if mark >= 0:
         tail = response[mark:].rstrip()
         out.append(Segment(tail, mark, mark + len(tail), True))

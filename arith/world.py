@@ -121,7 +121,7 @@ def parse_prompt(prompt: str) -> Problem:
     """Recover the problem from its prompt (or its bare expression); ValueError if malformed."""
     text = prompt.strip()
     if text.startswith(PROMPT_PREFIX.strip()):
-        text = text[len(PROMPT_PREFIX.strip()):]
+        text = text[len(PROMPT_PREFIX.strip()) :]
     if text.endswith(PROMPT_SUFFIX.strip()):
         text = text[: -len(PROMPT_SUFFIX.strip())]
     text = text.strip()

@@ -51,8 +51,9 @@ class BuildConfig:
     intermediate_size: int = 512
     # Slips at temperature 1 come from label smoothing (see trainer.sft): the policy's argmax
     # stays right while ~3% of its mass per token goes elsewhere, so samples fail by slipping.
-    policy: SFTConfig = field(default_factory=lambda: SFTConfig(
-        steps=2400, batch_size=64, lr=3e-3, warmup_steps=30, label_smoothing=0.03))
+    policy: SFTConfig = field(
+        default_factory=lambda: SFTConfig(steps=2400, batch_size=64, lr=3e-3, warmup_steps=30, label_smoothing=0.03)
+    )
     rollout_problems: int = 2048  # training problems the policy samples on for RM data
     rollouts_per_problem: int = 4
     prm: SFTConfig = field(default_factory=lambda: SFTConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=20))
@@ -130,9 +131,7 @@ def prefix_examples(data: list[tuple[world.Problem, list[Sample]]]) -> list[Step
     return out
 
 
-def verifier_examples(
-    data: list[tuple[world.Problem, list[Sample]]], seed: int
-) -> Iterator[tuple[str, str]]:
+def verifier_examples(data: list[tuple[world.Problem, list[Sample]]], seed: int) -> Iterator[tuple[str, str]]:
     """Balanced yes/no examples, drawn forever in a seeded order."""
     yes, no = [], []
     for prob, samples in data:
@@ -215,7 +214,9 @@ def build(
     verifier = LlamaForCausalLM(llama_config(tokenizer, cfg))
     verifier.lm_head.load_state_dict(policy.lm_head.state_dict())
     verifier.model.load_state_dict(prm.model.state_dict())
-    train_sft(verifier, tokenizer, verifier_examples(data, cfg.seed), cfg.verifier, tick("verifier", cfg.verifier.steps))
+    train_sft(
+        verifier, tokenizer, verifier_examples(data, cfg.seed), cfg.verifier, tick("verifier", cfg.verifier.steps)
+    )
     save(verifier, out_dir / "verifier")
     stage("verifier", t0)
     return timings

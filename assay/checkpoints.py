@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from transformers.utils import logging as hf_logging
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -21,6 +20,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from assay import arith
 
@@ -62,16 +62,12 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(
-    path: str | Path, kind: Kind
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(path: str | Path, kind: Kind) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model of `kind` and its tokenizer from a local directory, in eval mode."""
     path = Path(path)
     _check_dir(path)
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
-        raise CheckpointError(
-            f"{path}: no safetensors weights found (expected one of {', '.join(_WEIGHT_FILES)})."
-        )
+        raise CheckpointError(f"{path}: no safetensors weights found (expected one of {', '.join(_WEIGHT_FILES)}).")
     try:
         config = AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -98,8 +94,9 @@ def load_model(
     return model.eval(), tokenizer
 
 
-def _check_complete(path: Path, kind: Kind, model: PreTrainedModel, missing: set[str],
-                    architectures: list[str] | None) -> None:
+def _check_complete(
+    path: Path, kind: Kind, model: PreTrainedModel, missing: set[str], architectures: list[str] | None
+) -> None:
     """Refuse a checkpoint that lacks some of the model's weights: transformers would initialise them
     at random (a classifier checkpoint loaded as a causal LM gets a random LM head) and the model
     would run, producing garbage. A tied weight (lm_head sharing embed_tokens' storage) that the

@@ -120,7 +120,9 @@ def models_build(
                 tasks[stage] = bar.add_task(stage, total=total, loss=float("nan"))
             bar.update(tasks[stage], completed=step, loss=loss)
 
-        timings = build(target, BuildConfig(seed=seed), log=bar.console.print, progress=on_step, skip_policy=skip_policy)
+        timings = build(
+            target, BuildConfig(seed=seed), log=bar.console.print, progress=on_step, skip_policy=skip_policy
+        )
     console.print(f"built {', '.join(timings)} in {sum(timings.values()):.0f}s -> {target}")
 
 

@@ -101,8 +101,10 @@ def options(cls: type, *, defaults: Mapping[str, Any] | None = None, exclude: tu
     seen: dict[str, tuple[str, ...]] = {}
     for o in opts:
         if o.name in seen:
-            raise TypeError(f"{cls.__name__}: fields {'.'.join(seen[o.name])} and {'.'.join(o.path)} are both "
-                            f"--{o.name.replace('_', '-')}; give one a metadata flag")  # fmt: skip
+            raise TypeError(
+                f"{cls.__name__}: fields {'.'.join(seen[o.name])} and {'.'.join(o.path)} are both "
+                f"--{o.name.replace('_', '-')}; give one a metadata flag"
+            )
         seen[o.name] = o.path
     return opts
 
@@ -116,8 +118,9 @@ def build(cls: type[T], *layers: Mapping[str, Any] | None) -> T:
     return _build(cls, merged)
 
 
-def _options(cls: type, prefix: tuple[str, ...], panel: str | None, defaults: Mapping[str, Any],
-             exclude: set[str]) -> Iterator[Option]:  # fmt: skip
+def _options(
+    cls: type, prefix: tuple[str, ...], panel: str | None, defaults: Mapping[str, Any], exclude: set[str]
+) -> Iterator[Option]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         path = (*prefix, f.name)
@@ -146,13 +149,17 @@ def _option(path: tuple[str, ...], f: dataclasses.Field, kind: Any, default: Any
         annotation, extra["parser"] = inner, functools.partial(_number_or_none, inner)
         extra["metavar"] = f"{inner.__name__.upper()}|none"
     elif inner not in (str, int, float, bool, Path) and typing.get_origin(inner) is not Literal:
-        raise TypeError(f"field {'.'.join(path)}: no option for type {kind!r}; set metadata cli=False "
-                        "and give the command an option of its own")  # fmt: skip
+        raise TypeError(
+            f"field {'.'.join(path)}: no option for type {kind!r}; set metadata cli=False "
+            "and give the command an option of its own"
+        )
     decls = [f"--{flag}/--no-{flag}"] if inner is bool else [f"--{flag}"]
-    info = typer.Option(default, *decls, help=f.metadata["help"], envvar=f.metadata.get("env"),
-                        rich_help_panel=panel, **extra)  # fmt: skip
-    return Option(name, path, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info,
-                                                annotation=annotation))  # fmt: skip
+    info = typer.Option(
+        default, *decls, help=f.metadata["help"], envvar=f.metadata.get("env"), rich_help_panel=panel, **extra
+    )
+    return Option(
+        name, path, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+    )
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -70,7 +70,7 @@ def auroc(scores: list[float], labels: list[bool]) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def _pairwise(r: list[float], labels: list[bool], cfg: "EvalConfig", use_bad) -> float:
+def _pairwise(r: list[float], labels: list[bool], cfg: EvalConfig, use_bad) -> float:
     """Share of (correct, incorrect) pairs of the same problem the scores order right (ties half)."""
     wins, pairs = 0.0, 0
     for i in range(cfg.problems):
@@ -94,8 +94,9 @@ def evaluate(cfg: EvalConfig = EvalConfig()) -> dict[str, float]:
     }
 
     # The reward models see the first `scored` samples of every problem.
-    scored = [(p, s.text, ok) for p, ss, cs in zip(problems, samples, correct)
-              for s, ok in list(zip(ss, cs))[: cfg.scored]]
+    scored = [
+        (p, s.text, ok) for p, ss, cs in zip(problems, samples, correct) for s, ok in list(zip(ss, cs))[: cfg.scored]
+    ]
     labels = [ok for _, _, ok in scored]
 
     orm, tok = load_embedded("orm", cfg.checkpoints)
@@ -130,4 +131,3 @@ def evaluate(cfg: EvalConfig = EvalConfig()) -> dict[str, float]:
 
 def meets_targets(figures: dict[str, float]) -> dict[str, bool]:
     return {k: lo <= figures[k] <= hi for k, (lo, hi) in TARGETS.items()}
-

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-
 GREEDY_BELOW = 1e-5
 
 
@@ -150,7 +149,5 @@ def sample(
     flat = [p for p in prompts for _ in range(n)]
     results: list[Sample] = []
     for start in range(0, len(flat), batch_size):
-        results.extend(
-            sample_batch(model, tokenizer, flat[start : start + batch_size], params, generator)
-        )
+        results.extend(sample_batch(model, tokenizer, flat[start : start + batch_size], params, generator))
     return [results[i * n : (i + 1) * n] for i in range(len(prompts))]

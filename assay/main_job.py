@@ -19,8 +19,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from assay.arith import world
-from assay.services import LocalServices
 from assay.clients.policy import PolicyClient
+from assay.services import LocalServices
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,10 @@ def run(problems: int = 64, n: int = 8, seed: int = 0, in_flight: int = 4, conso
     started = time.perf_counter()
     console.print("starting rm_server and policy_server on loopback ...")
     with LocalServices.start() as services:
-        console.print(f"rm_server {services.rm_url}, policy_server {services.policy_url} "
-                      f"(ready in {time.perf_counter() - started:.1f}s)")  # fmt: skip
+        console.print(
+            f"rm_server {services.rm_url}, policy_server {services.policy_url} "
+            f"(ready in {time.perf_counter() - started:.1f}s)"
+        )
         results = {}
         with PolicyClient.http(services.policy_url, timeout_s=600) as client, Progress(console=console) as bar:
             for row in plan:
@@ -81,16 +83,26 @@ def _run_row(client: PolicyClient, row: Row, tasks, seed: int, in_flight: int, t
     def one(index: int) -> tuple[float, int, bool | None]:
         task = tasks[index]
         t0 = time.perf_counter()
-        res = client.search(task.prompt, strategy=row.strategy, n=row.n, reward=row.reward,
-                            reference=str(task.answer), seed=seed + index)  # fmt: skip
+        res = client.search(
+            task.prompt,
+            strategy=row.strategy,
+            n=row.n,
+            reward=row.reward,
+            reference=str(task.answer),
+            seed=seed + index,
+        )
         tick()
         correct = None if res.chosen is None else bool(res.candidates[res.chosen].correct)
         return time.perf_counter() - t0, res.usage.generated_tokens, correct
 
     with ThreadPoolExecutor(in_flight) as pool:
         done = list(pool.map(one, range(len(tasks))))
-    return Outcome(correct=sum(c is True for _, _, c in done), failed=sum(c is None for _, _, c in done),
-                   tokens=sum(t for _, t, _ in done), latencies=[s for s, _, _ in done])  # fmt: skip
+    return Outcome(
+        correct=sum(c is True for _, _, c in done),
+        failed=sum(c is None for _, _, c in done),
+        tokens=sum(t for _, t, _ in done),
+        latencies=[s for s, _, _ in done],
+    )
 
 
 def _table(results: dict[Row, Outcome], problems: int, seconds: float) -> Table:
@@ -101,6 +113,13 @@ def _table(results: dict[Row, Outcome], problems: int, seconds: float) -> Table:
         lat = sorted(o.latencies)
         p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
         failed = f" ({o.failed} no answer)" if o.failed else ""
-        table.add_row(row.label, row.reward or "-", str(row.n), f"{o.correct / problems:.1%}{failed}", f"{o.tokens / problems:.0f}",
-                      f"{statistics.median(lat):.2f}s", f"{p95:.2f}s")  # fmt: skip
+        table.add_row(
+            row.label,
+            row.reward or "-",
+            str(row.n),
+            f"{o.correct / problems:.1%}{failed}",
+            f"{o.tokens / problems:.0f}",
+            f"{statistics.median(lat):.2f}s",
+            f"{p95:.2f}s",
+        )
     return table

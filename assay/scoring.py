@@ -17,13 +17,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.arith.verifier import NO, YES
 
-
 # --- the forward passes (with gradients when the caller trains: trainer.reward_model) ---------
 
 
-def outcome_scores(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
-) -> torch.Tensor:
+def outcome_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> torch.Tensor:
     """[len(texts)] one scalar per text, read at its last token (the model pools there)."""
     enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="right")
     # Right padding under a causal mask needs no attention mask (and CPU attention is much
@@ -95,7 +92,9 @@ def verifier_yes_prob(
     no = tokenizer(NO, add_special_tokens=False)["input_ids"][0]
     out: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, padding_side="left")
+        enc = tokenizer(
+            list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, padding_side="left"
+        )
         logits = model(**enc, use_cache=False).logits[:, -1, :]  # [batch, vocab] at the last prompt token
         pair = logits[:, [yes, no]].softmax(-1)
         out.extend(pair[:, 0].tolist())

@@ -17,8 +17,8 @@ from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
 
-from assay.cli_options import build
 from assay.base.connections import BaseServerConfig
+from assay.cli_options import build
 
 console = Console(stderr=True, soft_wrap=True)  # an error naming a long path stays one line
 C = TypeVar("C", bound=BaseServerConfig)

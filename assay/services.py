@@ -123,8 +123,15 @@ class LocalServices:
         return self.policy.url
 
     @classmethod
-    def start(cls, *, policy_args: Sequence[str] = (), rm_args: Sequence[str] = (), timeout_s: float = 180.0,
-              torch_threads: int = 1, rm_grpc: bool = False) -> LocalServices:  # fmt: skip
+    def start(
+        cls,
+        *,
+        policy_args: Sequence[str] = (),
+        rm_args: Sequence[str] = (),
+        timeout_s: float = 180.0,
+        torch_threads: int = 1,
+        rm_grpc: bool = False,
+    ) -> LocalServices:
         """rm_server (embedded spec; its gRPC API too with `rm_grpc`) and policy_server (embedded
         policy and verifier), ready."""
         workdir = tempfile.TemporaryDirectory(prefix="assay-services-")
@@ -133,13 +140,40 @@ class LocalServices:
         rm_grpc_port = str(free_port()) if rm_grpc else "none"
         spec = spec_for_policy_port(policy_port, tmp)
         env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads)}
-        rm = _launch("rm_server", ["--port", str(rm_port), "--grpc-port", rm_grpc_port, "--spec", str(spec),
-                                   "--log-level", "warning", *rm_args], tmp, env)  # fmt: skip
+        rm = _launch(
+            "rm_server",
+            [
+                "--port",
+                str(rm_port),
+                "--grpc-port",
+                rm_grpc_port,
+                "--spec",
+                str(spec),
+                "--log-level",
+                "warning",
+                *rm_args,
+            ],
+            tmp,
+            env,
+        )
         if rm_grpc:
             rm.grpc_target = f"127.0.0.1:{rm_grpc_port}"
-        policy = _launch("policy_server", ["--port", str(policy_port), "--rm-url", rm.url,
-                                           "--torch-threads", str(torch_threads), "--log-level", "warning",
-                                           *policy_args], tmp, env)  # fmt: skip
+        policy = _launch(
+            "policy_server",
+            [
+                "--port",
+                str(policy_port),
+                "--rm-url",
+                rm.url,
+                "--torch-threads",
+                str(torch_threads),
+                "--log-level",
+                "warning",
+                *policy_args,
+            ],
+            tmp,
+            env,
+        )
         services = cls(rm, policy, workdir)
         try:
             rm.wait_ready(timeout_s)

@@ -75,8 +75,14 @@ async def run(prompts: int, repeats: int, want_vllm: bool) -> None:
         with torch.inference_mode():
             for start in range(0, len(texts), BATCH):
                 batch = tokenizer(texts[start : start + BATCH], return_tensors="pt", padding=True)
-                out = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=MAX_TOKENS,
-                                     pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                out = model.generate(
+                    **batch,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    max_new_tokens=MAX_TOKENS,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
                 new = out[:, batch["input_ids"].shape[1] :]
                 for row in new.tolist():  # up to and including eos; padding after it is not generated
                     eos = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
@@ -98,8 +104,10 @@ async def run(prompts: int, repeats: int, want_vllm: bool) -> None:
         await b.close()
 
     base = statistics.median(rows["raw model.generate"])
-    table = Table(title=f"Generation throughput: {prompts} prompts x 1 sample, <= {MAX_TOKENS} new tokens, T=1.0, "
-                        f"embedded policy, 1 torch thread, median of {repeats}")  # fmt: skip
+    table = Table(
+        title=f"Generation throughput: {prompts} prompts x 1 sample, <= {MAX_TOKENS} new tokens, T=1.0, "
+        f"embedded policy, 1 torch thread, median of {repeats}"
+    )
     for col in ("path", "tokens/s", "x raw generate", "runs"):
         table.add_column(col, justify="left" if col == "path" else "right")
     for label, xs in rows.items():

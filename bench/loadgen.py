@@ -98,8 +98,10 @@ async def _run_job(job: Job) -> Result:
 
 
 def _http_bodies(job: Job) -> list[bytes]:
-    return [json.dumps({"reward": "orm", "items": [{"id": i, "prompt": p, "response": r}]}).encode()
-            for i, p, r in job.items]  # fmt: skip
+    return [
+        json.dumps({"reward": "orm", "items": [{"id": i, "prompt": p, "response": r}]}).encode()
+        for i, p, r in job.items
+    ]
 
 
 def _scored(status: int, body: bytes) -> bool:
@@ -306,24 +308,48 @@ class Window:
         return f"{self.load_cores:.2f} / {self.server_cores:.2f} ({self.loop_cores:.2f}) / {self.other_cores:.2f}"
 
 
-def measure(kind: str, target: str, plan: Plan, items, server_pid: int, *, rate: float = 0.0,
-            metrics_url: str | None = None, at_edge=None) -> Window:  # fmt: skip
+def measure(
+    kind: str,
+    target: str,
+    plan: Plan,
+    items,
+    server_pid: int,
+    *,
+    rate: float = 0.0,
+    metrics_url: str | None = None,
+    at_edge=None,
+) -> Window:
     """One window of load from `plan.procs` worker processes."""
     ctx = mp.get_context("spawn")  # no fork: this process may hold torch's thread pool
     start_at = time.monotonic() + 1.5  # spawn, imports, connect
     pipes, procs = [], []
     shares = [plan.concurrency // plan.procs + (p < plan.concurrency % plan.procs) for p in range(plan.procs)]
     for p, conc in enumerate(shares):
-        job = Job(kind, target, 4 * conc if kind == "http-open" else conc, start_at, plan.warmup_s, plan.duration_s,
-                  items[p :: plan.procs], plan.http_client, rate / plan.procs, plan.streams, seed=p)  # fmt: skip
+        job = Job(
+            kind,
+            target,
+            4 * conc if kind == "http-open" else conc,
+            start_at,
+            plan.warmup_s,
+            plan.duration_s,
+            items[p :: plan.procs],
+            plan.http_client,
+            rate / plan.procs,
+            plan.streams,
+            seed=p,
+        )
         recv, send = ctx.Pipe(duplex=False)
         procs.append(ctx.Process(target=_worker, args=(job, send), daemon=True))
         procs[-1].start()
         pipes.append(recv)
     begin = start_at + plan.warmup_s
     time.sleep(max(0.0, begin - time.monotonic()))
-    snap = lambda: (busy_seconds(), cpu_seconds(server_pid), cpu_seconds(server_pid, server_pid),
-                    batch_stats(metrics_url) if metrics_url else (0.0, 0.0))  # fmt: skip
+    snap = lambda: (
+        busy_seconds(),
+        cpu_seconds(server_pid),
+        cpu_seconds(server_pid, server_pid),
+        batch_stats(metrics_url) if metrics_url else (0.0, 0.0),
+    )
     s0 = snap()
     if at_edge:
         at_edge("begin")

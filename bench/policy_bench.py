@@ -43,7 +43,6 @@ def search_overhead(problems: int, n: int = 16) -> Table:
 
     from assay.arith import world
     from assay.checkpoints import EMBEDDED
-    from assay.services import LocalServices
     from assay.clients.policy import PolicyClient
     from assay.policy_server.backends import GenerationRequest
     from assay.policy_server.backends.hf import HFBackend
@@ -51,6 +50,7 @@ def search_overhead(problems: int, n: int = 16) -> Table:
     from assay.rm_server.rewards import build_rewards
     from assay.rm_server.serving import RewardService
     from assay.rm_server.spec import load_spec
+    from assay.services import LocalServices
 
     torch.set_num_threads(1)
     tasks = world.eval_problems(problems)
@@ -64,9 +64,9 @@ def search_overhead(problems: int, n: int = 16) -> Table:
     def parts(prompt: str, seed: int) -> tuple[float, float]:
         ids = backend.encode(prompt)
         t0 = time.perf_counter()
-        outs = loop.run_until_complete(backend.generate(
-            [GenerationRequest(ids, max_tokens=48, temperature=1.0, seed=seed + j) for j in range(n)]
-        ))  # fmt: skip
+        outs = loop.run_until_complete(
+            backend.generate([GenerationRequest(ids, max_tokens=48, temperature=1.0, seed=seed + j) for j in range(n)])
+        )
         t1 = time.perf_counter()
         items = [ScoreItem(id=str(j), prompt=prompt, response=o.text) for j, o in enumerate(outs)]
         reply = loop.run_until_complete(scoring.score(ScoreRequest(reward="orm", items=items)))
@@ -86,17 +86,25 @@ def search_overhead(problems: int, n: int = 16) -> Table:
     loop.run_until_complete(backend.close())
     loop.run_until_complete(scoring.close())
     parts_s = [g + s for g, s in zip(gen_s, score_s)]
-    table = Table(title=f"/v1/search best-of-{n} (outcome RM) vs its parts in-process, {problems} problems, "
-                        "one at a time, medians")  # fmt: skip
+    table = Table(
+        title=f"/v1/search best-of-{n} (outcome RM) vs its parts in-process, {problems} problems, "
+        "one at a time, medians"
+    )
     for col in ("what", "median ms", "p90 ms"):
         table.add_column(col, justify="left" if col == "what" else "right")
-    for label, xs in (("generate 16 (HFBackend, in-process)", gen_s), ("score 16 (RewardService, in-process)", score_s),
-                      ("parts: generate + score", parts_s), ("POST /v1/search over HTTP", search_s)):  # fmt: skip
+    for label, xs in (
+        ("generate 16 (HFBackend, in-process)", gen_s),
+        ("score 16 (RewardService, in-process)", score_s),
+        ("parts: generate + score", parts_s),
+        ("POST /v1/search over HTTP", search_s),
+    ):
         table.add_row(label, f"{1000 * statistics.median(xs):.1f}", f"{1000 * _p90(xs):.1f}")
     overhead = statistics.median(search_s) / statistics.median(parts_s) - 1
     paired = statistics.median(s / p - 1 for s, p in zip(search_s, parts_s))
-    table.caption = (f"orchestration overhead: {overhead:+.1%} (ratio of medians), {paired:+.1%} (median of "
-                     f"per-problem ratios); target <= +25%")  # fmt: skip
+    table.caption = (
+        f"orchestration overhead: {overhead:+.1%} (ratio of medians), {paired:+.1%} (median of "
+        f"per-problem ratios); target <= +25%"
+    )
     return table
 
 
@@ -118,8 +126,16 @@ def big_checkpoint(out: Path, hidden: int = 1024, layers: int = 12) -> Path:
 
     src = EMBEDDED["policy"][1]
     config = AutoConfig.from_pretrained(src)
-    config.update({"hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
-                   "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": hidden // 16})  # fmt: skip
+    config.update(
+        {
+            "hidden_size": hidden,
+            "intermediate_size": 4 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+            "head_dim": hidden // 16,
+        }
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     for f in src.iterdir():
         if f.name.startswith("tokenizer") or f.suffix == ".jinja":
@@ -131,8 +147,8 @@ def weight_updates(repeats: int, big: bool) -> Table:
     from safetensors.torch import load_file
 
     from assay.checkpoints import EMBEDDED
-    from assay.services import LocalServices
     from assay.clients.policy import PolicyClient
+    from assay.services import LocalServices
 
     table = Table(title="Full-checkpoint weight updates (client wall clock, request to reply)")
     for col in ("model", "MB", "way in", "median s", "MB/s", "server s (median)"):
@@ -145,10 +161,14 @@ def weight_updates(repeats: int, big: bool) -> Table:
             state = load_file(path / "model.safetensors")
             size = sum(t.numel() * t.element_size() for t in state.values()) / 1e6
             args = ["--weights-dir", str(path)] + ([] if label == "embedded policy" else ["--model", str(path)])
-            with LocalServices.start(policy_args=args) as services, \
-                 PolicyClient.http(services.policy_url, timeout_s=600) as client:  # fmt: skip
-                for way, push in (("HTTP stream", lambda: client.update_weights(state)),
-                                  ("server path", lambda: client.load_weights(str(path)))):  # fmt: skip
+            with (
+                LocalServices.start(policy_args=args) as services,
+                PolicyClient.http(services.policy_url, timeout_s=600) as client,
+            ):
+                for way, push in (
+                    ("HTTP stream", lambda: client.update_weights(state)),
+                    ("server path", lambda: client.load_weights(str(path))),
+                ):
                     walls, server = [], []
                     for _ in range(repeats + 1):  # the first is a warm-up
                         t0 = time.perf_counter()
@@ -156,8 +176,14 @@ def weight_updates(repeats: int, big: bool) -> Table:
                         walls.append(time.perf_counter() - t0)
                         server.append(reply.seconds)
                     wall = statistics.median(walls[1:])
-                    table.add_row(label, f"{size:.1f}", way, f"{wall:.3f}", f"{size / wall:.0f}",
-                                  f"{statistics.median(server[1:]):.3f}")  # fmt: skip
+                    table.add_row(
+                        label,
+                        f"{size:.1f}",
+                        way,
+                        f"{wall:.3f}",
+                        f"{size / wall:.0f}",
+                        f"{statistics.median(server[1:]):.3f}",
+                    )
     return table
 
 

@@ -162,8 +162,9 @@ METHODS = (
 )
 
 
-def select_curve(pools: Sequence[Pooled], method: Method, ns: Sequence[int], params: GenParams,
-                 resamples: int, seed: int) -> dict[int, tuple[list[float], list[float]]]:  # fmt: skip
+def select_curve(
+    pools: Sequence[Pooled], method: Method, ns: Sequence[int], params: GenParams, resamples: int, seed: int
+) -> dict[int, tuple[list[float], list[float]]]:
     """N -> (per-problem accuracy, per-problem generated tokens), each the mean over subsets.
 
     Every subset is replayed through the strategy's own `run()`. The subsets depend only on
@@ -250,8 +251,9 @@ def gap_closed(acc: float, pass1: float, pass_n: float) -> float:
 # --- the model parts --------------------------------------------------------------------------
 
 
-def tree_curve(problems, method: Method, generator, scorer, ns: Sequence[int], seed: int,
-               log) -> tuple[dict[int, tuple[list[float], list[float]]], dict[int, float]]:  # fmt: skip
+def tree_curve(
+    problems, method: Method, generator, scorer, ns: Sequence[int], seed: int, log
+) -> tuple[dict[int, tuple[list[float], list[float]]], dict[int, float]]:
     """Run the tree search for real at each N; (N -> per-problem (accuracy, tokens), N -> seconds)."""
     run = STRATEGIES[method.strategy]
     out: dict[int, tuple[list[float], list[float]]] = {}
@@ -266,8 +268,10 @@ def tree_curve(problems, method: Method, generator, scorer, ns: Sequence[int], s
             tok.append(float(r.usage.generated_tokens))
         seconds[n] = time.perf_counter() - t0
         out[n] = (acc, tok)
-        log(f"  {method.label:<10} N={n:<3} acc {statistics.mean(acc):.3f}  {statistics.mean(tok):7.0f} tok/problem  "
-            f"{seconds[n]:6.1f} s ({seconds[n] / len(problems) * 1000:.0f} ms/problem)")  # fmt: skip
+        log(
+            f"  {method.label:<10} N={n:<3} acc {statistics.mean(acc):.3f}  {statistics.mean(tok):7.0f} tok/problem  "
+            f"{seconds[n]:6.1f} s ({seconds[n] / len(problems) * 1000:.0f} ms/problem)"
+        )
     return out, seconds
 
 
@@ -282,7 +286,7 @@ def sem(xs: Sequence[float]) -> float:
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([line(header), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|", *map(line, rows)])
 
 
@@ -313,7 +317,9 @@ def plot(path: Path, ns, curves, pass_n, pass1, methods, title: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--problems", type=int, default=128, help="held-out problems (default 128)")
     ap.add_argument("--max-n", type=int, default=64, help="largest N, a power of two <= 64 (default 64)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (pool, subsets, tree searches)")
@@ -338,11 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     walls: dict[str, float] = {}
-    log = lambda s: print(s, flush=True)  # noqa: E731
+    log = lambda s: print(s, flush=True)
 
     problems = world.eval_problems(args.problems)
-    log(f"{len(problems)} held-out problems (arith.world.eval_problems), pool M={POOL}, N in {ns}, "
-        f"resamples >= {args.resamples}, tree search on {tree_problems} problems, seed {args.seed}, torch threads 1")  # fmt: skip
+    log(
+        f"{len(problems)} held-out problems (arith.world.eval_problems), pool M={POOL}, N in {ns}, "
+        f"resamples >= {args.resamples}, tree search on {tree_problems} problems, seed {args.seed}, torch threads 1"
+    )
 
     # 1. the pool: the exact GenParams best-of-N / majority use with SearchConfig's defaults
     t0 = time.perf_counter()
@@ -386,15 +394,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_problem[m.key] = {n: a for n, (a, _) in res.items()}
         tokens[m.key] = {n: mean(t) for n, (_, t) in res.items()}
         walls[f"replay ({m.label})"] = time.perf_counter() - t0
-        log(f"{m.label:<14} " + "  ".join(f"N={n}: {curves[m.key][n]:.3f}" for n in ns)
-            + f"   ({walls[f'replay ({m.label})']:.1f} s)")  # fmt: skip
+        log(
+            f"{m.label:<14} "
+            + "  ".join(f"N={n}: {curves[m.key][n]:.3f}" for n in ns)
+            + f"   ({walls[f'replay ({m.label})']:.1f} s)"
+        )
 
     # 4. tree searches, for real
     tree_seconds: dict[str, dict[int, float]] = {}
     for m in (m for m in METHODS if m.kind == "tree"):
         t0 = time.perf_counter()
         log(f"{m.label} on {tree_problems} problems:")
-        res, tree_seconds[m.key] = tree_curve(problems[:tree_problems], m, generator, scorers["prm"], ns, args.seed, log)
+        res, tree_seconds[m.key] = tree_curve(
+            problems[:tree_problems], m, generator, scorers["prm"], ns, args.seed, log
+        )
         curves[m.key] = {n: mean(a) for n, (a, _) in res.items()}
         per_problem[m.key] = {n: a for n, (a, _) in res.items()}
         tokens[m.key] = {n: mean(t) for n, (_, t) in res.items()}
@@ -416,28 +429,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         if m.kind == "tree" and tree_problems < len(problems):
             gaps[m.key] = gap_closed(curves[m.key][gap_n], sub_pass1, sub_pass_n)
     best = max(METHODS, key=lambda m: gaps[m.key] if not math.isnan(gaps[m.key]) else -math.inf)
-    gap_rows = [[m.label, f"{curves[m.key][gap_n]:.3f} ± {sem(per_problem[m.key][gap_n]):.3f}",
-                 f"{gaps[m.key] * 100:.0f}%"] for m in METHODS]  # fmt: skip
+    gap_rows = [
+        [m.label, f"{curves[m.key][gap_n]:.3f} ± {sem(per_problem[m.key][gap_n]):.3f}", f"{gaps[m.key] * 100:.0f}%"]
+        for m in METHODS
+    ]
     gap_table = markdown_table(["strategy", f"acc@{gap_n} ± s.e.", "gap closed"], gap_rows)
-    verdict = (f"Best at N={gap_n}: **{best.label}** closes **{gaps[best.key] * 100:.0f}%** of the gap between "
-               f"pass@1 ({pass1:.3f}) and pass@{gap_n} ({pass_n[gap_n]:.3f}); the issue's target is >= 70%: "
-               f"{'met' if gaps[best.key] >= 0.70 else 'not met'}.")  # fmt: skip
+    verdict = (
+        f"Best at N={gap_n}: **{best.label}** closes **{gaps[best.key] * 100:.0f}%** of the gap between "
+        f"pass@1 ({pass1:.3f}) and pass@{gap_n} ({pass_n[gap_n]:.3f}); the issue's target is >= 70%: "
+        f"{'met' if gaps[best.key] >= 0.70 else 'not met'}."
+    )
     if tree_problems < len(problems):
-        verdict += (f" The tree searches ran on the first {tree_problems} problems only; their gap is against those "
-                    f"problems' pass@1 ({sub_pass1:.3f}) and pass@{gap_n} ({sub_pass_n:.3f}).")  # fmt: skip
+        verdict += (
+            f" The tree searches ran on the first {tree_problems} problems only; their gap is against those "
+            f"problems' pass@1 ({sub_pass1:.3f}) and pass@{gap_n} ({sub_pass_n:.3f})."
+        )
     time_rows = [[k, f"{v:.1f}"] for k, v in walls.items()] + [["total", f"{wall:.1f}"]]
-    tree_rows = [[str(n), *(f"{tree_seconds[m.key][n] / tree_problems * 1000:.0f}" for m in METHODS if m.kind == "tree")]
-                 for n in ns]  # fmt: skip
+    tree_rows = [
+        [str(n), *(f"{tree_seconds[m.key][n] / tree_problems * 1000:.0f}" for m in METHODS if m.kind == "tree")]
+        for n in ns
+    ]
     tree_table = markdown_table(["N", *(f"{m.label} ms/problem" for m in METHODS if m.kind == "tree")], tree_rows)
 
     model = "arith policy (Llama, 4 layers, hidden 128, 1.07M params)"
-    title = (f"Test-time compute scaling, {len(problems)} held-out arithmetic problems "
-             f"(tree search: {tree_problems})\n{model}; RMs: orm, verifier, prm; T=1.0, pool M={POOL}")  # fmt: skip
+    title = (
+        f"Test-time compute scaling, {len(problems)} held-out arithmetic problems "
+        f"(tree search: {tree_problems})\n{model}; RMs: orm, verifier, prm; T=1.0, pool M={POOL}"
+    )
     stem = "scaling-quick" if args.quick else "scaling"
     args.out.mkdir(parents=True, exist_ok=True)
     plot(args.out / f"{stem}.png", ns, curves, pass_n, pass1, METHODS, title)
 
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     notes = [
         f"- Problems: the first {len(problems)} of `arith.world.eval_problems` (held-out split, EVAL_SEED 1234, "
         f"level 2); tree searches on the first {tree_problems}.",
@@ -454,10 +477,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "length. Tree searches count every token `LocalGenerator` sampled, including those past a step's stop string "
         "(it samples up to max_step_tokens and cuts).",
     ]
-    rm_lines = "; ".join(f"{r} {diag[f'{r}_pairwise'] * 100:.0f}% ({diag[f'{r}_pairwise_well_formed'] * 100:.0f}% against "
-                         "well-formed wrong ones)" for r in scorers)  # fmt: skip
-    peak = lambda key: max(ns, key=lambda n: curves[key][n])  # noqa: E731
-    peaks = ", ".join(f"{m.label} at N={peak(m.key)}" for m in METHODS if m.strategy not in ("majority", "weighted_best_of_n"))
+    rm_lines = "; ".join(
+        f"{r} {diag[f'{r}_pairwise'] * 100:.0f}% ({diag[f'{r}_pairwise_well_formed'] * 100:.0f}% against "
+        "well-formed wrong ones)"
+        for r in scorers
+    )
+    peak = lambda key: max(ns, key=lambda n: curves[key][n])
+    peaks = ", ".join(
+        f"{m.label} at N={peak(m.key)}" for m in METHODS if m.strategy not in ("majority", "weighted_best_of_n")
+    )
     why = [
         f"- The most frequent final answer of all {POOL} samples is the right one for "
         f"{diag['plurality_correct'] * 100:.0f}% of the problems; where it is not, it is the right answer +- 1 in "
@@ -474,50 +502,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and DVTS rank with the process reward too. Peaks of the argmax-style curves: "
         f"{peaks}.",
     ]
-    md = "\n".join([
-        f"# Test-time compute scaling on the arithmetic world ({'quick' if args.quick else 'full'} run)",
-        "",
-        f"`{command}` on {when}, wall time {wall / 60:.1f} min ({platform.node()}, {platform.machine()}, "
-        f"torch {torch.__version__}, 1 thread).",
-        "",
-        f"{model}. {len(problems)} held-out problems; pass@1 = {pass1:.3f}.",
-        "",
-        "## Accuracy",
-        "",
-        acc_table,
-        "",
-        f"## Gap closed at N={gap_n}: (acc@{gap_n} - pass@1) / (pass@{gap_n} - pass@1)",
-        "",
-        gap_table,
-        "",
-        verdict,
-        "",
-        "## Why the curves look like this (measured on the pool, no model)",
-        "",
-        *why,
-        "",
-        "## Generated tokens per problem",
-        "",
-        tok_table,
-        "",
-        "## Setup",
-        "",
-        *notes,
-        "",
-        "## Wall time (s)",
-        "",
-        markdown_table(["part", "seconds"], time_rows),
-        "",
-        tree_table,
-        "",
-    ])  # fmt: skip
+    md = "\n".join(
+        [
+            f"# Test-time compute scaling on the arithmetic world ({'quick' if args.quick else 'full'} run)",
+            "",
+            f"`{command}` on {when}, wall time {wall / 60:.1f} min ({platform.node()}, {platform.machine()}, "
+            f"torch {torch.__version__}, 1 thread).",
+            "",
+            f"{model}. {len(problems)} held-out problems; pass@1 = {pass1:.3f}.",
+            "",
+            "## Accuracy",
+            "",
+            acc_table,
+            "",
+            f"## Gap closed at N={gap_n}: (acc@{gap_n} - pass@1) / (pass@{gap_n} - pass@1)",
+            "",
+            gap_table,
+            "",
+            verdict,
+            "",
+            "## Why the curves look like this (measured on the pool, no model)",
+            "",
+            *why,
+            "",
+            "## Generated tokens per problem",
+            "",
+            tok_table,
+            "",
+            "## Setup",
+            "",
+            *notes,
+            "",
+            "## Wall time (s)",
+            "",
+            markdown_table(["part", "seconds"], time_rows),
+            "",
+            tree_table,
+            "",
+        ]
+    )
     (args.out / f"{stem}.md").write_text(md)
-    (args.out / f"{stem}.json").write_text(json.dumps({
-        "command": command, "date": when, "wall_s": round(wall, 1), "problems": len(problems),
-        "tree_problems": tree_problems, "pool": POOL, "ns": ns, "seed": args.seed, "resamples": args.resamples,
-        "pass_at_n": pass_n, "accuracy": curves, "tokens": tokens, "gap_closed": {k: gaps[k] for k in gaps},
-        "gap_n": gap_n, "walls_s": walls, "tree_seconds": tree_seconds, "pool_diagnostics": diag,
-    }, indent=1))  # fmt: skip
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "date": when,
+                "wall_s": round(wall, 1),
+                "problems": len(problems),
+                "tree_problems": tree_problems,
+                "pool": POOL,
+                "ns": ns,
+                "seed": args.seed,
+                "resamples": args.resamples,
+                "pass_at_n": pass_n,
+                "accuracy": curves,
+                "tokens": tokens,
+                "gap_closed": {k: gaps[k] for k in gaps},
+                "gap_n": gap_n,
+                "walls_s": walls,
+                "tree_seconds": tree_seconds,
+                "pool_diagnostics": diag,
+            },
+            indent=1,
+        )
+    )
 
     print()
     print(md)

@@ -85,8 +85,8 @@ def ceiling(items, plan: Plan) -> tuple[dict[int, float], float]:
     import torch
 
     from assay.checkpoints import load_embedded
-    from assay.scoring import score_outcome
     from assay.rm_server.backends.hf import TransformersBackend
+    from assay.scoring import score_outcome
 
     if plan.torch_threads:
         torch.set_num_threads(plan.torch_threads)
@@ -176,8 +176,13 @@ def assay_args(spec: Path, port: int, grpc_port: int | None) -> list[str]:
 
 def write_spec(folder: Path, plan: Plan) -> Path:
     spec = folder / "bench_spec.yaml"
-    orm = {"type": "model.outcome", "path": str(CHECKPOINT), "activation": "sigmoid",
-           "max_wait_ms": plan.max_wait_ms, "max_batch_items": plan.max_batch_items}  # fmt: skip
+    orm = {
+        "type": "model.outcome",
+        "path": str(CHECKPOINT),
+        "activation": "sigmoid",
+        "max_wait_ms": plan.max_wait_ms,
+        "max_batch_items": plan.max_batch_items,
+    }
     spec.write_text(json.dumps({"rewards": {"orm": orm}}))  # JSON is YAML
     return spec
 
@@ -201,9 +206,11 @@ class Row:
     def add(self, w: Window) -> Window:
         self.windows.append(w)
         batch = f", mean batch {w.batch_mean:.1f}" if w.batch_mean else ""
-        console.log(f"{self.name} #{len(self.windows)}: {w.items_s:.0f} items/s, p50 {w.pct(.5):.1f} ms, "
-                    f"p99 {w.pct(.99):.1f} ms, cores load-gen / server (event loop) / other: {w.cores()}, "
-                    f"errors {w.errors}{batch}")  # fmt: skip
+        console.log(
+            f"{self.name} #{len(self.windows)}: {w.items_s:.0f} items/s, p50 {w.pct(0.5):.1f} ms, "
+            f"p99 {w.pct(0.99):.1f} ms, cores load-gen / server (event loop) / other: {w.cores()}, "
+            f"errors {w.errors}{batch}"
+        )
         return w
 
 
@@ -258,10 +265,12 @@ def profile_server(items, plan: Plan, folder: Path, spec: Path, rates: dict[int,
             w = measure("http", url, one, items, proc.pid, metrics_url=url, at_edge=None if stub else edge)
             time.sleep(0.5)  # the server writes its files
         if stub:
-            console.print(f"[bold]Model stubbed out[/bold] (forward returns zeros; unprofiled loop CPU): "
-                          f"{w.items_s:.0f} items/s, p50 {w.pct(.5):.1f} ms, p99 {w.pct(.99):.1f} ms, "
-                          f"event loop {w.loop_cores:.2f} cores = "
-                          f"{1000 * w.loop_cores / w.items_s:.2f} ms per request")  # fmt: skip
+            console.print(
+                f"[bold]Model stubbed out[/bold] (forward returns zeros; unprofiled loop CPU): "
+                f"{w.items_s:.0f} items/s, p50 {w.pct(0.5):.1f} ms, p99 {w.pct(0.99):.1f} ms, "
+                f"event loop {w.loop_cores:.2f} cores = "
+                f"{1000 * w.loop_cores / w.items_s:.2f} ms per request"
+            )
             continue
         fwd = json.loads((folder / f"server-{stub}.json").read_text())
         stats = pstats.Stats(str(out) + ".prof")
@@ -275,14 +284,22 @@ def profile_server(items, plan: Plan, folder: Path, spec: Path, rates: dict[int,
             f"forward {fwd['wall_s'] / plan.duration_s:.0%} of the window, mean batch {bs:.1f}, "
             f"{1000 * fwd['wall_s'] / fwd['items']:.2f} ms wall per item vs {1000 / rates[near]:.2f} ms in the "
             f"ceiling at batch {near}"
-        )  # fmt: skip
+        )
         stats.sort_stats("tottime").print_stats(15)
 
 
 def sweep(items, plan: Plan, folder: Path) -> None:
     """Short windows over the batcher's knobs, a fresh server per setting."""
-    table = Table("max_wait_ms", "max_batch_items", "items/s", "p50 ms", "p99 ms", "mean batch", "server cores",
-                  title="Batcher knobs, Assay HTTP, one window each")  # fmt: skip
+    table = Table(
+        "max_wait_ms",
+        "max_batch_items",
+        "items/s",
+        "p50 ms",
+        "p99 ms",
+        "mean batch",
+        "server cores",
+        title="Batcher knobs, Assay HTTP, one window each",
+    )
     for wait in (2.0, 5.0):
         for max_items in (16, 32, 64, 128):
             tuned = replace(plan, max_wait_ms=wait, max_batch_items=max_items, repeats=1)
@@ -291,8 +308,15 @@ def sweep(items, plan: Plan, folder: Path) -> None:
             cmd = [sys.executable, "-m", "assay.rm_server", *assay_args(write_spec(folder, tuned), port, None)]
             with spawned(cmd, url, tuned, folder / "sweep.log") as proc:
                 w = measure("http", url, tuned, items, proc.pid, metrics_url=url)
-            table.add_row(f"{wait:g}", str(max_items), f"{w.items_s:.0f}", f"{w.pct(.5):.1f}", f"{w.pct(.99):.1f}",
-                          f"{w.batch_mean or 0:.1f}", f"{w.server_cores:.2f}")  # fmt: skip
+            table.add_row(
+                f"{wait:g}",
+                str(max_items),
+                f"{w.items_s:.0f}",
+                f"{w.pct(0.5):.1f}",
+                f"{w.pct(0.99):.1f}",
+                f"{w.batch_mean or 0:.1f}",
+                f"{w.server_cores:.2f}",
+            )
     console.print(table)
 
 
@@ -304,15 +328,23 @@ def run(plan: Plan, args: argparse.Namespace) -> None:
     console.log(f"{len(items)} distinct items; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; {plan}")
     rates, reference = ceiling(items, plan)
     best = max(rates, key=rates.get)
-    table = Table("batch size", "items/s", title=f"Ceiling: TransformersBackend.pooled in this process "
-                  f"(median of {plan.ceiling_passes} passes)")  # fmt: skip
+    table = Table(
+        "batch size",
+        "items/s",
+        title=f"Ceiling: TransformersBackend.pooled in this process (median of {plan.ceiling_passes} passes)",
+    )
     for bs, r in rates.items():
         table.add_row(str(bs), f"{r:.0f}" + (" (best)" if bs == best else ""))
     table.add_row(f"score_outcome, batch {best}", f"{reference:.0f}")
     console.print(table)
 
-    http, httpx, unary, stream, half = Row("Assay HTTP"), Row("Assay HTTP, httpx client"), Row("gRPC unary"), \
-        Row("gRPC stream"), Row("Assay HTTP at 50% of peak")  # fmt: skip
+    http, httpx, unary, stream, half = (
+        Row("Assay HTTP"),
+        Row("Assay HTTP, httpx client"),
+        Row("gRPC unary"),
+        Row("gRPC stream"),
+        Row("Assay HTTP at 50% of peak"),
+    )
     with tempfile.TemporaryDirectory(prefix="assay-bench-") as tmp:
         folder = Path(tmp)
         if args.sweep:
@@ -333,8 +365,14 @@ def run(plan: Plan, args: argparse.Namespace) -> None:
             profile_server(items, plan, folder, spec, rates)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, str(ROOT / "bench" / "naive_server.py"), "--checkpoint", str(CHECKPOINT),
-               "--port", str(port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(ROOT / "bench" / "naive_server.py"),
+            "--checkpoint",
+            str(CHECKPOINT),
+            "--port",
+            str(port),
+        ]
         naive = Row("naive server")
         with spawned(cmd, url, plan, folder / "naive.log") as proc:
             for _ in range(plan.repeats):
@@ -343,26 +381,46 @@ def run(plan: Plan, args: argparse.Namespace) -> None:
 
 
 def summary(plan: Plan, ceil: float, best: int, naive: Row, rows: list[Row], half: Row) -> None:
-    table = Table("", "items/s", "x ceiling", "x naive", "p50 ms", "p99 ms", "mean batch",
-                  "cores: load-gen / server (event loop) / other",
-                  title=f"Outcome RM, one-item requests, {plan.concurrency} in flight, median of {plan.repeats} "
-                  f"x {plan.duration_s:g} s windows")  # fmt: skip
-    table.add_row(f"ceiling (batch {best})", f"{ceil:.0f}", "1.00", f"{ceil / naive.items_s:.1f}", "-", "-",
-                  str(best), "-")  # fmt: skip
+    table = Table(
+        "",
+        "items/s",
+        "x ceiling",
+        "x naive",
+        "p50 ms",
+        "p99 ms",
+        "mean batch",
+        "cores: load-gen / server (event loop) / other",
+        title=f"Outcome RM, one-item requests, {plan.concurrency} in flight, median of {plan.repeats} "
+        f"x {plan.duration_s:g} s windows",
+    )
+    table.add_row(
+        f"ceiling (batch {best})", f"{ceil:.0f}", "1.00", f"{ceil / naive.items_s:.1f}", "-", "-", str(best), "-"
+    )
     for row in rows:
         w = row.median
-        table.add_row(row.name, f"{row.items_s:.0f}", f"{row.items_s / ceil:.2f}", f"{row.items_s / naive.items_s:.1f}",
-                      f"{w.pct(.5):.1f}", f"{w.pct(.99):.1f}", f"{w.batch_mean:.1f}" if w.batch_mean else "-",
-                      w.cores())  # fmt: skip
+        table.add_row(
+            row.name,
+            f"{row.items_s:.0f}",
+            f"{row.items_s / ceil:.2f}",
+            f"{row.items_s / naive.items_s:.1f}",
+            f"{w.pct(0.5):.1f}",
+            f"{w.pct(0.99):.1f}",
+            f"{w.batch_mean:.1f}" if w.batch_mean else "-",
+            w.cores(),
+        )
     console.print(table)
     w = half.windows[0]
-    console.print(f"Assay HTTP at 50% of its peak: {rows[0].items_s / 2:.0f} items/s offered (Poisson), "
-                  f"{w.items_s:.0f} "
-                  f"served: p50 {w.pct(.5):.1f} ms, p99 {w.pct(.99):.1f} ms (from scheduled arrival), mean batch "
-                  f"{w.batch_mean or 0:.1f}, errors {w.errors}")  # fmt: skip
-    console.print(f"batcher max_wait_ms={plan.max_wait_ms:g} max_batch_items={plan.max_batch_items}; torch threads "
-                  f"{plan.torch_threads or 'default'}; load-gen processes {plan.procs}; gRPC streams {plan.streams}; "
-                  f"load average now {os.getloadavg()[0]:.2f}")  # fmt: skip
+    console.print(
+        f"Assay HTTP at 50% of its peak: {rows[0].items_s / 2:.0f} items/s offered (Poisson), "
+        f"{w.items_s:.0f} "
+        f"served: p50 {w.pct(0.5):.1f} ms, p99 {w.pct(0.99):.1f} ms (from scheduled arrival), mean batch "
+        f"{w.batch_mean or 0:.1f}, errors {w.errors}"
+    )
+    console.print(
+        f"batcher max_wait_ms={plan.max_wait_ms:g} max_batch_items={plan.max_batch_items}; torch threads "
+        f"{plan.torch_threads or 'default'}; load-gen processes {plan.procs}; gRPC streams {plan.streams}; "
+        f"load average now {os.getloadavg()[0]:.2f}"
+    )
 
 
 def parse_args() -> argparse.Namespace:
@@ -383,11 +441,18 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    plan = Plan(concurrency=args.concurrency, procs=args.procs, streams=args.streams, max_wait_ms=args.max_wait_ms,
-                max_batch_items=args.max_batch_items, torch_threads=args.torch_threads)  # fmt: skip
+    plan = Plan(
+        concurrency=args.concurrency,
+        procs=args.procs,
+        streams=args.streams,
+        max_wait_ms=args.max_wait_ms,
+        max_batch_items=args.max_batch_items,
+        torch_threads=args.torch_threads,
+    )
     if args.quick:
-        plan = replace(plan, warmup_s=1.0, duration_s=3.0, repeats=1, batch_sizes=(1, 8, 32, 128), ceiling_s=0.7,
-                       ceiling_passes=1)  # fmt: skip
+        plan = replace(
+            plan, warmup_s=1.0, duration_s=3.0, repeats=1, batch_sizes=(1, 8, 32, 128), ceiling_s=0.7, ceiling_passes=1
+        )
     plan = replace(plan, repeats=args.repeats or plan.repeats, duration_s=args.duration or plan.duration_s)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below runs
     try:

@@ -57,21 +57,41 @@ def main() -> None:
             times.append(time.perf_counter() - self.t0)
 
     config = GRPOConfig(
-        output_dir="/tmp/trl-grpo-bench", per_device_train_batch_size=128, num_generations=8,
-        max_completion_length=48, temperature=1.0, beta=0.04, learning_rate=1e-4, num_iterations=1,
-        loss_type="grpo", scale_rewards="group", max_steps=args.steps + 2, logging_steps=1, report_to="none",
-        use_cpu=True, save_strategy="no", seed=0, shuffle_dataset=False,
-    )  # fmt: skip
+        output_dir="/tmp/trl-grpo-bench",
+        per_device_train_batch_size=128,
+        num_generations=8,
+        max_completion_length=48,
+        temperature=1.0,
+        beta=0.04,
+        learning_rate=1e-4,
+        num_iterations=1,
+        loss_type="grpo",
+        scale_rewards="group",
+        max_steps=args.steps + 2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        shuffle_dataset=False,
+    )
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    trainer = GRPOTrainer(model=model, reward_funcs=correct, args=config, processing_class=tokenizer,
-                          train_dataset=Dataset.from_list([{"prompt": p.prompt} for p in problems]),
-                          callbacks=[Clock()])  # fmt: skip
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=correct,
+        args=config,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{"prompt": p.prompt} for p in problems]),
+        callbacks=[Clock()],
+    )
     trainer.train()
     counted = times[2:]
     step_s = statistics.median(counted)
-    print(f"TRL {__import__('trl').__version__} GRPOTrainer: {len(counted)} steps counted, median {step_s:.2f} s/step, "
-          f"{128 / step_s:.1f} samples/s (runs: {' '.join(f'{t:.2f}' for t in counted)})")
+    print(
+        f"TRL {__import__('trl').__version__} GRPOTrainer: {len(counted)} steps counted, median {step_s:.2f} s/step, "
+        f"{128 / step_s:.1f} samples/s (runs: {' '.join(f'{t:.2f}' for t in counted)})"
+    )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def main() -> None:
             pooled[label] = backend.pooled(batch)
             rates[label] = len(batch) / (time.perf_counter() - start)
         tokens = sum(map(len, batch))
-        print(f"ORM batch: {len(batch)} items, {tokens} tokens ({min(map(len, batch))}-{max(map(len, batch))} per item)")
+        print(
+            f"ORM batch: {len(batch)} items, {tokens} tokens ({min(map(len, batch))}-{max(map(len, batch))} per item)"
+        )
 
     diffs = compare(also=throughput)
     for key, value in diffs.items():

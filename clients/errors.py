@@ -140,14 +140,26 @@ BY_ERROR_TYPE: Mapping[ErrorType, type[ServiceError]] = {
 }
 # 404 is missing here: what is not found is the service's own (see `HttpDialect.not_found`).
 BY_HTTP_STATUS: Mapping[int, type[ServiceError]] = {
-    400: InvalidRequest, 413: InvalidRequest, 401: Unauthenticated, 403: PermissionDenied, 409: Conflict,
-    429: Overloaded, 502: Unavailable, 503: Unavailable, 504: Unavailable,
-}  # fmt: skip
+    400: InvalidRequest,
+    413: InvalidRequest,
+    401: Unauthenticated,
+    403: PermissionDenied,
+    409: Conflict,
+    429: Overloaded,
+    502: Unavailable,
+    503: Unavailable,
+    504: Unavailable,
+}
 BY_GRPC_CODE: Mapping[str, type[ServiceError]] = {
-    "INVALID_ARGUMENT": InvalidRequest, "OUT_OF_RANGE": InvalidRequest, "NOT_FOUND": UnknownReward,
-    "UNAUTHENTICATED": Unauthenticated, "PERMISSION_DENIED": PermissionDenied, "RESOURCE_EXHAUSTED": Overloaded,
-    "UNAVAILABLE": Unavailable, "DEADLINE_EXCEEDED": DeadlineExceeded,
-}  # fmt: skip
+    "INVALID_ARGUMENT": InvalidRequest,
+    "OUT_OF_RANGE": InvalidRequest,
+    "NOT_FOUND": UnknownReward,
+    "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
+    "RESOURCE_EXHAUSTED": Overloaded,
+    "UNAVAILABLE": Unavailable,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+}
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,16 @@ def safetensors_chunks(tensors: Mapping[str, Any]) -> tuple[Iterator[bytes], int
 class PolicyClient:
     """A blocking client of the policy service's HTTP API."""
 
-    def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = 120.0,
-                 max_retries: int | None = None, backoff_s: float = 0.2,
-                 max_backoff_s: float = 2.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int | None = None,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 2.0,
+    ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.url = base_url(url, "the policy service")
@@ -125,8 +132,14 @@ class PolicyClient:
 
     # --- weights -----------------------------------------------------------------------------
 
-    def update_weights(self, tensors: Mapping[str, Any], *, model: str = "policy", expect_version: int | None = None,
-                       timeout_s: float | None = None) -> WeightUpdateResponse:  # fmt: skip
+    def update_weights(
+        self,
+        tensors: Mapping[str, Any],
+        *,
+        model: str = "policy",
+        expect_version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> WeightUpdateResponse:
         """Send a state dict (or any named subset of it) as safetensors; the server swaps it in
         between batches. `expect_version`: refuse (Conflict) unless the server is at that version."""
         params: dict[str, Any] = {"model": model}
@@ -136,13 +149,22 @@ class PolicyClient:
         def attempt(left: float) -> WeightUpdateResponse:
             chunks, size = safetensors_chunks(tensors)
             headers = {"content-type": "application/octet-stream", "content-length": str(size)}
-            return self._request("POST", "/v1/admin/weights", WeightUpdateResponse, left, content=chunks,
-                                 params=params, headers=headers, resend_safe=False)  # fmt: skip
+            return self._request(
+                "POST",
+                "/v1/admin/weights",
+                WeightUpdateResponse,
+                left,
+                content=chunks,
+                params=params,
+                headers=headers,
+                resend_safe=False,
+            )
 
         return self._call(attempt, timeout_s)
 
-    def load_weights(self, path: str, *, model: str = "policy", expect_version: int | None = None,
-                     timeout_s: float | None = None) -> WeightUpdateResponse:  # fmt: skip
+    def load_weights(
+        self, path: str, *, model: str = "policy", expect_version: int | None = None, timeout_s: float | None = None
+    ) -> WeightUpdateResponse:
         """Have the server load safetensors from `path` on its own disk (a file or a checkpoint directory),
         relative to a directory it was started with (`--weights-dir`), or absolute inside one.
         PermissionDenied when it has none; InvalidRequest, one message whatever the reason, for a path
@@ -182,12 +204,12 @@ class PolicyClient:
     def _call(self, attempt: Attempt[T], timeout_s: float | None) -> T:
         return self.retry.call(attempt, timeout_s or self.timeout_s)
 
-    def _send(self, method: str, path: str, req: BaseModel | None, model: type[M], timeout: float,
-              resend_safe: bool = True) -> M:  # fmt: skip
+    def _send(
+        self, method: str, path: str, req: BaseModel | None, model: type[M], timeout: float, resend_safe: bool = True
+    ) -> M:
         return self._request(method, path, model, timeout, json=json_body(req), resend_safe=resend_safe)
 
-    def _request(self, method: str, path: str, model: type[M], timeout: float, *, resend_safe: bool,
-                 **kw: Any) -> M:  # fmt: skip
+    def _request(self, method: str, path: str, model: type[M], timeout: float, *, resend_safe: bool, **kw: Any) -> M:
         try:
             r = self._client.request(method, path, timeout=timeout, **kw)
         except httpx.HTTPError as exc:

@@ -187,8 +187,15 @@ class _ClientBase(Generic[Transport]):
     _http_transport: Callable[[str, str | None], Transport]
     _grpc_transport: Callable[[str, str | None], Transport]
 
-    def __init__(self, transport: Transport, *, timeout_s: float = 30.0, max_retries: int | None = None,
-                 backoff_s: float = 0.2, max_backoff_s: float = 2.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        timeout_s: float = 30.0,
+        max_retries: int | None = None,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 2.0,
+    ) -> None:
         """A client over `transport`; `RewardClient.http(url)` and `.grpc(target)` build the network ones."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -219,14 +226,21 @@ class RewardClient(_ClientBase[RewardTransport]):
     def _call(self, attempt: Attempt[T], timeout_s: float | None) -> T:
         return self.retry.call(attempt, timeout_s or self.timeout_s)
 
-    def score(self, reward: str, items: Iterable[ScoreItem | Mapping[str, Any]], *, granularity: str = "outcome",
-              timeout_s: float | None = None) -> ScoreResponse:  # fmt: skip
+    def score(
+        self,
+        reward: str,
+        items: Iterable[ScoreItem | Mapping[str, Any]],
+        *,
+        granularity: str = "outcome",
+        timeout_s: float | None = None,
+    ) -> ScoreResponse:
         """Score items (ScoreItems or dicts) with one reward; results in request order."""
         req = score_request(reward, items, granularity)
         return checked_reply(req, self._call(self._attempt(req, self._t.score), timeout_s))
 
-    def compare(self, reward: str, items: Iterable[CompareItem | Mapping[str, Any]], *,
-                timeout_s: float | None = None) -> CompareResponse:  # fmt: skip
+    def compare(
+        self, reward: str, items: Iterable[CompareItem | Mapping[str, Any]], *, timeout_s: float | None = None
+    ) -> CompareResponse:
         """P(response_a is better) per item; results in request order."""
         req = compare_request(reward, items)
         return checked_reply(req, self._call(self._attempt(req, self._t.compare), timeout_s))
@@ -284,13 +298,20 @@ class AsyncRewardClient(_ClientBase[AsyncRewardTransport]):
     async def _call(self, attempt: Attempt[Awaitable[T]], timeout_s: float | None) -> T:
         return await self.retry.acall(attempt, timeout_s or self.timeout_s)
 
-    async def score(self, reward: str, items: Iterable[ScoreItem | Mapping[str, Any]], *, granularity: str = "outcome",
-                    timeout_s: float | None = None) -> ScoreResponse:  # fmt: skip
+    async def score(
+        self,
+        reward: str,
+        items: Iterable[ScoreItem | Mapping[str, Any]],
+        *,
+        granularity: str = "outcome",
+        timeout_s: float | None = None,
+    ) -> ScoreResponse:
         req = score_request(reward, items, granularity)
         return checked_reply(req, await self._call(self._attempt(req, self._t.score), timeout_s))
 
-    async def compare(self, reward: str, items: Iterable[CompareItem | Mapping[str, Any]], *,
-                      timeout_s: float | None = None) -> CompareResponse:  # fmt: skip
+    async def compare(
+        self, reward: str, items: Iterable[CompareItem | Mapping[str, Any]], *, timeout_s: float | None = None
+    ) -> CompareResponse:
         req = compare_request(reward, items)
         return checked_reply(req, await self._call(self._attempt(req, self._t.compare), timeout_s))
 
@@ -306,8 +327,9 @@ class AsyncRewardClient(_ClientBase[AsyncRewardTransport]):
     async def ready(self, *, timeout_s: float | None = None) -> bool:
         return await self._t.probe("ready", timeout_s or self.timeout_s)
 
-    async def as_reward_fn(self, reward: str, *, reference_key: str = "reference",
-                           timeout_s: float | None = None) -> Callable[..., Awaitable[list[float | None]]]:  # fmt: skip
+    async def as_reward_fn(
+        self, reward: str, *, reference_key: str = "reference", timeout_s: float | None = None
+    ) -> Callable[..., Awaitable[list[float | None]]]:
         """`RewardClient.as_reward_fn`, returning an async function (awaited to fetch `.reward_id`)."""
         reward_id = await self.reward_id(reward, timeout_s=timeout_s)
 

@@ -31,8 +31,9 @@ def serve_cmd(
     ),
     model_name: str = typer.Option("policy", help="the name --model is served under (the `model` of requests)"),
     torch_threads: int = typer.Option(
-        None, help="torch intra-op threads (default: torch's). Each model decodes on its own thread: with "
-        "small models on few cores, 1 avoids threads spinning against each other"
+        None,
+        help="torch intra-op threads (default: torch's). Each model decodes on its own thread: with "
+        "small models on few cores, 1 avoids threads spinning against each other",
     ),
 ) -> None:
     """Serve generation (and search, scored by rm_server) over HTTP, and gRPC with --grpc-port, until interrupted."""
@@ -70,8 +71,8 @@ def search_cmd(
     ),
     n: int = typer.Option(8, help="candidates (best-of-N, majority) or beams (beam search, DVTS)"),
     reward: str = typer.Option(
-        None, help="the rm_server reward (default: prm for beam_search, dvts and refine, orm otherwise; "
-        "majority uses none)"
+        None,
+        help="the rm_server reward (default: prm for beam_search, dvts and refine, orm otherwise; majority uses none)",
     ),
     reference: str = typer.Option(None, help="the known answer: marks each candidate correct or not"),
     url: str = typer.Option(
@@ -100,9 +101,14 @@ def search_cmd(
         reward = "prm" if strategy in PROCESS_REWARD_STRATEGIES else "orm"
     budget = {"max_candidates": max_candidates, "max_tokens": max_total_tokens}
     config = {"temperature": temperature, "max_tokens": max_tokens, "beam_width": beam_width, "seed": seed}
-    body = {"prompt": prompt, "strategy": strategy, "n": n, "model": model,
-            **{k: v for k, v in {"reward": reward, "reference": reference, **config}.items() if v is not None},
-            **({"budget": budget} if any(v is not None for v in budget.values()) else {})}  # fmt: skip
+    body = {
+        "prompt": prompt,
+        "strategy": strategy,
+        "n": n,
+        "model": model,
+        **{k: v for k, v in {"reward": reward, "reference": reference, **config}.items() if v is not None},
+        **({"budget": budget} if any(v is not None for v in budget.values()) else {}),
+    }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     started = time.perf_counter()
     try:
@@ -131,11 +137,19 @@ def print_search(res, elapsed_s: float, show: int) -> None:
     out = Console()
     out.print(f"[bold]answer:[/bold] {res.answer}   [dim]({res.strategy}, {len(res.candidates)} candidates)[/dim]")
     out.print(f"[bold]text:[/bold] {res.text!r}")
-    order = sorted(range(len(res.candidates)), key=lambda i: (res.candidates[i].score is None,
-                                                              -(res.candidates[i].score or 0.0)))  # fmt: skip
+    order = sorted(
+        range(len(res.candidates)), key=lambda i: (res.candidates[i].score is None, -(res.candidates[i].score or 0.0))
+    )
     table = Table(title=f"candidates (best {min(show, len(order))} of {len(order)})" if order else "no candidates")
-    for name, justify in (("#", "right"), ("score", "right"), ("answer", "right"), ("correct", "center"),
-                          ("tokens", "right"), ("finish", "left"), ("text", "left")):  # fmt: skip
+    for name, justify in (
+        ("#", "right"),
+        ("score", "right"),
+        ("answer", "right"),
+        ("correct", "center"),
+        ("tokens", "right"),
+        ("finish", "left"),
+        ("text", "left"),
+    ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for i in order[:show]:
         c = res.candidates[i]
@@ -146,6 +160,8 @@ def print_search(res, elapsed_s: float, show: int) -> None:
     out.print(table)
     u = res.usage
     reward = f"reward {res.reward} ({res.reward_id})" if res.reward_id else "no reward"
-    out.print(f"usage: {u.generated_tokens} tokens, {u.candidates} sequences, {u.generate_calls} generate calls, "
-              f"{u.reward_calls} reward calls ({u.scored_items} items); {reward}; weight_version "
-              f"{res.weight_version}; seed {res.seed}; {elapsed_s:.2f}s")  # fmt: skip
+    out.print(
+        f"usage: {u.generated_tokens} tokens, {u.candidates} sequences, {u.generate_calls} generate calls, "
+        f"{u.reward_calls} reward calls ({u.scored_items} items); {reward}; weight_version "
+        f"{res.weight_version}; seed {res.seed}; {elapsed_s:.2f}s"
+    )

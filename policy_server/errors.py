@@ -22,8 +22,9 @@ class ApiError(ServiceError):
 
     status, type = 400, "invalid_request_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after_s: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message, retry_after_s=retry_after_s)
         self.param, self.code = param, code
 
@@ -83,8 +84,9 @@ def backend_error(exc: Overloaded | GenerationFailed | InvalidParameters) -> Api
     """A backend's refusal or failure as the API error it is; the one place these are mapped,
     for completions, chat and /v1/search alike."""
     if isinstance(exc, Overloaded):
-        return QueueFull(f"{exc}; retry after {exc.retry_after_s:.2f}s", code="queue_full",
-                         retry_after_s=exc.retry_after_s)  # fmt: skip
+        return QueueFull(
+            f"{exc}; retry after {exc.retry_after_s:.2f}s", code="queue_full", retry_after_s=exc.retry_after_s
+        )
     if isinstance(exc, GenerationFailed):
         return GenerationError(f"{exc}; the server logged the cause", code="generation_failed")
     return InvalidRequest(str(exc), code="invalid_sampling_parameters")

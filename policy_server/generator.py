@@ -85,17 +85,26 @@ class BackendGenerator:
             ids = self.backend.encode(text)
             room = self.backend.max_model_len - len(ids)
             if room < 1:
-                raise ContextFull(f"the prompt and the response so far take {len(ids)} tokens, the whole context "
-                                  f"of {self.backend.max_model_len}")  # fmt: skip
-            common = dict(prompt_ids=ids, max_tokens=min(params.max_tokens, room), temperature=params.temperature,
-                          top_p=params.top_p, stop=tuple(params.stop))  # fmt: skip
+                raise ContextFull(
+                    f"the prompt and the response so far take {len(ids)} tokens, the whole context "
+                    f"of {self.backend.max_model_len}"
+                )
+            common = dict(
+                prompt_ids=ids,
+                max_tokens=min(params.max_tokens, room),
+                temperature=params.temperature,
+                top_p=params.top_p,
+                stop=tuple(params.stop),
+            )
             out += [GenerationRequest(seed=sequence_seed(params.seed, i, j), **common) for j in range(n)]
         return out
 
     def generate(self, texts: Sequence[str], n: int, params: GenParams) -> list[list[Generation]]:
         if len(texts) * n > self.max_sequences:
-            raise TooManySequences(f"one generate call of {len(texts)} texts x n={n} is more than the limit of "
-                                   f"{self.max_sequences} sequences; lower n or beam_width")  # fmt: skip
+            raise TooManySequences(
+                f"one generate call of {len(texts)} texts x n={n} is more than the limit of "
+                f"{self.max_sequences} sequences; lower n or beam_width"
+            )
         outputs = self._submit(self.requests(texts, n, params))
         self.versions.update(o.weight_version for o in outputs)
         flat = [to_generation(o) for o in outputs]

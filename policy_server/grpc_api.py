@@ -28,8 +28,8 @@ from assay.base.errors import grpc_status
 from assay.base.grpc_serve import AuthAndErrors, Failure, MalformedMessage, internal, invalid_argument, malformed
 from assay.base.metrics import Timer
 from assay.policy_server import grpc_convert as convert
-from assay.policy_server.errors import ApiError, check_key
 from assay.policy_server.config import Limits
+from assay.policy_server.errors import ApiError, check_key
 from assay.policy_server.serving import PolicyService
 from assay.proto.policy.v1 import policy_pb2 as pb
 from assay.proto.policy.v1 import policy_pb2_grpc

@@ -69,6 +69,8 @@ def _logprobs_to_proto(lp: CompletionLogprobs) -> pb.Logprobs:
 
 
 def models_to_proto(models: ModelList) -> pb.ListModelsResponse:
-    return pb.ListModelsResponse(models=[
-        pb.ModelInfo(name=m.id, max_model_len=m.max_model_len, weight_version=m.weight_version) for m in models.data
-    ])  # fmt: skip
+    return pb.ListModelsResponse(
+        models=[
+            pb.ModelInfo(name=m.id, max_model_len=m.max_model_len, weight_version=m.weight_version) for m in models.data
+        ]
+    )

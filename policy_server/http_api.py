@@ -60,8 +60,14 @@ SAFETENSORS = {"type": "string", "format": "binary", "description": "a safetenso
 SAFETENSORS_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": SAFETENSORS}}}}
 
 
-def _error(status: int, type: str, message: str, param: str | None = None, code: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
+def _error(
+    status: int,
+    type: str,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
@@ -77,15 +83,26 @@ def _refusal(status: int, message: str) -> JSONResponse:
 
 
 def _update(u: Update) -> WeightUpdateResponse:
-    return WeightUpdateResponse(model=u.model, previous_version=u.previous_version, weight_version=u.weight_version,
-                                tensors=u.tensors, bytes=u.bytes, seconds=round(u.seconds, 6))  # fmt: skip
+    return WeightUpdateResponse(
+        model=u.model,
+        previous_version=u.previous_version,
+        weight_version=u.weight_version,
+        tensors=u.tensors,
+        bytes=u.bytes,
+        seconds=round(u.seconds, 6),
+    )
 
 
 Scope = Callable[[str], Depends]  # a route's key check for one scope: `dependencies=[scope("generate")]`
 
 
-def create_app(service: PolicyService, keys: ApiKeys | None = None, searches: SearchService | None = None,
-               weight_roots: Sequence[Path] = (), hosts: tuple[str, ...] | None = LOOPBACK_HOSTS) -> FastAPI:  # fmt: skip
+def create_app(
+    service: PolicyService,
+    keys: ApiKeys | None = None,
+    searches: SearchService | None = None,
+    weight_roots: Sequence[Path] = (),
+    hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
+) -> FastAPI:
     """The app over `service`; with `searches`, also `POST /v1/search`; with `weight_roots` (resolved
     `--weights-dir`s), `POST /v1/admin/weights/load` reads safetensors inside them. `hosts`: the Host
     names it answers (None: any), see `http_guard.allowed_hosts`."""
@@ -151,22 +168,31 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _add_generation_routes(app: FastAPI, service: PolicyService, scope: Scope) -> None:
     """OpenAI's completions and chat completions."""
 
-    @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True,
-              responses=ERRORS, dependencies=[scope("generate")])  # fmt: skip
+    @app.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        response_model_exclude_none=True,
+        responses=ERRORS,
+        dependencies=[scope("generate")],
+    )
     async def completions(req: CompletionRequest, request: Request) -> CompletionResponse | Response:
         with Timer(service.metrics, "/v1/completions", service.model_label(req.model)) as timer:
             return await unless_disconnected(request, service.completions(req), timer)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, response_model_exclude_none=True,
-              responses=ERRORS, dependencies=[scope("generate")])  # fmt: skip
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        response_model_exclude_none=True,
+        responses=ERRORS,
+        dependencies=[scope("generate")],
+    )
     async def chat(req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
         with Timer(service.metrics, "/v1/chat/completions", service.model_label(req.model)) as timer:
             return await unless_disconnected(request, service.chat(req), timer)
 
 
 def _add_search_route(app: FastAPI, service: PolicyService, searches: SearchService, scope: Scope) -> None:
-    @app.post("/v1/search", response_model=SearchResponse, responses=SEARCH_ERRORS,
-              dependencies=[scope("generate")])  # fmt: skip
+    @app.post("/v1/search", response_model=SearchResponse, responses=SEARCH_ERRORS, dependencies=[scope("generate")])
     async def search(req: SearchRequest, request: Request) -> SearchResponse | Response:
         """Inference-time search: generate with `model`, score with rm_server's `reward`, choose."""
         with Timer(service.metrics, "/v1/search", service.model_label(req.model)) as timer:
@@ -187,8 +213,13 @@ def _add_model_routes(app: FastAPI, service: PolicyService, scope: Scope) -> Non
 def _add_weight_routes(app: FastAPI, weights: WeightService, scope: Scope) -> None:
     """Weight updates (admin scope): an upload, or a load from the server's disk."""
 
-    @app.post(WEIGHTS_ROUTE, response_model=WeightUpdateResponse, responses={**ERRORS, 409: ERRORS[400]},
-              dependencies=[scope("admin")], openapi_extra=SAFETENSORS_BODY)  # fmt: skip
+    @app.post(
+        WEIGHTS_ROUTE,
+        response_model=WeightUpdateResponse,
+        responses={**ERRORS, 409: ERRORS[400]},
+        dependencies=[scope("admin")],
+        openapi_extra=SAFETENSORS_BODY,
+    )
     async def update_weights(request: Request, model: str, expect_version: int | None = None) -> WeightUpdateResponse:
         """New weights for `model`: the body is a safetensors file (the full state dict or a named
         subset), streamed. Checked against the model's names, shapes and dtypes before any is used."""
@@ -198,8 +229,12 @@ def _add_weight_routes(app: FastAPI, weights: WeightService, scope: Scope) -> No
             raise InvalidRequest("the client went away during the upload; the weights are unchanged") from None
         return _update(update)
 
-    @app.post(WEIGHTS_ROUTE + "/load", response_model=WeightUpdateResponse, responses={**ERRORS, 409: ERRORS[400]},
-              dependencies=[scope("admin")])  # fmt: skip
+    @app.post(
+        WEIGHTS_ROUTE + "/load",
+        response_model=WeightUpdateResponse,
+        responses={**ERRORS, 409: ERRORS[400]},
+        dependencies=[scope("admin")],
+    )
     async def load_weights(req: LoadWeightsRequest) -> WeightUpdateResponse:
         """New weights for `model` from safetensors on the server's disk (a file or a checkpoint directory),
         inside a directory the server was started with (`--weights-dir`; none: 403)."""

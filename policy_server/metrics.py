@@ -26,19 +26,38 @@ class Metrics(RequestMetrics):
         r = self.registry
         self.prompt_tokens = Counter("assay_policy_prompt_tokens", "Prompt tokens received", ["model"], registry=r)
         self.generated_tokens = Counter("assay_policy_generated_tokens", "Tokens generated", ["model"], registry=r)
-        self.sequences = Counter("assay_policy_sequences", "Sequences finished, by finish reason (abort: cancelled)",
-                                 ["model", "finish_reason"], registry=r)  # fmt: skip
-        self.batch_size = Histogram("assay_policy_batch_sequences", "Sequences per decode batch", ["model"],
-                                    buckets=SIZE_BUCKETS, registry=r)  # fmt: skip
-        self.batch_tokens = Histogram("assay_policy_batch_tokens", "Prompt + max tokens per decode batch", ["model"],
-                                      buckets=tuple(64 * b for b in SIZE_BUCKETS), registry=r)  # fmt: skip
-        self.first_token = Histogram("assay_policy_time_to_first_token_seconds", "Submission to first sampled "
-                                     "token, per sequence", ["model"], registry=r)  # fmt: skip
+        self.sequences = Counter(
+            "assay_policy_sequences",
+            "Sequences finished, by finish reason (abort: cancelled)",
+            ["model", "finish_reason"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "assay_policy_batch_sequences", "Sequences per decode batch", ["model"], buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "assay_policy_batch_tokens",
+            "Prompt + max tokens per decode batch",
+            ["model"],
+            buckets=tuple(64 * b for b in SIZE_BUCKETS),
+            registry=r,
+        )
+        self.first_token = Histogram(
+            "assay_policy_time_to_first_token_seconds",
+            "Submission to first sampled token, per sequence",
+            ["model"],
+            registry=r,
+        )
         self.weight_version = Gauge("assay_policy_weight_version", "The weights serving now", ["model"], registry=r)
-        self.weight_updates = Histogram("assay_policy_weight_update_seconds", "Weight updates: reading, checking "
-                                        "and swapping in", ["model"], registry=r)  # fmt: skip
-        self.weight_bytes = Counter("assay_policy_weight_update_bytes", "Tensor bytes received by weight updates",
-                                    ["model"], registry=r)  # fmt: skip
+        self.weight_updates = Histogram(
+            "assay_policy_weight_update_seconds",
+            "Weight updates: reading, checking and swapping in",
+            ["model"],
+            registry=r,
+        )
+        self.weight_bytes = Counter(
+            "assay_policy_weight_update_bytes", "Tensor bytes received by weight updates", ["model"], registry=r
+        )
 
     def on_weights(self, model: str, version: int, size: int, seconds: float) -> None:
         self.weight_version.labels(model).set(version)
@@ -56,4 +75,3 @@ class Metrics(RequestMetrics):
             self.sequences.labels(model, o.finish_reason).inc()
             if o.first_token_s is not None:
                 self.first_token.labels(model).observe(o.first_token_s)
-

@@ -34,8 +34,14 @@ NO_REWARD_STRATEGIES = ("majority",)  # they score nothing
 # schemas of what serving refuses with its own messages
 _TEXT: JsonDict = {"type": "string", "minLength": 1}
 _TOKEN_IDS: JsonDict = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
-_PROMPT: JsonDict = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1}, _TOKEN_IDS,
-                     {"type": "array", "items": _TOKEN_IDS, "minItems": 1}]}  # fmt: skip
+_PROMPT: JsonDict = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "items": _TEXT, "minItems": 1},
+        _TOKEN_IDS,
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+    ]
+}
 _STOP: JsonDict = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}]}
 _NEUTRAL: JsonDict = {"maxProperties": 0}  # an object field accepted only empty (or null)
 
@@ -122,8 +128,11 @@ class CompletionChoice(_Wire):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"]
-    stop_reason: str | None = Field(default=None, description="Extension (as vLLM names it): the stop string "
-                                    "that ended the choice; None: end-of-sequence or length.")  # fmt: skip
+    stop_reason: str | None = Field(
+        default=None,
+        description="Extension (as vLLM names it): the stop string "
+        "that ended the choice; None: end-of-sequence or length.",
+    )
     token_ids: list[int] | None = Field(default=None, description="With return_token_ids: every generated token.")
     prompt_token_ids: list[int] | None = None
     weight_version: int = Field(description="Version of the weights that generated this choice.")
@@ -142,8 +151,10 @@ class CompletionResponse(_Wire):
     model: str
     choices: list[CompletionChoice] = Field(description="n per prompt, prompt by prompt.")
     usage: Usage
-    weight_version: int = Field(description="The oldest of the choices' weight versions (they differ only when "
-                                "an update landed between the batches of one request).")
+    weight_version: int = Field(
+        description="The oldest of the choices' weight versions (they differ only when "
+        "an update landed between the batches of one request)."
+    )
 
 
 # --- /v1/chat/completions --------------------------------------------------------------------
@@ -164,13 +175,23 @@ class ChatMessage(_Wire):
 
 
 class ChatCompletionRequest(_Sampling):
-    model_config = ConfigDict(json_schema_extra={"allOf": [
-        # top_logprobs needs logprobs=true; max_tokens and max_completion_tokens are not both sent
-        {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
-         "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},
-        {"not": {"required": ["max_tokens", "max_completion_tokens"],
-                 "properties": {"max_tokens": {"type": "integer"}, "max_completion_tokens": {"type": "integer"}}}},
-    ]})  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [
+                # top_logprobs needs logprobs=true; max_tokens and max_completion_tokens are not both sent
+                {
+                    "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+                    "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+                },
+                {
+                    "not": {
+                        "required": ["max_tokens", "max_completion_tokens"],
+                        "properties": {"max_tokens": {"type": "integer"}, "max_completion_tokens": {"type": "integer"}},
+                    }
+                },
+            ]
+        }
+    )
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, description="Default: what the context has room for.")
@@ -235,37 +256,56 @@ class ChatCompletionResponse(_Wire):
 class SearchBudget(_Wire):
     """The most one search may spend; a field left out gets the server's cap (also its maximum)."""
 
-    max_candidates: int | None = Field(default=None, ge=0, description="Sequences sampled (whole responses, or "
-                                       "step continuations for beam search and DVTS).")  # fmt: skip
+    max_candidates: int | None = Field(
+        default=None,
+        ge=0,
+        description="Sequences sampled (whole responses, or step continuations for beam search and DVTS).",
+    )
     max_tokens: int | None = Field(default=None, ge=0, description="Tokens generated, summed over every sequence.")
 
 
 class SearchRequest(_Wire):
     """One inference-time search. Config fields left out take `search.SearchConfig`'s defaults."""
 
-    model_config = ConfigDict(json_schema_extra={  # every strategy but majority needs a reward
-        "if": {"properties": {"strategy": {"enum": list(NO_REWARD_STRATEGIES)}}},
-        "else": {"required": ["reward"], "properties": {"reward": {"type": "string"}}},
-    })  # fmt: skip
+    model_config = ConfigDict(
+        json_schema_extra={  # every strategy but majority needs a reward
+            "if": {"properties": {"strategy": {"enum": list(NO_REWARD_STRATEGIES)}}},
+            "else": {"required": ["reward"], "properties": {"reward": {"type": "string"}}},
+        }
+    )
 
     prompt: str = Field(min_length=1, description="The task prompt; responses continue it.")
-    strategy: str = Field(description="best_of_n, weighted_best_of_n, majority, refine, beam_search or dvts.",
-                          json_schema_extra={"enum": list(SEARCH_STRATEGIES)})  # fmt: skip
-    reward: str | None = Field(default=None, min_length=1, description="The rm_server reward that scores "
-                               "candidates; every strategy but majority needs one.")  # fmt: skip
+    strategy: str = Field(
+        description="best_of_n, weighted_best_of_n, majority, refine, beam_search or dvts.",
+        json_schema_extra={"enum": list(SEARCH_STRATEGIES)},
+    )
+    reward: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The rm_server reward that scores candidates; every strategy but majority needs one.",
+    )
     budget: SearchBudget | None = None
-    reference: str | None = Field(default=None, description="The known answer: sent to the reward, and "
-                                  "marks each candidate `correct`.")  # fmt: skip
+    reference: str | None = Field(
+        default=None, description="The known answer: sent to the reward, and marks each candidate `correct`."
+    )
     model: str = Field(default="policy", min_length=1, description="The served model that generates.")
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same seed, same request: same "
-                             "search (default: a random one, echoed in the response).")  # fmt: skip
-    n: int | None = Field(default=None, ge=1, description="Candidates (best-of-N, majority), beams (beam "
-                          "search, DVTS).")  # fmt: skip
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Same seed, same request: same search (default: a random one, echoed in the response).",
+    )
+    n: int | None = Field(
+        default=None, ge=1, description="Candidates (best-of-N, majority), beams (beam search, DVTS)."
+    )
     temperature: float | None = Field(default=None, ge=0.0, le=100.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1, description="Tokens in one response, at most.")
-    stop: list[str] | None = Field(default=None, description="Step boundaries (beam search, DVTS); default [\" \"].",
-                                   json_schema_extra={"minItems": 1, "items": _TEXT})  # fmt: skip
+    stop: list[str] | None = Field(
+        default=None,
+        description='Step boundaries (beam search, DVTS); default [" "].',
+        json_schema_extra={"minItems": 1, "items": _TEXT},
+    )
     beam_width: int | None = Field(default=None, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
     max_step_tokens: int | None = Field(default=None, ge=1)
@@ -310,8 +350,9 @@ class SearchResponse(_Wire):
     usage: SearchUsage
     reward: str | None
     reward_id: str | None = Field(description="rm_server's id of the reward that scored; None for majority vote.")
-    weight_version: int | None = Field(description="The oldest weight version that generated a candidate; "
-                                       "None when nothing was generated.")  # fmt: skip
+    weight_version: int | None = Field(
+        description="The oldest weight version that generated a candidate; None when nothing was generated."
+    )
     seed: int
 
 
@@ -323,9 +364,12 @@ class SearchResponse(_Wire):
 
 class LoadWeightsRequest(_Wire):
     model: str
-    path: str = Field(min_length=1, max_length=4096,
-                      description="A .safetensors file, or a directory of them, inside a directory the server "
-                      "loads weights from (its --weights-dir): relative to it, or absolute and inside it.")  # fmt: skip
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="A .safetensors file, or a directory of them, inside a directory the server "
+        "loads weights from (its --weights-dir): relative to it, or absolute and inside it.",
+    )
     expect_version: int | None = Field(default=None, description="Refuse (409) unless the model is at this version.")
 
 

@@ -55,10 +55,16 @@ def load_backend(config: ServerConfig, name: str, path: Path, metrics: Metrics) 
     if config.backend == "vllm":
         from assay.policy_server.backends.vllm import VllmBackend
 
-        return VllmBackend(name, path, max_sequences=config.batching.max_queue,
-                           gpu_memory_utilization=config.gpu_memory_utilization, on_finished=finished)  # fmt: skip
-    return HFBackend.load(name, path, config.batching, on_batch=functools.partial(metrics.on_batch, name),
-                          on_finished=finished)  # fmt: skip
+        return VllmBackend(
+            name,
+            path,
+            max_sequences=config.batching.max_queue,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            on_finished=finished,
+        )
+    return HFBackend.load(
+        name, path, config.batching, on_batch=functools.partial(metrics.on_batch, name), on_finished=finished
+    )
 
 
 class PolicyServer(ServiceServer):
@@ -72,11 +78,14 @@ class PolicyServer(ServiceServer):
         runtime.check_port_free(config.host, config.port, "HTTP")
         if config.grpc_port is not None:
             runtime.check_port_free(config.host, config.grpc_port, "gRPC")
-        rewards = RewardClient.http(config.rm_url, api_key=config.rm_api_key, timeout_s=config.rm_timeout_s,
-                                    max_retries=config.rm_max_retries)  # fmt: skip
+        rewards = RewardClient.http(
+            config.rm_url, api_key=config.rm_api_key, timeout_s=config.rm_timeout_s, max_retries=config.rm_max_retries
+        )
         metrics = Metrics()
-        backends = {name: load_backend(config, name, path, metrics)
-                    for name, path in (config.models or embedded_models()).items()}  # fmt: skip
+        backends = {
+            name: load_backend(config, name, path, metrics)
+            for name, path in (config.models or embedded_models()).items()
+        }
         self.service = PolicyService(backends, config.limits, metrics)
         self.searches = SearchService(self.service, rewards, config.rm_url)
 

@@ -29,8 +29,8 @@ from assay.policy_server.backends import (
     InvalidParameters,
     Overloaded,
 )
-from assay.policy_server.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NotReady, backend_error
 from assay.policy_server.config import Limits
+from assay.policy_server.errors import DeadlineExceeded, InvalidRequest, ModelNotFound, NotReady, backend_error
 from assay.policy_server.metrics import Metrics
 from assay.policy_server.protocol import (
     AssistantMessage,
@@ -55,8 +55,9 @@ _INLINE_CHARS = 16 * 1024  # prompts longer than this are tokenized on a thread,
 
 
 class PolicyService:
-    def __init__(self, backends: dict[str, GenerationBackend], limits: Limits | None = None,
-                 metrics: Metrics | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, backends: dict[str, GenerationBackend], limits: Limits | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.backends, self.limits, self.metrics = backends, limits or Limits(), metrics or Metrics()
         self.ready = False
         self.created = int(time.time())
@@ -79,10 +80,12 @@ class PolicyService:
         return {name: b.queue_depth() for name, b in self.backends.items()}
 
     def models(self) -> ModelList:
-        return ModelList(data=[
-            ModelCard(id=name, created=self.created, max_model_len=b.max_model_len, weight_version=b.weight_version)
-            for name, b in self.backends.items()
-        ])  # fmt: skip
+        return ModelList(
+            data=[
+                ModelCard(id=name, created=self.created, max_model_len=b.max_model_len, weight_version=b.weight_version)
+                for name, b in self.backends.items()
+            ]
+        )
 
     async def completions(self, req: CompletionRequest) -> CompletionResponse:
         backend = self.backend(req.model)
@@ -93,20 +96,26 @@ class PolicyService:
         choices = []
         for index, out in enumerate(outputs):
             ids, text = prompts[index // req.n]
-            choices.append(CompletionChoice(
-                index=index,
-                text=out.text,
-                logprobs=self._completion_logprobs(backend, out, len(text)) if req.logprobs is not None else None,
-                finish_reason=out.finish_reason,  # type: ignore[arg-type]
-                stop_reason=out.stop_reason,
-                token_ids=out.token_ids if req.return_token_ids else None,
-                prompt_token_ids=ids if req.return_token_ids else None,
-                weight_version=out.weight_version,
-            ))  # fmt: skip
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=out.text,
+                    logprobs=self._completion_logprobs(backend, out, len(text)) if req.logprobs is not None else None,
+                    finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                    stop_reason=out.stop_reason,
+                    token_ids=out.token_ids if req.return_token_ids else None,
+                    prompt_token_ids=ids if req.return_token_ids else None,
+                    weight_version=out.weight_version,
+                )
+            )
         return CompletionResponse(
-            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=choices,
-            usage=_usage([ids for ids, _ in prompts], outputs), weight_version=_version(outputs),
-        )  # fmt: skip
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=req.model,
+            choices=choices,
+            usage=_usage([ids for ids, _ in prompts], outputs),
+            weight_version=_version(outputs),
+        )
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         backend = self.backend(req.model)
@@ -135,24 +144,30 @@ class PolicyService:
             for i, out in enumerate(outputs)
         ]
         return ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=req.model, choices=choices,
-            usage=_usage([ids], outputs), weight_version=_version(outputs),
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=req.model,
+            choices=choices,
+            usage=_usage([ids], outputs),
+            weight_version=_version(outputs),
             prompt_token_ids=ids if req.return_token_ids else None,
-        )  # fmt: skip
+        )
 
     # --- validation ----------------------------------------------------------------------
 
     def backend(self, model: str) -> GenerationBackend:
         """The served model of that name; NotReady while loading, ModelNotFound for other names."""
         if not self.ready:
-            raise NotReady("the policy server is still loading its models", code="not_ready",
-                           retry_after_s=LOADING_RETRY_AFTER_S)  # fmt: skip
+            raise NotReady(
+                "the policy server is still loading its models", code="not_ready", retry_after_s=LOADING_RETRY_AFTER_S
+            )
         try:
             return self.backends[model]
         except KeyError:
             served = ", ".join(self.backends)
-            raise ModelNotFound(f"the model {model!r} does not exist; this server has {served}",
-                                param="model", code="model_not_found") from None  # fmt: skip
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; this server has {served}", param="model", code="model_not_found"
+            ) from None
 
     def _prompts(self, backend: GenerationBackend, prompt) -> list[tuple[list[int], str]]:
         """Every prompt as (token ids, text), checked: none empty, ids inside the vocabulary."""
@@ -161,8 +176,10 @@ class PolicyService:
         if not prompt:
             raise InvalidRequest("`prompt` is an empty list; send at least one prompt", param="prompt")
         if len(prompt) > self.limits.max_prompts:
-            raise InvalidRequest(f"{len(prompt)} prompts in one request, more than the limit of "
-                                 f"{self.limits.max_prompts}", param="prompt")  # fmt: skip
+            raise InvalidRequest(
+                f"{len(prompt)} prompts in one request, more than the limit of {self.limits.max_prompts}",
+                param="prompt",
+            )
         out = []
         vocab = backend.vocab_size()
         for i, p in enumerate(prompt):
@@ -182,11 +199,15 @@ class PolicyService:
         if req.n > lim.max_n:
             raise InvalidRequest(f"n={req.n} is more than the limit of {lim.max_n}", param="n")
         if req.n * prompts > lim.max_sequences:
-            raise InvalidRequest(f"{prompts} prompts x n={req.n} is {req.n * prompts} completions, more than "
-                                 f"the limit of {lim.max_sequences}", param="n")  # fmt: skip
+            raise InvalidRequest(
+                f"{prompts} prompts x n={req.n} is {req.n * prompts} completions, more than "
+                f"the limit of {lim.max_sequences}",
+                param="n",
+            )
         if logprobs is not None and logprobs > lim.max_logprobs:
-            raise InvalidRequest(f"{logprobs_param}={logprobs} is more than the limit of {lim.max_logprobs}",
-                                 param=logprobs_param)  # fmt: skip
+            raise InvalidRequest(
+                f"{logprobs_param}={logprobs} is more than the limit of {lim.max_logprobs}", param=logprobs_param
+            )
         stops = req.stop_list()
         if len(stops) > lim.max_stop:
             raise InvalidRequest(f"{len(stops)} stop strings, more than the limit of {lim.max_stop}", param="stop")
@@ -200,22 +221,34 @@ class PolicyService:
         longest = max(len(ids) for ids in prompts)
         max_prompt = min(lim.max_prompt_tokens or context, context)
         if longest > max_prompt:
-            raise InvalidRequest(f"the prompt has {longest} tokens, more than the limit of {max_prompt}",
-                                 param="prompt", code="context_length_exceeded")  # fmt: skip
+            raise InvalidRequest(
+                f"the prompt has {longest} tokens, more than the limit of {max_prompt}",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         if longest + max_tokens > context:
             raise InvalidRequest(
                 f"this model's context holds {context} tokens, and the request asks for {longest + max_tokens} "
                 f"({longest} in the prompt, {max_tokens} to generate); lower {param}",
-                param=param, code="context_length_exceeded",
+                param=param,
+                code="context_length_exceeded",
             )
 
     # --- generation ----------------------------------------------------------------------
 
-    async def _generate(self, backend: GenerationBackend, req, prompts: list[list[int]], max_tokens: int,
-                        top_logprobs: int) -> list[GenerationOutput]:  # fmt: skip
+    async def _generate(
+        self, backend: GenerationBackend, req, prompts: list[list[int]], max_tokens: int, top_logprobs: int
+    ) -> list[GenerationOutput]:
         seed = req.seed if req.seed is not None else random.getrandbits(63)
-        common = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
-                      stop=tuple(req.stop_list()), top_logprobs=top_logprobs, ignore_eos=req.ignore_eos)  # fmt: skip
+        common = dict(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=max(req.top_k, 0),
+            stop=tuple(req.stop_list()),
+            top_logprobs=top_logprobs,
+            ignore_eos=req.ignore_eos,
+        )
         requests = [
             GenerationRequest(prompt_ids=ids, seed=(seed + j) % _SEEDS, **common)
             for ids in prompts
@@ -226,8 +259,9 @@ class PolicyService:
         except (Overloaded, GenerationFailed, InvalidParameters) as exc:
             raise backend_error(exc) from None
         except TimeoutError:
-            raise DeadlineExceeded(f"generation did not finish within {self.limits.timeout_s:g}s",
-                                   code="timeout") from None  # fmt: skip
+            raise DeadlineExceeded(
+                f"generation did not finish within {self.limits.timeout_s:g}s", code="timeout"
+            ) from None
         self.metrics.prompt_tokens.labels(req.model).inc(sum(len(ids) for ids in prompts))
         return outputs
 
@@ -272,8 +306,9 @@ def _size(prompt: str | list) -> int:
 def _usage(prompts: list[list[int]], outputs: list[GenerationOutput]) -> Usage:
     prompt_tokens = sum(len(ids) for ids in prompts)
     completion_tokens = sum(len(o.token_ids) for o in outputs)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)  # fmt: skip
+    return Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
 
 
 def _version(outputs: list[GenerationOutput]) -> int:

@@ -47,8 +47,9 @@ from assay.search.remote import RemoteScorer
 
 NO_REWARD = frozenset({"majority"})  # strategies that score nothing
 # the SearchConfig fields a request may set (seed and budget are set apart)
-_CONFIG_FIELDS = tuple(f.name for f in fields(SearchConfig) if f.name in SearchRequest.model_fields
-                       and f.name not in ("seed", "budget"))  # fmt: skip
+_CONFIG_FIELDS = tuple(
+    f.name for f in fields(SearchConfig) if f.name in SearchRequest.model_fields and f.name not in ("seed", "budget")
+)
 _SEEDS = 2**31
 
 
@@ -76,8 +77,11 @@ class SearchService:
         scorer = None if req.strategy in NO_REWARD else RemoteScorer(self.rewards, req.reward)  # type: ignore[arg-type]
 
         if not self._slots.acquire(blocking=False):
-            raise QueueFull(f"{self.limits.max_searches} searches are running, the most this server runs at once",
-                            code="queue_full", retry_after_s=1.0)  # fmt: skip
+            raise QueueFull(
+                f"{self.limits.max_searches} searches are running, the most this server runs at once",
+                code="queue_full",
+                retry_after_s=1.0,
+            )
         job = self._executor.submit(self._run, req, generator, scorer, config)
         job.add_done_callback(lambda _: self._slots.release())  # also when cancelled before it started
         waiting = asyncio.wrap_future(job)
@@ -100,8 +104,9 @@ class SearchService:
             raise mapped from exc
         return self._response(req, result, generator, seed)
 
-    def _run(self, req: SearchRequest, generator: BackendGenerator, scorer: RemoteScorer | None,
-             config: SearchConfig) -> SearchResult:  # fmt: skip
+    def _run(
+        self, req: SearchRequest, generator: BackendGenerator, scorer: RemoteScorer | None, config: SearchConfig
+    ) -> SearchResult:
         """On a search thread: check the reward exists (before spending generation on it), then search."""
         if scorer is not None:
             self.rewards.reward_id(scorer.reward)
@@ -111,11 +116,15 @@ class SearchService:
 
     def _check_strategy(self, req: SearchRequest) -> None:
         if req.strategy not in STRATEGIES:
-            raise InvalidRequest(f"unknown strategy {req.strategy!r}; this server has {', '.join(STRATEGIES)}",
-                                 param="strategy", code="unknown_strategy")  # fmt: skip
+            raise InvalidRequest(
+                f"unknown strategy {req.strategy!r}; this server has {', '.join(STRATEGIES)}",
+                param="strategy",
+                code="unknown_strategy",
+            )
         if req.reward is None and req.strategy not in NO_REWARD:
-            raise InvalidRequest(f"strategy {req.strategy!r} scores candidates: name an rm_server reward in `reward`",
-                                 param="reward")  # fmt: skip
+            raise InvalidRequest(
+                f"strategy {req.strategy!r} scores candidates: name an rm_server reward in `reward`", param="reward"
+            )
 
     def _config(self, req: SearchRequest, seed: int) -> SearchConfig:
         """The request's SearchConfig, within this server's limits; a budget field left out gets the cap."""
@@ -135,21 +144,32 @@ class SearchService:
             config = SearchConfig(**values, seed=seed, budget=Budget(**budget))
         except ValueError as exc:  # SearchConfig's own checks say what to change
             raise InvalidRequest(str(exc)) from None
-        for name, limit in (("n", lim.max_n), ("round_size", lim.max_n), ("beam_width", lim.max_n),
-                            ("max_tokens", lim.max_tokens), ("max_step_tokens", lim.max_tokens)):  # fmt: skip
+        for name, limit in (
+            ("n", lim.max_n),
+            ("round_size", lim.max_n),
+            ("beam_width", lim.max_n),
+            ("max_tokens", lim.max_tokens),
+            ("max_step_tokens", lim.max_tokens),
+        ):
             if getattr(config, name) > limit:
                 raise InvalidRequest(f"{name}={getattr(config, name)} is more than the limit of {limit}", param=name)
         return config
 
     # --- the response --------------------------------------------------------------------
 
-    def _response(self, req: SearchRequest, result: SearchResult, generator: BackendGenerator,
-                  seed: int) -> SearchResponse:  # fmt: skip
+    def _response(
+        self, req: SearchRequest, result: SearchResult, generator: BackendGenerator, seed: int
+    ) -> SearchResponse:
         body = result.to_dict()
         body["weight_version"] = min(generator.versions) if generator.versions else None  # an int on the wire
-        return SearchResponse(id=f"search-{uuid.uuid4().hex}", created=int(time.time()), model=req.model,
-                              reward=req.reward if result.reward_id is not None else None, seed=seed,
-                              **body)  # fmt: skip
+        return SearchResponse(
+            id=f"search-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=req.model,
+            reward=req.reward if result.reward_id is not None else None,
+            seed=seed,
+            **body,
+        )
 
 
 def _api_error(exc: Exception, rm_url: str, backend: GenerationBackend) -> ApiError | None:
@@ -161,14 +181,19 @@ def _api_error(exc: Exception, rm_url: str, backend: GenerationBackend) -> ApiEr
     if isinstance(exc, rm.InvalidRequest):
         return InvalidRequest(f"rm_server at {rm_url} refused the scoring request: {exc}", code="reward_refused")
     if isinstance(exc, rm.Unavailable):
-        return Unavailable(f"the reward service (rm_server at {rm_url}) is unavailable: {exc}",
-                           code="reward_service_unavailable")  # fmt: skip
+        return Unavailable(
+            f"the reward service (rm_server at {rm_url}) is unavailable: {exc}", code="reward_service_unavailable"
+        )
     if isinstance(exc, rm.Overloaded):
-        return QueueFull(f"the reward service (rm_server at {rm_url}) is overloaded: {exc}",
-                         code="reward_service_overloaded", retry_after_s=exc.retry_after_s or 1.0)  # fmt: skip
+        return QueueFull(
+            f"the reward service (rm_server at {rm_url}) is overloaded: {exc}",
+            code="reward_service_overloaded",
+            retry_after_s=exc.retry_after_s or 1.0,
+        )
     if isinstance(exc, rm.DeadlineExceeded):
-        return DeadlineExceeded(f"the reward service (rm_server at {rm_url}) did not answer in time: {exc}",
-                                code="reward_service_timeout")  # fmt: skip
+        return DeadlineExceeded(
+            f"the reward service (rm_server at {rm_url}) did not answer in time: {exc}", code="reward_service_timeout"
+        )
     if isinstance(exc, rm.RewardServiceError):  # ServerError, or this server's rm credentials refused
         return BadGateway(f"the reward service (rm_server at {rm_url}) failed: {exc}", code="reward_service_error")
     if isinstance(exc, (Overloaded, GenerationFailed, InvalidParameters)):

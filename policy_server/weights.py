@@ -50,17 +50,29 @@ log = logging.getLogger("policy_server")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors package's own cap on the JSON header
 # safetensors dtype codes -> torch dtype names (ParamSpec.dtype)
 DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}  # fmt: skip
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _SHOWN = 5  # problems listed in one refusal
 # One answer for every path refused, whatever the reason: it must not tell what exists on the disk.
-PATH_REFUSED = ("refused: `path` must name a regular .safetensors file, or a directory holding some, inside a "
-                "directory this server loads weights from (its --weights-dir), relative to it; the server log "
-                "says why this one was refused")  # fmt: skip
-NO_WEIGHTS_DIR = ("loading weights from the server's disk is off: the operator must start the server with "
-                  "--weights-dir DIR (repeatable) to allow it; POST /v1/admin/weights takes them uploaded")  # fmt: skip
+PATH_REFUSED = (
+    "refused: `path` must name a regular .safetensors file, or a directory holding some, inside a "
+    "directory this server loads weights from (its --weights-dir), relative to it; the server log "
+    "says why this one was refused"
+)
+NO_WEIGHTS_DIR = (
+    "loading weights from the server's disk is off: the operator must start the server with "
+    "--weights-dir DIR (repeatable) to allow it; POST /v1/admin/weights takes them uploaded"
+)
 
 
 @dataclass(frozen=True)
@@ -118,8 +130,10 @@ def parse_header(raw: bytes) -> list[Entry]:
         for d in e.shape:
             numel *= d
         if e.begin != at or e.end - e.begin != numel * ITEM_BYTES[e.dtype]:
-            raise ValueError(f"tensor {e.name!r}: data offsets [{e.begin}, {e.end}) do not follow the previous "
-                             f"tensor (ends at {at}) or do not fit {e.dtype}{list(e.shape)}")  # fmt: skip
+            raise ValueError(
+                f"tensor {e.name!r}: data offsets [{e.begin}, {e.end}) do not follow the previous "
+                f"tensor (ends at {at}) or do not fit {e.dtype}{list(e.shape)}"
+            )
         at = e.end
     return entries
 
@@ -139,11 +153,15 @@ def check(entries: list[Entry] | list[tuple[str, str, tuple[int, ...]]], specs: 
     problems = []
     if unknown:
         near = ", ".join(list(specs)[:3])
-        problems.append(f"{len(unknown)} tensor name(s) the model does not have: {', '.join(unknown[:_SHOWN])}"
-                        f"{' ...' if len(unknown) > _SHOWN else ''} (its names look like {near})")  # fmt: skip
+        problems.append(
+            f"{len(unknown)} tensor name(s) the model does not have: {', '.join(unknown[:_SHOWN])}"
+            f"{' ...' if len(unknown) > _SHOWN else ''} (its names look like {near})"
+        )
     if wrong:
-        problems.append(f"{len(wrong)} tensor(s) of the wrong shape or dtype: {'; '.join(wrong[:_SHOWN])}"
-                        f"{' ...' if len(wrong) > _SHOWN else ''}")  # fmt: skip
+        problems.append(
+            f"{len(wrong)} tensor(s) of the wrong shape or dtype: {'; '.join(wrong[:_SHOWN])}"
+            f"{' ...' if len(wrong) > _SHOWN else ''}"
+        )
     if problems:
         raise ValueError("refused, the weights are unchanged: " + "; ".join(problems))
 
@@ -187,7 +205,9 @@ async def read_stream(chunks: AsyncIterator[bytes], specs: Mapping[str, ParamSpe
     reader = _Reader(chunks)
     (size,) = struct.unpack("<Q", await reader.read(8, "header length"))
     if size > MAX_HEADER_BYTES:
-        raise ValueError(f"the safetensors header claims {size} bytes, more than {MAX_HEADER_BYTES}: not a safetensors file?")
+        raise ValueError(
+            f"the safetensors header claims {size} bytes, more than {MAX_HEADER_BYTES}: not a safetensors file?"
+        )
     entries = parse_header(await reader.read(size, "header"))
     check(entries, specs)
     data = bytearray(entries[-1].end)
@@ -205,7 +225,9 @@ def _tensors(entries: list[Entry], data: bytearray) -> dict[str, Any]:
     for e in entries:
         dtype = getattr(torch, DTYPES[e.dtype])
         count = (e.end - e.begin) // ITEM_BYTES[e.dtype]
-        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=e.begin) if count else torch.empty(0, dtype=dtype)
+        flat = (
+            torch.frombuffer(data, dtype=dtype, count=count, offset=e.begin) if count else torch.empty(0, dtype=dtype)
+        )
         tensors[e.name] = flat.reshape(e.shape)
     return tensors
 
@@ -235,8 +257,10 @@ def _header(file: Any, size: int, shown: str) -> list[Entry]:
     _read_exactly(file, memoryview(raw), shown)
     entries = parse_header(bytes(raw))
     if 8 + n + entries[-1].end != size:
-        raise ValueError(f"{shown} is {size} bytes, its header announces {8 + n + entries[-1].end}: "
-                         "truncated, or not a safetensors file")  # fmt: skip
+        raise ValueError(
+            f"{shown} is {size} bytes, its header announces {8 + n + entries[-1].end}: "
+            "truncated, or not a safetensors file"
+        )
     return entries
 
 
@@ -310,8 +334,9 @@ class WeightService:
             except (ValueError, OSError) as exc:  # a readable file that is not weights for this model
                 log.info("weights load of %r refused: %s", path, exc)
                 message = exc if isinstance(exc, ValueError) else f"{path} could not be read"
-                raise InvalidRequest(f"refused, the weights are unchanged: {message}", param="path",
-                                     code="invalid_weights") from None  # fmt: skip
+                raise InvalidRequest(
+                    f"refused, the weights are unchanged: {message}", param="path", code="invalid_weights"
+                ) from None
             return await self._apply(model, backend, tensors, size, start)
 
     def _lock(self, model: str) -> asyncio.Lock:
@@ -320,8 +345,11 @@ class WeightService:
     @staticmethod
     def _check_version(model: str, backend: GenerationBackend, expect_version: int | None) -> None:
         if expect_version is not None and expect_version != backend.weight_version:
-            raise Conflict(f"model {model!r} is at weight_version {backend.weight_version}, not the expected "
-                           f"{expect_version}: another update landed first", code="version_mismatch")  # fmt: skip
+            raise Conflict(
+                f"model {model!r} is at weight_version {backend.weight_version}, not the expected "
+                f"{expect_version}: another update landed first",
+                code="version_mismatch",
+            )
 
     async def _apply(self, model: str, backend: GenerationBackend, tensors: dict, size: int, start: float) -> Update:
         previous = backend.weight_version

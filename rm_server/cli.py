@@ -52,8 +52,10 @@ def probe_cmd(
         table, ids = probe_spec(spec, list(reward) or None, problems)
     except (SpecError, ValueError) as exc:
         refuse(exc)
-    out = Table(title=f"Mean score change under each perturbation ({2 * problems} responses); "
-                      "in brackets: the change over the reward's spread (std) on the originals")
+    out = Table(
+        title=f"Mean score change under each perturbation ({2 * problems} responses); "
+        "in brackets: the change over the reward's spread (std) on the originals"
+    )
     out.add_column("perturbation")
     for name in table:
         out.add_column(name, justify="right")

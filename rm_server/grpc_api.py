@@ -35,9 +35,9 @@ from assay.base.metrics import Timer
 from assay.proto.reward.v1 import reward_pb2 as pb
 from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server import grpc_convert as convert
+from assay.rm_server.config import Limits
 from assay.rm_server.errors import error_type
 from assay.rm_server.protocol import CompareRequest, ErrorInfo, ErrorType, ScoreRequest
-from assay.rm_server.config import Limits
 from assay.rm_server.serving import RewardService
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RewardService"].full_name  # assay.reward.v1.RewardService

@@ -56,8 +56,9 @@ def _refusal(status: int, message: str) -> JSONResponse:
     return _error(status, ErrorType.permission_denied, message)
 
 
-def create_app(service: RewardService, keys: ApiKeys | None = None,
-               hosts: tuple[str, ...] | None = LOOPBACK_HOSTS) -> FastAPI:  # fmt: skip
+def create_app(
+    service: RewardService, keys: ApiKeys | None = None, hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
+) -> FastAPI:
     """The app over `service`; `hosts`: the Host names it answers (None: any), see `http_guard.allowed_hosts`."""
     keys = keys or ApiKeys()
     app = FastAPI(

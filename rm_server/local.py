@@ -25,8 +25,8 @@ from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from assay.clients.errors import BY_ERROR_TYPE, DeadlineExceeded, RewardServiceError, ServerError
 from assay.base.errors import ServiceError
+from assay.clients.errors import BY_ERROR_TYPE, DeadlineExceeded, RewardServiceError, ServerError
 from assay.rm_server.errors import error_type
 from assay.rm_server.protocol import CompareRequest, CompareResponse, RewardsResponse, ScoreRequest, ScoreResponse
 from assay.rm_server.rewards import build_rewards

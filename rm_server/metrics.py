@@ -29,13 +29,19 @@ class Metrics(RequestMetrics):
             "assay_rm_batch_items", "Items per model batch", ["reward"], buckets=SIZE_BUCKETS, registry=r
         )
         self.batch_tokens = Histogram(
-            "assay_rm_batch_tokens", "Tokens per model batch", ["reward"],
-            buckets=tuple(64 * b for b in SIZE_BUCKETS), registry=r,
+            "assay_rm_batch_tokens",
+            "Tokens per model batch",
+            ["reward"],
+            buckets=tuple(64 * b for b in SIZE_BUCKETS),
+            registry=r,
         )
         self.items = Counter("assay_rm_items", "Scored items by reward and status", ["reward", "status"], registry=r)
         self.values = Histogram(
-            "assay_rm_reward_value", "Distribution of scores per reward id (watch for drift)",
-            ["reward_id"], buckets=VALUE_BUCKETS, registry=r,
+            "assay_rm_reward_value",
+            "Distribution of scores per reward id (watch for drift)",
+            ["reward_id"],
+            buckets=VALUE_BUCKETS,
+            registry=r,
         )
 
     def reward_label(self, name: str) -> str:

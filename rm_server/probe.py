@@ -68,9 +68,7 @@ async def _scores(service: RewardService, reward: str, rows: list[tuple[str, str
     return [x.score for x in resp.results]
 
 
-async def run_probe(
-    service: RewardService, rewards: list[str], problems: int = 64
-) -> dict[str, dict[str, ProbeCell]]:
+async def run_probe(service: RewardService, rewards: list[str], problems: int = 64) -> dict[str, dict[str, ProbeCell]]:
     """{reward: {perturbation: cell}} for rewards scored on an already started service."""
     base_rows = probe_items(problems)
     table: dict[str, dict[str, ProbeCell]] = {}
@@ -92,7 +90,9 @@ async def run_probe(
     return table
 
 
-def probe_spec(spec_path, rewards: list[str] | None, problems: int) -> tuple[dict[str, dict[str, ProbeCell]], dict[str, str]]:
+def probe_spec(
+    spec_path, rewards: list[str] | None, problems: int
+) -> tuple[dict[str, dict[str, ProbeCell]], dict[str, str]]:
     """Build and start the spec's rewards in-process, probe them, and return (table, reward ids)."""
     from assay.rm_server.rewards import build_rewards
     from assay.rm_server.spec import load_spec

@@ -11,8 +11,8 @@ import asyncio
 from collections.abc import Sequence
 
 from assay.base.errors import LOADING_RETRY_AFTER_S, InvalidRequest, NotReady
-from assay.rm_server.errors import UnknownReward
 from assay.rm_server.config import Limits
+from assay.rm_server.errors import UnknownReward
 from assay.rm_server.metrics import Metrics
 from assay.rm_server.protocol import (
     CompareRequest,
@@ -78,7 +78,9 @@ class RewardService:
             raise InvalidRequest(f"reward {req.reward!r} is pairwise: send its items to /v1/compare")
         if req.granularity not in reward.granularities:
             allowed = ", ".join(g.value for g in sorted(reward.granularities, key=list(Granularity).index))
-            raise InvalidRequest(f"reward {req.reward!r} does not give {req.granularity.value} scores (it gives {allowed})")
+            raise InvalidRequest(
+                f"reward {req.reward!r} does not give {req.granularity.value} scores (it gives {allowed})"
+            )
         items = [Item(i.prompt, i.response, i.reference, i.id) for i in req.items]
         self._check_items(reward, [i.id for i in req.items], [(i.prompt, i.response, i.reference) for i in items])
         outcomes = await self._with_deadline(reward.score(items, req.granularity), len(items), req.timeout_s)
@@ -164,8 +166,9 @@ class RewardService:
         try:
             return await asyncio.wait_for(work, timeout + 1.0)
         except TimeoutError:
-            failure = ItemFailure(ErrorType.timeout, f"the request deadline of {timeout:g}s passed before scoring finished")
+            failure = ItemFailure(
+                ErrorType.timeout, f"the request deadline of {timeout:g}s passed before scoring finished"
+            )
             return [failure] * n
         finally:
             DEADLINE.reset(token)
-

@@ -155,9 +155,21 @@ class ProcessModelSpec(_ModelSpec):
 # --- judge and composite ---------------------------------------------------------------------
 
 CONTROL_TOKENS = (
-    "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|start_header_id|>",
-    "<|end_header_id|>", "<|begin_of_text|>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>",
-    "<s>", "</s>", "<pad>", "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|begin_of_text|>",
+    "[INST]",
+    "[/INST]",
+    "<<SYS>>",
+    "<</SYS>>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<unk>",
 )
 
 
@@ -208,8 +220,16 @@ class CompositeSpec(_Spec):
 
 
 RewardSpec = Annotated[
-    MathEqualSpec | ExactMatchSpec | RegexSpec | LengthPenaltySpec | JsonSchemaSpec | ArithStepsSpec
-    | OutcomeModelSpec | ProcessModelSpec | JudgeSpec | CompositeSpec,
+    MathEqualSpec
+    | ExactMatchSpec
+    | RegexSpec
+    | LengthPenaltySpec
+    | JsonSchemaSpec
+    | ArithStepsSpec
+    | OutcomeModelSpec
+    | ProcessModelSpec
+    | JudgeSpec
+    | CompositeSpec,
     Field(discriminator="type"),
 ]
 
@@ -255,9 +275,7 @@ def parse_spec(raw: Any, base_dir: Path = Path("."), source: str = "spec") -> Sp
     try:
         spec = SpecFile(rewards=raw.get("rewards") or {}, base_dir=base_dir)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False))
         raise SpecError(f"{source}: {problems}") from None
     extra = set(raw) - {"rewards", "version"}
     if extra:

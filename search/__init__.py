@@ -39,6 +39,18 @@ STRATEGIES: dict[str, Strategy] = {
 }
 
 __all__ = [
-    "STRATEGIES", "Budget", "Candidate", "GenParams", "Generation", "Generator", "Score", "Scorer",
-    "SearchConfig", "SearchError", "SearchResult", "Strategy", "Usage", "final_answer",
-]  # fmt: skip
+    "STRATEGIES",
+    "Budget",
+    "Candidate",
+    "GenParams",
+    "Generation",
+    "Generator",
+    "Score",
+    "Scorer",
+    "SearchConfig",
+    "SearchError",
+    "SearchResult",
+    "Strategy",
+    "Usage",
+    "final_answer",
+]

@@ -167,7 +167,8 @@ class SearchConfig:
     threshold: float = field(default=0.5, metadata={"help": "refinement: accept a candidate scoring >= this"})
     step_threshold: float = field(default=0.5, metadata={"help": "refinement: a step scoring below this failed"})
     aggregate: str = field(
-        default="min", metadata={"help": "per-step scores -> one score (min|prod|last|mean), where a reward gives steps"}
+        default="min",
+        metadata={"help": "per-step scores -> one score (min|prod|last|mean), where a reward gives steps"},
     )
     seed: int = field(default=0, metadata={"help": "base seed; each generate call gets its own derived seed"})
     budget: Budget = field(default_factory=Budget, metadata={"help": "compute limit of one search"})

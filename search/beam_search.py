@@ -28,8 +28,9 @@ def distinct(beams: list[Beam]) -> list[Beam]:
     return list(first.values())
 
 
-def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,
-        reference: str | None = None) -> SearchResult:  # fmt: skip
+def run(
+    prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *, reference: str | None = None
+) -> SearchResult:
     """Step-level beam search over `config.n // config.beam_width` beams scored by a process reward."""
     t = Tracker("beam_search", generator, scorer, config, reference)
     keep = max(1, config.n // config.beam_width)
@@ -42,8 +43,13 @@ def run(prompt: str, generator: Generator, scorer: Scorer | None, config: Search
             break
         finished += [c for c in children if c.done]
         active = distinct(ranked([c for c in children if not c.done]))[:keep]
-        t.event("step", depth=depth, expanded=len(children), finished=len(finished),
-                kept=[round(b.value, 4) if b.value is not None else None for b in active])  # fmt: skip
+        t.event(
+            "step",
+            depth=depth,
+            expanded=len(children),
+            finished=len(finished),
+            kept=[round(b.value, 4) if b.value is not None else None for b in active],
+        )
         if not active:
             break
     leftover = [b for b in active if not b.done]  # open beams the budget stopped

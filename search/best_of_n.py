@@ -12,8 +12,9 @@ from assay.search.base import Generator, Scorer, SearchConfig, SearchResult
 from assay.search.tracker import Tracker, pick
 
 
-def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,
-        reference: str | None = None) -> SearchResult:  # fmt: skip
+def run(
+    prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *, reference: str | None = None
+) -> SearchResult:
     """Argmax-reward selection over up to `config.n` samples (fewer when the budget says so)."""
     t = Tracker("best_of_n", generator, scorer, config, reference)
     k = t.affordable(config.n, config.max_tokens)

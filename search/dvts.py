@@ -17,8 +17,9 @@ from assay.search.beams import Beam, expand, ranked, to_candidate
 from assay.search.tracker import Tracker, pick
 
 
-def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,
-        reference: str | None = None) -> SearchResult:  # fmt: skip
+def run(
+    prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *, reference: str | None = None
+) -> SearchResult:
     """`config.n // config.beam_width` greedy subtrees, each expanding `beam_width` children per step."""
     t = Tracker("dvts", generator, scorer, config, reference)
     trees = [Beam() for _ in range(max(1, config.n // config.beam_width))]
@@ -33,7 +34,11 @@ def run(prompt: str, generator: Generator, scorer: Scorer | None, config: Search
                 trees[i] = ranked(children)[0]
             else:
                 trees[i].finish_reason = "budget"
-        t.event("step", depth=depth, trees=[round(b.value, 4) if b.value is not None else None for b in trees],
-                done=sum(b.done for b in trees))  # fmt: skip
+        t.event(
+            "step",
+            depth=depth,
+            trees=[round(b.value, 4) if b.value is not None else None for b in trees],
+            done=sum(b.done for b in trees),
+        )
     candidates = [to_candidate(t, b) for b in trees]
     return t.result(candidates, pick(candidates))

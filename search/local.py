@@ -25,8 +25,9 @@ class LocalGenerator:
     small (the strategies use `max_step_tokens`) so that little is wasted.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, weight_version: str | None = "local:policy",
-                 batch_size: int = 512) -> None:  # fmt: skip
+    def __init__(
+        self, model: Any, tokenizer: Any, *, weight_version: str | None = "local:policy", batch_size: int = 512
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.weight_version = weight_version
@@ -69,9 +70,18 @@ class LocalScorer:
 
     KINDS = ("orm", "prm", "verifier")
 
-    def __init__(self, kind: str, model: Any, tokenizer: Any, *, name: str | None = None,
-                 step_ends: Callable[[str], list[int]] = step_ends, aggregate: str = "min",
-                 verifier_template: str = "{prompt}{response}\nCorrect? ", batch_size: int = 256) -> None:  # fmt: skip
+    def __init__(
+        self,
+        kind: str,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str | None = None,
+        step_ends: Callable[[str], list[int]] = step_ends,
+        aggregate: str = "min",
+        verifier_template: str = "{prompt}{response}\nCorrect? ",
+        batch_size: int = 256,
+    ) -> None:
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
         self.kind = kind
@@ -91,8 +101,9 @@ class LocalScorer:
         model, tokenizer = load_embedded(kind)
         return cls(kind, model, tokenizer, **kw)
 
-    def score(self, items: Sequence[tuple[str, str]], granularity: Granularity = "outcome",
-              reference: str | None = None) -> tuple[list[Score], str]:  # fmt: skip
+    def score(
+        self, items: Sequence[tuple[str, str]], granularity: Granularity = "outcome", reference: str | None = None
+    ) -> tuple[list[Score], str]:
         from assay import scoring
 
         if not items:

@@ -17,8 +17,9 @@ from assay.search.base import Candidate, Generator, Scorer, SearchConfig, Search
 from assay.search.tracker import Tracker
 
 
-def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,
-        reference: str | None = None) -> SearchResult:  # fmt: skip
+def run(
+    prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *, reference: str | None = None
+) -> SearchResult:
     """Self-consistency over up to `config.n` samples, in rounds, with early stop."""
     t = Tracker("majority", generator, None, config, reference)
     candidates: list[Candidate] = []

@@ -64,8 +64,9 @@ def feedback_prompt(template: str = "{prompt}{draft}\nStep {step} is wrong: {ste
     return revise
 
 
-def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,
-        reference: str | None = None) -> SearchResult:  # fmt: skip
+def run(
+    prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *, reference: str | None = None
+) -> SearchResult:
     """Draft, then up to `config.rounds` revisions from the best candidate's first failing step."""
     t = Tracker("refine", generator, scorer, config, reference)
     reviser: Reviser = config.reviser or backtrack

@@ -32,12 +32,15 @@ class RemoteScorer:
 
     def _supports(self, granularity: str) -> bool:
         if self._granularities is None:
-            info = next((r for r in self.client.rewards(timeout_s=self.timeout_s).rewards if r.name == self.reward), None)
+            info = next(
+                (r for r in self.client.rewards(timeout_s=self.timeout_s).rewards if r.name == self.reward), None
+            )
             self._granularities = set() if info is None else {g.value for g in info.granularities}
         return granularity in self._granularities
 
-    def score(self, items: Sequence[tuple[str, str]], granularity: Granularity = "outcome",
-              reference: str | None = None) -> tuple[list[Score], str]:  # fmt: skip
+    def score(
+        self, items: Sequence[tuple[str, str]], granularity: Granularity = "outcome", reference: str | None = None
+    ) -> tuple[list[Score], str]:
         if not items:
             return [], self.client.reward_id(self.reward, timeout_s=self.timeout_s)
         payload = [

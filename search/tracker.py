@@ -30,8 +30,14 @@ class SearchError(RuntimeError):
 
 
 class Tracker:
-    def __init__(self, strategy: str, generator: Generator, scorer: Scorer | None, config: SearchConfig,
-                 reference: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        strategy: str,
+        generator: Generator,
+        scorer: Scorer | None,
+        config: SearchConfig,
+        reference: str | None = None,
+    ) -> None:
         self.strategy = strategy
         self.generator = generator
         self.scorer = scorer
@@ -59,7 +65,9 @@ class Tracker:
 
     # --- calls -------------------------------------------------------------------------------
 
-    def generate(self, texts: Sequence[str], n: int, max_tokens: int, stop: tuple[str, ...] = ()) -> list[list[Generation]]:
+    def generate(
+        self, texts: Sequence[str], n: int, max_tokens: int, stop: tuple[str, ...] = ()
+    ) -> list[list[Generation]]:
         """n continuations of each text, charged to the budget; refused if the budget cannot cover them."""
         if not texts or n < 1:
             return [[] for _ in texts]
@@ -74,7 +82,9 @@ class Tracker:
             raise SearchError(f"{self.strategy}: the generator returned the wrong number of continuations")
         for g in (g for row in out for g in row):
             if g.num_tokens > max_tokens:
-                raise SearchError(f"{self.strategy}: the generator sampled {g.num_tokens} tokens, over max_tokens {max_tokens}")
+                raise SearchError(
+                    f"{self.strategy}: the generator sampled {g.num_tokens} tokens, over max_tokens {max_tokens}"
+                )
             self.usage.generated_tokens += g.num_tokens
         self.usage.candidates += len(texts) * n
         self.usage.generate_calls += 1
@@ -104,7 +114,9 @@ class Tracker:
 
     # --- candidates, trace, result -----------------------------------------------------------
 
-    def candidate(self, text: str, score: Score | None = None, num_tokens: int = 0, finish_reason: str = "") -> Candidate:
+    def candidate(
+        self, text: str, score: Score | None = None, num_tokens: int = 0, finish_reason: str = ""
+    ) -> Candidate:
         answer = self.config.answer(text)
         correct = None if self.reference is None else answer is not None and answer == self.reference.strip()
         return Candidate(
@@ -123,8 +135,12 @@ class Tracker:
 
     def result(self, candidates: list[Candidate], chosen: int | None) -> SearchResult:
         pick = None if chosen is None else candidates[chosen]
-        self.event("chosen", index=chosen, answer=None if pick is None else pick.final_answer,
-                   score=None if pick is None else pick.score)  # fmt: skip
+        self.event(
+            "chosen",
+            index=chosen,
+            answer=None if pick is None else pick.final_answer,
+            score=None if pick is None else pick.score,
+        )
         return SearchResult(
             strategy=self.strategy,
             answer=None if pick is None else pick.final_answer,

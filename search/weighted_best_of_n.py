@@ -17,8 +17,9 @@ from assay.search.base import Candidate, Generator, Scorer, SearchConfig, Search
 from assay.search.tracker import SearchError, Tracker, argmax
 
 
-def run(prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *,
-        reference: str | None = None) -> SearchResult:  # fmt: skip
+def run(
+    prompt: str, generator: Generator, scorer: Scorer | None, config: SearchConfig, *, reference: str | None = None
+) -> SearchResult:
     """Reward-weighted vote over up to `config.n` samples."""
     t = Tracker("weighted_best_of_n", generator, scorer, config, reference)
     k = t.affordable(config.n, config.max_tokens)

@@ -60,8 +60,10 @@ def open_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, can_resume: bo
         raise typer.BadParameter("--resume continues the run in --run-dir and --overwrite discards it: give one")
     if RunDir.found_in(run_dir) and not resume and not overwrite:
         what = "continue it with --resume, or discard it" if can_resume else "discard it"
-        raise typer.BadParameter(f"{run_dir} already holds a run; {what} with --overwrite, or choose another "
-                                 "--run-dir (two runs in one directory would mix their metrics)")  # fmt: skip
+        raise typer.BadParameter(
+            f"{run_dir} already holds a run; {what} with --overwrite, or choose another "
+            "--run-dir (two runs in one directory would mix their metrics)"
+        )
     run = RunDir(run_dir)
     if overwrite:
         run.clear()
@@ -110,14 +112,19 @@ def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) 
     train_app.command(algorithm)(config_options(config_class)(command))
 
 
-_online_command("grpo", GRPOConfig, "Online GRPO: groups of rollouts from the policy server, rewards from rm_server, "
-                "weights pushed back.")  # fmt: skip
-_online_command("ppo", PPOConfig, "Online PPO: actor, frozen reference, critic from the embedded ORM, reward from "
-                "rm_server.")  # fmt: skip
+_online_command(
+    "grpo",
+    GRPOConfig,
+    "Online GRPO: groups of rollouts from the policy server, rewards from rm_server, weights pushed back.",
+)
+_online_command(
+    "ppo", PPOConfig, "Online PPO: actor, frozen reference, critic from the embedded ORM, reward from rm_server."
+)
 
 
-def _online(algorithm: str, cfg: RLConfig, run, *, resume: bool, model_path: Path | None, services: Services,
-            torch_threads: int) -> None:  # fmt: skip
+def _online(
+    algorithm: str, cfg: RLConfig, run, *, resume: bool, model_path: Path | None, services: Services, torch_threads: int
+) -> None:
     import torch
 
     from assay.checkpoints import CheckpointError, load_embedded, load_model
@@ -169,17 +176,26 @@ def _clients(stack: ExitStack, cfg: RLConfig, model_path: Path | None, services:
 
 def _progress(stack: ExitStack, algorithm: str, steps: int):
     """A progress bar for the run; the `on_step` that advances it with each step's reward, KL and version."""
-    bar = stack.enter_context(Progress(
-        TextColumn(algorithm), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"), console=console,
-    ))  # fmt: skip
+    bar = stack.enter_context(
+        Progress(
+            TextColumn(algorithm),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+        )
+    )
     task = bar.add_task("train", total=steps, info="")
 
     def on_step(m: dict) -> None:
         reward = "n/a" if m.get("reward_mean") is None else f"{m['reward_mean']:.3f}"
         extra = f" pass@1 {m['heldout_pass1']:.3f}" if "heldout_pass1" in m else ""
-        bar.update(task, completed=m["step"], info=f"reward {reward} kl {m.get('kl', 0):.4f} "
-                   f"v{m['weight_version']} {m['seconds']:.1f}s/step{extra}")  # fmt: skip
+        bar.update(
+            task,
+            completed=m["step"],
+            info=f"reward {reward} kl {m.get('kl', 0):.4f} v{m['weight_version']} {m['seconds']:.1f}s/step{extra}",
+        )
 
     return on_step
 
@@ -198,9 +214,24 @@ def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metr
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     x = "round" if any("round" in r for r in rows) else "step"  # DPO logs rounds, GRPO and PPO steps (0: the start)
     rows = [r for r in rows if x in r]
-    panels = [k for k in ("reward_mean", "heldout_pass1", "kl", "entropy", "clip_frac", "value_loss", "loss",
-                          "reward_accuracy", "mean_chosen_score", "mean_rejected_score", "chosen_correct", "seconds")
-              if any(r.get(k) is not None for r in rows) and not (k == "loss" and x == "step")]  # fmt: skip
+    panels = [
+        k
+        for k in (
+            "reward_mean",
+            "heldout_pass1",
+            "kl",
+            "entropy",
+            "clip_frac",
+            "value_loss",
+            "loss",
+            "reward_accuracy",
+            "mean_chosen_score",
+            "mean_rejected_score",
+            "chosen_correct",
+            "seconds",
+        )
+        if any(r.get(k) is not None for r in rows) and not (k == "loss" and x == "step")
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
     for ax, key in zip(axes[0], panels):
         pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
@@ -246,8 +277,10 @@ def dpo_cmd(
 
     def on_round(m: dict, pairs) -> None:
         run.log(m)
-        console.print(f"round {m['round']}: {m['pairs']} pairs, loss {m.get('loss') or float('nan'):.4f}, "
-                      f"v{m['weight_version']}, {m['seconds']:.1f}s")  # fmt: skip
+        console.print(
+            f"round {m['round']}: {m['pairs']} pairs, loss {m.get('loss') or float('nan'):.4f}, "
+            f"v{m['weight_version']}, {m['seconds']:.1f}s"
+        )
 
     history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round)
     if eval_problems:
@@ -285,6 +318,14 @@ def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, o
         problems = world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)
         policy = stack.enter_context(PolicyClient.http(policy_url, timeout_s=timeout_s))
         sync_weights(policy, model, None, timeout_s)
-        history = iterative_dpo(model, tokenizer, policy, cfg, [p.prompt for p in problems], on_round,
-                                references=[str(p.answer) for p in problems], expected_reward_id=expected)  # fmt: skip
+        history = iterative_dpo(
+            model,
+            tokenizer,
+            policy,
+            cfg,
+            [p.prompt for p in problems],
+            on_round,
+            references=[str(p.answer) for p in problems],
+            expected_reward_id=expected,
+        )
     return history, model

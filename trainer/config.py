@@ -24,24 +24,38 @@ SERVICE_TIMEOUT_S = 300.0  # long enough for a killed service to come back on a 
 
 @dataclass
 class OnlineConfig:
-    reward: str = field(default="correct", metadata={"help": "the rm_server reward to train on, by name (the run "
-                                                             "records its reward id)"})  # fmt: skip
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts (DPO: of the "
-                                                              "searches)"})  # fmt: skip
+    reward: str = field(
+        default="correct",
+        metadata={"help": "the rm_server reward to train on, by name (the run records its reward id)"},
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "sampling temperature of the rollouts (DPO: of the searches)"}
+    )
     max_tokens: int = field(default=48, metadata={"help": "tokens per completion, at most"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (PPO: of the actor and of the critic)"})
-    seed: int = field(default=0, metadata={"help": "the run's seed: torch's, and the prompts, sampling and shuffling "
-                                                   "seeds of each step derive from it"})  # fmt: skip
-    service_timeout_s: float = field(default=SERVICE_TIMEOUT_S, metadata={"help": "deadline (s) of each call to "
-                                     "rm_server or policy_server, retries included: a service killed and restarted "
-                                     "within it costs the run only the wait"})  # fmt: skip
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "the run's seed: torch's, and the prompts, sampling and shuffling seeds of each step derive from it"
+        },
+    )
+    service_timeout_s: float = field(
+        default=SERVICE_TIMEOUT_S,
+        metadata={
+            "help": "deadline (s) of each call to "
+            "rm_server or policy_server, retries included: a service killed and restarted "
+            "within it costs the run only the wait"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.service_timeout_s > 0:
             raise ValueError(f"service_timeout_s must be > 0, got {self.service_timeout_s}")
         if self.max_tokens < 1 or self.temperature < 0 or self.grad_clip <= 0:
-            raise ValueError(f"max_tokens must be >= 1, temperature >= 0 and grad_clip > 0; got {self.max_tokens}, "
-                             f"{self.temperature} and {self.grad_clip}")  # fmt: skip
+            raise ValueError(
+                f"max_tokens must be >= 1, temperature >= 0 and grad_clip > 0; got {self.max_tokens}, "
+                f"{self.temperature} and {self.grad_clip}"
+            )
 
 
 @dataclass
@@ -67,7 +81,9 @@ class GRPOConfig(RLConfig):
     eps_high: float = field(default=0.2, metadata={"help": "ratio clip above 1 (DAPO's clip-higher: 0.28)"})
     mu: int = field(default=1, metadata={"help": "optimisation passes over each rollout batch"})
     scale: str = field(default="std", metadata={"help": "advantage scaling: std (GRPO), none (Dr. GRPO), batch"})
-    loss_norm: str = field(default="sequence_mean", metadata={"help": "sequence_mean, token_mean (DAPO), constant (Dr. GRPO)"})  # fmt: skip
+    loss_norm: str = field(
+        default="sequence_mean", metadata={"help": "sequence_mean, token_mean (DAPO), constant (Dr. GRPO)"}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,13 +130,21 @@ PAIR_STRATEGIES = ("best_of_n", "weighted_best_of_n")
 @dataclass
 class DPOConfig(OnlineConfig):
     reward: str = field(default="orm", metadata={"help": "the rm_server reward that scores the candidates, by name"})
-    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward; larger "
-                        "keeps the policy closer to the reference (iterative runs against the ORM needed "
-                        "0.5: at 0.1 the policy drifts toward what the ORM cannot see)"})  # fmt: skip
-    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO: assumed share of flipped "
-                                   "preference labels (0 = plain DPO)"})  # fmt: skip
-    sft_weight: float = field(default=0.0, metadata={"help": "RPO: weight of the per-token NLL of the "
-                              "chosen response added to the loss (0 = plain DPO)"})  # fmt: skip
+    beta: float = field(
+        default=0.1,
+        metadata={
+            "help": "inverse temperature of the implicit reward; larger "
+            "keeps the policy closer to the reference (iterative runs against the ORM needed "
+            "0.5: at 0.1 the policy drifts toward what the ORM cannot see)"
+        },
+    )
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "cDPO: assumed share of flipped preference labels (0 = plain DPO)"}
+    )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={"help": "RPO: weight of the per-token NLL of the chosen response added to the loss (0 = plain DPO)"},
+    )
     lr: float = field(default=3e-5, metadata={"help": "AdamW learning rate (constant)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=16, metadata={"help": "pairs per optimizer step"})
@@ -130,11 +154,14 @@ class DPOConfig(OnlineConfig):
     prompts_per_round: int = field(default=32, metadata={"help": "training prompts searched per round"})
     n: int = field(default=8, metadata={"help": "candidates sampled per prompt"})
     strategy: str = field(default="best_of_n", metadata={"help": f"search strategy, one of {PAIR_STRATEGIES}"})
-    min_margin: float = field(default=0.0, metadata={"help": "skip a prompt whose top-bottom score gap is "
-                              "below this (equal scores are always skipped)"})  # fmt: skip
-    ref_update: Literal["fixed", "each_round"] = field(default="fixed", metadata={"help": "reference model: "
-                                                       "the initial policy throughout, or the policy at "
-                                                       "the start of each round"})  # fmt: skip
+    min_margin: float = field(
+        default=0.0,
+        metadata={"help": "skip a prompt whose top-bottom score gap is below this (equal scores are always skipped)"},
+    )
+    ref_update: Literal["fixed", "each_round"] = field(
+        default="fixed",
+        metadata={"help": "reference model: the initial policy throughout, or the policy at the start of each round"},
+    )
     concurrency: int = field(default=4, metadata={"help": "searches in flight at once"})
 
     def __post_init__(self) -> None:
@@ -150,8 +177,9 @@ class DPOConfig(OnlineConfig):
         if self.n < 2:
             raise ValueError(f"n must be >= 2 to have a chosen and a rejected candidate, got {self.n}")
         if self.strategy not in PAIR_STRATEGIES:
-            raise ValueError(f"strategy must be one of {PAIR_STRATEGIES} (they score every candidate), "
-                             f"not {self.strategy!r}")  # fmt: skip
+            raise ValueError(
+                f"strategy must be one of {PAIR_STRATEGIES} (they score every candidate), not {self.strategy!r}"
+            )
         if self.min_margin < 0:
             raise ValueError("min_margin must be >= 0")
         if self.ref_update not in ("fixed", "each_round"):

@@ -85,9 +85,13 @@ def pair_logps(
 
 
 def dpo_loss(
-    pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-    beta: float, label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[B] x 4 sequence log-probs -> (scalar loss, [B] chosen and [B] rejected implicit rewards).
 
     Implicit reward r = beta * (log pi(y|x) - log pi_ref(y|x)); DPO is Bradley-Terry on it:
@@ -112,9 +116,13 @@ def make_optimizer(model: torch.nn.Module, config: DPOConfig) -> torch.optim.Opt
 
 
 def dpo_step(
-    model: PreTrainedModel, ref_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    batch_pairs: Sequence[Pair], optimizer: torch.optim.Optimizer, config: DPOConfig,
-) -> dict[str, float]:  # fmt: skip
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_pairs: Sequence[Pair],
+    optimizer: torch.optim.Optimizer,
+    config: DPOConfig,
+) -> dict[str, float]:
     """One optimizer step on a batch of pairs; metrics measured before the step (TRL's convention)."""
     model.train()
     pi_w, pi_l, n_w = pair_logps(model, tokenizer, batch_pairs)
@@ -142,17 +150,23 @@ def dpo_step(
 
 
 def _train_epochs(
-    model: PreTrainedModel, ref_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair],
-    optimizer: torch.optim.Optimizer, config: DPOConfig, rng: random.Random,
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    optimizer: torch.optim.Optimizer,
+    config: DPOConfig,
+    rng: random.Random,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> list[dict[str, float]]:  # fmt: skip
+) -> list[dict[str, float]]:
     history: list[dict[str, float]] = []
     for _ in range(config.epochs):
         order = list(pairs)
         rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
-            history.append(dpo_step(model, ref_model, tokenizer, order[start : start + config.batch_size],
-                                    optimizer, config))  # fmt: skip
+            history.append(
+                dpo_step(model, ref_model, tokenizer, order[start : start + config.batch_size], optimizer, config)
+            )
             if on_step:
                 on_step(len(history) - 1, history[-1])
     model.eval()
@@ -160,9 +174,13 @@ def _train_epochs(
 
 
 def train_offline(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair], config: DPOConfig,
-    on_step: Callable[[int, dict[str, float]], None] | None = None, ref_model: PreTrainedModel | None = None,
-) -> list[dict[str, float]]:  # fmt: skip
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    config: DPOConfig,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ref_model: PreTrainedModel | None = None,
+) -> list[dict[str, float]]:
     """DPO in place on fixed pairs for `config.epochs` shuffled passes; the per-step metrics.
 
     The reference is a frozen copy of `model` as passed in, unless `ref_model` is given.
@@ -171,8 +189,9 @@ def train_offline(
         raise ValueError("train_offline needs at least one pair")
     torch.manual_seed(config.seed)
     ref_model = ref_model if ref_model is not None else frozen_copy(model)
-    return _train_epochs(model, ref_model, tokenizer, pairs, make_optimizer(model, config), config,
-                         random.Random(config.seed), on_step)  # fmt: skip
+    return _train_epochs(
+        model, ref_model, tokenizer, pairs, make_optimizer(model, config), config, random.Random(config.seed), on_step
+    )
 
 
 # --- iterative DPO: search feeding learning -------------------------------------------------
@@ -205,10 +224,16 @@ def _check_train_split(prompts: Sequence[str]) -> None:
 
 
 def iterative_dpo(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, policy: PolicyClient, config: DPOConfig,
-    prompts: Sequence[str], on_round: Callable[[dict, list[Pair]], None] | None = None, *,
-    references: Sequence[str | None] | None = None, expected_reward_id: str | None = None,
-) -> list[dict]:  # fmt: skip
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    policy: PolicyClient,
+    config: DPOConfig,
+    prompts: Sequence[str],
+    on_round: Callable[[dict, list[Pair]], None] | None = None,
+    *,
+    references: Sequence[str | None] | None = None,
+    expected_reward_id: str | None = None,
+) -> list[dict]:
     """`config.rounds` rounds of search -> pairs -> DPO -> weight push; per-round metrics.
 
     The rounds are the steps of the online loop GRPO and PPO run on (`trainer.online.steps`): the
@@ -241,10 +266,16 @@ def iterative_dpo(
         idx = [(r * config.prompts_per_round + i) % len(prompts) for i in range(config.prompts_per_round)]
 
         def search(i: int, k: int) -> SearchResponse:
-            return policy.search(prompts[i], strategy=config.strategy, n=config.n, reward=config.reward,
-                                 reference=references[i] if references is not None else None,
-                                 temperature=config.temperature, max_tokens=config.max_tokens,
-                                 seed=config.seed * 1_000_003 + r * config.prompts_per_round + k)  # fmt: skip
+            return policy.search(
+                prompts[i],
+                strategy=config.strategy,
+                n=config.n,
+                reward=config.reward,
+                reference=references[i] if references is not None else None,
+                temperature=config.temperature,
+                max_tokens=config.max_tokens,
+                seed=config.seed * 1_000_003 + r * config.prompts_per_round + k,
+            )
 
         responses = list(pool.map(search, idx, range(len(idx))))
         reward_id = _same_reward_id(responses, reward_id, config.reward, r)  # before any pair is trained on
@@ -293,8 +324,10 @@ def _same_reward_id(responses: Sequence[SearchResponse], reward_id: str | None, 
     """The run's reward id (the first search's, unless one was expected); RewardMismatch on any other."""
     for resp in responses:
         if resp.reward_id is None:
-            raise RewardMismatch(f"round {r}: the search answered with no reward id; is {reward!r} a reward "
-                                 "of rm_server, and does the strategy use it?")  # fmt: skip
+            raise RewardMismatch(
+                f"round {r}: the search answered with no reward id; is {reward!r} a reward "
+                "of rm_server, and does the strategy use it?"
+            )
         reward_id = same_reward(resp.reward_id, reward_id, f"round {r}, reward {reward!r}")
     assert reward_id is not None
     return reward_id

@@ -41,8 +41,17 @@ from assay.trainer.online import (
 from assay.trainer.rl_math import entropy_from_logits, group_advantages, kl_estimate, masked_mean, token_loss
 
 
-def train(config: GRPOConfig, model, tokenizer, policy: PolicyClient, reward_fn: RewardFn, run_dir: RunDir, *,
-          resume: bool = False, on_step: OnStep | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def train(
+    config: GRPOConfig,
+    model,
+    tokenizer,
+    policy: PolicyClient,
+    reward_fn: RewardFn,
+    run_dir: RunDir,
+    *,
+    resume: bool = False,
+    on_step: OnStep | None = None,
+) -> list[dict[str, Any]]:
     """Run `config.steps` steps (the remaining ones, when resuming); every step's metrics."""
     torch.manual_seed(config.seed)
     ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir)
@@ -63,12 +72,19 @@ def _step(ctx: Run[GRPOConfig], step: int, version: int, ref_model, optimizer) -
     t0 = time.perf_counter()
     problems = train_prompts(step, config.prompts_per_step, config.seed)
     seed = config.seed * 1_000_003 + step
-    groups, scores, stale, version = online.rollout(ctx, problems, config.group_size, seed=seed, version=version,
-                                                    seconds=t)  # fmt: skip
+    groups, scores, stale, version = online.rollout(
+        ctx, problems, config.group_size, seed=seed, version=version, seconds=t
+    )
     rollouts = [r for g in groups for r in g]
     if not rollouts:  # every sample was stale: nothing to learn from, nothing mixed in
-        return {"step": step, "samples": 0, "stale_dropped": stale, "weight_version": version,
-                "seconds": time.perf_counter() - t0, **t}  # fmt: skip
+        return {
+            "step": step,
+            "samples": 0,
+            "stale_dropped": stale,
+            "weight_version": version,
+            "seconds": time.perf_counter() - t0,
+            **t,
+        }
     failed = sum(s is None for s in scores)
 
     # Group-relative advantages over the samples that have a reward; the rest are masked out.
@@ -119,11 +135,23 @@ def _step(ctx: Run[GRPOConfig], step: int, version: int, ref_model, optimizer) -
     good = [s for s in scores if s is not None]
     tokens = int(batch.completion_mask.sum())
     return {
-        "step": step, "loss": losses[0], "loss_last_pass": losses[-1], "reward_mean": sum(good) / len(good) if good else None,
+        "step": step,
+        "loss": losses[0],
+        "loss_last_pass": losses[-1],
+        "reward_mean": sum(good) / len(good) if good else None,
         "reward_std": float(torch.tensor(good).std()) if len(good) > 1 else None,
-        "reward_failed": failed, "stale_dropped": stale, "samples": len(rollouts),
-        "kl": masked_mean(kl.detach(), mask).item(), "entropy": entropy.item(), "clip_frac": masked_mean(clipped, mask).item(),
-        "grad_norm": float(grad_norm), "server_logprob_gap": gap, "tokens": tokens,
-        "tokens_per_s": tokens / seconds, "samples_per_s": len(rollouts) / seconds, "weight_version": version,
-        "seconds": seconds, **t,
-    }  # fmt: skip
+        "reward_failed": failed,
+        "stale_dropped": stale,
+        "samples": len(rollouts),
+        "kl": masked_mean(kl.detach(), mask).item(),
+        "entropy": entropy.item(),
+        "clip_frac": masked_mean(clipped, mask).item(),
+        "grad_norm": float(grad_norm),
+        "server_logprob_gap": gap,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "samples_per_s": len(rollouts) / seconds,
+        "weight_version": version,
+        "seconds": seconds,
+        **t,
+    }

@@ -63,8 +63,18 @@ class Critic(torch.nn.Module):
         return self.head(hidden)[..., 0].float()  # [rows, length]
 
 
-def train(config: PPOConfig, model, tokenizer, reward_model, policy: PolicyClient, reward_fn: RewardFn,
-          run_dir: RunDir, *, resume: bool = False, on_step: OnStep | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def train(
+    config: PPOConfig,
+    model,
+    tokenizer,
+    reward_model,
+    policy: PolicyClient,
+    reward_fn: RewardFn,
+    run_dir: RunDir,
+    *,
+    resume: bool = False,
+    on_step: OnStep | None = None,
+) -> list[dict[str, Any]]:
     """`model`: the SFT policy (becomes the actor); `reward_model`: the ORM the critic starts from."""
     torch.manual_seed(config.seed)
     ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir)
@@ -89,14 +99,22 @@ def _step(ctx: Run[PPOConfig], step: int, version: int, ref_model, critic, actor
     t0 = time.perf_counter()
     problems = train_prompts(step, config.prompts_per_step, config.seed)
     seed = config.seed * 1_000_003 + step
-    groups, scores, stale, version = online.rollout(ctx, problems, config.samples_per_prompt, seed=seed,
-                                                    version=version, seconds=t)  # fmt: skip
+    groups, scores, stale, version = online.rollout(
+        ctx, problems, config.samples_per_prompt, seed=seed, version=version, seconds=t
+    )
     # Samples whose reward failed are dropped whole: no reward, no return to learn from.
     pairs = [(r, s) for r, s in zip((r for g in groups for r in g), scores, strict=True) if s is not None]
     failed = len(scores) - len(pairs)
     if not pairs:
-        return {"step": step, "samples": 0, "stale_dropped": stale, "reward_failed": failed,
-                "weight_version": version, "seconds": time.perf_counter() - t0, **t}  # fmt: skip
+        return {
+            "step": step,
+            "samples": 0,
+            "stale_dropped": stale,
+            "reward_failed": failed,
+            "weight_version": version,
+            "seconds": time.perf_counter() - t0,
+            **t,
+        }
     rollouts = [r for r, _ in pairs]
     seq_rewards = torch.tensor([s for _, s in pairs])  # [N]
 
@@ -140,14 +158,28 @@ def _step(ctx: Run[PPOConfig], step: int, version: int, ref_model, critic, actor
     seconds = time.perf_counter() - t0
     tokens = int(mask.sum())
     return {
-        "step": step, "loss": loss.item(), "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
-        "ptx_loss": ptx.item(), "reward_mean": seq_rewards.mean().item(),
-        "reward_std": seq_rewards.std().item() if len(pairs) > 1 else None, "reward_failed": failed,
-        "stale_dropped": stale, "samples": len(rollouts), "kl": kl.item(), "entropy": entropy.item(),
-        "clip_frac": clip_frac.item(), "grad_norm": float(grad_norm), "server_logprob_gap": gap, "tokens": tokens,
-        "tokens_per_s": tokens / seconds, "samples_per_s": len(rollouts) / seconds, "weight_version": version,
-        "seconds": seconds, **t,
-    }  # fmt: skip
+        "step": step,
+        "loss": loss.item(),
+        "policy_loss": policy_loss.item(),
+        "value_loss": value_loss.item(),
+        "ptx_loss": ptx.item(),
+        "reward_mean": seq_rewards.mean().item(),
+        "reward_std": seq_rewards.std().item() if len(pairs) > 1 else None,
+        "reward_failed": failed,
+        "stale_dropped": stale,
+        "samples": len(rollouts),
+        "kl": kl.item(),
+        "entropy": entropy.item(),
+        "clip_frac": clip_frac.item(),
+        "grad_norm": float(grad_norm),
+        "server_logprob_gap": gap,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "samples_per_s": len(rollouts) / seconds,
+        "weight_version": version,
+        "seconds": seconds,
+        **t,
+    }
 
 
 def _ptx_loss(ctx: Run[PPOConfig], step: int) -> torch.Tensor:
@@ -155,6 +187,7 @@ def _ptx_loss(ctx: Run[PPOConfig], step: int) -> torch.Tensor:
     config, tokenizer = ctx.config, ctx.tokenizer
     rng = random.Random(config.seed * 7_919 + step)
     problems = world.take("train", config.ptx_batch, seed=rng.randrange(2**31))
-    ids, attn, labels = collate([encode_example(tokenizer, p.prompt, p.solution) for p in problems],
-                                tokenizer.pad_token_id)  # fmt: skip
+    ids, attn, labels = collate(
+        [encode_example(tokenizer, p.prompt, p.solution) for p in problems], tokenizer.pad_token_id
+    )
     return ctx.model(input_ids=ids, attention_mask=attn, labels=labels).loss

@@ -41,9 +41,7 @@ def listwise_loss(scores: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(scores, best)
 
 
-def margin_ranking_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 1.0
-) -> torch.Tensor:
+def margin_ranking_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """[pairs], [pairs] -> scalar: mean of max(0, margin - (r_chosen - r_rejected))."""
     return torch.clamp(margin - (chosen - rejected), min=0).mean()
 
@@ -79,9 +77,7 @@ class RMConfig(SFTConfig):
             raise ValueError("k must be >= 2")
 
 
-def _group_batch(
-    groups: Sequence[RankedGroup], config: RMConfig, rng: random.Random
-) -> tuple[list[str], int]:
+def _group_batch(groups: Sequence[RankedGroup], config: RMConfig, rng: random.Random) -> tuple[list[str], int]:
     """Texts to score, laid out per loss: (chosen, rejected) pairs or K-lists with best first."""
     texts: list[str] = []
     for g in groups:
@@ -147,10 +143,7 @@ def train_process_rm(
     """Train a one-logit token classifier in place with BCE at step ends; returns step losses."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    encoded = [
-        (*step_token_positions(tokenizer, e.prompt, e.response, e.step_ends), e.labels)
-        for e in examples
-    ]
+    encoded = [(*step_token_positions(tokenizer, e.prompt, e.response, e.step_ends), e.labels) for e in examples]
     model.train()
     update = make_update(model, config)
     losses = []

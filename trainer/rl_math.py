@@ -59,9 +59,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 # --- advantages and losses ------------------------------------------------------------------
 
 
-def group_advantages(
-    rewards: Tensor, valid: Tensor, *, scale: str = "std", eps: float = 1e-4
-) -> Tensor:
+def group_advantages(rewards: Tensor, valid: Tensor, *, scale: str = "std", eps: float = 1e-4) -> Tensor:
     """GRPO group-relative advantages (Shao et al. 2024, DeepSeekMath, eq. in sec. 4.1.2).
 
     A_i = (r_i - mean(r_group)) / (std + eps), with mean and std over the group's valid members
@@ -137,9 +135,7 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
 
 
 @torch.no_grad()
-def gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
-) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised Advantage Estimation (Schulman et al. 2016), for right-padded responses.
 
     delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1},

@@ -54,18 +54,14 @@ def lr_lambda(config: SFTConfig) -> Callable[[int], float]:
     return f
 
 
-def encode_example(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str
-) -> tuple[list[int], list[int]]:
+def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     """Token ids and labels for one example: labels are IGNORE over the prompt."""
     p = tokenizer(prompt)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return p + c, [IGNORE] * len(p) + c
 
 
-def collate(
-    batch: list[tuple[list[int], list[int]]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad to the longest example: (input_ids, attention_mask, labels), each [batch, seq]."""
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -114,9 +110,7 @@ def make_update(model: torch.nn.Module, config: SFTConfig) -> Callable[[torch.Te
 
     Shared by every trainer here: backward, clip the gradient norm, step, advance the schedule.
     """
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98)
-    )
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
 
     def update(loss: torch.Tensor) -> float:

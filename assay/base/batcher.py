@@ -229,4 +229,3 @@ class Batcher(Generic[P, R]):
             batch.append(self._queue.popleft())
             tokens += w.cost
         return batch
-

@@ -29,16 +29,35 @@ def is_loopback(host: str) -> bool:
 class Connections:
     """The bounds on clients' HTTP connections, and the drain on shutdown."""
 
-    max_connections: int = field(default=1024, metadata={
-        "help": "HTTP connections open at once; past it a new one is answered 503 and closed"})
-    header_timeout_s: float = field(default=10.0, metadata={"flag": "header-timeout", "help": "seconds for a "
-        "request's headers to arrive (from connect, or a kept-alive connection's next byte)"})
-    body_timeout_s: float = field(default=120.0, metadata={"flag": "body-timeout", "help": "seconds for a "
-        "request's body to arrive after its headers (else 408); uploads included"})
-    idle_timeout_s: float = field(default=5.0, metadata={"flag": "idle-timeout", "help": "keep-alive: seconds "
-        "an idle connection is kept after a response"})
-    drain_timeout_s: float = field(default=30.0, metadata={"flag": "drain-timeout", "help": "on SIGTERM: seconds "
-        "in-flight requests may take to finish; what still runs then gets a retryable 503"})
+    max_connections: int = field(
+        default=1024, metadata={"help": "HTTP connections open at once; past it a new one is answered 503 and closed"}
+    )
+    header_timeout_s: float = field(
+        default=10.0,
+        metadata={
+            "flag": "header-timeout",
+            "help": "seconds for a request's headers to arrive (from connect, or a kept-alive connection's next byte)",
+        },
+    )
+    body_timeout_s: float = field(
+        default=120.0,
+        metadata={
+            "flag": "body-timeout",
+            "help": "seconds for a request's body to arrive after its headers (else 408); uploads included",
+        },
+    )
+    idle_timeout_s: float = field(
+        default=5.0,
+        metadata={"flag": "idle-timeout", "help": "keep-alive: seconds an idle connection is kept after a response"},
+    )
+    drain_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "flag": "drain-timeout",
+            "help": "on SIGTERM: seconds "
+            "in-flight requests may take to finish; what still runs then gets a retryable 503",
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -67,9 +86,15 @@ class BaseServerConfig:
     port: int = field(default=8000, metadata={"help": "HTTP port (0 picks a free one)"})
     grpc_port: int | None = field(default=None, metadata={"help": "gRPC port (0 picks a free one; none: no gRPC)"})
     api_keys: tuple[str, ...] = field(default=(), metadata={"flag": "api-key", "help": "KEY:scope[,scope]; repeatable"})
-    allowed_hosts: tuple[str, ...] = field(default=(), metadata={"flag": "allowed-host", "help": "a Host name clients "
-        "reach this server by (e.g. api.example.com, *.example.com); repeatable. Others are refused (DNS "
-        "rebinding); default: loopback names on a loopback bind, any beyond it"})
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "flag": "allowed-host",
+            "help": "a Host name clients "
+            "reach this server by (e.g. api.example.com, *.example.com); repeatable. Others are refused (DNS "
+            "rebinding); default: loopback names on a loopback bind, any beyond it",
+        },
+    )
     connections: Connections = field(default_factory=Connections, metadata={"help": "Connections"})
     log_level: str = field(default="warning", metadata={"help": f"server log level: {', '.join(LOG_LEVELS)}"})
 
@@ -77,8 +102,10 @@ class BaseServerConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be a port number 0-65535 (0 picks a free one), not {self.port}")
         if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
-            raise ValueError(f"grpc_port must be a port number 0-65535 (0 picks a free one), or None for no gRPC "
-                             f"(--grpc-port none), not {self.grpc_port}")  # fmt: skip
+            raise ValueError(
+                f"grpc_port must be a port number 0-65535 (0 picks a free one), or None for no gRPC "
+                f"(--grpc-port none), not {self.grpc_port}"
+            )
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"unknown log level {self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
         if not is_loopback(self.host) and not self.api_keys:

@@ -129,16 +129,19 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
     handler with its behaviour wrapped; that keeps both concerns in this one class, out of the
     servicers, and applies them to any method added to the service later without a decorator."""
 
-    def __init__(self, service: str, authorize: Callable[[str | None], None],
-                 describe: Callable[[Exception], Failure]) -> None:  # fmt: skip
+    def __init__(
+        self, service: str, authorize: Callable[[str | None], None], describe: Callable[[Exception], Failure]
+    ) -> None:
         self.prefix, self.authorize, self.describe = f"/{service}/", authorize, describe
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self.prefix):
             return handler  # unknown method (UNIMPLEMENTED), health, reflection
-        codec = {"request_deserializer": _tolerant(handler.request_deserializer),
-                 "response_serializer": handler.response_serializer}  # fmt: skip
+        codec = {
+            "request_deserializer": _tolerant(handler.request_deserializer),
+            "response_serializer": handler.response_serializer,
+        }
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **codec)
         if handler.stream_stream is not None:
@@ -227,10 +230,12 @@ async def start_server(
     check_port_free(host, port, "gRPC")
     server = grpc.aio.server(
         interceptors=[interceptor],
-        options=[("grpc.max_receive_message_length", max_receive_bytes),
-                 ("grpc.max_send_message_length", max_send_bytes),
-                 ("grpc.so_reuseport", 0)],  # one server per port: a second one must fail to start
-    )  # fmt: skip
+        options=[
+            ("grpc.max_receive_message_length", max_receive_bytes),
+            ("grpc.max_send_message_length", max_send_bytes),
+            ("grpc.so_reuseport", 0),
+        ],  # one server per port: a second one must fail to start
+    )
     add_servicer(server)
     checks = Health(service, is_ready)
     await checks.sync()  # NOT_SERVING from the first call on, "" included

@@ -159,8 +159,9 @@ class BodyLimit:
     anything else would become a generic 400), which the service's own handler answers. Routes in
     `exempt` bound their own bodies (a weight upload is as large as the model)."""
 
-    def __init__(self, app: ASGIApp, limit: int, refuse: Callable[[str], Response],
-                 exempt: tuple[str, ...] = ()) -> None:  # fmt: skip
+    def __init__(
+        self, app: ASGIApp, limit: int, refuse: Callable[[str], Response], exempt: tuple[str, ...] = ()
+    ) -> None:
         self.app, self.limit, self.refuse, self.exempt = app, limit, refuse, exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

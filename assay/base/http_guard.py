@@ -77,8 +77,9 @@ class CrossSiteGuard:
 
     `refuse(status, message)` builds the service's error response."""
 
-    def __init__(self, app: ASGIApp, refuse: Callable[[int, str], Response],
-                 hosts: tuple[str, ...] | None = LOOPBACK_HOSTS) -> None:  # fmt: skip
+    def __init__(
+        self, app: ASGIApp, refuse: Callable[[int, str], Response], hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
+    ) -> None:
         self.app, self.refuse, self.hosts = app, refuse, hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -144,8 +145,9 @@ class GuardedRoute(APIRoute):
     def __init__(self, path: str, endpoint: Callable, *, dependencies: list[Depends] | None = None, **kwargs) -> None:
         deps = list(dependencies or ())
         self.key_checks = [d.dependency for d in deps if isinstance(d.dependency, KeyCheck)]
-        super().__init__(path, endpoint, dependencies=[d for d in deps if not isinstance(d.dependency, KeyCheck)],
-                         **kwargs)  # fmt: skip
+        super().__init__(
+            path, endpoint, dependencies=[d for d in deps if not isinstance(d.dependency, KeyCheck)], **kwargs
+        )
         documented = ((self.openapi_extra or {}).get("requestBody") or {}).get("content")
         self.body_types = tuple(documented) if documented else ("application/json",) if self.body_field else ()
 

@@ -29,10 +29,12 @@ class RequestMetrics:
 
     def __init__(self, prefix: str, label: str, queue_help: str) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter(f"{prefix}_requests", f"Requests by route, {label} and status code",
-                                ["route", label, "code"], registry=r)  # fmt: skip
-        self.latency = Histogram(f"{prefix}_request_seconds", f"Request latency by route and {label}",
-                                 ["route", label], registry=r)  # fmt: skip
+        self.requests = Counter(
+            f"{prefix}_requests", f"Requests by route, {label} and status code", ["route", label, "code"], registry=r
+        )
+        self.latency = Histogram(
+            f"{prefix}_request_seconds", f"Request latency by route and {label}", ["route", label], registry=r
+        )
         self.queue_depth = Gauge(f"{prefix}_queue_depth", queue_help, [label], registry=r)
 
     def render(self, queue_depths: dict[str, int]) -> bytes:

@@ -30,7 +30,11 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, Protocol, TypeVar
 
 import uvicorn
-from fastapi.responses import JSONResponse, PlainTextResponse, Response  # at module level: routes' annotations resolve here
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+)  # at module level: routes' annotations resolve here
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,6 +46,7 @@ log = logging.getLogger("assay.base.serve")
 
 ErrorReply = Callable[[int, str], Response]
 """The service's error answer for a status and message, in its protocol's shape (503: with Retry-After)."""
+
 
 class Server(Protocol):
     async def start(self) -> None: ...
@@ -56,8 +61,11 @@ class PortInUse(OSError):
     """The port to serve on is taken; the message is one sentence naming it."""
 
     def __init__(self, protocol: str, host: str, port: int) -> None:
-        super().__init__(errno.EADDRINUSE, f"the {protocol} port {port} on {host} is already in use "
-                                           "(another server on it?); stop that one or pick another port")
+        super().__init__(
+            errno.EADDRINUSE,
+            f"the {protocol} port {port} on {host} is already in use "
+            "(another server on it?); stop that one or pick another port",
+        )
         self.port = port
 
     def __str__(self) -> str:
@@ -225,10 +233,14 @@ class HttpListener:
         full = reply(503, f"this server has {limits.max_connections} connections open, its limit; retry shortly")
         http = functools.partial(GuardedHttp, limits=limits, refusal=raw_response(full))
         cfg = uvicorn.Config(
-            self.gate, http=http, log_level=log_level, access_log=False, timeout_keep_alive=limits.idle_timeout_s,
+            self.gate,
+            http=http,
+            log_level=log_level,
+            access_log=False,
+            timeout_keep_alive=limits.idle_timeout_s,
             # the drain has answered every request before uvicorn stops: this only bounds the rest
             timeout_graceful_shutdown=5,
-        )  # fmt: skip
+        )
         self._uvicorn = Uvicorn(cfg)
         self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:
@@ -277,6 +289,7 @@ def settle_after_loading() -> None:
 def add_ops_routes(app, health_model, is_ready: Callable[[], bool], metrics: Callable[[], bytes]) -> None:
     """`/health` (the process answers), `/ready` (503 until the models are loaded) and
     `/metrics` (Prometheus text); all three stay open without an API key."""
+
     @app.get("/health", response_model=health_model)
     async def health():
         return health_model(status="ok")
@@ -284,7 +297,9 @@ def add_ops_routes(app, health_model, is_ready: Callable[[], bool], metrics: Cal
     @app.get("/ready", response_model=health_model, responses={503: {"model": health_model}})
     async def ready() -> Response:
         ok = is_ready()
-        return JSONResponse(health_model(status="ok" if ok else "starting").model_dump(), status_code=200 if ok else 503)
+        return JSONResponse(
+            health_model(status="ok" if ok else "starting").model_dump(), status_code=200 if ok else 503
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, which it is
     async def prometheus() -> Response:

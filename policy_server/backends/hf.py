@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from assay.base import errors as base_errors
+from assay.base.batcher import Batcher
 from assay.checkpoints import load_model
 from assay.generation import _filter_logits, is_greedy
 from assay.policy_server.backends import (
@@ -41,8 +43,6 @@ from assay.policy_server.backends import (
     Overloaded,
     ParamSpec,
 )
-from assay.base import errors as base_errors
-from assay.base.batcher import Batcher
 from assay.policy_server.config import BatchSettings
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,9 @@ class HFBackend(GenerationBackend):
         )
 
     @classmethod
-    def load(cls, name: str, path: str | Path, batching: BatchSettings | None = None, on_batch=None,
-             on_finished=None) -> HFBackend:  # fmt: skip
+    def load(
+        cls, name: str, path: str | Path, batching: BatchSettings | None = None, on_batch=None, on_finished=None
+    ) -> HFBackend:
         model, tokenizer = load_model(path, "causal_lm")
         return cls(name, model, tokenizer, batching, on_batch, on_finished)
 
@@ -124,8 +125,10 @@ class HFBackend(GenerationBackend):
         return results
 
     def parameter_specs(self) -> dict[str, ParamSpec]:
-        return {name: ParamSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
-                for name, t in self.model.state_dict().items()}  # fmt: skip
+        return {
+            name: ParamSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for name, t in self.model.state_dict().items()
+        }
 
     async def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> int:
         _check_tied(self.model, tensors)
@@ -149,8 +152,13 @@ class HFBackend(GenerationBackend):
             raise GenerationFailed(f"generating this batch of sequences failed ({_describe(exc)})") from exc
         failed = [r for r in results if isinstance(r, GenerationFailed)]
         if failed:
-            log.warning("%d of %d sequences failed, alone (the batch went on); the first: %s", len(failed),
-                        len(results), failed[0], exc_info=failed[0].__cause__)  # fmt: skip
+            log.warning(
+                "%d of %d sequences failed, alone (the batch went on); the first: %s",
+                len(failed),
+                len(results),
+                failed[0],
+                exc_info=failed[0].__cause__,
+            )
         if self._on_finished is not None:
             self._on_finished([r for r in results if isinstance(r, GenerationOutput)])
         return results
@@ -163,8 +171,9 @@ def _check_tied(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> 
     for name in tensors:
         first = by_storage.setdefault(state[name].data_ptr(), name)
         if first != name and not torch.equal(tensors[first], tensors[name]):
-            raise ValueError(f"{first} and {name} are one tied tensor in this model, and the update gives them "
-                             "different values")  # fmt: skip
+            raise ValueError(
+                f"{first} and {name} are one tied tensor in this model, and the update gives them different values"
+            )
 
 
 class _Row:
@@ -193,8 +202,9 @@ class _Row:
     def fail(self, exc: BaseException) -> None:
         self.reason, self.error = "error", exc
 
-    def take(self, token: int, logprob: float, top: tuple[list[int], list[float]] | None,
-             tokenizer: PreTrainedTokenizerBase) -> None:  # fmt: skip
+    def take(
+        self, token: int, logprob: float, top: tuple[list[int], list[float]] | None, tokenizer: PreTrainedTokenizerBase
+    ) -> None:
         """Append the token sampled for this row and decide whether the row ends with it."""
         if not self.tokens:
             self.first_token_s = time.monotonic() - self.submitted
@@ -281,8 +291,9 @@ def decode(
         # Finished rows are fed padding; their cache rows are never read again.
         feed = torch.tensor([r.tokens[-1] if r.reason is None else tokenizer.pad_token_id for r in rows])
         mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
-        out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
-                    use_cache=True)  # fmt: skip
+        out = model(
+            input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+        )
         cache, logits = out.past_key_values, out.logits[:, -1, :].float()
         next_pos = next_pos + 1
 

@@ -1,10 +1,10 @@
 """Reward families, one module each, and the one place that turns a spec into rewards.
 
-    rules.py      rule.math_equal, rule.exact_match, rule.regex, rule.length_penalty,
-                  rule.json_schema, rule.arith_steps
-    model.py      model.outcome, model.process (transformers or vLLM backend)
-    judge.py      judge (any OpenAI-compatible completions endpoint)
-    composite.py  composite (expressions and gates over the others)
+rules.py      rule.math_equal, rule.exact_match, rule.regex, rule.length_penalty,
+              rule.json_schema, rule.arith_steps
+model.py      model.outcome, model.process (transformers or vLLM backend)
+judge.py      judge (any OpenAI-compatible completions endpoint)
+composite.py  composite (expressions and gates over the others)
 """
 
 from __future__ import annotations

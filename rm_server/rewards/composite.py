@@ -21,7 +21,10 @@ from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Sco
 from assay.rm_server.spec import CompositeSpec
 
 _BINARY: dict[type, Callable[[float, float], float]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
 }
 _CALLS: dict[str, Callable[..., float]] = {"min": min, "max": max}
 

@@ -80,7 +80,7 @@ def _parse(text: str, seconds: int, bare: bool) -> list:
     math first: the default extraction looks for numbers in prose and reads `2^{10}` as 2."""
     from math_verify import parse
 
-    for attempt in ([f"${text}$", text] if bare and "$" not in text else [text]):
+    for attempt in [f"${text}$", text] if bare and "$" not in text else [text]:
         try:
             found = parse(attempt, parsing_timeout=seconds, raise_on_error=True)
         except Exception:  # unparseable; math-verify's TimeoutException is a BaseException

@@ -69,7 +69,8 @@ class ModelReward(Reward):
         self.type = spec.type
         self.process = isinstance(spec, ProcessModelSpec)
         self.granularities = frozenset(
-            {Granularity.outcome, Granularity.steps, Granularity.tokens} if self.process
+            {Granularity.outcome, Granularity.steps, Granularity.tokens}
+            if self.process
             else {Granularity.outcome, Granularity.tokens}
         )
         if not spec.chat_template and (spec.template.count("{prompt}") != 1 or spec.template.count("{response}") != 1):
@@ -198,7 +199,9 @@ class ModelReward(Reward):
             if granularity == Granularity.outcome:
                 return Scored(self._value(float(raw[0])))
             per = [self._value(float(x)) for x in raw[:, 0]]
-            tokens = [(e.text[e.spans[i][0] : e.spans[i][1]], per[i - dropped]) for i in response_tokens if i >= dropped]
+            tokens = [
+                (e.text[e.spans[i][0] : e.spans[i][1]], per[i - dropped]) for i in response_tokens if i >= dropped
+            ]
             return Scored(per[-1], tokens=tokens)
         probs = self._prob(raw)
         ends = step_ends(e.text[start:end], self.spec.steps)
@@ -214,5 +217,9 @@ class ModelReward(Reward):
         }[self.spec.aggregate]
         tokens = None
         if granularity == Granularity.tokens:
-            tokens = [(e.text[e.spans[i][0] : e.spans[i][1]], float(probs[i - dropped])) for i in response_tokens if i >= dropped]
+            tokens = [
+                (e.text[e.spans[i][0] : e.spans[i][1]], float(probs[i - dropped]))
+                for i in response_tokens
+                if i >= dropped
+            ]
         return Scored(value, steps=steps if granularity != Granularity.outcome else None, tokens=tokens)

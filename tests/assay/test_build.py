@@ -11,14 +11,23 @@ from assay.trainer.sft import SFTConfig
 pytestmark = pytest.mark.unit
 
 MICRO = BuildConfig(
-    hidden_size=32, layers=1, heads=2, intermediate_size=64,
+    hidden_size=32,
+    layers=1,
+    heads=2,
+    intermediate_size=64,
     policy=SFTConfig(steps=3, batch_size=8, warmup_steps=0),
-    rollout_problems=16, rollouts_per_problem=2,
+    rollout_problems=16,
+    rollouts_per_problem=2,
     orm=RMConfig(steps=2, batch_size=4, warmup_steps=0),
     prm=SFTConfig(steps=2, batch_size=4, warmup_steps=0),
     verifier=SFTConfig(steps=2, batch_size=4, warmup_steps=0),
 )
-KINDS = {"policy": "causal_lm", "orm": "sequence_classification", "prm": "token_classification", "verifier": "causal_lm"}
+KINDS = {
+    "policy": "causal_lm",
+    "orm": "sequence_classification",
+    "prm": "token_classification",
+    "verifier": "causal_lm",
+}
 
 
 @pytest.mark.slow  # trains all four toy checkpoints, twice
@@ -38,8 +47,8 @@ def test_prefix_labels_agree_with_step_labels_at_step_ends():
     import random
 
     from assay.arith import world
-    from assay.build import prefix_examples
     from assay.arith.checks import segments, step_labels
+    from assay.build import prefix_examples
     from assay.generation import Sample
 
     rng = random.Random(0)

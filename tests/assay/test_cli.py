@@ -37,29 +37,35 @@ def assay(*args: str) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("args, shown", [
-    (["--help"], "rm"),
-    (["rm", "serve", "--help"], "--max-items"),
-    (["policy", "serve", "--help"], "--max-batch"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, shown",
+    [
+        (["--help"], "rm"),
+        (["rm", "serve", "--help"], "--max-items"),
+        (["policy", "serve", "--help"], "--max-batch"),
+    ],
+)
 def test_help_imports_no_server_stack(args, shown):
     result = assay(*args)
     assert result["code"] == 0 and shown in result["output"], result
     assert result["heavy"] == []
 
 
-@pytest.mark.parametrize("args, reason", [
-    (["policy", "serve", "--backend", "nope"], "use one of transformers, vllm"),
-    (["policy", "serve", "--model", "/nonexistent/absent"], "no such checkpoint directory"),
-    (["policy", "serve", "--weights-dir", "/nonexistent/absent"], "--weights-dir /nonexistent/absent"),
-    (["policy", "serve", "--host", "0.0.0.0"], "without API keys: pass --api-key KEY:generate"),
-    (["policy", "serve", "--max-sequences", "64", "--max-queue", "32"], "lower max_sequences or raise max_queue"),
-    (["policy", "serve", "--log-level", "loud"], "unknown log level 'loud'"),
-    (["rm", "serve", "--host", "0.0.0.0"], "without API keys: pass --api-key KEY:score (or set ASSAY_API_KEYS)"),
-    (["rm", "serve", "--spec", "/nonexistent/absent.yaml"], "does not exist"),
-    (["rm", "serve", "--grpc-port", "70000"], "grpc_port must be a port number 0-65535"),
-    (["rm", "serve", "--max-items", "0"], "max_items must be at least 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        (["policy", "serve", "--backend", "nope"], "use one of transformers, vllm"),
+        (["policy", "serve", "--model", "/nonexistent/absent"], "no such checkpoint directory"),
+        (["policy", "serve", "--weights-dir", "/nonexistent/absent"], "--weights-dir /nonexistent/absent"),
+        (["policy", "serve", "--host", "0.0.0.0"], "without API keys: pass --api-key KEY:generate"),
+        (["policy", "serve", "--max-sequences", "64", "--max-queue", "32"], "lower max_sequences or raise max_queue"),
+        (["policy", "serve", "--log-level", "loud"], "unknown log level 'loud'"),
+        (["rm", "serve", "--host", "0.0.0.0"], "without API keys: pass --api-key KEY:score (or set ASSAY_API_KEYS)"),
+        (["rm", "serve", "--spec", "/nonexistent/absent.yaml"], "does not exist"),
+        (["rm", "serve", "--grpc-port", "70000"], "grpc_port must be a port number 0-65535"),
+        (["rm", "serve", "--max-items", "0"], "max_items must be at least 1"),
+    ],
+)
 def test_refusals_answer_before_the_server_stack_is_imported(args, reason):
     result = assay(*args)
     assert result["code"] == 2 and reason in result["output"], result

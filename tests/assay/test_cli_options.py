@@ -26,8 +26,9 @@ class Config:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
     grpc_port: int | None = field(default=50051, metadata={"help": "gRPC port; none: no gRPC"})
     spec: Path | None = field(default=None, metadata={"help": "a spec file"})
-    api_keys: tuple[str, ...] = field(default=(), metadata={"help": "KEY:scope", "flag": "api-key",
-                                                             "env": "TEST_CLI_OPTIONS_KEYS"})  # fmt: skip
+    api_keys: tuple[str, ...] = field(
+        default=(), metadata={"help": "KEY:scope", "flag": "api-key", "env": "TEST_CLI_OPTIONS_KEYS"}
+    )
     mode: Literal["fast", "exact"] = field(default="fast", metadata={"help": "how"})
     verbose: bool = field(default=False, metadata={"help": "say more"})
     log_level: str = field(default="warning", metadata={"help": "log level"})
@@ -61,13 +62,40 @@ def test_nothing_given_builds_the_defaults_but_the_commands_own():
 
 
 def test_flags_set_fields_nested_ones_flattened():
-    result, seen = run(["--host", "0.0.0.0", "--grpc-port", "none", "--spec", "s.yaml", "--api-key", "a:score",
-                        "--api-key", "b:admin", "--mode", "exact", "--verbose", "--max-items", "3", "--timeout", "2.5",
-                        "--torch-threads", "1"])  # fmt: skip
+    result, seen = run(
+        [
+            "--host",
+            "0.0.0.0",
+            "--grpc-port",
+            "none",
+            "--spec",
+            "s.yaml",
+            "--api-key",
+            "a:score",
+            "--api-key",
+            "b:admin",
+            "--mode",
+            "exact",
+            "--verbose",
+            "--max-items",
+            "3",
+            "--timeout",
+            "2.5",
+            "--torch-threads",
+            "1",
+        ]
+    )
     assert result.exit_code == 0, result.output
-    assert seen["config"] == Config(host="0.0.0.0", grpc_port=None, spec=Path("s.yaml"),
-                                    api_keys=("a:score", "b:admin"), mode="exact", verbose=True, log_level="info",
-                                    bounds=Bounds(max_items=3, timeout_s=2.5))  # fmt: skip
+    assert seen["config"] == Config(
+        host="0.0.0.0",
+        grpc_port=None,
+        spec=Path("s.yaml"),
+        api_keys=("a:score", "b:admin"),
+        mode="exact",
+        verbose=True,
+        log_level="info",
+        bounds=Bounds(max_items=3, timeout_s=2.5),
+    )
     assert seen["given"]["bounds"] == {"max_items": 3, "timeout_s": 2.5}
     assert seen["torch_threads"] == 1
 
@@ -87,8 +115,22 @@ def test_bad_values_are_refused_by_click_before_the_command_runs():
 def test_help_shows_every_field_its_default_and_help():
     result, _ = run(["--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for text in ("--host", "address to bind", "127.0.0.1", "--grpc-port", "50051", "--api-key", "--max-items",
-                 "items per request", "1024", "--timeout", "--verbose", "--no-verbose", "Bounds", "--torch-threads"):
+    for text in (
+        "--host",
+        "address to bind",
+        "127.0.0.1",
+        "--grpc-port",
+        "50051",
+        "--api-key",
+        "--max-items",
+        "items per request",
+        "1024",
+        "--timeout",
+        "--verbose",
+        "--no-verbose",
+        "Bounds",
+        "--torch-threads",
+    ):
         assert text in result.output, text
     assert "--models" not in result.output and "--timeout-s" not in result.output
     assert "info" in result.output  # the command's own default for log_level

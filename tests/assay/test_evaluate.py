@@ -36,7 +36,7 @@ def test_eval_config_needs_enough_samples_for_pass_at_64():
 def test_embedded_checkpoints_meet_the_targets_on_the_fixed_heldout_set():
     """The full `assay eval`: if a rebuild or a code change degrades a model, this fails."""
     figures = evaluate(EvalConfig())
-    assert meets_targets(figures) == {k: True for k in TARGETS}, figures
+    assert meets_targets(figures) == dict.fromkeys(TARGETS, True), figures
     assert figures["pass@1"] <= figures["pass@4"] <= figures["pass@16"] <= figures["pass@64"]
     assert 0.5 < figures["orm_auroc"] <= 1.0
     assert 0.5 < figures["prm_step_accuracy"] <= 1.0
@@ -46,7 +46,10 @@ def test_embedded_checkpoints_meet_the_targets_on_the_fixed_heldout_set():
 def test_cli_eval_json_prints_one_object():
     out = subprocess.run(
         [sys.executable, "-m", "assay", "eval", "--json", "--problems", "8"],
-        capture_output=True, text=True, check=True, timeout=600,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
     )
     figures = json.loads(out.stdout)
     assert figures["heldout_problems"] == 8 and figures["samples_per_problem"] == 64

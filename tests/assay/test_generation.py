@@ -57,8 +57,10 @@ def test_a_top_p_that_is_zero_in_float32_keeps_the_most_likely_token():
         assert torch.isfinite(_filter_logits(logits, 0, top_p)).tolist() == [[False, True, False, False]]
 
 
-@pytest.mark.parametrize("shape", [{"temperature": 5e-324}, {"temperature": 1e-39}, {"top_p": 5e-324},
-                                   {"temperature": 1e-300, "top_p": 1e-300}])  # fmt: skip
+@pytest.mark.parametrize(
+    "shape",
+    [{"temperature": 5e-324}, {"temperature": 1e-39}, {"top_p": 5e-324}, {"temperature": 1e-300, "top_p": 1e-300}],
+)
 def test_degenerate_temperature_or_top_p_decodes_greedily(tiny_lm, tokenizer, shape):
     prompts = ["Q: 1+2 A: ", "Q: 23+45-17 A: "]
     greedy = sample(tiny_lm, tokenizer, prompts, SamplingParams(temperature=0, max_new_tokens=10))

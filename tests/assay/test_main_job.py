@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from assay.services import EMBEDDED_SPEC, spec_for_policy_port
 from assay.rm_server.spec import load_spec, reward_ids
+from assay.services import EMBEDDED_SPEC, spec_for_policy_port
 
 pytestmark = pytest.mark.e2e
 
@@ -19,12 +19,20 @@ pytestmark = pytest.mark.e2e
 def test_assay_run_prints_every_strategy_and_stops_the_servers_cleanly():
     out = subprocess.run(
         [sys.executable, "-m", "assay", "run", "--problems", "3", "--n", "2"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
-    text = out.stdout[out.stdout.index("Inference-time search on 3"):]  # the table, after the progress bars
-    for label in ("single sample (no search)", "majority vote", "weighted best-of-N", "verifier as judge",
-                  "beam search", "DVTS"):  # fmt: skip
+    text = out.stdout[out.stdout.index("Inference-time search on 3") :]  # the table, after the progress bars
+    for label in (
+        "single sample (no search)",
+        "majority vote",
+        "weighted best-of-N",
+        "verifier as judge",
+        "beam search",
+        "DVTS",
+    ):
         row = next((line for line in text.splitlines() if label in line), None)
         assert row is not None, text
         assert re.search(r"\d+\.\d%", row), row  # an accuracy, not an error

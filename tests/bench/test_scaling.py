@@ -39,15 +39,18 @@ def pool(samples: list[tuple[str, float]], tokens: int = 10) -> scaling.Pooled:
 # --- pass@k ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("m", "c", "k", "expected"), [
-    (4, 2, 1, 0.5),           # pass@1 is c / m
-    (4, 2, 2, 5 / 6),         # 1 - C(2,2)/C(4,2) = 1 - 1/6
-    (4, 2, 3, 1.0),           # fewer than k wrong samples: every k-subset holds a correct one
-    (4, 0, 4, 0.0),
-    (4, 4, 1, 1.0),
-    (64, 1, 16, 0.25),        # 1 - C(63,16)/C(64,16) = 1 - 48/64
-    (10, 3, 2, 1 - 21 / 45),  # C(7,2) = 21, C(10,2) = 45
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("m", "c", "k", "expected"),
+    [
+        (4, 2, 1, 0.5),  # pass@1 is c / m
+        (4, 2, 2, 5 / 6),  # 1 - C(2,2)/C(4,2) = 1 - 1/6
+        (4, 2, 3, 1.0),  # fewer than k wrong samples: every k-subset holds a correct one
+        (4, 0, 4, 0.0),
+        (4, 4, 1, 1.0),
+        (64, 1, 16, 0.25),  # 1 - C(63,16)/C(64,16) = 1 - 48/64
+        (10, 3, 2, 1 - 21 / 45),  # C(7,2) = 21, C(10,2) = 45
+    ],
+)
 def test_pass_at_k_matches_hand_computed_values(m, c, k, expected):
     assert scaling.pass_at_k(m, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -95,7 +98,11 @@ def test_replay_generator_serves_in_order_and_refuses_other_settings():
     assert g.generate([P], 2, GenParams(1.0, 1.0, 48, (), 7)) == [gens[:2]]  # any seed
     with pytest.raises(ValueError):
         g.generate([P], 2, PARAMS)  # only one left
-    for texts, params in [(["other"], PARAMS), ([P], GenParams(0.7, 1.0, 48, (), 0)), ([P], GenParams(1.0, 1.0, 48, (" ",), 0))]:
+    for texts, params in [
+        (["other"], PARAMS),
+        ([P], GenParams(0.7, 1.0, 48, (), 0)),
+        ([P], GenParams(1.0, 1.0, 48, (" ",), 0)),
+    ]:
         with pytest.raises(ValueError):
             scaling.ReplayGenerator(P, gens, PARAMS).generate(texts, 1, params)
 
@@ -142,7 +149,11 @@ def test_pool_diagnostics_on_a_hand_built_pool():
     p = pool([(GOOD, 0.9), (GOOD, 0.9), (SLIP, 0.95), ("1+x=2 #### 9", 0.1), ("1+1=2", 0.5)])
     d = scaling.pool_diagnostics([p], ["orm"])
     assert d["plurality_correct"] == 1.0 and d["unanswered"] == pytest.approx(1 / 5)
-    assert d["distinct_correct_texts"] == 1 and d["distinct_wrong_texts"] == 2 and d["distinct_well_formed_wrong_texts"] == 1
+    assert (
+        d["distinct_correct_texts"] == 1
+        and d["distinct_wrong_texts"] == 2
+        and d["distinct_well_formed_wrong_texts"] == 1
+    )
     # pairs: each of the 2 correct against SLIP (lose), broken (win), unanswered (win): 4 of 6
     assert d["orm_pairwise"] == pytest.approx(4 / 6) and d["orm_pairwise_well_formed"] == 0.0
     # the plurality is wrong and off by one: 4 twice against 3 once

@@ -34,8 +34,14 @@ class SimDeadline:
         return self.seconds - self.now
 
 
-def outage(policy: RetryPolicy, *, down_s: float, deadline_s: float, retry_after_s: float | None = None,
-           attempt_s: float = 0.01) -> tuple[bool, int, float]:  # fmt: skip
+def outage(
+    policy: RetryPolicy,
+    *,
+    down_s: float,
+    deadline_s: float,
+    retry_after_s: float | None = None,
+    attempt_s: float = 0.01,
+) -> tuple[bool, int, float]:
     """Drive `policy` against a server that refuses for `down_s` seconds, then answers; each
     attempt takes `attempt_s`. Returns (answered, attempts, simulated seconds when it ended)."""
     deadline = SimDeadline(deadline_s)
@@ -79,7 +85,7 @@ def test_backoff_is_jittered_and_capped():
     for attempt in (0, 3, 50, 5000):
         waits = [policy.wait(attempt, Unavailable("x"), far) for _ in range(200)]
         cap = min(0.5, 0.1 * 2 ** min(attempt, 10))
-        assert 0 <= min(waits) and max(waits) <= cap
+        assert min(waits) >= 0 and max(waits) <= cap
         assert max(waits) > 0.5 * cap  # spread over the range, not a constant
 
 
@@ -99,8 +105,12 @@ def test_an_optional_count_still_caps_and_only_transient_failures_are_retried():
     err = Unavailable("x")
     assert policy.wait(2, err, far) is None and err.attempts == 3 and "after 3 attempts" in str(err)
     assert RetryPolicy().wait(0, InvalidRequest("x"), far) is None
-    for bad in ({"max_retries": -1}, {"backoff_s": -1.0}, {"backoff_s": 3.0, "max_backoff_s": 2.0},
-                {"min_attempt_s": -0.1}):  # fmt: skip
+    for bad in (
+        {"max_retries": -1},
+        {"backoff_s": -1.0},
+        {"backoff_s": 3.0, "max_backoff_s": 2.0},
+        {"min_attempt_s": -0.1},
+    ):
         with pytest.raises(ValueError):
             RetryPolicy(**bad)
 

@@ -35,10 +35,9 @@ from assay.clients import (
 from assay.clients import reward as reward_module
 from assay.clients.errors import retry_after_s
 from assay.clients.retry import Deadline
+from assay.rm_server.config import Limits, ServerConfig
 from assay.rm_server.protocol import ErrorType, ScoreItem, ScoreResponse
 from assay.rm_server.server import BackgroundServer
-from assay.rm_server.config import ServerConfig
-from assay.rm_server.config import Limits
 from assay.services import free_port
 from tests.clients.reward_doubles import (
     INTERNAL,
@@ -378,7 +377,7 @@ def test_backoff_is_full_jitter_capped_floored_and_bounded():
     far = Deadline(100.0)
     waits = [[policy.wait(n, Unavailable("x"), far) for _ in range(200)] for n in range(3)]
     for n, ws in enumerate(waits):
-        assert 0 <= min(ws) and max(ws) <= min(0.3, 0.1 * 2**n)
+        assert min(ws) >= 0 and max(ws) <= min(0.3, 0.1 * 2**n)
         assert max(ws) > 0.5 * min(0.3, 0.1 * 2**n)  # spread over the range, not a constant
     assert policy.wait(3, Unavailable("x"), far) is None  # max_retries spent
     assert policy.wait(0, InvalidRequest("x"), far) is None  # not transient

@@ -5,9 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from assay.policy_server.server import BackgroundServer
-
 from assay.policy_server.config import ServerConfig
+from assay.policy_server.server import BackgroundServer
 from tests.helpers import torch_threads
 
 
@@ -38,4 +37,3 @@ def verifier():
     from assay.checkpoints import load_embedded
 
     return load_embedded("verifier")
-

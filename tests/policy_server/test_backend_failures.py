@@ -13,8 +13,8 @@ import torch
 
 from assay.policy_server.backends import GenerationFailed, GenerationOutput, GenerationRequest
 from assay.policy_server.backends.hf import HFBackend, _Job, _next_tokens, _Row
-from assay.policy_server.config import BatchSettings
 from assay.policy_server.backends.vllm import _sampling_options
+from assay.policy_server.config import BatchSettings
 
 pytestmark = pytest.mark.unit
 
@@ -30,13 +30,20 @@ def _in_one_batch(policy, requests: list[GenerationRequest]) -> list[GenerationO
     batches: list[int] = []
 
     async def run():
-        backend = HFBackend("policy", model, tokenizer, BatchSettings(max_wait_s=1.0),
-                            on_batch=lambda sequences, _: batches.append(sequences))  # fmt: skip
+        backend = HFBackend(
+            "policy",
+            model,
+            tokenizer,
+            BatchSettings(max_wait_s=1.0),
+            on_batch=lambda sequences, _: batches.append(sequences),
+        )
         await backend.start()
         try:
             calls = [backend.generate([r]) for r in requests]
-            return [r if isinstance(r, BaseException) else r[0]
-                    for r in await asyncio.gather(*calls, return_exceptions=True)]  # fmt: skip
+            return [
+                r if isinstance(r, BaseException) else r[0]
+                for r in await asyncio.gather(*calls, return_exceptions=True)
+            ]
         finally:
             await backend.close()
 
@@ -97,8 +104,9 @@ def test_vllm_gets_greedy_for_degenerate_parameters(poison):
 
 
 def test_vllm_gets_ordinary_parameters_unchanged():
-    req = GenerationRequest([1, 2], max_tokens=8, temperature=0.7, top_p=0.9, top_k=5, seed=3, stop=("\n",),
-                            top_logprobs=2)  # fmt: skip
+    req = GenerationRequest(
+        [1, 2], max_tokens=8, temperature=0.7, top_p=0.9, top_k=5, seed=3, stop=("\n",), top_logprobs=2
+    )
     options = _sampling_options(req)
     assert (options["temperature"], options["top_p"], options["top_k"], options["seed"]) == (0.7, 0.9, 5, 3)
     assert (options["max_tokens"], options["stop"], options["logprobs"]) == (8, ["\n"], 2)

@@ -30,8 +30,17 @@ def teacher_forced(model, ids: list[int], n_prompt: int) -> torch.Tensor:
 def test_completion_logprobs_match_a_teacher_forced_forward_pass(server, policy):
     model, tok = policy
     # temperature 0.7 and top_p: sampling is shaped, the reported logprobs must stay the raw model's
-    done = complete(server, prompt=PROMPTS, n=2, max_tokens=40, temperature=0.7, top_p=0.95, seed=11, logprobs=5,
-                    return_token_ids=True)  # fmt: skip
+    done = complete(
+        server,
+        prompt=PROMPTS,
+        n=2,
+        max_tokens=40,
+        temperature=0.7,
+        top_p=0.95,
+        seed=11,
+        logprobs=5,
+        return_token_ids=True,
+    )
     assert len(done.choices) == 6
     for choice in done.choices:
         ids, out = choice.prompt_token_ids, choice.token_ids
@@ -51,8 +60,16 @@ def test_completion_logprobs_match_a_teacher_forced_forward_pass(server, policy)
 
 def test_chat_logprobs_match_a_teacher_forced_forward_pass(server, policy):
     model, tok = policy
-    body = {"model": "policy", "messages": [{"role": "user", "content": "91-38"}], "n": 3, "temperature": 1.3,
-            "seed": 5, "logprobs": True, "top_logprobs": 2, "return_token_ids": True}  # fmt: skip
+    body = {
+        "model": "policy",
+        "messages": [{"role": "user", "content": "91-38"}],
+        "n": 3,
+        "temperature": 1.3,
+        "seed": 5,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "return_token_ids": True,
+    }
     r = httpx.post(f"{server.http_url}/v1/chat/completions", json=body, timeout=60)
     done = ChatCompletionResponse.model_validate_json(r.content)
     ids = done.prompt_token_ids
@@ -60,8 +77,9 @@ def test_chat_logprobs_match_a_teacher_forced_forward_pass(server, policy):
     for choice in done.choices:
         want = teacher_forced(model, ids + choice.token_ids, len(ids))
         got = choice.logprobs.content
-        assert [t.logprob for t in got] == pytest.approx([float(want[j, i]) for j, i in enumerate(choice.token_ids)],
-                                                         abs=1e-4)  # fmt: skip
+        assert [t.logprob for t in got] == pytest.approx(
+            [float(want[j, i]) for j, i in enumerate(choice.token_ids)], abs=1e-4
+        )
         for j, t in enumerate(got):
             assert [a.logprob for a in t.top_logprobs] == pytest.approx(want[j].topk(2).values.tolist(), abs=1e-4)
 
@@ -82,8 +100,9 @@ def test_same_seed_same_completions_and_list_prompts_sample_as_single_ones(serve
 
 def test_stop_strings_end_the_text_before_them(server):
     assert complete(server, prompt=PROMPTS[0], temperature=0, max_tokens=40).choices[0].text == GREEDY
-    done = complete(server, prompt=PROMPTS[0], temperature=0, max_tokens=40, stop=["####", " 68-"],
-                    return_token_ids=True)  # fmt: skip
+    done = complete(
+        server, prompt=PROMPTS[0], temperature=0, max_tokens=40, stop=["####", " 68-"], return_token_ids=True
+    )
     choice = done.choices[0]
     assert choice.text == "23+45=68" and choice.finish_reason == "stop"
     assert len(choice.token_ids) == len("23+45=68 68-")  # the tokens that completed the stop are generated

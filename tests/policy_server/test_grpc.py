@@ -11,14 +11,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from assay.base.auth import ApiKeys
 from assay.policy_server import errors
-from assay.policy_server.config import BatchSettings
+from assay.policy_server.config import BatchSettings, Limits, ServerConfig
 from assay.policy_server.grpc_api import SERVICE, describe, start_grpc_server
 from assay.policy_server.grpc_convert import generate_response_to_proto
 from assay.policy_server.protocol import CompletionResponse, ModelList
 from assay.policy_server.server import BackgroundServer
-from assay.policy_server.config import ServerConfig
 from assay.policy_server.serving import PolicyService
-from assay.policy_server.config import Limits
 from assay.proto.policy.v1 import policy_pb2 as pb
 from assay.proto.policy.v1 import policy_pb2_grpc
 from tests.helpers import LoopThread, grpc_served, wait_for
@@ -88,8 +86,10 @@ def test_generate_equals_http_completions(server, stub, fields):
 def test_token_id_prompts_and_seeds_give_the_same_completions(stub):
     req = pb.GenerateRequest(model="policy", prompt=PROMPT, n=3, seed=5, max_tokens=20)
     by_text = stub.Generate(req, timeout=60)
-    by_ids = stub.Generate(pb.GenerateRequest(model="policy", prompt_token_ids=by_text.prompt_token_ids, n=3,
-                                              seed=5, max_tokens=20), timeout=60)  # fmt: skip
+    by_ids = stub.Generate(
+        pb.GenerateRequest(model="policy", prompt_token_ids=by_text.prompt_token_ids, n=3, seed=5, max_tokens=20),
+        timeout=60,
+    )
     assert [c.token_ids for c in by_ids.choices] == [c.token_ids for c in by_text.choices]
     assert len({tuple(c.token_ids) for c in by_text.choices}) > 1  # choice j samples with seed + j
 
@@ -156,9 +156,13 @@ def test_every_api_error_maps_to_its_status(error, status):
 def tight():
     """A server with keys, 4 sequences per batch and 8 queued at most: easy to fill."""
     config = ServerConfig(
-        models=None, port=0, grpc_port=0, api_keys=("gen-key-for-tests:generate",), limits=Limits(max_sequences=8),
+        models=None,
+        port=0,
+        grpc_port=0,
+        api_keys=("gen-key-for-tests:generate",),
+        limits=Limits(max_sequences=8),
         batching=BatchSettings(max_sequences=4, max_queue=8, max_wait_s=0.2),
-    )  # fmt: skip
+    )
     with BackgroundServer(config) as s, grpc.insecure_channel(s.grpc_target) as ch:
         yield s, policy_pb2_grpc.PolicyServiceStub(ch)
 
@@ -185,8 +189,9 @@ def test_overload_and_client_cancellation(tight):
     fills it drops its waiting sequences and aborts its running ones, freeing the model."""
     server, stub = tight
     registry = server.service.metrics.registry
-    aborted = lambda: registry.get_sample_value("assay_policy_sequences_total",  # noqa: E731
-                                                {"model": "policy", "finish_reason": "abort"}) or 0.0  # fmt: skip
+    aborted = lambda: (
+        registry.get_sample_value("assay_policy_sequences_total", {"model": "policy", "finish_reason": "abort"}) or 0.0
+    )
     before = aborted()
     long = pb.GenerateRequest(model="policy", prompt=PROMPT, n=8, max_tokens=200, ignore_eos=True)
     call = stub.Generate.future(long, metadata=AUTH, timeout=120)
@@ -200,8 +205,9 @@ def test_overload_and_client_cancellation(tight):
     wait_for(lambda: aborted() - before == 4, 60, "the cancelled call's running sequences were not aborted")
     cancelled = {"route": "grpc/Generate", "model": "policy", "code": "499"}
     assert registry.get_sample_value("assay_policy_requests_total", cancelled) == 1
-    done = stub.Generate(pb.GenerateRequest(model="policy", prompt=PROMPT, n=8, max_tokens=4), metadata=AUTH,
-                         timeout=60)  # fmt: skip
+    done = stub.Generate(
+        pb.GenerateRequest(model="policy", prompt=PROMPT, n=8, max_tokens=4), metadata=AUTH, timeout=60
+    )
     assert len(done.choices) == 8
 
 
@@ -215,8 +221,9 @@ def test_health_reports_serving_and_reflection_lists_the_service(channel):
         assert status == health_pb2.HealthCheckResponse.SERVING
     assert SERVICE == "assay.policy.v1.PolicyService"
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-    (answer,) = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                             timeout=5)  # fmt: skip
+    (answer,) = reflect.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
     assert {SERVICE, "grpc.health.v1.Health"} <= {s.name for s in answer.list_services_response.service}
 
 
@@ -225,7 +232,7 @@ def test_health_follows_readiness():
     service = PolicyService({})
     with LoopThread() as loop, grpc_served(loop, start_grpc_server(service, ApiKeys(), "127.0.0.1", 0, Limits())) as ch:
         health = health_pb2_grpc.HealthStub(ch)
-        check = lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status  # noqa: E731
+        check = lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status
         assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
         err = rpc_error(policy_pb2_grpc.PolicyServiceStub(ch).Generate, SHORT, timeout=5)
         assert err.code() == Status.UNAVAILABLE and "still loading" in err.details()

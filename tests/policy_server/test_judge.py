@@ -6,10 +6,10 @@ import httpx
 import pytest
 
 from assay.arith.verifier import verifier_prompt
-from assay.scoring import verifier_yes_prob
+from assay.rm_server.config import ServerConfig as RewardConfig
 from assay.rm_server.protocol import ScoreResponse
 from assay.rm_server.server import BackgroundServer as RewardBackgroundServer
-from assay.rm_server.config import ServerConfig as RewardConfig
+from assay.scoring import verifier_yes_prob
 
 pytestmark = pytest.mark.e2e
 

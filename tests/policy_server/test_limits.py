@@ -11,12 +11,10 @@ import httpx
 import openai
 import pytest
 
-from assay.policy_server.config import BatchSettings
+from assay.base.connections import InsecureBinding
+from assay.policy_server.config import BatchSettings, Limits, ServerConfig
 from assay.policy_server.protocol import CompletionResponse, ErrorResponse
 from assay.policy_server.server import BackgroundServer, PolicyServer
-from assay.policy_server.config import ServerConfig
-from assay.policy_server.config import Limits
-from assay.base.connections import InsecureBinding
 
 pytestmark = pytest.mark.service
 
@@ -87,10 +85,11 @@ def test_unparseable_bodies_and_unknown_routes_get_4xx(server):
 def tight():
     """A server with small limits: a 2 KiB body, 8 queued sequences, 4 per batch, a 0.2 s batching wait."""
     config = ServerConfig(
-        models=None, port=0,
+        models=None,
+        port=0,
         limits=Limits(max_body_bytes=2048, max_sequences=8),
         batching=BatchSettings(max_sequences=4, max_queue=8, max_wait_s=0.2),
-    )  # fmt: skip
+    )
     with BackgroundServer(config) as s:
         yield s
 
@@ -179,7 +178,9 @@ def test_metrics_count_requests_tokens_and_refusals(server):
     httpx.post(f"{url}/v1/completions", json={**OK, "model": "nope"})
     assert metric(url, "assay_policy_generated_tokens_total", model="policy") - before == done.usage.completion_tokens
     assert metric(url, "assay_policy_requests_total", route="/v1/completions", model="policy", code="200") >= 1
-    assert metric(url, "assay_policy_requests_total", route="/v1/completions", model="unknown", code="404") >= 1  # not one label per made-up name
+    assert (
+        metric(url, "assay_policy_requests_total", route="/v1/completions", model="unknown", code="404") >= 1
+    )  # not one label per made-up name
     assert metric(url, "assay_policy_prompt_tokens_total", model="policy") >= done.usage.prompt_tokens
     assert metric(url, "assay_policy_batch_sequences_count", model="policy") >= 1
     assert 'assay_policy_queue_depth{model="policy"} 0.0' in httpx.get(f"{url}/metrics").text

@@ -17,7 +17,13 @@ PROMPTS = ["Q: 23+45-17 A: ", "Q: 8-3+12 A: "]
 def test_completions_round_trip_with_n_usage_and_weight_version(client, policy):
     _, tok = policy
     raw = client.completions.with_raw_response.create(
-        model="policy", prompt=PROMPTS, n=3, max_tokens=40, temperature=1.0, seed=7, logprobs=0,
+        model="policy",
+        prompt=PROMPTS,
+        n=3,
+        max_tokens=40,
+        temperature=1.0,
+        seed=7,
+        logprobs=0,
         extra_body={"return_token_ids": True},  # an extension, through the client's escape hatch
     )
     done = raw.parse()  # the client's own types
@@ -72,8 +78,11 @@ def test_chat_greedy_matches_in_process_sampling_and_lists_logprobs(client, poli
 
 def test_chat_takes_text_parts_and_max_completion_tokens(client):
     done = client.chat.completions.create(
-        model="policy", messages=[{"role": "user", "content": [{"type": "text", "text": "23+45-17"}]}],
-        temperature=0, max_completion_tokens=5, n=2,
+        model="policy",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "23+45-17"}]}],
+        temperature=0,
+        max_completion_tokens=5,
+        n=2,
     )
     assert [c.message.content for c in done.choices] == ["23+45"] * 2
     assert [c.finish_reason for c in done.choices] == ["length"] * 2

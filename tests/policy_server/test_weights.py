@@ -22,8 +22,8 @@ from safetensors.torch import save, save_file
 
 from assay.checkpoints import EMBEDDED, load_embedded
 from assay.clients import Conflict, InvalidRequest, PermissionDenied, PolicyClient
-from assay.policy_server.server import BackgroundServer
 from assay.policy_server.config import ServerConfig
+from assay.policy_server.server import BackgroundServer
 from assay.policy_server.weight_paths import PathRefused, locate, open_regular
 from assay.policy_server.weights import PATH_REFUSED
 from assay.services import free_port
@@ -47,8 +47,9 @@ def disk(tmp_path_factory) -> Path:
 def weights_server(disk):
     """A server of its own: these tests change its weights. Keys, so admin scope is checked."""
     keys = ("admin-key-for-tests:admin,generate", "gen-key-for-tests:generate")
-    config = ServerConfig(port=0, models={"policy": EMBEDDED["policy"][1]}, api_keys=keys,
-                          weights_dirs=(disk / "root",))  # fmt: skip
+    config = ServerConfig(
+        port=0, models={"policy": EMBEDDED["policy"][1]}, api_keys=keys, weights_dirs=(disk / "root",)
+    )
     with BackgroundServer(config) as s:
         yield s
 
@@ -176,8 +177,12 @@ def test_load_from_a_path_inside_the_weights_dir(admin, original, disk):
 
 
 def _refusal(weights_server, path: str) -> tuple[int, dict]:
-    r = httpx.post(f"{weights_server.http_url}/v1/admin/weights/load", json={"model": "policy", "path": path},
-                   headers={"authorization": "Bearer admin-key-for-tests"}, timeout=60)  # fmt: skip
+    r = httpx.post(
+        f"{weights_server.http_url}/v1/admin/weights/load",
+        json={"model": "policy", "path": path},
+        headers={"authorization": "Bearer admin-key-for-tests"},
+        timeout=60,
+    )
     return r.status_code, r.json()
 
 
@@ -194,15 +199,38 @@ def test_every_path_the_server_will_not_read_gets_one_answer(weights_server, adm
     (root / "fifo_dir").mkdir()
     os.mkfifo(root / "fifo_dir" / "model.safetensors")
     paths = [
-        str(outside / "model.safetensors"), str(outside), "../outside/model.safetensors", "../outside",
-        "escape.safetensors", "escape_dir", "escape_dir/model.safetensors", "environ.safetensors",
-        "/proc/self/environ", "../../../../../../proc/self/environ", "/etc/passwd", "missing.safetensors",
-        "missing", "empty", "notes.txt", "fifo_dir", "a\x00b.safetensors", "/",
-    ]  # fmt: skip
+        str(outside / "model.safetensors"),
+        str(outside),
+        "../outside/model.safetensors",
+        "../outside",
+        "escape.safetensors",
+        "escape_dir",
+        "escape_dir/model.safetensors",
+        "environ.safetensors",
+        "/proc/self/environ",
+        "../../../../../../proc/self/environ",
+        "/etc/passwd",
+        "missing.safetensors",
+        "missing",
+        "empty",
+        "notes.txt",
+        "fifo_dir",
+        "a\x00b.safetensors",
+        "/",
+    ]
     text, version = greedy(admin)
     answers = {path: _refusal(weights_server, path) for path in paths}
-    expected = (400, {"error": {"message": PATH_REFUSED, "type": "invalid_request_error", "param": "path",
-                                "code": "weights_path_refused"}})  # fmt: skip
+    expected = (
+        400,
+        {
+            "error": {
+                "message": PATH_REFUSED,
+                "type": "invalid_request_error",
+                "param": "path",
+                "code": "weights_path_refused",
+            }
+        },
+    )
     assert {path: answer for path, answer in answers.items() if answer != expected} == {}
     assert "--weights-dir" in PATH_REFUSED
     with pytest.raises(InvalidRequest, match="weights-dir"):
@@ -218,9 +246,25 @@ def served_subprocess(tmp_path):
     root.mkdir()
     port = free_port()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "assay.policy_server", "--model", str(EMBEDDED["policy"][1]),
-                                 "--port", str(port), "--weights-dir", str(root), "--torch-threads", "1",
-                                 "--log-level", "info"], stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "assay.policy_server",
+                "--model",
+                str(EMBEDDED["policy"][1]),
+                "--port",
+                str(port),
+                "--weights-dir",
+                str(root),
+                "--torch-threads",
+                "1",
+                "--log-level",
+                "info",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}")
         yield f"http://127.0.0.1:{port}", root, log
@@ -275,8 +319,7 @@ def test_a_fifo_neither_blocks_the_request_nor_the_server(served_subprocess):
     ],
     ids=["empty", "text", "bad-header", "truncated", "overlong", "unknown-name", "wrong-shape"],
 )
-def test_a_file_that_is_not_the_model_weights_is_a_400_naming_why(weights_server, admin, original, disk, content,
-                                                                  says):  # fmt: skip
+def test_a_file_that_is_not_the_model_weights_is_a_400_naming_why(weights_server, admin, original, disk, content, says):
     text, version = greedy(admin)
     (disk / "root" / "bad.safetensors").write_bytes(content(original))
     status, body = _refusal(weights_server, "bad.safetensors")
@@ -317,11 +360,20 @@ def test_loading_from_disk_is_off_without_a_weights_dir(server):
 
 @pytest.mark.unit
 def test_the_cli_takes_weights_dirs_and_refuses_a_missing_one(tmp_path):
-    shown = subprocess.run([sys.executable, "-m", "assay.policy_server", "--help"], capture_output=True, text=True,
-                           timeout=120, env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    shown = subprocess.run(
+        [sys.executable, "-m", "assay.policy_server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert "--weights-dir" in shown.stdout, shown.stdout
-    proc = subprocess.run([sys.executable, "-m", "assay.policy_server", "--weights-dir", str(tmp_path / "absent"),
-                           "--port", "0"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "assay.policy_server", "--weights-dir", str(tmp_path / "absent"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--weights-dir" in proc.stderr + proc.stdout, proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr + proc.stdout
 
@@ -369,8 +421,15 @@ def test_tied_tensors_must_agree():
     from assay.checkpoints import load_tokenizer
     from assay.policy_server.backends.hf import HFBackend
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     backend = HFBackend("tied", LlamaForCausalLM(config), load_tokenizer(EMBEDDED["policy"][1]))
     emb = backend.model.state_dict()["model.embed_tokens.weight"].clone()
     assert backend.parameter_specs()["lm_head.weight"].shape == tuple(emb.shape)

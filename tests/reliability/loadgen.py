@@ -21,9 +21,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from assay.arith import world
-from assay.services import LocalServices
 from assay.clients import PolicyClient, RewardClient
 from assay.clients.errors import ServiceError
+from assay.services import LocalServices
 
 BATCH = 8  # items per score request
 
@@ -89,8 +89,10 @@ class Tally:
                     self.wrong += 1
 
     def summary(self) -> str:
-        return (f"{self.requests} requests, {self.items} items: {self.lost} lost, {self.duplicated} duplicated, "
-                f"{self.wrong} wrong")  # fmt: skip
+        return (
+            f"{self.requests} requests, {self.items} items: {self.lost} lost, {self.duplicated} duplicated, "
+            f"{self.wrong} wrong"
+        )
 
 
 def reward_client(services: LocalServices, transport: str, timeout_s: float = 120.0) -> Callable[[], RewardClient]:
@@ -100,9 +102,18 @@ def reward_client(services: LocalServices, transport: str, timeout_s: float = 12
     return functools.partial(RewardClient.grpc, services.rm.grpc_target, timeout_s=timeout_s)
 
 
-def score_worker(make: Callable[[], RewardClient], name: str, rewards: tuple[str, ...], pool: list[Item],
-                 expected: dict[tuple[str, str], float], tally: Tally, stop: threading.Event, *,
-                 max_requests: int = 10_000, timeout_s: float = 120.0) -> None:  # fmt: skip
+def score_worker(
+    make: Callable[[], RewardClient],
+    name: str,
+    rewards: tuple[str, ...],
+    pool: list[Item],
+    expected: dict[tuple[str, str], float],
+    tally: Tally,
+    stop: threading.Event,
+    *,
+    max_requests: int = 10_000,
+    timeout_s: float = 120.0,
+) -> None:
     """Score batches of `pool` with each reward in turn until `stop` (or `max_requests`)."""
     with make() as client:
         for n in range(max_requests):
@@ -111,8 +122,10 @@ def score_worker(make: Callable[[], RewardClient], name: str, rewards: tuple[str
             reward = rewards[n % len(rewards)]
             chosen = [pool[(n * BATCH + k) % len(pool)] for k in range(BATCH)]
             ids = [f"{name}-{n}-{k}" for k in range(BATCH)]
-            batch = [{"id": i, "prompt": it.prompt, "response": it.response, "reference": it.reference}
-                     for i, it in zip(ids, chosen)]  # fmt: skip
+            batch = [
+                {"id": i, "prompt": it.prompt, "response": it.response, "reference": it.reference}
+                for i, it in zip(ids, chosen)
+            ]
             try:
                 reply = client.score(reward, batch, timeout_s=timeout_s)
             except ServiceError as err:
@@ -122,8 +135,9 @@ def score_worker(make: Callable[[], RewardClient], name: str, rewards: tuple[str
             tally.answered(ids, [(r.id, r.score) for r in reply.results], want, tol=1e-3)
 
 
-def policy_worker(url: str, tally: Tally, stop: threading.Event, *, max_requests: int = 10_000,
-                  timeout_s: float = 120.0) -> None:  # fmt: skip
+def policy_worker(
+    url: str, tally: Tally, stop: threading.Event, *, max_requests: int = 10_000, timeout_s: float = 120.0
+) -> None:
     """Short completions, two prompts x two samples each, until `stop`: every choice once, by index."""
     prompts = [p.prompt for p in world.take("train", 16, seed=11)]
     with PolicyClient.http(url, timeout_s=timeout_s) as policy:

@@ -21,17 +21,17 @@ import openai
 import pytest
 from safetensors.torch import save
 
-from assay.checkpoints import EMBEDDED, load_embedded
+from assay.base.auth import MIN_KEY_LENGTH, ApiKeys
 from assay.base.http_guard import allowed_hosts
+from assay.checkpoints import EMBEDDED, load_embedded
+from assay.policy_server.config import ServerConfig as PolicyConfig
 from assay.policy_server.server import BackgroundServer as PolicyBackground
 from assay.policy_server.server import PolicyServer
-from assay.policy_server.config import ServerConfig as PolicyConfig
 from assay.proto.policy.v1 import policy_pb2
 from assay.proto.reward.v1 import reward_pb2
-from assay.base.auth import MIN_KEY_LENGTH, ApiKeys
+from assay.rm_server.config import ServerConfig as RewardConfig
 from assay.rm_server.server import BackgroundServer as RewardBackground
 from assay.rm_server.server import RewardServer
-from assay.rm_server.config import ServerConfig as RewardConfig
 
 pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
@@ -47,20 +47,31 @@ BINARY = {"content-type": "application/octet-stream"}
 ITEM = {"id": "a", "prompt": "Q: 1+1 A: ", "response": "1+1=2 #### 2"}
 RM_REQUESTS = {
     ("POST", "/v1/score"): ({"json": {"reward": "format", "items": [ITEM]}}, True),
-    ("POST", "/v1/compare"): ({"json": {"reward": "format", "items": [
-        {"id": "a", "prompt": "Q: 1+1 A: ", "response_a": "#### 2", "response_b": "2"}]}}, True),  # fmt: skip
+    ("POST", "/v1/compare"): (
+        {
+            "json": {
+                "reward": "format",
+                "items": [{"id": "a", "prompt": "Q: 1+1 A: ", "response_a": "#### 2", "response_b": "2"}],
+            }
+        },
+        True,
+    ),
     ("GET", "/v1/rewards"): ({}, True),
     ("GET", "/v1/admin/queues"): ({}, True),
 }
 POLICY_REQUESTS = {
     ("POST", "/v1/completions"): ({"json": {"model": "policy", "prompt": "1+1=", "max_tokens": 1}}, True),
-    ("POST", "/v1/chat/completions"): ({"json": {"model": "policy", "max_tokens": 1,
-                                                 "messages": [{"role": "user", "content": "1+1"}]}}, True),  # fmt: skip
+    ("POST", "/v1/chat/completions"): (
+        {"json": {"model": "policy", "max_tokens": 1, "messages": [{"role": "user", "content": "1+1"}]}},
+        True,
+    ),
     ("POST", "/v1/search"): ({"json": {"prompt": "Q: 1+1 A: ", "strategy": "majority", "n": 1, "max_tokens": 2}}, True),
     ("GET", "/v1/models"): ({}, True),
     ("GET", "/v1/admin/queues"): ({}, True),
-    ("POST", "/v1/admin/weights"): ({"params": {"model": "policy"}, "content": b"not safetensors", "headers": BINARY},
-                                    False),  # fmt: skip
+    ("POST", "/v1/admin/weights"): (
+        {"params": {"model": "policy"}, "content": b"not safetensors", "headers": BINARY},
+        False,
+    ),
     ("POST", "/v1/admin/weights/load"): ({"json": {"model": "nope", "path": "nowhere.safetensors"}}, False),
 }
 
@@ -195,8 +206,10 @@ def test_a_wrong_method_gets_405_naming_the_allowed_ones(service):
 # --- the gRPC matrix -------------------------------------------------------------------------
 
 
-GRPC = {"rm": (reward_pb2, "RewardService", RM_KEYS, "score"), "policy": (policy_pb2, "PolicyService", POLICY_KEYS,
-                                                                         "generate")}  # fmt: skip
+GRPC = {
+    "rm": (reward_pb2, "RewardService", RM_KEYS, "score"),
+    "policy": (policy_pb2, "PolicyService", POLICY_KEYS, "generate"),
+}
 
 
 def grpc_calls(channel: grpc.Channel, module, service_name: str):
@@ -206,8 +219,10 @@ def grpc_calls(channel: grpc.Channel, module, service_name: str):
         request_type = getattr(module, method.input_type.name)
         response_type = getattr(module, method.output_type.name)
         path = f"/{service.full_name}/{method.name}"
-        kwargs = {"request_serializer": request_type.SerializeToString,
-                  "response_deserializer": response_type.FromString}
+        kwargs = {
+            "request_serializer": request_type.SerializeToString,
+            "response_deserializer": response_type.FromString,
+        }
         if method.client_streaming:
             stub = channel.stream_stream(path, **kwargs)
             yield method.name, lambda md, stub=stub, t=request_type: list(stub(iter([t()]), metadata=md, timeout=30))
@@ -234,8 +249,11 @@ def test_grpc_methods_need_a_valid_key_and_health_stays_open(name, rm, policy):
         calls = list(grpc_calls(channel, module, service_name))
         assert calls
         for method, call in calls:
-            for metadata in (None, (("authorization", "Bearer not-a-key-of-this-server"),),
-                             (("authorization", keys[base]),)):  # fmt: skip
+            for metadata in (
+                None,
+                (("authorization", "Bearer not-a-key-of-this-server"),),
+                (("authorization", keys[base]),),
+            ):
                 assert grpc_status(call, metadata) == grpc.StatusCode.UNAUTHENTICATED, (method, metadata)
             for key in (keys[base], keys["admin"]):
                 status = grpc_status(call, (("authorization", f"Bearer {key}"),))
@@ -291,8 +309,13 @@ def test_a_web_page_cannot_replace_the_weights_of_a_keyless_server(keyless, lm_h
         r = upload(url, lm_head, headers)
         assert r.status_code == 415 and "application/octet-stream" in r.json()["error"]["message"], (headers, r.text)
     other_port = url.rsplit(":", 1)[0] + ":1"
-    for extra in ({"sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"}, {"origin": "null"},
-                  {"origin": url.replace("127.0.0.1", "localhost")}, {"origin": other_port}):  # fmt: skip
+    for extra in (
+        {"sec-fetch-site": "cross-site"},
+        {"sec-fetch-site": "same-site"},
+        {"origin": "null"},
+        {"origin": url.replace("127.0.0.1", "localhost")},
+        {"origin": other_port},
+    ):
         headers = {**BINARY, **extra}
         r = upload(url, lm_head, headers)
         assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error", (headers, r.text)
@@ -305,8 +328,12 @@ def test_cross_site_generation_is_refused_too(keyless):
     for headers in ({"origin": EVIL}, {"sec-fetch-site": "cross-site"}):
         r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
         assert r.status_code == 403, (headers, r.text)
-    r = httpx.post(f"{url}/v1/completions", content=b'{"model": "policy", "prompt": "1"}',
-                   headers={"content-type": "text/plain"}, timeout=60)  # fmt: skip
+    r = httpx.post(
+        f"{url}/v1/completions",
+        content=b'{"model": "policy", "prompt": "1"}',
+        headers={"content-type": "text/plain"},
+        timeout=60,
+    )
     assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
 
 
@@ -322,8 +349,13 @@ def test_same_origin_and_programs_still_work(keyless, lm_head):
     port = url.rsplit(":", 1)[1]
     body = {"model": "policy", "prompt": "1+1=", "max_tokens": 1}
     ipv6 = {"host": f"[::1]:{port}", "origin": f"http://[::1]:{port}"}
-    for headers in ({}, {"origin": url, "sec-fetch-site": "same-origin"}, {"host": f"localhost:{port}"}, ipv6,
-                    {"sec-fetch-site": "none"}):  # fmt: skip
+    for headers in (
+        {},
+        {"origin": url, "sec-fetch-site": "same-origin"},
+        {"host": f"localhost:{port}"},
+        ipv6,
+        {"sec-fetch-site": "none"},
+    ):
         r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
         assert r.status_code == 200, (headers, r.text)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)

@@ -17,10 +17,10 @@ import time
 import pytest
 
 from assay.base.connections import Connections
-from assay.services import free_port
+from assay.rm_server.config import ServerConfig
 from assay.rm_server.protocol import ErrorResponse, ErrorType
 from assay.rm_server.server import BackgroundServer
-from assay.rm_server.config import ServerConfig
+from assay.services import free_port
 from tests.helpers import wait_ready
 
 pytestmark = [pytest.mark.reliability, pytest.mark.service]
@@ -100,8 +100,9 @@ def test_a_kept_alive_connection_is_closed_when_idle(server):
 
 
 def test_a_body_too_slow_gets_408_in_the_protocol_shape(server):
-    head = (b"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000\r\n\r\n")
+    head = (
+        b"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
     with _connect(server) as sock:
         sock.sendall(head + b'{"reward": "format", ')  # and then nothing more
         took, received = _closed_within(sock, 10 * BODY_S)
@@ -127,12 +128,18 @@ def test_past_the_connection_cap_a_new_connection_gets_the_typed_503(server):
 def test_a_second_server_on_a_taken_port_exits_with_one_sentence_naming_it(spec, taken):
     port, grpc_port = free_port(), free_port()
     argv = [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--log-level", "warning"]
-    first = subprocess.Popen([*argv, "--port", str(port), "--grpc-port", str(grpc_port)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = subprocess.Popen(
+        [*argv, "--port", str(port), "--grpc-port", str(grpc_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_ready(first, f"http://127.0.0.1:{port}")  # both ports bound
-        ports = ["--port", str(free_port()), "--grpc-port", str(grpc_port)] if taken == "grpc" else \
-            ["--port", str(port), "--grpc-port", str(free_port())]  # fmt: skip
+        ports = (
+            ["--port", str(free_port()), "--grpc-port", str(grpc_port)]
+            if taken == "grpc"
+            else ["--port", str(port), "--grpc-port", str(free_port())]
+        )
         second = subprocess.run([*argv, *ports], capture_output=True, text=True, timeout=300)
     finally:
         first.terminate()

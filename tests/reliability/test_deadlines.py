@@ -22,9 +22,9 @@ import pytest
 from assay.checkpoints import ARITH_DIR
 from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server import grpc_convert as convert
+from assay.rm_server.config import ServerConfig
 from assay.rm_server.protocol import ErrorType, ScoreRequest, ScoreResponse
 from assay.rm_server.server import BackgroundServer
-from assay.rm_server.config import ServerConfig
 from assay.services import free_port
 from tests.helpers import wait_ready
 
@@ -73,8 +73,9 @@ def test_a_hostile_math_request_stops_at_its_deadline_and_delays_nobody(server):
 def test_a_caller_that_hangs_up_stops_its_math_work(server):
     # The client gives up after 2 s; its request had allowed itself 120 s.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.http_url}/v1/score", json={"reward": "correct", "items": HOSTILE, "timeout_s": 120},
-                   timeout=2)  # fmt: skip
+        httpx.post(
+            f"{server.http_url}/v1/score", json={"reward": "correct", "items": HOSTILE, "timeout_s": 120}, timeout=2
+        )
     normal, took = post(server.http_url, "correct", NORMAL)
     assert normal.results[0].score == 1.0
     assert took < 15
@@ -125,8 +126,9 @@ def test_model_items_whose_caller_gave_up_leave_the_queue_unrun(server):
             assert [x.error.type for x in late.results] == [ErrorType.timeout] * 8
             assert reward.queue_depth() == 0
             with pytest.raises(httpx.ReadTimeout):  # a caller that hangs up, with 120 s left on its deadline
-                httpx.post(f"{server.http_url}/v1/score", json={"reward": "orm", "items": items, "timeout_s": 120},
-                           timeout=1)  # fmt: skip
+                httpx.post(
+                    f"{server.http_url}/v1/score", json={"reward": "orm", "items": items, "timeout_s": 120}, timeout=1
+                )
             end = time.monotonic() + 10
             while reward.queue_depth():
                 assert time.monotonic() < end, "the items of a caller that hung up stayed queued"
@@ -142,10 +144,23 @@ def test_model_items_whose_caller_gave_up_leave_the_queue_unrun(server):
 def test_sigterm_with_hostile_work_running_exits_promptly(spec):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", str(port), "--grpc-port", "none",
-         "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "assay.rm_server",
+            "--spec",
+            str(spec),
+            "--port",
+            str(port),
+            "--grpc-port",
+            "none",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url)

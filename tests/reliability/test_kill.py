@@ -20,13 +20,13 @@ import pytest
 import torch
 
 from assay.checkpoints import load_embedded
-from assay.services import LocalServices
 from assay.clients import PolicyClient, RewardClient
 from assay.clients import policy as policy_module
 from assay.rm_server.local import LocalTransport
-from tests.reliability import loadgen
+from assay.services import LocalServices
 from assay.trainer.grpo import GRPOConfig, train
 from assay.trainer.online import RunDir
+from tests.reliability import loadgen
 
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e]
 
@@ -61,9 +61,17 @@ def test_sigkill_of_rm_server_mid_load_loses_nothing(services):
         expected = loadgen.expected_scores(rm, pool, REWARDS)
     tally, stop = loadgen.Tally(), threading.Event()
     workers = [
-        lambda i=i, t=t: loadgen.score_worker(loadgen.reward_client(services, t, SERVICE_TIMEOUT_S), f"{t}{i}",
-                                              REWARDS, pool, expected, tally, stop, max_requests=2_000,
-                                              timeout_s=SERVICE_TIMEOUT_S)  # fmt: skip
+        lambda i=i, t=t: loadgen.score_worker(
+            loadgen.reward_client(services, t, SERVICE_TIMEOUT_S),
+            f"{t}{i}",
+            REWARDS,
+            pool,
+            expected,
+            tally,
+            stop,
+            max_requests=2_000,
+            timeout_s=SERVICE_TIMEOUT_S,
+        )
         for i, t in enumerate(["http", "http", "grpc", "grpc"])
     ]
     threads = loadgen.run_threads(workers)
@@ -77,8 +85,10 @@ def test_sigkill_of_rm_server_mid_load_loses_nothing(services):
         time.sleep(0.1)
     stop.set()
     loadgen.join(threads, 180)
-    print(f"\nrm_server SIGKILL mid-load (1 fault, {outage:.1f}s until ready again; 2 HTTP + 2 gRPC clients): "
-          f"{tally.summary()}")  # fmt: skip
+    print(
+        f"\nrm_server SIGKILL mid-load (1 fault, {outage:.1f}s until ready again; 2 HTTP + 2 gRPC clients): "
+        f"{tally.summary()}"
+    )
     assert services.rm.proc.pid != pid and tally.requests >= after + 8
     assert (tally.lost, tally.duplicated, tally.wrong) == (0, 0, 0), tally.errors[:5]
 
@@ -109,8 +119,10 @@ def test_sigkill_of_rm_server_mid_training_loses_and_doubles_no_sample(services,
         local = rm.as_reward_fn("correct")
         wrong = sum(out != local(p, c, reference=r) for p, c, r, out in calls)
     samples = sum(m["samples"] for m in history)
-    print(f"\nrm_server SIGKILL mid-training (1 fault, down {DOWN_S:g}s): {len(history)} steps, {samples} samples, "
-          f"{sum(m['reward_failed'] for m in history)} rewards failed, {wrong} reward calls differing from in-process")
+    print(
+        f"\nrm_server SIGKILL mid-training (1 fault, down {DOWN_S:g}s): {len(history)} steps, {samples} samples, "
+        f"{sum(m['reward_failed'] for m in history)} rewards failed, {wrong} reward calls differing from in-process"
+    )
     assert services.rm.proc.pid != pid
     assert [m["step"] for m in history] == [1, 2, 3] and len(calls) == 3
     assert all(m["samples"] == 8 and m["reward_failed"] == 0 for m in history)
@@ -153,9 +165,11 @@ def test_sigkill_of_policy_server_during_a_weight_push_applies_it_once(services,
         history = train(GRPOConfig(steps=3, **TINY), model, tok, policy, rm.as_reward_fn("correct"), RunDir(tmp_path))
     restarts[0].join(180)
     versions = [m["weight_version"] for m in history]
-    print(f"\npolicy_server SIGKILL during a weight push (1 fault, down {DOWN_S:g}s): {len(history)} steps, "
-          f"{len(pushes)} pushes (expecting versions {pushes}), weight versions per step {versions}, "
-          f"{sum(m['samples'] for m in history)} samples, {sum(m['stale_dropped'] for m in history)} stale dropped")
+    print(
+        f"\npolicy_server SIGKILL during a weight push (1 fault, down {DOWN_S:g}s): {len(history)} steps, "
+        f"{len(pushes)} pushes (expecting versions {pushes}), weight versions per step {versions}, "
+        f"{sum(m['samples'] for m in history)} samples, {sum(m['stale_dropped'] for m in history)} stale dropped"
+    )
     assert services.policy.proc.pid != pid
     # the cut push was not resent blindly: the trainer read the restarted server's version (0) and pushed once
     assert attempts.count(3) == 1 and pushes[3] == 0 and len(pushes) == 5
@@ -171,8 +185,19 @@ def test_sigkill_of_the_trainer_resumes_without_applying_a_step_twice(services, 
     the optimizer has stepped exactly once per step, and every rollout came from the trainer's
     own weights, although the server held the killed run's step 3 when the resumed run began."""
     run = tmp_path / "run"
-    argv = [sys.executable, "-m", "assay", "train", "grpo", "--run-dir", str(run), "--rm-url", services.rm_url,
-            "--policy-url", services.policy_url]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "assay",
+        "train",
+        "grpo",
+        "--run-dir",
+        str(run),
+        "--rm-url",
+        services.rm_url,
+        "--policy-url",
+        services.policy_url,
+    ]
     config = tmp_path / "grpo.yaml"
     config.write_text("\n".join(f"{k}: {v}" for k, v in {**TINY, "steps": 5, "checkpoint_every": 2}.items()))
     proc = subprocess.Popen([*argv, "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -189,9 +214,11 @@ def test_sigkill_of_the_trainer_resumes_without_applying_a_step_twice(services, 
     metrics = RunDir(run).metrics()
     optimizer = torch.load(run / "checkpoints" / "step-000005" / "policy.optimizer.pt", weights_only=True)
     adam_steps = {int(s["step"]) for s in optimizer["state"].values()}
-    print(f"\ntrainer SIGKILL after step {killed_at[-1]} (1 fault, checkpoint {latest}): resumed, steps logged "
-          f"{[m['step'] for m in metrics]}, optimizer steps {adam_steps}, weight versions "
-          f"{[m['weight_version'] for m in metrics]}")  # fmt: skip
+    print(
+        f"\ntrainer SIGKILL after step {killed_at[-1]} (1 fault, checkpoint {latest}): resumed, steps logged "
+        f"{[m['step'] for m in metrics]}, optimizer steps {adam_steps}, weight versions "
+        f"{[m['weight_version'] for m in metrics]}"
+    )
     assert latest == "step-000002"  # killed between two checkpoints
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
     assert adam_steps == {5}  # one optimisation step per training step, none twice

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from assay.services import LocalServices
 from assay.clients import RewardClient
+from assay.services import LocalServices
 from tests.reliability import loadgen
 
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e]
@@ -36,13 +36,16 @@ def test_sustained_load_loses_doubles_and_leaks_nothing(services):
 
     def reward_worker(i: int, transport: str, tally: loadgen.Tally, stop: threading.Event, max_requests: int):
         make = loadgen.reward_client(services, transport)
-        return lambda: loadgen.score_worker(make, f"{transport}{i}", REWARDS, pool, expected, tally, stop,
-                                            max_requests=max_requests)  # fmt: skip
+        return lambda: loadgen.score_worker(
+            make, f"{transport}{i}", REWARDS, pool, expected, tally, stop, max_requests=max_requests
+        )
 
     def load(seconds: float, max_requests: int) -> loadgen.Tally:
         tally, stop = loadgen.Tally(), threading.Event()
-        workers = [reward_worker(i, t, tally, stop, max_requests)
-                   for i, t in enumerate(["http", "http", "http", "grpc", "grpc"])]  # fmt: skip
+        workers = [
+            reward_worker(i, t, tally, stop, max_requests)
+            for i, t in enumerate(["http", "http", "http", "grpc", "grpc"])
+        ]
         workers.append(lambda: loadgen.policy_worker(services.policy_url, tally, stop, max_requests=max_requests))
         threads = loadgen.run_threads(workers)
         end = time.monotonic() + seconds
@@ -61,10 +64,12 @@ def test_sustained_load_loses_doubles_and_leaks_nothing(services):
     rm_total, rm_5xx = loadgen.server_errors(services.rm_url, "assay_rm_requests")
     policy_total, policy_5xx = loadgen.server_errors(services.policy_url, "assay_policy_requests")
 
-    print(f"\nsustained load, {seconds:.1f}s, 5 reward clients (3 HTTP, 2 gRPC) + 1 policy client: {tally.summary()}; "
-          f"{tally.requests / seconds:.1f} requests/s; server-counted requests: rm_server {rm_total} "
-          f"({rm_5xx} 5xx), policy_server {policy_total} ({policy_5xx} 5xx); RSS MB after warm-up -> end: "
-          + ", ".join(f"{k} {rss_before[k]:.0f} -> {rss_after[k]:.0f}" for k in rss_before))  # fmt: skip
+    print(
+        f"\nsustained load, {seconds:.1f}s, 5 reward clients (3 HTTP, 2 gRPC) + 1 policy client: {tally.summary()}; "
+        f"{tally.requests / seconds:.1f} requests/s; server-counted requests: rm_server {rm_total} "
+        f"({rm_5xx} 5xx), policy_server {policy_total} ({policy_5xx} 5xx); RSS MB after warm-up -> end: "
+        + ", ".join(f"{k} {rss_before[k]:.0f} -> {rss_after[k]:.0f}" for k in rss_before)
+    )
     assert tally.requests > 50 and rm_total > 0 and policy_total > 0
     assert (tally.lost, tally.duplicated, tally.wrong) == (0, 0, 0), tally.errors[:5]
     assert rm_5xx == 0 and policy_5xx == 0

@@ -22,13 +22,12 @@ import httpx
 import pytest
 
 from assay.checkpoints import ARITH_DIR
-from assay.policy_server.config import BatchSettings
-from assay.policy_server.server import BackgroundServer as PolicyServer
+from assay.policy_server.config import BatchSettings, Limits
 from assay.policy_server.config import ServerConfig as PolicyConfig
-from assay.policy_server.config import Limits
+from assay.policy_server.server import BackgroundServer as PolicyServer
 from assay.proto.policy.v1 import policy_pb2, policy_pb2_grpc
-from assay.rm_server.server import BackgroundServer as RewardServer
 from assay.rm_server.config import ServerConfig as RewardConfig
+from assay.rm_server.server import BackgroundServer as RewardServer
 from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.service, pytest.mark.usefixtures("one_torch_thread")]
@@ -57,13 +56,17 @@ def _wait_until_accepted(send: Callable[[], int]) -> float:
 
 
 def test_the_policy_servers_retry_after_is_within_2x_of_the_real_wait():
-    config = PolicyConfig(port=0, grpc_port=0, models={"policy": ARITH_DIR / "policy"},
-                          batching=BatchSettings(max_sequences=BATCH, max_queue=QUEUE, max_wait_s=0.01),
-                          limits=Limits(max_sequences=QUEUE))  # fmt: skip
+    config = PolicyConfig(
+        port=0,
+        grpc_port=0,
+        models={"policy": ARITH_DIR / "policy"},
+        batching=BatchSettings(max_sequences=BATCH, max_queue=QUEUE, max_wait_s=0.01),
+        limits=Limits(max_sequences=QUEUE),
+    )
     with PolicyServer(config) as server:
         url = server.http_url
-        post = lambda body: httpx.post(f"{url}/v1/completions", json=body, timeout=300)  # noqa: E731
-        metric = lambda name: float(_metric_line(httpx.get(f"{url}/metrics").text, name))  # noqa: E731
+        post = lambda body: httpx.post(f"{url}/v1/completions", json=body, timeout=300)
+        metric = lambda name: float(_metric_line(httpx.get(f"{url}/metrics").text, name))
         for n in [1] * WARM_UP + [BATCH]:  # light load: batches of one sequence, and one full batch
             assert post({**LONG, "n": n}).status_code == 200
         # A burst: a batch decoding and a full queue behind it.
@@ -73,7 +76,7 @@ def test_the_policy_servers_retry_after_is_within_2x_of_the_real_wait():
         try:
             # Full enough that the excess does not fit (a burst request the queue refused does not matter).
             excess = {**LONG, "n": 2 * BATCH}
-            queued = lambda: metric('assay_policy_queue_depth{model="policy"}')  # noqa: E731
+            queued = lambda: metric('assay_policy_queue_depth{model="policy"}')
             wait_for(lambda: queued() > QUEUE - 2 * BATCH, 60, "the queue never filled")
             refused = post(excess)
             refused_at = time.monotonic()
@@ -81,8 +84,12 @@ def test_the_policy_servers_retry_after_is_within_2x_of_the_real_wait():
             with grpc.insecure_channel(server.grpc_target) as channel:  # a whole queue's worth: fits only when empty
                 stub = policy_pb2_grpc.PolicyServiceStub(channel)
                 with pytest.raises(grpc.RpcError) as failed:
-                    stub.Generate(policy_pb2.GenerateRequest(model="policy", prompt=PROMPT, max_tokens=120, n=QUEUE,
-                                                             ignore_eos=True, temperature=0.0), timeout=60)  # fmt: skip
+                    stub.Generate(
+                        policy_pb2.GenerateRequest(
+                            model="policy", prompt=PROMPT, max_tokens=120, n=QUEUE, ignore_eos=True, temperature=0.0
+                        ),
+                        timeout=60,
+                    )
             waited = _wait_until_accepted(lambda: post(excess).status_code) - refused_at
         finally:
             for t in burst:
@@ -117,8 +124,10 @@ def test_the_reward_servers_retry_after_is_within_2x_of_the_real_wait(tmp_path):
         url = server.http_url
 
         def score(items: int) -> httpx.Response:
-            body = {"reward": "orm", "items": [{"id": str(i), "prompt": PROMPT, "response": RESPONSE}
-                                               for i in range(items)]}  # fmt: skip
+            body = {
+                "reward": "orm",
+                "items": [{"id": str(i), "prompt": PROMPT, "response": RESPONSE} for i in range(items)],
+            }
             return httpx.post(f"{url}/v1/score", json=body, timeout=300)
 
         for items in [1] * WARM_UP + [8]:  # light load: batches of one item, and one full batch

@@ -22,10 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from assay.arith.tokenizer import build_tokenizer
 from assay.checkpoints import ARITH_DIR
-from assay.policy_server.config import BatchSettings
+from assay.policy_server.config import BatchSettings, ServerConfig
 from assay.policy_server.protocol import ChatCompletionResponse, CompletionResponse, ErrorResponse, SearchResponse
 from assay.policy_server.server import BackgroundServer
-from assay.policy_server.config import ServerConfig
 from assay.proto.policy.v1 import policy_pb2, policy_pb2_grpc
 
 pytestmark = [pytest.mark.reliability, pytest.mark.service, pytest.mark.usefixtures("one_torch_thread")]
@@ -76,24 +75,41 @@ def _batches_up_to(url: str) -> dict[float, float]:
 
 def test_poisoned_requests_in_a_busy_batch_cost_nobody_their_completion(server):
     url = server.http_url
-    innocent = [("/v1/completions", {"model": "policy", "prompt": PROMPT, "max_tokens": 30, "seed": i})
-                for i in range(INNOCENTS // 2)]  # fmt: skip
-    innocent += [("/v1/chat/completions", {"model": "policy", "messages": [{"role": "user", "content": "23+45-17"}],
-                                           "max_tokens": 30, "seed": i}) for i in range(INNOCENTS // 2)]  # fmt: skip
+    innocent = [
+        ("/v1/completions", {"model": "policy", "prompt": PROMPT, "max_tokens": 30, "seed": i})
+        for i in range(INNOCENTS // 2)
+    ]
+    innocent += [
+        (
+            "/v1/chat/completions",
+            {"model": "policy", "messages": [{"role": "user", "content": "23+45-17"}], "max_tokens": 30, "seed": i},
+        )
+        for i in range(INNOCENTS // 2)
+    ]
     poison = [
         ("/v1/completions", {"model": "policy", "prompt": PROMPT, "max_tokens": 30, "top_p": TINY}),
         ("/v1/completions", {"model": "policy", "prompt": PROMPT, "max_tokens": 30, "temperature": TINY, "n": 2}),
-        ("/v1/chat/completions", {"model": "policy", "messages": [{"role": "user", "content": "23+45-17"}],
-                                  "max_tokens": 30, "temperature": TINY}),
-        ("/v1/search", {"model": "policy", "prompt": PROMPT, "strategy": "majority", "n": 3, "top_p": TINY,
-                        "max_tokens": 30}),
-    ]  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {
+                "model": "policy",
+                "messages": [{"role": "user", "content": "23+45-17"}],
+                "max_tokens": 30,
+                "temperature": TINY,
+            },
+        ),
+        (
+            "/v1/search",
+            {"model": "policy", "prompt": PROMPT, "strategy": "majority", "n": 3, "top_p": TINY, "max_tokens": 30},
+        ),
+    ]
 
     def generate_over_grpc() -> policy_pb2.GenerateResponse:
         with grpc.insecure_channel(server.grpc_target) as channel:
             stub = policy_pb2_grpc.PolicyServiceStub(channel)
-            return stub.Generate(policy_pb2.GenerateRequest(model="policy", prompt=PROMPT, max_tokens=30, top_p=TINY),
-                                 timeout=120)  # fmt: skip
+            return stub.Generate(
+                policy_pb2.GenerateRequest(model="policy", prompt=PROMPT, max_tokens=30, top_p=TINY), timeout=120
+            )
 
     with ThreadPoolExecutor(len(innocent) + len(poison) + 1) as pool:
         grpc_reply = pool.submit(generate_over_grpc)
@@ -113,16 +129,23 @@ def test_poisoned_requests_in_a_busy_batch_cost_nobody_their_completion(server):
 
 def test_a_sequence_that_breaks_fails_its_own_request_typed_and_its_batch_mates_succeed(broken_server):
     url = broken_server.http_url
-    innocent = [("/v1/completions", {"model": "policy", "prompt": PROMPT, "max_tokens": 30, "temperature": t,
-                                     "top_k": 3, "seed": i}) for i, t in enumerate([0.0, 1.0] * (INNOCENTS // 2))]
+    innocent = [
+        (
+            "/v1/completions",
+            {"model": "policy", "prompt": PROMPT, "max_tokens": 30, "temperature": t, "top_k": 3, "seed": i},
+        )
+        for i, t in enumerate([0.0, 1.0] * (INNOCENTS // 2))
+    ]
     broken = f"Q: 2{BROKEN_TOKEN}3 A: "
     poison = [
         ("/v1/completions", {"model": "policy", "prompt": broken, "max_tokens": 30}),
         ("/v1/completions", {"model": "policy", "prompt": broken, "max_tokens": 30, "temperature": 0}),
-        ("/v1/chat/completions", {"model": "policy", "messages": [{"role": "user", "content": broken}],
-                                  "max_tokens": 30}),
+        (
+            "/v1/chat/completions",
+            {"model": "policy", "messages": [{"role": "user", "content": broken}], "max_tokens": 30},
+        ),
         ("/v1/search", {"model": "policy", "prompt": broken, "strategy": "majority", "n": 3, "max_tokens": 30}),
-    ]  # fmt: skip
+    ]
 
     def generate_over_grpc() -> grpc.StatusCode:
         with grpc.insecure_channel(broken_server.grpc_target) as channel:

@@ -28,6 +28,8 @@ from schemathesis.specs.openapi.checks import (
 
 from assay.checkpoints import ARITH_DIR, EMBEDDED
 from assay.policy_server.config import BatchSettings
+from assay.policy_server.config import Limits as PolicyLimits
+from assay.policy_server.config import ServerConfig as PolicyConfig
 from assay.policy_server.protocol import (
     NO_REWARD_STRATEGIES,
     SEARCH_STRATEGIES,
@@ -36,18 +38,17 @@ from assay.policy_server.protocol import (
     SearchRequest,
 )
 from assay.policy_server.server import BackgroundServer as PolicyBackground
-from assay.policy_server.config import ServerConfig as PolicyConfig
-from assay.policy_server.config import Limits as PolicyLimits
+from assay.rm_server.config import ServerConfig as RewardConfig
 from assay.rm_server.protocol import CompareRequest, ScoreRequest
 from assay.rm_server.server import BackgroundServer as RewardBackground
-from assay.rm_server.config import ServerConfig as RewardConfig
 
 pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 # Bounded and repeatable: ~16 operations x 25 examples in about a minute on two busy cores.
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))  # fmt: skip
+FUZZ = settings(
+    max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
 SPEC = f"""
 rewards:
@@ -69,11 +70,25 @@ def rm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def policy(rm, tmp_path_factory):
-    limits = PolicyLimits(max_n=4, max_prompts=4, max_sequences=8, max_tokens=8, timeout_s=60, max_searches=2,
-                          max_search_candidates=4, max_search_tokens=16)  # fmt: skip
-    config = PolicyConfig(models={"policy": EMBEDDED["policy"][1]}, port=0, limits=limits, rm_url=rm.http_url,
-                          batching=BatchSettings(max_sequences=4, max_queue=16), rm_max_retries=0,
-                          weights_dirs=(tmp_path_factory.mktemp("weights"),))  # fmt: skip
+    limits = PolicyLimits(
+        max_n=4,
+        max_prompts=4,
+        max_sequences=8,
+        max_tokens=8,
+        timeout_s=60,
+        max_searches=2,
+        max_search_candidates=4,
+        max_search_tokens=16,
+    )
+    config = PolicyConfig(
+        models={"policy": EMBEDDED["policy"][1]},
+        port=0,
+        limits=limits,
+        rm_url=rm.http_url,
+        batching=BatchSettings(max_sequences=4, max_queue=16),
+        rm_max_retries=0,
+        weights_dirs=(tmp_path_factory.mktemp("weights"),),
+    )
     with PolicyBackground(config) as s:
         yield s
 
@@ -101,8 +116,10 @@ def fuzz(schema, names: dict[str, list[str]]) -> list[str]:
     failed = []
     for result in schema.get_all_operations():
         operation = result.ok()
-        cases = st.one_of(served_names(operation.as_strategy(schemathesis.GenerationMode.POSITIVE), names),
-                          operation.as_strategy(schemathesis.GenerationMode.NEGATIVE))  # fmt: skip
+        cases = st.one_of(
+            served_names(operation.as_strategy(schemathesis.GenerationMode.POSITIVE), names),
+            operation.as_strategy(schemathesis.GenerationMode.NEGATIVE),
+        )
 
         @FUZZ
         @given(case=cases)

@@ -22,13 +22,13 @@ import grpc
 import httpx
 import pytest
 
-from assay.services import free_port
 from assay.policy_server.protocol import CompletionResponse
 from assay.policy_server.protocol import ErrorResponse as PolicyError
 from assay.proto.reward.v1 import reward_pb2 as pb
 from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server.protocol import ErrorResponse as RewardError
 from assay.rm_server.protocol import ErrorType, ScoreResponse
+from assay.services import free_port
 from tests.helpers import wait_ready
 
 pytestmark = [pytest.mark.reliability, pytest.mark.service]
@@ -45,8 +45,9 @@ class Proc:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(self.port), *args],
-                                         stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module, "--port", str(self.port), *args], stdout=out, stderr=subprocess.STDOUT
+            )
 
     def wait_ready(self) -> None:
         wait_ready(self.proc, self.url, log=self.log)
@@ -119,8 +120,11 @@ def reward_server(tmp_path):
     started: list[Proc] = []
 
     def start(drain_s: float, grpc_port: int = -1) -> Proc:
-        proc = Proc("assay.rm_server", ["--grpc-port", str(grpc_port), "--drain-timeout", str(drain_s),
-                                  "--log-level", "warning"], tmp_path / f"rm{len(started)}.log")  # fmt: skip
+        proc = Proc(
+            "assay.rm_server",
+            ["--grpc-port", str(grpc_port), "--drain-timeout", str(drain_s), "--log-level", "warning"],
+            tmp_path / f"rm{len(started)}.log",
+        )
         started.append(proc)
         proc.wait_ready()
         return proc
@@ -176,8 +180,10 @@ def test_rm_server_cuts_off_at_the_drain_timeout_with_typed_retryable_errors(rew
             return exc.code().name
 
     async def run():
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client, \
-                grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:  # fmt: skip
+        async with (
+            httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client,
+            grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+        ):
             stub = reward_pb2_grpc.RewardServiceStub(channel)
             http = [asyncio.ensure_future(_post(client, f"{server.url}/v1/score", _score(64))) for _ in range(30)]
             calls = [asyncio.ensure_future(grpc_score(stub)) for _ in range(20)]
@@ -201,8 +207,11 @@ def test_rm_server_cuts_off_at_the_drain_timeout_with_typed_retryable_errors(rew
 
 def test_policy_server_drains_and_cuts_off_with_typed_retryable_errors(tmp_path):
     drain_s = 1.0
-    server = Proc("assay.policy_server", ["--drain-timeout", str(drain_s), "--torch-threads", "1", "--log-level", "warning"],
-                  tmp_path / "policy.log")  # fmt: skip
+    server = Proc(
+        "assay.policy_server",
+        ["--drain-timeout", str(drain_s), "--torch-threads", "1", "--log-level", "warning"],
+        tmp_path / "policy.log",
+    )
     try:
         server.wait_ready()
         body = {"model": "policy", "prompt": "Q: 23+45-17 A: ", "max_tokens": 200, "n": 8, "ignore_eos": True}

@@ -32,11 +32,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from assay.clients import policy as policy_client
 from assay.checkpoints import EMBEDDED
-from assay.services import Service, free_port
 from assay.clients import Conflict, PolicyClient, Unavailable
+from assay.clients import policy as policy_client
 from assay.clients.errors import ServiceError
+from assay.services import Service, free_port
 
 pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
@@ -50,8 +50,19 @@ MAX_GENERATIONS = 400  # per worker, whatever happens
 def policy(tmp_path):
     """`python -m assay.policy_server` serving the embedded policy, as a `Service` that can be restarted."""
     port = free_port()
-    argv = [sys.executable, "-m", "assay.policy_server", "--model", str(EMBEDDED["policy"][1]), "--port", str(port),
-            "--torch-threads", "1", "--log-level", "warning"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "assay.policy_server",
+        "--model",
+        str(EMBEDDED["policy"][1]),
+        "--port",
+        str(port),
+        "--torch-threads",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = tmp_path / "policy_server.log"
     with open(log, "wb") as out:
@@ -127,8 +138,9 @@ def greedy(client: PolicyClient) -> tuple[str, int]:
 def test_sigkill_during_a_weight_push_loses_no_consistency_and_hangs_no_one(policy, monkeypatch):
     original = load_file(EMBEDDED["policy"][1] / "model.safetensors")  # the checkpoint the server starts from
     g = torch.Generator().manual_seed(0)
-    other = {k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-             for k, v in original.items()}  # fmt: skip
+    other = {
+        k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in original.items()
+    }
     weights = (original, other)  # the set serving at version v is weights[v % 2]
 
     def push(client: PolicyClient, version: int) -> int:
@@ -195,6 +207,8 @@ def test_sigkill_during_a_weight_push_loses_no_consistency_and_hangs_no_one(poli
     assert 2 in after and after <= {0, 1, 2}, after  # and ran on the restarted server, from version 0
     assert all(isinstance(err, Unavailable) for err in seen.errors), seen.errors
     assert push_error_s < 10 and seen.slowest_s < GENERATE_TIMEOUT_S + 10
-    print(f"\n{len(seen.replies)} choices checked ({len(before)} versions before the kill, {len(after)} after), "
-          f"{len(seen.errors)} generations failed typed (Unavailable), push error {push_error_s:.2f}s after the "
-          f"kill, restart {restart_s:.1f}s, slowest generation {seen.slowest_s:.1f}s")  # fmt: skip
+    print(
+        f"\n{len(seen.replies)} choices checked ({len(before)} versions before the kill, {len(after)} after), "
+        f"{len(seen.errors)} generations failed typed (Unavailable), push error {push_error_s:.2f}s after the "
+        f"kill, restart {restart_s:.1f}s, slowest generation {seen.slowest_s:.1f}s"
+    )

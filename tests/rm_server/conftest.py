@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from assay.checkpoints import ARITH_DIR
-from assay.rm_server.server import BackgroundServer
 from assay.rm_server.config import ServerConfig
+from assay.rm_server.server import BackgroundServer
 from tests.rm_server.judge_double import serve_judge_double
 
 

@@ -47,8 +47,13 @@ def complete(model, tokenizer, prompt: str, max_tokens: int, top_k: int) -> dict
         text += piece
         ids = torch.cat([ids, torch.tensor([[choice]])], dim=1)
     logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-    return {"text": text, "logprobs": logprobs if top_k else None, "finish_reason": reason,
-            "n_prompt": n_prompt, "n_out": len(tokens)}
+    return {
+        "text": text,
+        "logprobs": logprobs if top_k else None,
+        "finish_reason": reason,
+        "n_prompt": n_prompt,
+        "n_out": len(tokens),
+    }
 
 
 def judge_app(model=None, tokenizer=None, model_name: str = MODEL_NAME) -> FastAPI:
@@ -82,8 +87,11 @@ def judge_app(model=None, tokenizer=None, model_name: str = MODEL_NAME) -> FastA
         n_prompt = sum(c.pop("n_prompt") for c in choices)
         n_out = sum(c.pop("n_out") for c in choices)
         return {
-            "id": f"cmpl-{len(app.state.requests)}", "object": "text_completion", "created": int(time.time()),
-            "model": model_name, "choices": [{"index": i, **c} for i, c in enumerate(choices)],
+            "id": f"cmpl-{len(app.state.requests)}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [{"index": i, **c} for i, c in enumerate(choices)],
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
         }
 

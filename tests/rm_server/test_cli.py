@@ -27,7 +27,9 @@ def test_server_subprocess_serves_the_embedded_rewards_and_stops_cleanly():
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "assay.rm_server", "--port", str(port), "--grpc-port", "none", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -46,8 +48,21 @@ def test_server_subprocess_serves_the_embedded_rewards_and_stops_cleanly():
 def test_serving_beyond_loopback_without_keys_exits_with_a_message():
     env = {**os.environ, "ASSAY_API_KEYS": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "assay.rm_server", "--host", "0.0.0.0", "--port", str(free_port()), "--grpc-port", "none"],
-        capture_output=True, text=True, timeout=60, env=env,
+        [
+            sys.executable,
+            "-m",
+            "assay.rm_server",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+            "--grpc-port",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert proc.returncode == 2
     assert "without API keys" in proc.stderr + proc.stdout
@@ -58,7 +73,9 @@ def test_a_bad_spec_exits_with_the_reason(tmp_path):
     spec.write_text("rewards:\n  x: {type: rule.regex}\n")
     proc = subprocess.run(
         [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", "0", "--grpc-port", "none"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2 and "pattern" in proc.stderr + proc.stdout
 
@@ -100,7 +117,9 @@ def test_probe_command_prints_a_table(tmp_path):
     spec.write_text(yaml.safe_dump(SPEC))
     proc = subprocess.run(
         [sys.executable, "-m", "assay", "rm", "probe", "--spec", str(spec), "--problems", "4"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     for word in ("length padding", "affirmative opener", "format", "loose", "sha256:"):

@@ -21,12 +21,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import ValidationError
 
+from assay.base.auth import ApiKeys
 from assay.checkpoints import ARITH_DIR
 from assay.proto.generate import CONTRACTS
 from assay.proto.reward.v1 import reward_pb2 as pb
 from assay.proto.reward.v1 import reward_pb2_grpc
 from assay.rm_server import grpc_convert as convert
-from assay.base.auth import ApiKeys
+from assay.rm_server.config import Limits, ServerConfig
 from assay.rm_server.grpc_api import SERVICE, _within_deadline, start_grpc_server
 from assay.rm_server.protocol import (
     CompareItem,
@@ -46,9 +47,7 @@ from assay.rm_server.protocol import (
 )
 from assay.rm_server.rewards import Reward
 from assay.rm_server.server import BackgroundServer
-from assay.rm_server.config import ServerConfig
 from assay.rm_server.serving import RewardService
-from assay.rm_server.config import Limits
 from tests.helpers import LoopThread, grpc_served
 
 pytestmark = pytest.mark.service
@@ -246,8 +245,14 @@ def test_compare_gives_the_sigmoid_of_the_score_difference(stub):
 
 
 def test_stream_answers_every_pipelined_request_as_unary_does(stub):
-    cases = {f"r{k}": ScoreRequest(reward=["orm", "prm", "format"][k % 3], items=items(RIGHT, WRONG)[: 1 + k % 2],
-                                   granularity="steps" if k % 3 == 1 else "outcome") for k in range(20)}  # fmt: skip
+    cases = {
+        f"r{k}": ScoreRequest(
+            reward=["orm", "prm", "format"][k % 3],
+            items=items(RIGHT, WRONG)[: 1 + k % 2],
+            granularity="steps" if k % 3 == 1 else "outcome",
+        )
+        for k in range(20)
+    }
     cases["bad"] = ScoreRequest(reward="nope", items=items(RIGHT))
     unary = {rid: grpc_score(stub, req) for rid, req in cases.items() if rid != "bad"}
     sent = [convert.score_stream_request_to_proto(rid, req) for rid, req in cases.items()]
@@ -411,8 +416,9 @@ def test_a_call_the_client_cancels_is_counted_499():
         assert hang.started.wait(30), "the call never reached the reward"
         assert call.cancel()
         assert hang.cancelled.wait(30), "the cancelled call's work went on"
-        count = lambda code: service.metrics.registry.get_sample_value(  # noqa: E731
-            "assay_rm_requests_total", {"route": "grpc/Score", "reward": "hang", "code": code})  # fmt: skip
+        count = lambda code: service.metrics.registry.get_sample_value(
+            "assay_rm_requests_total", {"route": "grpc/Score", "reward": "hang", "code": code}
+        )
         deadline = time.monotonic() + 30
         while count("499") is None and time.monotonic() < deadline:
             time.sleep(0.05)  # the handler records it as it unwinds, just after the reward's cancellation

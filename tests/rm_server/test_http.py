@@ -9,11 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-
+from assay.rm_server.config import Limits, ServerConfig
 from assay.rm_server.protocol import CompareResponse, ErrorResponse, ErrorType, RewardsResponse, ScoreResponse
 from assay.rm_server.server import BackgroundServer
-from assay.rm_server.config import ServerConfig
-from assay.rm_server.config import Limits
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.service
@@ -133,8 +131,13 @@ def test_rewards_listing_and_ids_echoed(server):
 def test_bad_requests_get_clear_4xx_errors(server):
     url = server.http_url
     item = {"id": "a", "prompt": PROMPT, "response": RIGHT}
-    post = lambda body, **kw: httpx.post(f"{url}/v1/score", content=body, timeout=30, **kw)  # noqa: E731
-    assert "JSON" in error_of(post(b'{"reward": "orm", "items": [', headers={"content-type": "application/json"}), 400).error.message
+    post = lambda body, **kw: httpx.post(f"{url}/v1/score", content=body, timeout=30, **kw)
+    assert (
+        "JSON"
+        in error_of(
+            post(b'{"reward": "orm", "items": [', headers={"content-type": "application/json"}), 400
+        ).error.message
+    )
     assert "items" in error_of(score(url, "orm", "not a list"), 400).error.message  # type: ignore[arg-type]
     assert "empty" in error_of(score(url, "orm", []), 400).error.message
     assert "unknown reward 'nope'" in error_of(score(url, "nope", [item]), 404).error.message
@@ -145,7 +148,10 @@ def test_bad_requests_get_clear_4xx_errors(server):
     assert "granularity" in error_of(score(url, "orm", [item], granularity="words"), 400).error.message
     assert "steps" in error_of(score(url, "orm", [item], granularity="steps"), 400).error.message
     bad_utf8 = b'{"reward": "orm", "items": [{"id": "a", "prompt": "\xff\xfe", "response": "x"}]}'
-    assert error_of(post(bad_utf8, headers={"content-type": "application/json"}), 400).error.type == ErrorType.invalid_request
+    assert (
+        error_of(post(bad_utf8, headers={"content-type": "application/json"}), 400).error.type
+        == ErrorType.invalid_request
+    )
 
 
 def test_limits_on_body_size_and_item_count():
@@ -205,7 +211,7 @@ def held_orm(tmp_path):
 
 def test_full_queue_answers_429_with_retry_after(held_orm):
     s, held = held_orm
-    item = lambda k: {"id": str(k), "prompt": PROMPT, "response": RIGHT}  # noqa: E731
+    item = lambda k: {"id": str(k), "prompt": PROMPT, "response": RIGHT}
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(score, s.http_url, "orm", [item(0)])  # occupies the worker
         wait_for(lambda: held.calls, 10)
@@ -223,7 +229,7 @@ def test_full_queue_answers_429_with_retry_after(held_orm):
 
 def test_deadline_fails_items_and_cancels_their_queued_work(held_orm):
     s, held = held_orm
-    item = lambda k: {"id": str(k), "prompt": PROMPT, "response": RIGHT}  # noqa: E731
+    item = lambda k: {"id": str(k), "prompt": PROMPT, "response": RIGHT}
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(score, s.http_url, "orm", [item(0)])
         wait_for(lambda: held.calls, 10)

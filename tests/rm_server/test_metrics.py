@@ -5,9 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from assay.rm_server.server import BackgroundServer
-
 from assay.rm_server.config import ServerConfig
+from assay.rm_server.server import BackgroundServer
 
 pytestmark = pytest.mark.service
 

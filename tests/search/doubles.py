@@ -57,7 +57,7 @@ class TreeGenerator:
         self.calls += 1
         out = []
         for text in texts:
-            prefix = text[len(self.prompt):]
+            prefix = text[len(self.prompt) :]
             row = []
             for _ in range(n):
                 options = self.tree[prefix]
@@ -76,8 +76,9 @@ class TableScorer:
     the step that ends `prefix` (as `search.base.step_ends` cuts the response), value their min.
     """
 
-    def __init__(self, table: dict[str, float], steps: dict[str, float] | None = None,
-                 reward_id: str = "table:v1") -> None:  # fmt: skip
+    def __init__(
+        self, table: dict[str, float], steps: dict[str, float] | None = None, reward_id: str = "table:v1"
+    ) -> None:
         self.table = table
         self.steps = steps or {}
         self.reward_id = reward_id

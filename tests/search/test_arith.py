@@ -18,9 +18,13 @@ pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 PROBLEMS = world.eval_problems(24)
 CONFIG = SearchConfig(n=8, temperature=1.0, max_tokens=48, max_step_tokens=12, seed=0)
 REWARD = {  # which embedded reward each strategy searches with (None: no reward model)
-    "best_of_n": "orm", "weighted_best_of_n": "orm", "majority": None,
-    "refine": "prm", "beam_search": "prm", "dvts": "prm",
-}  # fmt: skip
+    "best_of_n": "orm",
+    "weighted_best_of_n": "orm",
+    "majority": None,
+    "refine": "prm",
+    "beam_search": "prm",
+    "dvts": "prm",
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +58,10 @@ def test_search_beats_or_equals_single_sample_accuracy(name, generator, scorers,
     accuracy = sum(r.answer == str(p.answer) for r, p in zip(results, PROBLEMS)) / len(PROBLEMS)
     tokens = sum(r.usage.generated_tokens for r in results) / len(PROBLEMS)
     samples = sum(r.usage.candidates for r in results) / len(PROBLEMS)
-    print(f"\n{name:>20} ({REWARD[name] or 'no reward'}): accuracy {accuracy:.3f} vs pass@1 {baseline:.3f}, "
-          f"{tokens:.0f} tokens and {samples:.1f} samples per problem")  # fmt: skip
+    print(
+        f"\n{name:>20} ({REWARD[name] or 'no reward'}): accuracy {accuracy:.3f} vs pass@1 {baseline:.3f}, "
+        f"{tokens:.0f} tokens and {samples:.1f} samples per problem"
+    )
     assert accuracy >= baseline, f"{name}: {accuracy:.3f} < pass@1 {baseline:.3f}"
     for r, p in zip(results, PROBLEMS):
         assert r.weight_version == "local:policy"

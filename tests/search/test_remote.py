@@ -7,8 +7,8 @@ import pytest
 from assay.arith import world
 from assay.checkpoints import ARITH_DIR
 from assay.clients.reward import RewardClient
-from assay.rm_server.server import BackgroundServer
 from assay.rm_server.config import ServerConfig
+from assay.rm_server.server import BackgroundServer
 from assay.search import STRATEGIES, SearchConfig
 from assay.search.local import LocalGenerator, LocalScorer
 from assay.search.remote import RemoteScorer
@@ -27,7 +27,10 @@ PROBLEM = world.eval_problems(1)[0]
 def client(tmp_path_factory):
     spec = tmp_path_factory.mktemp("spec") / "rewards.yaml"
     spec.write_text(SPEC)
-    with BackgroundServer(ServerConfig(spec=spec, port=0, grpc_port=None)) as server, RewardClient.http(server.http_url) as c:
+    with (
+        BackgroundServer(ServerConfig(spec=spec, port=0, grpc_port=None)) as server,
+        RewardClient.http(server.http_url) as c,
+    ):
         yield c
 
 

@@ -29,10 +29,14 @@ GOOD, SLIP, BROKEN = "1+1=2 2+1=3 #### 3", "1+1=2 2+1=4 #### 4", "1+1=2 2+x ####
 
 
 def test_the_dict_dispatches_every_strategy_by_name():
-    assert STRATEGIES == {
-        "best_of_n": best_of_n.run, "weighted_best_of_n": weighted_best_of_n.run, "majority": majority.run,
-        "refine": refine.run, "beam_search": beam_search.run, "dvts": dvts.run,
-    }  # fmt: skip
+    assert {
+        "best_of_n": best_of_n.run,
+        "weighted_best_of_n": weighted_best_of_n.run,
+        "majority": majority.run,
+        "refine": refine.run,
+        "beam_search": beam_search.run,
+        "dvts": dvts.run,
+    } == STRATEGIES
 
 
 def test_every_strategy_has_the_same_signature():
@@ -185,9 +189,15 @@ TREE = {
     "1+1=5 5+1=6 ": ["#### 6"],
 }
 TREE_STEPS = {
-    "1+1=2": 0.9, "1+1=5": 0.2, "1+1=2 2+1=3": 0.8, "1+1=2 2+1=4": 0.3, "1+1=5 5+1=6": 0.2,
-    "1+1=2 2+1=3 #### 3": 0.8, "1+1=2 2+1=4 #### 4": 0.3, "1+1=5 5+1=6 #### 6": 0.2,
-}  # fmt: skip
+    "1+1=2": 0.9,
+    "1+1=5": 0.2,
+    "1+1=2 2+1=3": 0.8,
+    "1+1=2 2+1=4": 0.3,
+    "1+1=5 5+1=6": 0.2,
+    "1+1=2 2+1=3 #### 3": 0.8,
+    "1+1=2 2+1=4 #### 4": 0.3,
+    "1+1=5 5+1=6 #### 6": 0.2,
+}
 
 
 def test_beam_search_follows_the_process_reward_through_the_tree():
@@ -223,7 +233,9 @@ def test_beam_search_marks_responses_cut_at_max_steps():
 def test_no_strategy_spends_more_than_its_budget(name, budget):
     gen = ScriptedGenerator([GOOD, SLIP, BROKEN], tokens=10)
     scorer = TableScorer({GOOD: 0.9, SLIP: 0.6, BROKEN: 0.1}, steps=_steps_of(GOOD, SLIP, BROKEN))
-    r = STRATEGIES[name](P, gen, scorer, SearchConfig(n=8, beam_width=2, max_tokens=10, max_step_tokens=10, budget=budget))
+    r = STRATEGIES[name](
+        P, gen, scorer, SearchConfig(n=8, beam_width=2, max_tokens=10, max_step_tokens=10, budget=budget)
+    )
     sampled = sum(len(texts) * n for texts, n, _ in gen.calls)
     assert r.usage.candidates == sampled and r.usage.generated_tokens == 10 * sampled
     assert sampled <= (budget.max_candidates if budget.max_candidates is not None else 99)
@@ -240,7 +252,9 @@ def test_a_reward_that_changes_mid_search_stops_it():
             return out
 
     with pytest.raises(SearchError, match="reward changed mid-search"):
-        refine.run(P, ScriptedGenerator([SLIP, "2+1=4 #### 4"]), Flipping({}, _steps_of(SLIP)), SearchConfig(round_size=1))
+        refine.run(
+            P, ScriptedGenerator([SLIP, "2+1=4 #### 4"]), Flipping({}, _steps_of(SLIP)), SearchConfig(round_size=1)
+        )
 
 
 def test_each_generate_call_gets_its_own_seed():
@@ -251,8 +265,13 @@ def test_each_generate_call_gets_its_own_seed():
 
 
 def test_config_refuses_nonsense_with_the_field_named():
-    for kw, field in [({"n": 0}, "n"), ({"temperature": -1}, "temperature"), ({"consensus": 1.5}, "consensus"),
-                      ({"aggregate": "max"}, "aggregate"), ({"rounds": -1}, "rounds")]:  # fmt: skip
+    for kw, field in [
+        ({"n": 0}, "n"),
+        ({"temperature": -1}, "temperature"),
+        ({"consensus": 1.5}, "consensus"),
+        ({"aggregate": "max"}, "aggregate"),
+        ({"rounds": -1}, "rounds"),
+    ]:
         with pytest.raises(ValueError, match=field):
             SearchConfig(**kw)
     with pytest.raises(ValueError, match="max_tokens"):

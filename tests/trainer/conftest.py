@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from assay.services import LocalServices
 from assay.clients.policy import PolicyClient
 from assay.clients.reward import RewardClient
+from assay.services import LocalServices
 
 
 @pytest.fixture(scope="session")

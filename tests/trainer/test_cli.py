@@ -19,13 +19,15 @@ pytestmark = pytest.mark.unit
 def test_plot_writes_curves_for_step_and_round_runs(tmp_path):
     steps = tmp_path / "grpo"
     steps.mkdir()
-    rows = [{"step": 0, "heldout_pass1": 0.2}] + [{"step": i, "reward_mean": i / 10, "kl": 0.01 * i, "seconds": 2.0}
-                                                  for i in range(1, 6)]  # fmt: skip
+    rows = [{"step": 0, "heldout_pass1": 0.2}] + [
+        {"step": i, "reward_mean": i / 10, "kl": 0.01 * i, "seconds": 2.0} for i in range(1, 6)
+    ]
     (steps / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rounds = tmp_path / "dpo"
     rounds.mkdir()
-    rows = [{"eval": "before", "heldout_pass1": 0.2}] + [{"round": i, "loss": 0.7, "reward_accuracy": 0.5}
-                                                         for i in range(3)]  # fmt: skip
+    rows = [{"eval": "before", "heldout_pass1": 0.2}] + [
+        {"round": i, "loss": 0.7, "reward_accuracy": 0.5} for i in range(3)
+    ]
     (rounds / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     runner = CliRunner()
     for run in (steps, rounds):
@@ -44,8 +46,12 @@ def test_plot_of_a_missing_run_says_so(tmp_path):
 def test_an_unknown_config_key_is_refused_before_anything_starts(tmp_path):
     config = tmp_path / "grpo.yaml"
     config.write_text("steps: 3\ngroup_sise: 4\n")
-    out = subprocess.run([sys.executable, "-m", "assay", "train", "grpo", "--config", str(config), "--run-dir",
-                          str(tmp_path / "run")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "assay", "train", "grpo", "--config", str(config), "--run-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "group_sise" in out.stdout + out.stderr
     assert not (tmp_path / "run").exists()
 
@@ -86,8 +92,20 @@ def test_flags_override_the_config_file_and_the_file_fills_the_rest(tmp_path):
     assert "steps, checkpoint_every and eval_problems must be >= 1" in said
     assert "already holds a run" in _refusal([*base, "--config", str(good_group), "--steps", "3"])
     assert "scale must be std, none or batch" in _refusal([*base, "--scale", "nope"])
-    assert "already holds a run" in _refusal(["train", "dpo", "--run-dir", str(tmp_path / "run"), "--rounds", "2",
-                                              "--ref-update", "each_round", "--beta", "0.5"])  # fmt: skip
+    assert "already holds a run" in _refusal(
+        [
+            "train",
+            "dpo",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--rounds",
+            "2",
+            "--ref-update",
+            "each_round",
+            "--beta",
+            "0.5",
+        ]
+    )
     assert "beta must be > 0" in _refusal(["train", "dpo", "--run-dir", str(tmp_path / "run"), "--beta", "0"])
 
 
@@ -134,9 +152,27 @@ def test_overwrite_discards_the_old_run_and_starts_afresh(services, tmp_path):
     _old_run(run)
     config = tmp_path / "grpo.yaml"
     config.write_text("prompts_per_step: 2\ngroup_size: 2\nmax_tokens: 24\nsteps: 2\ncheckpoint_every: 1\n")
-    out = subprocess.run([sys.executable, "-m", "assay", "train", "grpo", "--run-dir", str(run), "--config",
-                          str(config), "--overwrite", "--rm-url", services.rm_url, "--policy-url", services.policy_url],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "assay",
+            "train",
+            "grpo",
+            "--run-dir",
+            str(run),
+            "--config",
+            str(config),
+            "--overwrite",
+            "--rm-url",
+            services.rm_url,
+            "--policy-url",
+            services.policy_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]

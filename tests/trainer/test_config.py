@@ -13,8 +13,12 @@ ALGORITHMS = (GRPOConfig, PPOConfig, DPOConfig)
 
 @pytest.mark.parametrize("cls", ALGORITHMS)
 def test_the_bases_checks_hold_for_every_algorithm(cls):
-    for bad, said in (({"service_timeout_s": 0}, "service_timeout_s must be > 0"), ({"max_tokens": 0}, "max_tokens"),
-                      ({"grad_clip": 0}, "grad_clip > 0"), ({"temperature": -1}, "temperature >= 0")):  # fmt: skip
+    for bad, said in (
+        ({"service_timeout_s": 0}, "service_timeout_s must be > 0"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"grad_clip": 0}, "grad_clip > 0"),
+        ({"temperature": -1}, "temperature >= 0"),
+    ):
         with pytest.raises(ValueError, match=said):
             cls(**bad)
     if issubclass(cls, RLConfig):

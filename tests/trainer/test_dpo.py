@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from assay.arith import world
-from assay.generation import SamplingParams, sample
 from assay.clients import PolicyClient, RewardClient
+from assay.generation import SamplingParams, sample
 from assay.trainer.dpo import (
     DPOConfig,
     Pair,
@@ -23,7 +23,7 @@ from assay.trainer.dpo import (
     pair_logps,
     sequence_logps,
     train_offline,
-)  # fmt: skip
+)
 from assay.trainer.online import RewardMismatch
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]  # tests/conftest.py
@@ -44,12 +44,19 @@ def off_by_one(p: world.Problem) -> str:
 
 def test_dpo_loss_by_hand():
     # h = beta * ((-1 - -2) - (-3 - -2)) = 0.5 * 2 = 1
-    loss, r_w, r_l = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
-                              torch.tensor([-2.0]), beta=0.5)  # fmt: skip
+    loss, r_w, r_l = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5
+    )
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
     assert (r_w.item(), r_l.item()) == pytest.approx((0.5, -0.5))
-    smoothed, _, _ = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
-                              torch.tensor([-2.0]), beta=0.5, label_smoothing=0.2)  # fmt: skip
+    smoothed, _, _ = dpo_loss(
+        torch.tensor([-1.0]),
+        torch.tensor([-3.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([-2.0]),
+        beta=0.5,
+        label_smoothing=0.2,
+    )
     assert smoothed.item() == pytest.approx(0.8 * math.log(1 + math.exp(-1)) + 0.2 * math.log(1 + math.e), rel=1e-6)
 
 
@@ -88,8 +95,14 @@ def test_loss_falls_on_a_fixed_batch_of_arithmetic_pairs(embedded):
 
 
 def test_config_refuses_nonsense():
-    for bad in ({"beta": 0}, {"n": 1}, {"strategy": "majority"}, {"label_smoothing": 0.5}, {"ref_update": "x"},
-                {"min_margin": -1}):  # fmt: skip
+    for bad in (
+        {"beta": 0},
+        {"n": 1},
+        {"strategy": "majority"},
+        {"label_smoothing": 0.5},
+        {"ref_update": "x"},
+        {"min_margin": -1},
+    ):
         with pytest.raises(ValueError):
             DPOConfig(**bad)
 
@@ -189,9 +202,19 @@ def test_pair_from_search_leaves_out_failed_and_tied_candidates():
     from assay.policy_server.protocol import SearchCandidate
 
     def resp(*scores):
-        cands = [SearchCandidate(text=f"r{i}", score=s, final_answer=None, steps=None, num_tokens=1,
-                                 finish_reason="stop", correct=None, error=None if s is not None else "failed")
-                 for i, s in enumerate(scores)]  # fmt: skip
+        cands = [
+            SearchCandidate(
+                text=f"r{i}",
+                score=s,
+                final_answer=None,
+                steps=None,
+                num_tokens=1,
+                finish_reason="stop",
+                correct=None,
+                error=None if s is not None else "failed",
+            )
+            for i, s in enumerate(scores)
+        ]
         return type("R", (), {"candidates": cands})()
 
     assert pair_from_search("p", resp(0.2, None, 0.9)) == Pair("p", "r2", "r0", 0.9, 0.2)  # None is not 0

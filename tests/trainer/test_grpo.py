@@ -11,8 +11,8 @@ import torch
 
 from assay.checkpoints import load_embedded
 from assay.clients.reward import RewardClient
-from assay.trainer.grpo import GRPOConfig, train
 from assay.rm_server.local import LocalTransport
+from assay.trainer.grpo import GRPOConfig, train
 from assay.trainer.online import RewardMismatch, RunDir
 
 pytestmark = pytest.mark.e2e

@@ -23,6 +23,9 @@ def test_each_step_samples_from_the_version_the_step_before_pushed():
 def test_a_reward_id_other_than_the_recorded_one_stops_the_run():
     assert same_reward("sha256:a", None, "round 0") == "sha256:a"  # nothing recorded yet: this one is the run's
     assert same_reward("sha256:a", "sha256:a", "round 1") == "sha256:a"
-    with pytest.raises(RewardMismatch, match="round 2: this run was trained on reward sha256:a, and the reward now "
-                                             "answers as sha256:b: rm_server's reward changed mid-run"):  # fmt: skip
+    with pytest.raises(
+        RewardMismatch,
+        match="round 2: this run was trained on reward sha256:a, and the reward now "
+        "answers as sha256:b: rm_server's reward changed mid-run",
+    ):
         same_reward("sha256:b", "sha256:a", "round 2")

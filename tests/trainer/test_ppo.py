@@ -41,5 +41,11 @@ def test_ppo_steps_train_actor_and_critic_and_push_the_actor(policy, reward_fn, 
     assert policy.weight_version() == history[-1]["weight_version"]
     assert torch.equal(orm.score.weight, head_before)  # the critic trains a copy, not the reward model
     saved = sorted(p.name for p in (tmp_path / "checkpoints" / "step-000002").iterdir())
-    assert saved == ["critic.optimizer.pt", "critic.safetensors", "policy.optimizer.pt", "policy.safetensors",
-                     "reference.safetensors", "state.json"]  # fmt: skip
+    assert saved == [
+        "critic.optimizer.pt",
+        "critic.safetensors",
+        "policy.optimizer.pt",
+        "policy.safetensors",
+        "reference.safetensors",
+        "state.json",
+    ]

@@ -63,9 +63,7 @@ def test_masked_whiten_by_hand():
     # mean 4, unbiased var (4 + 0 + 4) / 2 = 4, std 2 -> [-1, 0, 1]; padding -> 0
     assert values(masked_whiten(x, mask)) == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-6)
     # shift_mean=False keeps the mean (TRL): [-1, 0, 1] + 4
-    assert values(masked_whiten(x, mask, shift_mean=False)) == pytest.approx(
-        [3.0, 4.0, 5.0, 0.0], abs=1e-6
-    )
+    assert values(masked_whiten(x, mask, shift_mean=False)) == pytest.approx([3.0, 4.0, 5.0, 0.0], abs=1e-6)
 
 
 # --- group advantages -----------------------------------------------------------------------
@@ -136,9 +134,7 @@ def test_token_loss_variants_differ_on_ragged_masks():
     assert token_loss(RAGGED_LOSS, RAGGED_MASK, kind="token_mean").item() == pytest.approx(2.5)
     # constant: 10 / (batch 2 * seq 3) = 5/3; with max_tokens=5: 10 / 10 = 1
     assert token_loss(RAGGED_LOSS, RAGGED_MASK, kind="constant").item() == pytest.approx(5 / 3)
-    assert token_loss(
-        RAGGED_LOSS, RAGGED_MASK, kind="constant", max_tokens=5
-    ).item() == pytest.approx(1.0)
+    assert token_loss(RAGGED_LOSS, RAGGED_MASK, kind="constant", max_tokens=5).item() == pytest.approx(1.0)
 
 
 def test_token_loss_rejects_an_unknown_kind():
@@ -239,9 +235,7 @@ def test_entropy_of_uniform_is_log_vocab_even_for_huge_logits():
 
 def test_entropy_by_hand_and_with_a_masked_out_token():
     # p = [0.25, 0.75]: H = 0.25 ln 4 + 0.75 ln(4/3) = 0.562335
-    assert entropy_from_logits(torch.tensor([0.0, math.log(3.0)])).item() == pytest.approx(
-        0.562335, rel=1e-5
-    )
+    assert entropy_from_logits(torch.tensor([0.0, math.log(3.0)])).item() == pytest.approx(0.562335, rel=1e-5)
     # a -inf logit is a zero-probability token: same entropy, no NaN
     logits = torch.tensor([0.0, math.log(3.0), float("-inf")])
     assert entropy_from_logits(logits).item() == pytest.approx(0.562335, rel=1e-5)

@@ -2,7 +2,6 @@ import itertools
 import math
 
 import pytest
-
 import torch
 
 from assay.arith import world
@@ -29,7 +28,9 @@ def test_collate_right_pads_and_masks():
 
 def test_loss_decreases_on_a_fixed_batch(tiny_lm, tokenizer):
     batch = [(p.prompt, p.solution) for p in world.take("train", 8, seed=0)]
-    losses = train_sft(tiny_lm, tokenizer, itertools.cycle(batch), SFTConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=0))
+    losses = train_sft(
+        tiny_lm, tokenizer, itertools.cycle(batch), SFTConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=0)
+    )
     assert losses[-1] < 0.6 * losses[0]
 
 

@@ -29,10 +29,9 @@ def recorded(metrics: RequestMetrics, code: str) -> float | None:
 )
 def test_the_timer_records_how_a_request_ended(raised, code):
     metrics = RequestMetrics("test", "model", "Sequences waiting")
-    with pytest.raises(type(raised)) if raised else contextlib.nullcontext():
-        with Timer(metrics, "/r", "m"):
-            if raised:
-                raise raised
+    with pytest.raises(type(raised)) if raised else contextlib.nullcontext(), Timer(metrics, "/r", "m"):
+        if raised:
+            raise raised
     assert recorded(metrics, code) == 1
     count = metrics.registry.get_sample_value("test_request_seconds_count", {"route": "/r", "model": "m"})
     assert count == 1
@@ -44,4 +43,3 @@ def test_a_code_set_inside_the_block_stands():
     with Timer(metrics, "/r", "m") as timer:
         timer.code = "499"
     assert recorded(metrics, "499") == 1 and recorded(metrics, "200") is None
-

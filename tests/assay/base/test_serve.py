@@ -19,10 +19,10 @@ from fastapi import FastAPI
 from assay.base.connections import Connections
 from assay.base.logs import OneTracebackPerSite
 from assay.base.serve import BackgroundServer, HttpListener, PortInUse
+from assay.rm_server.config import ServerConfig
 from assay.rm_server.protocol import ErrorResponse, ErrorType
 from assay.rm_server.server import BackgroundServer as RewardBackgroundServer
 from assay.rm_server.server import RewardServer, error_reply
-from assay.rm_server.config import ServerConfig
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.service
@@ -97,8 +97,8 @@ def test_a_malformed_message_in_a_stream_gets_invalid_argument(server):
 
 @pytest.mark.unit
 def test_the_policy_service_refuses_malformed_bytes_the_same_way():
-    from assay.policy_server.grpc_api import describe
     from assay.base.grpc_serve import MalformedMessage
+    from assay.policy_server.grpc_api import describe
 
     failure = describe(MalformedMessage("the request message does not parse"))
     assert failure.status == grpc.StatusCode.INVALID_ARGUMENT and failure.type == "invalid_request_error"
@@ -193,8 +193,11 @@ def test_a_traceback_is_logged_once_per_site_and_kept_at_debug():
 
 def test_the_drain_refuses_new_work_and_cuts_off_what_runs_with_the_typed_503():
     background = BackgroundServer(_Faulty)
-    with background as faulty, httpx.Client(base_url=faulty.http.url, timeout=60) as client, \
-            ThreadPoolExecutor(4) as pool:  # fmt: skip
+    with (
+        background as faulty,
+        httpx.Client(base_url=faulty.http.url, timeout=60) as client,
+        ThreadPoolExecutor(4) as pool,
+    ):
         running = [pool.submit(client.get, "/slow") for _ in range(3)]
         wait_for(lambda: faulty.http.gate.in_flight == 3, 60)
         # no time to finish (0 s): all three are cut off at once
@@ -210,8 +213,11 @@ def test_the_drain_refuses_new_work_and_cuts_off_what_runs_with_the_typed_503():
 
 def test_the_drain_lets_what_runs_finish_within_its_time():
     background = BackgroundServer(_Faulty)
-    with background as faulty, httpx.Client(base_url=faulty.http.url, timeout=60) as client, \
-            ThreadPoolExecutor(4) as pool:  # fmt: skip
+    with (
+        background as faulty,
+        httpx.Client(base_url=faulty.http.url, timeout=60) as client,
+        ThreadPoolExecutor(4) as pool,
+    ):
         running = [pool.submit(client.get, "/slow") for _ in range(3)]
         wait_for(lambda: faulty.http.gate.in_flight == 3, 60)
         draining = asyncio.run_coroutine_threadsafe(faulty.http.drain(600), background._loop)

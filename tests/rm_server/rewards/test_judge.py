@@ -18,7 +18,6 @@ from assay.arith.checks import is_correct
 from assay.arith.verifier import verifier_prompt
 from assay.arith.world import ANSWER_MARK, Problem, take
 from assay.checkpoints import load_embedded
-from assay.scoring import verifier_yes_prob
 from assay.rm_server.protocol import ErrorType, Granularity
 from assay.rm_server.rewards.base import Item, ItemFailure, Scored
 from assay.rm_server.rewards.judge import (
@@ -32,6 +31,7 @@ from assay.rm_server.rewards.judge import (
     two_way,
 )
 from assay.rm_server.spec import JudgeSpec, parse_spec
+from assay.scoring import verifier_yes_prob
 from assay.services import free_port
 from tests.rm_server.judge_double import judge_app, serve, serve_judge_double
 
@@ -110,8 +110,12 @@ def stub_app() -> FastAPI:
             return {"choices": [{"index": 0, "text": "yes", "logprobs": None, "finish_reason": "length"}]}
         else:  # "flaky" without FAIL: a word-level judge, P(yes) = 0.75 before the other mass
             top = {" Yes": math.log(0.6), "yes": math.log(0.15), " No": math.log(0.2), "Maybe": math.log(0.05)}
-        logprobs = {"tokens": [next(iter(top))], "token_logprobs": [max(top.values())], "top_logprobs": [top],
-                    "text_offset": [len(prompt)]}
+        logprobs = {
+            "tokens": [next(iter(top))],
+            "token_logprobs": [max(top.values())],
+            "top_logprobs": [top],
+            "text_offset": [len(prompt)],
+        }
         choice = {"index": 0, "text": next(iter(top)), "logprobs": logprobs, "finish_reason": "length"}
         return {"choices": [choice]}
 
@@ -241,8 +245,9 @@ def test_expected_score_and_two_way_from_top_logprobs():
 def test_text_score_on_a_yes_no_model_is_a_judge_error(double):
     _, url = double
     p = take("train", 1, seed=5)[0]
-    [outcome] = score(judge_spec(url, mode="text_score", template="{prompt}{response}\nCorrect? "),
-                      [Item(p.prompt, p.solution)])
+    [outcome] = score(
+        judge_spec(url, mode="text_score", template="{prompt}{response}\nCorrect? "), [Item(p.prompt, p.solution)]
+    )
     assert isinstance(outcome, ItemFailure) and outcome.type == ErrorType.judge_error
     assert "'yes'" in outcome.message or "'no'" in outcome.message  # the judge's text is shown
 
@@ -304,8 +309,12 @@ def test_unknown_model_is_a_judge_error(double):
 
 @pytest.mark.parametrize(
     ("model", "timeout_s", "error"),
-    [("slow", 0.3, ErrorType.timeout), ("garbage", 30.0, ErrorType.judge_error),
-     ("no_logprobs", 30.0, ErrorType.judge_error), ("down", 30.0, ErrorType.judge_unavailable)],
+    [
+        ("slow", 0.3, ErrorType.timeout),
+        ("garbage", 30.0, ErrorType.judge_error),
+        ("no_logprobs", 30.0, ErrorType.judge_error),
+        ("down", 30.0, ErrorType.judge_unavailable),
+    ],
 )
 def test_endpoint_misbehaviour_is_typed(stub, model, timeout_s, error):
     _, url = stub
@@ -333,8 +342,8 @@ def test_api_key_is_sent_as_bearer(double, monkeypatch):
 @pytest.fixture(scope="module")
 def keyed_policy_server():
     """The real policy server, serving the embedded verifier to holders of `judge-key-for-tests`."""
-    from assay.policy_server.server import BackgroundServer
     from assay.policy_server.config import ServerConfig
+    from assay.policy_server.server import BackgroundServer
 
     with BackgroundServer(ServerConfig(port=0, api_keys=("judge-key-for-tests:generate",))) as s:
         yield s
@@ -372,8 +381,21 @@ def test_the_reward_service_with_a_refused_judge_key_exits_naming_the_judge(keye
         "mode: yes_prob, api_key_env: ASSAY_TEST_JUDGE_KEY}\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--port", str(free_port()), "--grpc-port", "none"],
-        env={**os.environ, "ASSAY_TEST_JUDGE_KEY": "wrong-key"}, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "assay.rm_server",
+            "--spec",
+            str(spec),
+            "--port",
+            str(free_port()),
+            "--grpc-port",
+            "none",
+        ],
+        env={**os.environ, "ASSAY_TEST_JUDGE_KEY": "wrong-key"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     said = " ".join((done.stdout + done.stderr).split())  # the console wraps long lines
     assert done.returncode == 2, said

@@ -12,10 +12,22 @@ from assay.rm_server.protocol import ErrorType, Granularity
 from assay.rm_server.rewards import mathpool
 from assay.rm_server.rewards.base import DEADLINE, Item, ItemFailure, Scored
 from assay.rm_server.rewards.rules import (
-    RULES, ArithSteps, ExactMatch, JsonSchema, LengthPenalty, MathEqual, RegexMatch, length_penalty,
+    RULES,
+    ArithSteps,
+    ExactMatch,
+    JsonSchema,
+    LengthPenalty,
+    MathEqual,
+    RegexMatch,
+    length_penalty,
 )
 from assay.rm_server.spec import (
-    ArithStepsSpec, ExactMatchSpec, JsonSchemaSpec, LengthPenaltySpec, MathEqualSpec, RegexSpec,
+    ArithStepsSpec,
+    ExactMatchSpec,
+    JsonSchemaSpec,
+    LengthPenaltySpec,
+    MathEqualSpec,
+    RegexSpec,
 )
 from tests.helpers import wait_for
 
@@ -44,8 +56,12 @@ def math_equal():
 
 def test_rules_table_maps_every_type_to_its_class():
     assert set(RULES) == {
-        "rule.math_equal", "rule.exact_match", "rule.regex", "rule.length_penalty",
-        "rule.json_schema", "rule.arith_steps",
+        "rule.math_equal",
+        "rule.exact_match",
+        "rule.regex",
+        "rule.length_penalty",
+        "rule.json_schema",
+        "rule.arith_steps",
     }
     assert all(cls.type == t for t, cls in RULES.items())
     assert MathEqual.needs_reference and ExactMatch.needs_reference and not RegexMatch.needs_reference
@@ -78,12 +94,15 @@ def test_math_equal_many_items_keep_their_order(math_equal):
 def test_math_equal_answer_pattern():
     reward = MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", answer_pattern=HASH_ANSWER))
     try:
-        out = score(reward, [
-            Item("Q: 23+45-17 A: ", "23+45=68 68-17=51 #### 51", "51"),
-            Item("Q: 23+45-17 A: ", "23+45=68 68-17=50 #### 50", "51"),
-            Item("Q: 23+45-17 A: ", "23+45=68 68-17=51", "51"),  # no answer mark: 0, not an error
-            Item("Q: 23+45-17 A: ", "the sum is 51 #### 51 then", "51"),  # pattern is anchored at the end
-        ])
+        out = score(
+            reward,
+            [
+                Item("Q: 23+45-17 A: ", "23+45=68 68-17=51 #### 51", "51"),
+                Item("Q: 23+45-17 A: ", "23+45=68 68-17=50 #### 50", "51"),
+                Item("Q: 23+45-17 A: ", "23+45=68 68-17=51", "51"),  # no answer mark: 0, not an error
+                Item("Q: 23+45-17 A: ", "the sum is 51 #### 51 then", "51"),  # pattern is anchored at the end
+            ],
+        )
     finally:
         asyncio.run(reward.close())
     assert values(out) == [1.0, 0.0, 0.0, 0.0]
@@ -236,19 +255,31 @@ def test_math_equal_bad_answer_pattern_is_refused():
 
 def test_exact_match():
     plain = ExactMatch("e", "id", ExactMatchSpec(type="rule.exact_match"))
-    assert values(score(plain, [
-        Item("p", " Paris\n", "Paris"), Item("p", "paris", "Paris"), Item("p", "Paris.", "Paris"),
-    ])) == [1.0, 0.0, 0.0]
+    assert values(
+        score(
+            plain,
+            [
+                Item("p", " Paris\n", "Paris"),
+                Item("p", "paris", "Paris"),
+                Item("p", "Paris.", "Paris"),
+            ],
+        )
+    ) == [1.0, 0.0, 0.0]
 
     loose = ExactMatch("e", "id", ExactMatchSpec(type="rule.exact_match", case_sensitive=False, strip=False))
     assert values(score(loose, [Item("p", "PARIS", "paris"), Item("p", " paris", "paris")])) == [1.0, 0.0]
 
     extract = ExactMatch("e", "id", ExactMatchSpec(type="rule.exact_match", answer_pattern=r"answer: (\w+)"))
-    assert values(score(extract, [
-        Item("p", "answer: Rome, no, answer: Paris", "Paris"),  # the last match counts
-        Item("p", "answer: Rome", "Paris"),
-        Item("p", "Paris", "Paris"),  # no match
-    ])) == [1.0, 0.0, 0.0]
+    assert values(
+        score(
+            extract,
+            [
+                Item("p", "answer: Rome, no, answer: Paris", "Paris"),  # the last match counts
+                Item("p", "answer: Rome", "Paris"),
+                Item("p", "Paris", "Paris"),  # no match
+            ],
+        )
+    ) == [1.0, 0.0, 0.0]
 
     out = score(plain, [Item("p", "Paris", None)])
     assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.invalid_input
@@ -285,7 +316,12 @@ def test_inline_rule_refuses_an_unsupported_granularity():
 def test_length_penalty_function():
     # 0 up to 90, linear to -2 at 100, -2 beyond.
     assert [length_penalty(n, 100, 10, 2.0) for n in (0, 90, 91, 95, 100, 101)] == [
-        0.0, 0.0, pytest.approx(-0.2), pytest.approx(-1.0), -2.0, -2.0,
+        0.0,
+        0.0,
+        pytest.approx(-0.2),
+        pytest.approx(-1.0),
+        -2.0,
+        -2.0,
     ]
     assert [length_penalty(n, 10, 0, 1.0) for n in (10, 11)] == [0.0, -1.0]
 
@@ -294,8 +330,9 @@ def test_length_penalty_chars_and_words():
     chars = LengthPenalty("l", "id", LengthPenaltySpec(type="rule.length_penalty", max_length=8, buffer=4))
     assert values(score(chars, [Item("p", "x" * n) for n in (4, 6, 8, 9)])) == [0.0, -0.5, -1.0, -1.0]
 
-    words = LengthPenalty("l", "id", LengthPenaltySpec(
-        type="rule.length_penalty", max_length=3, unit="words", penalty=0.5))
+    words = LengthPenalty(
+        "l", "id", LengthPenaltySpec(type="rule.length_penalty", max_length=3, unit="words", penalty=0.5)
+    )
     assert values(score(words, [Item("p", "a  b\nc"), Item("p", "a b c d")])) == [0.0, -0.5]
 
 
@@ -314,13 +351,18 @@ def test_json_schema():
         "required": ["answer"],
     }
     reward = JsonSchema("j", "id", JsonSchemaSpec(type="rule.json_schema", schema=schema))
-    assert values(score(reward, [
-        Item("p", ' {"answer": 51}\n'),
-        Item("p", '{"answer": "51"}'),  # wrong type
-        Item("p", '{"result": 51}'),  # missing key
-        Item("p", '```json\n{"answer": 51}\n```'),  # not JSON as a whole
-        Item("p", "[" * 100_000),  # deeper than the parser's recursion limit
-    ])) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert values(
+        score(
+            reward,
+            [
+                Item("p", ' {"answer": 51}\n'),
+                Item("p", '{"answer": "51"}'),  # wrong type
+                Item("p", '{"result": 51}'),  # missing key
+                Item("p", '```json\n{"answer": 51}\n```'),  # not JSON as a whole
+                Item("p", "[" * 100_000),  # deeper than the parser's recursion limit
+            ],
+        )
+    ) == [1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_json_schema_bad_schema_is_refused():
@@ -345,7 +387,8 @@ def test_arith_steps_wrong_middle_step_spoils_the_rest():
     wrong = Item(PROBLEM.prompt, "23+45=69 69-17=52 #### 52")
     empty = Item(PROBLEM.prompt, "")
     assert score(reward, [wrong, empty], Granularity.steps) == [
-        Scored(0.0, steps=[0.0, 0.0, 0.0]), Scored(0.0, steps=[]),
+        Scored(0.0, steps=[0.0, 0.0, 0.0]),
+        Scored(0.0, steps=[]),
     ]
     slip = Item(PROBLEM.prompt, "23+45=68 68-17=50 #### 51")  # last step wrong, answer right
     assert score(reward, [slip], Granularity.steps) == [Scored(0.0, steps=[1.0, 0.0, 0.0])]
