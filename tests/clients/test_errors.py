@@ -28,6 +28,8 @@ from assay.policy_server.protocol import ErrorInfo as PolicyErrorInfo
 from assay.policy_server.protocol import ErrorResponse as PolicyErrorResponse
 from assay.rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType
 
+pytestmark = pytest.mark.unit
+
 SHARED = {
     400: InvalidRequest,
     413: InvalidRequest,

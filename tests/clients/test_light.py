@@ -14,6 +14,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 # Packages of the extras (serve, train), none of them in the base install. (Not rich, click or
 # grpc_reflection: httpx and grpc import those for their extras when they happen to be installed.)
 NOT_LIGHT = {

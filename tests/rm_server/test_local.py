@@ -8,6 +8,8 @@ import pytest
 from assay.clients import InvalidRequest, RewardClient, UnknownReward
 from assay.rm_server.local import LocalTransport
 
+pytestmark = pytest.mark.service
+
 PROMPT = "Q: 23+45-17 A: "
 RESPONSES = ["23+45=68 68-17=51 #### 51", "23+45=68 68-17=52 #### 52", "23+45=68 68-1"]  # right, wrong, no answer
 

@@ -8,6 +8,8 @@ import pytest
 
 from assay.trainer.config import DPOConfig, GRPOConfig, OnlineConfig, PPOConfig, RLConfig
 
+pytestmark = pytest.mark.unit
+
 ALGORITHMS = (GRPOConfig, PPOConfig, DPOConfig)
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from assay.trainer.online import RewardMismatch, same_reward, steps
 
+pytestmark = pytest.mark.unit
+
 
 def test_each_step_samples_from_the_version_the_step_before_pushed():
     seen: list[tuple[int, int]] = []
