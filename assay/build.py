@@ -108,7 +108,7 @@ def ranked_groups(data: list[tuple[world.Problem, list[Sample]]]) -> list[Ranked
         if not good:
             good = [prob.solution]
         for g in good:
-            groups.append(RankedGroup(prob.prompt, [g] + bad, best=0, worse=list(range(1, len(bad) + 1))))
+            groups.append(RankedGroup(prob.prompt, [g, *bad], best=0, worse=list(range(1, len(bad) + 1))))
     return groups
 
 

@@ -82,7 +82,8 @@ def _pairwise(r: list[float], labels: list[bool], cfg: EvalConfig, use_bad) -> f
     return wins / pairs if pairs else float("nan")
 
 
-def evaluate(cfg: EvalConfig = EvalConfig()) -> dict[str, float]:
+def evaluate(cfg: EvalConfig | None = None) -> dict[str, float]:
+    cfg = cfg or EvalConfig()  # a fresh default each call: EvalConfig is mutable
     t0 = time.perf_counter()
     problems = world.eval_problems(cfg.problems)
     policy, tok = load_embedded("policy", cfg.checkpoints)

@@ -9,6 +9,7 @@ checks they exited cleanly. The first row is the no-search baseline: one sample 
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +69,7 @@ def run(problems: int = 64, n: int = 8, seed: int = 0, in_flight: int = 4, conso
         with PolicyClient.http(services.policy_url, timeout_s=600) as client, Progress(console=console) as bar:
             for row in plan:
                 job = bar.add_task(row.label, total=len(tasks))
-                results[row] = _run_row(client, row, tasks, seed, in_flight, lambda: bar.advance(job))
+                results[row] = _run_row(client, row, tasks, seed, in_flight, functools.partial(bar.advance, job))
         exits = services.stop()
     table = _table(results, problems, time.perf_counter() - started)
     console.print(table)

@@ -7,9 +7,9 @@ trainer's end-to-end runs stand on.
         svc.rm.grpc_target              # 127.0.0.1:<free port>: rm_server's gRPC API too
 
 Each service runs exactly as a user starts it (`python -m assay.rm_server`, `python -m assay.policy_server`,
-which are `assay rm serve` and `assay policy serve`), on free ports. The embedded reward spec's judge asks the policy server on
-:8001; when the policy server runs elsewhere, rm_server gets a copy of the spec whose judge points
-at the right port (checkpoint paths made absolute, nothing else changed, so every reward id is
+which are `assay rm serve` and `assay policy serve`), on free ports. The embedded reward spec's judge asks the
+policy server on :8001; when the policy server runs elsewhere, rm_server gets a copy of the spec whose judge
+points at the right port (checkpoint paths made absolute, nothing else changed, so every reward id is
 the embedded one). Leaving the block sends SIGTERM and waits: a service that does not exit 0
 within the grace period is killed, and that is an error.
 """

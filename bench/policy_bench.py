@@ -13,14 +13,15 @@ falls on both; the table gives medians and the overhead ratio median(search) / m
 
 weights: full state dicts pushed with `PolicyClient.update_weights` (safetensors over HTTP,
 checked and swapped in), and the same from the server's disk (`load_weights`), for the embedded
-policy (4 MB) and for a randomly initialised 806 MB model (201M parameters, float32) of the same family served by its own
-server, so the per-byte cost shows. Seconds are the client's wall clock, request to reply.
+policy (4 MB) and for a randomly initialised 806 MB model (201M parameters, float32) of the same family served by
+its own server, so the per-byte cost shows. Seconds are the client's wall clock, request to reply.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import sys
 import tempfile
@@ -166,8 +167,8 @@ def weight_updates(repeats: int, big: bool) -> Table:
                 PolicyClient.http(services.policy_url, timeout_s=600) as client,
             ):
                 for way, push in (
-                    ("HTTP stream", lambda: client.update_weights(state)),
-                    ("server path", lambda: client.load_weights(str(path))),
+                    ("HTTP stream", functools.partial(client.update_weights, state)),
+                    ("server path", functools.partial(client.load_weights, str(path))),
                 ):
                     walls, server = [], []
                     for _ in range(repeats + 1):  # the first is a warm-up

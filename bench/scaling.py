@@ -122,7 +122,7 @@ class ReplayScorer:
         self.table = table
         self.reward_id = reward_id
 
-    def score(self, items, granularity="outcome", reference=None):  # noqa: ANN001 - the Scorer protocol
+    def score(self, items, granularity="outcome", reference=None):  # the Scorer protocol's signature
         if granularity != "outcome":
             raise ValueError("replay: only outcome scores were pooled")
         return [self.table[item] for item in items], self.reward_id
@@ -467,10 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- Pool: M={POOL} samples per problem at T={params.temperature}, top_p={params.top_p}, max_tokens="
         f"{params.max_tokens}, seed {args.seed} ({mean_tokens:.1f} generated tokens per sample on average).",
         "- pass@N: unbiased estimator from the pool. Select columns: mean over >= "
-        f"{args.resamples} random size-N subsets of the pool per problem (all 64 samples once at N=1), replayed through "
-        "the strategies' `run()`; the same subsets for every column.",
-        "- BoN = `best_of_n`, wBoN = `weighted_best_of_n` (sum of scores per final answer); orm = sigmoid of the outcome "
-        "RM; verifier = P(yes); prm = min over step scores. beam = `beam_search`, DVTS = `dvts`, with the prm, "
+        f"{args.resamples} random size-N subsets of the pool per problem (all 64 samples once at N=1), replayed "
+        "through the strategies' `run()`; the same subsets for every column.",
+        "- BoN = `best_of_n`, wBoN = `weighted_best_of_n` (sum of scores per final answer); orm = sigmoid of the "
+        "outcome RM; verifier = P(yes); prm = min over step scores. beam = `beam_search`, DVTS = `dvts`, with the prm, "
         f"beam_width = min(4, N), max_step_tokens = {MAX_STEP_TOKENS}, seed {args.seed} * 100003 + problem index; at "
         "N = 1 the two are the same search (one beam, one child per step), and they differ little up to N = 4.",
         "- Tokens: generated tokens per problem (`usage.generated_tokens`); the pass@N column is N x the mean sample "
@@ -489,17 +489,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     why = [
         f"- The most frequent final answer of all {POOL} samples is the right one for "
         f"{diag['plurality_correct'] * 100:.0f}% of the problems; where it is not, it is the right answer +- 1 in "
-        f"{diag['wrong_plurality_off_by_one'] * 100:.0f}% of cases (the policy's slips are systematic, mostly one off). Majority vote, and "
-        "weighted votes with rewards that cannot see such slips, level off near that share, far below pass@N.",
+        f"{diag['wrong_plurality_off_by_one'] * 100:.0f}% of cases (the policy's slips are systematic, mostly one "
+        "off). Majority vote, and weighted votes with rewards that cannot see such slips, level off near that share, "
+        "far below pass@N.",
         f"- Correct samples are nearly one string per problem ({diag['distinct_correct_texts']:.2f} distinct correct "
         f"texts on average), wrong ones are many ({diag['distinct_wrong_texts']:.1f} distinct answered wrong texts, "
-        f"{diag['distinct_well_formed_wrong_texts']:.1f} of them well formed); {diag['unanswered'] * 100:.0f}% of samples "
-        "have no final answer.",
+        f"{diag['distinct_well_formed_wrong_texts']:.1f} of them well formed); {diag['unanswered'] * 100:.0f}% of "
+        "samples have no final answer.",
         f"- Pairwise accuracy of each reward on (correct, wrong) sample pairs of the same problem (wrong: any other "
-        f"final answer or none): {rm_lines}. Best-of-N takes the maximum of a reward that is near chance on well-formed "
-        "slips over more and more distinct wrong variants, so the larger N, the likelier its pick is one of them; "
-        "weighted best-of-N sums over the duplicates of the right answer instead and tracks majority vote. Beam search "
-        "and DVTS rank with the process reward too. Peaks of the argmax-style curves: "
+        f"final answer or none): {rm_lines}. Best-of-N takes the maximum of a reward that is near chance on "
+        "well-formed slips over more and more distinct wrong variants, so the larger N, the likelier its pick is one "
+        "of them; weighted best-of-N sums over the duplicates of the right answer instead and tracks majority vote. "
+        "Beam search and DVTS rank with the process reward too. Peaks of the argmax-style curves: "
         f"{peaks}.",
     ]
     md = "\n".join(

@@ -161,7 +161,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
+        log.error("internal error on %s", request.url.path, exc_info=exc)
         return _error(500, "server_error", f"internal error: {type(exc).__name__}", code="internal")
 
 

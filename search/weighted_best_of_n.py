@@ -42,7 +42,8 @@ def select(candidates: list[Candidate]) -> tuple[int | None, dict[str, float]]:
         if c.final_answer is not None and c.score is not None:
             if c.score < 0:
                 raise SearchError(
-                    f"weighted best-of-N sums scores, which must be >= 0; got {c.score} (use a probability-valued reward)"
+                    f"weighted best-of-N sums scores, which must be >= 0; got {c.score} "
+                    "(use a probability-valued reward)"
                 )
             weights[c.final_answer] += c.score
     if not weights:

@@ -86,11 +86,12 @@ class Services:
 
 def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) -> None:
     """Register `assay train <algorithm>`: GRPO and PPO take the same options besides their config's."""
+    config_help = CONFIG_HELP.format(config_class.__name__)
 
     def command(
         given: dict,
         run_dir: Path = typer.Option(..., help="where metrics.jsonl, config.json and checkpoints/ go"),
-        config: Path = typer.Option(None, exists=True, dir_okay=False, help=CONFIG_HELP.format(config_class.__name__)),
+        config: Path = typer.Option(None, exists=True, dir_okay=False, help=config_help),
         resume: bool = typer.Option(False, help="continue from the run directory's last checkpoint"),
         overwrite: bool = typer.Option(False, help="discard the run already in the run directory, start afresh"),
         model: Path = typer.Option(None, help="initial policy checkpoint (default: the embedded policy)"),
@@ -246,12 +247,15 @@ def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metr
     console.print(f"wrote {out}")
 
 
+DPO_CONFIG_HELP = CONFIG_HELP.format(DPOConfig.__name__)
+
+
 @train_app.command("dpo")
 @config_options(DPOConfig)
 def dpo_cmd(
     given: dict,
     run_dir: Path = typer.Option(..., help="where metrics.jsonl (one line per round) and the final policy go"),
-    config: Path = typer.Option(None, exists=True, dir_okay=False, help=CONFIG_HELP.format("DPOConfig")),
+    config: Path = typer.Option(None, exists=True, dir_okay=False, help=DPO_CONFIG_HELP),
     overwrite: bool = typer.Option(False, help="discard the run already in the run directory, start afresh"),
     rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
     policy_url: str = typer.Option(None, help="a running policy_server"),

@@ -84,7 +84,7 @@ def _group_batch(groups: Sequence[RankedGroup], config: RMConfig, rng: random.Ra
         if config.loss == "listwise":
             worse = rng.sample(g.worse, min(config.k - 1, len(g.worse)))
             worse += [rng.choice(g.worse) for _ in range(config.k - 1 - len(worse))]
-            picks = [g.best] + worse
+            picks = [g.best, *worse]
         else:
             picks = [g.best, rng.choice(g.worse)]
         texts.extend(g.prompt + g.responses[i] for i in picks)

@@ -165,7 +165,7 @@ class Batcher(Generic[P, R]):
             self._running = (started := time.monotonic(), len(batch))
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, [w.payload for w in batch])
-            except Exception as exc:  # the whole batch failed: every waiter learns why
+            except Exception as exc:  # noqa: BLE001 - the batch failed, for any reason: every waiter learns why
                 for w in batch:
                     if not w.future.done():
                         w.future.set_exception(exc)
@@ -207,9 +207,8 @@ class Batcher(Generic[P, R]):
             self._queue = deque(w for w in self._queue if not w.future.done())
 
     def _full(self) -> bool:
-        items = tokens = 0
-        for w in self._queue:
-            items += 1
+        tokens = 0
+        for items, w in enumerate(self._queue, 1):
             tokens += w.cost
             if items >= self.max_items or tokens >= self.max_tokens:
                 return True

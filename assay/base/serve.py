@@ -162,7 +162,7 @@ class Gate:
             task.uncancel()  # the drain's cancellation ends here, answered
             if status is None:
                 await self._refuse(scope, receive, send)
-        except Exception as exc:  # noqa: BLE001 - the one place an escaped error is logged and answered
+        except Exception as exc:  # the one place an escaped error is logged and answered
             if status == 500:
                 return  # answered by the app's error handler, which logged it (Starlette re-raises after)
             log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=exc)

@@ -204,9 +204,9 @@ class VllmBackend(GenerationBackend):
 
         final = None
         try:
-            async for final in self.engine.generate(tokens_input(list(req.prompt_ids)), params, request_id):
-                pass  # FINAL_ONLY: one output, when the sequence ends
-        except Exception as exc:  # noqa: BLE001 (the engine failed this request: a typed failure of its own)
+            async for out in self.engine.generate(tokens_input(list(req.prompt_ids)), params, request_id):
+                final = out  # FINAL_ONLY: one output, when the sequence ends
+        except Exception as exc:  # the engine failed this request: a typed failure of its own
             raise GenerationFailed(f"vLLM failed this sequence ({type(exc).__name__}: {exc})") from exc
         return _output(final.outputs[0], req, self.weight_version)
 

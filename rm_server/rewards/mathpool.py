@@ -83,7 +83,7 @@ def _parse(text: str, seconds: int, bare: bool) -> list:
     for attempt in [f"${text}$", text] if bare and "$" not in text else [text]:
         try:
             found = parse(attempt, parsing_timeout=seconds, raise_on_error=True)
-        except Exception:  # unparseable; math-verify's TimeoutException is a BaseException
+        except Exception:  # noqa: BLE001 - any parser error means unparseable; its TimeoutException is a BaseException
             found = []
         if found:
             return found
@@ -105,7 +105,7 @@ def _equal(gold: tuple, target: list, seconds: int) -> bool:
         try:
             if verify(g, t, timeout_seconds=seconds, raise_on_error=True):
                 return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - any error sympy raises on one pair: no verdict for that pair
             continue
     return False
 

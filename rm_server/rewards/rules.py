@@ -50,8 +50,8 @@ def extract_answer(pattern: re.Pattern[str], response: str) -> str | None:
     The last match, because a response may restate intermediate results before its answer.
     """
     last = None
-    for last in pattern.finditer(response):
-        pass
+    for match in pattern.finditer(response):
+        last = match
     return last.group(1) if last is not None else None
 
 
