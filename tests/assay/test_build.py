@@ -35,7 +35,7 @@ def test_build_writes_four_loadable_checkpoints_deterministically(tmp_path):
     build(tmp_path / "a", MICRO, log=lambda _: None)
     build(tmp_path / "b", MICRO, log=lambda _: None)
     for name, kind in KINDS.items():
-        model, tok = load_model(tmp_path / "a" / name, kind)
+        load_model(tmp_path / "a" / name, kind)  # loads: raises CheckpointError otherwise
         assert (tmp_path / "a" / name / "tokenizer.json").is_file()
         a = load_file(str(tmp_path / "a" / name / "model.safetensors"))
         b = load_file(str(tmp_path / "b" / name / "model.safetensors"))

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def test_a_file_or_a_dir_without_config_is_refused(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(CheckpointError, match="is a file"):
         load_model(f, "causal_lm")
-    with pytest.raises(CheckpointError, match="config.json is missing"):
+    with pytest.raises(CheckpointError, match=re.escape("config.json is missing")):
         load_model(tmp_path, "causal_lm")
 
 

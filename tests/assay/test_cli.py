@@ -38,7 +38,7 @@ def assay(*args: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "args, shown",
+    ("args", "shown"),
     [
         (["--help"], "rm"),
         (["rm", "serve", "--help"], "--max-items"),
@@ -52,7 +52,7 @@ def test_help_imports_no_server_stack(args, shown):
 
 
 @pytest.mark.parametrize(
-    "args, reason",
+    ("args", "reason"),
     [
         (["policy", "serve", "--backend", "nope"], "use one of transformers, vllm"),
         (["policy", "serve", "--model", "/nonexistent/absent"], "no such checkpoint directory"),

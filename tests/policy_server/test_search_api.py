@@ -238,9 +238,8 @@ def test_a_client_that_goes_away_stops_its_search(policy):
     started, gone_before = sequences(), gone()
     # one sample per generate call, up to 128 of them: seconds of work if nothing stopped it
     body = {"prompt": PROBLEMS[0].prompt, "strategy": "majority", "n": 128, "round_size": 1, "seed": 3}
-    with pytest.raises(httpx.ReadTimeout):
-        r = httpx.post(f"{policy.http_url}/v1/search", json=body, timeout=0.3)
-        raise AssertionError(f"the search finished within 0.3s: {r.text[:200]}")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up: the search must not finish within 0.3s
+        httpx.post(f"{policy.http_url}/v1/search", json=body, timeout=0.3)
     deadline = time.monotonic() + 10
     while gone() == gone_before:
         assert time.monotonic() < deadline, "the server did not notice that the client left"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import math
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from assay.checkpoints import ARITH_DIR
 
@@ -23,6 +25,8 @@ try:  # pytest imported only where it runs: the file is a script too, in a vLLM 
     pytestmark = pytest.mark.unit
 except ImportError:
     pass
+
+E = TypeVar("E", bound=BaseException)
 
 LOGPROB_TOLERANCE = 1e-3  # on CPU, float32 in both; on GPU vLLM runs the float32 checkpoint in bf16
 GPU_LOGPROB_TOLERANCE = 5e-2
@@ -131,23 +135,26 @@ async def _cancelling_aborts(vl, prompts) -> None:
     task = asyncio.ensure_future(vl.generate(many))
     await asyncio.sleep(0.2)
     assert vl.queue_depth() == len(many) == vl.engine.get_num_unfinished_requests()
-    try:  # all or none: the 33 more this asks for would pass the limit of 64
-        await vl.generate(many + many[:1])
-        raise AssertionError("expected Overloaded")
-    except Overloaded as exc:
-        assert exc.retry_after_s > 0
+    # all or none: the 33 more this asks for would pass the limit of 64
+    refused = await _raises(Overloaded, vl.generate(many + many[:1]))
+    assert refused.retry_after_s > 0
     task.cancel()
-    try:
-        await task
-        raise AssertionError("expected the cancellation to propagate")
-    except asyncio.CancelledError:
-        pass
+    await _raises(asyncio.CancelledError, task)  # the cancellation propagates
     assert vl.queue_depth() == 0
     for _ in range(50):  # the engine drops them within a step or two
         if vl.engine.get_num_unfinished_requests() == 0:
             break
         await asyncio.sleep(0.1)
     assert vl.engine.get_num_unfinished_requests() == 0
+
+
+async def _raises(kind: type[E], awaitable: Awaitable[object]) -> E:
+    """The `kind` exception that awaiting raises: pytest.raises, for when this file runs as a script, without pytest."""
+    try:
+        await awaitable
+    except kind as exc:
+        return exc
+    raise AssertionError(f"expected {kind.__name__}")
 
 
 async def _weight_updates(hf, vl, prompts) -> None:

@@ -95,7 +95,7 @@ def test_headers_sent_a_byte_at_a_time_are_cut_off_at_the_header_timeout(server)
 def test_a_kept_alive_connection_is_closed_when_idle(server):
     with _connect(server) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        took, received = _closed_within(sock, 10 * IDLE_S)
+        _, received = _closed_within(sock, 10 * IDLE_S)
     assert received.startswith(b"HTTP/1.1 200")
 
 
@@ -105,7 +105,7 @@ def test_a_body_too_slow_gets_408_in_the_protocol_shape(server):
     )
     with _connect(server) as sock:
         sock.sendall(head + b'{"reward": "format", ')  # and then nothing more
-        took, received = _closed_within(sock, 10 * BODY_S)
+        _, received = _closed_within(sock, 10 * BODY_S)
     assert received.startswith(b"HTTP/1.1 408"), received
     assert ErrorResponse.model_validate_json(_json_body(received)).error.type == ErrorType.invalid_request
 

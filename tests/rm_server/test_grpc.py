@@ -204,7 +204,7 @@ def test_grpc_deadline_lowers_the_request_timeout():
 
 
 @pytest.mark.parametrize(
-    "reward, granularity",
+    ("reward", "granularity"),
     [
         ("orm", "outcome"),
         ("orm", "tokens"),

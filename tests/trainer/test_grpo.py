@@ -58,7 +58,7 @@ def test_a_changed_reward_id_stops_a_resumed_run(policy, reward_fn, services, tm
     train(GRPOConfig(steps=1, **SMALL), model, tok, policy, reward_fn, RunDir(tmp_path))
     with RewardClient.http(services.rm_url) as rm:
         other = rm.as_reward_fn("format")
-    with pytest.raises(RewardMismatch, match="trained on reward sha256:.* now answers as sha256:"):
+    with pytest.raises(RewardMismatch, match=r"trained on reward sha256:.* now answers as sha256:"):
         train(GRPOConfig(steps=2, **SMALL), model, tok, policy, other, RunDir(tmp_path), resume=True)
 
 

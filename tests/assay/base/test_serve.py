@@ -52,16 +52,20 @@ def server(rules_spec):
 def test_a_taken_grpc_port_fails_the_start_with_a_sentence_naming_it(server, rules_spec):
     # grpc's default SO_REUSEPORT let a second server bind the port and take half the calls
     second = RewardServer(ServerConfig(spec=rules_spec, port=0, grpc_port=server.grpc_port))
-    with pytest.raises(PortInUse, match=f"gRPC port {server.grpc_port} on 127.0.0.1 is already in use"):
-        with BackgroundServer(lambda: second):
-            pass
+    with (
+        pytest.raises(PortInUse, match=f"gRPC port {server.grpc_port} on 127.0.0.1 is already in use"),
+        BackgroundServer(lambda: second),
+    ):
+        pass
 
 
 def test_a_taken_http_port_fails_the_start_with_a_sentence_naming_it(server, rules_spec):
     port = int(server.http_url.rsplit(":", 1)[1])
-    with pytest.raises(PortInUse, match=f"HTTP port {port} on 127.0.0.1 is already in use"):
-        with RewardBackgroundServer(ServerConfig(spec=rules_spec, port=port, grpc_port=None)):
-            pass
+    with (
+        pytest.raises(PortInUse, match=f"HTTP port {port} on 127.0.0.1 is already in use"),
+        RewardBackgroundServer(ServerConfig(spec=rules_spec, port=port, grpc_port=None)),
+    ):
+        pass
 
 
 def test_the_http_socket_never_shares_its_port(server):
