@@ -45,6 +45,10 @@ class Overloaded(ServiceError):
     """The bounded queue is full; the client should retry after `retry_after_s`."""
 
     status = 429
+    retry_after_s: float  # always known: the queue predicts when it has room
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
 
 
 class NotReady(ServiceError):

@@ -114,7 +114,8 @@ async def _parsed_stream(requests):
 
 def _malformed_within(exc: Exception) -> Exception:
     """A task group's error (a stream read by a task) around a malformed message is that message's."""
-    if isinstance(exc, BaseExceptionGroup) and (part := exc.subgroup(MalformedMessage)) is not None:
+    if isinstance(exc, BaseExceptionGroup) and (group := exc.subgroup(MalformedMessage)) is not None:
+        part: MalformedMessage | BaseExceptionGroup[MalformedMessage] = group
         while isinstance(part, BaseExceptionGroup):
             part = part.exceptions[0]
         return part
@@ -149,7 +150,8 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
         raise TypeError(f"{details.method}: only unary and bidirectional methods are wrapped")
 
     def _check_key(self, context: grpc.aio.ServicerContext) -> None:
-        self.authorize(dict(context.invocation_metadata() or ()).get("authorization"))
+        key = dict(context.invocation_metadata() or ()).get("authorization")
+        self.authorize(key if isinstance(key, str) else None)  # only `-bin` metadata keys carry bytes
 
     def _unary(self, behaviour):
         async def call(request, context: grpc.aio.ServicerContext):

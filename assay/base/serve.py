@@ -26,8 +26,8 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, Generic, Protocol, TypeVar
 
 import uvicorn
 from fastapi.responses import (
@@ -69,7 +69,7 @@ class PortInUse(OSError):
         self.port = port
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or super().__str__()  # always set above; typeshed types it optional
 
 
 def _tcp_socket(host: str) -> socket.socket:
@@ -144,6 +144,7 @@ class Gate:
         if self.draining:
             return await self._refuse(scope, receive, send)
         task = asyncio.current_task()
+        assert task is not None  # an ASGI call runs in a task
         self._running.add(task)
         self._idle.clear()
         status: int | None = None  # the response's, once started
@@ -234,10 +235,10 @@ class HttpListener:
         http = functools.partial(GuardedHttp, limits=limits, refusal=raw_response(full))
         cfg = uvicorn.Config(
             self.gate,
-            http=http,
+            http=http,  # type: ignore[arg-type]  # uvicorn calls it as a protocol factory; its stub wants a class
             log_level=log_level,
             access_log=False,
-            timeout_keep_alive=limits.idle_timeout_s,
+            timeout_keep_alive=limits.idle_timeout_s,  # type: ignore[arg-type]  # a float works (call_later); typed int
             # the drain has answered every request before uvicorn stops: this only bounds the rest
             timeout_graceful_shutdown=5,
         )
@@ -323,7 +324,7 @@ async def serve_until_signal(server: Server) -> None:
         await server.stop()
 
 
-def run_loop(main: Awaitable[None]) -> None:
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop when it is installed (uvicorn[standard] brings it): about 1.5x the requests
     per core of the stock loop for these services."""
     try:

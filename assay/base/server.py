@@ -78,8 +78,8 @@ class ServiceServer(ABC):
         """The service's HTTP app (its routes, its error handlers, the guards)."""
 
     @abstractmethod
-    async def start_grpc(self) -> tuple[grpc.aio.Server, int]:
-        """Start the gRPC server on `config.grpc_port`; returns it and its bound port."""
+    async def start_grpc(self, port: int) -> tuple[grpc.aio.Server, int]:
+        """Start the gRPC server on `port` (`config.grpc_port`; 0 picks one); returns it and its bound port."""
 
     @abstractmethod
     def error_reply(self, status: int, message: str) -> Response:
@@ -105,7 +105,7 @@ class ServiceServer(ABC):
         await self.http.start(self.create_app(), cfg.port, cfg.log_level, self.error_reply, cfg.connections)
         if cfg.grpc_port is not None:
             try:
-                self._grpc, self.grpc_port = await self.start_grpc()
+                self._grpc, self.grpc_port = await self.start_grpc(cfg.grpc_port)
             except BaseException:
                 await self.http.stop()
                 raise
