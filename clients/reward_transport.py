@@ -150,7 +150,7 @@ class _GrpcRoutes:
         from assay.proto.reward.v1 import reward_pb2_grpc
 
         # Stubs get their methods at run time (the generated code and grpc's health stub declare none).
-        stub: Any = reward_pb2_grpc.RewardServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub: Any = reward_pb2_grpc.RewardServiceStub(channel)
         health: Any = health_pb2_grpc.HealthStub(channel)
         self._rpcs: dict[str, Any] = {"Score": stub.Score, "Compare": stub.Compare, "ListRewards": stub.ListRewards}
         self._health: Any = health.Check

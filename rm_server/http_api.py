@@ -11,6 +11,8 @@ cross-site is refused (`assay.base.http_guard`). A client that hangs up has its 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,10 +40,13 @@ from assay.rm_server.protocol import (
 )
 from assay.rm_server.serving import RewardService
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 503)}
+# The error replies each route documents in OpenAPI, typed as FastAPI's `responses=` takes them.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 503)
+}
 
 
-def _error(status: int, type: ErrorType, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, type: ErrorType, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorInfo(type=type, message=message))
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 

@@ -8,9 +8,12 @@ worker thread only, one batch at a time, and never from the event loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 Kind = Literal["outcome", "process"]
 
@@ -18,7 +21,8 @@ Kind = Literal["outcome", "process"]
 class ScoringBackend(ABC):
     """Raw model outputs for a batch of token-id sequences (no activation applied)."""
 
-    num_labels: int
+    tokenizer: PreTrainedTokenizerBase  # the checkpoint's own: rewards encode their text with it
+    num_labels: int | None  # None: the checkpoint's config names no labels (no reward model then)
     max_positions: int | None = None  # longest sequence the model takes, when its config says
 
     def close(self) -> None:
@@ -35,8 +39,9 @@ class ScoringBackend(ABC):
         For a causal outcome model, row i is the score of the prefix ending at token i."""
 
 
-def load_backend(name: str, path, kind: Kind, device: str = "cpu") -> tuple[ScoringBackend, object]:
+def load_backend(name: str, path, kind: Kind, device: str = "cpu") -> tuple[ScoringBackend, PreTrainedTokenizerBase]:
     """(backend, tokenizer) for a local checkpoint."""
+    backend: ScoringBackend
     if name == "transformers":
         from assay.rm_server.backends.hf import TransformersBackend
 

@@ -6,14 +6,16 @@ import numpy as np
 import torch
 
 from assay.checkpoints import CheckpointError, load_model
+from assay.checkpoints import Kind as ModelKind
 from assay.rm_server.backends import Kind, ScoringBackend
 
 
 class TransformersBackend(ScoringBackend):
     def __init__(self, path, kind: Kind, device: str = "cpu") -> None:
-        hf_kind = "sequence_classification" if kind == "outcome" else "token_classification"
+        hf_kind: ModelKind = "sequence_classification" if kind == "outcome" else "token_classification"
         self.model, self.tokenizer = load_model(path, hf_kind)
-        self.model.to(device)
+        # transformers wraps Module.to with functools.wraps, which types the bound method as the unbound one
+        self.model.to(device)  # type: ignore[arg-type]
         self.device = device
         self.num_labels = self.model.config.num_labels
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)

@@ -67,7 +67,7 @@ def expression_names(expr: str) -> set[str]:
 
 def evaluate(tree: ast.expr, values: dict[str, float]) -> float:
     """Walk a parsed expression with reward values bound to names."""
-    if isinstance(tree, ast.Constant):
+    if isinstance(tree, ast.Constant) and isinstance(tree.value, int | float):  # the only constants _parse allows
         return float(tree.value)
     if isinstance(tree, ast.Name):
         return values[tree.id]

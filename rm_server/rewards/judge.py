@@ -130,11 +130,13 @@ def sanitize(text: str, spec: JudgeSpec, *, keep_newlines: bool = False) -> str:
 def parse_score(text: str, lo: float, hi: float) -> float:
     """The first number in a judge's text, which must lie in [lo, hi]; else a judge_error."""
     m = _NUMBER.search(text)
-    value = float(m.group()) if m else None
-    if value is None or not lo <= value <= hi:
-        why = "no number" if value is None else f"{m.group()} is outside [{lo}, {hi}]"
-        raise ItemFailure(ErrorType.judge_error, f"judge answered {text[:_SNIPPET]!r}: {why}")
-    return value
+    if m is None:
+        why = "no number"
+    elif not lo <= (value := float(m.group())) <= hi:
+        why = f"{m.group()} is outside [{lo}, {hi}]"
+    else:
+        return value
+    raise ItemFailure(ErrorType.judge_error, f"judge answered {text[:_SNIPPET]!r}: {why}")
 
 
 def _norm(token: str) -> str:
@@ -204,19 +206,19 @@ class JudgeReward(Reward):
                 raise RuntimeError(f"judge {self.name!r}: environment variable {self.spec.api_key_env} is unset")
             headers["Authorization"] = f"Bearer {key}"
         n = self.spec.max_concurrency
-        self._client = httpx.AsyncClient(
+        self._client = client = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(self.spec.timeout_s),  # per phase: connect, write, read
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
         )
         self._slots = asyncio.Semaphore(n)
-        await self._check_key()
+        await self._check_key(client)
 
-    async def _check_key(self) -> None:
+    async def _check_key(self, client: httpx.AsyncClient) -> None:
         """GET `/models` with this judge's key: raise `JudgeKeyRefused` on 401 or 403."""
         url = f"{self.spec.endpoint}/models"
         try:
-            r = await self._client.get(url, timeout=min(self.spec.timeout_s, _CHECK_S))
+            r = await client.get(url, timeout=min(self.spec.timeout_s, _CHECK_S))
         except httpx.TransportError as exc:
             why = "its items fail as judge_unavailable until it does"
             log.warning("judge %r: %s does not answer yet (%r); %s", self.name, url, exc, why)

@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,16 @@ from assay.base.errors import InvalidRequest
 from assay.rm_server.protocol import ErrorType, Granularity
 from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
 from assay.rm_server.spec import OutcomeModelSpec, ProcessModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from assay.rm_server.backends import ScoringBackend
+
+
+def _activated(logit: float, activation: str) -> float:
+    """An outcome model's score: its logit, or the logit's sigmoid with `activation: sigmoid`."""
+    return 1.0 / (1.0 + math.exp(-logit)) if activation == "sigmoid" else logit
 
 
 @dataclass(frozen=True)
@@ -75,20 +86,21 @@ class ModelReward(Reward):
         )
         if not spec.chat_template and (spec.template.count("{prompt}") != 1 or spec.template.count("{response}") != 1):
             raise ValueError(f"reward {name!r}: template must contain {{prompt}} and {{response}} once each")
-        self.backend = None
-        self.tokenizer = None
+        self.backend: ScoringBackend | None = None  # these three once started
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.batcher: Batcher | None = None
         self.on_batch = None  # set by the service to record batch metrics
 
     async def start(self) -> None:
         from assay.rm_server.backends import load_backend
 
-        self.backend, self.tokenizer = await asyncio.to_thread(  # loading weights takes a while
+        backend, tokenizer = await asyncio.to_thread(  # loading weights takes a while
             load_backend, self.spec.backend, self.path, "process" if self.process else "outcome", self.spec.device
         )
+        self.backend, self.tokenizer = backend, tokenizer
         # A spec may allow more tokens than the model has positions for: the model's limit wins.
-        self.max_tokens = min(self.spec.max_tokens, self.backend.max_positions or self.spec.max_tokens)
-        labels = self.backend.num_labels
+        self.max_tokens = min(self.spec.max_tokens, backend.max_positions or self.spec.max_tokens)
+        labels = backend.num_labels
         if (not self.process and labels != 1) or (self.process and labels not in (1, 2)):
             raise ValueError(
                 f"reward {self.name!r}: {self.path} has {labels} labels; an outcome model needs 1, "
@@ -119,9 +131,11 @@ class ModelReward(Reward):
     def render(self, prompt: str, response: str) -> tuple[str, int]:
         """(text the model reads, index where the response starts in it)."""
         if self.spec.chat_template:
+            assert self.tokenizer is not None, "started"
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
             )
+            assert isinstance(text, str)  # tokenize=False: the text (transformers types every return form)
             start = text.rfind(response) if response else len(text)
             if start < 0:
                 raise ItemFailure(ErrorType.invalid_input, "the chat template altered the response text")
@@ -131,6 +145,7 @@ class ModelReward(Reward):
 
     def encode(self, items: Sequence[Item]) -> list[_Encoded]:
         rendered = [self.render(it.prompt, it.response) for it in items]
+        assert self.tokenizer is not None, "started"
         enc = self.tokenizer(
             [t for t, _ in rendered],
             add_special_tokens=not self.spec.chat_template,  # a chat template writes its own specials
@@ -153,17 +168,19 @@ class ModelReward(Reward):
 
     def _run_batch(self, batch: list[tuple[str, list[int]]]) -> list[np.ndarray]:
         """Worker thread: one forward per mode present ("pooled" or "tokens")."""
-        out: list[np.ndarray | None] = [None] * len(batch)
+        assert self.backend is not None, "started"
+        out: dict[int, np.ndarray] = {}
         for mode, fn in (("pooled", self.backend.pooled), ("tokens", self.backend.per_token)):
             rows = [i for i, (m, _) in enumerate(batch) if m == mode]
             if rows:
                 for i, r in zip(rows, fn([batch[i][1] for i in rows]), strict=True):
                     out[i] = r
-        return out
+        return [out[i] for i in range(len(batch))]
 
     async def score(self, items: Sequence[Item], granularity: Granularity) -> list[Outcome]:
         encoded = self.encode(items)
         mode = "pooled" if not self.process and granularity == Granularity.outcome else "tokens"
+        assert self.batcher is not None, "started"
         futures = self.batcher.submit([(mode, e.ids) for e in encoded], [len(e.ids) for e in encoded])
         # Items still queued at the deadline are cancelled (the batcher drops them); the rest keep
         # their scores. A request cancelled outright (client gone) cancels all of them.
@@ -188,21 +205,21 @@ class ModelReward(Reward):
         p = np.exp(z)
         return p[:, 1] / p.sum(-1)
 
-    def _value(self, logit: float) -> float:
-        return 1.0 / (1.0 + math.exp(-logit)) if self.spec.activation == "sigmoid" else logit
-
     def _finish(self, e: _Encoded, raw: np.ndarray, granularity: Granularity) -> Scored:
         dropped = len(e.spans) - len(e.ids)  # tokens truncated on the left (0 unless truncation)
         start, end = e.response_span
         response_tokens = [i for i, (s, t) in enumerate(e.spans) if t > s and s >= start and t <= end]
-        if not self.process:
+        if isinstance(self.spec, OutcomeModelSpec):
+            activation = self.spec.activation
             if granularity == Granularity.outcome:
-                return Scored(self._value(float(raw[0])))
-            per = [self._value(float(x)) for x in raw[:, 0]]
-            tokens = [
-                (e.text[e.spans[i][0] : e.spans[i][1]], per[i - dropped]) for i in response_tokens if i >= dropped
-            ]
-            return Scored(per[-1], tokens=tokens)
+                return Scored(_activated(float(raw[0]), activation))
+            per = [_activated(float(x), activation) for x in raw[:, 0]]
+            return Scored(
+                per[-1],
+                tokens=[
+                    (e.text[e.spans[i][0] : e.spans[i][1]], per[i - dropped]) for i in response_tokens if i >= dropped
+                ],
+            )
         probs = self._prob(raw)
         ends = step_ends(e.text[start:end], self.spec.steps)
         positions = [_token_at(e.spans, start + c - 1) - dropped for c in ends]

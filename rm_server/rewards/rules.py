@@ -15,7 +15,7 @@ import json
 import math
 import re
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jsonschema
@@ -231,7 +231,7 @@ class MathEqual(Reward):
         refused = _unsupported(self, granularity, len(items))
         if refused is not None:
             return refused
-        out: list[Outcome | None] = [None] * len(items)
+        out: dict[int, Outcome] = {}  # item index -> outcome; every index gets one below
         tasks: list[tuple[int, tuple[str, str, bool]]] = []  # (item index, (reference, answer, answer_is_bare))
         for i, item in enumerate(items):
             if item.reference is None:
@@ -246,13 +246,13 @@ class MathEqual(Reward):
         results = await until_deadline([mathpool.judge(id(self), *task, self._seconds) for _, task in tasks])
         for (i, _), outcome in zip(tasks, results, strict=True):
             out[i] = outcome if isinstance(outcome, (Scored, ItemFailure)) else _crashed(outcome)
-        return out  # type: ignore[return-value]  (every slot is filled above)
+        return [out[i] for i in range(len(items))]
 
 
 def _crashed(exc: BaseException) -> ItemFailure:
     return ItemFailure(ErrorType.internal, f"math-verify failed: {exc!r}")
 
 
-RULES: dict[str, type[Reward]] = {
+RULES: dict[str, Callable[[str, str, Any], Reward]] = {  # rule type -> its class: (name, reward_id, spec)
     cls.type: cls for cls in (MathEqual, ExactMatch, RegexMatch, LengthPenalty, JsonSchema, ArithSteps)
 }
