@@ -133,7 +133,8 @@ def prefix_examples(data: list[tuple[world.Problem, list[Sample]]]) -> list[Step
 
 def verifier_examples(data: list[tuple[world.Problem, list[Sample]]], seed: int) -> Iterator[tuple[str, str]]:
     """Balanced yes/no examples, drawn forever in a seeded order."""
-    yes, no = [], []
+    yes: list[tuple[str, str]] = []
+    no: list[tuple[str, str]] = []
     for prob, samples in data:
         for text in [s.text for s in samples] + [prob.solution]:
             ok = is_correct(prob, text)

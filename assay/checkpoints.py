@@ -62,6 +62,14 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """One sequence's text, special tokens skipped. transformers' `decode` takes a batch of sequences
+    too, so it is typed `str | list[str]`; one sequence in is one string out."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert isinstance(text, str)
+    return text
+
+
 def load_model(path: str | Path, kind: Kind) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model of `kind` and its tokenizer from a local directory, in eval mode."""
     path = Path(path)
@@ -73,7 +81,8 @@ def load_model(path: str | Path, kind: Kind) -> tuple[PreTrainedModel, PreTraine
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: config.json is not a usable model config ({_first_line(e)}).") from e
     auto = _AUTO[kind]
-    if type(config) not in auto._model_mapping:
+    # the base Auto class types its mapping None; each Auto class (the ones in _AUTO) sets its own
+    if type(config) not in auto._model_mapping:  # type: ignore[operator]
         raise CheckpointError(
             f"{path}: architecture {config.model_type!r} is not supported as a {kind.replace('_', ' ')} model."
         )

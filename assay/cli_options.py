@@ -127,7 +127,7 @@ def _options(
         if ".".join(path) in exclude or f.metadata.get("cli", True) is False:
             continue
         kind = hints[f.name]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             yield from _options(kind, path, f.metadata.get("help") or f.name.capitalize(), defaults, exclude)
             continue
         if "help" not in f.metadata:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from assay.checkpoints import decode_text
+
 GREEDY_BELOW = 1e-5
 
 
@@ -124,7 +126,7 @@ def sample_batch(
         else:
             cut, reason = len(row_ids), "length"
         kept = row_ids[:cut]
-        text = tokenizer.decode(kept, skip_special_tokens=True)
+        text = decode_text(tokenizer, kept)
         # the eos token's own logprob is kept: it is part of what the policy chose
         n_lp = cut + 1 if reason == "stop" else cut
         samples.append(Sample(text, kept, logps[row, :n_lp].tolist(), reason))

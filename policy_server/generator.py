@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hashlib
 import threading
 from collections.abc import Sequence
@@ -89,14 +90,14 @@ class BackendGenerator:
                     f"the prompt and the response so far take {len(ids)} tokens, the whole context "
                     f"of {self.backend.max_model_len}"
                 )
-            common = dict(
+            request = GenerationRequest(
                 prompt_ids=ids,
                 max_tokens=min(params.max_tokens, room),
                 temperature=params.temperature,
                 top_p=params.top_p,
                 stop=tuple(params.stop),
             )
-            out += [GenerationRequest(seed=sequence_seed(params.seed, i, j), **common) for j in range(n)]
+            out += [dataclasses.replace(request, seed=sequence_seed(params.seed, i, j)) for j in range(n)]
         return out
 
     def generate(self, texts: Sequence[str], n: int, params: GenParams) -> list[list[Generation]]:

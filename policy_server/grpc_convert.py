@@ -17,6 +17,7 @@ from assay.policy_server.protocol import CompletionLogprobs, CompletionRequest, 
 from assay.proto.policy.v1 import policy_pb2 as pb
 
 _OPTIONAL = ("n", "max_tokens", "temperature", "top_p", "seed", "logprobs")  # absent: HTTP's default
+_FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
 def generate_request_from_proto(msg: pb.GenerateRequest) -> CompletionRequest:
@@ -44,7 +45,7 @@ def generate_response_to_proto(resp: CompletionResponse) -> pb.GenerateResponse:
                 text=c.text,
                 token_ids=c.token_ids,
                 logprobs=_logprobs_to_proto(c.logprobs) if c.logprobs is not None else None,
-                finish_reason=pb.FinishReason.Value(f"FINISH_REASON_{c.finish_reason.upper()}"),
+                finish_reason=_FINISH_REASONS[c.finish_reason],
                 stop_reason=c.stop_reason,
                 weight_version=c.weight_version,
             )

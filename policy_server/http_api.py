@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,8 +53,11 @@ from assay.policy_server.weights import Update, WeightService
 
 log = logging.getLogger("policy_server")
 SCOPES = ("generate", "admin")
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 503, 504)}
-SEARCH_ERRORS = {status: {"model": ErrorResponse} for status in (*ERRORS, 409, 502)}
+# The error replies each route documents in OpenAPI, typed as FastAPI's `responses=` takes them.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 503, 504)
+}
+SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (*ERRORS, 409, 502)}
 WEIGHTS_ROUTE = "/v1/admin/weights"
 # The weights upload's body, as the schema documents it and GuardedRoute enforces it (clients/policy.py sends it)
 SAFETENSORS = {"type": "string", "format": "binary", "description": "a safetensors file"}
@@ -66,7 +70,7 @@ def _error(
     message: str,
     param: str | None = None,
     code: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     body = ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code))
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)

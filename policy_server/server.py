@@ -69,6 +69,7 @@ def load_backend(config: ServerConfig, name: str, path: Path, metrics: Metrics) 
 
 class PolicyServer(ServiceServer):
     name = "policy service"
+    service: PolicyService
 
     def __init__(self, config: ServerConfig) -> None:
         super().__init__(config, ApiKeys.from_env(config.api_keys, env_var=config.keys_env_var, scopes=SCOPES))
@@ -92,11 +93,11 @@ class PolicyServer(ServiceServer):
     def create_app(self) -> FastAPI:
         return create_app(self.service, self.keys, self.searches, self.weight_roots, self.hosts)
 
-    async def start_grpc(self) -> tuple[grpc.aio.Server, int]:
+    async def start_grpc(self, port: int) -> tuple[grpc.aio.Server, int]:
         from assay.policy_server.grpc_api import start_grpc_server
 
         cfg = self.config
-        return await start_grpc_server(self.service, self.keys, cfg.host, cfg.grpc_port, cfg.limits)
+        return await start_grpc_server(self.service, self.keys, cfg.host, port, cfg.limits)
 
     def error_reply(self, status: int, message: str) -> JSONResponse:
         return error_reply(status, message)

@@ -101,7 +101,7 @@ class PolicyService:
                     index=index,
                     text=out.text,
                     logprobs=self._completion_logprobs(backend, out, len(text)) if req.logprobs is not None else None,
-                    finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                    finish_reason=out.finish_reason,
                     stop_reason=out.stop_reason,
                     token_ids=out.token_ids if req.return_token_ids else None,
                     prompt_token_ids=ids if req.return_token_ids else None,
@@ -137,7 +137,7 @@ class PolicyService:
                 index=i,
                 message=AssistantMessage(content=out.text),
                 logprobs=self._chat_logprobs(backend, out) if req.logprobs else None,
-                finish_reason=out.finish_reason,  # type: ignore[arg-type]
+                finish_reason=out.finish_reason,
                 token_ids=out.token_ids if req.return_token_ids else None,
                 weight_version=out.weight_version,
             )

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.base import errors as base_errors
 from assay.base.batcher import Batcher
-from assay.checkpoints import load_model
+from assay.checkpoints import decode_text, load_model
 from assay.generation import _filter_logits, is_greedy
 from assay.policy_server.backends import (
     GenerationBackend,
@@ -221,7 +221,7 @@ class _Row:
 
     def find_stop(self, tokenizer: PreTrainedTokenizerBase) -> bool:
         """Whether the text now contains a stop string; if so, keep the text before it."""
-        text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = decode_text(tokenizer, self.tokens)
         start = max(0, self.searched - max(len(s) for s in self.req.stop) + 1)
         self.searched = len(text)
         hits = [(i, s) for s in self.req.stop if (i := text.find(s, start)) >= 0]
@@ -238,7 +238,7 @@ class _Row:
         return GenerationOutput(
             token_ids=self.tokens,
             logprobs=self.logprobs,
-            text=self.text if self.text is not None else tokenizer.decode(self.tokens, skip_special_tokens=True),
+            text=self.text if self.text is not None else decode_text(tokenizer, self.tokens),
             finish_reason=self.reason or "abort",  # type: ignore[arg-type]
             weight_version=weight_version,
             stop_reason=self.stop,

@@ -68,7 +68,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from assay.checkpoints import CheckpointError, load_tokenizer
 from assay.generation import is_greedy
@@ -202,7 +202,7 @@ class VllmBackend(GenerationBackend):
     async def _one(self, request_id: str, req: GenerationRequest, params: Any) -> GenerationOutput:
         from vllm.inputs import tokens_input
 
-        final = None
+        final: Any = None  # vLLM's RequestOutput (vllm ships no types)
         try:
             async for out in self.engine.generate(tokens_input(list(req.prompt_ids)), params, request_id):
                 final = out  # FINAL_ONLY: one output, when the sequence ends
@@ -321,7 +321,9 @@ def _output(completion: Any, req: GenerationRequest, current_version: int) -> Ge
             [(token, lp.logprob) for token, lp in sorted(position.items(), key=lambda kv: kv[1].rank)][:k]
             for position in positions
         ]
-    reason = completion.finish_reason if completion.finish_reason in ("stop", "length") else "abort"
+    reason: Literal["stop", "length", "abort"] = (
+        completion.finish_reason if completion.finish_reason in ("stop", "length") else "abort"
+    )
     spans = completion.weight_versions
     return GenerationOutput(
         token_ids=token_ids,
