@@ -142,10 +142,11 @@ def _online(
         policy, reward_fn = _clients(stack, cfg, model_path, services)
         on_step = _progress(stack, algorithm, cfg.steps)
         try:
-            if algorithm == "ppo":  # the critic starts from the ORM
+            if isinstance(cfg, PPOConfig):  # the critic starts from the ORM
                 orm = load_embedded("orm")[0]
                 ppo.train(cfg, net, tok, orm, policy, reward_fn, run, resume=resume, on_step=on_step)
             else:
+                assert isinstance(cfg, GRPOConfig), algorithm
                 grpo.train(cfg, net, tok, policy, reward_fn, run, resume=resume, on_step=on_step)
         except RewardMismatch as exc:
             console.print(f"[red]error:[/red] {exc}")

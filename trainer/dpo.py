@@ -202,15 +202,15 @@ def pair_from_search(prompt: str, response: SearchResponse, min_margin: float = 
 
     Candidates the reward failed on (score None) are left out: a failure is not a low score.
     """
-    scored = [c for c in response.candidates if c.score is not None]
+    scored = [(c.score, c) for c in response.candidates if c.score is not None]
     if len(scored) < 2:
         return None
-    top = max(scored, key=lambda c: c.score)
-    bottom = min(scored, key=lambda c: c.score)
-    margin = top.score - bottom.score
+    top_score, top = max(scored, key=lambda sc: sc[0])
+    bottom_score, bottom = min(scored, key=lambda sc: sc[0])
+    margin = top_score - bottom_score
     if margin <= 0 or margin < min_margin or top.text == bottom.text:
         return None
-    return Pair(prompt, top.text, bottom.text, top.score, bottom.score, top.correct, bottom.correct)
+    return Pair(prompt, top.text, bottom.text, top_score, bottom_score, top.correct, bottom.correct)
 
 
 def _check_train_split(prompts: Sequence[str]) -> None:
@@ -294,8 +294,8 @@ def iterative_dpo(
             "round": r,
             "prompts": len(idx),
             "pairs": len(pairs),
-            "mean_chosen_score": _mean([p.chosen_score for p in pairs]),
-            "mean_rejected_score": _mean([p.rejected_score for p in pairs]),
+            "mean_chosen_score": _mean([p.chosen_score for p in pairs if p.chosen_score is not None]),
+            "mean_rejected_score": _mean([p.rejected_score for p in pairs if p.rejected_score is not None]),
             "chosen_correct": _mean([p.chosen_correct for p in pairs if p.chosen_correct is not None]),
             "rejected_correct": _mean([p.rejected_correct for p in pairs if p.rejected_correct is not None]),
             # the weights that generated this round's pairs

@@ -124,6 +124,7 @@ def _step(ctx: Run[GRPOConfig], step: int, version: int, ref_model, optimizer) -
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             losses.append(loss.item())
+        assert old_logp is not None  # set by the first of config.mu (>= 1) passes
         gap = server_gap(rollouts, old_logp)
         with torch.no_grad():
             clipped = ((ratio < 1 - config.eps_low) | (ratio > 1 + config.eps_high)).float()

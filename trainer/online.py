@@ -30,7 +30,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -244,6 +244,7 @@ def push_weights(
     start-up checkpoint (versions count from 0 again), and the weights are pushed again against
     that version; above it otherwise: another writer pushed, and the run stops (Conflict)."""
     state = model.state_dict()
+    refused: Conflict | Unavailable
     for _ in range(tries):
         try:
             return policy.update_weights(state, expect_version=expect_version, timeout_s=timeout_s).weight_version
@@ -273,8 +274,8 @@ def run(
     ctx: Run,
     algorithm: str,
     step_fn: StepFn,
-    modules: dict[str, torch.nn.Module],
-    optimizers: dict[str, torch.optim.Optimizer],
+    modules: Mapping[str, torch.nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer],
     *,
     resume: bool = False,
     on_step: OnStep | None = None,
@@ -448,8 +449,8 @@ class RunDir:
     def save(
         self,
         step: int,
-        modules: dict[str, torch.nn.Module],
-        optimizers: dict[str, torch.optim.Optimizer],
+        modules: Mapping[str, torch.nn.Module],
+        optimizers: Mapping[str, torch.optim.Optimizer],
         state: dict[str, Any],
         keep: int = 2,
     ) -> Path:
@@ -473,7 +474,7 @@ class RunDir:
         return done[-1] if done else None
 
     def load(
-        self, ckpt: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+        self, ckpt: Path, modules: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]
     ) -> dict[str, Any]:
         """Restore modules and optimizers in place; the state dict, with "step"; drop later metrics."""
         for name, module in modules.items():
