@@ -34,7 +34,7 @@ _AUTO = {
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 ARITH_DIR = Path(arith.__file__).resolve().parent / "checkpoints"  # installed or editable alike
-EMBEDDED = {
+EMBEDDED: dict[str, tuple[Kind, Path]] = {
     "policy": ("causal_lm", ARITH_DIR / "policy"),
     "orm": ("sequence_classification", ARITH_DIR / "orm"),
     "prm": ("token_classification", ARITH_DIR / "prm"),
@@ -127,7 +127,7 @@ def load_embedded(name: str, root: Path = ARITH_DIR) -> tuple[PreTrainedModel, P
     if name not in EMBEDDED:
         raise CheckpointError(f"no embedded checkpoint named {name!r}; choose from {sorted(EMBEDDED)}.")
     kind, path = EMBEDDED[name]
-    return load_model(Path(root) / path.name, kind)  # type: ignore[arg-type]
+    return load_model(Path(root) / path.name, kind)
 
 
 def _check_dir(path: Path) -> None:

@@ -88,6 +88,7 @@ def config_options(
 
         context = inspect.Parameter(CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
         parameters = [*own, *(o.parameter for o in opts), context]
+        # what typer (through inspect) reads as the function's parameters; typeshed's functions have no such attribute
         run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in parameters}
         return run
@@ -144,6 +145,7 @@ def _option(path: tuple[str, ...], f: dataclasses.Field, kind: Any, default: Any
     annotation: Any = kind
     if typing.get_origin(inner) is tuple:
         item, _ = typing.get_args(inner)
+        # a type built at run time for typer to read: mypy takes `item` for a variable, not a type
         annotation, default = list[item], list(default or ())  # type: ignore[valid-type]
     elif optional and inner in (int, float):
         annotation, extra["parser"] = inner, functools.partial(_number_or_none, inner)
@@ -209,8 +211,8 @@ def _build(cls: type, values: Mapping[str, Any]) -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
         kind, _ = _unwrap_optional(hints[name])
-        if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
-            value = _build(kind, value)  # type: ignore[arg-type]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
+            value = _build(kind, value)
         elif typing.get_origin(kind) is tuple and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value

@@ -164,6 +164,7 @@ def reward_fn_scores(reply: ScoreResponse, reward_id: str) -> list[float | None]
 
 
 def _named(fn: T, reward: str, reward_id: str) -> T:
+    # `fn` is a plain function, which takes attributes; T (the caller's signature) does not say so
     fn.__name__ = fn.__qualname__ = reward  # type: ignore[attr-defined]
     fn.reward_id = reward_id  # type: ignore[attr-defined]
     return fn

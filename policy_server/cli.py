@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 
 from assay.cli_options import config_options
 from assay.policy_server.config import ServerConfig
@@ -141,7 +141,7 @@ def print_search(res, elapsed_s: float, show: int) -> None:
         range(len(res.candidates)), key=lambda i: (res.candidates[i].score is None, -(res.candidates[i].score or 0.0))
     )
     table = Table(title=f"candidates (best {min(show, len(order))} of {len(order)})" if order else "no candidates")
-    for name, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("#", "right"),
         ("score", "right"),
         ("answer", "right"),
@@ -149,8 +149,9 @@ def print_search(res, elapsed_s: float, show: int) -> None:
         ("tokens", "right"),
         ("finish", "left"),
         ("text", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    )
+    for name, justify in columns:
+        table.add_column(name, justify=justify)
     for i in order[:show]:
         c = res.candidates[i]
         score = f"{c.score:.4f}" if c.score is not None else f"[red]{c.error or 'none'}[/red]"

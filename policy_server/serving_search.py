@@ -74,7 +74,8 @@ class SearchService:
         ids = await maybe_off_loop(len(req.prompt), backend.encode, req.prompt)
         self.policy.check_lengths(backend, [ids], config.max_tokens, "max_tokens")
         generator = BackendGenerator(backend, asyncio.get_running_loop(), max_sequences=self.limits.max_sequences)
-        scorer = None if req.strategy in NO_REWARD else RemoteScorer(self.rewards, req.reward)  # type: ignore[arg-type]
+        # _check_strategy refused a missing reward for every strategy that scores
+        scorer = None if req.strategy in NO_REWARD or req.reward is None else RemoteScorer(self.rewards, req.reward)
 
         if not self._slots.acquire(blocking=False):
             raise QueueFull(

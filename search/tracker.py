@@ -166,8 +166,9 @@ def pick(candidates: Sequence[Candidate]) -> int | None:
 
 def argmax(values: Sequence[float | None]) -> int | None:
     """Index of the largest value, the first on ties; None values lose to any number. None if all are None."""
-    best = None
+    best: int | None = None
+    best_value = 0.0  # values[best], once there is one
     for i, v in enumerate(values):
-        if v is not None and (best is None or v > values[best]):  # type: ignore[operator]
-            best = i
+        if v is not None and (best is None or v > best_value):
+            best, best_value = i, v
     return best

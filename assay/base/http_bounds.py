@@ -53,6 +53,7 @@ class GuardedHttp(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._partial = False  # bytes of a request have come, its headers not all
 
+    # uvicorn's server hands its protocols a Transport; asyncio.Protocol declares the BaseTransport above it
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:

@@ -239,6 +239,7 @@ class _Row:
             token_ids=self.tokens,
             logprobs=self.logprobs,
             text=self.text if self.text is not None else decode_text(tokenizer, self.tokens),
+            # without an error, a row ends by stop, length or abort (`reason` is "error" only with `error`)
             finish_reason=self.reason or "abort",  # type: ignore[arg-type]
             weight_version=weight_version,
             stop_reason=self.stop,

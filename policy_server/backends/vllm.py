@@ -96,6 +96,7 @@ class WorkerWeights:
         """Reload every weight in place from a safetensors file of the full state dict."""
         from safetensors.torch import load_file
 
+        # model_runner is the vLLM worker's, which this class is mixed into
         self.model_runner.reload_weights(weights_iterator=load_file(path).items())  # type: ignore[attr-defined]
 
 

@@ -92,17 +92,17 @@ class CompositeReward(Reward):
         self.needs_reference = any(r.needs_reference for r in [*self.gates, *self.parts.values()])
 
     async def score(self, items: Sequence[Item], granularity: Granularity) -> list[Outcome]:
-        results: list[Outcome | None] = [None] * len(items)
+        results: dict[int, Outcome] = {}  # item index -> outcome, a gate's or the expression's
         gate_outcomes = await asyncio.gather(*(g.score(items, Granularity.outcome) for g in self.gates))
         for gate, outcomes in zip(self.gates, gate_outcomes, strict=True):
             for i, o in enumerate(outcomes):
-                if results[i] is not None:
+                if i in results:
                     continue
                 if isinstance(o, ItemFailure):
                     results[i] = _failed(gate.name, o)
                 elif o.value < self.spec.gate_threshold:
                     results[i] = Scored(0.0)
-        todo = [i for i, r in enumerate(results) if r is None]
+        todo = [i for i in range(len(items)) if i not in results]
         if todo:
             sub = [items[i] for i in todo]
             part_outcomes = await asyncio.gather(*(p.score(sub, Granularity.outcome) for p in self.parts.values()))
@@ -119,7 +119,7 @@ class CompositeReward(Reward):
                         results[i] = Scored(evaluate(self.tree, values))
                     except (ZeroDivisionError, ValueError) as exc:
                         results[i] = ItemFailure(ErrorType.internal, f"reward {self.name!r}: {self.spec.expr}: {exc}")
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(items))]
 
 
 def _failed(part: str, o: ItemFailure) -> ItemFailure:
