@@ -1,3 +1,29 @@
-from assay.cli import main
+"""`assay` and `python -m assay`: the command line, or one sentence saying what it needs installed.
 
-main()
+`pip install assay` alone is the light client (no typer, torch or fastapi), and its `assay` script
+must not end in a traceback: it says to install the `serve` extra instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# What `assay.cli` imports at start that only the extras install (the rest loads lazily, per command).
+EXTRA_PACKAGES = frozenset({"typer", "rich", "click", "yaml", "torch", "transformers", "fastapi", "uvicorn"})
+
+
+def main() -> None:
+    try:
+        from assay.cli import app
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in EXTRA_PACKAGES:
+            raise
+        sys.exit(
+            f"assay: the command line needs {exc.name}, which the light install leaves out: "
+            "pip install 'assay[serve]' (or 'assay[all]')"
+        )
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,7 @@
 """Generation throughput: the policy server's backends against raw `model.generate`, same prompts.
 
     .venv/bin/python bench/generate_bench.py                      # transformers rows only
-    PYTHONPATH=. /path/to/venv-with-vllm/bin/python bench/generate_bench.py   # adds the vLLM row
+    /path/to/venv-with-vllm/bin/python bench/generate_bench.py   # adds the vLLM row (Assay installed there, --no-deps)
 
 All in this process, on the embedded policy, 1 torch thread (each backend decodes on one
 thread; vLLM's worker is a process of its own, also one thread on CPU): P held-out prompts, one

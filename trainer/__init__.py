@@ -1,1 +1,1 @@
-"""trainer: SFT and reward-model training here; GRPO, PPO and DPO follow (issue 5)."""
+"""trainer: SFT, reward-model training, and online GRPO, PPO and DPO against the services (through the clients)."""

@@ -20,12 +20,18 @@ take half the calls) is off, and a taken port fails the start with `PortInUse`.
 
 A client that cancels, or whose deadline passes, has its handler task cancelled by grpc.aio; the
 CancelledError runs through the handler like any cancellation, so work it awaits is dropped.
+
+At shutdown, `stop` refuses new calls and lets running ones finish for the drain timeout; the calls
+still running then are cut off by `AuthAndErrors` itself with UNAVAILABLE, which clients retry.
+(grpc.aio's own end of grace cancels them, and under load its clients see CANCELLED, which says
+nothing about whether a retry can work.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +43,8 @@ from pydantic import ValidationError
 from assay.base.serve import PortInUse, check_port_free
 
 log = logging.getLogger("assay.grpc")
+CUT_OFF_S = 5.0  # after the drain timeout: for the calls cut off to send their UNAVAILABLE
+SHUTTING_DOWN = "the server is shutting down and cut this call off at its drain timeout; retry"
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,14 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
         self, service: str, authorize: Callable[[str | None], None], describe: Callable[[Exception], Failure]
     ) -> None:
         self.prefix, self.authorize, self.describe = f"/{service}/", authorize, describe
+        self.running: set[asyncio.Task] = set()  # the calls in their handlers now
+        self.cutting_off = False
+
+    def cut_off(self) -> None:
+        """End every call still running with UNAVAILABLE (at the drain timeout)."""
+        self.cutting_off = True
+        for task in self.running:
+            task.cancel()
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -155,28 +171,60 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
 
     def _unary(self, behaviour):
         async def call(request, context: grpc.aio.ServicerContext):
+            await self._enter(context)
             try:
                 self._check_key(context)
                 return await behaviour(_parsed(request), context)
             except grpc.aio.AbortError:
                 raise  # already a status
+            except asyncio.CancelledError:
+                await self._unless_cut_off(context)
             except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
                 await self._abort(context, exc)
+            finally:
+                self._leave()
 
         return call
 
     def _stream(self, behaviour):
         async def call(requests, context: grpc.aio.ServicerContext):
+            await self._enter(context)
             try:
                 self._check_key(context)
                 async for answer in behaviour(_parsed_stream(requests), context):
                     yield answer
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                await self._unless_cut_off(context)
             except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
                 await self._abort(context, exc)
+            finally:
+                self._leave()
 
         return call
+
+    async def _enter(self, context: grpc.aio.ServicerContext) -> None:
+        if self.cutting_off:  # reached its handler only now (a loaded loop): cut off as well
+            await self._shutting_down(context)
+        task = asyncio.current_task()
+        if task is not None:
+            self.running.add(task)
+
+    def _leave(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.running.discard(task)
+
+    async def _unless_cut_off(self, context: grpc.aio.ServicerContext) -> None:
+        """A cancellation: the client's own (passed on), or ours at the drain timeout (UNAVAILABLE)."""
+        if not self.cutting_off:
+            raise asyncio.CancelledError
+        await self._shutting_down(context)
+
+    @staticmethod
+    async def _shutting_down(context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, trailing_metadata=(("retry-after", "1.000"),))
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         failure = self.describe(_malformed_within(exc))
@@ -216,6 +264,9 @@ class Health(health.aio.HealthServicer):
 _background: set[asyncio.Task] = set()
 
 
+_interceptors: weakref.WeakKeyDictionary[grpc.aio.Server, AuthAndErrors] = weakref.WeakKeyDictionary()
+
+
 async def start_server(
     service: str,
     add_servicer: Callable[[grpc.aio.Server], None],
@@ -251,4 +302,15 @@ async def start_server(
     task = asyncio.create_task(checks.follow(server))
     _background.add(task)
     task.add_done_callback(_background.discard)
+    _interceptors[server] = interceptor
     return server, bound
+
+
+async def stop(server: grpc.aio.Server, timeout_s: float) -> None:
+    """Refuse new calls, let running ones finish for up to `timeout_s`, then cut off the rest with
+    UNAVAILABLE (the interceptor answers them itself) and close."""
+    stopping = asyncio.ensure_future(server.stop(grace=timeout_s + CUT_OFF_S))
+    await asyncio.wait([stopping], timeout=timeout_s)
+    if not stopping.done() and (interceptor := _interceptors.get(server)) is not None:
+        interceptor.cut_off()
+    await stopping

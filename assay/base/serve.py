@@ -265,15 +265,15 @@ class HttpListener:
         await self.wait()
 
 
-async def drain(http: HttpListener, grpc_server, timeout_s: float) -> None:
+async def drain(http: HttpListener, stop_grpc: Callable[[float], Awaitable[None]] | None, timeout_s: float) -> None:
     """Drain HTTP and gRPC side by side for up to `timeout_s`, then close both listeners.
 
-    grpc.aio's `stop(grace)` refuses new calls at once and cancels what still runs at the end of
-    the grace period, which its clients see as UNAVAILABLE."""
+    `stop_grpc(timeout_s)` does the same for the gRPC server (`grpc_serve.stop`: new calls refused
+    at once, the ones still running at the timeout answered UNAVAILABLE)."""
     log.info("draining for up to %gs: %d HTTP request(s) in flight", timeout_s, http.gate.in_flight if http.gate else 0)
     waits = [http.drain(timeout_s)]
-    if grpc_server is not None:
-        waits.append(grpc_server.stop(grace=timeout_s))
+    if stop_grpc is not None:
+        waits.append(stop_grpc(timeout_s))
     await asyncio.gather(*waits)
     await http.stop()
     log.info("drained; listeners closed")

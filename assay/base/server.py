@@ -16,6 +16,7 @@ The config is read by its field names only (`Listening`), so each service keeps 
 
 from __future__ import annotations
 
+import functools
 import logging
 from abc import ABC, abstractmethod
 from typing import Protocol
@@ -24,6 +25,7 @@ import grpc
 from fastapi import FastAPI
 from fastapi.responses import Response
 
+from assay.base import grpc_serve
 from assay.base.auth import ApiKeys
 from assay.base.connections import Connections
 from assay.base.http_guard import allowed_hosts
@@ -119,5 +121,7 @@ class ServiceServer(ABC):
 
     async def stop(self) -> None:
         """Drain (see `assay.base.serve`), then close."""
-        await drain(self.http, self._grpc, self.config.connections.drain_timeout_s)
+        grpc_server = self._grpc
+        stop_grpc = functools.partial(grpc_serve.stop, grpc_server) if grpc_server is not None else None
+        await drain(self.http, stop_grpc, self.config.connections.drain_timeout_s)
         await self.close()

@@ -2,33 +2,19 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from assay.arith import world
 from assay.arith.checks import segments
 from assay.scoring import outcome_scores, step_token_positions
+from tests.helpers import tiny_llama_config
 
 pytestmark = pytest.mark.unit
 
 
-def _cfg(tokenizer, **kw):
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=1,
-        **kw,
-    )
-
-
 def test_scores_do_not_depend_on_padding(tokenizer):
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(_cfg(tokenizer)).eval()
+    model = LlamaForSequenceClassification(tiny_llama_config(tokenizer)).eval()
     short, long = "Q: 1+2 A: 1+2=3 #### 3", "Q: 11+22-5 A: 11+22=33 33-5=28 #### 28"
     with torch.no_grad():
         alone = outcome_scores(model, tokenizer, [short])

@@ -79,3 +79,23 @@ def test_the_clients_load_no_heavy_module_and_none_of_the_services_but_their_wir
     assert sorted({m.split(".")[0] for m in modules} & NOT_LIGHT) == []
     ours = [m for m in modules if m == "assay" or m.startswith("assay.")]
     assert [m for m in ours if m not in PACKAGES and not m.startswith(ALLOWED)] == []
+
+
+# The light install has no typer: a finder that refuses it stands in for that environment here.
+WITHOUT_TYPER = """
+import sys
+class NoTyper:
+    def find_spec(self, name, path=None, target=None):
+        if name == "typer" or name.startswith("typer."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTyper())
+from assay.__main__ import main
+main()
+"""
+
+
+def test_the_assay_command_on_the_light_install_says_what_to_install():
+    out = subprocess.run([sys.executable, "-c", WITHOUT_TYPER], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "pip install 'assay[serve]'" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr

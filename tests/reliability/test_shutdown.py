@@ -119,10 +119,17 @@ async def _ready_status(url: str) -> int | str:
 def reward_server(tmp_path):
     started: list[Proc] = []
 
-    def start(drain_s: float, grpc_port: int = -1) -> Proc:
+    def start(drain_s: float, grpc_port: int | None = None) -> Proc:
         proc = Proc(
             "assay.rm_server",
-            ["--grpc-port", str(grpc_port), "--drain-timeout", str(drain_s), "--log-level", "warning"],
+            [
+                "--grpc-port",
+                "none" if grpc_port is None else str(grpc_port),
+                "--drain-timeout",
+                str(drain_s),
+                "--log-level",
+                "warning",
+            ],
             tmp_path / f"rm{len(started)}.log",
         )
         started.append(proc)

@@ -1,28 +1,14 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
+from transformers import LlamaForSequenceClassification, LlamaForTokenClassification
 
 from assay.arith import world
 from assay.arith.checks import segments, step_labels
 from assay.scoring import outcome_scores
 from assay.trainer.reward_model import RankedGroup, RMConfig, StepExample, train_outcome_rm, train_process_rm
+from tests.helpers import tiny_llama_config
 
 pytestmark = pytest.mark.unit
-
-
-def _cfg(tokenizer, **kw):
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        num_labels=1,
-        **kw,
-    )
 
 
 def _groups():
@@ -36,7 +22,7 @@ def _groups():
 @pytest.mark.parametrize("loss", ["bradley_terry", "listwise", "margin"])
 def test_outcome_rm_learns_to_rank_the_correct_answer_first(tokenizer, loss):
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(_cfg(tokenizer))
+    model = LlamaForSequenceClassification(tiny_llama_config(tokenizer))
     groups = _groups()
     cfg = RMConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=0, loss=loss, k=3)
     train_outcome_rm(model, tokenizer, groups, cfg)
@@ -48,7 +34,7 @@ def test_outcome_rm_learns_to_rank_the_correct_answer_first(tokenizer, loss):
 
 def test_process_rm_learns_step_labels(tokenizer):
     torch.manual_seed(0)
-    model = LlamaForTokenClassification(_cfg(tokenizer))
+    model = LlamaForTokenClassification(tiny_llama_config(tokenizer))
     examples = []
     for p in world.take("train", 8, seed=0):
         for text in [p.solution, p.solution.replace("=", "=x", 1)]:  # an easy tell
