@@ -26,7 +26,7 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, Protocol, TypeVar
 
 import uvicorn
@@ -271,7 +271,7 @@ async def drain(http: HttpListener, stop_grpc: Callable[[float], Awaitable[None]
     `stop_grpc(timeout_s)` does the same for the gRPC server (`grpc_serve.stop`: new calls refused
     at once, the ones still running at the timeout answered UNAVAILABLE)."""
     log.info("draining for up to %gs: %d HTTP request(s) in flight", timeout_s, http.gate.in_flight if http.gate else 0)
-    waits = [http.drain(timeout_s)]
+    waits: list[Awaitable[None]] = [http.drain(timeout_s)]
     if stop_grpc is not None:
         waits.append(stop_grpc(timeout_s))
     await asyncio.gather(*waits)
