@@ -145,6 +145,7 @@ def test_math_equal_timeout_is_a_typed_failure():
 STUCK = (hashlib.pbkdf2_hmac, ("sha256", b"x", b"y", 10**9))
 
 
+@pytest.mark.slow  # worker processes killed and replaced: seconds each
 def test_a_task_stuck_in_c_code_is_stopped_at_its_limit_and_its_worker_replaced(math_equal):
     before = set(mathpool.worker_pids())
     with pytest.raises(mathpool.Stopped):
@@ -154,6 +155,7 @@ def test_a_task_stuck_in_c_code_is_stopped_at_its_limit_and_its_worker_replaced(
     assert values(score(math_equal, [Item("p", "7", "7")])) == [1.0]
 
 
+@pytest.mark.slow  # worker processes killed and replaced: seconds each
 def test_a_cancelled_caller_stops_its_running_task(math_equal):
     async def cancel_while_running():
         task = asyncio.ensure_future(mathpool.call(id(math_equal), *STUCK, limit_s=600))
@@ -200,6 +202,7 @@ def test_hostile_items_fail_typed_at_the_request_deadline():
     assert [o.type for o in out] == [ErrorType.timeout] * 6, out
 
 
+@pytest.mark.slow  # worker processes killed and replaced: seconds each
 def test_closing_the_pool_kills_work_stuck_in_c_code(monkeypatch):
     monkeypatch.setattr(mathpool, "_pool", None)  # apart from the module fixture's pool and user
     monkeypatch.setattr(mathpool, "_pool_users", set())
@@ -402,6 +405,7 @@ def test_arith_steps_non_arithmetic_prompt():
     assert out[1] == Scored(1.0)
 
 
+@pytest.mark.slow  # worker processes killed and replaced: seconds each
 def test_math_workers_exit_when_the_service_process_is_killed(tmp_path):
     # A server killed with SIGKILL cannot shut its pool down; the workers must notice and exit.
     import os
