@@ -33,7 +33,7 @@ _AUTO = {
 }
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
-ARITH_DIR = Path(arith.__file__).resolve().parent / "checkpoints"  # installed or editable alike
+ARITH_DIR = arith.CHECKPOINTS
 EMBEDDED: dict[str, tuple[Kind, Path]] = {
     "policy": ("causal_lm", ARITH_DIR / "policy"),
     "orm": ("sequence_classification", ARITH_DIR / "orm"),

@@ -40,7 +40,7 @@ _LABELS = {
 
 
 def eval_table(figures: dict[str, float]) -> Table:
-    from assay.evaluate import TARGETS
+    from assay.eval_config import TARGETS
 
     table = Table(
         title=f"Held-out evaluation: {figures['heldout_problems']} problems, "
@@ -67,13 +67,15 @@ def eval_cmd(
     checkpoints: Path = typer.Option(None, help="folder with policy/orm/prm/verifier (default: the embedded ones)"),
 ) -> None:
     """Evaluate the embedded checkpoints on the fixed held-out set."""
-    from assay.checkpoints import ARITH_DIR
-    from assay.evaluate import EvalConfig, evaluate
+    from assay.arith import CHECKPOINTS
+    from assay.eval_config import EvalConfig
 
     try:
-        cfg = EvalConfig(problems=problems, samples=samples, seed=seed, checkpoints=checkpoints or ARITH_DIR)
+        cfg = EvalConfig(problems=problems, samples=samples, seed=seed, checkpoints=checkpoints or CHECKPOINTS)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    from assay.evaluate import evaluate  # torch: only once the options are good
+
     figures = _guarded(lambda: evaluate(cfg))
     if as_json:
         # a figure with nothing to measure (no pairs on a tiny set) is NaN: null in strict JSON

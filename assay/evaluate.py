@@ -15,41 +15,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from assay.arith import world
 from assay.arith.checks import is_correct, is_well_formed, segments, step_labels
 from assay.arith.verifier import verifier_prompt
-from assay.checkpoints import ARITH_DIR, load_embedded
+from assay.checkpoints import load_embedded
+from assay.eval_config import KS, TARGETS, EvalConfig
 from assay.generation import SamplingParams, sample
 from assay.scoring import score_outcome, score_steps, verifier_yes_prob
-
-KS = (1, 4, 16, 64)
-TARGETS = {
-    "pass@1": (0.20, 0.60),
-    "pass@16": (0.85, 1.0),
-    "orm_pairwise_accuracy": (0.80, 1.0),
-    "verifier_accuracy": (0.75, 1.0),
-}
-
-
-@dataclass
-class EvalConfig:
-    problems: int = field(default=128, metadata={"help": "held-out problems"})
-    samples: int = field(default=64, metadata={"help": "policy samples per problem (>= max k)"})
-    scored: int = field(default=16, metadata={"help": "samples per problem scored by the RMs"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    checkpoints: Path = field(default=ARITH_DIR, metadata={"help": "folder holding the four checkpoints"})
-    max_new_tokens: int = 48
-
-    def __post_init__(self) -> None:
-        if self.samples < max(KS):
-            raise ValueError(f"samples must be >= {max(KS)} to estimate pass@{max(KS)}")
-        if not 1 <= self.scored <= self.samples:
-            raise ValueError("scored must be between 1 and samples")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

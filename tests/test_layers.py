@@ -33,6 +33,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "assay.main_job",
         "assay.services",
         "assay.evaluate",
+        "assay.eval_config",
         "assay.build",
         "assay.cli_options",
         "assay.server_cli",

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from assay.evaluate import TARGETS, EvalConfig, auroc, evaluate, meets_targets, pass_at_k
+from assay.eval_config import TARGETS, EvalConfig
+from assay.evaluate import auroc, evaluate, meets_targets, pass_at_k
 
 pytestmark = pytest.mark.unit
 
