@@ -11,7 +11,7 @@ it holds more than its service, what to close after it (`close`). From those thi
   config has a `grpc_port` (a failed gRPC start closes HTTP again), then starts the service;
 - on `stop` drains both listeners side by side (`assay.base.serve.drain`), then closes.
 
-The config is read by its field names only (`Listening`), so each service keeps its own config class.
+Each service's config subclasses `assay.base.connections.BaseServerConfig`, the fields the runtime reads.
 """
 
 from __future__ import annotations
@@ -27,28 +27,11 @@ from fastapi.responses import Response
 
 from assay.base import grpc_serve
 from assay.base.auth import ApiKeys
-from assay.base.connections import Connections
+from assay.base.connections import BaseServerConfig
 from assay.base.http_guard import allowed_hosts
 from assay.base.serve import HttpListener, drain, settle_after_loading
 
 log = logging.getLogger(__name__)
-
-
-class Listening(Protocol):
-    """What the runtime reads of a service's config (read-only, as the frozen config dataclasses are)."""
-
-    @property
-    def host(self) -> str: ...
-    @property
-    def port(self) -> int: ...  # 0 picks a free port
-    @property
-    def grpc_port(self) -> int | None: ...  # None: no gRPC; 0 picks a free port
-    @property
-    def allowed_hosts(self) -> tuple[str, ...]: ...
-    @property
-    def connections(self) -> Connections: ...
-    @property
-    def log_level(self) -> str: ...
 
 
 class Service(Protocol):
@@ -66,7 +49,7 @@ class ServiceServer(ABC):
     service: Service
     name = "service"  # for the log: "reward service ready on ..."
 
-    def __init__(self, config: Listening, keys: ApiKeys) -> None:
+    def __init__(self, config: BaseServerConfig, keys: ApiKeys) -> None:
         self.config, self.keys = config, keys
         self.hosts = allowed_hosts(config.host, config.allowed_hosts)  # the Host names HTTP answers
         self.http = HttpListener(config.host)
