@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 import re
 
+from assay.data import Text
 from assay.rm_server.protocol import ErrorType
-from assay.rm_server.rewards.base import ItemFailure, Prompt
+from assay.rm_server.rewards.base import ItemFailure
 from assay.rm_server.spec import JudgeSpec
 
 _SCORE_TEMPLATE = (
@@ -162,7 +163,7 @@ def sanitize(text: str, spec: JudgeSpec, *, keep_newlines: bool = False) -> str:
             return text
 
 
-def judged_prompt(prompt: Prompt, spec: JudgeSpec) -> str:
+def judged_prompt(prompt: Text, spec: JudgeSpec) -> str:
     """The prompt as the judge reads it: text sanitized (newlines kept), or a conversation as a
     transcript, one `<role>: <content>` block per turn, each turn's text sanitized alike. The
     judge is another model, with its own template: it reads the conversation, it is not in it."""
