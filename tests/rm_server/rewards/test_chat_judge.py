@@ -229,3 +229,32 @@ def test_the_chat_prompts_are_resolved_and_part_of_the_reward_id():
     with pytest.raises(SpecError) as err:
         parse_spec({"rewards": {"j": {**judge, "system": "Grade."}}})
     assert "api: chat" in str(err.value)
+
+
+# --- against our own policy server's /v1/chat/completions ------------------------------------
+
+
+@pytest.mark.e2e
+def test_a_chat_judge_reads_the_policy_servers_real_chat_answers():
+    """The real server renders the user turn with the embedded policy's template (`Q: ... A: `)
+    and answers greedily; a judge whose user message is just the question reads the answer it
+    writes (text_score: its first number) and its first token's logprobs (expected_score), in the
+    server's own chat shapes."""
+    from assay.policy_server.config import ServerConfig
+    from assay.policy_server.server import BackgroundServer
+
+    p = take("train", 1, seed=3)[0]  # the policy's greedy answer starts with the first operand
+    first = int(p.expression.split("+")[0].split("-")[0])
+    with BackgroundServer(ServerConfig(port=0)) as server:
+        url = f"{server.http_url}/v1"
+        question = {"api": "chat", "model": "policy", "system": "", "template": "{prompt}{response}"}
+        [written] = score(
+            judge_spec(url, mode="text_score", score_min=0, score_max=999, max_tokens=8, **question),
+            [Item(p.expression, "")],
+        )
+        [expected] = score(
+            judge_spec(url, mode="expected_score", score_min=0, score_max=9, **question),
+            [Item(p.expression, "")],
+        )
+    assert isinstance(written, Scored) and written.value == first
+    assert isinstance(expected, Scored) and abs(expected.value - int(str(first)[0])) < 0.5
