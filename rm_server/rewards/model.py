@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from jinja2 import TemplateError
 
 from assay.base.batcher import Batcher
 from assay.base.errors import InvalidRequest
@@ -148,10 +149,14 @@ class ModelReward(Reward):
         if self.spec.chat_template:
             assert self.tokenizer is not None, "started"
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = render_exchange(self.tokenizer, messages, response)
-            # The response is looked for after the prompt's own rendering when that is a prefix
-            # (it is for ChatML-like templates), so text of the prompt is never taken for it.
-            head = render_prompt(self.tokenizer, messages)
+            try:
+                text = render_exchange(self.tokenizer, messages, response)
+                # The response is looked for after the prompt's own rendering when that is a prefix
+                # (it is for ChatML-like templates), so text of the prompt is never taken for it.
+                head = render_prompt(self.tokenizer, messages)
+            except TemplateError as exc:  # a template's raise_exception: roles that must alternate, ...
+                why = f"reward {self.name!r}: its chat template refuses this conversation: {exc}"
+                raise ItemFailure(ErrorType.invalid_input, why) from None
             start = text.find(response, len(head)) if text.startswith(head) else text.rfind(response)
             if start < 0:
                 raise ItemFailure(ErrorType.invalid_input, "the chat template altered the response text")

@@ -104,6 +104,34 @@ def test_a_reward_without_a_chat_template_fails_conversation_items_and_scores_th
         assert "chat template" in conv.error.message and "`prompt`" in conv.error.message
 
 
+def test_a_conversation_its_chat_template_refuses_fails_that_item_only(tmp_path):
+    import shutil
+
+    orm = tmp_path / "orm"
+    shutil.copytree(ARITH_DIR / "orm", orm)
+    template = (orm / "chat_template.jinja").read_text()
+    refuse = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}{% endif %}"
+        "{% endfor %}"
+    )
+    (orm / "chat_template.jinja").write_text(refuse + template)
+    spec = tmp_path / "rewards.yaml"
+    spec.write_text(f"rewards:\n  chat: {{type: model.outcome, path: {orm}, chat_template: true}}\n")
+    with BackgroundServer(ServerConfig(spec=spec, port=0, grpc_port=None)) as s:
+        tool = [*CONVERSATION, {"role": "tool", "content": "51"}]
+        ok, refused = scored(
+            s.http_url,
+            "chat",
+            [
+                {"id": "ok", "messages": CONVERSATION, "response": RIGHT},
+                {"id": "tool", "messages": tool, "response": RIGHT},
+            ],
+        ).results
+    assert ok.score is not None
+    assert refused.error is not None and refused.error.type == ErrorType.invalid_input
+    assert "no tool turns" in refused.error.message
+
+
 def test_a_process_reward_with_a_chat_template_scores_the_steps_of_a_conversation(server):
     url = server.http_url
     as_chat = scored(url, "prm_chat", [{"id": "m", "messages": CONVERSATION, "response": WRONG}], "steps")
