@@ -77,7 +77,7 @@ class ChatMessage(_Wire):
     content: str
 
 
-ONE_PROMPT = "give exactly one of `prompt` (the prompt as text) and `messages` (the prompt as a conversation)"
+_ONE_PROMPT = "give exactly one of `prompt` (the prompt as text) and `messages` (the prompt as a conversation)"
 # Stated in the schema too: an item object has `prompt` or `messages`, not both.
 _ONE_PROMPT_SCHEMA: JsonDict = {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
 
@@ -103,7 +103,7 @@ class _Item(_Wire):
     @model_validator(mode="after")
     def _one_prompt(self) -> Self:
         if (self.prompt is None) == (self.messages is None):
-            raise ValueError(ONE_PROMPT)
+            raise ValueError(_ONE_PROMPT)
         return self
 
     @property
