@@ -39,9 +39,9 @@ def test_the_orm_scores_a_conversation_as_its_own_template_renders_it_not_as_the
 
     own = [direct(render_exchange(orm_tok, prompt, response)) for prompt, response in exchanges]
     policys = [direct(render_exchange(policy_tok, prompt, response)) for prompt, response in exchanges]
-    with BackgroundServer(ServerConfig(spec=tiny_chat / "rm.yaml", port=0, grpc_port=None)) as server:
-        with RewardClient.http(server.http_url) as rm:
-            reply = rm.score("orm", [{"messages": prompt, "response": response} for prompt, response in exchanges])
+    config = ServerConfig(spec=tiny_chat / "rm.yaml", port=0, grpc_port=None)
+    with BackgroundServer(config) as server, RewardClient.http(server.http_url) as rm:
+        reply = rm.score("orm", [{"messages": prompt, "response": response} for prompt, response in exchanges])
     served = [r.score for r in reply.results]
     assert all(s is not None for s in served), reply.results
     assert served == pytest.approx(own, abs=1e-4)  # batched with padding vs one at a time
