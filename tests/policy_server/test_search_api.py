@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from assay.arith import world
-from assay.checkpoints import ARITH_DIR, EMBEDDED, load_embedded
+from assay.checkpoints import ARITH_DIR, EMBEDDED, load_embedded, load_tokenizer
 from assay.clients.reward import RewardClient
 from assay.policy_server.backends import GenerationOutput, GenerationRequest
 from assay.policy_server.backends.hf import HFBackend, _Job, decode
@@ -34,6 +34,7 @@ from assay.rm_server.server import BackgroundServer as RewardServer
 from assay.search import STRATEGIES, Budget, GenParams, SearchConfig
 from assay.search.remote import RemoteScorer
 from assay.services import free_port
+from tests.policy_server.backend_double import ScriptedBackend
 
 pytestmark = pytest.mark.e2e
 
@@ -175,6 +176,50 @@ def test_each_strategy_over_http_is_the_in_process_search(strategy, policy, rewa
 def test_a_search_without_a_budget_gets_the_servers_caps(policy):
     res = search(policy, prompt=PROBLEMS[0].prompt, strategy="majority", n=3, seed=1)
     assert res.reward_id is None and res.reward is None and res.usage.candidates == 3
+
+
+# --- final answers: `answer` ---------------------------------------------------------------
+
+BOXED = [r"so \boxed{2.50}", r"\boxed{3}", r"it is \boxed{ 2.5 }", r"\boxed{3}, no: \boxed{5/2}", "no box #### 3"]
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    """The policy server with a scripted model (tests/policy_server/backend_double.py): responses the
+    tiny policy cannot write. Majority vote scores nothing, so no rm_server is needed."""
+    backend = ScriptedBackend("policy", load_tokenizer(EMBEDDED["policy"][1]), BOXED)
+    with BackgroundServer(ServerConfig(port=0, rm_url=f"http://127.0.0.1:{free_port()}"), {"policy": backend}) as s:
+        yield s
+
+
+@pytest.mark.service
+def test_majority_over_http_votes_on_boxed_answers(scripted):
+    body = {"prompt": "What is 5/2? ", "strategy": "majority", "n": 5, "round_size": 5, "reference": "2.50"}
+    res = search(scripted, **body, answer={"how": "boxed"})
+    assert [c.final_answer for c in res.candidates] == ["2.5", "3", "2.5", "5/2", None]  # normalised: one vote
+    assert res.answer == "2.5" and res.chosen == 0 and res.text == BOXED[0]
+    assert [c.correct for c in res.candidates] == [True, False, True, False, False]  # the reference normalised too
+    assert res.trace[0]["votes"] == {"2.5": 2, "3": 1, "5/2": 1}
+
+    hashes = search(scripted, **body)  # the default, `#### n`, as before: only the last response has one
+    assert [c.final_answer for c in hashes.candidates] == [None, None, None, None, "3"] and hashes.answer == "3"
+    last = search(scripted, **body, answer={"how": "last_number"})
+    assert [c.final_answer for c in last.candidates] == ["2.5", "3", "2.5", "2", "3"]
+    regex = search(scripted, **body, answer={"how": "regex", "pattern": r"no: \\boxed\{(.*)\}"})
+    assert regex.answer == "5/2" and [c.final_answer for c in regex.candidates].count(None) == 4
+
+
+@pytest.mark.service
+def test_a_bad_answer_config_is_refused_with_the_reason(scripted):
+    body = {"prompt": "What is 5/2? ", "strategy": "majority", "n": 2}
+    assert "capturing group" in refusal(post(scripted, **body, answer={"how": "regex", "pattern": "x"}), 400)
+    assert "not a valid regular expression" in refusal(
+        post(scripted, **body, answer={"how": "regex", "pattern": "(x"}), 400
+    )
+    assert "boxed" in refusal(post(scripted, **body, answer={"how": "box"}), 400)
+    assert "exactly one" in refusal(post(scripted, strategy="majority"), 400)
+    both = post(scripted, **body, messages=[{"role": "user", "content": "hi"}])
+    assert "exactly one" in refusal(both, 400)
 
 
 # --- refusals ------------------------------------------------------------------------------
