@@ -47,7 +47,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "policy_server wire types": ("assay.policy_server.protocol",),
     "proto": ("assay.proto",),
     "base": ("assay.base",),
-    "models base": ("assay.checkpoints", "assay.generation", "assay.scoring"),
+    "models base": ("assay.checkpoints", "assay.generation", "assay.scoring", "assay.chat"),
+    "data": ("assay.data",),
     "arith": ("assay.arith",),
     "answers": ("assay.answers",),
     # 2.-5. the pieces
@@ -67,8 +68,8 @@ EVERY_GROUP = set(GROUPS)
 # What each group may import besides itself.
 MAY_IMPORT: dict[str, set[str]] = {
     "composition": EVERY_GROUP,
-    "trainer": {"clients", "models base", "arith", "answers"} | WIRE,
-    "rm_server": {"base", "models base", "clients", "arith", "answers", "rm_server wire types", "proto"},
+    "trainer": {"clients", "models base", "data", "arith", "answers"} | WIRE,
+    "rm_server": {"base", "models base", "data", "clients", "arith", "answers", "rm_server wire types", "proto"},
     "policy_server": {
         "base",
         "models base",
@@ -80,6 +81,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "answers",
         "policy_server wire types",
         "proto",
+        "data",
     },
     "search": {"answers"},
     "search.local": {"search", "models base"},
@@ -89,7 +91,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "policy_server wire types": {"proto", "answers"},  # /v1/search's `answer` is an assay.answers.Extract
     "proto": set(),
     "base": set(),
-    "models base": {"arith"},
+    "models base": {"arith", "data"},
+    "data": set(),
     "arith": set(),
     "answers": set(),
     "assay": set(),
