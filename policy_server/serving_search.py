@@ -34,6 +34,7 @@ from dataclasses import fields
 
 from jinja2.exceptions import TemplateError
 
+from assay.chat import NoChatTemplate
 from assay.clients import errors as rm
 from assay.clients.reward import RewardClient
 from assay.policy_server.backends import GenerationBackend, GenerationFailed, InvalidParameters, Overloaded
@@ -141,13 +142,10 @@ class SearchService:
 
     async def _render(self, backend: GenerationBackend, messages: list[dict[str, str]]) -> str:
         """The conversation as the model's chat template renders it, the assistant turn opened."""
-        if backend.tokenizer.chat_template is None:
-            raise InvalidRequest(
-                f"model {backend.name!r} has no chat template to render `messages` with; send `prompt` as text",
-                param="messages",
-            )
         try:
             return await maybe_off_loop(sum(len(m["content"]) for m in messages), backend.chat_text, messages)
+        except NoChatTemplate as exc:
+            raise InvalidRequest(f"model {backend.name!r}: {exc}", param="messages") from None
         except TemplateError as exc:  # templates raise on what they cannot render (roles, order)
             raise InvalidRequest(f"the chat template refused these messages: {exc}", param="messages") from None
 

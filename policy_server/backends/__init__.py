@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
+from assay.chat import render_prompt
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -119,8 +121,9 @@ class GenerationBackend(ABC):
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def chat_text(self, messages: list[dict[str, str]]) -> str:
-        """The conversation through the chat template, the assistant turn opened (its specials in the text)."""
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """The conversation through the chat template, the assistant turn opened (its specials in the
+        text); `assay.chat.NoChatTemplate` when the tokenizer has none."""
+        return render_prompt(self.tokenizer, messages)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat template with the generation prompt; the template adds its own specials."""
