@@ -297,6 +297,9 @@ def test_messages_are_rendered_by_the_template_and_get_its_specials_only(scripte
 
     message = refusal(post(scripted, messages=messages, strategy="majority", n=1, model="plain"), 400)
     assert "no chat template" in message and "plain" in message
+    chat = {"model": "plain", "messages": messages, "max_tokens": 4}
+    message = refusal(httpx.post(f"{scripted.http_url}/v1/chat/completions", json=chat, timeout=60), 400)
+    assert "no chat template" in message  # /v1/chat/completions too (it answered 500 before)
 
 
 # --- refusals ------------------------------------------------------------------------------
