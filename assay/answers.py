@@ -32,11 +32,13 @@ from typing import Literal, get_args
 How = Literal["hashes", "boxed", "last_number", "regex"]
 HOWS: tuple[str, ...] = get_args(How)
 
-# A number as people write one: a sign, digits (or thousands groups of three), an optional fraction.
-# Not inside a word or after a digit (in "68-17" the `-` is an operator, not a sign).
-_NUMBER = r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-_NUMBER_RE = re.compile(_NUMBER)
-_HASHES = re.compile(r"####\s*(" + _NUMBER + r")\s*$")
+# A number as people write one: digits (or thousands groups of three), an optional fraction, after
+# an optional sign; not inside a word or after a digit (in "68-17" the `-` is an operator, not a sign).
+_DIGITS = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_NUMBER_RE = re.compile(r"(?<![\w.])[-+]?" + _DIGITS)
+# `-` only after `####`, as before: the embedded policy writes `####+77` as a slip (8 of 2,048
+# samples at T=1), and counting it as 77 would change the arithmetic results.
+_HASHES = re.compile(r"####\s*(-?" + _DIGITS + r")\s*$")
 _BOXED = re.compile(r"\\boxed\s*\{")
 
 

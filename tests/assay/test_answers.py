@@ -21,6 +21,7 @@ BOXED, LAST, HASHES = Extract("boxed"), Extract("last_number"), Extract("hashes"
         ("#### 5 and more", None),  # anchored at the end: trailing text is no answer
         ("23+45=68 68-17=51", None),
         ("#### 5,1", None),  # not a number as people write one
+        ("52+97=149 149+26=177 ####+77", None),  # a slip of the embedded policy's, no answer as before
     ],
 )
 def test_hashes(text, answer):
