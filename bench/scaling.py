@@ -53,8 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from assay.answers import extract  # noqa: E402
 from assay.search import STRATEGIES, Generation, GenParams, Score, SearchConfig  # noqa: E402
-from assay.search.base import final_answer  # noqa: E402
 
 POOL = 64  # samples per problem (M of the pass@k estimator)
 BEAM_WIDTH = 4  # SearchConfig's default
@@ -206,7 +206,7 @@ def pool_diagnostics(pools: Sequence[Pooled], rewards: Sequence[str]) -> dict[st
     d_ok, d_wrong, d_wf = [], [], []
     wins = {r: [0.0, 0.0, 0, 0] for r in rewards}  # wins all, wins well-formed, pairs all, pairs well-formed
     for p in pools:
-        answers = [final_answer(g.text) for g in p.generations]
+        answers = [extract(g.text) for g in p.generations]
         votes = Counter(a for a in answers if a is not None)
         top = votes.most_common(1)[0][0] if votes else None
         plural += top == p.answer
@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         walls[f"scoring ({reward})"] = time.perf_counter() - t0
         log(f"scored {len(items)} samples with {reward} in {walls[f'scoring ({reward})']:.1f} s")
 
-    correct = [sum(final_answer(g.text) == p.answer for g in p.generations) for p in pools]
+    correct = [sum(extract(g.text) == p.answer for g in p.generations) for p in pools]
     pass_n = {n: mean([pass_at_k(POOL, c, n) for c in correct]) for n in ns}
     pass_n_per = {n: [pass_at_k(POOL, c, n) for c in correct] for n in ns}
     pass1 = pass_n[1]

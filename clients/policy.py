@@ -21,7 +21,7 @@ here is `UnknownModel`, a 409 `Conflict`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Self, TypeVar
 
 import httpx
@@ -108,7 +108,7 @@ class PolicyClient:
 
     def search(
         self,
-        prompt: str,
+        prompt: str | Sequence[Mapping[str, Any]],
         *,
         strategy: str,
         n: int | None = None,
@@ -117,8 +117,12 @@ class PolicyClient:
         timeout_s: float | None = None,
         **options: Any,
     ) -> SearchResponse:
-        """`/v1/search`: inference-time search over the served model, scored by rm_server's `reward`."""
-        req = SearchRequest(model=model, prompt=prompt, strategy=strategy, n=n, reward=reward, **options)
+        """`/v1/search`: inference-time search over the served model, scored by rm_server's `reward`.
+
+        `prompt` is text, or a conversation (`[{"role": "user", "content": ...}]`), which the server
+        renders with the model's chat template and sends to the reward as it is."""
+        task: dict[str, Any] = {"prompt": prompt} if isinstance(prompt, str) else {"messages": list(prompt)}
+        req = SearchRequest(model=model, strategy=strategy, n=n, reward=reward, **task, **options)
         return self._call(lambda left: self._send("POST", "/v1/search", req, SearchResponse, left), timeout_s)
 
     def models(self, *, timeout_s: float | None = None) -> ModelList:

@@ -75,6 +75,13 @@ def search_cmd(
         help="the rm_server reward (default: prm for beam_search, dvts and refine, orm otherwise; majority uses none)",
     ),
     reference: str = typer.Option(None, help="the known answer: marks each candidate correct or not"),
+    chat: bool = typer.Option(
+        False, "--chat", help="send PROMPT as one user message: the policy's chat template renders it"
+    ),
+    answer: str = typer.Option(
+        None, help="how final answers are found: hashes (#### n, the default), boxed, last_number, regex"
+    ),
+    answer_pattern: str = typer.Option(None, help="with --answer regex: the pattern whose group 1 is the answer"),
     url: str = typer.Option(
         DEFAULT_POLICY_URL, help="the policy server; it scores with the rm_server it was started with (its --rm-url)"
     ),
@@ -101,8 +108,10 @@ def search_cmd(
         reward = "prm" if strategy in PROCESS_REWARD_STRATEGIES else "orm"
     budget = {"max_candidates": max_candidates, "max_tokens": max_total_tokens}
     config = {"temperature": temperature, "max_tokens": max_tokens, "beam_width": beam_width, "seed": seed}
+    extraction = {"how": answer or ("regex" if answer_pattern else "hashes"), "pattern": answer_pattern}
     body = {
-        "prompt": prompt,
+        **({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}),
+        **({"answer": extraction} if answer or answer_pattern else {}),
         "strategy": strategy,
         "n": n,
         "model": model,
@@ -136,6 +145,8 @@ def print_search(res, elapsed_s: float, show: int) -> None:
 
     out = Console()
     out.print(f"[bold]answer:[/bold] {res.answer}   [dim]({res.strategy}, {len(res.candidates)} candidates)[/dim]")
+    if res.prompt is not None:  # the chat template's rendering of the messages sent
+        out.print(f"[bold]rendered prompt:[/bold] {res.prompt!r}")
     out.print(f"[bold]text:[/bold] {res.text!r}")
     order = sorted(
         range(len(res.candidates)), key=lambda i: (res.candidates[i].score is None, -(res.candidates[i].score or 0.0))

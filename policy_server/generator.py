@@ -64,10 +64,19 @@ class BackendGenerator:
     `cancel()` stops it, aborting the sequences in flight, from the loop or any thread.
     """
 
-    def __init__(self, backend: GenerationBackend, loop: asyncio.AbstractEventLoop, *, max_sequences: int) -> None:
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_sequences: int,
+        add_special_tokens: bool = True,
+    ) -> None:
         self.backend = backend
         self.loop = loop
         self.max_sequences = max_sequences
+        # False for text a chat template rendered: it holds its specials (a second <s> would shift the model)
+        self.add_special_tokens = add_special_tokens
         self.versions: set[int] = set()
         self._cancelled = False
         self._in_flight: concurrent.futures.Future | None = None
@@ -83,7 +92,7 @@ class BackendGenerator:
         (its samples then finish "length"); one that fills the context is refused."""
         out = []
         for i, text in enumerate(texts):
-            ids = self.backend.encode(text)
+            ids = self.backend.encode(text, add_special_tokens=self.add_special_tokens)
             room = self.backend.max_model_len - len(ids)
             if room < 1:
                 raise ContextFull(

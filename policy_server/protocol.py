@@ -6,7 +6,8 @@ The shapes follow OpenAI's completions, chat completions and models APIs, so the
 too), and `weight_version` on every generation response: the version of the weights that
 produced it (0 until weights are updated). Beside
 them, this server's own `/v1/search` (`SearchRequest` -> `SearchResponse`): inference-time
-search over a served model, scored by rm_server.
+search over a served model, scored by rm_server. Its `answer` is `assay.answers.Extract`, the
+one answer-extraction config (standard library only, so this module stays light).
 
 Requests refuse unknown fields, so a typo is a 400 and not a silent default. OpenAI fields this
 server does not implement (`stream`, `echo`, penalties, ...) are accepted only at their neutral
@@ -25,6 +26,8 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.json_schema import JsonDict
+
+from assay.answers import Extract
 
 MAX_SEED = 2**63 - 1
 # search.STRATEGIES' names (a test keeps the two equal; importing search here would not be light)
@@ -268,13 +271,24 @@ class SearchRequest(_Wire):
     """One inference-time search. Config fields left out take `search.SearchConfig`'s defaults."""
 
     model_config = ConfigDict(
-        json_schema_extra={  # every strategy but majority needs a reward
+        json_schema_extra={
+            # exactly one of prompt and messages
+            "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
+            # every strategy but majority needs a reward
             "if": {"properties": {"strategy": {"enum": list(NO_REWARD_STRATEGIES)}}},
             "else": {"required": ["reward"], "properties": {"reward": {"type": "string"}}},
         }
     )
 
-    prompt: str = Field(min_length=1, description="The task prompt; responses continue it.")
+    prompt: str | None = Field(
+        default=None, min_length=1, description="The task prompt as text; responses continue it. Or send `messages`."
+    )
+    messages: list[ChatMessage] | None = Field(
+        default=None,
+        min_length=1,
+        description="The task prompt as a conversation: the model's chat template renders it (with the "
+        "assistant turn opened) and responses continue that; the reward is sent the conversation itself.",
+    )
     strategy: str = Field(
         description="best_of_n, weighted_best_of_n, majority, refine, beam_search or dvts.",
         json_schema_extra={"enum": list(SEARCH_STRATEGIES)},
@@ -315,6 +329,18 @@ class SearchRequest(_Wire):
     threshold: float | None = None
     step_threshold: float | None = None
     aggregate: Literal["min", "prod", "last", "mean"] | None = None
+    answer: Extract | None = Field(
+        default=None,
+        description='How a response\'s final answer is found, for votes and `correct`: {"how": "hashes"} '
+        '(`#### n`, the default), "boxed" (the last \\boxed{}), "last_number", or "regex" with a `pattern` '
+        "whose group 1 is the answer. Answers are normalised: 1,234 = 1234, 2.50 = 2.5.",
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Self:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send the task as `prompt` (text) or as `messages` (a conversation): exactly one")
+        return self
 
 
 class SearchCandidate(_Wire):
@@ -346,6 +372,11 @@ class SearchResponse(_Wire):
     text: str | None = Field(description="The chosen candidate's response.")
     chosen: int | None = Field(description="Its index in `candidates`.")
     candidates: list[SearchCandidate]
+    prompt: str | None = Field(
+        default=None,
+        description="With `messages`: the text the model continued, the chat template's rendering of them. "
+        "None when the request sent `prompt` (that text is what was continued).",
+    )
     trace: list[dict[str, Any]] = Field(description="The strategy's steps, as events.")
     usage: SearchUsage
     reward: str | None

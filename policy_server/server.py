@@ -9,6 +9,7 @@ them OpenAI's error shape (503 `server_error`, code `not_ready`, with Retry-Afte
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -71,7 +72,9 @@ class PolicyServer(ServiceServer):
     name = "policy service"
     service: PolicyService
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, backends: Mapping[str, GenerationBackend] | None = None) -> None:
+        """`backends`: models built by the caller, served in place of `config.models` (a program that
+        embeds the server with a backend of its own; the tests' scripted double)."""
         super().__init__(config, ApiKeys.from_env(config.api_keys, env_var=config.keys_env_var, scopes=SCOPES))
         self.config: ServerConfig = config
         self.weight_roots = weight_roots(config.weights_dirs)  # a missing one fails before the models load
@@ -83,11 +86,12 @@ class PolicyServer(ServiceServer):
             config.rm_url, api_key=config.rm_api_key, timeout_s=config.rm_timeout_s, max_retries=config.rm_max_retries
         )
         metrics = Metrics()
-        backends = {
-            name: load_backend(config, name, path, metrics)
-            for name, path in (config.models or embedded_models()).items()
-        }
-        self.service = PolicyService(backends, config.limits, metrics)
+        if backends is None:
+            backends = {
+                name: load_backend(config, name, path, metrics)
+                for name, path in (config.models or embedded_models()).items()
+            }
+        self.service = PolicyService(dict(backends), config.limits, metrics)
         self.searches = SearchService(self.service, rewards, config.rm_url)
 
     def create_app(self) -> FastAPI:
@@ -116,6 +120,6 @@ async def serve(config: ServerConfig) -> None:
 class BackgroundServer(runtime.BackgroundServer[PolicyServer]):
     """A PolicyServer on its own thread and event loop: `with BackgroundServer(cfg) as s: s.http_url`."""
 
-    def __init__(self, config: ServerConfig) -> None:
-        super().__init__(lambda: PolicyServer(config), name="policy-server")
+    def __init__(self, config: ServerConfig, backends: Mapping[str, GenerationBackend] | None = None) -> None:
+        super().__init__(lambda: PolicyServer(config, backends), name="policy-server")
         self.config = config

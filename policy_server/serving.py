@@ -21,6 +21,7 @@ from typing import TypeVar
 from jinja2.exceptions import TemplateError
 
 from assay.base.errors import LOADING_RETRY_AFTER_S
+from assay.chat import NoChatTemplate
 from assay.policy_server.backends import (
     GenerationBackend,
     GenerationFailed,
@@ -122,6 +123,8 @@ class PolicyService:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             ids = await maybe_off_loop(sum(len(m["content"]) for m in messages), backend.chat_prompt, messages)
+        except NoChatTemplate as exc:
+            raise InvalidRequest(f"model {req.model!r}: {exc}", param="messages") from None
         except TemplateError as exc:  # templates raise on what they cannot render (roles, order)
             raise InvalidRequest(f"the chat template refused these messages: {exc}", param="messages") from None
         top = (req.top_logprobs or 0) if req.logprobs else None

@@ -7,6 +7,13 @@ blocking code; model work never runs on the event loop). It generates through a
 `BackendGenerator` over the served model, which hands its sequences back to the loop's batcher,
 and scores with `search.remote.RemoteScorer` over one shared `clients.RewardClient` to rm_server.
 
+A task sent as `messages` is rendered with the served model's chat template (the assistant turn
+opened), as `/v1/chat/completions` renders it, and the search continues that text (tokenized
+without adding special tokens: the template wrote its own). The reward is sent the conversation,
+not the rendering, so a reward model with its own tokenizer and template (`chat_template: true`)
+scores the text it was trained on. The response's `prompt` is the rendering, for the record. The
+request's `answer` (`assay.answers.Extract`) is how votes and `correct` find final answers.
+
 Errors: a bad request is a 400 before anything runs (unknown strategy, n or budget over the
 limits, a strategy that needs a reward and got none). rm_server's failures keep their meaning:
 an unknown reward is its 404 with its message, unreachable is 503, overloaded 429, its deadline
@@ -17,6 +24,7 @@ sequences in flight and makes its next generate call fail, so the thread ends so
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import threading
 import time
@@ -24,6 +32,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 
+from jinja2.exceptions import TemplateError
+
+from assay.chat import NoChatTemplate
 from assay.clients import errors as rm
 from assay.clients.reward import RewardClient
 from assay.policy_server.backends import GenerationBackend, GenerationFailed, InvalidParameters, Overloaded
@@ -71,11 +82,22 @@ class SearchService:
         self._check_strategy(req)
         seed = req.seed if req.seed is not None else random.randrange(_SEEDS)
         config = self._config(req, seed)
-        ids = await maybe_off_loop(len(req.prompt), backend.encode, req.prompt)
+        messages = None if req.messages is None else [{"role": m.role, "content": m.text()} for m in req.messages]
+        prompt = req.prompt if messages is None else await self._render(backend, messages)
+        assert prompt is not None  # the request holds a prompt or messages (its validator)
+        chat = messages is not None  # a rendered conversation holds its own special tokens
+        ids = await maybe_off_loop(len(prompt), functools.partial(backend.encode, add_special_tokens=not chat), prompt)
         self.policy.check_lengths(backend, [ids], config.max_tokens, "max_tokens")
-        generator = BackendGenerator(backend, asyncio.get_running_loop(), max_sequences=self.limits.max_sequences)
-        # _check_strategy refused a missing reward for every strategy that scores
-        scorer = None if req.strategy in NO_REWARD or req.reward is None else RemoteScorer(self.rewards, req.reward)
+        generator = BackendGenerator(
+            backend, asyncio.get_running_loop(), max_sequences=self.limits.max_sequences, add_special_tokens=not chat
+        )
+        # _check_strategy refused a missing reward for every strategy that scores; with messages,
+        # the reward is sent the conversation, so a reward model renders it with its own template
+        scorer = (
+            None
+            if req.strategy in NO_REWARD or req.reward is None
+            else RemoteScorer(self.rewards, req.reward, messages=messages)
+        )
 
         if not self._slots.acquire(blocking=False):
             raise QueueFull(
@@ -83,7 +105,7 @@ class SearchService:
                 code="queue_full",
                 retry_after_s=1.0,
             )
-        job = self._executor.submit(self._run, req, generator, scorer, config)
+        job = self._executor.submit(self._run, req, prompt, generator, scorer, config)
         job.add_done_callback(lambda _: self._slots.release())  # also when cancelled before it started
         waiting = asyncio.wrap_future(job)
         try:
@@ -103,15 +125,29 @@ class SearchService:
             if mapped is None:
                 raise  # a bug: the adapter answers 500
             raise mapped from exc
-        return self._response(req, result, generator, seed)
+        return self._response(req, result, generator, seed, None if messages is None else prompt)
 
     def _run(
-        self, req: SearchRequest, generator: BackendGenerator, scorer: RemoteScorer | None, config: SearchConfig
+        self,
+        req: SearchRequest,
+        prompt: str,
+        generator: BackendGenerator,
+        scorer: RemoteScorer | None,
+        config: SearchConfig,
     ) -> SearchResult:
         """On a search thread: check the reward exists (before spending generation on it), then search."""
         if scorer is not None:
             self.rewards.reward_id(scorer.reward)
-        return STRATEGIES[req.strategy](req.prompt, generator, scorer, config, reference=req.reference)
+        return STRATEGIES[req.strategy](prompt, generator, scorer, config, reference=req.reference)
+
+    async def _render(self, backend: GenerationBackend, messages: list[dict[str, str]]) -> str:
+        """The conversation as the model's chat template renders it, the assistant turn opened."""
+        try:
+            return await maybe_off_loop(sum(len(m["content"]) for m in messages), backend.chat_text, messages)
+        except NoChatTemplate as exc:
+            raise InvalidRequest(f"model {backend.name!r}: {exc}", param="messages") from None
+        except TemplateError as exc:  # templates raise on what they cannot render (roles, order)
+            raise InvalidRequest(f"the chat template refused these messages: {exc}", param="messages") from None
 
     # --- validation ----------------------------------------------------------------------
 
@@ -159,7 +195,7 @@ class SearchService:
     # --- the response --------------------------------------------------------------------
 
     def _response(
-        self, req: SearchRequest, result: SearchResult, generator: BackendGenerator, seed: int
+        self, req: SearchRequest, result: SearchResult, generator: BackendGenerator, seed: int, rendered: str | None
     ) -> SearchResponse:
         body = result.to_dict()
         body["weight_version"] = min(generator.versions) if generator.versions else None  # an int on the wire
@@ -169,6 +205,7 @@ class SearchService:
             model=req.model,
             reward=req.reward if result.reward_id is not None else None,
             seed=seed,
+            prompt=rendered,
             **body,
         )
 

@@ -27,6 +27,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from assay.answers import Extract
+
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 EMBEDDED_SPEC = Path(__file__).with_name("embedded.yaml")
 
@@ -51,16 +53,51 @@ class _Spec(BaseModel):
 class MathEqualSpec(_Spec):
     """1.0 when the response's answer is mathematically equal to the reference (math-verify).
 
-    The reference is the bare answer (`51`, `\\frac{1}{2}`), not a worked solution."""
+    The reference is the bare answer (`51`, `\\frac{1}{2}`), not a worked solution. `answer`
+    says how the answer is found (`assay.answers`: `{how: boxed}`, `{how: last_number}`,
+    `{how: hashes}`, `{how: regex, pattern: ...}`); `answer_pattern: P`, the older spelling, is
+    `{how: regex, pattern: P}` and has the same reward id. With neither, math-verify finds the
+    answer in the whole response itself."""
 
     type: Literal["rule.math_equal"]
+    answer: Extract | None = Field(
+        default=None, description="How the answer is found (assay.answers); default: math-verify extracts it."
+    )
     answer_pattern: str | None = Field(
-        default=None, description="Regex whose group 1 is the answer; default: math-verify extracts it."
+        default=None, description="Regex whose group 1 is the answer: short for answer: {how: regex, pattern: ...}."
     )
     timeout_s: float = Field(
         default=5.0, gt=0, description="Per-item limit for parsing and comparing (whole seconds, rounded up)."
     )
     RUNTIME_FIELDS = frozenset({"timeout_s"})
+
+    @model_validator(mode="after")
+    def _one_way(self) -> MathEqualSpec:
+        if self.answer is not None and self.answer_pattern is not None:
+            raise ValueError(
+                "give `answer` or `answer_pattern` (the same as answer: {how: regex, pattern: ...}), not both"
+            )
+        return self
+
+    @property
+    def extraction(self) -> Extract | None:
+        """How the answer is found; None: math-verify looks at the whole response."""
+        if self.answer_pattern is not None:
+            return Extract("regex", self.answer_pattern)
+        return self.answer
+
+    def defining(self) -> dict[str, Any]:
+        # One spelling per extraction in the id: a regex `answer` as `answer_pattern` (the spelling
+        # spec files used before `answer`), and no `answer` key at all when it is left out, so the
+        # ids of those files stay what they were.
+        out = super().defining()
+        del out["answer"]
+        how = self.extraction
+        if how is not None and how.how == "regex":
+            out["answer_pattern"] = how.pattern
+        elif how is not None:
+            out["answer"] = how.how
+        return out
 
 
 class ExactMatchSpec(_Spec):

@@ -23,7 +23,6 @@ from assay.search.base import (
     SearchConfig,
     SearchResult,
     Usage,
-    final_answer,
 )
 from assay.search.tracker import SearchError
 
@@ -52,5 +51,4 @@ __all__ = [
     "SearchResult",
     "Strategy",
     "Usage",
-    "final_answer",
 ]

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
+from assay.answers import HASHES, Extract
+
 # --- generation ------------------------------------------------------------------------------
 
 FinishReason = Literal["stop", "step", "length"]
@@ -88,16 +90,6 @@ class Scorer(Protocol):
 # --- answers and steps -----------------------------------------------------------------------
 
 ANSWER_MARK = "####"
-_FINAL = re.compile(r"####\s*(-?\d+)\s*$")
-
-
-def final_answer(response: str) -> str | None:
-    """The integer after `####` at the end of a response (`... #### 51` -> "51"), else None.
-
-    The default answer extractor: `SearchConfig.answer` takes any `str -> str | None`.
-    """
-    m = _FINAL.search(response.strip())
-    return str(int(m.group(1))) if m else None
 
 
 def step_ends(response: str) -> list[int]:
@@ -172,8 +164,9 @@ class SearchConfig:
     )
     seed: int = field(default=0, metadata={"help": "base seed; each generate call gets its own derived seed"})
     budget: Budget = field(default_factory=Budget, metadata={"help": "compute limit of one search"})
-    answer: Callable[[str], str | None] = field(
-        default=final_answer, metadata={"help": "final-answer extractor: response -> answer or None"}
+    answer: Extract = field(
+        default=HASHES,
+        metadata={"help": "how a response's final answer is found (assay.answers: hashes, boxed, last_number, regex)"},
     )
     step_ends: Callable[[str], list[int]] = field(
         default=step_ends, metadata={"help": "response -> character offsets where its steps end"}

@@ -4,9 +4,11 @@ Wang et al. 2022, "Self-Consistency Improves Chain of Thought Reasoning in Langu
 reward model: the scorer is ignored (it may be None). Samples are drawn in rounds of `round_size`
 up to `n`, and the vote stops early when its outcome is settled (the leader cannot be caught by
 the samples left) or, with `consensus` set, once one answer holds that share of the votes cast
-(adaptive consistency, Aggarwal et al. 2023). Responses without a final answer do not vote; tied
-answers go to the one seen first, and the chosen candidate is that answer's first sample. Reads
-`n`, `round_size`, `consensus`, `max_tokens`, `temperature`, `top_p`, `seed` and `budget`.
+(adaptive consistency, Aggarwal et al. 2023). A response's final answer is what `answer` finds
+in it (`assay.answers`: `#### n` by default, or `\\boxed{}`, the last number, a regex), normalised,
+so `2.50` and `2.5` are one vote. Responses without a final answer do not vote; tied answers go to
+the one seen first, and the chosen candidate is that answer's first sample. Reads `n`,
+`round_size`, `consensus`, `answer`, `max_tokens`, `temperature`, `top_p`, `seed` and `budget`.
 """
 
 from __future__ import annotations

@@ -4,13 +4,18 @@
         result = STRATEGIES["best_of_n"](prompt, generator, RemoteScorer(client, "orm"), config)
         result.reward_id     # the id rm_server reported, the same one the trainer sees
 
+With `messages`, the search's prompt is a conversation (rendered by the policy's chat template
+for generation), and every item is sent to rm_server as that conversation (`messages`) plus the
+response, not as the rendered text: a reward model with `chat_template: true` renders it with its
+own tokenizer's template, which need not be the policy's.
+
 A failed item comes back as a Score with value None and the server's error (never a 0); a failed
 call raises the client's typed exception. No torch here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from assay.clients.reward import RewardClient
 from assay.search.base import Granularity, Score
@@ -24,10 +29,19 @@ class RemoteScorer:
     looked up once, on the first such request.
     """
 
-    def __init__(self, client: RewardClient, reward: str, *, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        client: RewardClient,
+        reward: str,
+        *,
+        timeout_s: float | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
+    ) -> None:
         self.client = client
         self.reward = reward
         self.timeout_s = timeout_s
+        # the conversation the items' prompt renders: sent in its place (see the module docstring)
+        self.messages = None if messages is None else [dict(m) for m in messages]
         self._granularities: set[str] | None = None
 
     def _supports(self, granularity: str) -> bool:
@@ -43,8 +57,10 @@ class RemoteScorer:
     ) -> tuple[list[Score], str]:
         if not items:
             return [], self.client.reward_id(self.reward, timeout_s=self.timeout_s)
+        ref = {} if reference is None else {"reference": reference}
         payload = [
-            {"prompt": p, "response": r, **({} if reference is None else {"reference": reference})} for p, r in items
+            {**({"prompt": p} if self.messages is None else {"messages": self.messages}), "response": r, **ref}
+            for p, r in items
         ]
         if granularity == "steps" and not self._supports("steps"):
             granularity = "outcome"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from assay.answers import extract, normalize
 from assay.search.base import (
     Candidate,
     Generation,
@@ -117,8 +118,9 @@ class Tracker:
     def candidate(
         self, text: str, score: Score | None = None, num_tokens: int = 0, finish_reason: str = ""
     ) -> Candidate:
-        answer = self.config.answer(text)
-        correct = None if self.reference is None else answer is not None and answer == self.reference.strip()
+        answer = extract(text, self.config.answer)
+        # the reference normalised like the answers, so that "2.50" is right for an answer of 2.5
+        correct = None if self.reference is None else answer is not None and answer == normalize(self.reference)
         return Candidate(
             text=text,
             score=None if score is None else self.value(score),

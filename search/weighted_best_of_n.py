@@ -6,7 +6,8 @@ Better Reasoners with Step-Aware Verifier"; the `weighted` selection of HF searc
 beats plain best-of-N when the reward is noisy but right on average: one lucky high score on a
 wrong answer is outvoted by several good scores on the right one. Scores must be >= 0 (use a
 probability: a sigmoid outcome reward or a process reward); candidates without a final answer or
-with a failed score carry no weight. Reads the same fields as best-of-N.
+with a failed score carry no weight. Final answers are found and normalised as majority vote
+finds them (`answer`). Reads the same fields as best-of-N, and `answer`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
+from assay.chat import render_prompt
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -113,14 +115,19 @@ class GenerationBackend(ABC):
 
     # --- tokens ------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        """A completion prompt's ids, with the tokenizer's special tokens (e.g. <s>) added."""
-        return self.tokenizer(text)["input_ids"]
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """A completion prompt's ids, with the tokenizer's special tokens (e.g. <s>) added; without
+        them for text a chat template rendered, which holds its own."""
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def chat_text(self, messages: list[dict[str, str]]) -> str:
+        """The conversation through the chat template, the assistant turn opened (its specials in the
+        text); `assay.chat.NoChatTemplate` when the tokenizer has none."""
+        return render_prompt(self.tokenizer, messages)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat template with the generation prompt; the template adds its own specials."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.encode(self.chat_text(messages), add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 import jsonschema
 
+from assay import answers
 from assay.arith.checks import step_labels
 from assay.arith.world import parse_prompt
 from assay.rm_server.protocol import ErrorType, Granularity
@@ -33,26 +34,6 @@ def _compile(pattern: str, what: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as exc:
         raise ValueError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
-
-
-def _answer_pattern(pattern: str | None) -> re.Pattern[str] | None:
-    if pattern is None:
-        return None
-    compiled = _compile(pattern, "answer_pattern")
-    if compiled.groups < 1:
-        raise ValueError(f"answer_pattern {pattern!r} needs a capturing group: group 1 is the answer")
-    return compiled
-
-
-def extract_answer(pattern: re.Pattern[str], response: str) -> str | None:
-    """Group 1 of the last match of `pattern` in `response`, None when there is none.
-
-    The last match, because a response may restate intermediate results before its answer.
-    """
-    last = None
-    for match in pattern.finditer(response):
-        last = match
-    return last.group(1) if last is not None else None
 
 
 def _no_reference(kind: str) -> ItemFailure:
@@ -92,12 +73,12 @@ class ExactMatch(_InlineRule):
 
     def __init__(self, name: str, reward_id: str, spec: ExactMatchSpec) -> None:
         super().__init__(name, reward_id, spec)
-        self._pattern = _answer_pattern(spec.answer_pattern)
+        self._pattern = None if spec.answer_pattern is None else answers.pattern(spec.answer_pattern, "answer_pattern")
 
     def judge(self, item: Item, granularity: Granularity) -> Outcome:
         if item.reference is None:
             return _no_reference(self.type)
-        answer = item.response if self._pattern is None else extract_answer(self._pattern, item.response)
+        answer = item.response if self._pattern is None else answers.last_group(self._pattern, item.response)
         if answer is None:
             return Scored(0.0)
         reference = item.reference
@@ -211,10 +192,11 @@ class ArithSteps(_InlineRule):
 class MathEqual(Reward):
     """1.0 when the response's answer is mathematically equal to the reference (math-verify).
 
-    With `answer_pattern`, the answer is group 1 of its last match (no match: 0.0); without,
-    math-verify extracts it from the whole response (last `\\boxed{}`, `$...$`, or number). The
-    reference is an answer, read as LaTeX math: "1/2", "0.5" and "\\frac{1}{2}" are equal.
-    math-verify counts whole seconds, so `timeout_s` is rounded up.
+    With `answer` (or `answer_pattern`), the answer is what `assay.answers.extract` finds
+    (`\\boxed{}`, the last number, `#### n`, a regex's group 1), normalised (`1,234` -> `1234`);
+    none found: 0.0. Without, math-verify extracts it from the whole response (last `\\boxed{}`,
+    `$...$`, or number). The reference is an answer, read as LaTeX math: "1/2", "0.5" and
+    "\\frac{1}{2}" are equal. math-verify counts whole seconds, so `timeout_s` is rounded up.
     """
 
     type = "rule.math_equal"
@@ -223,7 +205,7 @@ class MathEqual(Reward):
     def __init__(self, name: str, reward_id: str, spec: MathEqualSpec) -> None:
         super().__init__(name, reward_id)
         self.spec = spec
-        self._pattern = _answer_pattern(spec.answer_pattern)
+        self._extract = spec.extraction  # a bad pattern is refused here, with the reason
         self._seconds = max(1, math.ceil(spec.timeout_s))  # signal.alarm takes whole seconds
 
     async def start(self) -> None:
@@ -241,9 +223,9 @@ class MathEqual(Reward):
         for i, item in enumerate(items):
             if item.reference is None:
                 out[i] = _no_reference(self.type)
-            elif self._pattern is None:
+            elif self._extract is None:
                 tasks.append((i, (item.reference, item.response, False)))
-            elif (answer := extract_answer(self._pattern, item.response)) is None:
+            elif (answer := answers.extract(item.response, self._extract)) is None:
                 out[i] = Scored(0.0)
             else:
                 tasks.append((i, (item.reference, answer, True)))

@@ -20,20 +20,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from assay.arith import world
-from assay.checkpoints import ARITH_DIR, EMBEDDED, load_embedded
+from assay.chat import render_prompt
+from assay.checkpoints import ARITH_DIR, EMBEDDED, load_embedded, load_tokenizer
+from assay.clients.policy import PolicyClient
 from assay.clients.reward import RewardClient
 from assay.policy_server.backends import GenerationOutput, GenerationRequest
 from assay.policy_server.backends.hf import HFBackend, _Job, decode
 from assay.policy_server.cli import search_cmd
 from assay.policy_server.config import ServerConfig
 from assay.policy_server.generator import BackendGenerator, sequence_seed
-from assay.policy_server.protocol import ErrorResponse, SearchResponse
+from assay.policy_server.protocol import ChatCompletionResponse, ErrorResponse, SearchResponse
 from assay.policy_server.server import BackgroundServer
 from assay.rm_server.config import ServerConfig as RewardConfig
 from assay.rm_server.server import BackgroundServer as RewardServer
 from assay.search import STRATEGIES, Budget, GenParams, SearchConfig
 from assay.search.remote import RemoteScorer
 from assay.services import free_port
+from tests.policy_server.backend_double import ScriptedBackend
 
 pytestmark = pytest.mark.e2e
 
@@ -175,6 +178,128 @@ def test_each_strategy_over_http_is_the_in_process_search(strategy, policy, rewa
 def test_a_search_without_a_budget_gets_the_servers_caps(policy):
     res = search(policy, prompt=PROBLEMS[0].prompt, strategy="majority", n=3, seed=1)
     assert res.reward_id is None and res.reward is None and res.usage.candidates == 3
+
+
+# --- final answers: `answer` ---------------------------------------------------------------
+
+BOXED = [r"so \boxed{2.50}", r"\boxed{3}", r"it is \boxed{ 2.5 }", r"\boxed{3}, no: \boxed{5/2}", "no box #### 3"]
+
+
+@pytest.fixture(scope="module")
+def backend() -> ScriptedBackend:
+    return ScriptedBackend("policy", load_tokenizer(EMBEDDED["policy"][1]), BOXED)
+
+
+@pytest.fixture(scope="module")
+def scripted(backend):
+    """The policy server with scripted models (tests/policy_server/backend_double.py): responses the
+    tiny policy cannot write. `plain` has no chat template. Majority vote scores nothing, so no
+    rm_server is needed."""
+    plain = load_tokenizer(EMBEDDED["policy"][1])
+    plain.chat_template = None
+    models = {"policy": backend, "plain": ScriptedBackend("plain", plain, BOXED)}
+    with BackgroundServer(ServerConfig(port=0, rm_url=f"http://127.0.0.1:{free_port()}"), models) as s:
+        yield s
+
+
+@pytest.mark.service
+def test_majority_over_http_votes_on_boxed_answers(scripted):
+    body = {"prompt": "What is 5/2? ", "strategy": "majority", "n": 5, "round_size": 5, "reference": "2.50"}
+    res = search(scripted, **body, answer={"how": "boxed"})
+    assert [c.final_answer for c in res.candidates] == ["2.5", "3", "2.5", "5/2", None]  # normalised: one vote
+    assert res.answer == "2.5" and res.chosen == 0 and res.text == BOXED[0]
+    assert [c.correct for c in res.candidates] == [True, False, True, False, False]  # the reference normalised too
+    assert res.trace[0]["votes"] == {"2.5": 2, "3": 1, "5/2": 1}
+
+    hashes = search(scripted, **body)  # the default, `#### n`, as before: only the last response has one
+    assert [c.final_answer for c in hashes.candidates] == [None, None, None, None, "3"] and hashes.answer == "3"
+    last = search(scripted, **body, answer={"how": "last_number"})
+    assert [c.final_answer for c in last.candidates] == ["2.5", "3", "2.5", "2", "3"]
+    regex = search(scripted, **body, answer={"how": "regex", "pattern": r"no: \\boxed\{(.*)\}"})
+    assert regex.answer == "5/2" and [c.final_answer for c in regex.candidates].count(None) == 4
+
+    app = typer.Typer()
+    app.command()(search_cmd)
+    args = ["What is 5/2? ", "--url", scripted.http_url, "--strategy", "majority", "--n", "5", "--answer", "boxed"]
+    done = CliRunner().invoke(app, [*args, "--reference", "2.50", "--json"])
+    assert done.exit_code == 0, done.output
+    assert SearchResponse.model_validate_json(done.stdout).answer == "2.5"
+
+
+@pytest.mark.service
+def test_a_bad_answer_config_is_refused_with_the_reason(scripted):
+    body = {"prompt": "What is 5/2? ", "strategy": "majority", "n": 2}
+    assert "capturing group" in refusal(post(scripted, **body, answer={"how": "regex", "pattern": "x"}), 400)
+    assert "not a valid regular expression" in refusal(
+        post(scripted, **body, answer={"how": "regex", "pattern": "(x"}), 400
+    )
+    assert "boxed" in refusal(post(scripted, **body, answer={"how": "box"}), 400)
+    assert "exactly one" in refusal(post(scripted, strategy="majority"), 400)
+    both = post(scripted, **body, messages=[{"role": "user", "content": "hi"}])
+    assert "exactly one" in refusal(both, 400)
+
+
+# --- a conversation: `messages` ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_search_with_messages_renders_them_for_the_policy_and_sends_the_reward_the_conversation(tiny_chat, tmp_path):
+    """The tiny-chat pair: a ChatML policy and an ORM with its own tokenizer and template."""
+    spec = tmp_path / "rewards.yaml"
+    spec.write_text(f"rewards:\n  orm: {{type: model.outcome, path: {tiny_chat / 'orm'}, chat_template: true}}\n")
+    row = json.loads((tiny_chat / "eval_prompts.jsonl").read_text().splitlines()[0])
+    messages, reference = row["prompt"], str(row["answer"])
+    with (
+        RewardServer(RewardConfig(spec=spec, port=0, grpc_port=None)) as rm_server,
+        BackgroundServer(
+            ServerConfig(models={"policy": tiny_chat / "policy"}, port=0, rm_url=rm_server.http_url)
+        ) as server,
+        RewardClient.http(rm_server.http_url) as rewards,
+        PolicyClient.http(server.http_url) as policy_client,
+    ):
+        res = policy_client.search(
+            messages, strategy="best_of_n", reward="orm", n=3, seed=5, reference=reference, max_tokens=40
+        )
+        # the policy continued its own template's rendering, which the response reports
+        assert res.prompt == render_prompt(load_tokenizer(tiny_chat / "policy"), messages)
+        assert res.candidates and all(c.score is not None for c in res.candidates)
+        assert any(c.final_answer is not None for c in res.candidates)  # the chat world answers `#### n`
+
+        # the reward was sent the conversation: each score is the conversation's, not the rendered text's
+        conversation = rewards.score("orm", [{"messages": messages, "response": c.text} for c in res.candidates])
+        assert res.reward_id == conversation.reward_id
+        assert [c.score for c in res.candidates] == pytest.approx([r.score for r in conversation.results], abs=1e-5)
+        as_text = rewards.score("orm", [{"prompt": res.prompt, "response": c.text} for c in res.candidates])
+        assert [r.score for r in as_text.results] != pytest.approx([c.score for c in res.candidates], abs=1e-3)
+
+        # greedy, the search's one candidate is /v1/chat/completions' answer: the same prompt tokens
+        greedy = search(
+            server, messages=messages, strategy="best_of_n", reward="orm", n=1, temperature=0, max_tokens=40
+        )
+        chat = {"model": "policy", "messages": messages, "temperature": 0, "max_tokens": 40}
+        completion = httpx.post(f"{server.http_url}/v1/chat/completions", json=chat, timeout=120)
+        assert completion.status_code == 200, completion.text
+        assert (
+            greedy.candidates[0].text
+            == ChatCompletionResponse.model_validate_json(completion.content).choices[0].message.content
+        )
+
+
+@pytest.mark.service
+def test_messages_are_rendered_by_the_template_and_get_its_specials_only(scripted, backend):
+    """The embedded template writes `<s>` itself: the prompt must not get a second one from the tokenizer."""
+    messages = [{"role": "user", "content": "What is 5/2?"}]
+    res = search(scripted, messages=messages, strategy="majority", n=5, round_size=5, answer={"how": "boxed"})
+    assert res.prompt == "<s>Q: What is 5/2? A: " and res.answer == "2.5"
+    want = backend.tokenizer(res.prompt, add_special_tokens=False)["input_ids"]
+    assert backend.prompts[-5:] == [want] * 5 and want[:2] != [backend.tokenizer.bos_token_id] * 2
+    assert search(scripted, prompt="What is 5/2? ", strategy="majority", n=5).prompt is None  # text: nothing rendered
+
+    message = refusal(post(scripted, messages=messages, strategy="majority", n=1, model="plain"), 400)
+    assert "no chat template" in message and "plain" in message
+    chat = {"model": "plain", "messages": messages, "max_tokens": 4}
+    message = refusal(httpx.post(f"{scripted.http_url}/v1/chat/completions", json=chat, timeout=60), 400)
+    assert "no chat template" in message  # /v1/chat/completions too (it answered 500 before)
 
 
 # --- refusals ------------------------------------------------------------------------------

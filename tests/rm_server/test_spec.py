@@ -90,6 +90,17 @@ def test_judge_prompt_and_composite_parts_change_the_id():
     assert ids_of({"a": fmt, "b": ORM, "c": {**comp, "expr": "0.6*a + 0.4*b"}})["c"] != one
 
 
+def test_math_equal_answer_is_in_the_id_and_the_older_spelling_keeps_its_id():
+    plain = {"type": "rule.math_equal"}
+    pattern = r"####\s*(-?\d+)\s*$"
+    older = ids_of({"c": {**plain, "answer_pattern": pattern}})["c"]
+    assert ids_of({"c": {**plain, "answer": {"how": "regex", "pattern": pattern}}})["c"] == older
+    found = {how: ids_of({"c": {**plain, "answer": {"how": how}}})["c"] for how in ("hashes", "boxed", "last_number")}
+    assert len({older, ids_of({"c": plain})["c"], *found.values()}) == 5  # each way of finding the answer its own id
+    # the id main had before `answer` existed (the embedded `correct` is this spec)
+    assert older == "sha256:22e48b4340f76d30a8ec177ecc7e7132a879f933e3babff361a6c41d1ef094ea"
+
+
 @pytest.mark.parametrize(
     ("rewards", "message"),
     [
@@ -102,6 +113,9 @@ def test_judge_prompt_and_composite_parts_change_the_id():
         ({"c": {"type": "composite", "expr": "__import__('os')"}}, "may only use"),
         ({"c": {"type": "composite", "expr": "d"}, "d": {"type": "composite", "expr": "c"}}, "cycle"),
         ({"j": {**JUDGE, "endpoint": "/tmp/socket"}}, "http"),
+        ({"m": {"type": "rule.math_equal", "answer": {"how": "boxd"}}}, "boxed"),
+        ({"m": {"type": "rule.math_equal", "answer": {"how": "regex", "pattern": "(x"}}}, "not a valid regular"),
+        ({"m": {"type": "rule.math_equal", "answer": {"how": "boxed"}, "answer_pattern": "(x)"}}, "not both"),
     ],
 )
 def test_bad_specs_are_refused_with_a_message(rewards, message):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from assay.answers import extract
 from assay.arith import world
 from assay.search import STRATEGIES, Budget, GenParams, SearchConfig
 from assay.search.local import LocalGenerator, LocalScorer
@@ -42,7 +43,7 @@ def baseline(generator):
     """pass@1 at the search's temperature: the share of correct single samples, n per problem."""
     params = GenParams(CONFIG.temperature, CONFIG.top_p, CONFIG.max_tokens, (), CONFIG.seed)
     rows = generator.generate([p.prompt for p in PROBLEMS], CONFIG.n, params)
-    correct = [CONFIG.answer(g.text) == str(p.answer) for p, row in zip(PROBLEMS, rows) for g in row]
+    correct = [extract(g.text, CONFIG.answer) == str(p.answer) for p, row in zip(PROBLEMS, rows) for g in row]
     return sum(correct) / len(correct)
 
 

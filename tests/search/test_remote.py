@@ -19,6 +19,7 @@ SPEC = f"""
 rewards:
   orm: {{type: model.outcome, path: {ARITH_DIR / "orm"}, activation: sigmoid, max_tokens: 64}}
   prm: {{type: model.process, path: {ARITH_DIR / "prm"}, steps: arith, aggregate: min, max_tokens: 64}}
+  orm_chat: {{type: model.outcome, path: {ARITH_DIR / "orm"}, chat_template: true, max_tokens: 128}}
 """
 PROBLEM = world.eval_problems(1)[0]
 
@@ -61,3 +62,22 @@ def test_search_through_the_service_reports_its_reward_id(client):
     assert remote.reward_id == client.reward_id("orm")
     assert remote.answer == local.answer and [c.text for c in remote.candidates] == [c.text for c in local.candidates]
     assert remote.usage.reward_calls == 1 and remote.usage.scored_items == 4
+
+
+def test_with_messages_the_reward_is_sent_the_conversation(client):
+    """The items' prompt is the policy's rendering; the reward gets the conversation in its place."""
+    messages = [{"role": "user", "content": PROBLEM.prompt.removeprefix("Q: ").removesuffix(" A: ")}]
+    right, wrong = PROBLEM.solution, PROBLEM.solution.replace("=", "x", 1)
+    rendered = "<rendered by the policy's template>"  # not what the reward reads: it renders the messages itself
+    scores, reward_id = RemoteScorer(client, "orm_chat", messages=messages).score(
+        [(rendered, right), (rendered, wrong)]
+    )
+    direct = client.score("orm_chat", [{"messages": messages, "response": r} for r in (right, wrong)])
+    assert reward_id == direct.reward_id
+    assert [s.value for s in scores] == pytest.approx([r.score for r in direct.results], abs=1e-6)
+    as_text = client.score("orm_chat", [{"prompt": rendered, "response": r} for r in (right, wrong)])
+    assert [s.value for s in scores] != pytest.approx([r.score for r in as_text.results], abs=1e-3)
+
+    # a reward that reads text through its `template` cannot take a conversation: each item fails, saying why
+    failed, _ = RemoteScorer(client, "orm", messages=messages).score([(rendered, right)])
+    assert failed[0].value is None and "chat_template" in failed[0].error

@@ -7,6 +7,7 @@ import inspect
 import pytest
 
 from assay import search
+from assay.answers import extract
 from assay.search import (
     STRATEGIES,
     Budget,
@@ -19,7 +20,7 @@ from assay.search import (
     refine,
     weighted_best_of_n,
 )
-from assay.search.base import aggregate, final_answer, step_ends
+from assay.search.base import aggregate, step_ends
 from tests.search.doubles import ScriptedGenerator, TableScorer, TreeGenerator
 
 pytestmark = pytest.mark.unit
@@ -279,8 +280,8 @@ def test_config_refuses_nonsense_with_the_field_named():
 
 
 def test_answer_and_step_helpers():
-    assert final_answer("23+45=68 68-17=51 #### 51") == "51" and final_answer("#### -07 ") == "-7"
-    assert final_answer("no answer") is None and final_answer("#### 5 and more") is None
+    assert extract("23+45=68 68-17=51 #### 51") == "51" and extract("#### -07 ") == "-7"
+    assert extract("no answer") is None and extract("#### 5 and more") is None
     assert step_ends("23+45=68 68-17=51 #### 51") == [8, 17, 25]
     assert step_ends("23+45=68 ") == [8] and step_ends("") == []
     assert [aggregate([0.5, 0.8], h) for h in ("min", "prod", "last", "mean")] == pytest.approx([0.5, 0.4, 0.8, 0.65])

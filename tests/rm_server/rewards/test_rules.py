@@ -108,6 +108,35 @@ def test_math_equal_answer_pattern():
     assert values(out) == [1.0, 0.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize(
+    ("answer", "right", "wrong", "none"),
+    [
+        ({"how": "boxed"}, "so \\boxed{\\frac{1}{2}} or \\boxed{0.50}", "\\boxed{0.5} no: \\boxed{2}", "0.5"),
+        ({"how": "last_number"}, "1/4 + 1/4 is 0.50.", "0.5 is wrong, 2 is right", "half"),
+        ({"how": "hashes"}, "so: #### 0.50", "#### 0.5 then #### 2", "0.5 ####"),
+        ({"how": "regex", "pattern": r"Answer: (\S+)"}, "Answer: 1/2", "Answer: 1/2, Answer: 2", "answer: 0.5"),
+    ],
+)
+def test_math_equal_finds_the_answer_as_told(answer, right, wrong, none):
+    """The last answer counts; none found is 0, not an error; the answer then goes to math-verify."""
+    reward = MathEqual("c", "id", MathEqualSpec.model_validate({"type": "rule.math_equal", "answer": answer}))
+    try:
+        out = score(reward, [Item("p", right, "0.5"), Item("p", wrong, "0.5"), Item("p", none, "0.5")])
+    finally:
+        asyncio.run(reward.close())
+    assert values(out) == [1.0, 0.0, 0.0]
+
+
+def test_math_equal_compares_numbers_as_people_write_them():
+    reward = MathEqual("c", "id", MathEqualSpec.model_validate({"type": "rule.math_equal", "answer": {"how": "boxed"}}))
+    pairs = [("\\boxed{1,234}", "1234"), ("\\boxed{2.50}", "2.5"), ("\\boxed{-3}", "-3"), ("\\boxed{+07}", "7")]
+    try:
+        out = score(reward, [Item("p", response, ref) for response, ref in pairs])
+    finally:
+        asyncio.run(reward.close())
+    assert values(out) == [1.0, 1.0, 1.0, 1.0]
+
+
 def test_math_equal_without_reference_fails_that_item_only(math_equal):
     out = score(math_equal, [Item("p", "2", None), Item("p", "2", "2")])
     assert isinstance(out[0], ItemFailure) and out[0].type == ErrorType.invalid_input
@@ -251,6 +280,8 @@ def test_math_equal_bad_answer_pattern_is_refused():
         MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", answer_pattern="(unclosed"))
     with pytest.raises(ValueError, match="capturing group"):
         MathEqual("c", "id", MathEqualSpec(type="rule.math_equal", answer_pattern=r"####\s*\d+"))
+    with pytest.raises(ValueError, match="capturing group"):
+        MathEqualSpec.model_validate({"type": "rule.math_equal", "answer": {"how": "regex", "pattern": "x"}})
 
 
 # --- exact_match, regex ----------------------------------------------------------------------
