@@ -104,11 +104,7 @@ class Blocking:
 
     def __init__(self, make: Callable[[], AsyncRewardClient]) -> None:
         self._runner = asyncio.Runner()
-
-        async def made() -> AsyncRewardClient:  # grpc.aio channels belong to the loop that makes them
-            return make()
-
-        self.client = self._runner.run(made())
+        self.client = make()  # outside any loop: the transport makes its connections on the loop that uses them
 
     def score(self, *args, **kw):
         return self._runner.run(self.client.score(*args, **kw))

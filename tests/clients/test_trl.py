@@ -28,7 +28,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SPEC = {
     "rewards": {
         "correct": {"type": "rule.math_equal", "answer_pattern": r"####\s*(-?\d+)\s*$"},
-        "orm": {"type": "model.outcome", "path": str(ARITH_DIR / "orm"), "activation": "sigmoid", "max_tokens": 256},
+        "orm": {
+            "type": "model.outcome",
+            "path": str(ARITH_DIR / "orm"),
+            "activation": "sigmoid",
+            "chat_template": True,
+            "max_tokens": 256,
+        },
     }
 }
 
@@ -61,7 +67,7 @@ def _trainer(out: Path, rows: list[dict], reward_funcs: list):
         output_dir=str(out),
         per_device_train_batch_size=4,
         num_generations=2,
-        max_completion_length=24,
+        max_completion_length=32,
         max_steps=2,
         learning_rate=1e-4,
         beta=0.0,
@@ -84,10 +90,32 @@ def _trainer(out: Path, rows: list[dict], reward_funcs: list):
     return trainer
 
 
+def _conversation(problem: world.Problem, earlier: world.Problem | None) -> list[dict[str, str]]:
+    """A chat prompt; with an earlier exchange, its last user message alone is another text."""
+    before = (
+        []
+        if earlier is None
+        else [
+            {"role": "user", "content": earlier.expression},
+            {"role": "assistant", "content": earlier.solution},
+        ]
+    )
+    return [{"role": "system", "content": "Show each step."}, *before, {"role": "user", "content": problem.expression}]
+
+
 def test_grpo_trainer_scores_through_the_service(server, tmp_path):
-    problems = world.take("train", 4, seed=0)
-    # A GSM8K-style `answer` column (found without reference_key), one row None; a column that travels as metadata.
-    rows = [{"prompt": p.prompt, "answer": None if i == 1 else str(p.answer)} for i, p in enumerate(problems)]
+    problems = world.take("train", 5, seed=0)
+    # Conversational prompts, every other one with an earlier exchange; a GSM8K-style `answer` column
+    # (found without reference_key), one row None; `level` travels as metadata.
+    rows = [
+        {
+            "prompt": _conversation(p, problems[4] if i % 2 else None),
+            "answer": None if i == 1 else str(p.answer),
+            "level": 2,
+        }
+        for i, p in enumerate(problems[:4])
+    ]
+    answers = {str(r["prompt"]): r["answer"] for r in rows}
     client = AsyncRewardClient.grpc(server.grpc_target)
     with RewardClient.http(server.http_url) as rm:
         correct = rm.as_reward_fn("correct")  # sync
@@ -97,19 +125,23 @@ def test_grpo_trainer_scores_through_the_service(server, tmp_path):
             trainer.train()
 
         assert len(trainer.seen) == 2
-        answers = {r["prompt"]: r["answer"] for r in rows}
+        last_user_differs = []
         for prompts, completions, (got_correct, got_orm) in trainer.seen:
-            items = [
-                {"prompt": p, "response": c, "reference": answers[p] or "0"}
-                for p, c in zip(prompts, completions, strict=True)
+            answer = [answers[str(p)] for p in prompts]
+            texts = [c[-1]["content"] for c in completions]
+            items = [{"messages": p, "response": t} for p, t in zip(prompts, texts, strict=True)]
+            want_correct = [
+                r.score
+                for r in rm.score("correct", [{**i, "reference": a or "0"} for i, a in zip(items, answer)]).results
             ]
-            want_correct = [r.score for r in rm.score("correct", items).results]
-            want_orm = [r.score for r in rm.score("orm", items).results]
-            for p, got, want in zip(prompts, got_correct, want_correct, strict=True):
-                if answers[p] is None:
-                    assert math.isnan(got)  # no reference: no reward for this row, the others scored
-                else:
-                    assert got == want
-            assert got_orm == pytest.approx(want_orm, rel=1e-4)
-    assert any(answers[p] is None for prompts, _, _ in trainer.seen for p in prompts)
+            for got, want, a in zip(got_correct, want_correct, answer, strict=True):
+                assert math.isnan(got) if a is None else got == want  # no reference: no reward for that row only
+            assert got_orm == pytest.approx([r.score for r in rm.score("orm", items).results], rel=1e-4)
+            # what the old reward function sent, the last user message's text, scores otherwise
+            last_user = [{"prompt": p[-1]["content"], "response": t} for p, t in zip(prompts, texts, strict=True)]
+            last_user_differs += [
+                g != pytest.approx(r.score, rel=1e-2) for g, r in zip(got_orm, rm.score("orm", last_user).results)
+            ]
+    assert any(a is None for prompts, _, _ in trainer.seen for a in (answers[str(p)] for p in prompts))
+    assert any(last_user_differs)
     asyncio.run(client.close())
