@@ -2,7 +2,7 @@
 
 `RewardClient.as_reward_fn` and `AsyncRewardClient.as_reward_fn` wrap a `RewardFnForm` around
 their `score`: the form turns what TRL's GRPOTrainer passes into score items, and the reply back
-into one value per completion. Pure: no I/O, shared by both clients.
+into one value per completion. No network: shared by both clients.
 
 What TRL passes, and what is sent for it:
 - **Prompts**: a string is sent as `prompt`; a conversation (a list of `{"role", "content"}`
@@ -20,15 +20,19 @@ What TRL passes, and what is sent for it:
   item's `metadata`, each row's values that JSON can carry: strings, finite numbers, booleans,
   None, and lists and string-keyed dicts of them. Others (images, tensors, NaN) stay behind.
 
-A failed item gives None too; a failed call raises. The function carries `.reward_id`, and
-raises ServerError if a reply comes from a reward with another id.
+A failed item gives None too, and the first failure of each error type is logged as a warning (a
+reward that fails every item, such as a text-only model reward sent conversations, is not
+silent); a failed call raises. The function carries `.reward_id`, and raises ServerError if a
+reply comes from a reward with another id.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -40,6 +44,7 @@ REFERENCE_KEYS = ("reference", "answer", "solution", "ground_truth")  # tried in
 TRL_KWARGS = frozenset({"completion_ids", "trainer_state", "log_extra", "log_metric", "environments"})
 
 RewardFn = Callable[..., list[float | None]]
+log = logging.getLogger("assay.clients")
 T = TypeVar("T")
 
 
@@ -93,6 +98,7 @@ class RewardFnForm:
     reward_id: str
     needs_reference: bool
     reference_key: str | None = None  # None: the first of REFERENCE_KEYS present
+    _told: set[str] = field(default_factory=set, compare=False, repr=False)  # error types logged already
 
     def reference_column(self, kw: Mapping[str, Any]) -> str | None:
         """The name of the column that holds the references; None when there is none and none is needed."""
@@ -156,6 +162,20 @@ class RewardFnForm:
                 "for; the server changed its reward mid-run, and the two must not be mixed"
             )
         by_id = {r.id: r for r in reply.results} if reply is not None else {}
+        errors = [r.error for r in by_id.values() if r.error is not None]
+        for kind, count in Counter(e.type.value for e in errors).items():
+            if kind not in self._told:  # once per kind: the same every step would drown the log
+                self._told.add(kind)
+                example = next(e.message for e in errors if e.type.value == kind)
+                log.warning(
+                    "reward %r: %d of %d items failed with %s (%s); they get None, and later %s failures go unlogged",
+                    self.reward,
+                    count,
+                    len(items),
+                    kind,
+                    example,
+                    kind,
+                )
         return [None if item is None or by_id[item.id].error is not None else by_id[item.id].score for item in items]
 
     def named(self, fn: T) -> T:

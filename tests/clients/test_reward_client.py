@@ -431,8 +431,9 @@ def test_reward_fn_without_a_reference_column_says_which_columns_there_were():
 
 
 @pytest.mark.unit
-def test_reward_fn_rows_without_a_reference_are_not_sent_and_get_none():
-    items = NEEDS_REF.items(["a", "b", "c"], ["x", "y", "z"], {"answer": ["1", None, "3"]})
+def test_reward_fn_rows_without_a_reference_are_not_sent_and_get_none(caplog):
+    form = RewardFnForm("correct", "sha256:c", needs_reference=True)
+    items = form.items(["a", "b", "c"], ["x", "y", "z"], {"answer": ["1", None, "3"]})
     assert items[1] is None and [items[0].id, items[2].id] == ["0", "2"]
     reply = ScoreResponse(
         reward="correct",
@@ -442,7 +443,11 @@ def test_reward_fn_rows_without_a_reference_are_not_sent_and_get_none():
             ItemResult(id="2", score=None, error=ErrorInfo(type=ErrorType.timeout, message="late")),
         ],
     )
-    assert NEEDS_REF.scores(items, reply) == [1.0, None, None]  # no reference; a failed item: None, never 0
+    assert form.scores(items, reply) == [1.0, None, None]  # no reference; a failed item: None, never 0
+    assert form.scores(items, reply) == [1.0, None, None]
+    # the failure is logged once, not every step
+    [record] = [r for r in caplog.records if r.name == "assay.clients"]
+    assert record.levelname == "WARNING" and "'correct': 1 of 3 items failed with timeout (late)" in record.message
     assert NEEDS_REF.scores([None, None], None) == [None, None]  # nothing to send, nothing sent
     with pytest.raises(ServerError, match="changed its reward"):
         RewardFnForm("correct", "sha256:other", needs_reference=True).scores(items, reply)
