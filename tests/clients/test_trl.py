@@ -10,6 +10,7 @@ None) exactly on the row without a reference.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from pathlib import Path
 
@@ -47,8 +48,8 @@ def server(tmp_path_factory):
         yield s
 
 
-def _trainer(out: Path, rows: list[dict], reward_funcs: list):
-    """TRL's GRPOTrainer on the embedded policy, recording the rewards of every step as TRL computed them."""
+def _trainer(out: Path, policy: Path, rows: list[dict], reward_funcs: list):
+    """TRL's GRPOTrainer on `policy`, recording the rewards of every step as TRL computed them."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -79,15 +80,13 @@ def _trainer(out: Path, rows: list[dict], reward_funcs: list):
         seed=0,
         shuffle_dataset=False,
     )
-    path = ARITH_DIR / "policy"
-    trainer = Recording(
-        model=AutoModelForCausalLM.from_pretrained(path),
+    return Recording(
+        model=AutoModelForCausalLM.from_pretrained(policy),
         reward_funcs=reward_funcs,
         args=config,
-        processing_class=AutoTokenizer.from_pretrained(path, padding_side="left"),
+        processing_class=AutoTokenizer.from_pretrained(policy, padding_side="left"),
         train_dataset=Dataset.from_list(rows),
     )
-    return trainer
 
 
 def _conversation(problem: world.Problem, earlier: world.Problem | None) -> list[dict[str, str]]:
@@ -103,7 +102,39 @@ def _conversation(problem: world.Problem, earlier: world.Problem | None) -> list
     return [{"role": "system", "content": "Show each step."}, *before, {"role": "user", "content": problem.expression}]
 
 
-def test_grpo_trainer_scores_through_the_service(server, tmp_path):
+def _train_and_check(server, policy: Path, rows: list[dict], out: Path) -> None:
+    """Two GRPO steps with a sync reward function (`correct`, over HTTP) and an async one (`orm`, over
+    gRPC); every reward TRL computed must be what rm_server answers for the same conversation."""
+    answers = {str(r["prompt"]): r["answer"] for r in rows}
+    client = AsyncRewardClient.grpc(server.grpc_target)
+    with RewardClient.http(server.http_url) as rm:
+        correct = rm.as_reward_fn("correct")  # finds the `answer` column by itself
+        orm = asyncio.run(client.as_reward_fn("orm"))  # made on a loop that is gone when TRL awaits it on its own
+        trainer = _trainer(out, policy, rows, [correct, orm])
+        with torch_threads(1):
+            trainer.train()
+
+        assert len(trainer.seen) == 2
+        last_user_differs = []
+        for prompts, completions, (got_correct, got_orm) in trainer.seen:
+            answer = [answers[str(p)] for p in prompts]
+            texts = [c[-1]["content"] for c in completions]
+            items = [{"messages": p, "response": t} for p, t in zip(prompts, texts, strict=True)]
+            with_refs = [{**item, "reference": a or "0"} for item, a in zip(items, answer, strict=True)]
+            for got, want, a in zip(got_correct, rm.score("correct", with_refs).results, answer, strict=True):
+                assert math.isnan(got) if a is None else got == want.score  # no reference: that row only gets None
+            assert got_orm == pytest.approx([r.score for r in rm.score("orm", items).results], rel=1e-4)
+            # what the reward function sent before, the last user message's text, scores otherwise
+            last_user = [{"prompt": p[-1]["content"], "response": t} for p, t in zip(prompts, texts, strict=True)]
+            last_user_differs += [
+                g != pytest.approx(r.score, rel=1e-2) for g, r in zip(got_orm, rm.score("orm", last_user).results)
+            ]
+    assert any(a is None for prompts, _, _ in trainer.seen for a in (answers[str(p)] for p in prompts))
+    assert any(last_user_differs)
+    asyncio.run(client.close())
+
+
+def test_grpo_trainer_on_the_embedded_policy(server, tmp_path):
     problems = world.take("train", 5, seed=0)
     # Conversational prompts, every other one with an earlier exchange; a GSM8K-style `answer` column
     # (found without reference_key), one row None; `level` travels as metadata.
@@ -115,33 +146,21 @@ def test_grpo_trainer_scores_through_the_service(server, tmp_path):
         }
         for i, p in enumerate(problems[:4])
     ]
-    answers = {str(r["prompt"]): r["answer"] for r in rows}
-    client = AsyncRewardClient.grpc(server.grpc_target)
-    with RewardClient.http(server.http_url) as rm:
-        correct = rm.as_reward_fn("correct")  # sync
-        orm = asyncio.run(client.as_reward_fn("orm"))  # async, made on a loop that is gone when TRL awaits it
-        trainer = _trainer(tmp_path, rows, [correct, orm])
-        with torch_threads(1):
-            trainer.train()
+    _train_and_check(server, ARITH_DIR / "policy", rows, tmp_path)
 
-        assert len(trainer.seen) == 2
-        last_user_differs = []
-        for prompts, completions, (got_correct, got_orm) in trainer.seen:
-            answer = [answers[str(p)] for p in prompts]
-            texts = [c[-1]["content"] for c in completions]
-            items = [{"messages": p, "response": t} for p, t in zip(prompts, texts, strict=True)]
-            want_correct = [
-                r.score
-                for r in rm.score("correct", [{**i, "reference": a or "0"} for i, a in zip(items, answer)]).results
-            ]
-            for got, want, a in zip(got_correct, want_correct, answer, strict=True):
-                assert math.isnan(got) if a is None else got == want  # no reference: no reward for that row only
-            assert got_orm == pytest.approx([r.score for r in rm.score("orm", items).results], rel=1e-4)
-            # what the old reward function sent, the last user message's text, scores otherwise
-            last_user = [{"prompt": p[-1]["content"], "response": t} for p, t in zip(prompts, texts, strict=True)]
-            last_user_differs += [
-                g != pytest.approx(r.score, rel=1e-2) for g, r in zip(got_orm, rm.score("orm", last_user).results)
-            ]
-    assert any(a is None for prompts, _, _ in trainer.seen for a in (answers[str(p)] for p in prompts))
-    assert any(last_user_differs)
-    asyncio.run(client.close())
+
+@pytest.fixture(scope="module")
+def chat_server(tiny_chat):
+    with BackgroundServer(ServerConfig(spec=tiny_chat / "rm.yaml", port=0, grpc_port=0)) as s:
+        yield s
+
+
+def test_grpo_trainer_on_the_tiny_chat_pair(tiny_chat, chat_server, tmp_path):
+    """The real shape: a ChatML policy, an ORM with its own tokenizer and template, the fixture's prompt
+    file as a user would bring it (`prompt` messages, `answer`, `level`)."""
+    rows = [json.loads(line) for line in (tiny_chat / "prompts.jsonl").read_text().splitlines()[:4]]
+    rows[1]["answer"] = None
+    for row in rows:  # the ORM's template renders a system turn: the last user message alone is another text
+        if row["prompt"][0]["role"] != "system":
+            row["prompt"] = [{"role": "system", "content": "Show each step."}, *row["prompt"]]
+    _train_and_check(chat_server, tiny_chat / "policy", rows, tmp_path)
