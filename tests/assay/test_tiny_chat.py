@@ -140,7 +140,8 @@ def test_rm_spec_serves_the_orm_with_its_own_template_and_the_rule(tiny_chat: Pa
     from assay.clients import RewardClient
     from assay.rm_server.local import LocalTransport
 
-    pairs = [r for r in rows(tiny_chat / "eval_preferences.jsonl") if len(r["prompt"]) == 1][:24]
+    # one user turn: today's items carry the prompt as text, which the service renders as that turn
+    pairs = [r for r in rows(tiny_chat / "eval_preferences.jsonl") if len(r["prompt"]) == 1]
     items = [
         {"prompt": r["prompt"][0]["content"], "response": r[side][0]["content"], "reference": None}
         for r in pairs
@@ -169,3 +170,23 @@ def test_the_data_files_are_the_same_bytes_for_a_seed(tmp_path: Path) -> None:
     other = tmp_path / "c"
     write_data(other, TinyChatConfig(seed=4))
     assert (other / "prompts.jsonl").read_bytes() != (tmp_path / "a" / "prompts.jsonl").read_bytes()
+
+
+def test_files_load_with_assay_data(tiny_chat: Path) -> None:
+    from assay.data import PreferenceRow, load_demonstrations, load_preferences, load_prompts
+
+    prompts = load_prompts(tiny_chat / "prompts.jsonl")
+    assert not prompts.skipped and len(prompts.rows) == len(rows(tiny_chat / "prompts.jsonl"))
+    first = prompts.rows[0]
+    assert isinstance(first.prompt, list) and first.prompt[-1]["role"] == "user"
+    assert first.reference == str(world.parse_prompt(expression(first.prompt)).answer)  # found under `answer`
+    assert first.extra == {"level": 1}
+
+    prefs = load_preferences(tiny_chat / "eval_preferences.jsonl")
+    assert not prefs.skipped and all(isinstance(r, PreferenceRow) for r in prefs.rows)
+    assert {r.subset for r in prefs.rows} == {"slip", "answer", "unfinished"}
+
+    demos = load_demonstrations(tiny_chat / "demonstrations.jsonl")
+    assert not demos.skipped
+    d = demos.rows[0]
+    assert d.completion == [{"role": "assistant", "content": world.parse_prompt(expression(d.prompt)).solution}]
