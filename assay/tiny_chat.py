@@ -330,21 +330,20 @@ def build(
     stage("policy", t0)
 
     t0 = time.perf_counter()
-    orm = LlamaForSequenceClassification(
-        LlamaConfig(
-            vocab_size=len(orm_tok),
-            hidden_size=cfg.orm_width,
-            intermediate_size=3 * cfg.orm_width,
-            num_hidden_layers=cfg.orm_layers,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=orm_tok.model_max_length,
-            bos_token_id=orm_tok.bos_token_id,
-            eos_token_id=orm_tok.eos_token_id,
-            pad_token_id=orm_tok.pad_token_id,
-            num_labels=1,
-        )
+    orm_config = LlamaConfig(
+        vocab_size=len(orm_tok),
+        hidden_size=cfg.orm_width,
+        intermediate_size=3 * cfg.orm_width,
+        num_hidden_layers=cfg.orm_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=orm_tok.model_max_length,
+        bos_token_id=orm_tok.bos_token_id,
+        eos_token_id=orm_tok.eos_token_id,
+        pad_token_id=orm_tok.pad_token_id,
     )
+    orm_config.num_labels = 1  # one logit: a scalar reward
+    orm = LlamaForSequenceClassification(orm_config)
     groups = ranked_groups(orm_tok, problems("train", cfg.orm_problems, cfg.seed + 3), cfg.seed)
     train_outcome_rm(orm, orm_tok, groups, cfg.orm, tick("orm", cfg.orm.steps))
     orm.save_pretrained(str(out_dir / "orm"))
