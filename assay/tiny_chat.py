@@ -19,9 +19,11 @@ version of the arithmetic world (`arith/chat.py`), and writes what a user would 
     DIR/build.json              the seed, the figures measured at the end of the build, seconds per stage
 
 Training rows come from the world's train split and evaluation rows from its held-out split, so
-no evaluation row was ever trained on. The ORM learns from the same preference pairs the file
-holds; the policy from the same conversations as the demonstrations (more of them). Both models
-and every file are deterministic from the seed.
+no evaluation row was ever trained on. The policy learns from conversations like the
+demonstrations (more of them, mostly easy one-step problems: a brief SFT teaches those, and GRPO
+then has answers to reward); the ORM from pairs like the preference file's (a worked answer over
+each kind of wrong one) on more training problems. Both models and every file are deterministic
+from the seed; `build.json` records the figures they reached.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from transformers import (
 
 from assay.arith import chat, world
 from assay.arith.checks import is_correct
+from assay.chat import render_exchange, render_prompt
 from assay.generation import SamplingParams, sample
 from assay.scoring import score_outcome
 from assay.trainer.reward_model import RankedGroup, RMConfig, train_outcome_rm
@@ -54,6 +57,7 @@ from assay.trainer.sft import SFTConfig, train_sft
 Message = chat.Message
 LEVELS = (1, 2)  # one-step sums to 20 (easy) and the world's default two-step problems
 SFT_POOL = {1: 600, 2: 20000}  # training problems per level the policy learns from
+EASY_SHARE = 0.7  # of SFT examples that are level 1
 MAX_NEW_TOKENS = 40  # a level-2 answer is about 25 policy tokens
 
 # Qwen2's pre-tokenizer split: words, single digits, punctuation runs, newlines, spaces.
@@ -77,10 +81,15 @@ ORM_SPECIALS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>
 class TinyChatConfig:
     seed: int = 0
     policy_vocab: int = 768
+    policy_width: int = 64
+    policy_layers: int = 3
     orm_vocab: int = 512
-    policy: SFTConfig = field(default_factory=lambda: SFTConfig(steps=600, batch_size=32, lr=3e-3, warmup_steps=30))
+    orm_width: int = 64
+    orm_layers: int = 2
+    policy: SFTConfig = field(default_factory=lambda: SFTConfig(steps=800, batch_size=32, lr=5e-3, warmup_steps=30))
     orm: RMConfig = field(default_factory=lambda: RMConfig(steps=300, batch_size=32, lr=1e-3, warmup_steps=20))
     rows: int = 512  # prompts, demonstrations and preferences from training problems
+    orm_problems: int = 1200  # training problems the ORM learns to rank answers on
     eval_rows: int = 96  # prompts and preferences from held-out problems (level 1 holds out only 65)
     check_problems: int = 48  # held-out problems per level the policy is checked on after the build
 
@@ -146,12 +155,6 @@ def corpus(problems: list[world.Problem], rng: random.Random) -> list[str]:
     return out
 
 
-def render(tokenizer: PreTrainedTokenizerFast, messages: list[Message], *, generation_prompt: bool = False) -> str:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
-    assert isinstance(text, str)  # tokenize=False: the text
-    return text
-
-
 # --- data rows -----------------------------------------------------------------------------------
 
 
@@ -191,34 +194,27 @@ def _level(p: world.Problem) -> int:
 
 
 def sft_examples(tokenizer: PreTrainedTokenizerFast, seed: int) -> Iterator[tuple[str, str]]:
-    """(rendered prompt, worked answer) forever: a level, then a training problem of it, each time a
-    new phrasing. Level 1 has only 735 training problems, so problems are drawn from pools."""
+    """(rendered prompt, worked answer) forever, each time a new phrasing: mostly easy (level 1)
+    problems, which a brief SFT can teach, and some level 2. Level 1 has only 735 training
+    problems, so problems are drawn from pools."""
     rng = random.Random(f"tiny-chat/sft/{seed}")
-    pools = [world.take("train", SFT_POOL[level], seed + 1, level) for level in LEVELS]
+    easy, hard = (world.take("train", SFT_POOL[level], seed + 1, level) for level in LEVELS)
     while True:
-        p = rng.choice(rng.choice(pools))
-        yield render(tokenizer, chat.prompt_messages(p, rng), generation_prompt=True), p.solution
+        p = rng.choice(easy if rng.random() < EASY_SHARE else hard)
+        yield render_prompt(tokenizer, chat.prompt_messages(p, rng)), p.solution
 
 
-def exchange(tokenizer: PreTrainedTokenizerFast, prompt: list[Message], response: str) -> str:
-    """The whole conversation with the assistant's answer, as the reward service renders it for the ORM."""
-    return render(tokenizer, [*prompt, chat.answer_message(response)])
-
-
-def ranked_groups(tokenizer: PreTrainedTokenizerFast, rows: list[dict[str, Any]]) -> list[RankedGroup]:
-    """One (chosen, rejected) pair per preference row, each a full rendered exchange."""
-    return [
-        RankedGroup(
-            "",
-            [
-                exchange(tokenizer, r["prompt"], r["chosen"][0]["content"]),
-                exchange(tokenizer, r["prompt"], r["rejected"][0]["content"]),
-            ],
-            best=0,
-            worse=[1],
-        )
-        for r in rows
-    ]
+def ranked_groups(tokenizer: PreTrainedTokenizerFast, probs: list[world.Problem], seed: int) -> list[RankedGroup]:
+    """The ORM's training data: per problem, the worked answer over one wrong answer of each kind,
+    every one a whole conversation rendered with the ORM's own template (as the service renders it)."""
+    rng = random.Random(f"tiny-chat/orm/{seed}")
+    groups = []
+    for p in probs:
+        prompt = chat.prompt_messages(p, rng)
+        answers = [p.solution, *(chat.wrong_solution(p, kind, rng) for kind in chat.REJECTION_KINDS)]
+        texts = [render_exchange(tokenizer, prompt, [chat.answer_message(a)]) for a in answers]
+        groups.append(RankedGroup("", texts, best=0, worse=list(range(1, len(texts)))))
+    return groups
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -233,7 +229,7 @@ def pass_rate(
 ) -> float:
     """Share of `probs` the policy answers right (`#### n`), one sample each."""
     rng = random.Random(seed)
-    prompts = [render(tokenizer, chat.prompt_messages(p, rng), generation_prompt=True) for p in probs]
+    prompts = [render_prompt(tokenizer, chat.prompt_messages(p, rng)) for p in probs]
     out = sample(model, tokenizer, prompts, SamplingParams(temperature, max_new_tokens=MAX_NEW_TOKENS), seed=seed)
     return sum(is_correct(p, s[0].text) for p, s in zip(probs, out)) / len(probs)
 
@@ -242,7 +238,7 @@ def pairwise_accuracy(
     model: LlamaForSequenceClassification, tokenizer: PreTrainedTokenizerFast, rows: list[dict[str, Any]]
 ) -> dict[str, float]:
     """Share of rows whose chosen answer the ORM scores above the rejected one, overall and per subset."""
-    texts = [t for g in ranked_groups(tokenizer, rows) for t in g.responses]
+    texts = [render_exchange(tokenizer, r["prompt"], r[side]) for r in rows for side in ("chosen", "rejected")]
     scores = score_outcome(model, tokenizer, texts)
     wins: dict[str, list[bool]] = {}
     for r, chosen, rejected in zip(rows, scores[0::2], scores[1::2]):
@@ -270,8 +266,8 @@ rewards:
 """
 
 
-def write_data(out_dir: Path, cfg: TinyChatConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The data files and rm.yaml; returns the training and the held-out preference rows."""
+def write_data(out_dir: Path, cfg: TinyChatConfig) -> list[dict[str, Any]]:
+    """The data files and rm.yaml; returns the held-out preference rows (the ORM's check)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"tiny-chat/data/{cfg.seed}")
     train, heldout = problems("train", cfg.rows, cfg.seed), problems("heldout", cfg.eval_rows, cfg.seed)
@@ -282,7 +278,7 @@ def write_data(out_dir: Path, cfg: TinyChatConfig) -> tuple[list[dict[str, Any]]
     write_jsonl(out_dir / "preferences.jsonl", preferences)
     write_jsonl(out_dir / "eval_preferences.jsonl", eval_preferences)
     (out_dir / "rm.yaml").write_text(RM_SPEC)
-    return preferences, eval_preferences
+    return eval_preferences
 
 
 def build(
@@ -305,7 +301,7 @@ def build(
         log(f"{name}: {seconds[name]:.0f}s")
 
     t0 = time.perf_counter()
-    preferences, eval_preferences = write_data(out_dir, cfg)
+    eval_preferences = write_data(out_dir, cfg)
     text = corpus(problems("train", 512, cfg.seed + 2), random.Random(f"tiny-chat/corpus/{cfg.seed}"))
     policy_tok, orm_tok = policy_tokenizer(text, cfg.policy_vocab), orm_tokenizer(text, cfg.orm_vocab)
     stage("data", t0)
@@ -314,9 +310,9 @@ def build(
     policy = Qwen2ForCausalLM(
         Qwen2Config(
             vocab_size=len(policy_tok),
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=4,
+            hidden_size=cfg.policy_width,
+            intermediate_size=3 * cfg.policy_width,
+            num_hidden_layers=cfg.policy_layers,
             num_attention_heads=4,
             num_key_value_heads=2,  # grouped-query attention, as Qwen2 checkpoints have
             max_position_embeddings=policy_tok.model_max_length,
@@ -334,22 +330,22 @@ def build(
     stage("policy", t0)
 
     t0 = time.perf_counter()
-    orm = LlamaForSequenceClassification(
-        LlamaConfig(
-            vocab_size=len(orm_tok),
-            hidden_size=96,
-            intermediate_size=256,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=orm_tok.model_max_length,
-            bos_token_id=orm_tok.bos_token_id,
-            eos_token_id=orm_tok.eos_token_id,
-            pad_token_id=orm_tok.pad_token_id,
-            num_labels=1,
-        )
+    orm_config = LlamaConfig(
+        vocab_size=len(orm_tok),
+        hidden_size=cfg.orm_width,
+        intermediate_size=3 * cfg.orm_width,
+        num_hidden_layers=cfg.orm_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=orm_tok.model_max_length,
+        bos_token_id=orm_tok.bos_token_id,
+        eos_token_id=orm_tok.eos_token_id,
+        pad_token_id=orm_tok.pad_token_id,
     )
-    train_outcome_rm(orm, orm_tok, ranked_groups(orm_tok, preferences), cfg.orm, tick("orm", cfg.orm.steps))
+    orm_config.num_labels = 1  # one logit: a scalar reward
+    orm = LlamaForSequenceClassification(orm_config)
+    groups = ranked_groups(orm_tok, problems("train", cfg.orm_problems, cfg.seed + 3), cfg.seed)
+    train_outcome_rm(orm, orm_tok, groups, cfg.orm, tick("orm", cfg.orm.steps))
     orm.save_pretrained(str(out_dir / "orm"))
     orm_tok.save_pretrained(str(out_dir / "orm"))
     stage("orm", t0)
