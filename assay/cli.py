@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID, TextColumn
 from rich.table import Table
 
+from assay.data_cli import data_app
 from assay.policy_server.cli import policy_app, search_cmd
 from assay.rm_server.cli import rm_app
 from assay.trainer.cli import plot_cmd, train_app
@@ -19,6 +20,7 @@ app = typer.Typer(help="Assay: rewards as a service, inference-time search, onli
 models_app = typer.Typer(help="The embedded arithmetic world's checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(rm_app, name="rm")
+app.add_typer(data_app, name="data")
 app.add_typer(policy_app, name="policy")
 app.command("search")(search_cmd)
 app.add_typer(train_app, name="train")

@@ -7,10 +7,13 @@ stack is imported (`assay.server_cli`), so a refusal takes no torch or fastapi i
 
 from __future__ import annotations
 
+import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from assay.cli_options import config_options
 from assay.rm_server.config import ServerConfig
@@ -41,8 +44,20 @@ def probe_cmd(
     spec: Path = typer.Option(None, help="reward spec YAML (default: the embedded arithmetic world's rewards)"),
     reward: list[str] = typer.Option([], help="reward to probe; repeatable (default: every pointwise reward)"),
     problems: int = typer.Option(64, help="held-out problems (each gives a right and a wrong solution)"),
+    items: Path = typer.Option(None, help="probe your own items: prompt + response rows, or preference rows"),
+    rm_url: str = typer.Option(None, help="with --items: a running reward service to probe instead of --spec"),
+    api_key: str = typer.Option(None, envvar="ASSAY_API_KEY", help="key for --rm-url"),
+    as_json: bool = typer.Option(False, "--json", help="with --items: print the figures as one JSON object"),
+    skip_bad_rows: bool = typer.Option(False, help="with --items: skip malformed rows (counted) instead of stopping"),
+    batch_size: int = typer.Option(64, min=1, help="with --items: responses per score request"),
+    timeout_s: float = typer.Option(300.0, help="with --items: deadline of each score request, in seconds"),
 ) -> None:
     """Perturb responses with non-content features and report how much each moves each reward."""
+    if items is not None:
+        _probe_items(items, spec, rm_url, api_key, list(reward), as_json, skip_bad_rows, batch_size, timeout_s)
+        return
+    if rm_url is not None or as_json:
+        refuse(ValueError("--rm-url and --json go with --items; the arithmetic probe serves --spec in-process"))
     from rich.table import Table
 
     from assay.rm_server.probe import PERTURBATIONS, probe_spec
@@ -74,3 +89,92 @@ def probe_cmd(
     wide.print(out)
     for name, rid in ids.items():
         wide.print(f"[dim]{name}: {rid}[/dim]")
+
+
+@rm_app.command("eval")
+def eval_cmd(
+    data: Path = typer.Option(..., help="preference file: prompt + chosen + rejected, or responses + scores"),
+    reward: str = typer.Option(..., help="the reward to evaluate, by its served name"),
+    spec: Path = typer.Option(None, help="serve this spec in-process (default: the embedded one)"),
+    rm_url: str = typer.Option(None, help="a running reward service to evaluate instead, e.g. http://127.0.0.1:8000"),
+    api_key: str = typer.Option(None, envvar="ASSAY_API_KEY", help="key for --rm-url"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
+    skip_bad_rows: bool = typer.Option(False, help="skip malformed rows (counted in the report) instead of stopping"),
+    batch_size: int = typer.Option(64, min=1, help="responses per score request"),
+    timeout_s: float = typer.Option(300.0, help="deadline of each score request, in seconds"),
+) -> None:
+    """Pairwise accuracy of a reward on preference data, scored through the service (RewardBench's figures)."""
+    from assay.clients import ServiceError
+    from assay.data import DataError, load_preferences
+    from assay.rm_server.rm_eval import evaluate
+
+    try:
+        loaded = load_preferences(data, skip_bad_rows=skip_bad_rows)
+    except (DataError, OSError) as exc:
+        refuse(exc)
+    try:
+        with _client(spec, rm_url, api_key, [reward], timeout_s) as client, _progress() as (advance, total):
+            info = {r.name: r for r in client.rewards().rewards}
+            if reward in info and info[reward].needs_reference:
+                refuse(ValueError(f"reward {reward!r} needs a reference, and preference rows carry none"))
+            report = evaluate(client, reward, loaded, batch_size, progress=advance, total=total)
+    except ServiceError as exc:
+        refuse(exc)
+    if as_json:
+        typer.echo(json.dumps(report.as_json()))
+    else:
+        Console().print(_eval_table(report.as_json()))
+
+
+def _client(spec: Path | None, rm_url: str | None, api_key: str | None, rewards: list[str], timeout_s: float):
+    """A reward client of the service at `rm_url`, or of `spec` served in this process (its named rewards)."""
+    from assay.clients import RewardClient
+
+    if rm_url is None:
+        from assay.rm_server.local import LocalTransport
+        from assay.rm_server.spec import SpecError
+
+        try:
+            return RewardClient(LocalTransport(spec, rewards=rewards or None), timeout_s=timeout_s)
+        except (SpecError, ValueError, OSError) as exc:
+            refuse(exc)
+    if spec is not None:
+        refuse(ValueError("give --spec (served here) or --rm-url (a running service), not both"))
+    return RewardClient.http(rm_url, api_key=api_key, timeout_s=timeout_s)
+
+
+@contextmanager
+def _progress():
+    """A progress bar over the responses scored, on stderr (so that --json's stdout is the report alone):
+    yields (advance(n), set_total(n))."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("score", total=None)
+        yield (lambda n: bar.advance(task, n)), (lambda n: bar.update(task, total=n))
+
+
+def _eval_table(r: dict) -> Table:
+    """The report as RewardBench shows one: accuracy, ties, margin per subset, then the whole set."""
+    title = f"{r['reward']} on {r['data']}: {r['rows']} rows, {r['pairs']} pairs scored\n{r['reward_id']}"
+    table = Table(title=title)
+    for col in ("subset", "pairs", "accuracy", "ties", "mean margin", "failed pairs"):
+        table.add_column(col, justify="left" if col == "subset" else "right")
+
+    def row(name: str, f: dict, style: str = "") -> None:
+        acc = "n/a" if f["accuracy"] is None else f"{f['accuracy']:.1%}"
+        margin = "n/a" if f["mean_margin"] is None else f"{f['mean_margin']:+.4f}"
+        table.add_row(name, str(f["pairs"]), acc, str(f["ties"]), margin, str(f["failed_pairs"]), style=style)
+
+    for name, f in r["subsets"].items():
+        row(name, f)
+    row("all", r, style="bold")
+    notes = ["ties count as wrong (RewardBench); failed pairs are left out of every figure"]
+    if r["failures"]:
+        notes.append("failed responses: " + ", ".join(f"{n} {t}" for t, n in r["failures"].items()))
+        notes.extend(r["failure_examples"])
+    if r["skipped_rows"]:
+        notes.append(f"{r['skipped_rows']} malformed rows skipped: " + "; ".join(r["skipped_row_errors"][:3]))
+    table.caption = "\n".join(notes)
+    return table

@@ -37,6 +37,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "assay.build",
         "assay.cli_options",
         "assay.server_cli",
+        "assay.data_cli",
         "assay.*.cli",
         "assay.*.__main__",
         "bench",
