@@ -28,7 +28,9 @@ def arith_cmd(
 ) -> None:
     """Write the embedded world's data as a JSONL file."""
     if (kind, split) != ("preferences", "heldout"):
-        raise typer.BadParameter(f"--kind {kind} --split {split} is not written here; try --kind preferences --split heldout")
+        raise typer.BadParameter(
+            f"--kind {kind} --split {split} is not written here; try --kind preferences --split heldout"
+        )
     export_heldout_preferences(out, problems, samples, seed, checkpoints)
 
 

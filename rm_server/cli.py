@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from assay.cli_options import config_options
 from assay.rm_server.config import ServerConfig
@@ -126,6 +127,66 @@ def eval_cmd(
         Console().print(_eval_table(report.as_json()))
 
 
+def _probe_items(
+    path: Path,
+    spec: Path | None,
+    rm_url: str | None,
+    api_key: str | None,
+    rewards: list[str],
+    as_json: bool,
+    skip_bad_rows: bool,
+    batch_size: int,
+    timeout_s: float,
+) -> None:
+    """`assay rm probe --items`: the domain-agnostic probe on the file's items, through the service."""
+    from assay.clients import ServiceError
+    from assay.data import DataError
+    from assay.rm_server.probe_items import PERTURBATIONS, load_items, probe
+
+    try:
+        items, pairs, loaded = load_items(str(path), skip_bad_rows=skip_bad_rows)
+    except (DataError, OSError) as exc:
+        refuse(exc)
+    try:
+        with _client(spec, rm_url, api_key, rewards, timeout_s) as client, _progress() as (advance, total):
+            names = rewards or [r.name for r in client.rewards().rewards if not r.pairwise]
+            total(len(items) * (1 + len(PERTURBATIONS)) * len(names))
+            table, ids = probe(client, names, items, pairs, batch_size, progress=advance)
+    except ServiceError as exc:
+        refuse(exc)
+    figures = {name: {p: vars(c) for p, c in cells.items()} for name, cells in table.items()}
+    if as_json:
+        out = {"items": str(path), "responses": len(items), "pairs": len(pairs), "skipped_rows": len(loaded.skipped)}
+        typer.echo(json.dumps(out | {"reward_ids": ids, "perturbations": figures}))
+        return
+    title = (
+        f"Mean score change and pairwise flips under each perturbation ({len(items)} responses, {len(pairs)} pairs)"
+        "\nper reward: shift (shift over the originals' std)  flips up / down"
+    )
+    out_table = Table(title=title)
+    out_table.add_column("perturbation")
+    for name in table:
+        out_table.add_column(name, justify="right")
+    for p in PERTURBATIONS:
+        out_table.add_row(p, *(_probe_cell(table[name][p]) for name in table))
+    notes = [f"{name}: {rid}" for name, rid in ids.items()]
+    if loaded.skipped:
+        notes.append(f"{len(loaded.skipped)} malformed rows skipped:")
+        notes.extend(f"  {e}" for e in loaded.skipped[:5])
+    wide = Console(width=max(Console().width, 40 + 30 * len(table)))
+    wide.print(Group(out_table, *(Text(n, style="dim") for n in notes)))
+
+
+def _probe_cell(c) -> str:
+    if c.mean_shift is None:
+        return "[dim]failed[/dim]"
+    effect = "" if c.effect is None else f" ({c.effect:+.2f})"
+    flips = "" if c.flip_up is None else f"  {c.flip_up:.0%} / {c.flip_down:.0%}"
+    failed = f" [dim]{c.failed} failed[/dim]" if c.failed else ""
+    flag = "[red]" if abs(c.mean_shift) > 1e-6 and (c.effect is None or abs(c.effect) >= 0.5) else ""
+    return f"{flag}{c.mean_shift:+.3f}{effect}{flips}{failed}"
+
+
 def _client(spec: Path | None, rm_url: str | None, api_key: str | None, rewards: list[str], timeout_s: float):
     """A reward client of the service at `rm_url`, or of `spec` served in this process (its named rewards)."""
     from assay.clients import RewardClient
@@ -155,10 +216,9 @@ def _progress():
         yield (lambda n: bar.advance(task, n)), (lambda n: bar.update(task, total=n))
 
 
-def _eval_table(r: dict) -> Table:
-    """The report as RewardBench shows one: accuracy, ties, margin per subset, then the whole set."""
-    title = f"{r['reward']} on {r['data']}: {r['rows']} rows, {r['pairs']} pairs scored\n{r['reward_id']}"
-    table = Table(title=title)
+def _eval_table(r: dict) -> Group:
+    """The report as RewardBench shows one: accuracy, ties, margin per subset, then the whole set; notes below."""
+    table = Table(title=f"{r['reward']} on {r['data']}: {r['rows']} rows, {r['pairs']} pairs scored")
     for col in ("subset", "pairs", "accuracy", "ties", "mean margin", "failed pairs"):
         table.add_column(col, justify="left" if col == "subset" else "right")
 
@@ -170,11 +230,14 @@ def _eval_table(r: dict) -> Table:
     for name, f in r["subsets"].items():
         row(name, f)
     row("all", r, style="bold")
-    notes = ["ties count as wrong (RewardBench); failed pairs are left out of every figure"]
+    notes = [
+        f"reward id {r['reward_id']}",
+        "ties count as wrong (RewardBench); failed pairs are left out of every figure",
+    ]
     if r["failures"]:
         notes.append("failed responses: " + ", ".join(f"{n} {t}" for t, n in r["failures"].items()))
-        notes.extend(r["failure_examples"])
+        notes.extend(f"  {e}" for e in r["failure_examples"])
     if r["skipped_rows"]:
-        notes.append(f"{r['skipped_rows']} malformed rows skipped: " + "; ".join(r["skipped_row_errors"][:3]))
-    table.caption = "\n".join(notes)
-    return table
+        notes.append(f"{r['skipped_rows']} malformed rows skipped:")
+        notes.extend(f"  {e}" for e in r["skipped_row_errors"][:5])
+    return Group(table, *(Text(n, style="dim") for n in notes))

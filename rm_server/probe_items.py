@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from assay.clients import RewardClient
-from assay.rm_server.rm_eval import Failure, Outcome, score_all, score_item
+from assay.data import DataError, Loaded, PreferenceRow, Text, load_preferences, load_prompts, read_table
+from assay.rm_server.rm_eval import Failure, Outcome, response_text, score_all, score_item
 
 PADDING = (
     "I hope this helps! If you have any further questions, feel free to ask: I am always happy to go "
@@ -69,9 +70,51 @@ PERTURBATIONS: dict[str, Callable[[str], str]] = {
 
 @dataclass(frozen=True)
 class ProbeItem:
-    prompt: Any  # a string or a conversation (assay.data.Text)
+    prompt: Text
     response: str
     reference: str | None
+
+
+def load_items(path: str, *, skip_bad_rows: bool = False) -> tuple[list[ProbeItem], list[tuple[int, int]], Loaded]:
+    """The items of a probe file and the pairs the flip rates are taken over (see the module docstring).
+
+    Preference rows (a `chosen` or a `responses` column) give their responses and pairs; other files
+    are prompt rows with a `response` column. The `Loaded` tells the rows skipped under `skip_bad_rows`.
+    """
+    columns = read_table(path).column_names
+    if "chosen" in columns or "responses" in columns:
+        prefs = load_preferences(path, skip_bad_rows=skip_bad_rows)
+        items: list[ProbeItem] = []
+        pairs: list[tuple[int, int]] = []
+        for r in prefs.rows:
+            texts = [r.chosen, r.rejected] if isinstance(r, PreferenceRow) else r.responses
+            try:
+                sent = [response_text(t) for t in texts]
+            except ValueError as exc:
+                error = DataError(
+                    path, str(exc), row=r.row, column="chosen" if isinstance(r, PreferenceRow) else "responses"
+                )
+                if not skip_bad_rows:
+                    raise error from None
+                prefs.skipped.append(error)
+                continue
+            first = len(items)
+            items.extend(ProbeItem(r.prompt, t, None) for t in sent)
+            pairs.extend((first + a, first + b) for a in range(len(sent)) for b in range(a + 1, len(sent)))
+        return items, pairs, prefs
+    if "response" not in columns:
+        raise DataError(path, f"needs the columns prompt + response, or preference columns; it has {list(columns)}")
+    prompts = load_prompts(path, skip_bad_rows=skip_bad_rows)
+    items = []
+    for r in prompts.rows:
+        try:
+            items.append(ProbeItem(r.prompt, response_text(r.extra["response"]), r.reference))
+        except (ValueError, TypeError) as exc:
+            error = DataError(path, str(exc), row=r.row, column="response")
+            if not skip_bad_rows:
+                raise error from None
+            prompts.skipped.append(error)
+    return items, same_prompt_pairs(items), prompts
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ assistant turn, and is sent as its text.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,14 +51,16 @@ class Pair:
     rejected: int
 
 
-def response_text(response: Text) -> str:
+def response_text(response: Any) -> str:
     """The text the service scores: a string as is, or the content of a single assistant message."""
     if isinstance(response, str):
         return response
-    if len(response) == 1 and response[0].get("role") == "assistant":
-        return response[0]["content"]
-    roles = [m.get("role") for m in response]
-    raise ValueError(f"the service scores one assistant turn; this response is {len(response)} messages {roles}")
+    if isinstance(response, list) and len(response) == 1 and isinstance(response[0], Mapping):
+        message = response[0]
+        if message.get("role") == "assistant" and isinstance(message.get("content"), str):
+            return message["content"]
+    what = f"{len(response)} messages" if isinstance(response, list) else type(response).__name__
+    raise ValueError(f"expected a string or one assistant message (the service scores one turn), got {what}")
 
 
 def score_item(item_id: str, prompt: Text, response: Text, reference: str | None = None) -> dict[str, Any]:
