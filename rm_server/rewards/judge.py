@@ -35,7 +35,16 @@ from collections.abc import Sequence
 import httpx
 
 from assay.rm_server.protocol import ErrorType, Granularity
-from assay.rm_server.rewards.base import Compared, Item, ItemFailure, Outcome, Reward, Scored, until_deadline
+from assay.rm_server.rewards.base import (
+    Compared,
+    Item,
+    ItemFailure,
+    Outcome,
+    Prompt,
+    Reward,
+    Scored,
+    until_deadline,
+)
 from assay.rm_server.spec import JudgeSpec
 
 _SCORE_TEMPLATE = (
@@ -125,6 +134,15 @@ def sanitize(text: str, spec: JudgeSpec, *, keep_newlines: bool = False) -> str:
             text = text.replace(token, "")
         if text == before:
             return text
+
+
+def judged_prompt(prompt: Prompt, spec: JudgeSpec) -> str:
+    """The prompt as the judge reads it: text sanitized (newlines kept), or a conversation as a
+    transcript, one `<role>: <content>` block per turn, each turn's text sanitized alike. The
+    judge is another model, with its own template: it reads the conversation, it is not in it."""
+    if isinstance(prompt, str):
+        return sanitize(prompt, spec, keep_newlines=True)
+    return "\n\n".join(f"{m['role']}: {sanitize(m['content'], spec, keep_newlines=True)}" for m in prompt)
 
 
 def parse_score(text: str, lo: float, hi: float) -> float:
@@ -267,7 +285,7 @@ class JudgeReward(Reward):
         spec = self.spec
         prompt = render(
             self.template,
-            prompt=sanitize(item.prompt, spec, keep_newlines=True),
+            prompt=judged_prompt(item.prompt, spec),
             response=sanitize(item.response, spec),
         )
         try:
@@ -285,7 +303,7 @@ class JudgeReward(Reward):
             return failure
 
     async def _compare_one(self, a: Item, b: Item) -> Compared | ItemFailure:
-        p = sanitize(a.prompt, self.spec, keep_newlines=True)
+        p = judged_prompt(a.prompt, self.spec)
         ra, rb = sanitize(a.response, self.spec), sanitize(b.response, self.spec)
         orders = [render(self.template, prompt=p, response_a=x, response_b=y) for x, y in ((ra, rb), (rb, ra))]
         answers = await asyncio.gather(*(self._post(text, 1) for text in orders), return_exceptions=True)
