@@ -1,8 +1,8 @@
 """`assay rm probe --items FILE`: the bias probe on your own prompt/response items.
 
 The items are a file `assay.data` reads: rows with `prompt` + `response` (a string, or one
-assistant message; a reference column travels to rules that need one), or preference rows (both
-responses of each pair are probed). Every response is scored as it is and under each of a set of
+assistant message; a reference column and any other columns travel to the reward), or preference
+rows (both responses of each pair are probed). Every response is scored as it is and under each of a set of
 domain-agnostic perturbations that leave its content alone (`PERTURBATIONS`: padding, markdown
 bold and a header, a list layout, a link, emoji, an affirmative opener, refusal boilerplate), all
 through the service (`rm_eval.score_all`: HTTP, or rm_server's in-process transport), and the
@@ -73,6 +73,7 @@ class ProbeItem:
     prompt: Text
     response: str
     reference: str | None
+    metadata: dict[str, Any] | None = None  # a prompt row's other columns, sent along to the reward
 
 
 def load_items(path: str, *, skip_bad_rows: bool = False) -> tuple[list[ProbeItem], list[tuple[int, int]], Loaded]:
@@ -108,7 +109,8 @@ def load_items(path: str, *, skip_bad_rows: bool = False) -> tuple[list[ProbeIte
     items = []
     for r in prompts.rows:
         try:
-            items.append(ProbeItem(r.prompt, response_text(r.extra["response"]), r.reference))
+            metadata = {k: v for k, v in r.extra.items() if k != "response"}
+            items.append(ProbeItem(r.prompt, response_text(r.extra["response"]), r.reference, metadata or None))
         except (ValueError, TypeError) as exc:
             error = DataError(path, str(exc), row=r.row, column="response")
             if not skip_bad_rows:
@@ -188,7 +190,7 @@ def probe(
             sendable: list[dict[str, Any] | Failure] = [
                 Failure("invalid_input", f"reward {reward!r} needs a reference and this item has none")
                 if needs_reference.get(reward) and it.reference is None
-                else score_item(str(i), it.prompt, text, it.reference)
+                else score_item(str(i), it.prompt, text, it.reference, it.metadata)
                 for i, (it, text) in enumerate(zip(items, responses, strict=True))
             ]
             scored[version], ids[reward] = score_all(client, reward, sendable, batch_size, progress)

@@ -63,12 +63,16 @@ def response_text(response: Any) -> str:
     raise ValueError(f"expected a string or one assistant message (the service scores one turn), got {what}")
 
 
-def score_item(item_id: str, prompt: Text, response: Text, reference: str | None = None) -> dict[str, Any]:
+def score_item(
+    item_id: str, prompt: Text, response: Text, reference: str | None = None, metadata: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A `ScoreItem` as a dict: a string prompt as `prompt`, a conversation as `messages`."""
     item: dict[str, Any] = {"id": item_id, "response": response_text(response)}
     item["prompt" if isinstance(prompt, str) else "messages"] = prompt
     if reference is not None:
         item["reference"] = reference
+    if metadata:
+        item["metadata"] = metadata
     return item
 
 

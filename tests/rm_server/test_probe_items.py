@@ -29,7 +29,7 @@ rewards:
 
 FILLER = "ANSWER: 4, which is what two and two make when added."  # 52 characters
 ITEMS = [  # two responses per prompt: a short one (penalty 0) and one of 60 characters (penalty -0.2)
-    {"prompt": "What is 2+2?", "response": "ANSWER: 4", "reference": "4"},
+    {"prompt": "What is 2+2?", "response": "ANSWER: 4", "reference": "4", "source": "hand"},
     {"prompt": "What is 2+2?", "response": FILLER.ljust(60, "."), "reference": "4"},
     {"prompt": [{"role": "user", "content": "And 3+4?"}], "response": "ANSWER: 7", "reference": "7"},
     {"prompt": [{"role": "user", "content": "And 3+4?"}], "response": "ANSWER: 7".ljust(60, "!"), "reference": "7"},
@@ -51,7 +51,11 @@ def _penalty(text: str) -> float:
 def test_shifts_and_flips_are_what_the_rules_predict(files):
     items, pairs, loaded = load_items(str(files / "items.jsonl"))
     assert len(items) == 4 and pairs == [(0, 1), (2, 3)] and not loaded.skipped
-    assert items[0].reference == "4" and items[2].prompt == [{"role": "user", "content": "And 3+4?"}]
+    assert (
+        items[0].reference == "4"
+        and items[0].metadata == {"source": "hand"}
+        and items[2].prompt == [{"role": "user", "content": "And 3+4?"}]
+    )
     with RewardClient(LocalTransport(files / "spec.yaml")) as client:
         table, ids = probe(client, ["short", "exact", "flattered"], items, pairs, batch_size=3)
         assert ids["short"] == client.reward_id("short")
