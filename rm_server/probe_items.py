@@ -107,12 +107,12 @@ def load_items(path: str, *, skip_bad_rows: bool = False) -> tuple[list[ProbeIte
         raise DataError(path, f"needs the columns prompt + response, or preference columns; it has {list(columns)}")
     prompts = load_prompts(path, skip_bad_rows=skip_bad_rows)
     items = []
-    for r in prompts.rows:
+    for p in prompts.rows:
         try:
-            metadata = {k: v for k, v in r.extra.items() if k != "response"}
-            items.append(ProbeItem(r.prompt, response_text(r.extra["response"]), r.reference, metadata or None))
-        except (ValueError, TypeError) as exc:
-            error = DataError(path, str(exc), row=r.row, column="response")
+            metadata = {k: v for k, v in p.extra.items() if k != "response"}
+            items.append(ProbeItem(p.prompt, response_text(p.extra["response"]), p.reference, metadata or None))
+        except ValueError as exc:
+            error = DataError(path, str(exc), row=p.row, column="response")
             if not skip_bad_rows:
                 raise error from None
             prompts.skipped.append(error)

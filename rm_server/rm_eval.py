@@ -115,12 +115,13 @@ def score_all(
     A reply for another reward id raises `ServerError`: the served reward changed mid-evaluation.
     """
     outcomes: list[Outcome | None] = [x if isinstance(x, Failure) else None for x in items]
-    todo = [i for i, x in enumerate(items) if not isinstance(x, Failure)]
+    sendable = {i: x for i, x in enumerate(items) if not isinstance(x, Failure)}
+    todo = list(sendable)
     reward_id: str | None = None
 
     def send(batch: list[int]) -> None:
         nonlocal reward_id
-        reply = client.score(reward, [items[i] for i in batch])
+        reply = client.score(reward, [sendable[i] for i in batch])
         if reward_id is not None and reply.reward_id != reward_id:
             raise ServerError(f"reward {reward!r} changed from {reward_id} to {reply.reward_id} during the evaluation")
         reward_id = reply.reward_id
@@ -229,7 +230,7 @@ def evaluate(
     items, pairs = plan(loaded.rows)
     total(sum(not isinstance(x, Failure) for x in items))
     outcomes, reward_id = score_all(client, reward, items, batch_size, progress)
-    overall, subsets = Tally(), {}
+    overall, subsets = Tally(), dict[str, Tally]()
     for p in pairs:
         overall.add(outcomes[p.chosen], outcomes[p.rejected])
         if p.subset is not None:
