@@ -118,6 +118,8 @@ def eval_cmd(
             info = {r.name: r for r in client.rewards().rewards}
             if reward in info and info[reward].needs_reference:
                 refuse(ValueError(f"reward {reward!r} needs a reference, and preference rows carry none"))
+            if reward in info and info[reward].pairwise:
+                refuse(ValueError(f"reward {reward!r} only compares (/v1/compare); rm eval scores pointwise rewards"))
             report = evaluate(client, reward, loaded, batch_size, progress=advance, total=total)
     except ServiceError as exc:
         refuse(exc)
@@ -149,7 +151,10 @@ def _probe_items(
         refuse(exc)
     try:
         with _client(spec, rm_url, api_key, rewards, timeout_s) as client, _progress() as (advance, total):
-            names = rewards or [r.name for r in client.rewards().rewards if not r.pairwise]
+            pairwise = {r.name for r in client.rewards().rewards if r.pairwise}
+            if pairwise & set(rewards):
+                refuse(ValueError(f"{', '.join(sorted(pairwise & set(rewards)))} only compare; the probe scores"))
+            names = rewards or [r.name for r in client.rewards().rewards if r.name not in pairwise]
             total(len(items) * (1 + len(PERTURBATIONS)) * len(names))
             table, ids = probe(client, names, items, pairs, batch_size, progress=advance)
     except ServiceError as exc:

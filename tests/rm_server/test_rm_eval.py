@@ -184,3 +184,15 @@ def test_heldout_arithmetic_pairs_agree_with_assay_eval(tmp_path):
     assert report["ties"] == 0 and report["accuracy"] == pytest.approx(figures["orm_pairwise_accuracy"], abs=1e-12)
     well_formed = report["subsets"]["well_formed"]["accuracy_ties_half"]
     assert well_formed == pytest.approx(figures["orm_pairwise_accuracy_well_formed"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_tiny_chat_orm_beats_chance_on_its_preferences(tiny_chat):
+    """The chain's step: the tiny-chat ORM (its own tokenizer and template) served from the fixture's spec,
+    on its conversational preference file; every pair is scored and more than half are ordered right."""
+    loaded = load_preferences(tiny_chat / "preferences.jsonl")
+    with RewardClient(LocalTransport(tiny_chat / "rm.yaml", rewards=["orm"]), timeout_s=300) as client:
+        report = evaluate(client, "orm", loaded).as_json()
+    assert report["failed_pairs"] == 0 and report["pairs"] == len(loaded.rows)
+    assert report["accuracy"] > 0.5, report
+    assert report["subsets"], "the fixture's rows carry a subset"
