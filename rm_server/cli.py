@@ -206,7 +206,11 @@ def _client(spec: Path | None, rm_url: str | None, api_key: str | None, rewards:
             refuse(exc)
     if spec is not None:
         refuse(ValueError("give --spec (served here) or --rm-url (a running service), not both"))
-    return RewardClient.http(rm_url, api_key=api_key, timeout_s=timeout_s)
+    client = RewardClient.http(rm_url, api_key=api_key, timeout_s=timeout_s)
+    if not client.health(timeout_s=10):  # else every call would retry an absent server until its deadline
+        client.close()
+        refuse(ValueError(f"no reward service answers at {rm_url}"))
+    return client
 
 
 @contextmanager

@@ -114,3 +114,7 @@ def test_the_command(files):
     assert refused.exit_code == 2 and "row 1" in refused.output and "'response'" in refused.output
     no_items = runner.invoke(app, ["rm", "probe", "--rm-url", "http://127.0.0.1:9"])
     assert no_items.exit_code == 2 and "--items" in no_items.output
+    no_server = runner.invoke(
+        app, ["rm", "probe", "--items", str(files / "items.jsonl"), "--rm-url", "http://127.0.0.1:9"]
+    )
+    assert no_server.exit_code == 2 and "no reward service answers at http://127.0.0.1:9" in no_server.output
