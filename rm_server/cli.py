@@ -1,8 +1,12 @@
-"""`assay rm ...`: serve rewards, and probe them for non-content biases.
+"""`assay rm ...`: serve rewards, evaluate them on preference data, and probe them for non-content biases.
 
 `assay rm serve`'s options are `ServerConfig`'s fields (`assay.rm_server.config`), derived with their
 defaults and help by `assay.cli_options`; the config and the spec are checked before the server
 stack is imported (`assay.server_cli`), so a refusal takes no torch or fastapi import.
+
+`assay rm eval` (`rm_eval.py`) and `assay rm probe --items` (`probe_items.py`) score through a
+`RewardClient`: of a running service (`--rm-url`), or of the spec served in this process by the
+service's own serving layer (`local.LocalTransport`), so what they measure is what is served.
 """
 
 from __future__ import annotations
