@@ -15,10 +15,10 @@ the service serves, reward id included. The report:
   figure; they are counted in `failed_pairs` and by error type in `failures`, never scored as wrong.
 
 K-wise rows (`responses` + `scores`) count as pairs: every best-scored response against every
-response scored strictly lower (a row of K distinct scores gives K - 1 pairs). Each distinct
-response of a row is scored once. A prompt given as messages travels as the item's `messages`
-(the reward renders it, with its own chat template); a response given as messages must be one
-assistant turn, and is sent as its text.
+response scored strictly lower (a row of K distinct scores gives K - 1 pairs). Each response of a
+row is scored once, however many pairs it is in. A prompt given as messages travels as the item's
+`messages` (the reward renders it, with its own chat template); a response given as messages must
+be one assistant turn, and is sent as its text.
 """
 
 from __future__ import annotations
