@@ -189,8 +189,8 @@ def test_heldout_arithmetic_pairs_agree_with_assay_eval(tmp_path):
 @pytest.mark.slow
 def test_tiny_chat_orm_beats_chance_on_its_preferences(tiny_chat):
     """The chain's step: the tiny-chat ORM (its own tokenizer and template) served from the fixture's spec,
-    on its conversational preference file; every pair is scored and more than half are ordered right."""
-    loaded = load_preferences(tiny_chat / "preferences.jsonl")
+    on its held-out conversational preference file; every pair is scored and more than half are ordered right."""
+    loaded = load_preferences(tiny_chat / "eval_preferences.jsonl")
     with RewardClient(LocalTransport(tiny_chat / "rm.yaml", rewards=["orm"]), timeout_s=300) as client:
         report = evaluate(client, "orm", loaded).as_json()
     assert report["failed_pairs"] == 0 and report["pairs"] == len(loaded.rows)
