@@ -54,7 +54,7 @@ def load_config(cls: type, path: Path | None, given: dict[str, Any]) -> Any:
 
 def open_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, can_resume: bool = True):
     """The run directory, checked before anything starts: one run per directory, never two mixed."""
-    from assay.trainer.online import RunDir
+    from assay.trainer.rundir import RunDir
 
     if resume and overwrite:
         raise typer.BadParameter("--resume continues the run in --run-dir and --overwrite discards it: give one")
