@@ -37,6 +37,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "assay.build",
         "assay.cli_options",
         "assay.server_cli",
+        "assay.trainer.offline_cli",
+        "assay.data_cli",
         "assay.*.cli",
         "assay.*.__main__",
         "bench",
@@ -47,7 +49,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "policy_server wire types": ("assay.policy_server.protocol",),
     "proto": ("assay.proto",),
     "base": ("assay.base",),
-    "models base": ("assay.checkpoints", "assay.generation", "assay.scoring"),
+    "models base": ("assay.checkpoints", "assay.generation", "assay.scoring", "assay.chat"),
+    "data": ("assay.data$",),
     "arith": ("assay.arith",),
     # 2.-5. the pieces
     "trainer": ("assay.trainer",),
@@ -66,7 +69,7 @@ EVERY_GROUP = set(GROUPS)
 # What each group may import besides itself.
 MAY_IMPORT: dict[str, set[str]] = {
     "composition": EVERY_GROUP,
-    "trainer": {"clients", "models base", "arith"} | WIRE,
+    "trainer": {"clients", "models base", "arith", "data"} | WIRE,
     "rm_server": {"base", "models base", "clients", "arith", "rm_server wire types", "proto"},
     "policy_server": {
         "base",
@@ -89,6 +92,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "base": set(),
     "models base": {"arith"},
     "arith": set(),
+    "data": set(),
     "assay": set(),
 }
 
