@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID, TextColumn
 from rich.table import Table
 
+from assay.data_cli import data_app
 from assay.policy_server.cli import policy_app, search_cmd
 from assay.rm_server.cli import rm_app
 from assay.trainer.cli import plot_cmd, train_app
@@ -26,6 +27,7 @@ train_app.command("sft")(sft_cmd)
 train_app.command("rm")(rm_cmd)
 app.add_typer(train_app, name="train")
 app.command("plot")(plot_cmd)
+app.add_typer(data_app, name="data")
 console = Console()
 
 _LABELS = {
