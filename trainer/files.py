@@ -15,6 +15,8 @@ generation prompt, so prompt text + response text is the whole exchange the temp
 
 A row whose template does not write the prompt as the start of the exchange (a template that
 rewrites earlier turns) is refused with its file and row, never trained on in a shifted form.
+A K-wise row's pairs are its best response against each lower-scored one: a ranking among the
+lower ones is not used.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from assay.chat import render_exchange, render_prompt
+from assay.chat import split_exchange
 from assay.data import DemoRow, PreferenceRow, RankedRow, Text
 from assay.trainer.dpo import Pair
 from assay.trainer.reward_model import RankedGroup
@@ -37,19 +39,12 @@ def is_chat(rows: Sequence[DemoRow | PrefRow]) -> bool:
 
 
 def exchange(tokenizer: PreTrainedTokenizerBase, prompt: Text, response: Text, where: str) -> tuple[str, str]:
-    """(prompt text, response text) as the model reads them; together, the whole exchange.
-
-    `where` names the row ("data.jsonl row 3") in the error of a template that does not extend the prompt."""
-    if isinstance(prompt, str) and isinstance(response, str):
-        return prompt, response
-    head = render_prompt(tokenizer, prompt)
-    whole = render_exchange(tokenizer, prompt, response)
-    if not whole.startswith(head):
-        raise ValueError(
-            f"{where}: the chat template does not write the prompt as the start of the exchange, "
-            "so the response's tokens cannot be told apart from the prompt's"
-        )
-    return head, whole[len(head) :]
+    """(prompt text, response text) as the model reads them (`assay.chat.split_exchange`); `where`
+    ("data.jsonl row 3") names the row in the error of a template that cannot be cut there."""
+    try:
+        return split_exchange(tokenizer, prompt, response)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from exc
 
 
 def completion(tokenizer: PreTrainedTokenizerBase, prompt: Text, response: Text, where: str) -> tuple[str, str]:
@@ -71,7 +66,7 @@ def ranked_groups(tokenizer: PreTrainedTokenizerBase, rows: Sequence[PrefRow], p
     groups = []
     for r in rows:
         where = f"{path} row {r.row}"
-        responses, best, worse = _ranking(r, where)
+        responses, best, worse = _ranking(r)
         texts = [exchange(tokenizer, r.prompt, resp, where) for resp in responses]
         # every response follows the same rendered prompt: the group keeps it once
         groups.append(RankedGroup(texts[0][0], [t for _, t in texts], best=best, worse=worse))
@@ -83,23 +78,19 @@ def pairs(tokenizer: PreTrainedTokenizerBase, rows: Sequence[PrefRow], path: str
     out = []
     for r in rows:
         where = f"{path} row {r.row}"
-        responses, best, worse = _ranking(r, where)
+        responses, best, worse = _ranking(r)
         head, good = completion(tokenizer, r.prompt, responses[best], where)
         out.extend(Pair(head, good, completion(tokenizer, r.prompt, responses[i], where)[1]) for i in worse)
     return out
 
 
-def _ranking(row: PrefRow, where: str) -> tuple[list[Text], int, list[int]]:
+def _ranking(row: PrefRow) -> tuple[list[Text], int, list[int]]:
     """(responses, the best one, the lower-scored ones); the first of equal best scores is the best.
-
-    A K-wise row whose responses all score the same prefers none, and is refused with its row."""
+    (`assay.data` refuses a K-wise row whose responses all score the same.)"""
     if isinstance(row, PreferenceRow):
         return [row.chosen, row.rejected], 0, [1]
     best = max(range(len(row.scores)), key=row.scores.__getitem__)
-    worse = [i for i, s in enumerate(row.scores) if s < row.scores[best]]
-    if not worse:
-        raise ValueError(f"{where}: every response has the same score, so none is preferred")
-    return row.responses, best, worse
+    return row.responses, best, [i for i, s in enumerate(row.scores) if s < row.scores[best]]
 
 
 def _texts(row: DemoRow | PrefRow) -> list[Text]:

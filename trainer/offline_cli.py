@@ -255,7 +255,8 @@ def _rows(opts: Files, loader: Callable[..., Any], seed: int) -> Rows:
     if held is not None:
         train, heldout = loaded.rows, held.rows
     else:
-        train, heldout = split(loaded.rows, opts.eval_fraction, seed) if opts.eval_fraction else (loaded.rows, [])
+        fraction = opts.eval_fraction
+        train, heldout = _guarded(lambda: split(loaded.rows, fraction, seed)) if fraction else (loaded.rows, [])
     if not train:
         _fail(f"{opts.data}: no rows to train on")
     console.print(f"{len(train)} training rows, {len(heldout)} held out")

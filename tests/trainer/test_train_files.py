@@ -90,7 +90,20 @@ def test_rm_from_a_file_logs_held_out_accuracy_and_rm_server_serves_what_it_trai
     from assay.scoring import score_outcome
 
     out = tmp_path / "rm"
-    flags = ["--eval-fraction", "0.25", "--eval-every", "5", "--steps", "15", "--batch-size", "8", "--lr", "3e-3"]
+    flags = [
+        "--eval-fraction",
+        "0.25",
+        "--eval-every",
+        "5",
+        "--steps",
+        "15",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "0",
+    ]
     output = invoke("train", "rm", "--model", POLICY, "--data", preferences, "--loss", "bt", "--out", out, *flags)
     said = " ".join(output.split())
     assert f"rm: {{type: model.outcome, path: {out.resolve()}}}" in said  # plain text: the default template
