@@ -14,15 +14,20 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from assay.data import Text
 from assay.rm_server.protocol import ErrorType, Granularity
 
 
 @dataclass(frozen=True)
 class Item:
-    prompt: str
+    """One item to score. A reward that reads text must handle a conversation itself (render it,
+    or fail the item `invalid_input`): flattening it quietly would score text nobody sent."""
+
+    prompt: Text  # text, or a conversation: the turns before the response
     response: str
     reference: str | None = None
     id: str = ""  # the request's item id, for error messages
+    metadata: dict[str, Any] | None = None  # the dataset row's other columns, as the client sent them
 
 
 @dataclass(frozen=True)
