@@ -17,6 +17,7 @@ from assay.data_cli import data_app
 from assay.policy_server.cli import policy_app, search_cmd
 from assay.rm_server.cli import rm_app
 from assay.trainer.cli import plot_cmd, train_app
+from assay.trainer.offline_cli import rm_cmd, sft_cmd
 
 app = typer.Typer(help="Assay: rewards as a service, inference-time search, online RLHF.", no_args_is_help=True)
 models_app = typer.Typer(
@@ -27,8 +28,11 @@ app.add_typer(rm_app, name="rm")
 app.add_typer(data_app, name="data")
 app.add_typer(policy_app, name="policy")
 app.command("search")(search_cmd)
+train_app.command("sft")(sft_cmd)
+train_app.command("rm")(rm_cmd)
 app.add_typer(train_app, name="train")
 app.command("plot")(plot_cmd)
+app.add_typer(data_app, name="data")
 console = Console()
 
 _LABELS = {

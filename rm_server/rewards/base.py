@@ -14,10 +14,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from assay.data import Text
 from assay.rm_server.protocol import ErrorType, Granularity
-
-Message = dict[str, str]  # {"role": ..., "content": ...}
-Prompt = str | list[Message]  # the prompt as text, or as a conversation (the turns before the response)
 
 
 @dataclass(frozen=True)
@@ -25,7 +23,7 @@ class Item:
     """One item to score. A reward that reads text must handle a conversation itself (render it,
     or fail the item `invalid_input`): flattening it quietly would score text nobody sent."""
 
-    prompt: Prompt
+    prompt: Text  # text, or a conversation: the turns before the response
     response: str
     reference: str | None = None
     id: str = ""  # the request's item id, for error messages

@@ -28,8 +28,10 @@ import numpy as np
 
 from assay.base.batcher import Batcher
 from assay.base.errors import InvalidRequest
+from assay.chat import has_chat_template, render_exchange, render_prompt
+from assay.data import Text
 from assay.rm_server.protocol import ErrorType, Granularity
-from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Prompt, Reward, Scored, until_deadline
+from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
 from assay.rm_server.spec import OutcomeModelSpec, ProcessModelSpec
 
 if TYPE_CHECKING:
@@ -102,6 +104,11 @@ class ModelReward(Reward):
             load_backend, self.spec.backend, self.path, "process" if self.process else "outcome", self.spec.device
         )
         self.backend, self.tokenizer = backend, tokenizer
+        if self.spec.chat_template and not has_chat_template(tokenizer):
+            raise ValueError(
+                f"reward {self.name!r}: `chat_template: true`, but the tokenizer of {self.path} has no chat "
+                "template; add one to the checkpoint, or give a `template` instead"
+            )
         # A spec may allow more tokens than the model has positions for: the model's limit wins.
         self.max_tokens = min(self.spec.max_tokens, backend.max_positions or self.spec.max_tokens)
         labels = backend.num_labels
@@ -132,20 +139,20 @@ class ModelReward(Reward):
 
     # --- text --------------------------------------------------------------------------------
 
-    def render(self, prompt: Prompt, response: str) -> tuple[str, int]:
+    def render(self, prompt: Text, response: str) -> tuple[str, int]:
         """(text the model reads, index where the response starts in it).
 
         With `chat_template`, the conversation (a text prompt: one user turn) and the response as
-        the assistant's turn, through this model's tokenizer; else the spec's `template`, which
-        takes text only (a conversation: ItemFailure invalid_input)."""
+        the assistant's turn, through this model's tokenizer (`assay.chat`); else the spec's
+        `template`, which takes text only (a conversation: ItemFailure invalid_input)."""
         if self.spec.chat_template:
             assert self.tokenizer is not None, "started"
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = self.tokenizer.apply_chat_template(
-                [*messages, {"role": "assistant", "content": response}], tokenize=False
-            )
-            assert isinstance(text, str)  # tokenize=False: the text (transformers types every return form)
-            start = text.rfind(response) if response else len(text)
+            text = render_exchange(self.tokenizer, messages, response)
+            # The response is looked for after the prompt's own rendering when that is a prefix
+            # (it is for ChatML-like templates), so text of the prompt is never taken for it.
+            head = render_prompt(self.tokenizer, messages)
+            start = text.find(response, len(head)) if text.startswith(head) else text.rfind(response)
             if start < 0:
                 raise ItemFailure(ErrorType.invalid_input, "the chat template altered the response text")
             return text, start

@@ -127,6 +127,25 @@ def test_compare_takes_a_conversation(server):
     assert conv.prob_a == plain.prob_a and conv.scores == plain.scores
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_the_clients_send_conversations_and_metadata_in_dict_items(server, transport):
+    from assay.clients import RewardClient
+
+    make = RewardClient.http if transport == "http" else RewardClient.grpc
+    with make(server.http_url if transport == "http" else server.grpc_target) as rm:
+        items = [
+            {"messages": CONVERSATION, "response": RIGHT, "metadata": {"level": 2}},
+            {"prompt": QUESTION, "response": RIGHT},
+            {"messages": CONVERSATION, "response": RIGHT},
+        ]
+        conv, text, _ = rm.score("chat", items).results
+        assert conv.score is not None and conv.score == text.score
+        (compared,) = rm.compare("chat", [{"messages": CONVERSATION, "response_a": RIGHT, "response_b": WRONG}]).results
+        assert compared.prob_a is not None
+        refused = rm.score("orm", items[:1]).results[0]
+        assert refused.error is not None and refused.error.type == ErrorType.invalid_input
+
+
 def test_grpc_scores_a_conversation_as_http_does(server):
     req = ScoreRequest(
         reward="chat",

@@ -172,7 +172,7 @@ def test_heldout_arithmetic_pairs_agree_with_assay_eval(tmp_path):
 
     data = tmp_path / "heldout.jsonl"
     made = CliRunner().invoke(
-        app, ["data", "arith", "--kind", "preferences", "--split", "heldout", "--problems", "4", "--out", str(data)]
+        app, ["data", "arith", "--kind", "preferences", "--split", "heldout", "--count", "4", "--out", str(data)]
     )
     assert made.exit_code == 0, made.output
     with RewardClient(LocalTransport(rewards=["orm"]), timeout_s=300) as client:  # the embedded spec's ORM
