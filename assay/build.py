@@ -84,12 +84,16 @@ def sft_examples(seed: int) -> Iterator[tuple[str, str]]:
 
 
 def rollouts(
-    policy: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, cfg: BuildConfig
+    policy: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: BuildConfig,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[tuple[world.Problem, list[Sample]]]:
-    """The policy's own samples (temperature 1) on fresh training problems."""
+    """The policy's own samples (temperature 1) on fresh training problems (`on_batch`: see `sample`)."""
     probs = world.take("train", cfg.rollout_problems, seed=cfg.seed + 1)
     params = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS)
-    out = sample(policy, tokenizer, [p.prompt for p in probs], params, n=cfg.rollouts_per_problem, seed=cfg.seed)
+    prompts = [p.prompt for p in probs]
+    out = sample(policy, tokenizer, prompts, params, n=cfg.rollouts_per_problem, seed=cfg.seed, on_batch=on_batch)
     return list(zip(probs, out))
 
 

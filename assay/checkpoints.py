@@ -103,6 +103,45 @@ def load_model(path: str | Path, kind: Kind) -> tuple[PreTrainedModel, PreTraine
     return model.eval(), tokenizer
 
 
+def load_scalar_classifier(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, bool]:
+    """A one-logit sequence classifier to train as a reward model: (model, tokenizer, whether its head is new).
+
+    A sequence-classification checkpoint loads as it is (it must have one label). Any other checkpoint
+    of an architecture with a sequence-classification class (a causal LM, a token classifier) gives
+    its backbone, and the classifier's `score` head: new, unless the checkpoint holds one of the same
+    shape (a one-label token classifier's, as the embedded ORM starts from the PRM's). The pad id is set,
+    since the classifier finds each row's last token through it.
+    """
+    path = Path(path)
+    _check_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), num_labels=1)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: config.json is not a usable model config ({_first_line(e)}).") from e
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        model, tokenizer = load_model(path, "sequence_classification")
+        if model.config.num_labels != 1:
+            raise CheckpointError(
+                f"{path}: a reward model has one logit; this classifier has {model.config.num_labels}."
+            )
+        return model, tokenizer, False
+    if type(config) not in AutoModelForSequenceClassification._model_mapping:  # type: ignore[operator]
+        raise CheckpointError(f"{path}: architecture {config.model_type!r} has no sequence-classification model.")
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise CheckpointError(f"{path}: no safetensors weights found (expected one of {', '.join(_WEIGHT_FILES)}).")
+    tokenizer = load_tokenizer(path)
+    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), config=config, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the weights could not be loaded ({_first_line(e)}).") from e
+    head = {name for name, _ in model.named_parameters() if name.startswith("score.")}
+    _check_complete(path, "sequence_classification", model, set(info["missing_keys"]) - head, config.architectures)
+    return model.eval(), tokenizer, bool(head & set(info["missing_keys"]))
+
+
 def _check_complete(
     path: Path, kind: Kind, model: PreTrainedModel, missing: set[str], architectures: list[str] | None
 ) -> None:

@@ -13,9 +13,11 @@ from rich.console import Console
 from rich.progress import Progress, TaskID, TextColumn
 from rich.table import Table
 
+from assay.data_cli import data_app
 from assay.policy_server.cli import policy_app, search_cmd
 from assay.rm_server.cli import rm_app
 from assay.trainer.cli import plot_cmd, train_app
+from assay.trainer.offline_cli import rm_cmd, sft_cmd
 
 app = typer.Typer(help="Assay: rewards as a service, inference-time search, online RLHF.", no_args_is_help=True)
 models_app = typer.Typer(
@@ -23,10 +25,14 @@ models_app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 app.add_typer(rm_app, name="rm")
+app.add_typer(data_app, name="data")
 app.add_typer(policy_app, name="policy")
 app.command("search")(search_cmd)
+train_app.command("sft")(sft_cmd)
+train_app.command("rm")(rm_cmd)
 app.add_typer(train_app, name="train")
 app.command("plot")(plot_cmd)
+app.add_typer(data_app, name="data")
 console = Console()
 
 _LABELS = {

@@ -57,22 +57,54 @@ def _pairwise(r: list[float], labels: list[bool], cfg: EvalConfig, use_bad) -> f
     return wins / pairs if pairs else float("nan")
 
 
-def evaluate(cfg: EvalConfig | None = None) -> dict[str, float]:
-    cfg = cfg or EvalConfig()  # a fresh default each call: EvalConfig is mutable
-    t0 = time.perf_counter()
+def _samples(cfg: EvalConfig) -> tuple[list[world.Problem], list[list[str]], list[list[bool]]]:
+    """The held-out problems, the policy's `cfg.samples` texts for each, and whether each is correct."""
     problems = world.eval_problems(cfg.problems)
     policy, tok = load_embedded("policy", cfg.checkpoints)
     params = SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens)
     samples = sample(policy, tok, [p.prompt for p in problems], params, n=cfg.samples, seed=cfg.seed)
-    correct = [[is_correct(p, s.text) for s in ss] for p, ss in zip(problems, samples)]
+    texts = [[s.text for s in ss] for ss in samples]
+    return problems, texts, [[is_correct(p, t) for t in ts] for p, ts in zip(problems, texts)]
+
+
+def _scored(problems, texts, correct, cfg: EvalConfig) -> list[tuple[world.Problem, str, bool]]:
+    """What the reward models see: the first `scored` samples of every problem, with their labels."""
+    return [(p, t, ok) for p, ts, cs in zip(problems, texts, correct) for t, ok in list(zip(ts, cs))[: cfg.scored]]
+
+
+def heldout_preferences(cfg: EvalConfig | None = None) -> list[dict[str, str]]:
+    """The outcome RM's held-out pairs exactly as `evaluate` forms them, as preference rows.
+
+    One row per (correct, incorrect) pair of the scored samples of the same problem, in the order
+    `evaluate` visits them; `subset` says whether the incorrect side is well formed (the table's
+    second ORM row) or has a broken token. Scored by the served ORM (`assay rm eval`), these rows
+    give `orm_pairwise_accuracy` overall (ties half: `accuracy_ties_half`) and
+    `orm_pairwise_accuracy_well_formed` on the `well_formed` subset.
+    """
+    cfg = cfg or EvalConfig()
+    scored = _scored(*_samples(cfg), cfg)
+    rows = []
+    for i in range(cfg.problems):
+        block = scored[i * cfg.scored : (i + 1) * cfg.scored]
+        good = [t for _, t, ok in block if ok]
+        bad = [t for _, t, ok in block if not ok]
+        prompt = block[0][0].prompt
+        for g in good:
+            for b in bad:
+                subset = "well_formed" if is_well_formed(b) else "malformed"
+                rows.append({"prompt": prompt, "chosen": g, "rejected": b, "subset": subset})
+    return rows
+
+
+def evaluate(cfg: EvalConfig | None = None) -> dict[str, float]:
+    cfg = cfg or EvalConfig()  # a fresh default each call: EvalConfig is mutable
+    t0 = time.perf_counter()
+    problems, texts, correct = _samples(cfg)
     out: dict[str, float] = {
         f"pass@{k}": float(np.mean([pass_at_k(cfg.samples, sum(c), k) for c in correct])) for k in KS
     }
 
-    # The reward models see the first `scored` samples of every problem.
-    scored = [
-        (p, s.text, ok) for p, ss, cs in zip(problems, samples, correct) for s, ok in list(zip(ss, cs))[: cfg.scored]
-    ]
+    scored = _scored(problems, texts, correct, cfg)
     labels = [ok for _, _, ok in scored]
 
     orm, tok = load_embedded("orm", cfg.checkpoints)

@@ -14,6 +14,7 @@ stays in the nucleus.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -142,14 +143,18 @@ def sample(
     n: int = 1,
     seed: int = 0,
     batch_size: int = 512,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[list[Sample]]:
     """n samples for each prompt, as `result[i][j]` = sample j of prompt i.
 
-    Deterministic for a given seed, model, prompt list and batch size.
+    Deterministic for a given seed, model, prompt list and batch size. `on_batch(done, total)` is
+    called after each batch with the samples made so far (a progress bar's hook).
     """
     generator = torch.Generator().manual_seed(seed)
     flat = [p for p in prompts for _ in range(n)]
     results: list[Sample] = []
     for start in range(0, len(flat), batch_size):
         results.extend(sample_batch(model, tokenizer, flat[start : start + batch_size], params, generator))
+        if on_batch:
+            on_batch(len(results), len(flat))
     return [results[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -20,9 +20,16 @@ from assay.arith.verifier import NO, YES
 # --- the forward passes (with gradients when the caller trains: trainer.reward_model) ---------
 
 
-def outcome_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> torch.Tensor:
-    """[len(texts)] one scalar per text, read at its last token (the model pools there)."""
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, padding_side="right")
+def outcome_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], add_special_tokens: bool = True
+) -> torch.Tensor:
+    """[len(texts)] one scalar per text, read at its last token (the model pools there).
+
+    Text a chat template rendered holds its own special tokens: pass add_special_tokens=False for it,
+    as rm_server does for a `chat_template: true` reward, so a BOS is not added twice."""
+    enc = tokenizer(
+        list(texts), return_tensors="pt", padding=True, padding_side="right", add_special_tokens=add_special_tokens
+    )
     # Right padding under a causal mask needs no attention mask (and CPU attention is much
     # faster without one); the classifier finds each row's last real token by the pad id.
     return model(input_ids=enc["input_ids"], use_cache=False).logits[:, 0]
@@ -51,11 +58,12 @@ def score_outcome(
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     batch_size: int = 256,
+    add_special_tokens: bool = True,
 ) -> list[float]:
     """One raw logit per text (higher is better)."""
     out: list[float] = []
     for start in range(0, len(texts), batch_size):
-        out.extend(outcome_scores(model, tokenizer, texts[start : start + batch_size]).tolist())
+        out.extend(outcome_scores(model, tokenizer, texts[start : start + batch_size], add_special_tokens).tolist())
     return out
 
 

@@ -114,3 +114,20 @@ def tiny_llama_config(tokenizer, **kw: Any):
         num_labels=1,
         **kw,
     )
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in a run directory's TensorBoard event files: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))  # a directory: every event file in it, in order
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def same_scalars(got: list[tuple[int, float]], logged: list[tuple[int, float]]) -> bool:
+    """The same steps and, to float32's precision (what TensorBoard keeps), the same values."""
+    import pytest
+
+    steps, values = [s for s, _ in logged], [v for _, v in logged]
+    return [s for s, _ in got] == steps and [v for _, v in got] == pytest.approx(values, rel=1e-6)

@@ -38,6 +38,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "assay.tiny_chat",
         "assay.cli_options",
         "assay.server_cli",
+        "assay.trainer.offline_cli",
+        "assay.data_cli",
         "assay.*.cli",
         "assay.*.__main__",
         "bench",

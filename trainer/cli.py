@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ def load_config(cls: type, path: Path | None, given: dict[str, Any]) -> Any:
 
 def open_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, can_resume: bool = True):
     """The run directory, checked before anything starts: one run per directory, never two mixed."""
-    from assay.trainer.online import RunDir
+    from assay.trainer.rundir import RunDir
 
     if resume and overwrite:
         raise typer.BadParameter("--resume continues the run in --run-dir and --overwrite discards it: give one")
@@ -255,7 +255,14 @@ DPO_CONFIG_HELP = CONFIG_HELP.format(DPOConfig.__name__)
 @config_options(DPOConfig)
 def dpo_cmd(
     given: dict,
-    run_dir: Path = typer.Option(..., help="where metrics.jsonl (one line per round) and the final policy go"),
+    run_dir: Path = typer.Option(None, help="where metrics.jsonl (one line per round) and the final policy go"),
+    data: Path = typer.Option(None, help="offline DPO on this file's preference pairs (trainer/offline_cli.py)"),
+    model: Path = typer.Option(None, help="with --data: the causal LM to train"),
+    out: Path = typer.Option(None, help="with --data: where the trained checkpoint goes"),
+    eval_data: Path = typer.Option(None, help="with --data: held-out pairs in a file of their own"),
+    eval_fraction: float = typer.Option(0.0, help="with --data: held-out share of its rows, drawn with --seed"),
+    eval_every: int = typer.Option(50, help="with --data: steps between held-out evaluations"),
+    skip_bad_rows: bool = typer.Option(False, help="with --data: skip malformed rows, counting them"),
     config: Path = typer.Option(None, exists=True, dir_okay=False, help=DPO_CONFIG_HELP),
     overwrite: bool = typer.Option(False, help="discard the run already in the run directory, start afresh"),
     rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
@@ -263,7 +270,20 @@ def dpo_cmd(
     eval_problems: int = typer.Option(64, help="held-out problems for pass@1 before and after (0: none)"),
     torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
 ) -> None:
-    """Iterative DPO: best-of-N through /v1/search, top and bottom candidates as pairs, weights pushed back."""
+    """Iterative DPO: best-of-N through /v1/search, top and bottom candidates as pairs, weights pushed back;
+    with --data, offline DPO on a file's preference pairs."""
+    cfg = load_config(DPOConfig, config, given)
+    if data is not None:
+        from assay.trainer.offline_cli import Files, offline_dpo
+
+        if model is None or out is None:
+            raise typer.BadParameter("offline DPO (--data) needs --model and --out")
+        files = Files(model, data, out, run_dir, eval_data, eval_fraction, eval_every, skip_bad_rows, overwrite)
+        return offline_dpo(cfg, replace(files, torch_threads=torch_threads))
+    if run_dir is None or model is not None or out is not None:
+        raise typer.BadParameter(
+            "iterative DPO takes --run-dir (and trains the embedded policy); --data trains offline"
+        )
     import torch
     from safetensors.torch import save_file
 
@@ -271,7 +291,6 @@ def dpo_cmd(
     from assay.trainer.online import heldout_pass1
 
     torch.set_num_threads(torch_threads)
-    cfg = load_config(DPOConfig, config, given)
     if (rm_url is None) != (policy_url is None):
         raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
     run = open_run_dir(run_dir, resume=False, overwrite=overwrite, can_resume=False)  # DPO runs do not resume

@@ -194,6 +194,32 @@ def train_offline(
     )
 
 
+@torch.no_grad()
+def evaluate_pairs(
+    model: PreTrainedModel,
+    ref_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[Pair],
+    config: DPOConfig,
+) -> dict[str, float]:
+    """Held-out DPO metrics over `pairs`: the loss, the implicit reward's accuracy (chosen above
+    rejected) and its mean margin, in batches of `config.batch_size`. The model's mode is kept."""
+    was_training = model.training
+    model.eval()
+    losses, accuracy, margin = [], [], []
+    for start in range(0, len(pairs), config.batch_size):
+        batch = pairs[start : start + config.batch_size]
+        pi_w, pi_l, _ = pair_logps(model, tokenizer, batch)
+        ref_w, ref_l, _ = pair_logps(ref_model, tokenizer, batch)
+        loss, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta, config.label_smoothing)
+        losses.append(loss.item() * len(batch))
+        accuracy.extend((r_w > r_l).float().tolist())
+        margin.extend((r_w - r_l).tolist())
+    model.train(was_training)
+    n = len(pairs)
+    return {"loss": sum(losses) / n, "reward_accuracy": sum(accuracy) / n, "margin": sum(margin) / n}
+
+
 # --- iterative DPO: search feeding learning -------------------------------------------------
 
 

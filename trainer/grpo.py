@@ -30,7 +30,6 @@ from assay.trainer.online import (
     OnStep,
     RewardFn,
     Run,
-    RunDir,
     pack,
     push_weights,
     server_gap,
@@ -39,6 +38,7 @@ from assay.trainer.online import (
     train_prompts,
 )
 from assay.trainer.rl_math import entropy_from_logits, group_advantages, kl_estimate, masked_mean, token_loss
+from assay.trainer.rundir import RunDir
 
 
 def train(

@@ -1,5 +1,5 @@
 """The online loop and its plumbing: rollouts from the policy server, rewards by reward id, weight
-pushes, held-out evaluation, and the run directory (metrics, checkpoints, resume).
+pushes, held-out evaluation, and resume from the run directory (`trainer.rundir`).
 
 `steps` is the loop every online algorithm runs on: a step samples from the weights the server
 serves, trains, and pushes the new weights, whose version the next step samples from. GRPO and
@@ -24,26 +24,22 @@ landed is read from the server's version (`push_weights`), so it lands once.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from assay.arith import world
 from assay.arith.checks import is_correct
 from assay.clients.errors import Conflict, Unavailable
 from assay.clients.policy import PolicyClient
 from assay.trainer.config import RLConfig
+from assay.trainer.rundir import RunDir
 
 RewardFn = Callable[..., list[float | None]]
 StepFn = Callable[[int, int], dict[str, Any]]  # (step, weight version serving now) -> the step's metrics
@@ -395,96 +391,6 @@ def heldout_pass1(
     )
     model.train(was_training)
     return sum(is_correct(p, s.text) for p, row in zip(probs, out) for s in row) / (problems * samples)
-
-
-# --- the run directory -------------------------------------------------------------------------
-
-
-class RunDir:
-    """`metrics.jsonl` (one line per step), `config.json`, and `checkpoints/step-NNNNNN/`.
-
-    A checkpoint is written to a temporary directory and renamed into place, so a kill leaves
-    either the whole checkpoint or none; on resume, metrics lines past the checkpoint's step are
-    dropped, so every step appears once however often the run was killed. A directory holds one
-    run: a new one starts only in an empty directory or after `clear()`."""
-
-    MARKS = ("metrics.jsonl", "config.json", "checkpoints")  # any of them: the directory holds a run
-    # what a run writes here (DPO: the final policy; `assay plot`: the curves); clear() removes these only
-    FILES = (*MARKS, "curves.png", "policy.safetensors")
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.path / "metrics.jsonl"
-        self.ckpt_dir = self.path / "checkpoints"
-
-    @staticmethod
-    def found_in(path: str | Path) -> bool:
-        """Whether `path` holds (part of) a run; creates nothing."""
-        return any((Path(path) / name).exists() for name in RunDir.MARKS)
-
-    def clear(self) -> None:
-        """Remove the run's files (`FILES`); anything else in the directory stays."""
-        for name in self.FILES:
-            target = self.path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink(missing_ok=True)
-
-    def write_config(self, config: dict[str, Any]) -> None:
-        (self.path / "config.json").write_text(json.dumps(config, indent=2, default=str))
-
-    def log(self, metrics: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
-
-    def save(
-        self,
-        step: int,
-        modules: Mapping[str, torch.nn.Module],
-        optimizers: Mapping[str, torch.optim.Optimizer],
-        state: dict[str, Any],
-        keep: int = 2,
-    ) -> Path:
-        final = self.ckpt_dir / f"step-{step:06d}"
-        tmp = self.ckpt_dir / f".tmp-step-{step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, module in modules.items():
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
-        for name, opt in optimizers.items():
-            torch.save(opt.state_dict(), tmp / f"{name}.optimizer.pt")  # read back with weights_only=True
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in sorted(self.ckpt_dir.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def latest(self) -> Path | None:
-        done = sorted(self.ckpt_dir.glob("step-*")) if self.ckpt_dir.exists() else []
-        return done[-1] if done else None
-
-    def load(
-        self, ckpt: Path, modules: Mapping[str, torch.nn.Module], optimizers: Mapping[str, torch.optim.Optimizer]
-    ) -> dict[str, Any]:
-        """Restore modules and optimizers in place; the state dict, with "step"; drop later metrics."""
-        for name, module in modules.items():
-            module.load_state_dict(load_file(ckpt / f"{name}.safetensors"))
-        for name, opt in optimizers.items():
-            opt.load_state_dict(torch.load(ckpt / f"{name}.optimizer.pt", weights_only=True))
-        state = json.loads((ckpt / "state.json").read_text())
-        kept = [m for m in self.metrics() if m.get("step", 0) <= state["step"]]
-        self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        return state
 
 
 @contextmanager

@@ -36,7 +36,6 @@ from assay.trainer.online import (
     OnStep,
     RewardFn,
     Run,
-    RunDir,
     pack,
     push_weights,
     server_gap,
@@ -45,6 +44,7 @@ from assay.trainer.online import (
     train_prompts,
 )
 from assay.trainer.rl_math import entropy_from_logits, gae, kl_estimate, masked_mean, masked_whiten
+from assay.trainer.rundir import RunDir
 from assay.trainer.sft import collate, encode_example
 
 

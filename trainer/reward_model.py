@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from assay.scoring import outcome_scores, step_token_positions
+from assay.scoring import outcome_scores, score_outcome, step_token_positions
 from assay.trainer.sft import SFTConfig, make_update
 
-Loss = Literal["bradley_terry", "listwise", "margin"]
+Loss = Literal["bt", "listwise", "margin"]  # bt: Bradley-Terry
 
 
 # --- losses -------------------------------------------------------------------------------
@@ -65,30 +65,29 @@ class RankedGroup:
 
 @dataclass
 class RMConfig(SFTConfig):
-    loss: Loss = field(default="bradley_terry", metadata={"help": "ranking loss"})
+    loss: Loss = field(default="bt", metadata={"help": "ranking loss: bt (Bradley-Terry), listwise, margin"})
     margin: float = field(default=1.0, metadata={"help": "margin for the margin loss"})
-    k: int = field(default=4, metadata={"help": "candidates per group for the listwise loss"})
+    k: int = field(default=4, metadata={"help": "candidates per group for the listwise loss, at most"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss not in ("bradley_terry", "listwise", "margin"):
-            raise ValueError("loss must be bradley_terry, listwise or margin")
+        if self.loss not in ("bt", "listwise", "margin"):
+            raise ValueError(f"loss must be bt, listwise or margin, not {self.loss!r}")
         if self.k < 2:
             raise ValueError("k must be >= 2")
 
 
-def _group_batch(groups: Sequence[RankedGroup], config: RMConfig, rng: random.Random) -> tuple[list[str], int]:
-    """Texts to score, laid out per loss: (chosen, rejected) pairs or K-lists with best first."""
-    texts: list[str] = []
+def _group_batch(groups: Sequence[RankedGroup], config: RMConfig, rng: random.Random) -> list[list[str]]:
+    """Texts to score per group, best first: a (chosen, rejected) pair, or for the listwise loss the
+    best and up to k - 1 worse candidates (a group of two, a preference pair, stays a pair)."""
+    batch = []
     for g in groups:
         if config.loss == "listwise":
-            worse = rng.sample(g.worse, min(config.k - 1, len(g.worse)))
-            worse += [rng.choice(g.worse) for _ in range(config.k - 1 - len(worse))]
-            picks = [g.best, *worse]
+            picks = [g.best, *rng.sample(g.worse, min(config.k - 1, len(g.worse)))]
         else:
             picks = [g.best, rng.choice(g.worse)]
-        texts.extend(g.prompt + g.responses[i] for i in picks)
-    return texts, (config.k if config.loss == "listwise" else 2)
+        batch.append([g.prompt + g.responses[i] for i in picks])
+    return batch
 
 
 def train_outcome_rm(
@@ -97,17 +96,23 @@ def train_outcome_rm(
     groups: Sequence[RankedGroup],
     config: RMConfig,
     on_step: Callable[[int, float], None] | None = None,
+    add_special_tokens: bool = True,
 ) -> list[float]:
-    """Train a one-logit sequence classifier in place on ranked groups; returns step losses."""
+    """Train a one-logit sequence classifier in place on ranked groups; returns step losses.
+
+    add_special_tokens=False for text a chat template rendered (`assay.scoring.outcome_scores`)."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     model.train()
     update = make_update(model, config)
     losses = []
     for step in range(config.steps):
-        texts, width = _group_batch(rng.sample(list(groups), config.batch_size), config, rng)
-        scores = outcome_scores(model, tokenizer, texts).view(-1, width)  # [groups, width]
-        if config.loss == "bradley_terry":
+        batch = _group_batch(rng.sample(list(groups), config.batch_size), config, rng)
+        flat = outcome_scores(model, tokenizer, [t for texts in batch for t in texts], add_special_tokens)  # [texts]
+        # [groups, widest]: a group with fewer candidates is padded with -inf, which softmax gives no mass
+        scores = torch.full((len(batch), max(map(len, batch))), float("-inf"))
+        scores[_filled(batch)] = flat
+        if config.loss == "bt":
             loss = bradley_terry_loss(scores[:, 0], scores[:, 1])
         elif config.loss == "margin":
             loss = margin_ranking_loss(scores[:, 0], scores[:, 1], config.margin)
@@ -118,6 +123,35 @@ def train_outcome_rm(
             on_step(step, losses[-1])
     model.eval()
     return losses
+
+
+def pairwise_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    groups: Sequence[RankedGroup],
+    add_special_tokens: bool = True,
+) -> float:
+    """Share of a group's (best, worse) pairs the model scores in that order, over every worse candidate
+    of every group; a tie counts half, as in `assay eval`. The model's train/eval mode is kept."""
+    was_training = model.training
+    model.eval()
+    flat = score_outcome(
+        model, tokenizer, [g.prompt + r for g in groups for r in g.responses], add_special_tokens=add_special_tokens
+    )
+    model.train(was_training)
+    wins, count, at = 0.0, 0, 0
+    for g in groups:
+        scores = flat[at : at + len(g.responses)]
+        at += len(g.responses)
+        wins += sum(1.0 if scores[g.best] > scores[i] else 0.5 if scores[g.best] == scores[i] else 0.0 for i in g.worse)
+        count += len(g.worse)
+    return wins / count
+
+
+def _filled(batch: list[list[str]]) -> torch.Tensor:
+    """[groups, widest] True where a group has a candidate: the places of the flat scores, row by row."""
+    width = max(map(len, batch))
+    return torch.arange(width)[None, :] < torch.tensor([len(texts) for texts in batch])[:, None]
 
 
 # --- process reward model -----------------------------------------------------------------

@@ -149,3 +149,25 @@ def train_sft(
             on_step(step, losses[-1])
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def eval_loss(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[tuple[str, str]],
+    batch_size: int = 32,
+) -> float:
+    """Mean cross-entropy per completion token over held-out (prompt, completion) examples (every token
+    weighs the same, however the batches fall). The model's train/eval mode is kept."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = [encode_example(tokenizer, p, c) for p, c in examples[start : start + batch_size]]
+        ids, _, labels = collate(batch, tokenizer.pad_token_id)
+        tokens = int((labels[:, 1:] != IGNORE).sum())
+        total += sft_loss(model(input_ids=ids, use_cache=False).logits, labels).item() * tokens
+        count += tokens
+    model.train(was_training)
+    return total / count

@@ -25,7 +25,7 @@ from assay.clients import policy as policy_module
 from assay.rm_server.local import LocalTransport
 from assay.services import LocalServices
 from assay.trainer.grpo import GRPOConfig, train
-from assay.trainer.online import RunDir
+from assay.trainer.rundir import RunDir
 from tests.reliability import loadgen
 
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e]

@@ -138,7 +138,8 @@ def test_a_second_run_in_the_same_directory_is_refused_before_anything_starts(tm
 def test_the_library_loop_refuses_to_mix_runs_too(tmp_path):
     from assay.checkpoints import load_embedded
     from assay.trainer.grpo import GRPOConfig, train
-    from assay.trainer.online import RunDir, RunExists
+    from assay.trainer.online import RunExists
+    from assay.trainer.rundir import RunDir
 
     _old_run(tmp_path)
     model, tok = load_embedded("policy")

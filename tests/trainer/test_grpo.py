@@ -13,7 +13,8 @@ from assay.checkpoints import load_embedded
 from assay.clients.reward import RewardClient
 from assay.rm_server.local import LocalTransport
 from assay.trainer.grpo import GRPOConfig, train
-from assay.trainer.online import RewardMismatch, RunDir
+from assay.trainer.online import RewardMismatch
+from assay.trainer.rundir import RunDir
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from assay.checkpoints import load_embedded
-from assay.trainer.online import RunDir
 from assay.trainer.ppo import Critic, PPOConfig, train
+from assay.trainer.rundir import RunDir
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ def _groups():
     return out
 
 
-@pytest.mark.parametrize("loss", ["bradley_terry", "listwise", "margin"])
+@pytest.mark.parametrize("loss", ["bt", "listwise", "margin"])
 def test_outcome_rm_learns_to_rank_the_correct_answer_first(tokenizer, loss):
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(tiny_llama_config(tokenizer))
