@@ -27,6 +27,7 @@ from transformers import (
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     LlamaForTokenClassification,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -84,7 +85,7 @@ def sft_examples(seed: int) -> Iterator[tuple[str, str]]:
 
 
 def rollouts(
-    policy: LlamaForCausalLM,
+    policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     cfg: BuildConfig,
     on_batch: Callable[[int, int], None] | None = None,

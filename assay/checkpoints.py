@@ -125,7 +125,7 @@ def load_scalar_classifier(path: str | Path) -> tuple[PreTrainedModel, PreTraine
                 f"{path}: a reward model has one logit; this classifier has {model.config.num_labels}."
             )
         return model, tokenizer, False
-    if type(config) not in AutoModelForSequenceClassification._model_mapping:  # type: ignore[operator]
+    if type(config) not in AutoModelForSequenceClassification._model_mapping:
         raise CheckpointError(f"{path}: architecture {config.model_type!r} has no sequence-classification model.")
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         raise CheckpointError(f"{path}: no safetensors weights found (expected one of {', '.join(_WEIGHT_FILES)}).")

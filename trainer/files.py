@@ -75,7 +75,7 @@ def ranked_groups(tokenizer: PreTrainedTokenizerBase, rows: Sequence[PrefRow], p
 
 def pairs(tokenizer: PreTrainedTokenizerBase, rows: Sequence[PrefRow], path: str) -> list[Pair]:
     """DPO pairs: a pair row as it is; a K-wise row as its best response against each lower-scored one."""
-    out = []
+    out: list[Pair] = []
     for r in rows:
         where = f"{path} row {r.row}"
         responses, best, worse = _ranking(r)

@@ -102,8 +102,8 @@ def sft_cmd(
     opts = Files(
         model, data, out, run_dir, eval_data, eval_fraction, eval_every, skip_bad_rows, overwrite, torch_threads
     )
-    run = _open(opts)
     rows = _rows(opts, load_demonstrations, cfg.seed)
+    run = _open(opts)
     net, tok = _load(model, "causal_lm", torch_threads)
     train, heldout = _guarded(
         lambda: (
@@ -127,9 +127,8 @@ def sft_cmd(
     console.print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; checkpoint: {out}; run: {run.path}")
 
 
-@config_options(
-    RMConfig, exclude=("label_smoothing", "smoothing_tokens")
-)  # an SFT setting: ranking has no targets to smooth
+# label smoothing is an SFT setting: ranking has no targets to smooth
+@config_options(RMConfig, exclude=("label_smoothing", "smoothing_tokens"))
 def rm_cmd(
     given: dict,
     model: Path = typer.Option(
@@ -156,8 +155,8 @@ def rm_cmd(
     opts = Files(
         model, data, out, run_dir, eval_data, eval_fraction, eval_every, skip_bad_rows, overwrite, torch_threads
     )
-    run = _open(opts)
     rows = _rows(opts, load_preferences, cfg.seed)
+    run = _open(opts)
     _threads(torch_threads)
     net, tok, new_head = _guarded(lambda: load_scalar_classifier(model))
     train, heldout = _guarded(
@@ -195,8 +194,8 @@ def offline_dpo(cfg: Any, opts: Files) -> None:
     from assay.trainer import files as rows_as
     from assay.trainer.dpo import evaluate_pairs, frozen_copy, train_offline
 
-    run = _open(opts)
     rows = _rows(opts, load_preferences, cfg.seed)
+    run = _open(opts)
     net, tok = _load(opts.model, "causal_lm", opts.torch_threads)
     train, heldout = _guarded(
         lambda: (rows_as.pairs(tok, rows.train, rows.path), rows_as.pairs(tok, rows.heldout, rows.path))
@@ -225,25 +224,41 @@ def offline_dpo(cfg: Any, opts: Files) -> None:
 # --- what the three share ----------------------------------------------------------------------
 
 
-def _open(opts: Files):
-    """The run directory and OUT, both checked before anything loads."""
+def _check(opts: Files) -> None:
+    """Refuse what cannot work before anything is read, loaded or removed."""
     if opts.eval_data is not None and opts.eval_fraction:
         raise typer.BadParameter("give --eval-data or --eval-fraction, not both")
     if not 0 <= opts.eval_fraction < 1 or opts.eval_every < 1:
         raise typer.BadParameter("--eval-fraction must be in [0, 1) and --eval-every >= 1")
     out = opts.out
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not (opts.overwrite and (out / "config.json").is_file()):
-            what = "replace it with --overwrite" if (out / "config.json").is_file() else "it is not a checkpoint"
-            raise typer.BadParameter(f"{out} is not empty ({what}), or choose another --out")
-        shutil.rmtree(out)
-    return open_run_dir(opts.run_dir or Path(f"{out}.run"), resume=False, overwrite=opts.overwrite, can_resume=False)
+    checkpoint = (out / "config.json").is_file()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (opts.overwrite and checkpoint):
+        what = "replace it with --overwrite" if checkpoint else "it is not a checkpoint"
+        raise typer.BadParameter(f"{out} is not empty ({what}), or choose another --out")
+    from assay.trainer.rundir import RunDir
+
+    if RunDir.found_in(_run_path(opts)) and not opts.overwrite:
+        raise typer.BadParameter(
+            f"{_run_path(opts)} already holds a run; discard it with --overwrite, or choose another --run-dir"
+        )
+
+
+def _open(opts: Files):
+    """The run directory, and OUT cleared for the new checkpoint (what `_check` allowed)."""
+    if opts.overwrite and opts.out.exists():
+        shutil.rmtree(opts.out)
+    return open_run_dir(_run_path(opts), resume=False, overwrite=opts.overwrite, can_resume=False)
+
+
+def _run_path(opts: Files) -> Path:
+    return opts.run_dir or Path(f"{opts.out}.run")
 
 
 def _rows(opts: Files, loader: Callable[..., Any], seed: int) -> Rows:
     """The training and held-out rows; a malformed row ends the command with its file, row and column."""
     from assay.data import DataError, split
 
+    _check(opts)
     try:
         loaded = loader(opts.data, skip_bad_rows=opts.skip_bad_rows)
         held = loader(opts.eval_data, skip_bad_rows=opts.skip_bad_rows) if opts.eval_data is not None else None

@@ -157,3 +157,65 @@ def test_an_existing_checkpoint_is_replaced_only_with_overwrite(preferences, tmp
     refused = CliRunner().invoke(app, [*args, "--overwrite"])
     assert refused.exit_code == 2 and "not a checkpoint" in " ".join(refused.output.split())
     assert (out / "notes.txt").read_text() == "mine"
+
+
+# --- conversations, on the tiny-chat fixture (a ChatML policy, an ORM on another template) ----------
+
+
+@pytest.mark.service
+def test_chat_demonstrations_train_on_the_policys_template_and_stop_at_its_end_of_turn(tiny_chat, tmp_path):
+    from assay.data import load_demonstrations
+    from assay.trainer.files import demonstrations
+
+    policy = tiny_chat / "policy"
+    _, tok = load_model(policy, "causal_lm")
+    loaded = load_demonstrations(tiny_chat / "demonstrations.jsonl")
+    prompt, completion = demonstrations(tok, loaded.rows[:1], loaded.path)[0]
+    last = loaded.rows[0].completion[-1]["content"]
+    # what generation continues from, and the answer up to where the template ends the turn: eos follows
+    assert prompt.endswith("<|im_start|>assistant\n") and completion == last and tok.eos_token == "<|im_end|>"
+
+    out = tmp_path / "sft"
+    flags = ["--steps", "6", "--batch-size", "8", "--lr", "1e-3", "--warmup-steps", "0", "--eval-fraction", "0.1"]
+    invoke("train", "sft", "--model", policy, "--data", tiny_chat / "demonstrations.jsonl", "--out", out, *flags)
+    lines = metrics(Path(f"{out}.run"))
+    assert lines[-1]["heldout_loss"] > 0 and len(lines) == 6
+    _, saved = load_model(out, "causal_lm")
+    assert saved.apply_chat_template(loaded.rows[0].prompt, tokenize=False, add_generation_prompt=True) == prompt
+
+    dpo = tmp_path / "dpo"
+    data = ["--data", tiny_chat / "eval_preferences.jsonl", "--out", dpo, "--epochs", "1", "--batch-size", "16"]
+    invoke("train", "dpo", "--model", out, *data, "--lr", "1e-4")
+    assert [m["step"] for m in metrics(Path(f"{dpo}.run"))] == list(range(1, 7))  # 96 pairs / 16
+    load_model(dpo, "causal_lm")
+
+
+@pytest.mark.service
+def test_chat_rm_scores_served_with_its_own_template_on_messages_are_the_trained_ones(tiny_chat, tmp_path):
+    from assay.chat import split_exchange
+    from assay.clients import RewardClient
+    from assay.data import load_preferences
+    from assay.rm_server.local import LocalTransport
+    from assay.scoring import score_outcome
+
+    out = tmp_path / "rm"
+    data = ["--data", tiny_chat / "preferences.jsonl", "--eval-data", tiny_chat / "eval_preferences.jsonl"]
+    flags = ["--steps", "10", "--batch-size", "16", "--lr", "1e-4", "--warmup-steps", "0", "--eval-every", "5"]
+    output = invoke("train", "rm", "--model", tiny_chat / "orm", *data, "--loss", "listwise", "--out", out, *flags)
+    assert f"rm: {{type: model.outcome, path: {out.resolve()}, chat_template: true}}" in " ".join(output.split())
+    accuracy = [m["heldout_accuracy"] for m in metrics(Path(f"{out}.run")) if "heldout_accuracy" in m]
+    assert len(accuracy) == 2 and accuracy[-1] > 0.6  # the fixture's ORM, trained on, stays well above chance
+
+    spec = tmp_path / "rm.yaml"
+    spec.write_text(f"rewards:\n  rm: {{type: model.outcome, path: {out}, chat_template: true}}\n")
+    rows = load_preferences(tiny_chat / "eval_preferences.jsonl").rows[:4]
+    items = [
+        {"id": f"{i}{side}", "messages": r.prompt, "response": getattr(r, side)[0]["content"]}
+        for i, r in enumerate(rows)
+        for side in ("chosen", "rejected")
+    ]
+    with RewardClient(LocalTransport(spec, rewards=["rm"]), timeout_s=120) as client:
+        served = [r.score for r in client.score("rm", items).results]
+    model, tok = load_model(out, "sequence_classification")
+    texts = ["".join(split_exchange(tok, it["messages"], it["response"])) for it in items]
+    assert served == pytest.approx(score_outcome(model, tok, texts, add_special_tokens=False), abs=1e-4)
