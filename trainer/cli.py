@@ -4,6 +4,8 @@
     assay train grpo --run-dir runs/grpo --lr 1e-5 --group-size 4 --steps 50
     assay train grpo --config grpo.yaml --run-dir runs/grpo --resume
     assay train grpo --rm-url http://127.0.0.1:8000 --policy-url http://127.0.0.1:8001 --run-dir runs/grpo
+    assay train grpo --model DIR/policy --spec DIR/rm.yaml --reward orm --data prompts.jsonl \
+        --eval-data eval_prompts.jsonl --run-dir runs/chat      # your own prompts, model and rewards
     assay plot runs/grpo                                      # runs/grpo/curves.png
 
 Every field of the algorithm's config (`trainer/config.py`) is an option, with the field's default
@@ -16,6 +18,15 @@ them at the end. `--in-process-reward` computes the same reward (same code, same
 trainer's process instead of asking rm_server over the network (the reward client over
 `rm_server.local.LocalTransport`), to measure what the service costs.
 
+With `--data FILE` the prompts are a file's (`assay.data.load_prompts`: JSONL, JSON, Parquet, CSV
+or a `save_to_disk` folder; `prompt` a string or chat messages, rendered with the policy's chat
+template; the reference found under `reference`, `answer`, `solution` or `ground_truth`, or
+`--reference-key`; other columns travel to the reward), and the evaluation is on `--eval-data` or
+`--eval-fraction` of the file (`trainer.evaluation.DatasetEval`). Without it, the arithmetic world
+as always. `--model` takes any Hugging Face causal LM checkpoint; `--spec` the reward spec of the
+rm_server started here. PPO's critic starts from the embedded ORM, or with `--model` from `--critic`
+(a 1-label sequence classifier on the policy's tokenizer) or the policy itself with a new value head.
+
 A run directory holds one run: on one that already holds a run, `--resume` continues it and
 `--overwrite` clears it and starts afresh; with neither the command refuses, before anything starts.
 """
@@ -25,7 +36,7 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +93,20 @@ class Services:
     rm_api_key: str | None
     policy_api_key: str | None
     in_process_reward: bool
+    spec: Path | None  # the reward spec of the rm_server started here (None: the embedded one)
+
+
+@dataclass(frozen=True)
+class Data:
+    """Where a run's prompts come from (no `prompts`: the arithmetic world), its eval set and ptx data."""
+
+    prompts: Path | None
+    eval_data: Path | None
+    eval_fraction: float
+    reference_key: str | None
+    skip_bad_rows: bool
+    ptx_data: Path | None
+    critic: Path | None
 
 
 def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) -> None:
@@ -100,14 +125,42 @@ def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) 
         rm_api_key: str = typer.Option(None, envvar="ASSAY_RM_API_KEY", help="key with scope score"),
         policy_api_key: str = typer.Option(None, envvar="ASSAY_POLICY_API_KEY", help="key with scopes generate, admin"),
         in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
+        spec: Path = typer.Option(
+            None, exists=True, dir_okay=False, help="reward spec of the rm_server started here (default: embedded)"
+        ),
+        data: Path = typer.Option(
+            None, exists=True, help="prompts file (JSONL, JSON, Parquet, CSV, save_to_disk folder); default: arithmetic"
+        ),
+        eval_data: Path = typer.Option(None, exists=True, help="with --data: the eval set's prompts file"),
+        eval_fraction: float = typer.Option(0.0, help="with --data: share of its rows held out as the eval set"),
+        reference_key: str = typer.Option(None, help="with --data: the reference's column (default: found by name)"),
+        skip_bad_rows: bool = typer.Option(False, help="leave malformed rows out (each reported) instead of stopping"),
+        ptx_data: Path = typer.Option(None, exists=True, help="PPO with --data: demonstrations for the ptx term"),
+        critic: Path = typer.Option(None, exists=True, file_okay=False, help="PPO with --model: the critic's start"),
         torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
     ) -> None:
         cfg = load_config(config_class, config, given)
         if (rm_url is None) != (policy_url is None):
             raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
+        if spec is not None and rm_url is not None:
+            raise typer.BadParameter("--spec is for the rm_server started here; --rm-url names one already running")
+        if data is None and (eval_data is not None or eval_fraction or reference_key or ptx_data is not None):
+            raise typer.BadParameter("--eval-data, --eval-fraction, --reference-key and --ptx-data go with --data")
+        if algorithm != "ppo" and (ptx_data is not None or critic is not None):
+            raise typer.BadParameter("--ptx-data and --critic are PPO's")
         run = open_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        services = Services(rm_url, policy_url, rm_api_key, policy_api_key, in_process_reward)
-        _online(algorithm, cfg, run, resume=resume, model_path=model, services=services, torch_threads=torch_threads)
+        services = Services(rm_url, policy_url, rm_api_key, policy_api_key, in_process_reward, spec)
+        sources = Data(data, eval_data, eval_fraction, reference_key, skip_bad_rows, ptx_data, critic)
+        _online(
+            algorithm,
+            cfg,
+            run,
+            resume=resume,
+            model_path=model,
+            services=services,
+            data=sources,
+            torch_threads=torch_threads,
+        )
 
     command.__doc__ = summary
     train_app.command(algorithm)(config_options(config_class)(command))
@@ -124,45 +177,150 @@ _online_command(
 
 
 def _online(
-    algorithm: str, cfg: RLConfig, run, *, resume: bool, model_path: Path | None, services: Services, torch_threads: int
+    algorithm: str,
+    cfg: RLConfig,
+    run,
+    *,
+    resume: bool,
+    model_path: Path | None,
+    services: Services,
+    data: Data,
+    torch_threads: int,
 ) -> None:
     import torch
 
     from assay.checkpoints import CheckpointError, load_embedded, load_model
+    from assay.data import DataError
     from assay.trainer import grpo, ppo
     from assay.trainer.online import RewardMismatch
 
     torch.set_num_threads(torch_threads)
     try:
         net, tok = load_model(model_path, "causal_lm") if model_path else load_embedded("policy")
+        critic = _critic(model_path, data.critic, tok) if isinstance(cfg, PPOConfig) else None
     except CheckpointError as exc:
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
+    try:  # a bad file is refused before any service starts
+        files, ptx = _load_data(data, tok, cfg.seed)
+    except (DataError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    if files is not None and files.eval and not cfg.eval_every:  # an eval set is evaluated, at least at both ends
+        cfg = replace(cfg, eval_every=cfg.steps)
     with ExitStack() as stack:
-        policy, reward_fn = _clients(stack, cfg, model_path, services)
+        policy, rm, reward_fn = _clients(stack, cfg, model_path, services)
+        prompts = files.train if files is not None else None
+        evaluation = _dataset_eval(rm, cfg, reward_fn, files.eval) if files is not None and files.eval else None
         on_step = _progress(stack, algorithm, cfg.steps)
         try:
-            if isinstance(cfg, PPOConfig):  # the critic starts from the ORM
-                orm = load_embedded("orm")[0]
-                ppo.train(cfg, net, tok, orm, policy, reward_fn, run, resume=resume, on_step=on_step)
+            if isinstance(cfg, PPOConfig):
+                ppo.train(
+                    cfg,
+                    net,
+                    tok,
+                    critic,
+                    policy,
+                    reward_fn,
+                    run,
+                    resume=resume,
+                    on_step=on_step,
+                    prompts=prompts,
+                    evaluation=evaluation,
+                    ptx_data=ptx,
+                )
             else:
                 assert isinstance(cfg, GRPOConfig), algorithm
-                grpo.train(cfg, net, tok, policy, reward_fn, run, resume=resume, on_step=on_step)
+                grpo.train(
+                    cfg,
+                    net,
+                    tok,
+                    policy,
+                    reward_fn,
+                    run,
+                    resume=resume,
+                    on_step=on_step,
+                    prompts=prompts,
+                    evaluation=evaluation,
+                )
         except RewardMismatch as exc:
             console.print(f"[red]error:[/red] {exc}")
             sys.exit(1)
     console.print(f"metrics: {run.path / 'metrics.jsonl'}")
 
 
+def _critic(model_path: Path | None, critic_path: Path | None, tokenizer):
+    """PPO's critic's start: `critic_path` (a 1-label sequence classifier), the embedded ORM for the
+    embedded policy, or the policy checkpoint itself with a new value head (its tokenizer is the
+    policy's, which the embedded ORM's need not be)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from assay.checkpoints import load_embedded, load_model
+
+    if critic_path is not None:
+        return load_model(critic_path, "sequence_classification")[0]
+    if model_path is None:
+        return load_embedded("orm")[0]
+    critic = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1)
+    critic.config.pad_token_id = tokenizer.pad_token_id  # the last real token is found through it
+    return critic
+
+
+def _load_data(data: Data, tokenizer, seed: int):
+    """The prompt files (None: the arithmetic world) and PPO's ptx demonstrations (None: none given);
+    each skipped bad row is printed, and their count goes into the run's config.json."""
+    from assay.trainer.prompts import load_prompt_files, load_ptx_data
+
+    if data.prompts is None:
+        return None, None
+    files = load_prompt_files(
+        tokenizer,
+        str(data.prompts),
+        eval_data=None if data.eval_data is None else str(data.eval_data),
+        eval_fraction=data.eval_fraction,
+        seed=seed,
+        reference_key=data.reference_key,
+        skip_bad_rows=data.skip_bad_rows,
+    )
+    skipped = list(files.skipped)
+    ptx = None
+    if data.ptx_data is not None:
+        ptx, bad = load_ptx_data(tokenizer, str(data.ptx_data), skip_bad_rows=data.skip_bad_rows)
+        skipped += bad
+    for err in skipped:
+        console.print(f"[yellow]skipped:[/yellow] {err}")
+    where = f" (eval set: {len(files.eval)})" if files.eval else ""
+    console.print(f"{len(files.train.prompts)} training prompts{where}, {len(skipped)} bad rows skipped")
+    return files, ptx
+
+
+def _dataset_eval(rm, cfg: RLConfig, reward_fn, prompts):
+    """The eval set's evaluation: the training reward's mean and, when a rule reward with
+    references is served (or named by `eval_pass_reward`), its pass rate."""
+    from assay.trainer.evaluation import DatasetEval, pass_reward
+
+    held = prompts[: cfg.eval_problems]
+    try:
+        passing = pass_reward(rm.rewards().rewards, cfg.eval_pass_reward, held)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    rewards = {cfg.reward: reward_fn}
+    if passing is not None and passing != cfg.reward:
+        rewards[passing] = rm.as_reward_fn(passing)
+    return DatasetEval(held, rewards, frozenset({passing} - {None}), samples=cfg.eval_samples)
+
+
 def _clients(stack: ExitStack, cfg: RLConfig, model_path: Path | None, services: Services):
-    """The policy client and the reward function, over services started here when no URLs were given."""
+    """The policy client, the reward client and the reward function, over services started here
+    when no URLs were given."""
     from assay.clients import PolicyClient, RewardClient
-    from assay.services import LocalServices
+    from assay.services import EMBEDDED_SPEC, LocalServices
 
     rm_url, policy_url = services.rm_url, services.policy_url
+    spec = services.spec or EMBEDDED_SPEC
     if rm_url is None or policy_url is None:
         policy_args = ["--model", str(model_path), "--model-name", "policy"] if model_path else []
-        local = stack.enter_context(LocalServices.start(policy_args=policy_args))
+        local = stack.enter_context(LocalServices.start(policy_args=policy_args, spec=spec))
         rm_url, policy_url = local.rm_url, local.policy_url
     # every call's deadline: a service killed and restarted within it costs the run only the wait
     timeout_s = cfg.service_timeout_s
@@ -170,10 +328,12 @@ def _clients(stack: ExitStack, cfg: RLConfig, model_path: Path | None, services:
     if services.in_process_reward:  # the same service and reward id, in this process: no network
         from assay.rm_server.local import LocalTransport
 
-        rm = stack.enter_context(RewardClient(LocalTransport(rewards=[cfg.reward]), timeout_s=timeout_s))
+        # the training reward, and a pass-rate reward named in the config (`auto` finds none here)
+        named = {cfg.reward, cfg.eval_pass_reward} - {"auto", "none"}
+        rm = stack.enter_context(RewardClient(LocalTransport(spec, rewards=sorted(named)), timeout_s=timeout_s))
     else:
         rm = stack.enter_context(RewardClient.http(rm_url, api_key=services.rm_api_key, timeout_s=timeout_s))
-    return policy, rm.as_reward_fn(cfg.reward)
+    return policy, rm, rm.as_reward_fn(cfg.reward)
 
 
 def _progress(stack: ExitStack, algorithm: str, steps: int):
@@ -193,6 +353,7 @@ def _progress(stack: ExitStack, algorithm: str, steps: int):
     def on_step(m: dict) -> None:
         reward = "n/a" if m.get("reward_mean") is None else f"{m['reward_mean']:.3f}"
         extra = f" pass@1 {m['heldout_pass1']:.3f}" if "heldout_pass1" in m else ""
+        extra += "".join(f" {k} {v:.3f}" for k, v in m.items() if k in eval_keys(m) and v is not None)
         bar.update(
             task,
             completed=m["step"],
@@ -200,6 +361,11 @@ def _progress(stack: ExitStack, algorithm: str, steps: int):
         )
 
     return on_step
+
+
+def eval_keys(metrics: dict) -> list[str]:
+    """An eval set's figures among a step's metrics (`eval/<reward>/mean`, `eval/<reward>/pass_rate`)."""
+    return [k for k in metrics if k.startswith("eval/") and k.endswith(("/mean", "/pass_rate"))]
 
 
 def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metrics.jsonl")) -> None:
@@ -231,13 +397,15 @@ def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metr
             "mean_rejected_score",
             "chosen_correct",
             "seconds",
+            *sorted({k for r in rows for k in eval_keys(r)}),
         )
         if any(r.get(k) is not None for r in rows) and not (k == "loss" and x == "step")
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
     for ax, key in zip(axes[0], panels):
         pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
-        ax.plot(*zip(*pts), marker="o" if key == "heldout_pass1" else None, markersize=3)
+        evaluated = key == "heldout_pass1" or key in eval_keys({key: None})
+        ax.plot(*zip(*pts), marker="o" if evaluated else None, markersize=3)
         ax.set_title(key)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
