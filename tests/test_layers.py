@@ -47,7 +47,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "policy_server wire types": ("assay.policy_server.protocol",),
     "proto": ("assay.proto",),
     "base": ("assay.base",),
-    "models base": ("assay.checkpoints", "assay.generation", "assay.scoring"),
+    "models base": ("assay.checkpoints", "assay.generation", "assay.scoring", "assay.chat"),
+    "data": ("assay.data",),
     "arith": ("assay.arith",),
     # 2.-5. the pieces
     "trainer": ("assay.trainer",),
@@ -66,8 +67,8 @@ EVERY_GROUP = set(GROUPS)
 # What each group may import besides itself.
 MAY_IMPORT: dict[str, set[str]] = {
     "composition": EVERY_GROUP,
-    "trainer": {"clients", "models base", "arith"} | WIRE,
-    "rm_server": {"base", "models base", "clients", "arith", "rm_server wire types", "proto"},
+    "trainer": {"clients", "models base", "data", "arith"} | WIRE,
+    "rm_server": {"base", "models base", "data", "clients", "arith", "rm_server wire types", "proto"},
     "policy_server": {
         "base",
         "models base",
@@ -78,6 +79,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "arith",
         "policy_server wire types",
         "proto",
+        "data",
     },
     "search": set(),
     "search.local": {"search", "models base"},
@@ -87,7 +89,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "policy_server wire types": {"proto"},
     "proto": set(),
     "base": set(),
-    "models base": {"arith"},
+    "models base": {"arith", "data"},
+    "data": set(),
     "arith": set(),
     "assay": set(),
 }
