@@ -436,7 +436,7 @@ def dpo_cmd(
     from safetensors.torch import save_file
 
     from assay.checkpoints import load_embedded
-    from assay.trainer.online import heldout_pass1
+    from assay.trainer.evaluation import heldout_pass1
 
     torch.set_num_threads(torch_threads)
     cfg = load_config(DPOConfig, config, given)

@@ -65,7 +65,8 @@ class RLConfig(OnlineConfig):
     eval_every: int = field(
         default=0,
         metadata={
-            "help": "steps between evaluations, also run at step 0 (0: none; with an eval set: at the start and the end)"
+            "help": "steps between evaluations, also run at step 0 "
+            "(0: none; with an eval set: at the start and the end)"
         },
     )
     eval_problems: int = field(
@@ -83,8 +84,10 @@ class RLConfig(OnlineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.steps, self.checkpoint_every, self.eval_problems, self.eval_samples) < 1 or self.eval_every < 0:
-            raise ValueError("steps, checkpoint_every, eval_problems and eval_samples must be >= 1, eval_every >= 0")
+        if min(self.steps, self.checkpoint_every, self.eval_problems) < 1 or self.eval_every < 0:
+            raise ValueError("steps, checkpoint_every and eval_problems must be >= 1, eval_every >= 0")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
 
 
 @dataclass

@@ -113,7 +113,9 @@ def pass_reward(served: Sequence[RewardInfo], wanted: str, prompts: Sequence[Pro
     if wanted != "auto":
         info = next((r for r in served if r.name == wanted), None)
         if info is None:
-            raise ValueError(f"eval_pass_reward {wanted!r} is not served; rm_server has {', '.join(r.name for r in served)}")
+            raise ValueError(
+                f"eval_pass_reward {wanted!r} is not served; rm_server has {', '.join(r.name for r in served)}"
+            )
         if info.type not in PASS_RULES:
             raise ValueError(
                 f"eval_pass_reward {wanted!r} is a {info.type} reward; a pass rate needs a rule scoring 1/0 "

@@ -50,11 +50,28 @@ def from_problem(problem: world.Problem) -> Prompt:
     return Prompt(problem.prompt, str(problem.answer))
 
 
+def completion_prompt(tokenizer: Any, prompt: Text) -> str:
+    """`prompt` as the text to send as a completion prompt: chat messages rendered with the
+    tokenizer's template. Encoding a completion prompt adds the tokenizer's special tokens (the
+    policy server's, and `trainer.sft.encode_example`), so a template's own leading bos (Llama's
+    `{{ bos_token }}`) is dropped here rather than doubled there."""
+    text = render_prompt(tokenizer, prompt)
+    bos = tokenizer.bos_token
+    if (
+        isinstance(prompt, list)
+        and bos
+        and text.startswith(bos)
+        and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    ):
+        return text[len(bos) :]
+    return text
+
+
 def from_rows(rows: list[PromptRow], tokenizer: Any) -> list[Prompt]:
     """The rows of a prompts file as Prompts, chat messages rendered with `tokenizer`'s template."""
     return [
         Prompt(
-            render_prompt(tokenizer, row.prompt),
+            completion_prompt(tokenizer, row.prompt),
             row.reference,
             row.prompt if isinstance(row.prompt, list) else None,
             dict(row.extra),
@@ -124,7 +141,9 @@ def load_prompt_files(
     DataError naming the file, the row and the column, unless `skip_bad_rows`: then it is left out
     and reported in `skipped`, never dropped silently."""
     if eval_data is not None and eval_fraction:
-        raise ValueError("give an eval set (--eval-data) or a share of the data to hold out (--eval-fraction), not both")
+        raise ValueError(
+            "give an eval set (--eval-data) or a share of the data to hold out (--eval-fraction), not both"
+        )
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
     loaded = load_prompts(data, reference_key=reference_key, skip_bad_rows=skip_bad_rows)
@@ -139,11 +158,13 @@ def load_prompt_files(
     return PromptFiles(train, from_rows(eval_rows, tokenizer), skipped)
 
 
-def load_ptx_data(tokenizer: Any, path: str, *, skip_bad_rows: bool = False) -> tuple[list[tuple[str, str]], list[DataError]]:
+def load_ptx_data(
+    tokenizer: Any, path: str, *, skip_bad_rows: bool = False
+) -> tuple[list[tuple[str, str]], list[DataError]]:
     """PPO-ptx demonstrations from a file (`assay.data.load_demonstrations`) as the policy reads
     them: (prompt rendered with its chat template, the completion's text); and the rows skipped."""
     loaded = load_demonstrations(path, skip_bad_rows=skip_bad_rows)
-    return [(render_prompt(tokenizer, r.prompt), _content(r.completion)) for r in loaded.rows], list(loaded.skipped)
+    return [(completion_prompt(tokenizer, r.prompt), _content(r.completion)) for r in loaded.rows], list(loaded.skipped)
 
 
 def _content(completion: Text) -> str:
