@@ -429,6 +429,9 @@ def dpo_cmd(
     rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
     policy_url: str = typer.Option(None, help="a running policy_server"),
     eval_problems: int = typer.Option(64, help="held-out problems for pass@1 before and after (0: none)"),
+    prompts: Path = typer.Option(None, exists=True, help="iterative DPO on this file's prompts (default: arithmetic)"),
+    reference_key: str = typer.Option(None, help="with --prompts: the reference's column (default: found by name)"),
+    skip_bad_rows: bool = typer.Option(False, help="leave malformed rows out (each reported) instead of stopping"),
     torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
 ) -> None:
     """Iterative DPO: best-of-N through /v1/search, top and bottom candidates as pairs, weights pushed back."""
@@ -443,7 +446,14 @@ def dpo_cmd(
     if (rm_url is None) != (policy_url is None):
         raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
     run = open_run_dir(run_dir, resume=False, overwrite=overwrite, can_resume=False)  # DPO runs do not resume
-    run.write_config({"algorithm": "dpo", **{f.name: getattr(cfg, f.name) for f in fields(cfg)}})
+    searched = _search_prompts(prompts, reference_key, skip_bad_rows) if prompts is not None else None
+    run.write_config(
+        {
+            "algorithm": "dpo",
+            **{f.name: getattr(cfg, f.name) for f in fields(cfg)},
+            **(searched.describe() if searched is not None else {}),
+        }
+    )
     if eval_problems:
         start, tok = load_embedded("policy")
         run.log({"eval": "before", "heldout_pass1": heldout_pass1(start, tok, eval_problems)})
@@ -455,7 +465,7 @@ def dpo_cmd(
             f"v{m['weight_version']}, {m['seconds']:.1f}s"
         )
 
-    history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round)
+    history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round, searched)
     if eval_problems:
         _, tok = load_embedded("policy")
         final = heldout_pass1(model, tok, eval_problems)
@@ -464,14 +474,37 @@ def dpo_cmd(
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run.path / "policy.safetensors")
 
 
-def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, on_round) -> tuple[list[dict], Any]:
-    """Iterative DPO of the embedded policy on training problems; the per-round metrics and the trained model.
+def _search_prompts(path: Path, reference_key: str | None, skip_bad_rows: bool):
+    """Iterative DPO's prompts from a file (`DatasetPrompts`), chat messages rendered with the
+    embedded policy's template; each skipped bad row printed. A bad file ends the command here."""
+    from assay.checkpoints import ARITH_DIR, load_tokenizer
+    from assay.data import DataError
+    from assay.trainer.prompts import load_prompt_files
+
+    try:
+        files = load_prompt_files(
+            load_tokenizer(ARITH_DIR / "policy"), str(path), reference_key=reference_key, skip_bad_rows=skip_bad_rows
+        )
+    except (DataError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    for err in files.skipped:
+        console.print(f"[yellow]skipped:[/yellow] {err}")
+    console.print(f"{len(files.train.prompts)} prompts, {len(files.skipped)} bad rows skipped")
+    return files.train
+
+
+def _iterative_dpo(
+    cfg: DPOConfig, rm_url: str | None, policy_url: str | None, on_round, searched=None
+) -> tuple[list[dict], Any]:
+    """Iterative DPO of the embedded policy; the per-round metrics and the trained model.
 
     With no URLs, both services start on loopback for the run. The embedded policy's weights are
     pushed first, so the searches sample exactly the weights being trained, whatever the server
-    held before. Training prompts are `world.take("train", rounds * prompts_per_round, seed)`, each
-    sent with its answer as the search reference (model rewards ignore it; `correct` and `final`
-    need it), and the run holds rm_server's id for the reward from the start.
+    held before. Training prompts are `searched`'s (a file's, in its order) or else
+    `world.take("train", rounds * prompts_per_round, seed)`, each sent with its reference as the
+    search's (model rewards ignore it; `correct` and `final` need it), and the run holds rm_server's
+    id for the reward from the start.
     """
     from assay.arith import world
     from assay.checkpoints import load_embedded
@@ -479,6 +512,7 @@ def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, o
     from assay.services import LocalServices
     from assay.trainer.dpo import iterative_dpo
     from assay.trainer.online import sync_weights
+    from assay.trainer.prompts import from_problem
 
     with ExitStack() as stack:
         if rm_url is None or policy_url is None:
@@ -488,7 +522,10 @@ def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, o
         with RewardClient.http(rm_url, timeout_s=timeout_s) as rm:
             expected = rm.reward_id(cfg.reward)
         model, tokenizer = load_embedded("policy")
-        problems = world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)
+        if searched is not None:
+            prompts = searched.prompts
+        else:
+            prompts = [from_problem(p) for p in world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)]
         policy = stack.enter_context(PolicyClient.http(policy_url, timeout_s=timeout_s))
         sync_weights(policy, model, None, timeout_s)
         history = iterative_dpo(
@@ -496,9 +533,9 @@ def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, o
             tokenizer,
             policy,
             cfg,
-            [p.prompt for p in problems],
+            [p.text for p in prompts],
             on_round,
-            references=[str(p.answer) for p in problems],
+            references=[p.reference for p in prompts],
             expected_reward_id=expected,
         )
     return history, model
