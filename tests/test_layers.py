@@ -38,6 +38,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "assay.cli_options",
         "assay.server_cli",
         "assay.*.cli",
+        "assay.trainer.online_cli",
         "assay.*.__main__",
         "bench",
     ),

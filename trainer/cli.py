@@ -36,17 +36,17 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from assay.cli_options import build, config_options
 from assay.trainer.config import DPOConfig, GRPOConfig, PPOConfig, RLConfig
+from assay.trainer.online_cli import Data, Services, eval_keys, run_online
 
 train_app = typer.Typer(help="Online RL against the live services.", no_args_is_help=True)
 console = Console()
@@ -82,31 +82,6 @@ def open_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, can_resume: bo
 
 
 CONFIG_HELP = "YAML or JSON with {} fields (trainer/config.py); options given on the command line win over it"
-
-
-@dataclass(frozen=True)
-class Services:
-    """Where a run's services are (no URLs: both start here, on loopback) and how the trainer reaches them."""
-
-    rm_url: str | None
-    policy_url: str | None
-    rm_api_key: str | None
-    policy_api_key: str | None
-    in_process_reward: bool
-    spec: Path | None  # the reward spec of the rm_server started here (None: the embedded one)
-
-
-@dataclass(frozen=True)
-class Data:
-    """Where a run's prompts come from (no `prompts`: the arithmetic world), its eval set and ptx data."""
-
-    prompts: Path | None
-    eval_data: Path | None
-    eval_fraction: float
-    reference_key: str | None
-    skip_bad_rows: bool
-    ptx_data: Path | None
-    critic: Path | None
 
 
 def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) -> None:
@@ -151,7 +126,7 @@ def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) 
         run = open_run_dir(run_dir, resume=resume, overwrite=overwrite)
         services = Services(rm_url, policy_url, rm_api_key, policy_api_key, in_process_reward, spec)
         sources = Data(data, eval_data, eval_fraction, reference_key, skip_bad_rows, ptx_data, critic)
-        _online(
+        run_online(
             algorithm,
             cfg,
             run,
@@ -174,198 +149,6 @@ _online_command(
 _online_command(
     "ppo", PPOConfig, "Online PPO: actor, frozen reference, critic from the embedded ORM, reward from rm_server."
 )
-
-
-def _online(
-    algorithm: str,
-    cfg: RLConfig,
-    run,
-    *,
-    resume: bool,
-    model_path: Path | None,
-    services: Services,
-    data: Data,
-    torch_threads: int,
-) -> None:
-    import torch
-
-    from assay.checkpoints import CheckpointError, load_embedded, load_model
-    from assay.data import DataError
-    from assay.trainer import grpo, ppo
-    from assay.trainer.online import RewardMismatch
-
-    torch.set_num_threads(torch_threads)
-    try:
-        net, tok = load_model(model_path, "causal_lm") if model_path else load_embedded("policy")
-        critic = _critic(model_path, data.critic, tok) if isinstance(cfg, PPOConfig) else None
-    except CheckpointError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
-    try:  # a bad file is refused before any service starts
-        files, ptx = _load_data(data, tok, cfg.seed)
-    except (DataError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
-    if files is not None and files.eval and not cfg.eval_every:  # an eval set is evaluated, at least at both ends
-        cfg = replace(cfg, eval_every=cfg.steps)
-    with ExitStack() as stack:
-        policy, rm, reward_fn = _clients(stack, cfg, model_path, services)
-        prompts = files.train if files is not None else None
-        evaluation = _dataset_eval(rm, cfg, reward_fn, files.eval) if files is not None and files.eval else None
-        on_step = _progress(stack, algorithm, cfg.steps)
-        try:
-            if isinstance(cfg, PPOConfig):
-                ppo.train(
-                    cfg,
-                    net,
-                    tok,
-                    critic,
-                    policy,
-                    reward_fn,
-                    run,
-                    resume=resume,
-                    on_step=on_step,
-                    prompts=prompts,
-                    evaluation=evaluation,
-                    ptx_data=ptx,
-                )
-            else:
-                assert isinstance(cfg, GRPOConfig), algorithm
-                grpo.train(
-                    cfg,
-                    net,
-                    tok,
-                    policy,
-                    reward_fn,
-                    run,
-                    resume=resume,
-                    on_step=on_step,
-                    prompts=prompts,
-                    evaluation=evaluation,
-                )
-        except RewardMismatch as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            sys.exit(1)
-    console.print(f"metrics: {run.path / 'metrics.jsonl'}")
-
-
-def _critic(model_path: Path | None, critic_path: Path | None, tokenizer):
-    """PPO's critic's start: `critic_path` (a 1-label sequence classifier), the embedded ORM for the
-    embedded policy, or the policy checkpoint itself with a new value head (its tokenizer is the
-    policy's, which the embedded ORM's need not be)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from assay.checkpoints import load_embedded, load_model
-
-    if critic_path is not None:
-        return load_model(critic_path, "sequence_classification")[0]
-    if model_path is None:
-        return load_embedded("orm")[0]
-    critic = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1)
-    critic.config.pad_token_id = tokenizer.pad_token_id  # the last real token is found through it
-    return critic
-
-
-def _load_data(data: Data, tokenizer, seed: int):
-    """The prompt files (None: the arithmetic world) and PPO's ptx demonstrations (None: none given);
-    each skipped bad row is printed, and their count goes into the run's config.json."""
-    from assay.trainer.prompts import load_prompt_files, load_ptx_data
-
-    if data.prompts is None:
-        return None, None
-    files = load_prompt_files(
-        tokenizer,
-        str(data.prompts),
-        eval_data=None if data.eval_data is None else str(data.eval_data),
-        eval_fraction=data.eval_fraction,
-        seed=seed,
-        reference_key=data.reference_key,
-        skip_bad_rows=data.skip_bad_rows,
-    )
-    skipped = list(files.skipped)
-    ptx = None
-    if data.ptx_data is not None:
-        ptx, bad = load_ptx_data(tokenizer, str(data.ptx_data), skip_bad_rows=data.skip_bad_rows)
-        skipped += bad
-    for err in skipped:
-        console.print(f"[yellow]skipped:[/yellow] {err}")
-    where = f" (eval set: {len(files.eval)})" if files.eval else ""
-    console.print(f"{len(files.train.prompts)} training prompts{where}, {len(skipped)} bad rows skipped")
-    return files, ptx
-
-
-def _dataset_eval(rm, cfg: RLConfig, reward_fn, prompts):
-    """The eval set's evaluation: the training reward's mean and, when a rule reward with
-    references is served (or named by `eval_pass_reward`), its pass rate."""
-    from assay.trainer.evaluation import DatasetEval, pass_reward
-
-    held = prompts[: cfg.eval_problems]
-    try:
-        passing = pass_reward(rm.rewards().rewards, cfg.eval_pass_reward, held)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    rewards = {cfg.reward: reward_fn}
-    if passing is not None and passing != cfg.reward:
-        rewards[passing] = rm.as_reward_fn(passing)
-    return DatasetEval(held, rewards, frozenset({passing} - {None}), samples=cfg.eval_samples)
-
-
-def _clients(stack: ExitStack, cfg: RLConfig, model_path: Path | None, services: Services):
-    """The policy client, the reward client and the reward function, over services started here
-    when no URLs were given."""
-    from assay.clients import PolicyClient, RewardClient
-    from assay.services import EMBEDDED_SPEC, LocalServices
-
-    rm_url, policy_url = services.rm_url, services.policy_url
-    spec = services.spec or EMBEDDED_SPEC
-    if rm_url is None or policy_url is None:
-        policy_args = ["--model", str(model_path), "--model-name", "policy"] if model_path else []
-        local = stack.enter_context(LocalServices.start(policy_args=policy_args, spec=spec))
-        rm_url, policy_url = local.rm_url, local.policy_url
-    # every call's deadline: a service killed and restarted within it costs the run only the wait
-    timeout_s = cfg.service_timeout_s
-    policy = stack.enter_context(PolicyClient.http(policy_url, api_key=services.policy_api_key, timeout_s=timeout_s))
-    if services.in_process_reward:  # the same service and reward id, in this process: no network
-        from assay.rm_server.local import LocalTransport
-
-        # the training reward, and a pass-rate reward named in the config (`auto` finds none here)
-        named = {cfg.reward, cfg.eval_pass_reward} - {"auto", "none"}
-        rm = stack.enter_context(RewardClient(LocalTransport(spec, rewards=sorted(named)), timeout_s=timeout_s))
-    else:
-        rm = stack.enter_context(RewardClient.http(rm_url, api_key=services.rm_api_key, timeout_s=timeout_s))
-    return policy, rm, rm.as_reward_fn(cfg.reward)
-
-
-def _progress(stack: ExitStack, algorithm: str, steps: int):
-    """A progress bar for the run; the `on_step` that advances it with each step's reward, KL and version."""
-    bar = stack.enter_context(
-        Progress(
-            TextColumn(algorithm),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=console,
-        )
-    )
-    task = bar.add_task("train", total=steps, info="")
-
-    def on_step(m: dict) -> None:
-        reward = "n/a" if m.get("reward_mean") is None else f"{m['reward_mean']:.3f}"
-        extra = f" pass@1 {m['heldout_pass1']:.3f}" if "heldout_pass1" in m else ""
-        extra += "".join(f" {k} {v:.3f}" for k, v in m.items() if k in eval_keys(m) and v is not None)
-        bar.update(
-            task,
-            completed=m["step"],
-            info=f"reward {reward} kl {m.get('kl', 0):.4f} v{m['weight_version']} {m['seconds']:.1f}s/step{extra}",
-        )
-
-    return on_step
-
-
-def eval_keys(metrics: dict) -> list[str]:
-    """An eval set's figures among a step's metrics (`eval/<reward>/mean`, `eval/<reward>/pass_rate`)."""
-    return [k for k in metrics if k.startswith("eval/") and k.endswith(("/mean", "/pass_rate"))]
 
 
 def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metrics.jsonl")) -> None:

@@ -21,7 +21,9 @@ from typing import Any
 
 from assay.arith import world
 from assay.arith.checks import is_correct
+from assay.clients.reward import RewardClient
 from assay.rm_server.protocol import RewardInfo
+from assay.trainer.config import RLConfig
 from assay.trainer.online import RewardFn, Run, reward_id_of, sample_groups, score, sync_weights
 from assay.trainer.prompts import Prompt
 
@@ -129,3 +131,14 @@ def pass_reward(served: Sequence[RewardInfo], wanted: str, prompts: Sequence[Pro
             if info.type == kind:
                 return info.name
     return None
+
+
+def for_eval_set(rm: RewardClient, config: RLConfig, reward_fn: RewardFn, prompts: Sequence[Prompt]) -> DatasetEval:
+    """The evaluation of an eval set's first `eval_problems` prompts: the training reward
+    (`reward_fn`, config.reward) and the pass-rate reward `pass_reward` picks among `rm`'s."""
+    held = list(prompts[: config.eval_problems])
+    passing = pass_reward(rm.rewards().rewards, config.eval_pass_reward, held)
+    rewards = {config.reward: reward_fn}
+    if passing is not None and passing != config.reward:
+        rewards[passing] = rm.as_reward_fn(passing)
+    return DatasetEval(held, rewards, frozenset({passing} - {None}), samples=config.eval_samples)

@@ -30,6 +30,7 @@ import copy
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,6 +70,23 @@ class Critic(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.head(hidden)[..., 0].float()  # [rows, length]
+
+
+def initial_critic(model_path: str | Path | None, critic_path: str | Path | None, tokenizer):
+    """The critic's start: `critic_path` (a 1-label sequence classifier on the policy's tokenizer);
+    else the embedded ORM for the embedded policy (`model_path` None); else the policy checkpoint
+    itself with a new value head, since the embedded ORM reads another tokenizer than a user's policy."""
+    from transformers import AutoModelForSequenceClassification
+
+    from assay.checkpoints import load_embedded, load_model
+
+    if critic_path is not None:
+        return load_model(critic_path, "sequence_classification")[0]
+    if model_path is None:
+        return load_embedded("orm")[0]
+    critic = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1)
+    critic.config.pad_token_id = tokenizer.pad_token_id  # each row's last real token is found through it
+    return critic
 
 
 def train(
