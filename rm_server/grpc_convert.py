@@ -21,20 +21,31 @@ protocol's rules (empty reward name, empty item id, timeout_s <= 0, an enum numb
 does not know) raises pydantic's `ValidationError` listing the problems. Absent and empty are
 kept apart: optional scalars and the `Scores`/`TokenScores` wrappers carry presence, so `None`
 and `[]` round-trip exactly. Enums map by name (`steps` <-> GRANULARITY_STEPS).
+
+An item's prompt is the `input` oneof (text `prompt` or a `Conversation` of messages), so
+"exactly one" holds on the wire; `metadata` travels as JSON text (`metadata_json`), which keeps
+integers integers (a `google.protobuf.Struct` would turn them into doubles). Text that is not a
+JSON object is refused like any other protocol break, as a `ValidationError` naming the item.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from pydantic import ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
 from assay.proto.reward.v1 import reward_pb2 as pb
 from assay.rm_server.protocol import (
+    CompareItem,
     CompareRequest,
     CompareResponse,
     ErrorInfo,
     RewardsResponse,
+    ScoreItem,
     ScoreRequest,
     ScoreResponse,
 )
@@ -101,13 +112,53 @@ def error_info_from_proto(msg: pb.ErrorInfo) -> ErrorInfo:
     return ErrorInfo.model_validate(_error_info_data(msg))
 
 
+# --- items: the prompt (text or conversation) and the metadata --------------------------------
+
+
+def _prompt_to_proto(item: ScoreItem | CompareItem) -> dict[str, Any]:
+    """The item's `input` oneof and metadata, as keyword arguments of its proto message."""
+    messages = None
+    if item.messages is not None:
+        messages = pb.Conversation(messages=[pb.ChatMessage(role=m.role, content=m.content) for m in item.messages])
+    return {
+        "prompt": item.prompt,
+        "messages": messages,
+        "metadata_json": json.dumps(item.metadata) if item.metadata is not None else None,
+    }
+
+
+def _prompt_data(msg: pb.ScoreItem | pb.CompareItem, where: tuple[str | int, ...], model: str) -> dict[str, Any]:
+    """The item's prompt fields as protocol data; `metadata_json` that is no JSON object is refused."""
+    data: dict[str, Any] = {}
+    which = msg.WhichOneof("input")
+    if which == "prompt":
+        data["prompt"] = msg.prompt
+    elif which == "messages":
+        data["messages"] = [{"role": m.role, "content": m.content} for m in msg.messages.messages]
+    if msg.HasField("metadata_json"):
+        try:
+            data["metadata"] = metadata = json.loads(msg.metadata_json)
+        except json.JSONDecodeError as exc:
+            raise _invalid(model, (*where, "metadata_json"), msg.metadata_json, f"is not JSON ({exc})") from None
+        if not isinstance(metadata, dict):
+            raise _invalid(model, (*where, "metadata_json"), msg.metadata_json, "is JSON but not an object")
+    return data
+
+
+def _invalid(model: str, loc: tuple[str | int, ...], value: str, why: str) -> ValidationError:
+    error = PydanticCustomError("metadata_json", "metadata_json {why}", {"why": why})
+    return ValidationError.from_exception_data(model, [InitErrorDetails(type=error, loc=loc, input=value[:200])])
+
+
 # --- score -----------------------------------------------------------------------------------
 
 
 def score_request_to_proto(req: ScoreRequest) -> pb.ScoreRequest:
     return pb.ScoreRequest(
         reward=req.reward,
-        items=[pb.ScoreItem(id=i.id, prompt=i.prompt, response=i.response, reference=i.reference) for i in req.items],
+        items=[
+            pb.ScoreItem(id=i.id, response=i.response, reference=i.reference, **_prompt_to_proto(i)) for i in req.items
+        ],
         granularity=_enum_to_proto("GRANULARITY", req.granularity),
         timeout_s=req.timeout_s,
     )
@@ -117,8 +168,13 @@ def score_request_from_proto(msg: pb.ScoreRequest) -> ScoreRequest:
     data: dict[str, Any] = {
         "reward": msg.reward,
         "items": [
-            {"id": i.id, "prompt": i.prompt, "response": i.response, "reference": _optional(i, "reference")}
-            for i in msg.items
+            {
+                "id": i.id,
+                "response": i.response,
+                "reference": _optional(i, "reference"),
+                **_prompt_data(i, ("items", n), "ScoreRequest"),
+            }
+            for n, i in enumerate(msg.items)
         ],
         "timeout_s": _optional(msg, "timeout_s"),
     }
@@ -209,7 +265,11 @@ def compare_request_to_proto(req: CompareRequest) -> pb.CompareRequest:
         reward=req.reward,
         items=[
             pb.CompareItem(
-                id=i.id, prompt=i.prompt, response_a=i.response_a, response_b=i.response_b, reference=i.reference
+                id=i.id,
+                response_a=i.response_a,
+                response_b=i.response_b,
+                reference=i.reference,
+                **_prompt_to_proto(i),
             )
             for i in req.items
         ],
@@ -221,12 +281,12 @@ def compare_request_from_proto(msg: pb.CompareRequest) -> CompareRequest:
     items = [
         {
             "id": i.id,
-            "prompt": i.prompt,
             "response_a": i.response_a,
             "response_b": i.response_b,
             "reference": _optional(i, "reference"),
+            **_prompt_data(i, ("items", n), "CompareRequest"),
         }
-        for i in msg.items
+        for n, i in enumerate(msg.items)
     ]
     return CompareRequest.model_validate(
         {"reward": msg.reward, "items": items, "timeout_s": _optional(msg, "timeout_s")}

@@ -6,14 +6,21 @@ conversion lives in `rm_server/grpc_convert.py`, used by the server's and the cl
 
 A rule the serving layer enforces with a message of its own (at least one item) is stated in the
 schema only (`json_schema_extra`), so that the OpenAPI schema says what the code enforces.
+
+The prompt of an item is either text (`prompt`, exactly as the policy saw it) or a conversation
+(`messages`, the turns before the response); exactly one of the two. A reward that reads text
+renders a conversation itself (a model reward with `chat_template: true`, through its own
+tokenizer's template), so the policy's template never decides what another model reads.
+`metadata` carries a dataset row's other columns to the reward, as a JSON object.
 """
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 
 class _Wire(BaseModel):
@@ -60,14 +67,59 @@ class ErrorResponse(_Wire):
     error: ErrorInfo
 
 
+# --- items: a prompt as text or as a conversation --------------------------------------------
+
+
+class ChatMessage(_Wire):
+    """One turn of a conversation, as chat templates take it: a role and its text."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+ONE_PROMPT = "give exactly one of `prompt` (the prompt as text) and `messages` (the prompt as a conversation)"
+# Stated in the schema too: an item object has `prompt` or `messages`, not both.
+_ONE_PROMPT_SCHEMA: JsonDict = {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+
+
+class _Item(_Wire):
+    """What score and compare items share: an id, the prompt (text or conversation), a reference
+    and metadata."""
+
+    model_config = ConfigDict(json_schema_extra=_ONE_PROMPT_SCHEMA)
+
+    id: str = Field(min_length=1, max_length=256, description="Echoed back; unique within a request.")
+    prompt: str | None = Field(default=None, description="The prompt exactly as the policy saw it (text).")
+    messages: list[ChatMessage] | None = Field(
+        default=None,
+        min_length=1,
+        description="The prompt as a conversation (the turns before the response); instead of `prompt`.",
+    )
+    reference: str | None = Field(default=None, description="Reference answer, for rules that need one.")
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Other columns of the item's dataset row, passed to the reward as they are."
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Self:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError(ONE_PROMPT)
+        return self
+
+    @property
+    def conversation(self) -> str | list[dict[str, str]]:
+        """The prompt as the rewards take it: the text, or the messages as plain dicts."""
+        if self.messages is not None:
+            return [m.model_dump() for m in self.messages]
+        assert self.prompt is not None  # exactly one (validated)
+        return self.prompt
+
+
 # --- /v1/score -------------------------------------------------------------------------------
 
 
-class ScoreItem(_Wire):
-    id: str = Field(min_length=1, max_length=256, description="Echoed back; unique within a request.")
-    prompt: str = Field(description="The prompt exactly as the policy saw it.")
+class ScoreItem(_Item):
     response: str = Field(description="The completion under judgement.")
-    reference: str | None = Field(default=None, description="Reference answer, for rules that need one.")
 
 
 class ScoreRequest(_Wire):
@@ -103,12 +155,9 @@ class ScoreResponse(_Wire):
 # --- /v1/compare -----------------------------------------------------------------------------
 
 
-class CompareItem(_Wire):
-    id: str = Field(min_length=1, max_length=256)
-    prompt: str
+class CompareItem(_Item):
     response_a: str
     response_b: str
-    reference: str | None = None
 
 
 class CompareRequest(_Wire):

@@ -8,6 +8,7 @@ per-item problems become `ItemResult.error`. Metrics are recorded here, once for
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 
 from assay.base.errors import LOADING_RETRY_AFTER_S, InvalidRequest, NotReady
@@ -15,6 +16,7 @@ from assay.rm_server.config import Limits
 from assay.rm_server.errors import UnknownReward
 from assay.rm_server.metrics import Metrics
 from assay.rm_server.protocol import (
+    CompareItem,
     CompareRequest,
     CompareResponse,
     CompareResult,
@@ -24,6 +26,7 @@ from assay.rm_server.protocol import (
     ItemResult,
     RewardInfo,
     RewardsResponse,
+    ScoreItem,
     ScoreRequest,
     ScoreResponse,
     TokenScore,
@@ -81,8 +84,8 @@ class RewardService:
             raise InvalidRequest(
                 f"reward {req.reward!r} does not give {req.granularity.value} scores (it gives {allowed})"
             )
-        items = [Item(i.prompt, i.response, i.reference, i.id) for i in req.items]
-        self._check_items(reward, [i.id for i in req.items], [(i.prompt, i.response, i.reference) for i in items])
+        self._check_items(reward, req.items, [i.response for i in req.items])
+        items = [Item(i.conversation, i.response, i.reference, i.id, i.metadata) for i in req.items]
         outcomes = await self._with_deadline(reward.score(items, req.granularity), len(items), req.timeout_s)
         results = []
         for item, o in zip(req.items, outcomes, strict=True):
@@ -106,13 +109,14 @@ class RewardService:
 
     async def compare(self, req: CompareRequest) -> CompareResponse:
         reward = self._reward(req.reward)
+        self._check_items(reward, req.items, [i.response_a + i.response_b for i in req.items])
         pairs = [
-            (Item(i.prompt, i.response_a, i.reference, i.id), Item(i.prompt, i.response_b, i.reference, i.id))
+            (
+                Item(i.conversation, i.response_a, i.reference, i.id, i.metadata),
+                Item(i.conversation, i.response_b, i.reference, i.id, i.metadata),
+            )
             for i in req.items
         ]
-        self._check_items(
-            reward, [i.id for i in req.items], [(i.prompt, i.response_a + i.response_b, i.reference) for i in req.items]
-        )
         outcomes = await self._with_deadline(reward.compare(pairs), len(pairs), req.timeout_s)
         results = []
         for item, o in zip(req.items, outcomes, strict=True):
@@ -137,23 +141,24 @@ class RewardService:
         except KeyError:
             raise UnknownReward(f"unknown reward {name!r}; this server has {', '.join(self.rewards)}") from None
 
-    def _check_items(self, reward: Reward, ids: Sequence[str], texts: Sequence[tuple[str, str, str | None]]) -> None:
-        if not ids:
+    def _check_items(self, reward: Reward, items: Sequence[ScoreItem | CompareItem], responses: Sequence[str]) -> None:
+        """Refuse the request for its items' ids, sizes or missing references; `responses`: each
+        item's response text (both responses of a compared pair)."""
+        if not items:
             raise InvalidRequest("`items` is empty; send at least one item")
-        if len(ids) > self.limits.max_items:
-            raise InvalidRequest(f"{len(ids)} items in one request, more than the limit of {self.limits.max_items}")
+        if len(items) > self.limits.max_items:
+            raise InvalidRequest(f"{len(items)} items in one request, more than the limit of {self.limits.max_items}")
         seen: set[str] = set()
-        for item_id, (prompt, response, reference) in zip(ids, texts, strict=True):
-            if item_id in seen:
-                raise InvalidRequest(f"item id {item_id!r} appears twice; ids must be unique within a request")
-            seen.add(item_id)
-            size = len(prompt) + len(response) + len(reference or "")
-            if size > self.limits.max_item_chars:
+        for item, response in zip(items, responses, strict=True):
+            if item.id in seen:
+                raise InvalidRequest(f"item id {item.id!r} appears twice; ids must be unique within a request")
+            seen.add(item.id)
+            if (size := _chars(item) + len(response)) > self.limits.max_item_chars:
                 raise InvalidRequest(
-                    f"item {item_id!r} has {size} characters, more than the limit of {self.limits.max_item_chars}"
+                    f"item {item.id!r} has {size} characters, more than the limit of {self.limits.max_item_chars}"
                 )
-            if reward.needs_reference and reference is None:
-                raise InvalidRequest(f"reward {reward.name!r} needs a `reference` and item {item_id!r} has none")
+            if reward.needs_reference and item.reference is None:
+                raise InvalidRequest(f"reward {reward.name!r} needs a `reference` and item {item.id!r} has none")
 
     async def _with_deadline(self, work, n: int, timeout_s: float | None) -> list:
         """Run a reward call under the request deadline.
@@ -172,3 +177,11 @@ class RewardService:
             return [failure] * n
         finally:
             DEADLINE.reset(token)
+
+
+def _chars(item: ScoreItem | CompareItem) -> int:
+    """An item's size against `max_item_chars`, its response(s) aside: the prompt's text (or every
+    message's), the reference, and the metadata as the JSON it arrived as."""
+    prompt = item.prompt if item.prompt is not None else "".join(m.content for m in item.messages or ())
+    metadata = len(json.dumps(item.metadata)) if item.metadata is not None else 0
+    return len(prompt) + len(item.reference or "") + metadata

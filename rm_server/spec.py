@@ -174,21 +174,32 @@ CONTROL_TOKENS = (
 
 
 class JudgeSpec(_Spec):
-    """An LLM behind an OpenAI-compatible /v1/completions endpoint, asked about the response."""
+    """An LLM behind an OpenAI-compatible endpoint (completions or chat), asked about the response."""
 
     type: Literal["judge"]
     endpoint: str = Field(description="Base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8001/v1")
     model: str
-    mode: Literal["yes_prob", "expected_score", "text_score", "pairwise"] = "yes_prob"
+    api: Literal["completions", "chat"] = Field(
+        default="completions",
+        description="completions: one prompt to /completions; chat: a system rubric and a user message to "
+        "/chat/completions.",
+    )
+    mode: Literal["yes_prob", "verdict", "expected_score", "text_score", "pairwise", "pairwise_verdict"] = "yes_prob"
     template: str | None = Field(
         default=None,
-        description="Prompt with {prompt} and {response} (pairwise: {response_a}, {response_b}); default per mode.",
+        description="Prompt (chat: the user message) with {prompt} and {response} (pairwise: {response_a}, "
+        "{response_b}); default per mode and api.",
+    )
+    system: str | None = Field(
+        default=None, description='Chat only: the system message (the rubric); default per mode, "" for none.'
     )
     yes: str = "yes"
     no: str = "no"
     score_min: int = 1
     score_max: int = 10
-    max_tokens: int = Field(default=16, gt=0, description="text_score: tokens the judge may write.")
+    max_tokens: int = Field(
+        default=16, gt=0, description="text_score, verdict, pairwise_verdict: tokens the judge may write."
+    )
     top_logprobs: int = Field(default=20, gt=0, le=20)
     strip_tokens: tuple[str, ...] = CONTROL_TOKENS
     one_line: bool = Field(default=True, description="Collapse newlines in judged text so it cannot forge markers.")
@@ -203,6 +214,12 @@ class JudgeSpec(_Spec):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"endpoint must be an http(s) URL, got {v!r}")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _system_is_for_chat(self) -> JudgeSpec:
+        if self.system is not None and self.api != "chat":
+            raise ValueError("`system` is the chat API's system message: set `api: chat`, or leave `system` out")
+        return self
 
 
 class CompositeSpec(_Spec):
@@ -354,7 +371,7 @@ def checkpoint_digest(path: Path) -> str:
 
 def reward_ids(spec: SpecFile) -> dict[str, str]:
     """The content-addressed id of every reward in the spec, `sha256:<hex>`."""
-    from assay.rm_server.rewards.judge import resolved_template  # default prompts are part of the id
+    from assay.rm_server.rewards.judge_prompts import resolved_system, resolved_template  # prompts are in the id
 
     ids: dict[str, str] = {}
     digests: dict[Path, str] = {}
@@ -368,6 +385,8 @@ def reward_ids(spec: SpecFile) -> dict[str, str]:
             content["checkpoint"] = digests[path]
         elif isinstance(r, JudgeSpec):
             content["prompt"] = resolved_template(r)
+            if r.api == "chat":
+                content["system"] = resolved_system(r)
         elif isinstance(r, CompositeSpec):
             content["parts"] = {dep: ids[dep] for dep in sorted(dependencies(spec, name))}
         ids[name] = "sha256:" + _digest(content)

@@ -3,7 +3,7 @@
 rules.py      rule.math_equal, rule.exact_match, rule.regex, rule.length_penalty,
               rule.json_schema, rule.arith_steps
 model.py      model.outcome, model.process (transformers or vLLM backend)
-judge.py      judge (any OpenAI-compatible completions endpoint)
+judge.py      judge (any OpenAI-compatible completions or chat endpoint; its prompts: judge_prompts.py)
 composite.py  composite (expressions and gates over the others)
 """
 

@@ -16,13 +16,20 @@ from typing import Any
 
 from assay.rm_server.protocol import ErrorType, Granularity
 
+Message = dict[str, str]  # {"role": ..., "content": ...}
+Prompt = str | list[Message]  # the prompt as text, or as a conversation (the turns before the response)
+
 
 @dataclass(frozen=True)
 class Item:
-    prompt: str
+    """One item to score. A reward that reads text must handle a conversation itself (render it,
+    or fail the item `invalid_input`): flattening it quietly would score text nobody sent."""
+
+    prompt: Prompt
     response: str
     reference: str | None = None
     id: str = ""  # the request's item id, for error messages
+    metadata: dict[str, Any] | None = None  # the dataset row's other columns, as the client sent them
 
 
 @dataclass(frozen=True)

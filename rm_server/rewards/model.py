@@ -2,7 +2,11 @@
 
 The text a model reads is built here and only here, from the spec's `template` (or the
 tokenizer's chat template when `chat_template: true`), so the text the reward model scores in
-serving is the text it was trained on. Scores come from the model through the batcher:
+serving is the text it was trained on. A prompt sent as a conversation (`messages`) is rendered
+with the reward model's own chat template, whatever template the policy used: a reward model on
+another tokenizer than the policy reads the exchange as it was trained to. A reward without
+`chat_template` fails such items `invalid_input` rather than flatten the conversation into a
+text it never saw. Scores come from the model through the batcher:
 
 - outcome: the model's pooled logit (sigmoid with `activation: sigmoid`); per-token prefix
   scores apply the score head at every response token (exact for causal models, whose prefix
@@ -16,16 +20,16 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from assay.base.batcher import Batcher
 from assay.base.errors import InvalidRequest
 from assay.rm_server.protocol import ErrorType, Granularity
-from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
+from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Prompt, Reward, Scored, until_deadline
 from assay.rm_server.spec import OutcomeModelSpec, ProcessModelSpec
 
 if TYPE_CHECKING:
@@ -128,31 +132,57 @@ class ModelReward(Reward):
 
     # --- text --------------------------------------------------------------------------------
 
-    def render(self, prompt: str, response: str) -> tuple[str, int]:
-        """(text the model reads, index where the response starts in it)."""
+    def render(self, prompt: Prompt, response: str) -> tuple[str, int]:
+        """(text the model reads, index where the response starts in it).
+
+        With `chat_template`, the conversation (a text prompt: one user turn) and the response as
+        the assistant's turn, through this model's tokenizer; else the spec's `template`, which
+        takes text only (a conversation: ItemFailure invalid_input)."""
         if self.spec.chat_template:
             assert self.tokenizer is not None, "started"
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+                [*messages, {"role": "assistant", "content": response}], tokenize=False
             )
             assert isinstance(text, str)  # tokenize=False: the text (transformers types every return form)
             start = text.rfind(response) if response else len(text)
             if start < 0:
                 raise ItemFailure(ErrorType.invalid_input, "the chat template altered the response text")
             return text, start
+        if not isinstance(prompt, str):
+            raise ItemFailure(
+                ErrorType.invalid_input,
+                f"reward {self.name!r} reads text through its `template` and has no chat template to render "
+                "`messages` with: send the prompt as text in `prompt`, or serve the model with `chat_template: true`",
+            )
         head = self.spec.template[: self.spec.template.index("{response}")]
         return self.spec.template.format(prompt=prompt, response=response), len(head.format(prompt=prompt))
 
-    def encode(self, items: Sequence[Item]) -> list[_Encoded]:
-        rendered = [self.render(it.prompt, it.response) for it in items]
+    def encode(self, items: Sequence[Item]) -> list[_Encoded | ItemFailure]:
+        """Each item as the model reads it, or why it cannot be (that item fails, the others go on).
+        An item over `max_tokens` (with `truncation: error`) refuses the whole request."""
+        rendered: list[tuple[str, int] | ItemFailure] = []
+        for it in items:
+            try:
+                rendered.append(self.render(it.prompt, it.response))
+            except ItemFailure as failure:
+                rendered.append(failure)
+        texts = [r[0] for r in rendered if not isinstance(r, ItemFailure)]
         assert self.tokenizer is not None, "started"
-        enc = self.tokenizer(
-            [t for t, _ in rendered],
-            add_special_tokens=not self.spec.chat_template,  # a chat template writes its own specials
-            return_offsets_mapping=True,
-        )
-        out = []
-        for it, (text, start), ids, spans in zip(items, rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
+        tokenized: Iterator[tuple[Any, Any]] = iter([])  # (ids, offsets) per rendered text
+        if texts:
+            enc = self.tokenizer(
+                texts,
+                add_special_tokens=not self.spec.chat_template,  # a chat template writes its own specials
+                return_offsets_mapping=True,
+            )
+            tokenized = iter(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+        out: list[_Encoded | ItemFailure] = []
+        for it, r in zip(items, rendered, strict=True):
+            if isinstance(r, ItemFailure):
+                out.append(r)
+                continue
+            (text, start), (ids, spans) = r, next(tokenized)
             spans = [tuple(s) for s in spans]
             if len(ids) > self.max_tokens:
                 if self.spec.truncation == "error":
@@ -179,14 +209,19 @@ class ModelReward(Reward):
 
     async def score(self, items: Sequence[Item], granularity: Granularity) -> list[Outcome]:
         encoded = self.encode(items)
+        todo = [e for e in encoded if not isinstance(e, ItemFailure)]
         mode = "pooled" if not self.process and granularity == Granularity.outcome else "tokens"
         assert self.batcher is not None, "started"
-        futures = self.batcher.submit([(mode, e.ids) for e in encoded], [len(e.ids) for e in encoded])
+        futures = self.batcher.submit([(mode, e.ids) for e in todo], [len(e.ids) for e in todo]) if todo else []
         # Items still queued at the deadline are cancelled (the batcher drops them); the rest keep
         # their scores. A request cancelled outright (client gone) cancels all of them.
-        raws = await until_deadline(futures)
+        raws = iter(await until_deadline(futures))
         results: list[Outcome] = []
-        for e, raw in zip(encoded, raws, strict=True):
+        for e in encoded:
+            if isinstance(e, ItemFailure):
+                results.append(e)
+                continue
+            raw = next(raws)
             try:
                 if isinstance(raw, BaseException):
                     raise raw

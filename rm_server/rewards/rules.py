@@ -184,19 +184,24 @@ class ArithSteps(_InlineRule):
     """Per-step correctness of an arithmetic-world solution (`arith.checks.step_labels`).
 
     Steps are 1.0 / 0.0 per segment of the response; the outcome is 1.0 only when there is at
-    least one step and every step is right. The problem is read back from the prompt.
+    least one step and every step is right. The problem is read back from the prompt (a
+    conversation: from its last user turn, where the question is).
     """
 
     type = "rule.arith_steps"
     granularities = frozenset({Granularity.outcome, Granularity.steps})
 
     def judge(self, item: Item, granularity: Granularity) -> Outcome:
+        if isinstance(item.prompt, str):
+            question = item.prompt
+        else:
+            question = next((m["content"] for m in reversed(item.prompt) if m["role"] == "user"), "")
         try:
-            problem = parse_prompt(item.prompt)
+            problem = parse_prompt(question)
         except ValueError:
             return ItemFailure(
                 ErrorType.invalid_input,
-                f"{self.type} needs an arithmetic prompt like 'Q: 23+45-17 A: ', got {item.prompt[:80]!r}",
+                f"{self.type} needs an arithmetic prompt like 'Q: 23+45-17 A: ', got {question[:80]!r}",
             )
         steps = [1.0 if ok else 0.0 for ok in step_labels(problem, item.response)]
         value = 1.0 if steps and all(steps) else 0.0

@@ -1,11 +1,21 @@
-"""Test double: an OpenAI-compatible completions server backed by the embedded verifier.
+"""Test double: an OpenAI-compatible completions and chat server backed by the embedded verifier.
 
-It stands in for the policy server's OpenAI-compatible API until that exists. `POST
-/v1/completions` continues each prompt greedily (temperature 0) with a real model and answers
-with real logprobs (log_softmax of its logits), in the legacy completions shape vLLM and OpenAI
-use: `choices[i].text`, `choices[i].logprobs.{tokens, token_logprobs, top_logprobs,
-text_offset}`, `finish_reason`, `usage`. Any model name other than the served one gets a 404.
-Every request's headers and body are appended to `app.state.requests`, for tests to inspect.
+It stands in for an OpenAI-compatible judge. `POST /v1/completions` continues each prompt
+greedily (temperature 0) with a real model and answers with real logprobs (log_softmax of its
+logits), in the legacy completions shape vLLM and OpenAI use: `choices[i].text`,
+`choices[i].logprobs.{tokens, token_logprobs, top_logprobs, text_offset}`, `finish_reason`,
+`usage`. `POST /v1/chat/completions` does the same for a conversation, answering in the chat shape
+(`choices[0].message.content`, `choices[0].logprobs.content[i].{token, logprob, top_logprobs}`).
+
+It is a double, not a chat model: the verifier's own chat template turns a user turn into an
+arithmetic question (`Q: ... A: `), which cannot hold a judge's rubric, so the double renders a
+conversation as the plain concatenation of its messages' contents. A chat judge whose system
+message is empty and whose user template is the verifier's format (`{prompt}{response}\nCorrect? `)
+therefore sends the verifier exactly what the completions API would, and must get the same score;
+the real policy server renders with the checkpoint's template instead.
+
+Any model name other than the served one gets a 404. Every request's headers and body are
+appended to `app.state.requests`, for tests to inspect.
 """
 
 from __future__ import annotations
@@ -93,6 +103,38 @@ def judge_app(model=None, tokenizer=None, model_name: str = MODEL_NAME) -> FastA
             "model": model_name,
             "choices": [{"index": i, **c} for i, c in enumerate(choices)],
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        app.state.requests.append({"headers": dict(request.headers), "body": body})
+        if body.get("model") != model_name:
+            message = f"The model `{body.get('model')}` does not exist."
+            return JSONResponse({"error": {"message": message, "type": "NotFoundError", "code": 404}}, 404)
+        prompt = "".join(m["content"] for m in body["messages"])  # the double's template: see the docstring
+        top_k = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
+        out = await asyncio.to_thread(run, prompt, int(body.get("max_tokens", 16)), top_k)
+        logprobs = None
+        if body.get("logprobs"):
+            lp = out["logprobs"] or {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+            content = []
+            for i, (token, value) in enumerate(zip(lp["tokens"], lp["token_logprobs"])):
+                tops = lp["top_logprobs"][i] if lp["top_logprobs"] else {}
+                alternatives = [{"token": t, "logprob": v} for t, v in tops.items()]
+                content.append({"token": token, "logprob": value, "top_logprobs": alternatives})
+            logprobs = {"content": content}
+        message = {"role": "assistant", "content": out["text"]}
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": out["finish_reason"]}
+        usage = {"prompt_tokens": out["n_prompt"], "completion_tokens": out["n_out"]}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {
+            "id": f"chatcmpl-{len(app.state.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": [choice],
+            "usage": usage,
         }
 
     return app

@@ -20,9 +20,8 @@ from assay.arith.world import ANSWER_MARK, Problem, take
 from assay.checkpoints import load_embedded
 from assay.rm_server.protocol import ErrorType, Granularity
 from assay.rm_server.rewards.base import Item, ItemFailure, Scored
-from assay.rm_server.rewards.judge import (
-    JudgeKeyRefused,
-    JudgeReward,
+from assay.rm_server.rewards.judge import JudgeKeyRefused, JudgeReward
+from assay.rm_server.rewards.judge_prompts import (
     expected_score,
     parse_score,
     render,
