@@ -3,7 +3,7 @@
     with RewardClient.http("http://127.0.0.1:8000", api_key="k1") as client:
         reply = client.score("orm", [{"prompt": "3+4=", "response": "3+4=7 #### 7"}])
         reply.results[0].score          # None exactly when reply.results[0].error says why
-        orm = client.as_reward_fn("orm")  # TRL's signature: orm(prompts, completions, **kw)
+        orm = client.as_reward_fn("orm")  # TRL's signature: orm(prompts, completions, **kw); clients/reward_fn.py
 
     async with AsyncRewardClient.grpc("127.0.0.1:50051") as client:
         reply = await client.score("orm", items)
@@ -38,6 +38,7 @@ from pydantic import ValidationError
 
 from assay.clients.errors import InvalidRequest, ServerError, UnknownReward, problems
 from assay.clients.retry import Attempt, RetryPolicy
+from assay.clients.reward_fn import RewardFn, RewardFnForm
 from assay.clients.reward_transport import AsyncGrpc, AsyncHttp, AsyncRewardTransport, Grpc, Http, RewardTransport
 from assay.rm_server.protocol import (
     CompareItem,
@@ -45,6 +46,7 @@ from assay.rm_server.protocol import (
     CompareResponse,
     ErrorType,
     Granularity,
+    RewardInfo,
     RewardsResponse,
     ScoreItem,
     ScoreRequest,
@@ -55,7 +57,6 @@ GRACE_S = 1.0  # how much longer than the server's deadline a client waits for i
 
 T = TypeVar("T")
 Item = TypeVar("Item", ScoreItem, CompareItem)
-RewardFn = Callable[..., list[float | None]]
 
 # --- request building and reply checking (pure, shared by every client) -----------------------
 
@@ -117,57 +118,6 @@ def checked_reply(req: ScoreRequest | CompareRequest, reply: R) -> R:
             f"the reply's item ids do not match the request's: missing {missing[:5]}, unexpected {extra[:5]}"
         )
     return reply.model_copy(update={"results": [by_id[i] for i in sent]})
-
-
-# --- the reward function form (pure parts) ---------------------------------------------------
-
-
-def _text(x: str | Sequence[Mapping[str, Any]], role: str, what: str) -> str:
-    """A plain string, or the content of the last `role` message of a chat-message list."""
-    if isinstance(x, str):
-        return x
-    for message in reversed(x):
-        if message.get("role") == role and isinstance(message.get("content"), str):
-            return str(message["content"])
-    raise InvalidRequest(f"{what} is neither a string nor a message list with a {role!r} message of text")
-
-
-def reward_fn_items(
-    prompts: Sequence[Any], completions: Sequence[Any], references: Sequence[Any] | None
-) -> list[ScoreItem]:
-    """TRL's reward-function inputs as score items. Chat messages: the prompt is the last user
-    message's content, the response the last assistant message's (earlier turns are not sent)."""
-    if len(prompts) != len(completions) or (references is not None and len(references) != len(completions)):
-        n_ref = "no" if references is None else len(references)
-        raise InvalidRequest(
-            f"{len(prompts)} prompts, {len(completions)} completions, {n_ref} references: need one each"
-        )
-    return [
-        ScoreItem(
-            id=str(i),
-            prompt=_text(p, "user", f"prompt {i}"),
-            response=_text(c, "assistant", f"completion {i}"),
-            reference=None if references is None or references[i] is None else str(references[i]),
-        )
-        for i, (p, c) in enumerate(zip(prompts, completions, strict=True))
-    ]
-
-
-def reward_fn_scores(reply: ScoreResponse, reward_id: str) -> list[float | None]:
-    """One score per item; None for a failed item (TRL's "no reward for this sample")."""
-    if reply.reward_id != reward_id:
-        raise ServerError(
-            f"reward {reply.reward!r} is now {reply.reward_id}, not the {reward_id} this function was made for; "
-            "the server changed its reward mid-run, and the two must not be mixed"
-        )
-    return [None if r.error is not None else r.score for r in reply.results]
-
-
-def _named(fn: T, reward: str, reward_id: str) -> T:
-    # `fn` is a plain function, which takes attributes; T (the caller's signature) does not say so
-    fn.__name__ = fn.__qualname__ = reward  # type: ignore[attr-defined]
-    fn.reward_id = reward_id  # type: ignore[attr-defined]
-    return fn
 
 
 # --- the clients -----------------------------------------------------------------------------
@@ -261,25 +211,23 @@ class RewardClient(_ClientBase[RewardTransport]):
         return self._t.probe("ready", timeout_s or self.timeout_s)
 
     def as_reward_fn(
-        self, reward: str, *, reference_key: str = "reference", timeout_s: float | None = None
+        self, reward: str, *, reference_key: str | None = None, timeout_s: float | None = None
     ) -> RewardFn:
         """This reward as a TRL reward function, `f(prompts, completions, **kw) -> list[float | None]`.
 
-        `kw[reference_key]`, when given, holds one reference per completion. Prompts and
-        completions are strings or chat-message lists (the last user / assistant message's
-        content is sent). A failed item gives None (TRL: no reward for that sample); a failed
-        call raises. The function carries `.reward_id`, and raises ServerError if the server's
-        reward stops having that id.
+        Conversations are sent whole (`messages`); the reference is the column `reference_key`, or
+        the first of `reference`, `answer`, `solution`, `ground_truth`; a row without one, for a
+        reward that needs one, gets None, as does a failed item; the other dataset columns travel as
+        `metadata`. The details: `clients/reward_fn.py`. The function carries `.reward_id`.
         """
-        reward_id = self.reward_id(reward, timeout_s=timeout_s)
+        form = _form(self.rewards(timeout_s=timeout_s), reward, reference_key)
 
         def fn(prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float | None]:
-            items = reward_fn_items(prompts, completions, kw.get(reference_key))
-            if not items:
-                return []
-            return reward_fn_scores(self.score(reward, items, timeout_s=timeout_s), reward_id)
+            items = form.items(prompts, completions, kw)
+            sent = [item for item in items if item is not None]
+            return form.scores(items, self.score(reward, sent, timeout_s=timeout_s) if sent else None)
 
-        return _named(fn, reward, reward_id)
+        return form.named(fn)
 
     def close(self) -> None:
         self._t.close()
@@ -329,18 +277,21 @@ class AsyncRewardClient(_ClientBase[AsyncRewardTransport]):
         return await self._t.probe("ready", timeout_s or self.timeout_s)
 
     async def as_reward_fn(
-        self, reward: str, *, reference_key: str = "reference", timeout_s: float | None = None
+        self, reward: str, *, reference_key: str | None = None, timeout_s: float | None = None
     ) -> Callable[..., Awaitable[list[float | None]]]:
-        """`RewardClient.as_reward_fn`, returning an async function (awaited to fetch `.reward_id`)."""
-        reward_id = await self.reward_id(reward, timeout_s=timeout_s)
+        """`RewardClient.as_reward_fn`, returning an async function (awaited to fetch `.reward_id`).
+
+        The function may be awaited on any event loop, such as the one TRL's GRPOTrainer runs async
+        reward functions on, on a thread of its own (`PerLoop` in `clients/reward_transport.py`).
+        """
+        form = _form(await self.rewards(timeout_s=timeout_s), reward, reference_key)
 
         async def fn(prompts: Sequence[Any], completions: Sequence[Any], **kw: Any) -> list[float | None]:
-            items = reward_fn_items(prompts, completions, kw.get(reference_key))
-            if not items:
-                return []
-            return reward_fn_scores(await self.score(reward, items, timeout_s=timeout_s), reward_id)
+            items = form.items(prompts, completions, kw)
+            sent = [item for item in items if item is not None]
+            return form.scores(items, await self.score(reward, sent, timeout_s=timeout_s) if sent else None)
 
-        return _named(fn, reward, reward_id)
+        return form.named(fn)
 
     async def close(self) -> None:
         await self._t.close()
@@ -352,9 +303,18 @@ class AsyncRewardClient(_ClientBase[AsyncRewardTransport]):
         await self.close()
 
 
-def _find(rewards: RewardsResponse, name: str) -> str:
+def _info(rewards: RewardsResponse, name: str) -> RewardInfo:
     for info in rewards.rewards:
         if info.name == name:
-            return info.reward_id
+            return info
     known = ", ".join(r.name for r in rewards.rewards)
     raise UnknownReward(f"unknown reward {name!r}; this server has {known}", type=ErrorType.unknown_reward)
+
+
+def _find(rewards: RewardsResponse, name: str) -> str:
+    return _info(rewards, name).reward_id
+
+
+def _form(rewards: RewardsResponse, name: str, reference_key: str | None) -> RewardFnForm:
+    info = _info(rewards, name)
+    return RewardFnForm(name, info.reward_id, info.needs_reference, reference_key)

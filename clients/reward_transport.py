@@ -6,12 +6,23 @@ A transport is what `RewardTransport` (or `AsyncRewardTransport`) says: `score(r
 `clients/reward.py` does, once for all of them, so another transport (an in-process one, say)
 gets both by implementing these five methods. Every failure is mapped to a `clients.errors`
 exception by the functions there, shared with the policy client.
+
+Event loops. An httpx.AsyncClient's pooled connections and a grpc.aio channel belong to the event
+loop they were made on; used from another loop they fail (`Event loop is closed`, or a future
+attached to a different loop). An async client is made on one loop and used on another as a
+matter of course: `asyncio.run(client.as_reward_fn(...))` at set-up, then TRL's GRPOTrainer awaits
+the function on an event loop of its own, on a thread of its own. So the async transports make
+their httpx client or channel lazily, one per running loop (`PerLoop`), and forget those of loops
+that have closed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Literal, Protocol, TypeVar
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import grpc
 import httpx
@@ -38,6 +49,7 @@ RECONNECT_OPTIONS = [
 ]
 
 M = TypeVar("M", bound=BaseModel)
+C = TypeVar("C")
 Probe = Literal["health", "ready"]  # health: the server answers at all; ready: its rewards are loaded
 
 
@@ -59,6 +71,41 @@ class AsyncRewardTransport(Protocol):
     async def rewards(self, timeout: float) -> RewardsResponse: ...
     async def probe(self, what: Probe, timeout: float) -> bool: ...
     async def close(self) -> None: ...
+
+
+class PerLoop(Generic[C]):
+    """One `C` (an httpx.AsyncClient, a grpc.aio channel) per event loop, made on first use there."""
+
+    def __init__(self, make: Callable[[], C], close: Callable[[C], Awaitable[None]]) -> None:
+        self._make, self._close = make, close
+        self._by_loop: dict[asyncio.AbstractEventLoop, C] = {}
+        self._lock = threading.Lock()  # loops on several threads may share one client
+
+    def get(self) -> C:
+        """The running loop's `C`. Those of closed loops are dropped: their connections went with the loop."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for gone in [other for other in self._by_loop if other.is_closed()]:
+                del self._by_loop[gone]
+            if loop not in self._by_loop:
+                self._by_loop[loop] = self._make()
+            return self._by_loop[loop]
+
+    async def close(self) -> None:
+        """Close every `C` whose loop still runs: this one's here, another thread's on its own loop.
+        One of a loop that is stopped or closed cannot be closed from here, and is dropped."""
+        here = asyncio.get_running_loop()
+        with self._lock:
+            owned, self._by_loop = self._by_loop, {}
+        for loop, c in owned.items():
+            if loop is here:
+                await self._close(c)
+            elif loop.is_running():
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_closing(self._close, c), loop))
+
+
+async def _closing(close: Callable[[C], Awaitable[None]], c: C) -> None:
+    await close(c)  # a coroutine for run_coroutine_threadsafe, which takes no other awaitable
 
 
 # --- HTTP ------------------------------------------------------------------------------------
@@ -105,23 +152,24 @@ class Http(_HttpRoutes):
 class AsyncHttp(_HttpRoutes):
     def __init__(self, url: str, api_key: str | None) -> None:
         self.url = base_url(url, "the reward service")
-        self._client = httpx.AsyncClient(base_url=self.url, headers=auth_headers(api_key))
+        headers = auth_headers(api_key)
+        self._clients = PerLoop(lambda: httpx.AsyncClient(base_url=self.url, headers=headers), lambda c: c.aclose())
 
     async def _send(self, method: str, path: str, req: BaseModel | None, model: type[M], timeout: float) -> M:
         try:
-            r = await self._client.request(method, path, json=json_body(req), timeout=timeout)
+            r = await self._clients.get().request(method, path, json=json_body(req), timeout=timeout)
         except httpx.HTTPError as exc:
             raise http_failure(exc, f"{method} {self.url}{path}") from None
         return reply(r, model, REWARD_HTTP)
 
     async def probe(self, what: Probe, timeout: float) -> bool:
         try:
-            return (await self._client.get(f"/{what}", timeout=timeout)).status_code == 200
+            return (await self._clients.get().get(f"/{what}", timeout=timeout)).status_code == 200
         except httpx.HTTPError:
             return False
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._clients.close()
 
 
 # --- gRPC ------------------------------------------------------------------------------------
@@ -144,7 +192,7 @@ class _GrpcRoutes:
         self._metadata = tuple(auth_headers(api_key).items())
         self._options = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE), *RECONNECT_OPTIONS]
 
-    def _stubs(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
+    def _stubs(self, channel: grpc.Channel | grpc.aio.Channel) -> Stubs:
         from grpc_health.v1 import health_pb2_grpc
 
         from assay.proto.reward.v1 import reward_pb2_grpc
@@ -152,8 +200,8 @@ class _GrpcRoutes:
         # Stubs get their methods at run time (the generated code and grpc's health stub declare none).
         stub: Any = reward_pb2_grpc.RewardServiceStub(channel)
         health: Any = health_pb2_grpc.HealthStub(channel)
-        self._rpcs: dict[str, Any] = {"Score": stub.Score, "Compare": stub.Compare, "ListRewards": stub.ListRewards}
-        self._health: Any = health.Check
+        rpcs = {"Score": stub.Score, "Compare": stub.Compare, "ListRewards": stub.ListRewards}
+        return Stubs(channel, rpcs, health.Check)
 
     def score(self, req: ScoreRequest, timeout: float) -> Any:
         c = self._convert
@@ -177,6 +225,15 @@ class _GrpcRoutes:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class Stubs:
+    """A channel and its callables: the service's RPCs by name, and the health check."""
+
+    channel: Any  # grpc.Channel or grpc.aio.Channel
+    rpcs: dict[str, Any]
+    health: Any
+
+
 def _probe_answer(what: Probe, reply: Any) -> bool:
     """health: the server answers at all; ready: it says SERVING (its rewards are loaded)."""
     from grpc_health.v1 import health_pb2
@@ -193,44 +250,44 @@ def _health_request() -> Any:
 class Grpc(_GrpcRoutes):
     def __init__(self, target: str, api_key: str | None) -> None:
         super().__init__(target, api_key)
-        self._channel = grpc.insecure_channel(target, options=self._options)
-        self._stubs(self._channel)
+        self._s = self._stubs(grpc.insecure_channel(target, options=self._options))
 
     def _send(self, method: str, msg: Any, convert: Callable[[Any], M], timeout: float) -> M:
         try:
-            reply = self._rpcs[method](msg, timeout=timeout, metadata=self._metadata)
+            reply = self._s.rpcs[method](msg, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise grpc_error(exc, f"{self.target} {method}") from None
         return self._reply(reply, convert, method)
 
     def probe(self, what: Probe, timeout: float) -> bool:
         try:
-            return _probe_answer(what, self._health(_health_request(), timeout=timeout))
+            return _probe_answer(what, self._s.health(_health_request(), timeout=timeout))
         except grpc.RpcError:
             return False
 
     def close(self) -> None:
-        self._channel.close()
+        self._s.channel.close()
 
 
 class AsyncGrpc(_GrpcRoutes):
     def __init__(self, target: str, api_key: str | None) -> None:
         super().__init__(target, api_key)
-        self._channel = grpc.aio.insecure_channel(target, options=self._options)
-        self._stubs(self._channel)
+        self._channels = PerLoop(
+            lambda: self._stubs(grpc.aio.insecure_channel(target, options=self._options)), lambda s: s.channel.close()
+        )
 
     async def _send(self, method: str, msg: Any, convert: Callable[[Any], M], timeout: float) -> M:
         try:
-            reply = await self._rpcs[method](msg, timeout=timeout, metadata=self._metadata)
+            reply = await self._channels.get().rpcs[method](msg, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise grpc_error(exc, f"{self.target} {method}") from None
         return self._reply(reply, convert, method)
 
     async def probe(self, what: Probe, timeout: float) -> bool:
         try:
-            return _probe_answer(what, await self._health(_health_request(), timeout=timeout))
+            return _probe_answer(what, await self._channels.get().health(_health_request(), timeout=timeout))
         except grpc.RpcError:
             return False
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channels.close()

@@ -35,8 +35,10 @@ from assay.clients import (
 from assay.clients import reward as reward_module
 from assay.clients.errors import retry_after_s
 from assay.clients.retry import Deadline
+from assay.clients.reward_fn import RewardFnForm
+from assay.clients.reward_transport import PerLoop
 from assay.rm_server.config import Limits, ServerConfig
-from assay.rm_server.protocol import ErrorType, ScoreItem, ScoreResponse
+from assay.rm_server.protocol import ErrorInfo, ErrorType, ItemResult, ScoreItem, ScoreResponse
 from assay.rm_server.server import BackgroundServer
 from assay.services import free_port
 from tests.clients.reward_doubles import (
@@ -54,6 +56,7 @@ from tests.clients.reward_doubles import (
     scripted_http,
     wrong_id,
 )
+from tests.helpers import LoopThread
 
 pytestmark = pytest.mark.service
 
@@ -101,11 +104,7 @@ class Blocking:
 
     def __init__(self, make: Callable[[], AsyncRewardClient]) -> None:
         self._runner = asyncio.Runner()
-
-        async def made() -> AsyncRewardClient:  # grpc.aio channels belong to the loop that makes them
-            return make()
-
-        self.client = self._runner.run(made())
+        self.client = make()  # outside any loop: the transport makes its connections on the loop that uses them
 
     def score(self, *args, **kw):
         return self._runner.run(self.client.score(*args, **kw))
@@ -396,3 +395,131 @@ def test_addresses_are_checked():
         RewardClient.http("127.0.0.1:8000")
     with pytest.raises(ValueError, match="host:port"):
         RewardClient.grpc("http://127.0.0.1:50051")
+
+
+NEEDS_REF = RewardFnForm("correct", "sha256:c", needs_reference=True)
+TRL = {"trainer_state": object(), "completion_ids": [[1], [2]], "log_extra": print, "log_metric": print}  # TRL's own
+
+
+@pytest.mark.unit
+def test_reward_fn_finds_the_reference_under_common_names_or_the_key_given():
+    assert [i.reference for i in NEEDS_REF.items(["a", "b"], ["x", "y"], {"answer": [51, 7], **TRL})] == ["51", "7"]
+    for key in ("reference", "solution", "ground_truth"):
+        [item] = NEEDS_REF.items(["a"], ["x"], {key: ["3"]})
+        assert item.reference == "3" and item.metadata is None
+    # `reference` comes first; the column not taken travels as metadata, like any other
+    [item] = NEEDS_REF.items(["a"], ["x"], {"answer": ["9"], "reference": ["1"]})
+    assert item.reference == "1" and item.metadata == {"answer": "9"}
+    keyed = RewardFnForm("correct", "sha256:c", needs_reference=True, reference_key="gold")
+    [item] = keyed.items(["a"], ["x"], {"gold": [5], "answer": ["9"]})
+    assert item.reference == "5" and item.metadata == {"answer": "9"}
+
+
+@pytest.mark.unit
+def test_reward_fn_without_a_reference_column_says_which_columns_there_were():
+    with pytest.raises(InvalidRequest) as info:
+        NEEDS_REF.items(["a"], ["x"], {"gold": ["5"], "level": [2], **TRL})
+    message = str(info.value)
+    assert "'gold', 'level'" in message and "reference_key" in message and "trainer_state" not in message
+    keyed = RewardFnForm("correct", "sha256:c", needs_reference=True, reference_key="gold")
+    with pytest.raises(InvalidRequest, match=r"'answer'.*no 'gold'.*reference_key"):
+        keyed.items(["a"], ["x"], {"answer": ["5"]})
+    # a reward that needs none takes rows without one, and references where there are some
+    optional = RewardFnForm("orm", "sha256:o", needs_reference=False)
+    assert [i.reference for i in optional.items(["a", "b"], ["x", "y"], {"answer": ["1", None]})] == ["1", None]
+    assert optional.items(["a"], ["x"], {})[0].reference is None
+
+
+@pytest.mark.unit
+def test_reward_fn_rows_without_a_reference_are_not_sent_and_get_none():
+    items = NEEDS_REF.items(["a", "b", "c"], ["x", "y", "z"], {"answer": ["1", None, "3"]})
+    assert items[1] is None and [items[0].id, items[2].id] == ["0", "2"]
+    reply = ScoreResponse(
+        reward="correct",
+        reward_id="sha256:c",
+        results=[
+            ItemResult(id="0", score=1.0),
+            ItemResult(id="2", score=None, error=ErrorInfo(type=ErrorType.timeout, message="late")),
+        ],
+    )
+    assert NEEDS_REF.scores(items, reply) == [1.0, None, None]  # no reference; a failed item: None, never 0
+    assert NEEDS_REF.scores([None, None], None) == [None, None]  # nothing to send, nothing sent
+    with pytest.raises(ServerError, match="changed its reward"):
+        RewardFnForm("correct", "sha256:other", needs_reference=True).scores(items, reply)
+
+
+@pytest.mark.unit
+def test_reward_fn_sends_conversations_whole_and_the_assistant_content():
+    prompt = [{"role": "system", "content": "be right"}, {"role": "user", "content": PROMPT}]
+    completion = [{"role": "assistant", "content": RIGHT}]
+    [item] = RewardFnForm("orm", "sha256:o", needs_reference=False).items([prompt], [completion], TRL)
+    assert item.prompt is None and [m.model_dump() for m in item.messages] == prompt and item.response == RIGHT
+    with_tool = [{"role": "assistant", "content": "", "tool_calls": []}, {"role": "tool", "content": "3"}]
+    [item] = RewardFnForm("orm", "sha256:o", needs_reference=False).items(
+        [[*prompt, {"role": "user", "content": "go on", "name": "u"}]], [[*with_tool, *completion]], {}
+    )
+    assert item.messages[-1].content == "go on" and item.response == RIGHT  # role and text only; the last answer
+    for bad_prompt, bad_completion, what in (
+        ([{"role": "user", "content": [{"type": "image"}]}], RIGHT, r"prompt 0, message 0.*no text"),
+        ([], RIGHT, r"prompt 0"),
+        (PROMPT, [{"role": "user", "content": "hi"}], r"completion 0.*assistant"),
+        ([{"role": "narrator", "content": "hi"}], RIGHT, r"row 0 does not make a score item.*role"),
+    ):
+        with pytest.raises(InvalidRequest, match=what):
+            RewardFnForm("orm", "sha256:o", needs_reference=False).items([bad_prompt], [bad_completion], {})
+
+
+@pytest.mark.unit
+def test_reward_fn_other_columns_travel_as_json_safe_metadata():
+    kw = {
+        **TRL,
+        "answer": ["1", "2"],
+        "level": [2, 3],
+        "tags": [["a"], {"k": [1.5, None]}],
+        "score": [float("nan"), 0.5],  # NaN is no JSON
+        "image": [object(), object()],  # nor is an object
+        "batch_note": "not one per row",
+    }
+    items = NEEDS_REF.items(["a", "b"], ["x", "y"], kw)
+    assert items[0].metadata == {"level": 2, "tags": ["a"]}
+    assert items[1].metadata == {"level": 3, "tags": {"k": [1.5, None]}, "score": 0.5}
+    with pytest.raises(InvalidRequest, match=r"2 prompts, 1 completions"):
+        NEEDS_REF.items(["a", "b"], ["x"], kw)
+
+
+@pytest.mark.unit
+def test_per_loop_makes_one_client_per_event_loop_and_closes_those_it_can():
+    made, closed = [], []
+
+    def make():
+        made.append(object())
+        return made[-1]
+
+    async def close(c):
+        closed.append(c)
+
+    clients = PerLoop(make, close)
+
+    async def get():
+        return clients.get()
+
+    with LoopThread() as other:
+        there = other.run(get())
+        assert other.run(get()) is there  # the same loop: the same client
+        with asyncio.Runner() as runner:
+            here = runner.run(get())
+            assert here is not there and runner.run(get()) is here
+        # the runner's loop is closed: its client is forgotten, and a new loop gets a new one
+        assert asyncio.run(get()) not in (here, there) and len(made) == 3
+        asyncio.run(clients.close())  # closes the client of the loop still running, on that loop
+    assert closed == [there]
+
+
+def test_async_reward_fn_works_on_another_event_loop_than_the_one_it_was_made_on(server):
+    """TRL awaits async reward functions on a loop of its own, on a thread of its own; the function
+    is made before, as a rule with asyncio.run, whose loop is closed by then (issue 12)."""
+    for client in (AsyncRewardClient.http(server.http_url), AsyncRewardClient.grpc(server.grpc_target)):
+        fn = asyncio.run(client.as_reward_fn("format"))
+        with LoopThread() as trl:
+            assert trl.run(fn([PROMPT, PROMPT], [RIGHT, "no answer"]), timeout_s=60) == [1.0, 0.0]
+            trl.run(client.close())
