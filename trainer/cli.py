@@ -123,6 +123,11 @@ def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) 
             raise typer.BadParameter("--eval-data, --eval-fraction, --reference-key and --ptx-data go with --data")
         if algorithm != "ppo" and (ptx_data is not None or critic is not None):
             raise typer.BadParameter("--ptx-data and --critic are PPO's")
+        if data is not None and getattr(cfg, "gamma_ptx", 0) > 0 and ptx_data is None:
+            raise typer.BadParameter(
+                "--gamma-ptx > 0 trains on demonstrations, the arithmetic world's unless given: "
+                "with --data give your own with --ptx-data FILE, or set --gamma-ptx 0"
+            )
         run = open_run_dir(run_dir, resume=resume, overwrite=overwrite)
         services = Services(rm_url, policy_url, rm_api_key, policy_api_key, in_process_reward, spec)
         sources = Data(data, eval_data, eval_fraction, reference_key, skip_bad_rows, ptx_data, critic)

@@ -141,4 +141,4 @@ def for_eval_set(rm: RewardClient, config: RLConfig, reward_fn: RewardFn, prompt
     rewards = {config.reward: reward_fn}
     if passing is not None and passing != config.reward:
         rewards[passing] = rm.as_reward_fn(passing)
-    return DatasetEval(held, rewards, frozenset({passing} - {None}), samples=config.eval_samples)
+    return DatasetEval(held, rewards, frozenset([passing] if passing else []), samples=config.eval_samples)
