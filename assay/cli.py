@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -16,7 +18,9 @@ from assay.rm_server.cli import rm_app
 from assay.trainer.cli import plot_cmd, train_app
 
 app = typer.Typer(help="Assay: rewards as a service, inference-time search, online RLHF.", no_args_is_help=True)
-models_app = typer.Typer(help="The embedded arithmetic world's checkpoints.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="The embedded arithmetic world's checkpoints; the tiny-chat fixture.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
 app.add_typer(rm_app, name="rm")
 app.add_typer(policy_app, name="policy")
@@ -114,6 +118,28 @@ def models_build(
     from assay.checkpoints import ARITH_DIR
 
     target = out or ARITH_DIR
+    with _stage_bars() as (log, on_step):
+        timings = build(target, BuildConfig(seed=seed), log=log, progress=on_step, skip_policy=skip_policy)
+    console.print(f"built {', '.join(timings)} in {sum(timings.values()):.0f}s -> {target}")
+
+
+@models_app.command("tiny-chat")
+def models_tiny_chat(
+    out: Path = typer.Option(..., help="folder to write policy/, orm/, the data files and rm.yaml into"),
+    seed: int = typer.Option(0, help="seed for the data, the tokenizers and both models"),
+) -> None:
+    """Build a tiny real-shaped chat policy (Qwen2, byte-level BPE, ChatML), an outcome RM with another
+    tokenizer and template, and chat data files (prompts, preferences, demonstrations) to try the chain on."""
+    from assay.tiny_chat import TinyChatConfig, build
+
+    with _stage_bars() as (log, on_step):
+        report = build(out, TinyChatConfig(seed=seed), log=log, progress=on_step)
+    console.print(f"built in {sum(report['seconds'].values()):.0f}s -> {out} (figures in {out / 'build.json'})")
+
+
+@contextmanager
+def _stage_bars() -> Iterator[tuple[Callable[[str], None], Callable[[str, int, int, float], None]]]:
+    """A progress bar per training stage: (log, on_step(stage, step, total, loss)) for a build."""
     with Progress(*Progress.get_default_columns(), TextColumn("loss {task.fields[loss]:.4f}"), console=console) as bar:
         tasks: dict[str, TaskID] = {}
 
@@ -122,10 +148,7 @@ def models_build(
                 tasks[stage] = bar.add_task(stage, total=total, loss=float("nan"))
             bar.update(tasks[stage], completed=step, loss=loss)
 
-        timings = build(
-            target, BuildConfig(seed=seed), log=bar.console.print, progress=on_step, skip_policy=skip_policy
-        )
-    console.print(f"built {', '.join(timings)} in {sum(timings.values()):.0f}s -> {target}")
+        yield bar.console.print, on_step
 
 
 def _guarded(fn):

@@ -47,3 +47,19 @@ def one_torch_thread():
     thread per core, each served model's threads spin against each other and everything else."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory):
+    """The tiny-chat fixture's folder, built once per session by `assay models tiny-chat --out DIR`: DIR/policy
+    (Qwen2, byte-level BPE, ChatML), DIR/orm (another tokenizer and template), DIR/*.jsonl data files, DIR/rm.yaml.
+    """
+    from typer.testing import CliRunner
+
+    from assay.cli import app
+
+    out = tmp_path_factory.mktemp("tiny-chat")
+    with torch_threads(1):  # tiny models on a shared machine: one thread each is faster
+        result = CliRunner().invoke(app, ["models", "tiny-chat", "--out", str(out)])
+    assert result.exit_code == 0, f"assay models tiny-chat failed:\n{result.output}\n{result.exception!r}"
+    return out

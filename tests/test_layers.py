@@ -35,6 +35,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "assay.evaluate",
         "assay.eval_config",
         "assay.build",
+        "assay.tiny_chat",
         "assay.cli_options",
         "assay.server_cli",
         "assay.*.cli",
