@@ -131,14 +131,15 @@ class LocalServices:
         timeout_s: float = 180.0,
         torch_threads: int = 1,
         rm_grpc: bool = False,
+        spec: Path = EMBEDDED_SPEC,
     ) -> LocalServices:
-        """rm_server (embedded spec; its gRPC API too with `rm_grpc`) and policy_server (embedded
-        policy and verifier), ready."""
+        """rm_server (the embedded spec, or `spec`; its gRPC API too with `rm_grpc`) and
+        policy_server (embedded policy and verifier), ready."""
         workdir = tempfile.TemporaryDirectory(prefix="assay-services-")
         tmp = Path(workdir.name)
         rm_port, policy_port = free_port(), free_port()
         rm_grpc_port = str(free_port()) if rm_grpc else "none"
-        spec = spec_for_policy_port(policy_port, tmp)
+        spec = spec_for_policy_port(policy_port, tmp, spec)
         env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads)}
         rm = _launch(
             "rm_server",

@@ -41,6 +41,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "assay.trainer.offline_cli",
         "assay.data_cli",
         "assay.*.cli",
+        "assay.trainer.online_cli",
         "assay.*.__main__",
         "bench",
     ),

@@ -4,6 +4,8 @@
     assay train grpo --run-dir runs/grpo --lr 1e-5 --group-size 4 --steps 50
     assay train grpo --config grpo.yaml --run-dir runs/grpo --resume
     assay train grpo --rm-url http://127.0.0.1:8000 --policy-url http://127.0.0.1:8001 --run-dir runs/grpo
+    assay train grpo --model DIR/policy --spec DIR/rm.yaml --reward orm --data prompts.jsonl \
+        --eval-data eval_prompts.jsonl --run-dir runs/chat      # your own prompts, model and rewards
     assay plot runs/grpo                                      # runs/grpo/curves.png
 
 Every field of the algorithm's config (`trainer/config.py`) is an option, with the field's default
@@ -16,6 +18,15 @@ them at the end. `--in-process-reward` computes the same reward (same code, same
 trainer's process instead of asking rm_server over the network (the reward client over
 `rm_server.local.LocalTransport`), to measure what the service costs.
 
+With `--data FILE` the prompts are a file's (`assay.data.load_prompts`: JSONL, JSON, Parquet, CSV
+or a `save_to_disk` folder; `prompt` a string or chat messages, rendered with the policy's chat
+template; the reference found under `reference`, `answer`, `solution` or `ground_truth`, or
+`--reference-key`; other columns travel to the reward), and the evaluation is on `--eval-data` or
+`--eval-fraction` of the file (`trainer.evaluation.DatasetEval`). Without it, the arithmetic world
+as always. `--model` takes any Hugging Face causal LM checkpoint; `--spec` the reward spec of the
+rm_server started here. PPO's critic starts from the embedded ORM, or with `--model` from `--critic`
+(a 1-label sequence classifier on the policy's tokenizer) or the policy itself with a new value head.
+
 A run directory holds one run: on one that already holds a run, `--resume` continues it and
 `--overwrite` clears it and starts afresh; with neither the command refuses, before anything starts.
 """
@@ -25,17 +36,17 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import ExitStack
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from assay.cli_options import build, config_options
 from assay.trainer.config import DPOConfig, GRPOConfig, PPOConfig, RLConfig
+from assay.trainer.online_cli import Data, Services, eval_keys, run_online
 
 train_app = typer.Typer(help="Online RL against the live services.", no_args_is_help=True)
 console = Console()
@@ -73,17 +84,6 @@ def open_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, can_resume: bo
 CONFIG_HELP = "YAML or JSON with {} fields (trainer/config.py); options given on the command line win over it"
 
 
-@dataclass(frozen=True)
-class Services:
-    """Where a run's services are (no URLs: both start here, on loopback) and how the trainer reaches them."""
-
-    rm_url: str | None
-    policy_url: str | None
-    rm_api_key: str | None
-    policy_api_key: str | None
-    in_process_reward: bool
-
-
 def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) -> None:
     """Register `assay train <algorithm>`: GRPO and PPO take the same options besides their config's."""
     config_help = CONFIG_HELP.format(config_class.__name__)
@@ -100,14 +100,47 @@ def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) 
         rm_api_key: str = typer.Option(None, envvar="ASSAY_RM_API_KEY", help="key with scope score"),
         policy_api_key: str = typer.Option(None, envvar="ASSAY_POLICY_API_KEY", help="key with scopes generate, admin"),
         in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
+        spec: Path = typer.Option(
+            None, exists=True, dir_okay=False, help="reward spec of the rm_server started here (default: embedded)"
+        ),
+        data: Path = typer.Option(
+            None, exists=True, help="prompts file (JSONL, JSON, Parquet, CSV, save_to_disk folder); default: arithmetic"
+        ),
+        eval_data: Path = typer.Option(None, exists=True, help="with --data: the eval set's prompts file"),
+        eval_fraction: float = typer.Option(0.0, help="with --data: share of its rows held out as the eval set"),
+        reference_key: str = typer.Option(None, help="with --data: the reference's column (default: found by name)"),
+        skip_bad_rows: bool = typer.Option(False, help="leave malformed rows out (each reported) instead of stopping"),
+        ptx_data: Path = typer.Option(None, exists=True, help="PPO with --data: demonstrations for the ptx term"),
+        critic: Path = typer.Option(None, exists=True, file_okay=False, help="PPO with --model: the critic's start"),
         torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
     ) -> None:
         cfg = load_config(config_class, config, given)
         if (rm_url is None) != (policy_url is None):
             raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
+        if spec is not None and rm_url is not None:
+            raise typer.BadParameter("--spec is for the rm_server started here; --rm-url names one already running")
+        if data is None and (eval_data is not None or eval_fraction or reference_key or ptx_data is not None):
+            raise typer.BadParameter("--eval-data, --eval-fraction, --reference-key and --ptx-data go with --data")
+        if algorithm != "ppo" and (ptx_data is not None or critic is not None):
+            raise typer.BadParameter("--ptx-data and --critic are PPO's")
+        if data is not None and getattr(cfg, "gamma_ptx", 0) > 0 and ptx_data is None:
+            raise typer.BadParameter(
+                "--gamma-ptx > 0 trains on demonstrations, the arithmetic world's unless given: "
+                "with --data give your own with --ptx-data FILE, or set --gamma-ptx 0"
+            )
         run = open_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        services = Services(rm_url, policy_url, rm_api_key, policy_api_key, in_process_reward)
-        _online(algorithm, cfg, run, resume=resume, model_path=model, services=services, torch_threads=torch_threads)
+        services = Services(rm_url, policy_url, rm_api_key, policy_api_key, in_process_reward, spec)
+        sources = Data(data, eval_data, eval_fraction, reference_key, skip_bad_rows, ptx_data, critic)
+        run_online(
+            algorithm,
+            cfg,
+            run,
+            resume=resume,
+            model_path=model,
+            services=services,
+            data=sources,
+            torch_threads=torch_threads,
+        )
 
     command.__doc__ = summary
     train_app.command(algorithm)(config_options(config_class)(command))
@@ -121,85 +154,6 @@ _online_command(
 _online_command(
     "ppo", PPOConfig, "Online PPO: actor, frozen reference, critic from the embedded ORM, reward from rm_server."
 )
-
-
-def _online(
-    algorithm: str, cfg: RLConfig, run, *, resume: bool, model_path: Path | None, services: Services, torch_threads: int
-) -> None:
-    import torch
-
-    from assay.checkpoints import CheckpointError, load_embedded, load_model
-    from assay.trainer import grpo, ppo
-    from assay.trainer.online import RewardMismatch
-
-    torch.set_num_threads(torch_threads)
-    try:
-        net, tok = load_model(model_path, "causal_lm") if model_path else load_embedded("policy")
-    except CheckpointError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
-    with ExitStack() as stack:
-        policy, reward_fn = _clients(stack, cfg, model_path, services)
-        on_step = _progress(stack, algorithm, cfg.steps)
-        try:
-            if isinstance(cfg, PPOConfig):  # the critic starts from the ORM
-                orm = load_embedded("orm")[0]
-                ppo.train(cfg, net, tok, orm, policy, reward_fn, run, resume=resume, on_step=on_step)
-            else:
-                assert isinstance(cfg, GRPOConfig), algorithm
-                grpo.train(cfg, net, tok, policy, reward_fn, run, resume=resume, on_step=on_step)
-        except RewardMismatch as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            sys.exit(1)
-    console.print(f"metrics: {run.path / 'metrics.jsonl'}")
-
-
-def _clients(stack: ExitStack, cfg: RLConfig, model_path: Path | None, services: Services):
-    """The policy client and the reward function, over services started here when no URLs were given."""
-    from assay.clients import PolicyClient, RewardClient
-    from assay.services import LocalServices
-
-    rm_url, policy_url = services.rm_url, services.policy_url
-    if rm_url is None or policy_url is None:
-        policy_args = ["--model", str(model_path), "--model-name", "policy"] if model_path else []
-        local = stack.enter_context(LocalServices.start(policy_args=policy_args))
-        rm_url, policy_url = local.rm_url, local.policy_url
-    # every call's deadline: a service killed and restarted within it costs the run only the wait
-    timeout_s = cfg.service_timeout_s
-    policy = stack.enter_context(PolicyClient.http(policy_url, api_key=services.policy_api_key, timeout_s=timeout_s))
-    if services.in_process_reward:  # the same service and reward id, in this process: no network
-        from assay.rm_server.local import LocalTransport
-
-        rm = stack.enter_context(RewardClient(LocalTransport(rewards=[cfg.reward]), timeout_s=timeout_s))
-    else:
-        rm = stack.enter_context(RewardClient.http(rm_url, api_key=services.rm_api_key, timeout_s=timeout_s))
-    return policy, rm.as_reward_fn(cfg.reward)
-
-
-def _progress(stack: ExitStack, algorithm: str, steps: int):
-    """A progress bar for the run; the `on_step` that advances it with each step's reward, KL and version."""
-    bar = stack.enter_context(
-        Progress(
-            TextColumn(algorithm),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=console,
-        )
-    )
-    task = bar.add_task("train", total=steps, info="")
-
-    def on_step(m: dict) -> None:
-        reward = "n/a" if m.get("reward_mean") is None else f"{m['reward_mean']:.3f}"
-        extra = f" pass@1 {m['heldout_pass1']:.3f}" if "heldout_pass1" in m else ""
-        bar.update(
-            task,
-            completed=m["step"],
-            info=f"reward {reward} kl {m.get('kl', 0):.4f} v{m['weight_version']} {m['seconds']:.1f}s/step{extra}",
-        )
-
-    return on_step
 
 
 def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metrics.jsonl")) -> None:
@@ -231,13 +185,15 @@ def plot_cmd(run_dir: Path = typer.Argument(..., help="a run directory with metr
             "mean_rejected_score",
             "chosen_correct",
             "seconds",
+            *sorted({k for r in rows for k in eval_keys(r)}),
         )
         if any(r.get(k) is not None for r in rows) and not (k == "loss" and x == "step")
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3), squeeze=False)
     for ax, key in zip(axes[0], panels):
         pts = [(r[x], r[key]) for r in rows if r.get(key) is not None]
-        ax.plot(*zip(*pts), marker="o" if key == "heldout_pass1" else None, markersize=3)
+        evaluated = key == "heldout_pass1" or key in eval_keys({key: None})
+        ax.plot(*zip(*pts), marker="o" if evaluated else None, markersize=3)
         ax.set_title(key)
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
@@ -262,12 +218,16 @@ def dpo_cmd(
     eval_data: Path = typer.Option(None, help="with --data: held-out pairs in a file of their own"),
     eval_fraction: float = typer.Option(0.0, help="with --data: held-out share of its rows, drawn with --seed"),
     eval_every: int = typer.Option(50, help="with --data: steps between held-out evaluations"),
-    skip_bad_rows: bool = typer.Option(False, help="with --data: skip malformed rows, counting them"),
+    skip_bad_rows: bool = typer.Option(
+        False, help="leave malformed rows out (each reported, counted) instead of stopping"
+    ),
     config: Path = typer.Option(None, exists=True, dir_okay=False, help=DPO_CONFIG_HELP),
     overwrite: bool = typer.Option(False, help="discard the run already in the run directory, start afresh"),
     rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
     policy_url: str = typer.Option(None, help="a running policy_server"),
     eval_problems: int = typer.Option(64, help="held-out problems for pass@1 before and after (0: none)"),
+    prompts: Path = typer.Option(None, exists=True, help="iterative DPO on this file's prompts (default: arithmetic)"),
+    reference_key: str = typer.Option(None, help="with --prompts: the reference's column (default: found by name)"),
     torch_threads: int = typer.Option(1, help="torch threads for the trainer"),
 ) -> None:
     """Iterative DPO: best-of-N through /v1/search, top and bottom candidates as pairs, weights pushed back;
@@ -288,13 +248,20 @@ def dpo_cmd(
     from safetensors.torch import save_file
 
     from assay.checkpoints import load_embedded
-    from assay.trainer.online import heldout_pass1
+    from assay.trainer.evaluation import heldout_pass1
 
     torch.set_num_threads(torch_threads)
     if (rm_url is None) != (policy_url is None):
         raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
     run = open_run_dir(run_dir, resume=False, overwrite=overwrite, can_resume=False)  # DPO runs do not resume
-    run.write_config({"algorithm": "dpo", **{f.name: getattr(cfg, f.name) for f in fields(cfg)}})
+    searched = _search_prompts(prompts, reference_key, skip_bad_rows) if prompts is not None else None
+    run.write_config(
+        {
+            "algorithm": "dpo",
+            **{f.name: getattr(cfg, f.name) for f in fields(cfg)},
+            **(searched.describe() if searched is not None else {}),
+        }
+    )
     if eval_problems:
         start, tok = load_embedded("policy")
         run.log({"eval": "before", "heldout_pass1": heldout_pass1(start, tok, eval_problems)})
@@ -306,7 +273,7 @@ def dpo_cmd(
             f"v{m['weight_version']}, {m['seconds']:.1f}s"
         )
 
-    history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round)
+    history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round, searched)
     if eval_problems:
         _, tok = load_embedded("policy")
         final = heldout_pass1(model, tok, eval_problems)
@@ -315,14 +282,37 @@ def dpo_cmd(
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run.path / "policy.safetensors")
 
 
-def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, on_round) -> tuple[list[dict], Any]:
-    """Iterative DPO of the embedded policy on training problems; the per-round metrics and the trained model.
+def _search_prompts(path: Path, reference_key: str | None, skip_bad_rows: bool):
+    """Iterative DPO's prompts from a file (`DatasetPrompts`), chat messages rendered with the
+    embedded policy's template; each skipped bad row printed. A bad file ends the command here."""
+    from assay.checkpoints import ARITH_DIR, load_tokenizer
+    from assay.data import DataError
+    from assay.trainer.prompts import load_prompt_files
+
+    try:
+        files = load_prompt_files(
+            load_tokenizer(ARITH_DIR / "policy"), str(path), reference_key=reference_key, skip_bad_rows=skip_bad_rows
+        )
+    except (DataError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+    for err in files.skipped:
+        console.print(f"[yellow]skipped:[/yellow] {err}")
+    console.print(f"{len(files.train.prompts)} prompts, {len(files.skipped)} bad rows skipped")
+    return files.train
+
+
+def _iterative_dpo(
+    cfg: DPOConfig, rm_url: str | None, policy_url: str | None, on_round, searched=None
+) -> tuple[list[dict], Any]:
+    """Iterative DPO of the embedded policy; the per-round metrics and the trained model.
 
     With no URLs, both services start on loopback for the run. The embedded policy's weights are
     pushed first, so the searches sample exactly the weights being trained, whatever the server
-    held before. Training prompts are `world.take("train", rounds * prompts_per_round, seed)`, each
-    sent with its answer as the search reference (model rewards ignore it; `correct` and `final`
-    need it), and the run holds rm_server's id for the reward from the start.
+    held before. Training prompts are `searched`'s (a file's, in its order) or else
+    `world.take("train", rounds * prompts_per_round, seed)`, each sent with its reference as the
+    search's (model rewards ignore it; `correct` and `final` need it), and the run holds rm_server's
+    id for the reward from the start.
     """
     from assay.arith import world
     from assay.checkpoints import load_embedded
@@ -330,6 +320,7 @@ def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, o
     from assay.services import LocalServices
     from assay.trainer.dpo import iterative_dpo
     from assay.trainer.online import sync_weights
+    from assay.trainer.prompts import from_problem
 
     with ExitStack() as stack:
         if rm_url is None or policy_url is None:
@@ -339,7 +330,10 @@ def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, o
         with RewardClient.http(rm_url, timeout_s=timeout_s) as rm:
             expected = rm.reward_id(cfg.reward)
         model, tokenizer = load_embedded("policy")
-        problems = world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)
+        if searched is not None:
+            prompts = searched.prompts
+        else:
+            prompts = [from_problem(p) for p in world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)]
         policy = stack.enter_context(PolicyClient.http(policy_url, timeout_s=timeout_s))
         sync_weights(policy, model, None, timeout_s)
         history = iterative_dpo(
@@ -347,9 +341,9 @@ def _iterative_dpo(cfg: DPOConfig, rm_url: str | None, policy_url: str | None, o
             tokenizer,
             policy,
             cfg,
-            [p.prompt for p in problems],
+            [p.text for p in prompts],
             on_round,
-            references=[str(p.answer) for p in problems],
+            references=[p.reference for p in prompts],
             expected_reward_id=expected,
         )
     return history, model

@@ -62,13 +62,32 @@ class OnlineConfig:
 class RLConfig(OnlineConfig):
     steps: int = field(default=100, metadata={"help": "optimisation steps (each: one rollout batch)"})
     checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
-    eval_every: int = field(default=0, metadata={"help": "steps between held-out pass@1 evaluations (0: none)"})
-    eval_problems: int = field(default=64, metadata={"help": "held-out problems per evaluation"})
+    eval_every: int = field(
+        default=0,
+        metadata={
+            "help": "steps between evaluations, also run at step 0 "
+            "(0: none; with an eval set: at the start and the end)"
+        },
+    )
+    eval_problems: int = field(
+        default=64, metadata={"help": "held-out problems per evaluation (with an eval set: its first rows, at most)"}
+    )
+    eval_samples: int = field(default=4, metadata={"help": "with an eval set: completions per eval prompt (T=1.0)"})
+    eval_pass_reward: str = field(
+        default="auto",
+        metadata={
+            "help": "with an eval set: a rule reward (1/0 against the reference) whose pass rate is logged beside "
+            "the training reward's mean; auto: the served rule.math_equal (else rule.exact_match) reward, if any; "
+            "none: no pass rate"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if min(self.steps, self.checkpoint_every, self.eval_problems) < 1 or self.eval_every < 0:
             raise ValueError("steps, checkpoint_every and eval_problems must be >= 1, eval_every >= 0")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
 
 
 @dataclass

@@ -26,7 +26,9 @@ import torch
 from assay.clients.policy import PolicyClient
 from assay.trainer import online
 from assay.trainer.config import GRPOConfig
+from assay.trainer.evaluation import ArithEval
 from assay.trainer.online import (
+    Evaluation,
     OnStep,
     RewardFn,
     Run,
@@ -35,8 +37,8 @@ from assay.trainer.online import (
     server_gap,
     timed,
     token_logprobs,
-    train_prompts,
 )
+from assay.trainer.prompts import ArithPrompts, PromptSource
 from assay.trainer.rl_math import entropy_from_logits, group_advantages, kl_estimate, masked_mean, token_loss
 from assay.trainer.rundir import RunDir
 
@@ -51,10 +53,14 @@ def train(
     *,
     resume: bool = False,
     on_step: OnStep | None = None,
+    prompts: PromptSource | None = None,
+    evaluation: Evaluation | None = None,
 ) -> list[dict[str, Any]]:
     """Run `config.steps` steps (the remaining ones, when resuming); every step's metrics."""
     torch.manual_seed(config.seed)
-    ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir)
+    prompts = prompts if prompts is not None else ArithPrompts()
+    evaluation = evaluation if evaluation is not None else ArithEval()
+    ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir, prompts, evaluation)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     modules = {"policy": model, **({"reference": ref_model} if ref_model is not None else {})}
@@ -70,7 +76,7 @@ def _step(ctx: Run[GRPOConfig], step: int, version: int, ref_model, optimizer) -
     config, model = ctx.config, ctx.model
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    problems = train_prompts(step, config.prompts_per_step, config.seed)
+    problems = ctx.prompts.draw(step, config.prompts_per_step, config.seed)
     seed = config.seed * 1_000_003 + step
     groups, scores, stale, version = online.rollout(
         ctx, problems, config.group_size, seed=seed, version=version, seconds=t

@@ -17,6 +17,11 @@ actor weights pushed to the policy server.
     L_V   = 0.5 * mean_t max((V_t - ret_t)^2, (clip(V_t, V_old_t +- eps_v) - ret_t)^2)
     L_ptx = -mean log pi(solution | problem) on SFT data (PPO-ptx)
     loss  = L_pi + c1 * L_V + gamma_ptx * L_ptx
+
+The ptx data are the arithmetic world's worked solutions on the world's prompts; on a user's
+prompts (`prompts` other than `ArithPrompts`) they must be the user's demonstrations (`ptx_data`,
+`assay train ppo --ptx-data FILE`), or `gamma_ptx` 0: never arithmetic mixed silently into a
+user's run.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +39,9 @@ from assay.arith import world
 from assay.clients.policy import PolicyClient
 from assay.trainer import online
 from assay.trainer.config import PPOConfig
+from assay.trainer.evaluation import ArithEval
 from assay.trainer.online import (
+    Evaluation,
     OnStep,
     RewardFn,
     Run,
@@ -41,8 +50,8 @@ from assay.trainer.online import (
     server_gap,
     timed,
     token_logprobs,
-    train_prompts,
 )
+from assay.trainer.prompts import ArithPrompts, PromptSource
 from assay.trainer.rl_math import entropy_from_logits, gae, kl_estimate, masked_mean, masked_whiten
 from assay.trainer.rundir import RunDir
 from assay.trainer.sft import collate, encode_example
@@ -63,6 +72,23 @@ class Critic(torch.nn.Module):
         return self.head(hidden)[..., 0].float()  # [rows, length]
 
 
+def initial_critic(model_path: str | Path | None, critic_path: str | Path | None, tokenizer):
+    """The critic's start: `critic_path` (a 1-label sequence classifier on the policy's tokenizer);
+    else the embedded ORM for the embedded policy (`model_path` None); else the policy checkpoint
+    itself with a new value head, since the embedded ORM reads another tokenizer than a user's policy."""
+    from transformers import AutoModelForSequenceClassification
+
+    from assay.checkpoints import load_embedded, load_model
+
+    if critic_path is not None:
+        return load_model(critic_path, "sequence_classification")[0]
+    if model_path is None:
+        return load_embedded("orm")[0]
+    critic = AutoModelForSequenceClassification.from_pretrained(str(model_path), num_labels=1)
+    critic.config.pad_token_id = tokenizer.pad_token_id  # each row's last real token is found through it
+    return critic
+
+
 def train(
     config: PPOConfig,
     model,
@@ -74,10 +100,24 @@ def train(
     *,
     resume: bool = False,
     on_step: OnStep | None = None,
+    prompts: PromptSource | None = None,
+    evaluation: Evaluation | None = None,
+    ptx_data: Sequence[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """`model`: the SFT policy (becomes the actor); `reward_model`: the ORM the critic starts from."""
+    """`model`: the SFT policy (becomes the actor); `reward_model`: the ORM the critic starts from
+    (or any 1-label sequence classifier on the policy's tokenizer); `ptx_data`: (prompt, completion)
+    demonstrations for the ptx term, as the policy reads them (default: the world's solutions)."""
+    if config.gamma_ptx > 0 and ptx_data is None and not (prompts is None or isinstance(prompts, ArithPrompts)):
+        raise ValueError(
+            "gamma_ptx > 0 trains on demonstrations, and without ptx data those are the arithmetic world's: "
+            "give your own (--ptx-data FILE) or set gamma_ptx to 0"
+        )
+    if ptx_data is not None and not ptx_data:
+        raise ValueError("ptx_data holds no demonstrations")
     torch.manual_seed(config.seed)
-    ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir)
+    prompts = prompts if prompts is not None else ArithPrompts()
+    evaluation = evaluation if evaluation is not None else ArithEval()
+    ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir, prompts, evaluation)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     critic = Critic(copy.deepcopy(reward_model))
     actor_opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
@@ -88,16 +128,25 @@ def train(
     critic.train()
 
     def step_fn(step: int, version: int) -> dict[str, Any]:
-        return _step(ctx, step, version, ref_model, critic, actor_opt, critic_opt)
+        return _step(ctx, step, version, ref_model, critic, actor_opt, critic_opt, ptx_data)
 
     return online.run(ctx, "ppo", step_fn, modules, optimizers, resume=resume, on_step=on_step)
 
 
-def _step(ctx: Run[PPOConfig], step: int, version: int, ref_model, critic, actor_opt, critic_opt) -> dict[str, Any]:
+def _step(
+    ctx: Run[PPOConfig],
+    step: int,
+    version: int,
+    ref_model,
+    critic,
+    actor_opt,
+    critic_opt,
+    ptx_data: Sequence[tuple[str, str]] | None,
+) -> dict[str, Any]:
     config, model, tokenizer = ctx.config, ctx.model, ctx.tokenizer
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    problems = train_prompts(step, config.prompts_per_step, config.seed)
+    problems = ctx.prompts.draw(step, config.prompts_per_step, config.seed)
     seed = config.seed * 1_000_003 + step
     groups, scores, stale, version = online.rollout(
         ctx, problems, config.samples_per_prompt, seed=seed, version=version, seconds=t
@@ -139,7 +188,7 @@ def _step(ctx: Run[PPOConfig], step: int, version: int, ref_model, critic, actor
             values = critic(batch.input_ids, batch.attention_mask)[:, :-1]
             clipped_v = old_values + (values - old_values).clamp(-config.eps_value, config.eps_value)
             value_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_v - returns) ** 2), mask)
-            ptx = _ptx_loss(ctx, step) if config.gamma_ptx > 0 else torch.zeros(())
+            ptx = _ptx_loss(ctx, _ptx_examples(config, step, ptx_data)) if config.gamma_ptx > 0 else torch.zeros(())
             loss = policy_loss + config.c1 * value_loss + config.gamma_ptx * ptx
             actor_opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
@@ -182,12 +231,17 @@ def _step(ctx: Run[PPOConfig], step: int, version: int, ref_model, critic, actor
     }
 
 
-def _ptx_loss(ctx: Run[PPOConfig], step: int) -> torch.Tensor:
-    """Mean next-token NLL of worked solutions to training problems: the SFT data's own objective."""
-    config, tokenizer = ctx.config, ctx.tokenizer
+def _ptx_examples(config: PPOConfig, step: int, data: Sequence[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    """The step's `ptx_batch` (prompt, completion) demonstrations, a pure function of (seed, step):
+    from `data`, or worked solutions to the world's training problems."""
     rng = random.Random(config.seed * 7_919 + step)
-    problems = world.take("train", config.ptx_batch, seed=rng.randrange(2**31))
-    ids, attn, labels = collate(
-        [encode_example(tokenizer, p.prompt, p.solution) for p in problems], tokenizer.pad_token_id
-    )
+    if data is None:
+        return [(p.prompt, p.solution) for p in world.take("train", config.ptx_batch, seed=rng.randrange(2**31))]
+    return [data[rng.randrange(len(data))] for _ in range(config.ptx_batch)]
+
+
+def _ptx_loss(ctx: Run[PPOConfig], examples: Sequence[tuple[str, str]]) -> torch.Tensor:
+    """Mean next-token NLL of the demonstrations' completions: the SFT data's own objective."""
+    tokenizer = ctx.tokenizer
+    ids, attn, labels = collate([encode_example(tokenizer, p, c) for p, c in examples], tokenizer.pad_token_id)
     return ctx.model(input_ids=ids, attention_mask=attn, labels=labels).loss

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 EVENTS = "events.out.tfevents.*"  # the files TensorBoard's writer names in a log directory
 
@@ -106,7 +106,8 @@ class RunDir:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, module in modules.items():
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
+            # save_model keeps one copy of tied weights (a chat model's lm_head is often its embeddings)
+            save_model(module, str(tmp / f"{name}.safetensors"))
         for name, opt in optimizers.items():
             torch.save(opt.state_dict(), tmp / f"{name}.optimizer.pt")  # read back with weights_only=True
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
@@ -125,7 +126,7 @@ class RunDir:
     ) -> dict[str, Any]:
         """Restore modules and optimizers in place; the state dict, with "step"; drop later metrics."""
         for name, module in modules.items():
-            module.load_state_dict(load_file(ckpt / f"{name}.safetensors"))
+            load_model(module, str(ckpt / f"{name}.safetensors"))
         for name, opt in optimizers.items():
             opt.load_state_dict(torch.load(ckpt / f"{name}.optimizer.pt", weights_only=True))
         state = json.loads((ckpt / "state.json").read_text())
