@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny random Llama for fast unit tests, the embedded checkpoints, one torch
 thread; and the tier check (tests/tiers.py). Plain helpers live in tests/helpers.py."""
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -51,15 +53,23 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_chat(tmp_path_factory):
-    """The tiny-chat fixture's folder, built once per session by `assay models tiny-chat --out DIR`: DIR/policy
+    """The tiny-chat fixture's folder, built once per test run by `assay models tiny-chat --out DIR`: DIR/policy
     (Qwen2, byte-level BPE, ChatML), DIR/orm (another tokenizer and template), DIR/*.jsonl data files, DIR/rm.yaml.
+
+    Under pytest-xdist every worker asks for it; the first builds it in the run's shared temporary folder (the
+    parent of the workers' own) under a file lock, and the others wait for it and reuse it.
     """
+    from filelock import FileLock
     from typer.testing import CliRunner
 
     from assay.cli import app
 
-    out = tmp_path_factory.mktemp("tiny-chat")
-    with torch_threads(1):  # tiny models on a shared machine: one thread each is faster
-        result = CliRunner().invoke(app, ["models", "tiny-chat", "--out", str(out)])
-    assert result.exit_code == 0, f"assay models tiny-chat failed:\n{result.output}\n{result.exception!r}"
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = root / "tiny-chat"
+    with FileLock(str(root / "tiny-chat.lock")):
+        if not (out / "build.json").exists():  # written last: its presence means a whole build
+            with torch_threads(1):  # tiny models on a shared machine: one thread each is faster
+                result = CliRunner().invoke(app, ["models", "tiny-chat", "--out", str(out)])
+            assert result.exit_code == 0, f"assay models tiny-chat failed:\n{result.output}\n{result.exception!r}"
     return out

@@ -163,6 +163,7 @@ def test_an_existing_checkpoint_is_replaced_only_with_overwrite(preferences, tmp
 
 
 @pytest.mark.service
+@pytest.mark.slow  # the tiny-chat build, once per run
 def test_chat_demonstrations_train_on_the_policys_template_and_stop_at_its_end_of_turn(tiny_chat, tmp_path):
     from assay.data import load_demonstrations
     from assay.trainer.files import demonstrations
@@ -191,6 +192,7 @@ def test_chat_demonstrations_train_on_the_policys_template_and_stop_at_its_end_o
 
 
 @pytest.mark.service
+@pytest.mark.slow  # the tiny-chat build, once per run
 def test_chat_rm_scores_served_with_its_own_template_on_messages_are_the_trained_ones(tiny_chat, tmp_path):
     from assay.chat import split_exchange
     from assay.clients import RewardClient
