@@ -37,8 +37,9 @@ from assay.arith.tokenizer import build_tokenizer
 from assay.arith.verifier import NO, YES, verifier_prompt
 from assay.checkpoints import ARITH_DIR
 from assay.generation import Sample, SamplingParams, sample
-from assay.trainer.reward_model import RankedGroup, RMConfig, StepExample, train_outcome_rm, train_process_rm
-from assay.trainer.sft import SFTConfig, train_sft
+from assay.trainer.config import RMConfig, SFTConfig
+from assay.trainer.reward_model import RankedGroup, StepExample, train_outcome_rm, train_process_rm
+from assay.trainer.sft import train_sft
 
 MAX_NEW_TOKENS = 48  # a correct level-2 solution is about 30 characters
 

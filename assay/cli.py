@@ -33,7 +33,7 @@ train_app.command("rm")(rm_cmd)
 app.add_typer(train_app, name="train")
 app.command("plot")(plot_cmd)
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(soft_wrap=True)  # an error naming a long path stays one line
 
 _LABELS = {
     "pass@1": "policy pass@1 (T=1.0)",

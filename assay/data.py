@@ -102,6 +102,9 @@ def read_table(path: str | Path) -> datasets.Dataset:
     p = Path(path)
     if not p.exists():
         raise DataError(p, "no such file or folder")
+    # `datasets` draws a "Generating train split" bar per file on stderr; ours say what is happening
+    quiet_before = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
         if p.is_dir():
             loaded = datasets.load_from_disk(str(p))
@@ -120,6 +123,9 @@ def read_table(path: str | Path) -> datasets.Dataset:
         raise
     except Exception as e:  # datasets/pyarrow parse errors come as many types; all mean "cannot read it"
         raise DataError(p, f"cannot be read as a dataset: {type(e).__name__}: {e}") from e
+    finally:
+        if not quiet_before:
+            datasets.enable_progress_bars()
     assert isinstance(ds, datasets.Dataset), "one split asked for"
     return ds
 

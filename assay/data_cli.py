@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 data_app = typer.Typer(help="Dataset files from the embedded arithmetic world.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)  # an error naming a long path stays one line
 
 Kind = Literal["preferences", "demonstrations", "prompts"]
 Split = Literal["train", "heldout"]

@@ -51,8 +51,9 @@ from assay.arith.checks import is_correct
 from assay.chat import render_exchange, render_prompt
 from assay.generation import SamplingParams, sample
 from assay.scoring import score_outcome
-from assay.trainer.reward_model import RankedGroup, RMConfig, train_outcome_rm
-from assay.trainer.sft import SFTConfig, train_sft
+from assay.trainer.config import RMConfig, SFTConfig
+from assay.trainer.reward_model import RankedGroup, train_outcome_rm
+from assay.trainer.sft import train_sft
 
 Message = chat.Message
 LEVELS = (1, 2)  # one-step sums to 20 (easy) and the world's default two-step problems

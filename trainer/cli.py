@@ -49,7 +49,7 @@ from assay.trainer.config import DPOConfig, GRPOConfig, PPOConfig, RLConfig
 from assay.trainer.online_cli import Data, Services, eval_keys, run_online
 
 train_app = typer.Typer(help="Online RL against the live services.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)  # an error naming a long path stays one line
 
 
 def load_config(cls: type, path: Path | None, given: dict[str, Any]) -> Any:

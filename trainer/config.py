@@ -203,3 +203,49 @@ class DPOConfig(OnlineConfig):
             raise ValueError("min_margin must be >= 0")
         if self.ref_update not in ("fixed", "each_round"):
             raise ValueError("ref_update must be 'fixed' or 'each_round'")
+
+
+# --- offline training: SFT and reward models (trainer/sft.py, trainer/reward_model.py) ----------------
+
+
+@dataclass
+class SFTConfig:
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "examples per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, as share of lr"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    seed: int = field(default=0, metadata={"help": "torch seed for the run"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "share of target mass smoothed"})
+    smoothing_tokens: str = field(
+        default="", metadata={"help": "characters smoothed among themselves ('' = whole vocabulary)"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError("warmup_steps must be between 0 and steps")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+
+
+Loss = Literal["bt", "listwise", "margin"]  # bt: Bradley-Terry
+
+
+@dataclass
+class RMConfig(SFTConfig):
+    loss: Loss = field(default="bt", metadata={"help": "ranking loss: bt (Bradley-Terry), listwise, margin"})
+    margin: float = field(default=1.0, metadata={"help": "margin for the margin loss"})
+    k: int = field(default=4, metadata={"help": "candidates per group for the listwise loss, at most"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in ("bt", "listwise", "margin"):
+            raise ValueError(f"loss must be bt, listwise or margin, not {self.loss!r}")
+        if self.k < 2:
+            raise ValueError("k must be >= 2")

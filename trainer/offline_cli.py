@@ -16,7 +16,7 @@ run's metrics.jsonl, config.json and TensorBoard events go to `--run-dir`, by de
 (DIR.run). With `--eval-data` or `--eval-fraction`, the held-out figure (SFT: completion loss; RM:
 pairwise accuracy; DPO: implicit-reward accuracy) is logged every `--eval-every` steps and at the end.
 
-Every field of the algorithm's config is an option (`trainer.sft.SFTConfig`, `trainer.reward_model.RMConfig`,
+Every field of the algorithm's config is an option (`trainer.config.SFTConfig`, `trainer.config.RMConfig`,
 `trainer.config.DPOConfig`), as for the online commands; `--seed` also seeds the held-out split.
 """
 
@@ -36,8 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from assay.cli_options import config_options
 from assay.trainer.cli import CONFIG_HELP, console, load_config, open_run_dir
-from assay.trainer.reward_model import RMConfig
-from assay.trainer.sft import SFTConfig
+from assay.trainer.config import RMConfig, SFTConfig
 
 MODEL_HELP = "a local Hugging Face checkpoint to start from"
 DATA_HELP = ".jsonl, .json, .parquet, .csv or a save_to_disk folder"

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from assay.trainer.config import GRPOConfig, PPOConfig, RLConfig
 
-console = Console()
+console = Console(soft_wrap=True)  # an error naming a long path stays one line
 
 
 @dataclass(frozen=True)

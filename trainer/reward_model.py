@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.scoring import outcome_scores, score_outcome, step_token_positions
-from assay.trainer.sft import SFTConfig, make_update
-
-Loss = Literal["bt", "listwise", "margin"]  # bt: Bradley-Terry
-
+from assay.trainer.config import RMConfig, SFTConfig
+from assay.trainer.sft import make_update
 
 # --- losses -------------------------------------------------------------------------------
 
@@ -61,20 +58,6 @@ class RankedGroup:
     def __post_init__(self) -> None:
         if not self.worse or self.best in self.worse:
             raise ValueError("a ranked group needs a best candidate and at least one worse one")
-
-
-@dataclass
-class RMConfig(SFTConfig):
-    loss: Loss = field(default="bt", metadata={"help": "ranking loss: bt (Bradley-Terry), listwise, margin"})
-    margin: float = field(default=1.0, metadata={"help": "margin for the margin loss"})
-    k: int = field(default=4, metadata={"help": "candidates per group for the listwise loss, at most"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.loss not in ("bt", "listwise", "margin"):
-            raise ValueError(f"loss must be bt, listwise or margin, not {self.loss!r}")
-        if self.k < 2:
-            raise ValueError("k must be >= 2")
 
 
 def _group_batch(groups: Sequence[RankedGroup], config: RMConfig, rng: random.Random) -> list[list[str]]:

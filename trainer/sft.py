@@ -8,38 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from assay.trainer.config import SFTConfig
+
 IGNORE = -100  # label id that cross-entropy skips
-
-
-@dataclass
-class SFTConfig:
-    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=64, metadata={"help": "examples per step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor, as share of lr"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    seed: int = field(default=0, metadata={"help": "torch seed for the run"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "share of target mass smoothed"})
-    smoothing_tokens: str = field(
-        default="", metadata={"help": "characters smoothed among themselves ('' = whole vocabulary)"}
-    )
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError("label_smoothing must be in [0, 1)")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError("warmup_steps must be between 0 and steps")
-        if self.lr <= 0:
-            raise ValueError("lr must be > 0")
 
 
 def lr_lambda(config: SFTConfig) -> Callable[[int], float]:

@@ -5,8 +5,7 @@ from safetensors.torch import load_file
 
 from assay.build import BuildConfig, build
 from assay.checkpoints import load_model
-from assay.trainer.reward_model import RMConfig
-from assay.trainer.sft import SFTConfig
+from assay.trainer.config import RMConfig, SFTConfig
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,8 @@ from transformers import LlamaForSequenceClassification, LlamaForTokenClassifica
 from assay.arith import world
 from assay.arith.checks import segments, step_labels
 from assay.scoring import outcome_scores
-from assay.trainer.reward_model import RankedGroup, RMConfig, StepExample, train_outcome_rm, train_process_rm
+from assay.trainer.config import RMConfig
+from assay.trainer.reward_model import RankedGroup, StepExample, train_outcome_rm, train_process_rm
 from tests.helpers import tiny_llama_config
 
 pytestmark = pytest.mark.unit

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from assay.arith import world
-from assay.trainer.sft import IGNORE, SFTConfig, collate, encode_example, lr_lambda, train_sft
+from assay.trainer.config import SFTConfig
+from assay.trainer.sft import IGNORE, collate, encode_example, lr_lambda, train_sft
 
 pytestmark = pytest.mark.unit
 
