@@ -3,6 +3,8 @@ nested values under their prefix, steps past a resumed checkpoint hidden, and cl
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -39,6 +41,12 @@ def test_a_resumed_run_hides_the_steps_after_its_checkpoint(tmp_path):
     first.save(2, {"policy": module}, {}, {"reward_id": "r"})
     first.log({"step": 3, "loss": 99.0})  # killed after this line, before step 3's checkpoint
     first.close()
+    # TensorBoard reads a folder's event files in name order, and a name starts with the writer's
+    # second and ends with a per-process counter (9 sorts after 10): a real resume is a later process,
+    # so let the second turn, as it would, before the resumed writer opens its file
+    opened = int(time.time())
+    while int(time.time()) == opened:
+        time.sleep(0.05)
 
     resumed = RunDir(tmp_path)
     state = resumed.load(resumed.latest(), {"policy": module}, {})
