@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from assay.arith.tokenizer import build_tokenizer
-from tests.helpers import torch_threads
+from tests.helpers import tiny_llama_config, torch_threads
 from tests.tiers import pytest_collection_modifyitems, pytest_runtest_setup  # noqa: F401  (hooks: found by name)
 
 
@@ -20,18 +20,7 @@ def tokenizer():
 @pytest.fixture
 def tiny_lm(tokenizer):
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    cfg = tiny_llama_config(tokenizer, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return LlamaForCausalLM(cfg).eval()
 
 
