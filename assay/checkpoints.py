@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
+import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,6 +26,8 @@ from transformers.utils import logging as hf_logging
 from assay import arith
 
 Kind = Literal["causal_lm", "sequence_classification", "token_classification"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES: tuple[Dtype, ...] = ("auto", "float32", "bfloat16", "float16")  # auto: the checkpoint's own (config.dtype)
 
 _AUTO = {
     "causal_lm": AutoModelForCausalLM,
@@ -70,8 +73,20 @@ def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     return text
 
 
-def load_model(path: str | Path, kind: Kind) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model of `kind` and its tokenizer from a local directory, in eval mode."""
+def load_model(
+    path: str | Path,
+    kind: Kind,
+    *,
+    device: str = "cpu",
+    dtype: Dtype = "float32",
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model of `kind` and its tokenizer from a local directory, in eval mode: its weights on
+    `device`, in `dtype` ("auto": the dtype the checkpoint's config names, else its weights').
+    `attn_implementation` (eager, sdpa, flash_attention_2, ...; None: transformers' choice) goes to
+    transformers, which refuses one the architecture or the machine lacks."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     path = Path(path)
     _check_dir(path)
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
@@ -93,14 +108,25 @@ def load_model(path: str | Path, kind: Kind) -> tuple[PreTrainedModel, PreTraine
             f"but the model's vocabulary has {config.vocab_size}."
         )
     try:
-        model, info = auto.from_pretrained(str(path), config=config, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as e:
+        options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        model, info = auto.from_pretrained(
+            str(path), config=config, output_loading_info=True, dtype=_torch_dtype(dtype), **options
+        )
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
         raise CheckpointError(f"{path}: the weights could not be loaded ({_first_line(e)}).") from e
     _check_complete(path, kind, model, info["missing_keys"], config.architectures)
     if kind != "causal_lm" and model.config.pad_token_id is None:
         # Sequence classifiers find each row's last token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
+    if device != "cpu":
+        # transformers wraps Module.to with functools.wraps, which types the bound method as the unbound one
+        model.to(device)  # type: ignore[arg-type]
     return model.eval(), tokenizer
+
+
+def _torch_dtype(dtype: Dtype) -> torch.dtype | str:
+    """What transformers takes: "auto" (it reads the config's dtype, else the weights'), or a torch dtype."""
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
 
 
 def load_scalar_classifier(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, bool]:

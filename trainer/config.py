@@ -23,6 +23,60 @@ SERVICE_TIMEOUT_S = 300.0  # long enough for a killed service to come back on a 
 
 
 @dataclass
+class Hardware:
+    """Where and in what precision the trainer's models (actor, reference, critic) run."""
+
+    device: str = field(
+        default="cpu", metadata={"help": "torch device of the trainer's models: cpu, cuda, cuda:1, ..."}
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={
+            "help": "compute dtype: bfloat16 or float16 run forward and backward under autocast, while the "
+            "weights and the optimizer state stay float32"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in the backward pass: less memory, more compute"}
+    )
+    attn_implementation: str = field(
+        default="auto", metadata={"help": "eager, sdpa, flash_attention_2, ... (auto: transformers' choice)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+        if not self.device or not self.attn_implementation:
+            raise ValueError("device and attn_implementation must not be empty")
+
+
+@dataclass
+class LoRA:
+    """A LoRA adapter (the `peft` library) trained in place of the full weights; r = 0: no adapter."""
+
+    r: int = field(default=0, metadata={"flag": "lora-r", "help": "LoRA rank (0: train the full weights)"})
+    alpha: float = field(
+        default=16.0, metadata={"flag": "lora-alpha", "help": "LoRA alpha (the update is scaled by alpha / r)"}
+    )
+    dropout: float = field(default=0.0, metadata={"flag": "lora-dropout", "help": "dropout on the LoRA input"})
+    target_modules: tuple[str, ...] = field(
+        default=("all-linear",),
+        metadata={
+            "flag": "lora-target",
+            "help": "module names the adapter wraps, repeatable (all-linear: every linear layer but the output head)",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 0 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(
+                f"lora r must be >= 0, alpha > 0 and dropout in [0, 1); got {self.r}, {self.alpha}, {self.dropout}"
+            )
+        if self.r and not self.target_modules:
+            raise ValueError("lora target_modules must name at least one module")
+
+
+@dataclass
 class OnlineConfig:
     reward: str = field(
         default="correct",
@@ -39,6 +93,8 @@ class OnlineConfig:
             "help": "the run's seed: torch's, and the prompts, sampling and shuffling seeds of each step derive from it"
         },
     )
+    hardware: Hardware = field(default_factory=Hardware, metadata={"help": "Device and precision"})
+    lora: LoRA = field(default_factory=LoRA, metadata={"help": "LoRA"})
     service_timeout_s: float = field(
         default=SERVICE_TIMEOUT_S,
         metadata={
@@ -222,6 +278,7 @@ class SFTConfig:
     smoothing_tokens: str = field(
         default="", metadata={"help": "characters smoothed among themselves ('' = whole vocabulary)"}
     )
+    hardware: Hardware = field(default_factory=Hardware, metadata={"help": "Device and precision"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.label_smoothing < 1:

@@ -6,7 +6,8 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, Field, fields, is_dataclass
+from typing import get_type_hints
 
 import pytest
 from typer.testing import CliRunner
@@ -67,10 +68,24 @@ def test_every_config_field_is_an_option_with_its_default_and_help():
     train = typer.main.get_command(app).commands["train"]
     for name, cls in (("grpo", GRPOConfig), ("ppo", PPOConfig), ("dpo", DPOConfig)):
         params = {p.name: p for p in train.commands[name].params}
-        for f in fields(cls):
-            option = params[f.name]
-            assert option.opts == ["--" + f.name.replace("_", "-")], (name, f.name)
-            assert (option.help, option.default) == (f.metadata["help"], f.default), (name, f.name)
+        for f, owner in _leaf_fields(cls):
+            option = params[f.metadata.get("flag", f.name).replace("-", "_")]
+            assert option.opts == ["--" + f.metadata.get("flag", f.name.replace("_", "-"))], (name, f.name)
+            default = list(f.default_factory()) if f.default is MISSING else f.default  # type: ignore[misc]
+            default = list(default) if isinstance(default, tuple) else default
+            assert (option.help, option.default or None) == (f.metadata["help"], default or None), (name, owner, f.name)
+
+
+def _leaf_fields(cls: type) -> list[tuple[Field, str]]:
+    """Every field that is an option: a nested dataclass's fields in its place (Hardware, LoRA)."""
+    out = []
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if is_dataclass(kind := hints[f.name]):
+            out += [(g, f.name) for g, _ in _leaf_fields(kind)]
+        else:
+            out.append((f, cls.__name__))
+    return out
 
 
 def _refusal(args: list[str]) -> str:
