@@ -15,7 +15,9 @@ a batcher that ignores length does when the queue holds them all), 32 at a time 
 length, by the service's own rule (`assay.base.batcher.form_batches`, the whole list queued
 at once), and one at a time. A row scores its batches in a shuffled order (seeded) until all are
 done or its time is up, so a row cut short still holds a fair sample of its batches; the table
-says what share of the items each row covered. `padded` is the tokens a padded forward computes
+says what share of the items each row covered. A row cut short may have drawn longer or shorter
+items than the average, so its items/s is its tokens/s over the mean length of all the items
+(the same as items/s when it covered them all). `padded` is the tokens a padded forward computes
 over the real ones.
 """
 
@@ -149,4 +151,6 @@ def _row(name: str, backend, ids: list[list[int]], batches: list[list[int]], w: 
         padded += len(rows) * max(len(r) for r in rows)
         if time.perf_counter() - start > w.row_s:
             break
-    return CeilingRow(name, done / (time.perf_counter() - start), done / len(ids), padded / real, done / ran)
+    mean_len = sum(len(x) for x in ids) / len(ids)
+    rate = real / (time.perf_counter() - start) / mean_len
+    return CeilingRow(name, rate, done / len(ids), padded / real, done / ran)

@@ -524,7 +524,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=Plan.streams, help="gRPC ScoreStream calls")
     p.add_argument("--max-wait-ms", type=float, default=Plan.max_wait_ms, help="spec max_wait_ms")
     p.add_argument("--max-batch-items", type=int, default=None, help="spec max_batch_items (uniform 128, mixed 32)")
-    p.add_argument("--max-batch-tokens", type=int, default=Plan.max_batch_tokens, help="spec max_batch_tokens")
+    p.add_argument(
+        "--max-batch-tokens", type=int, default=None, help="spec max_batch_tokens (default 16384; mixed on a CPU 4096)"
+    )
     p.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS for ceiling and servers")
     p.add_argument("--repeats", type=int, default=None, help="windows per row (default 3, quick 1)")
     p.add_argument("--duration", type=float, default=None, help="seconds per window (default 10, quick 3)")
@@ -541,7 +543,10 @@ def main() -> None:
         streams=args.streams,
         max_wait_ms=args.max_wait_ms,
         max_batch_items=args.max_batch_items or (32 if args.workload == "mixed" else Plan.max_batch_items),
-        max_batch_tokens=args.max_batch_tokens,
+        # On a CPU batching gains little past a few thousand tokens, and a smaller padded budget
+        # keeps mixed-length batches tight (bench/README.md, "Mixed lengths").
+        max_batch_tokens=args.max_batch_tokens
+        or (4096 if args.workload == "mixed" and args.device == "cpu" else Plan.max_batch_tokens),
         torch_threads=args.torch_threads,
         device=args.device,
         dtype=args.dtype,
