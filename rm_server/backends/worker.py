@@ -18,9 +18,10 @@ process starts (its start arguments are the spec's own values):
 
 Lifetime. `start` blocks until the model is loaded (a load error is raised here, as the in-process
 backend raises it). A supervisor thread waits on the process; if it exits unasked (killed,
-out of memory, a crash in native code), the batch it was running fails with `WorkerDied`,
-`ready` is false (the reward answers 503 with Retry-After, `/ready` is 503), and a new worker is
-started, again and again with a growing pause while loading fails. The worker exits when told
+out of memory, a crash in native code), the batch it was running fails with `WorkerDied` (its
+items fail `internal`: the batch may be what killed it, so it is not run again), `ready` is false
+(the reward answers 503 with Retry-After, `/ready` is 503), and a new worker is started, again
+and again with a growing pause while loading fails; batches already queued wait for it. The worker exits when told
 (`close`), when its pipe closes, or within a second of its parent's death (even by SIGKILL), so
 a killed server leaves no process behind. It ignores SIGINT, which a terminal sends the whole
 process group: the server stops it when it is done draining.
@@ -52,6 +53,7 @@ HEADER = struct.Struct("<c7xQ")  # a batch's tag and size; 8-byte aligned, as wh
 PAD = bytes(7)  # after a reply's tag, so the logits start 8-byte aligned
 CLOSE_S = 10.0  # a worker told to stop has this long before it is killed
 RESTART_PAUSES_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # between failed restarts; the last repeats
+RESTART_WAIT_S = 30.0  # a batch waits this long for a restarting worker before it fails
 # Exceptions of the worker raised again as themselves in the server (a load's refusal reads the
 # same either way); any other type becomes a WorkerError naming it.
 _SAME_TYPE: dict[str, type[Exception]] = {
@@ -189,7 +191,7 @@ class WorkerBackend(ScoringBackend):
     # --- the process ---------------------------------------------------------------------
 
     def _start(self) -> None:
-        """Spawn a worker and wait until it has loaded the model; raise what the load raised."""
+        """Start a worker and wait until it has loaded the model; raise what the load raised."""
         ctx = forkserver.context()
         ours, theirs = ctx.Pipe()
         name, path, kind, threads, options = self._args
@@ -209,7 +211,7 @@ class WorkerBackend(ScoringBackend):
             wait([ours, proc.sentinel])
             reply = ours.recv_bytes()
         except (EOFError, OSError):
-            proc.join()
+            proc.join(CLOSE_S)
             raise WorkerDied(
                 f"reward {self.label!r}: the model worker exited ({_how(proc.exitcode)}) while loading {path}"
             ) from None
@@ -250,12 +252,20 @@ class WorkerBackend(ScoringBackend):
             self.restarts += 1
             log.warning("reward %r: model worker restarted (pid %s)", self.label, self.pid)
 
+    def _wait_up(self) -> None:
+        """Wait for a restarting worker: the batch did nothing wrong. Raise WorkerDied if no
+        worker is up within RESTART_WAIT_S (loading keeps failing) or the backend closes."""
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while not self._up.wait(0.1):
+            if self._closing.is_set() or time.monotonic() > deadline:
+                raise WorkerDied("its model worker is restarting and is not up yet")
+
     def _call(self, mode: bytes, batch: list[list[int]]) -> np.ndarray:
         """[rows * labels] float32 logits of one batch, from the worker."""
+        self._wait_up()
         with self._lock:
             proc, conn = self._proc, self._conn
-        if not self._up.is_set() or conn is None:
-            raise WorkerDied(f"reward {self.label!r}: its model worker is restarting")
+        assert conn is not None, "up"
         lengths = np.fromiter(map(len, batch), np.int64, len(batch))
         ids = np.fromiter(itertools.chain.from_iterable(batch), np.int64, int(lengths.sum()))
         try:
@@ -265,8 +275,7 @@ class WorkerBackend(ScoringBackend):
         except (EOFError, OSError):
             proc.join(1.0)
             raise WorkerDied(
-                f"reward {self.label!r}: its model worker exited ({_how(proc.exitcode)}) while scoring this "
-                "batch; a new one is starting"
+                f"its model worker exited ({_how(proc.exitcode)}) while scoring this batch; a new one is starting"
             ) from None
         if reply[:1] == FAILED:
             raise _raised(json.loads(reply[1:]))
