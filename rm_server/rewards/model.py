@@ -40,7 +40,7 @@ from assay.rm_server.spec import OutcomeModelSpec, ProcessModelSpec
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from assay.rm_server.backends import ScoringBackend
+    from assay.rm_server.backends import Kind, ScoringBackend
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,10 @@ class ModelReward(Reward):
         from assay.rm_server.backends import load_backend
         from assay.rm_server.backends.worker import WorkerBackend
 
-        kind = "process" if self.process else "outcome"
+        kind: Kind = "process" if self.process else "outcome"
         backend: ScoringBackend
         if self.worker_threads is not None and self.spec.backend == "transformers":
-            backend = await asyncio.to_thread(  # spawns the worker and waits while it loads the weights
+            worker = await asyncio.to_thread(  # starts the worker and waits while it loads the weights
                 WorkerBackend,
                 self.spec.backend,
                 self.path,
@@ -129,8 +129,8 @@ class ModelReward(Reward):
                 torch_threads=self.worker_threads,
                 device=self.spec.device,
             )
-            log.info("reward %r: model worker pid %s, %d torch threads", self.name, backend.pid, backend.torch_threads)
-            tokenizer = backend.tokenizer
+            log.info("reward %r: model worker pid %s, %d torch threads", self.name, worker.pid, worker.torch_threads)
+            backend, tokenizer = worker, worker.tokenizer
         else:  # loading weights takes a while
             backend, tokenizer = await asyncio.to_thread(
                 load_backend, self.spec.backend, self.path, kind, self.spec.device
