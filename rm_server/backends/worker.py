@@ -14,7 +14,8 @@ process starts (its start arguments are the spec's own values):
                        a batch, pooled or per token
     worker -> server   b"R" + JSON {"num_labels", "max_positions", "torch_threads", "pid"}: loaded
                        b"K", 7 pad bytes, float32 logits: [n, labels] pooled, [sum(lengths), labels] per token
-                       b"E" + JSON {"type", "message"}: the load or the call failed (the worker goes on)
+                       b"E" + JSON {"type", "message", "fields"}: the load or the call failed (the worker
+                       goes on); `OutOfMemory` is raised again with its fields, as the reward reads them
 
 Lifetime. `start` blocks until the model is loaded (a load error is raised here, as the in-process
 backend raises it). A supervisor thread waits on the process; if it exits unasked (killed,
@@ -44,7 +45,7 @@ import numpy as np
 
 from assay.checkpoints import CheckpointError, load_tokenizer
 from assay.rm_server import forkserver
-from assay.rm_server.backends import Kind, ScoringBackend
+from assay.rm_server.backends import Kind, OutOfMemory, ScoringBackend
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,16 @@ def _exit_with_parent() -> None:
 
 
 def _failure(exc: BaseException) -> bytes:
-    return FAILED + json.dumps({"type": type(exc).__name__, "message": str(exc)}).encode()
+    fields = [exc.device, exc.items, exc.tokens] if isinstance(exc, OutOfMemory) else None
+    return FAILED + json.dumps({"type": type(exc).__name__, "message": str(exc), "fields": fields}).encode()
 
 
-def _serve(conn: Connection, name: str, path: str, kind: Kind, threads: int, options: dict) -> None:
+def _serve(conn: Connection, log_level: int, name: str, path: str, kind: Kind, threads: int, options: dict) -> None:
     """The worker's main: load the model, then answer batches until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
+    # What the backend logs (the model's size, ...) goes where the server's log goes, at its level.
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s [model worker] %(message)s")
     try:
         import torch
 
@@ -197,7 +201,7 @@ class WorkerBackend(ScoringBackend):
         name, path, kind, threads, options = self._args
         proc = ctx.Process(
             target=_serve,
-            args=(theirs, name, path, kind, threads, options),
+            args=(theirs, logging.getLogger().getEffectiveLevel(), name, path, kind, threads, options),
             name=f"rm-model-{self.label}",
             daemon=True,
         )
@@ -284,6 +288,8 @@ class WorkerBackend(ScoringBackend):
 
 def _raised(failure: dict) -> Exception:
     """The worker's exception as the server raises it."""
+    if failure["type"] == "OutOfMemory":  # retryable, with smaller batches: the reward says so
+        return OutOfMemory(*failure["fields"])
     cls = _SAME_TYPE.get(failure["type"])
     return cls(failure["message"]) if cls else WorkerError(f"{failure['type']}: {failure['message']}")
 
