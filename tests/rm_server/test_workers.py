@@ -6,6 +6,7 @@ clients score, the server itself stopped or SIGKILLed with its workers running.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import pytest
 from assay.arith.world import eval_problems
 from assay.checkpoints import ARITH_DIR, CheckpointError
 from assay.clients import RewardClient
+from assay.rm_server.backends import OutOfMemory, worker
 from assay.rm_server.backends.hf import TransformersBackend
 from assay.rm_server.backends.worker import WorkerBackend
 from assay.rm_server.config import ModelRuntime, ServerConfig
@@ -220,6 +222,18 @@ def test_no_worker_outlives_the_server(spec, stop, tmp_path):
             proc.kill()
             proc.wait()
     wait_for(lambda: not any(running(p) for p in workers), 30, "worker processes outlived the server")
+
+
+@pytest.mark.unit
+def test_a_workers_exception_is_raised_here_as_the_reward_reads_it():
+    crossed = lambda exc: worker._raised(json.loads(worker._failure(exc)[1:]))
+    oom = crossed(OutOfMemory("cuda:0", 32, 2048))
+    assert isinstance(oom, OutOfMemory) and (oom.device, oom.items, oom.tokens) == ("cuda:0", 32, 2048)
+    assert str(oom) == str(OutOfMemory("cuda:0", 32, 2048))
+    refused = crossed(CheckpointError("/m: no safetensors weights found"))
+    assert type(refused) is CheckpointError and str(refused) == "/m: no safetensors weights found"
+    other = crossed(KeyError("weight"))
+    assert isinstance(other, worker.WorkerError) and str(other) == "KeyError: 'weight'"
 
 
 # --- the settings -----------------------------------------------------------------------------
