@@ -119,11 +119,13 @@ def _serve(conn: Connection, log_level: int, name: str, path: str, kind: Kind, t
         except (EOFError, OSError):  # the server closed its end: stop
             break
         try:
-            conn.send_bytes(OK + PAD + _run(backend, request))
-        except (EOFError, OSError):
-            break
+            reply = OK + PAD + _run(backend, request)
         except Exception as exc:  # noqa: BLE001 - the batch fails, with its reason; the worker goes on
-            conn.send_bytes(_failure(exc))
+            reply = _failure(exc)
+        try:
+            conn.send_bytes(reply)
+        except OSError:  # the server is gone
+            break
     backend.close()
 
 
