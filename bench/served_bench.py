@@ -23,6 +23,7 @@ over HTTP (or gRPC with `--protocol`). Server cores count the server's processes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -70,6 +71,10 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="assay-served-") as tmp:
             spec = write_spec(Path(tmp), plan)
+            # An older checkout's spec may not know `dtype` (float32 then, as it was): leave it out for it.
+            old = json.loads(spec.read_text())
+            old["rewards"]["orm"].pop("dtype")
+            (old_spec := Path(tmp) / "baseline_spec.yaml").write_text(json.dumps(old))
             for r in range(args.rounds):
                 rates, _ = ceiling(items, plan)
                 ceilings.append(max(rates.values()))
@@ -79,7 +84,10 @@ def main() -> None:
                     url = f"http://127.0.0.1:{port}"
                     target = url if args.protocol == "http" else f"127.0.0.1:{grpc_port}"
                     with spawned(
-                        [*cmd, *assay_args(spec, port, grpc_port)], url, plan, Path(tmp) / f"{name}.log"
+                        [*cmd, *assay_args(old_spec if name == "baseline" else spec, port, grpc_port)],
+                        url,
+                        plan,
+                        Path(tmp) / f"{name}.log",
                     ) as proc:
                         w = measure(args.protocol, target, replace(plan, repeats=1), items, proc.pid, metrics_url=url)
                     windows[name].append(w)
