@@ -271,10 +271,38 @@ async def _grpc_stream(job: Job, end: float, record, connected) -> None:
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """user + system CPU so far of a process (all its threads), or of one of its threads."""
-    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    """user + system CPU so far of a process, its threads and the processes under it (rm_server's
+    model workers and math-verify's pool), or of one of its threads."""
+    if tid:
+        return _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
+    total = 0.0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            total += _stat_cpu(f"/proc/{p}/stat")
+        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+            pass
+    return total
+
+
+def _stat_cpu(path: str) -> float:
     fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out.extend(kids)
+        todo.extend(kids)
+    return out
 
 
 def busy_seconds() -> float:
