@@ -51,9 +51,9 @@ class Steps:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]: 0 at each row's first real token
         cache: Any = None
         if self.static:
-            cache = self._static_cache(batch, width + max_new)
+            cache, length = self._static_cache(batch, width + max_new)
             # The whole cache's mask from the start: columns past the prompt turn to 1 as tokens are fed.
-            mask = torch.cat([mask, mask.new_zeros(batch, cache.max_cache_len - width)], dim=1)
+            mask = torch.cat([mask, mask.new_zeros(batch, length - width)], dim=1)
         out = self.model(
             input_ids=ids,
             attention_mask=mask if not self.static else mask[:, :width],
@@ -65,7 +65,8 @@ class Steps:
         state = Batch(self, out.past_key_values, mask, positions[:, -1:] + 1, width)
         return state, out.logits[:, -1, :].float()
 
-    def _static_cache(self, batch: int, needed: int) -> StaticCache:
+    def _static_cache(self, batch: int, needed: int) -> tuple[StaticCache, int]:
+        """The cache for this batch shape, and its length."""
         limit = max(needed, int(getattr(self.model.config, "max_position_embeddings", needed)))
         length = min(max(MIN_STATIC_LEN, 1 << (needed - 1).bit_length()), limit)
         if self._cache is None or self._cache_shape != (batch, length):
@@ -74,7 +75,7 @@ class Steps:
             self._cache_shape = (batch, length)
         else:
             self._cache.reset()
-        return self._cache
+        return self._cache, length
 
 
 class Batch:
