@@ -32,10 +32,8 @@ import argparse
 import asyncio
 import datetime
 import json
-import math
 import platform
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,8 +42,10 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from gpu_models import build_llama, forward_flops_per_token, lognormal_lengths, random_text, score_items, weight_params
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/loadgen.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/loadgen.py, bench/gpu_models.py
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM, NVIDIA's datasheets
 
 
@@ -125,61 +125,6 @@ class Load:
     streams: int = 1
 
 
-# --- models and items --------------------------------------------------------------------------
-
-
-def build_llama(out: Path, kind: str, hidden: int, layers: int, positions: int = 2048) -> Path:
-    """A random-init Llama (`causal_lm` or `classifier`, one label) on the arithmetic tokenizer, in `out`."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    from assay.checkpoints import EMBEDDED
-
-    src = Path(EMBEDDED["policy"][1])
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    heads = max(1, hidden // 64)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=int(hidden * 8 / 3 / 64 + 1) * 64 if hidden >= 256 else 4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=positions,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        num_labels=1,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    cls = LlamaForCausalLM if kind == "causal_lm" else LlamaForSequenceClassification
-    cls(config).save_pretrained(out)
-    for f in src.iterdir():
-        if f.name.startswith("tokenizer") or f.suffix == ".jinja":
-            shutil.copy(f, out / f.name)
-    return out
-
-
-def _text(n_chars: int, rng: random.Random) -> str:
-    return "".join(rng.choice("0123456789+-= #") for _ in range(n_chars))
-
-
-def rm_items(sizes: Sizes, mixed: bool, seed: int = 0) -> list[tuple[str, str, str]]:
-    """(id, prompt, response) items: one token per character plus `<s>`, so an item of L tokens is L - 1
-    characters; uniform ones all `rm_tokens` long, mixed ones lognormal (clipped to [16, mixed_max])."""
-    rng = random.Random(seed)
-    if mixed:
-        sigma = math.log(sizes.mixed_p90 / sizes.mixed_p50) / 1.2816
-        lengths = [
-            min(sizes.mixed_max, max(16, round(rng.lognormvariate(math.log(sizes.mixed_p50), sigma))))
-            for _ in range(sizes.mixed_items)
-        ]
-    else:
-        lengths = [sizes.rm_tokens] * sizes.rm_items
-    return [(str(i), "Q: ", _text(n - 4, rng)) for i, n in enumerate(lengths)]
-
-
 # --- rm_server ---------------------------------------------------------------------------------
 
 
@@ -211,19 +156,15 @@ def rm_ceiling(path: Path, device: str, dtype: str, items, batches, sort: bool) 
     return best
 
 
-def forward_flops_per_token(hidden: int, layers: int, params: int, seq: int) -> float:
-    """2 x the weights' parameters (a multiply-add each), plus attention's scores and mix (4 x seq x hidden a layer)."""
-    return 2 * params + 4 * layers * seq * hidden
-
-
 def rm_section(sizes: Sizes, device: str, dtype: str, tmp: Path, rm_url: str, server_pid: int, rows: list[Row]) -> None:
     import loadgen
 
     path = tmp / "rm"
-    params = _params(path)
+    params = weight_params(path)
     peak = _peak_tflops(device)
     for label, mixed in (("uniform", False), (f"mixed (p50 {sizes.mixed_p50:.0f})", True)):
-        items = rm_items(sizes, mixed)
+        lengths = lognormal_lengths(sizes.mixed_items, sizes.mixed_p50, sizes.mixed_p90, sizes.mixed_max)
+        items = score_items(lengths if mixed else [sizes.rm_tokens] * sizes.rm_items)
         batches = (sizes.mixed_batch,) if mixed else sizes.rm_batches
         rate, bs, tok_s = rm_ceiling(path, device, dtype, items, batches, sort=mixed)
         how = f"batch {bs}" + (", length-sorted" if mixed else "")
@@ -256,13 +197,6 @@ def rm_section(sizes: Sizes, device: str, dtype: str, tmp: Path, rm_url: str, se
         )
 
 
-def _params(path: Path) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if "embed_tokens" not in k)  # noqa: SIM118 (safe_open has no __iter__)
-
-
 def _peak_tflops(device: str) -> float | None:
     import torch
 
@@ -287,7 +221,7 @@ def policy_section(sizes: Sizes, device: str, dtype: str, tmp: Path, policy_url:
     model, tokenizer = load_model(tmp / "lm", "causal_lm", device=device, dtype=dtype)
     rng = random.Random(1)
     # One token per character plus <s>: every prompt is gen_prompt tokens, so no row is padded.
-    prompts = [tokenizer(_text(sizes.gen_prompt - 1, rng))["input_ids"] for _ in range(sizes.gen_batch)]
+    prompts = [tokenizer(random_text(sizes.gen_prompt - 1, rng))["input_ids"] for _ in range(sizes.gen_batch)]
     tokens = sizes.gen_batch * sizes.gen_tokens  # every sequence generates them all (eos ignored)
 
     def timed(run) -> float:
