@@ -391,9 +391,13 @@ def table(rows: list[Row]) -> str:
 
 
 def run(sizes: Sizes, device: str, out: Path, command: str) -> list[Row]:
+    import torch
+
     from assay.services import LocalServices
 
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if device == "cpu":  # the servers decode on one thread each (LocalServices): so does this process
+        torch.set_num_threads(1)
     started = time.perf_counter()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="assay-gpu-check-") as name:
