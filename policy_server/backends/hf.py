@@ -15,6 +15,19 @@ raises) ends that row with `GenerationFailed`, which its request raises; the oth
 and their requests get their completions. Only a failure of the batch's forward pass fails every
 sequence in it, each request with its own `GenerationFailed`. Degenerate sampling parameters are
 no failure: a temperature or top_p below `assay.generation.GREEDY_BELOW` decodes greedily.
+
+The model runs on any torch device in any float dtype (`--device`, `--dtype`). The decode loop's
+tensors live on the model's device: a batch is laid out on the CPU and copied over once
+(`steps.Steps.start`), the tokens a step draws are fed back without leaving the device, and logits
+are float32 whatever the model's dtype, so logprobs are too. Each step waits on the device once:
+the step's tokens, their logprobs, the rows' faults (NaN or infinite logits, found on the device
+and failed on the host) and any top logprobs come back in one transfer. Sampled rows are drawn
+together on the device by inverse CDF, from one uniform number per row that the row's own seeded
+generator draws on the host: a seed gives the same draws in any batch and on any device, and no
+per-row kernel runs. `steps.py` says how the model is called (a dynamic or a static KV cache, and a
+compiled step: `--kv-cache`, `--compile`). A batch that runs out of memory fails its requests with
+`Overloaded` (429, retryable) naming `--max-batch-tokens`, with the CUDA cache emptied; the next
+batch runs as usual.
 """
 
 from __future__ import annotations
@@ -33,8 +46,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.base import errors as base_errors
 from assay.base.batcher import Batcher
-from assay.checkpoints import decode_text, load_model
+from assay.checkpoints import Dtype, decode_text, load_model
 from assay.generation import _filter_logits, is_greedy
+from assay.model_sizes import human_bytes, is_out_of_memory, model_size
 from assay.policy_server.backends import (
     GenerationBackend,
     GenerationFailed,
@@ -47,6 +61,7 @@ from assay.policy_server.backends.steps import Steps
 from assay.policy_server.config import BatchSettings
 
 log = logging.getLogger(__name__)
+OUT_OF_MEMORY_RETRY_S = 1.0  # a retry waits for the batch in flight to end and free its memory
 
 
 @dataclass
@@ -70,6 +85,7 @@ class HFBackend(GenerationBackend):
         on the worker thread with every sequence the batch ended, aborted ones included."""
         batching = batching or BatchSettings()
         self.name, self.model, self.tokenizer = name, model.eval(), tokenizer
+        self._max_batch_tokens = batching.max_tokens
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", tokenizer.model_max_length))
         self.weight_version = 0
         self._on_finished = on_finished
@@ -89,10 +105,33 @@ class HFBackend(GenerationBackend):
 
     @classmethod
     def load(
-        cls, name: str, path: str | Path, batching: BatchSettings | None = None, on_batch=None, on_finished=None
+        cls,
+        name: str,
+        path: str | Path,
+        batching: BatchSettings | None = None,
+        on_batch=None,
+        on_finished=None,
+        *,
+        device: str = "cpu",
+        dtype: Dtype = "float32",
+        attn_implementation: str | None = None,
     ) -> HFBackend:
-        model, tokenizer = load_model(path, "causal_lm")
-        return cls(name, model, tokenizer, batching, on_batch, on_finished)
+        """The checkpoint at `path` served as `name`, its model on `device` in `dtype`."""
+        model, tokenizer = load_model(
+            path, "causal_lm", device=device, dtype=dtype, attn_implementation=attn_implementation
+        )
+        backend = cls(name, model, tokenizer, batching, on_batch, on_finished)
+        log.info("model %r (%s): %s", name, path, backend.describe_size())
+        return backend
+
+    def describe_size(self) -> str:
+        """The model's sizes, and the KV cache that a batch as large as the limits allow would hold."""
+        size = model_size(self.model)
+        text = size.describe()
+        if size.kv_bytes_per_token is not None:
+            budget = size.kv_bytes_per_token * self._max_batch_tokens
+            text += f"; max_batch_tokens {self._max_batch_tokens} -> up to {human_bytes(budget)} of KV cache"
+        return text
 
     async def start(self) -> None:
         self._batcher.start()
@@ -120,6 +159,8 @@ class HFBackend(GenerationBackend):
                 future.cancel()
             if isinstance(exc, GenerationFailed):  # one object for the whole batch: each request raises its own
                 raise GenerationFailed(str(exc)) from None
+            if isinstance(exc, Overloaded):  # the batch ran out of memory
+                raise Overloaded(str(exc), exc.retry_after_s) from None
             raise
         for r in results:
             if isinstance(r, GenerationFailed):  # one of this request's sequences failed: the request fails
@@ -150,6 +191,8 @@ class HFBackend(GenerationBackend):
             with self._weights_lock:
                 results = decode(self.model, self.tokenizer, jobs, self.weight_version, self._steps)
         except Exception as exc:  # the forward pass failed: every sequence in the batch fails, typed
+            if is_out_of_memory(exc):
+                raise self._out_of_memory(jobs) from exc
             log.error("a decode batch of %d sequences failed", len(jobs), exc_info=exc)
             raise GenerationFailed(f"generating this batch of sequences failed ({_describe(exc)})") from exc
         failed = [r for r in results if isinstance(r, GenerationFailed)]
@@ -164,6 +207,20 @@ class HFBackend(GenerationBackend):
         if self._on_finished is not None:
             self._on_finished([r for r in results if isinstance(r, GenerationOutput)])
         return results
+
+    def _out_of_memory(self, jobs: list[_Job]) -> Overloaded:
+        """A batch that did not fit: the cached CUDA blocks of the attempt go back, and the requests get a
+        retryable refusal naming the limits that size a batch. Smaller batches fit: the server goes on."""
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        tokens = sum(len(j.request.prompt_ids) + j.request.max_tokens for j in jobs)
+        message = (
+            f"model {self.name!r} ran out of memory on {self.model.device} decoding {len(jobs)} sequences "
+            f"({tokens} prompt + max_tokens tokens); retry, and if it recurs start the server with a lower "
+            f"--max-batch-tokens (now {self._max_batch_tokens}) or --max-batch"
+        )
+        log.error(message)
+        return Overloaded(message, OUT_OF_MEMORY_RETRY_S)
 
 
 def _check_tied(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -276,16 +333,8 @@ def decode(
     tokens, logprobs and faults come to the host in one transfer."""
     steps = steps or Steps(model, BatchSettings())
     rows = [_Row(job) for job in jobs]
-    batch = len(rows)
-    width = max(len(r.req.prompt_ids) for r in rows)
-    ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.req.prompt_ids)
-        ids[i, width - n :] = torch.tensor(r.req.prompt_ids)
-        mask[i, width - n :] = 1
     max_new = max(r.req.max_tokens for r in rows)
-    state, logits = steps.start(ids.to(model.device), mask.to(model.device), max_new)  # logits: [batch, vocab]
+    state, logits = steps.start([r.req.prompt_ids for r in rows], tokenizer.pad_token_id, max_new)  # [batch, vocab]
     k_top = max(r.req.top_logprobs for r in rows)
 
     for _ in range(max_new):

@@ -21,6 +21,7 @@ tests hold greedy and seeded completions equal with the static cache on and off.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,25 +45,33 @@ class Steps:
             on_cuda = model.device.type == "cuda"
             self.forward = torch.compile(model.forward, mode="reduce-overhead" if on_cuda else None)
 
-    def start(self, ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> tuple[Batch, torch.Tensor]:
-        """Prefill `ids` ([batch, width], left-padded, `mask` 1 on real tokens); returns the batch's
-        stepper and the logits for its first new token ([batch, vocab], float32)."""
-        batch, width = ids.shape
+    def start(self, prompts: Sequence[Sequence[int]], pad_id: int, max_new: int) -> tuple[Batch, torch.Tensor]:
+        """Prefill the prompts, left-padded, for up to `max_new` steps after; returns the batch's stepper and
+        the logits of its first new token ([batch, vocab], float32). The batch is laid out on the CPU and
+        copied over in one transfer per tensor; everything after stays on the model's device."""
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((batch, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.model.device), mask.to(self.model.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]: 0 at each row's first real token
         cache: Any = None
+        full_mask = mask
         if self.static:
             cache, length = self._static_cache(batch, width + max_new)
             # The whole cache's mask from the start: columns past the prompt turn to 1 as tokens are fed.
-            mask = torch.cat([mask, mask.new_zeros(batch, length - width)], dim=1)
+            full_mask = torch.cat([mask, mask.new_zeros(batch, length - width)], dim=1)
         out = self.model(
             input_ids=ids,
-            attention_mask=mask if not self.static else mask[:, :width],
+            attention_mask=mask,
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
             cache_position=torch.arange(width, device=ids.device) if self.static else None,
         )
-        state = Batch(self, out.past_key_values, mask, positions[:, -1:] + 1, width)
+        state = Batch(self, out.past_key_values, full_mask, positions[:, -1:] + 1, width)
         return state, out.logits[:, -1, :].float()
 
     def _static_cache(self, batch: int, needed: int) -> tuple[StaticCache, int]:

@@ -31,15 +31,6 @@ class OutOfMemory(RuntimeError):
         return (OutOfMemory, (self.device, self.items, self.tokens))
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's CUDA out-of-memory error, or the CPU allocator's (a plain RuntimeError saying so)."""
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
-    )
-
-
 class ScoringBackend(ABC):
     """Raw model outputs for a batch of token-id sequences (no activation applied)."""
 

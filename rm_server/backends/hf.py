@@ -22,8 +22,8 @@ import torch
 
 from assay.checkpoints import CheckpointError, load_model
 from assay.checkpoints import Kind as ModelKind
-from assay.model_sizes import model_size
-from assay.rm_server.backends import Dtype, Kind, OutOfMemory, ScoringBackend, is_out_of_memory
+from assay.model_sizes import is_out_of_memory, model_size
+from assay.rm_server.backends import Dtype, Kind, OutOfMemory, ScoringBackend
 
 log = logging.getLogger(__name__)
 

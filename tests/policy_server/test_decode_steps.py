@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from assay.policy_server.backends import GenerationOutput, GenerationRequest
 from assay.policy_server.backends.hf import _Job, decode
@@ -76,11 +75,11 @@ def test_a_seeded_row_draws_the_same_alone_as_in_a_batch_with_a_static_cache(pol
 def test_the_static_cache_is_sized_in_powers_of_two_and_kept_for_its_shape(policy):
     model, tokenizer = policy
     steps = Steps(model, BatchSettings(kv_cache="static"))
-    ids = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
-    steps.start(ids, torch.ones_like(ids), max_new=100)
+    prompt = tokenizer(PROMPTS[0])["input_ids"]
+    steps.start([prompt], tokenizer.pad_token_id, max_new=100)
     first = steps._cache
     assert first is not None and steps._cache_shape == (1, 128)
-    steps.start(ids, torch.ones_like(ids), max_new=90)
+    steps.start([prompt], tokenizer.pad_token_id, max_new=90)
     assert steps._cache is first  # same shape: reset, same tensors (what a captured CUDA graph needs)
 
 
