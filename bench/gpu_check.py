@@ -174,7 +174,7 @@ def rm_section(sizes: Sizes, device: str, dtype: str, tmp: Path, rm_url: str, se
         rows.append(Row("rm_server", f"{label}: ceiling in-process", f"{rate:.0f}", "items/s", "1.00", how))
         if not mixed:
             rows.append(
-                Row("rm_server", f"{label}: ceiling TFLOP/s", f"{tflops:.1f}", "TFLOP/s", "", f"{seq} tokens{share}")
+                Row("rm_server", f"{label}: ceiling TFLOP/s", f"{tflops:.3g}", "TFLOP/s", "", f"{seq} tokens{share}")
             )
         window = loadgen.measure(
             "http",
@@ -417,11 +417,14 @@ def run(sizes: Sizes, device: str, out: Path, command: str) -> list[Row]:
                     lambda: grpo_section(sizes, device, dtype, tmp, services.rm_url, services.policy_url, rows),
                 ),
             )
+            print(f"models built and services ready: {time.perf_counter() - started:.0f} s", flush=True)
             for section, body in sections:
+                t0 = time.perf_counter()
                 try:
                     body()
                 except Exception as exc:  # noqa: BLE001 (a failed section is a row; the others still run)
                     rows.append(_failed(section, "section", exc))
+                print(f"{section}: {time.perf_counter() - t0:.0f} s", flush=True)
     seconds = time.perf_counter() - started
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = (

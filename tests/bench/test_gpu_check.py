@@ -39,7 +39,6 @@ def test_the_gpu_check_runs_on_the_cpu_and_writes_one_table(tmp_path):
     assert text.startswith("# GPU check\n") and "CPU" in text and "float32" in text
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     got = {(r[0].removeprefix("| "), r[1]): r[2] for r in rows}
-    assert ROWS <= set(got), sorted(got)
-    for key in ROWS - {("trainer", "GRPO step, LoRA")}:
+    assert set(got) >= ROWS, sorted(got)
+    for key in ROWS:
         assert float(got[key]) > 0, (key, got[key])  # a measured figure, not "failed"
-    assert float(got["trainer", "GRPO step, LoRA"]) > 0
