@@ -13,6 +13,9 @@ to the policy server, whose next version the next rollout must carry.
 Variants (`GRPOConfig`): `scale="none"` drops the std normalisation and `loss_norm="constant"`
 divides by a constant instead of each sequence's length (Dr. GRPO); `loss_norm="token_mean"`
 averages over all tokens of the batch (DAPO); `eps_high > eps_low` is DAPO's clip-higher.
+
+With `lora.r > 0` (`--lora-r`) the policy trains a LoRA adapter (`trainer.lora`): the reference is
+the policy with its adapter disabled, and each push sends the adapter alone.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 from assay.clients.policy import PolicyClient
-from assay.trainer import online
+from assay.trainer import lora, online
 from assay.trainer.config import GRPOConfig
 from assay.trainer.evaluation import ArithEval
 from assay.trainer.online import (
@@ -60,10 +63,14 @@ def train(
     torch.manual_seed(config.seed)
     prompts = prompts if prompts is not None else ArithPrompts()
     evaluation = evaluation if evaluation is not None else ArithEval()
+    if config.lora.r:  # the reference is then the policy with its adapter off: no copy
+        model = lora.wrap(model, config.lora)
+        ref_model = lora.Reference(model) if config.beta > 0 else None
+    else:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 else None
     ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir, prompts, evaluation)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if config.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    modules = {"policy": model, **({"reference": ref_model} if ref_model is not None else {})}
+    optimizer = torch.optim.AdamW(lora.trainable(model), lr=config.lr, weight_decay=0.0)
+    modules = {"policy": model, **({"reference": ref_model} if isinstance(ref_model, torch.nn.Module) else {})}
     model.train()
 
     def step_fn(step: int, version: int) -> dict[str, Any]:
