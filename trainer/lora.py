@@ -57,8 +57,10 @@ def _peft_config(config: LoRA) -> Any:
     from peft import LoraConfig
 
     targets = "all-linear" if "all-linear" in config.target_modules else list(config.target_modules)
-    # plain LoRA only (no rsLoRA, DoRA or per-layer ranks): the policy server merges alpha / r * B @ A
-    return LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets)
+    # plain LoRA only (no rsLoRA, DoRA or per-layer ranks): the policy server merges alpha / r * B @ A.
+    # peft annotates lora_alpha as int and scales by lora_alpha / r, which a float alpha serves as well.
+    alpha: Any = config.alpha
+    return LoraConfig(r=config.r, lora_alpha=alpha, lora_dropout=config.dropout, target_modules=targets)
 
 
 def is_lora(module: torch.nn.Module) -> bool:
