@@ -111,11 +111,14 @@ def load_trainable(module: torch.nn.Module, tensors: dict[str, torch.Tensor], wh
     module.load_state_dict(tensors, strict=False)
 
 
+def merged(model: Any) -> Any:
+    """A copy of the policy with its adapter merged into the base weights: a plain transformers model."""
+    return copy.deepcopy(model).merge_and_unload()
+
+
 def save_merged(model: Any, tokenizer: Any, path: Path) -> Path:
-    """The policy with its adapter merged into the base weights, as a Hugging Face checkpoint at `path`
-    (a copy is merged: `model` goes on as it was)."""
-    merged = copy.deepcopy(model).merge_and_unload()
-    merged.save_pretrained(str(path))
+    """The policy with its adapter merged (`merged`), as a Hugging Face checkpoint at `path`."""
+    merged(model).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return path
 

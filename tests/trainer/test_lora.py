@@ -106,3 +106,32 @@ def test_ppo_with_a_lora_actor_and_critic(policy, reward_fn, tmp_path):
     assert m["kl"] == pytest.approx(0.0, abs=1e-6)  # the adapter starts at zero: actor = reference
     state = tmp_path / "checkpoints" / "step-000001"
     assert {p.name for p in state.glob("*.safetensors")} == {"policy.safetensors", "critic.safetensors"}
+
+
+def test_iterative_dpo_with_lora_pushes_the_adapter_and_serves_the_merged_model(policy, services, tmp_path):
+    from assay.arith import world
+    from assay.trainer.config import DPOConfig
+    from assay.trainer.dpo import iterative_dpo
+    from assay.trainer.online import sync_weights
+    from assay.trainer.prompts import from_problem
+
+    config = DPOConfig(
+        rounds=1, prompts_per_round=4, n=4, max_tokens=24, batch_size=4, epochs=2, lr=3e-3, lora=LoRA(r=4, alpha=8)
+    )
+    model, tok = load_embedded("policy")
+    problems = [from_problem(p) for p in world.take("train", 4, seed=0)]
+    with pytest.raises(ValueError, match="pass the policy wrapped"):
+        iterative_dpo(model, tok, policy, config, [p.text for p in problems])
+    version = sync_weights(policy, model, None)  # the full base first: the adapter merges into it
+    wrapped = lora.wrap(model, config.lora)
+    updates, size = pushed(services.policy_url)
+    (m,) = iterative_dpo(
+        wrapped, tok, policy, config, [p.text for p in problems], references=[p.reference for p in problems]
+    )
+    assert m["pairs"] > 0 and m["steps"] > 0 and m["weight_version"] == version + 1
+    more, more_bytes = pushed(services.policy_url)
+    assert more - updates == 1 and more_bytes - size < 0.1 * sum(p.numel() * 4 for p in model.parameters())
+    served = policy.complete(PROMPT, max_tokens=40, temperature=0.0, return_token_ids=True).choices[0]
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    local = lora.merged(wrapped).eval().generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert local[0, ids.shape[1] :].tolist() == served.token_ids
