@@ -32,8 +32,8 @@ from assay.trainer.config import LoRA
 PREFIX = "base_model.model."  # peft's prefix of the wrapped model's names in an adapter's state dict
 
 
-def wrap(model: torch.nn.Module, config: LoRA) -> torch.nn.Module:
-    """`model` (a transformers model, already on its device and dtype) with a LoRA adapter, in place:
+def wrap(model: torch.nn.Module, config: LoRA) -> Any:
+    """`model` (a transformers model, already on its device and dtype) as a `peft.PeftModel`, in place:
     the base weights are frozen, the adapter's trainable. Gradient checkpointing, when on, needs the
     embeddings' output to require grad (frozen embeddings would cut the recomputed graph)."""
     from peft import get_peft_model
