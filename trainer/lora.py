@@ -101,11 +101,12 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_trainable(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Load `trainable_state`'s tensors back into `module`, wrapped as the run wrapped it; ValueError
     when they do not fit it (another rank or other targets than the checkpoint's run)."""
-    expected = set(trainable_state(module))
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    expected = trainable_state(module)
+    differ = sorted(set(expected) ^ set(tensors))
+    differ += sorted(n for n in set(expected) & set(tensors) if expected[n].shape != tensors[n].shape)
+    if differ:
         raise ValueError(
-            f"{where} holds another adapter than this run trains (missing {missing[:3]}, unexpected {extra[:3]}): "
+            f"{where} holds another adapter than this run trains ({len(differ)} tensors differ, e.g. {differ[0]}): "
             "resume with the run's own --lora-r, --lora-target and --model"
         )
     module.load_state_dict(tensors, strict=False)
