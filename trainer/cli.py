@@ -238,6 +238,8 @@ def dpo_cmd(
 
         if model is None or out is None:
             raise typer.BadParameter("offline DPO (--data) needs --model and --out")
+        if cfg.lora.r:
+            raise typer.BadParameter("offline DPO (--data) trains the full weights: --lora-r is for online runs")
         files = Files(model, data, out, run_dir, eval_data, eval_fraction, eval_every, skip_bad_rows, overwrite)
         return offline_dpo(cfg, replace(files, torch_threads=torch_threads))
     if run_dir is None or model is not None or out is not None:
@@ -248,6 +250,7 @@ def dpo_cmd(
     from safetensors.torch import save_file
 
     from assay.checkpoints import load_embedded
+    from assay.trainer import lora
     from assay.trainer.evaluation import heldout_pass1
     from assay.trainer.models import OutOfMemory, check_device
 
@@ -288,6 +291,8 @@ def dpo_cmd(
         final = heldout_pass1(model, tok, eval_problems)
         run.log({"eval": "after", "heldout_pass1": final, "rounds": len(history)})
         console.print(f"held-out pass@1: {run.metrics()[0]['heldout_pass1']:.3f} -> {final:.3f}")
+    if lora.is_lora(model):
+        model = lora.merged(model)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run.path / "policy.safetensors")
 
 
@@ -326,8 +331,9 @@ def _iterative_dpo(
     from assay.arith import world
     from assay.clients import PolicyClient, RewardClient
     from assay.services import LocalServices
+    from assay.trainer import lora
     from assay.trainer.dpo import iterative_dpo
-    from assay.trainer.models import load_policy
+    from assay.trainer.models import load_policy, prepare
     from assay.trainer.online import sync_weights
     from assay.trainer.prompts import from_problem
 
@@ -344,7 +350,9 @@ def _iterative_dpo(
         else:
             prompts = [from_problem(p) for p in world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)]
         policy = stack.enter_context(PolicyClient.http(policy_url, timeout_s=timeout_s))
-        sync_weights(policy, model, None, timeout_s)
+        sync_weights(policy, model, None, timeout_s)  # the full base: adapter pushes merge into it
+        if cfg.lora.r:  # wrapped once on its device (`trainer.models.prepare`), as GRPO and PPO wrap theirs
+            model = lora.wrap(prepare(model, cfg.hardware), cfg.lora)
         history = iterative_dpo(
             model,
             tokenizer,

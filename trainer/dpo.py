@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.arith import world
-from assay.trainer import online
+from assay.trainer import lora, online
 from assay.trainer.config import DPOConfig
 from assay.trainer.models import Precision, device_of, out_of_memory, prepare, reference, sizes
 from assay.trainer.online import RewardMismatch, push_weights, same_reward, sync_weights
@@ -44,6 +44,8 @@ from assay.trainer.sft import IGNORE, collate, encode_example
 if TYPE_CHECKING:
     from assay.clients.policy import PolicyClient
     from assay.policy_server.protocol import SearchResponse
+
+Scorer = PreTrainedModel | lora.Reference  # what sequence log-probabilities are read from: a causal LM, or a LoRA base
 
 
 @dataclass
@@ -63,13 +65,13 @@ class Pair:
 
 
 def sequence_logps(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
+    model: Scorer, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([batch] summed log pi(completion + eos | prompt), [batch] completion token counts)."""
     ids, _, labels = collate(
         [encode_example(tokenizer, p, c) for p, c in zip(prompts, completions)], tokenizer.pad_token_id
     )
-    device = device_of(model)
+    device = device_of(model.model if isinstance(model, lora.Reference) else model)
     # Right padding under a causal mask: real tokens never attend to the pads after them (as in sft.py).
     logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1].float()  # [batch, seq-1, vocab]
     target = labels[:, 1:].to(device)  # position t predicts token t + 1
@@ -79,7 +81,7 @@ def sequence_logps(
 
 
 def pair_logps(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]
+    model: Scorer, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over chosen and rejected together: ([B] log pi(y_w|x), [B] log pi(y_l|x), [B] |y_w|)."""
     prompts = [p.prompt for p in pairs] * 2
@@ -111,12 +113,12 @@ def dpo_loss(
 
 
 def make_optimizer(model: torch.nn.Module, config: DPOConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    return torch.optim.AdamW(lora.trainable(model), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
 
 
 def dpo_step(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
+    ref_model: Scorer,
     tokenizer: PreTrainedTokenizerBase,
     batch_pairs: Sequence[Pair],
     optimizer: torch.optim.Optimizer,
@@ -151,7 +153,7 @@ def dpo_step(
 
 def _train_epochs(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
+    ref_model: Scorer,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
     optimizer: torch.optim.Optimizer,
@@ -200,7 +202,7 @@ def train_offline(
 @torch.no_grad()
 def evaluate_pairs(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
+    ref_model: Scorer,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
     config: DPOConfig,
@@ -275,18 +277,26 @@ def iterative_dpo(
     (`ref_update="fixed"`) or the policy at the start of each round ("each_round"). The AdamW state
     carries over between rounds. Raises RewardMismatch when a search is scored by a different
     reward id than the first one (or than `expected_reward_id`, rm_server's id for the reward).
+
+    With `config.lora.r`, `model` comes wrapped (`lora.wrap`, so the caller holds the wrapped
+    model): the adapter trains, the reference is the base, and each push sends the adapter alone.
     """
     if not prompts:
         raise ValueError("iterative_dpo needs at least one prompt")
     if references is not None and len(references) != len(prompts):
         raise ValueError("references must have one entry per prompt")
     _check_train_split(prompts)
+    if bool(config.lora.r) != lora.is_lora(model):
+        raise ValueError("with lora r > 0, pass the policy wrapped (`lora.wrap(model, config.lora)`), else unwrapped")
+    if config.lora.r and config.ref_update != "fixed":
+        raise ValueError("a LoRA policy's reference is its base (ref_update 'fixed'): 'each_round' needs full weights")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     prepare(model, config.hardware)
-    ref_model = reference(model)
+    ref_model: Scorer = lora.Reference(model) if lora.is_lora(model) else reference(model)
     optimizer, precision = make_optimizer(model, config), Precision(config.hardware)
-    print("\n".join(sizes({"policy": model, "reference": ref_model}, config.hardware)), flush=True)
+    held = {"policy": model, **({"reference": ref_model} if isinstance(ref_model, torch.nn.Module) else {})}
+    print("\n".join(sizes(held, config.hardware)), flush=True)
     reward_id = expected_reward_id
     timeout_s = config.service_timeout_s
 
@@ -315,6 +325,7 @@ def iterative_dpo(
         t_search = time.perf_counter() - t0
 
         if config.ref_update == "each_round":
+            assert isinstance(ref_model, PreTrainedModel)
             ref_model.load_state_dict(model.state_dict())
         steps = _train_epochs(model, ref_model, tokenizer, pairs, optimizer, config, rng, precision) if pairs else []
         t_train = time.perf_counter() - t0 - t_search

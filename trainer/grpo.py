@@ -18,6 +18,9 @@ The policy and its frozen reference train on `config.hardware` (`trainer.models`
 in bfloat16 or float16 over float32 weights, gradient checkpointing). A step's tensors are built on the
 model's device; `advantages`, `loss_terms` and `optimize` hold the math, apart from the services, so that
 the tests run them on any device (on `meta`, where a tensor left on the CPU raises).
+
+With `lora.r > 0` (`--lora-r`) the policy trains a LoRA adapter (`trainer.lora`): the reference is
+the policy with its adapter disabled, and each push sends the adapter alone.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 
 from assay.clients.policy import PolicyClient
-from assay.trainer import online
+from assay.trainer import lora, online
 from assay.trainer.config import GRPOConfig
 from assay.trainer.evaluation import ArithEval
 from assay.trainer.models import Precision, device_of, out_of_memory, prepare, reference
@@ -69,10 +72,14 @@ def train(
     prompts = prompts if prompts is not None else ArithPrompts()
     evaluation = evaluation if evaluation is not None else ArithEval()
     model = prepare(model, config.hardware)
+    if config.lora.r:  # the reference is then the policy with its adapter off: no copy
+        model = lora.wrap(model, config.lora)
+        ref_model = lora.Reference(model) if config.beta > 0 else None
+    else:
+        ref_model = reference(model) if config.beta > 0 else None
     ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir, prompts, evaluation)
-    ref_model = reference(model) if config.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    modules = {"policy": model, **({"reference": ref_model} if ref_model is not None else {})}
+    optimizer = torch.optim.AdamW(lora.trainable(model), lr=config.lr, weight_decay=0.0)
+    modules = {"policy": model, **({"reference": ref_model} if isinstance(ref_model, torch.nn.Module) else {})}
     precision = Precision(config.hardware)
 
     def step_fn(step: int, version: int) -> dict[str, Any]:

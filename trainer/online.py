@@ -35,6 +35,8 @@ import torch
 
 from assay.clients.errors import Conflict, Unavailable
 from assay.clients.policy import PolicyClient
+from assay.policy_server.protocol import WeightUpdateResponse
+from assay.trainer import lora
 from assay.trainer.config import RLConfig
 from assay.trainer.models import cpu_state, sizes
 from assay.trainer.prompts import Prompt, PromptSource
@@ -223,10 +225,10 @@ def server_gap(rollouts: Sequence[Rollout], logp: torch.Tensor) -> float:
     return gap
 
 
-def token_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs of each next token, logits) under `model`: [rows, length - 1] and [rows, length - 1, vocab].
-
-    Float32 whatever the compute dtype: the logits are upcast before the log-softmax."""
+def token_logprobs(model: Callable[..., Any], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs of each next token, logits) under `model` (a causal LM, or `lora.Reference`):
+    [rows, length - 1] and [rows, length - 1, vocab]. Float32 whatever the compute dtype: the logits
+    are upcast before the log-softmax."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     logits = logits[:, :-1].float()
     targets = batch.input_ids[:, 1:]
@@ -261,12 +263,14 @@ def push_weights(
     trainer as its only writer: one past `expect_version` after a lost answer: the push landed,
     and is not sent again; at or below it: it did not land, or the server restarted from its
     start-up checkpoint (versions count from 0 again), and the weights are pushed again against
-    that version; above it otherwise: another writer pushed, and the run stops (Conflict)."""
-    state = cpu_state(model)  # float32 master weights; a server in another dtype casts them
+    that version; above it otherwise: another writer pushed, and the run stops (Conflict).
+
+    A LoRA model pushes its adapter only (`lora.adapter`), which the server merges into its base."""
+    send = _sender(policy, model, timeout_s)
     refused: Conflict | Unavailable
     for _ in range(tries):
         try:
-            return policy.update_weights(state, expect_version=expect_version, timeout_s=timeout_s).weight_version
+            return send(expect_version).weight_version
         except Conflict as err:
             refused, lost = err, False
         except Unavailable as err:
@@ -284,6 +288,21 @@ def push_weights(
             ) from refused
         expect_version = current
     raise refused
+
+
+def _sender(
+    policy: PolicyClient, model: torch.nn.Module, timeout_s: float | None
+) -> Callable[[int], WeightUpdateResponse]:
+    """One push of `model` against a version: its adapter when it is a LoRA model, else its state dict;
+    either as CPU tensors (the float32 master weights: a server in another dtype casts them)."""
+    if lora.is_lora(model):
+        tensors, alpha, r, fifo = lora.adapter(model)
+        tensors = {name: t.detach().cpu() for name, t in tensors.items()}
+        return lambda version: policy.update_adapter(
+            tensors, lora_alpha=alpha, r=r, fan_in_fan_out=fifo, expect_version=version, timeout_s=timeout_s
+        )
+    state = cpu_state(model)
+    return lambda version: policy.update_weights(state, expect_version=version, timeout_s=timeout_s)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -344,7 +363,10 @@ def run(
             state = {"reward_id": reward_id, "eval_reward_ids": eval_ids, "weight_version": metrics["weight_version"]}
             run_dir.save(step, modules, optimizers, state)
 
-    return steps(range(start, config.steps + 1), step_fn, version, record)
+    history = steps(range(start, config.steps + 1), step_fn, version, record)
+    if lora.is_lora(ctx.model):  # checkpoints hold the adapter; this is the policy anyone can serve
+        lora.save_merged(ctx.model, ctx.tokenizer, run_dir.path / "merged")
+    return history
 
 
 def steps(numbers: Iterable[int], step_fn: StepFn, version: int, on_step: OnStep | None = None) -> list[dict[str, Any]]:

@@ -2,9 +2,9 @@
 
 - actor: the policy being trained, initialised from the SFT policy; the policy server samples
   from its latest weights;
-- reference: a frozen copy of the SFT policy;
+- reference: a frozen copy of the SFT policy (with LoRA, the actor with its adapter disabled);
 - critic: a value model initialised from the outcome reward model (its backbone and its scalar
-  head, read at every position: V(s_t) = head(h_t));
+  head, read at every position: V(s_t) = head(h_t)); with LoRA, its backbone carries an adapter too;
 - reward: rm_server, remote, by reward id (or the same reward in-process).
 
 Per step: B prompts -> n samples each -> sequence rewards -> per-token rewards with the KL
@@ -41,7 +41,7 @@ import torch
 
 from assay.arith import world
 from assay.clients.policy import PolicyClient
-from assay.trainer import online
+from assay.trainer import lora, online
 from assay.trainer.config import PPOConfig
 from assay.trainer.evaluation import ArithEval
 from assay.trainer.models import Precision, device_of, out_of_memory, prepare, reference
@@ -125,12 +125,19 @@ def train(
     prompts = prompts if prompts is not None else ArithPrompts()
     evaluation = evaluation if evaluation is not None else ArithEval()
     model = prepare(model, config.hardware)
-    ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir, prompts, evaluation)
-    ref_model = reference(model)
     critic = Critic(prepare(copy.deepcopy(reward_model), config.hardware))
-    actor_opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=config.critic_lr, weight_decay=0.0)
-    modules = {"policy": model, "reference": ref_model, "critic": critic}
+    if config.lora.r:  # adapters on the actor and the critic's backbone; the reference is the actor's base
+        model = lora.wrap(model, config.lora)
+        critic = lora.wrap_backbone(critic, config.lora)
+        ref_model = lora.Reference(model)
+    else:
+        ref_model = reference(model)
+    ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir, prompts, evaluation)
+    actor_opt = torch.optim.AdamW(lora.trainable(model), lr=config.lr, weight_decay=0.0)
+    critic_opt = torch.optim.AdamW(lora.trainable(critic), lr=config.critic_lr, weight_decay=0.0)
+    modules = {"policy": model, "critic": critic}
+    if isinstance(ref_model, torch.nn.Module):
+        modules["reference"] = ref_model
     optimizers = {"policy": actor_opt, "critic": critic_opt}
     precision = Precision(config.hardware)
 
