@@ -39,19 +39,10 @@ from typing import Any, TypeVar
 import torch
 
 from assay.checkpoints import EMBEDDED, load_model
-from assay.model_sizes import human_bytes, model_size
+from assay.model_sizes import human_bytes, is_out_of_memory, model_size
 from assay.trainer.config import Hardware
 
 M = TypeVar("M", bound=torch.nn.Module)
-
-
-def check_device(hardware: Hardware) -> None:
-    """Refuse, with one sentence, a device this machine lacks (`cuda` on a CPU-only build), before anything loads."""
-    try:
-        torch.empty(0, device=hardware.device)
-    except (RuntimeError, AssertionError) as exc:  # torch raises either, by device type and build
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"--device {hardware.device} is not usable on this machine ({reason})") from None
 
 
 def load_policy(path: str | Path | None, hardware: Hardware):
@@ -166,13 +157,6 @@ def sizes(
 
 class OutOfMemory(RuntimeError):
     """A training step ran out of device (or host) memory; the message says where and what to lower."""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's CUDA out-of-memory error, or the CPU allocator's failure (a plain RuntimeError)."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-    )
 
 
 @contextmanager
