@@ -159,8 +159,7 @@ def load_model(
         # Sequence classifiers find each row's last token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
     if device != "cpu":
-        # transformers wraps Module.to with functools.wraps, which types the bound method as the unbound one
-        model.to(device)  # type: ignore[arg-type]
+        model.to(device)
     return model.eval(), tokenizer
 
 

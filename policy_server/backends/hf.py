@@ -173,6 +173,11 @@ class HFBackend(GenerationBackend):
             for name, t in self.model.state_dict().items()
         }
 
+    @torch.inference_mode()
+    def read_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        return {name: state[name].to("cpu", copy=True) for name in names}
+
     async def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> int:
         _check_tied(self.model, tensors)
         return await asyncio.to_thread(self._swap, tensors)

@@ -101,13 +101,13 @@ class ModelReward(Reward):
 
     async def start(self) -> None:
         from assay.checkpoints import check_device
-        from assay.rm_server.backends import load_backend
+        from assay.rm_server.backends import Kind, load_backend
 
         try:  # one sentence naming the reward, before any weights are read
             check_device(self.spec.device)
         except ValueError as exc:
             raise ValueError(f"reward {self.name!r}: {exc}") from None
-        kind = "process" if self.process else "outcome"
+        kind: Kind = "process" if self.process else "outcome"
         backend, tokenizer = await asyncio.to_thread(  # loading weights takes a while
             load_backend, self.spec.backend, self.path, kind, self.spec.device, self.spec.dtype
         )

@@ -136,3 +136,17 @@ def test_a_device_this_build_lacks_is_refused_at_start():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert "device 'cuda' is not available" in out and "Traceback" not in out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"dtype": "half"}, "dtype must be one of auto, float32, bfloat16, float16"),
+        ({"device": ""}, "device must name a torch device"),
+        ({"backend": "vllm", "attn_implementation": "eager"}, "vLLM chooses its own attention"),
+    ],
+)
+def test_device_options_are_checked_by_the_config(fields, says):
+    with pytest.raises(ValueError, match=says):
+        ServerConfig(**fields)
