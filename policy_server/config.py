@@ -83,7 +83,11 @@ class BatchSettings:
     max_sequences: int = field(default=64, metadata={"flag": "max-batch", "help": "sequences per decode batch"})
     max_tokens: int = field(
         default=64 * 256,
-        metadata={"flag": "max-batch-tokens", "help": "prompt + max_tokens, summed over a decode batch"},
+        metadata={
+            "flag": "max-batch-tokens",
+            "help": "sequences x the longest prompt + max_tokens in a decode batch (its padded size); "
+            "sequences of similar length batch together",
+        },
     )
     max_wait_s: float = field(
         default=0.005, metadata={"flag": "max-batch-wait-s", "help": "seconds the oldest sequence waits for company"}
