@@ -10,8 +10,8 @@ world's character-level tokenizer:
   The ceiling is `TransformersBackend.pooled` in this process at the best of a few batch sizes,
   with its TFLOP/s and share of the card's dense bf16 peak; served is rm_server over HTTP (one-item
   requests, many in flight, `bench/loadgen.py`'s lean client). Uniform items (512 tokens), and
-  mixed ones (lognormal lengths: p50 377, p90 1,149, max 2,000 tokens), whose ceiling is the same
-  items in length-sorted batches.
+  score_bench's mixed ones (`bench/mixed_workload.py`: lognormal lengths, p50 377, p90 1,149, max
+  2,000 tokens), whose ceiling is the same items in length-sorted batches.
 - **policy_server**: a Llama causal LM (~0.5B: hidden 1024, 28 layers), greedy, B prompts at once,
   every sequence generating the same number of tokens (eos ignored): raw `model.generate` at
   batch B against the transformers backend in this process (`HFBackend.generate`, dynamic cache,
@@ -42,7 +42,7 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gpu_models import build_llama, forward_flops_per_token, lognormal_lengths, random_text, score_items, weight_params
+from gpu_models import build_llama, forward_flops_per_token, random_text, score_items, weight_params
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/loadgen.py, bench/gpu_models.py
@@ -60,7 +60,6 @@ class Sizes:
     rm_batches: tuple[int, ...] = (64, 128, 256)
     mixed_items: int = 512
     mixed_p50: float = 377.0
-    mixed_p90: float = 1149.0
     mixed_max: int = 2000
     mixed_batch: int = 32
     in_flight: int = 256
@@ -86,7 +85,6 @@ SMOKE = replace(
     rm_batches=(8, 32),
     mixed_items=32,
     mixed_p50=40.0,
-    mixed_p90=120.0,
     mixed_max=200,
     mixed_batch=8,
     in_flight=8,
@@ -158,13 +156,17 @@ def rm_ceiling(path: Path, device: str, dtype: str, items, batches, sort: bool) 
 
 def rm_section(sizes: Sizes, device: str, dtype: str, tmp: Path, rm_url: str, server_pid: int, rows: list[Row]) -> None:
     import loadgen
+    import mixed_workload
 
     path = tmp / "rm"
     params = weight_params(path)
     peak = _peak_tflops(device)
     for label, mixed in (("uniform", False), (f"mixed (p50 {sizes.mixed_p50:.0f})", True)):
-        lengths = lognormal_lengths(sizes.mixed_items, sizes.mixed_p50, sizes.mixed_p90, sizes.mixed_max)
-        items = score_items(lengths if mixed else [sizes.rm_tokens] * sizes.rm_items)
+        if mixed:  # score_bench's mixed workload: the issue's lognormal lengths, scaled to p50
+            workload = mixed_workload.Workload(items=sizes.mixed_items, p50=sizes.mixed_p50, max_len=sizes.mixed_max)
+            items = mixed_workload.items(workload)
+        else:
+            items = score_items([sizes.rm_tokens] * sizes.rm_items)
         batches = (sizes.mixed_batch,) if mixed else sizes.rm_batches
         rate, bs, tok_s = rm_ceiling(path, device, dtype, items, batches, sort=mixed)
         how = f"batch {bs}" + (", length-sorted" if mixed else "")

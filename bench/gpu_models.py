@@ -50,13 +50,6 @@ def random_text(n_chars: int, rng: random.Random) -> str:
     return "".join(rng.choice("0123456789+-= #") for _ in range(n_chars))
 
 
-def lognormal_lengths(n: int, p50: float, p90: float, max_len: int, seed: int = 0) -> list[int]:
-    """Token counts like real reward traffic's: lognormal with this median and 90th percentile, in [16, max_len]."""
-    rng = random.Random(seed)
-    sigma = math.log(p90 / p50) / 1.2816  # the standard normal's 90th percentile
-    return [min(max_len, max(16, round(rng.lognormvariate(math.log(p50), sigma)))) for _ in range(n)]
-
-
 def score_items(lengths: list[int], seed: int = 0) -> list[tuple[str, str, str]]:
     """(id, prompt, response) items of these token counts (prompt "Q: " and `<s>` included), all distinct."""
     rng = random.Random(seed)
