@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import platform
@@ -305,33 +306,52 @@ def policy_section(sizes: Sizes, device: str, dtype: str, tmp: Path, policy_url:
 # --- trainer -----------------------------------------------------------------------------------
 
 
+# `assay train grpo` as its command line runs it, in a process that writes its peak memory as it exits:
+# torch's peak CUDA allocation on a GPU, the process's peak resident memory on the CPU.
+MEASURED_TRAIN = """
+import json, resource, runpy, sys, torch
+out = sys.argv.pop(1)
+sys.argv[0] = "assay"
+try:
+    runpy.run_module("assay", run_name="__main__")
+finally:
+    on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    peak = torch.cuda.max_memory_allocated() if on_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    open(out, "w").write(json.dumps({"peak_bytes": peak, "what": "CUDA allocated" if on_cuda else "CPU resident"}))
+"""
+
+
 def grpo_section(
     sizes: Sizes, device: str, dtype: str, tmp: Path, rm_url: str, policy_url: str, rows: list[Row]
 ) -> None:
-    run_dir = tmp / "grpo"
-    cmd = [sys.executable, "-m", "assay", "train", "grpo", "--model", str(tmp / "lm"), "--run-dir", str(run_dir)]
-    cmd += ["--rm-url", rm_url, "--policy-url", policy_url, "--reward", "correct", "--steps", "2", "--lora-r", "16"]
+    run_dir, peak_file = tmp / "grpo", tmp / "grpo_peak.json"
+    cmd = [sys.executable, "-c", MEASURED_TRAIN, str(peak_file), "train", "grpo", "--model", str(tmp / "lm")]
+    cmd += ["--run-dir", str(run_dir), "--rm-url", rm_url, "--policy-url", policy_url, "--reward", "correct"]
+    cmd += [
+        "--steps",
+        "2",
+        "--lora-r",
+        "16",
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--max-tokens",
+        str(sizes.grpo_tokens),
+    ]
     cmd += ["--prompts-per-step", str(sizes.grpo_prompts), "--group-size", str(sizes.grpo_group)]
-    cmd += ["--max-tokens", str(sizes.grpo_tokens), "--device", device, "--dtype", dtype]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"assay train grpo exited {done.returncode}: {(done.stdout + done.stderr)[-800:]}")
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = [m for m in steps if "tokens_per_s" in m][-1]
-    peak = last.get("peak_memory_gb")
+    peak = json.loads(peak_file.read_text())
     note = f"{sizes.grpo_prompts} x {sizes.grpo_group} samples, <= {sizes.grpo_tokens} tokens, LoRA r 16"
     note += f", step {last['step']}"
     rows.append(Row("trainer", "GRPO step, LoRA", f"{last['tokens_per_s']:.0f}", "tokens/s", "", note))
     rows.append(Row("trainer", "GRPO step, seconds", f"{last['seconds']:.2f}", "s", "", _phases(last)))
     rows.append(
-        Row(
-            "trainer",
-            "peak memory",
-            "not reported" if peak is None else f"{peak:.2f}",
-            "GB",
-            "",
-            "torch.cuda.max_memory_allocated",
-        )
+        Row("trainer", "peak memory", f"{peak['peak_bytes'] / 1e9:.2f}", "GB", "", f"{peak['what']}, whole run")
     )
 
 
@@ -402,7 +422,9 @@ def run(sizes: Sizes, device: str, out: Path, command: str) -> list[Row]:
         torch.set_num_threads(1)
     started = time.perf_counter()
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="assay-gpu-check-") as name:
+    # Every process runs in the temporary folder: started in the repository's root, `python -m assay...`
+    # would import the source folder `assay/` ahead of an installed Assay (a lease's --target install).
+    with tempfile.TemporaryDirectory(prefix="assay-gpu-check-") as name, contextlib.chdir(name):
         tmp = Path(name)
         build_llama(tmp / "rm", "classifier", sizes.rm_hidden, sizes.rm_layers)
         build_llama(tmp / "lm", "causal_lm", sizes.lm_hidden, sizes.lm_layers)
@@ -447,7 +469,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.md")
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available() and not args.cpu_smoke
-    rows = run(GPU if on_gpu else SMOKE, "cuda" if on_gpu else "cpu", args.out, " ".join(["python", *sys.argv]))
+    command = " ".join(["python", *sys.argv])
+    rows = run(GPU if on_gpu else SMOKE, "cuda" if on_gpu else "cpu", args.out.resolve(), command)
     sys.exit(1 if any(r.value == "failed" for r in rows) else 0)
 
 

@@ -22,6 +22,7 @@ ROWS = {
     ("policy_server", "HFBackend, static cache"),
     ("policy_server", "served (HTTP /v1/completions)"),
     ("trainer", "GRPO step, LoRA"),
+    ("trainer", "peak memory"),
 }
 
 
