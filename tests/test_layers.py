@@ -51,7 +51,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "policy_server wire types": ("assay.policy_server.protocol",),
     "proto": ("assay.proto",),
     "base": ("assay.base",),
-    "models base": ("assay.checkpoints", "assay.generation", "assay.scoring", "assay.chat"),
+    "models base": ("assay.checkpoints", "assay.generation", "assay.scoring", "assay.chat", "assay.model_sizes"),
     "data": ("assay.data",),
     "arith": ("assay.arith",),
     "answers": ("assay.answers",),

@@ -252,8 +252,13 @@ def dpo_cmd(
     from assay.checkpoints import load_embedded
     from assay.trainer import lora
     from assay.trainer.evaluation import heldout_pass1
+    from assay.trainer.models import OutOfMemory, check_device
 
     torch.set_num_threads(torch_threads)
+    try:
+        check_device(cfg.hardware)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if (rm_url is None) != (policy_url is None):
         raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
     run = open_run_dir(run_dir, resume=False, overwrite=overwrite, can_resume=False)  # DPO runs do not resume
@@ -276,7 +281,11 @@ def dpo_cmd(
             f"v{m['weight_version']}, {m['seconds']:.1f}s"
         )
 
-    history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round, searched)
+    try:
+        history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round, searched)
+    except OutOfMemory as exc:  # the services have stopped; the rounds so far are in metrics.jsonl
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(3)
     if eval_problems:
         _, tok = load_embedded("policy")
         final = heldout_pass1(model, tok, eval_problems)
@@ -320,11 +329,11 @@ def _iterative_dpo(
     id for the reward from the start.
     """
     from assay.arith import world
-    from assay.checkpoints import load_embedded
     from assay.clients import PolicyClient, RewardClient
     from assay.services import LocalServices
     from assay.trainer import lora
     from assay.trainer.dpo import iterative_dpo
+    from assay.trainer.models import load_policy, prepare
     from assay.trainer.online import sync_weights
     from assay.trainer.prompts import from_problem
 
@@ -335,15 +344,15 @@ def _iterative_dpo(
         timeout_s = cfg.service_timeout_s
         with RewardClient.http(rm_url, timeout_s=timeout_s) as rm:
             expected = rm.reward_id(cfg.reward)
-        model, tokenizer = load_embedded("policy")
+        model, tokenizer = load_policy(None, cfg.hardware)
         if searched is not None:
             prompts = searched.prompts
         else:
             prompts = [from_problem(p) for p in world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)]
         policy = stack.enter_context(PolicyClient.http(policy_url, timeout_s=timeout_s))
         sync_weights(policy, model, None, timeout_s)  # the full base: adapter pushes merge into it
-        if cfg.lora.r:
-            model = lora.wrap(model, cfg.lora)
+        if cfg.lora.r:  # on its device first: peft puts the adapter where the layers it wraps are
+            model = lora.wrap(prepare(model, cfg.hardware), cfg.lora)
         history = iterative_dpo(
             model,
             tokenizer,

@@ -77,15 +77,17 @@ def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-class Reference:
-    """The reference policy of a LoRA run: the policy with its adapter disabled, called like a model
+class Reference(torch.nn.Module):
+    """The reference policy of a LoRA run: the policy with its adapter disabled, called like the model
     (`token_logprobs(Reference(model), batch)`). No second copy of the weights: the base is frozen,
-    so it is exactly the model the run started from."""
+    so it is exactly the model the run started from. The policy is its submodule (its device and
+    parameters are the policy's): a checkpoint leaves it out, and `eval()` on it would reach the policy."""
 
     def __init__(self, model: Any) -> None:
+        super().__init__()
         self.model = model
 
-    def __call__(self, **inputs: Any) -> Any:
+    def forward(self, **inputs: Any) -> Any:
         with self.model.disable_adapter():
             return self.model(**inputs)
 

@@ -38,6 +38,7 @@ from assay.clients.policy import PolicyClient
 from assay.policy_server.protocol import WeightUpdateResponse
 from assay.trainer import lora
 from assay.trainer.config import RLConfig
+from assay.trainer.models import cpu_state, sizes
 from assay.trainer.prompts import Prompt, PromptSource
 from assay.trainer.rundir import RunDir
 
@@ -198,7 +199,8 @@ class Batch:
     completion_mask: torch.Tensor  # [rows, length - 1], float
 
 
-def pack(rollouts: Sequence[Rollout], pad_id: int) -> Batch:
+def pack(rollouts: Sequence[Rollout], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    """The rollouts as one right-padded batch on `device` (the model's): built on the CPU, moved once."""
     length = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
     ids = torch.full((len(rollouts), length), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rollouts), length), dtype=torch.long)
@@ -208,7 +210,7 @@ def pack(rollouts: Sequence[Rollout], pad_id: int) -> Batch:
         ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
         attn[i, : p + c] = 1
         comp[i, p - 1 : p + c - 1] = 1  # logprob at position t is of token t+1
-    return Batch(ids, attn, comp)
+    return Batch(ids.to(device), attn.to(device), comp.to(device))
 
 
 def server_gap(rollouts: Sequence[Rollout], logp: torch.Tensor) -> float:
@@ -219,14 +221,17 @@ def server_gap(rollouts: Sequence[Rollout], logp: torch.Tensor) -> float:
         if r.server_logprobs:
             p = len(r.prompt_ids)
             mine = logp[i, p - 1 : p - 1 + len(r.completion_ids)]
-            gap = max(gap, float((mine - torch.tensor(r.server_logprobs)).abs().max()))
+            gap = max(gap, float((mine - torch.tensor(r.server_logprobs, device=mine.device)).abs().max()))
     return gap
 
 
-def token_logprobs(model: Callable[..., Any], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs of each next token, logits) under `model` (a causal LM, or `lora.Reference`):
-    [rows, length - 1] and [rows, length - 1, vocab]."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    [rows, length - 1] and [rows, length - 1, vocab].
+
+    Float32 whatever the compute dtype: the logits are upcast before the log-softmax."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = logits[:, :-1].float()
     targets = batch.input_ids[:, 1:]
     logp = logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
     return logp, logits
@@ -295,7 +300,7 @@ def _sender(
         return lambda version: policy.update_adapter(
             tensors, lora_alpha=alpha, r=r, fan_in_fan_out=fifo, expect_version=version, timeout_s=timeout_s
         )
-    state = model.state_dict()
+    state = cpu_state(model)  # float32 master weights; a server in another dtype casts them
     return lambda version: policy.update_weights(state, expect_version=version, timeout_s=timeout_s)
 
 
@@ -318,7 +323,8 @@ def run(
     `modules` and `optimizers` (by name; `modules["policy"]` is the model) are what a checkpoint
     holds, with the ids of the training reward and of the evaluation's rewards: a resumed run
     whose rewards now answer with other ids stops (RewardMismatch). `config.json` records them,
-    the config and where the prompts come from (`ctx.prompts.describe()`)."""
+    the config, where the prompts come from (`ctx.prompts.describe()`) and the memory the modules
+    and optimizers hold (`trainer.models.sizes`, also printed at the start)."""
     config, run_dir = ctx.config, ctx.run_dir
     if not resume and RunDir.found_in(run_dir.path):
         raise RunExists(
@@ -338,7 +344,9 @@ def run(
         for name, current in ctx.evaluation.reward_ids().items()
     }
     described = {**ctx.prompts.describe(), "reward_id": reward_id, "eval_reward_ids": eval_ids}
-    run_dir.write_config({"algorithm": algorithm, **asdict(config), **described})
+    memory = sizes(modules, config.hardware, trained=tuple(optimizers))  # before the first step: what it holds
+    print("\n".join(memory), flush=True)
+    run_dir.write_config({"algorithm": algorithm, **asdict(config), **described, "memory": memory})
     version = sync_weights(ctx.policy, ctx.model, None, config.service_timeout_s)  # the server now serves exactly these
     if config.eval_every and start == 1:  # where the run starts from, as step 0
         run_dir.log({"step": 0, **ctx.evaluation(ctx, version), "weight_version": version})

@@ -137,7 +137,9 @@ class RunDir:
             else:
                 load_model(module, str(path))
         for name, opt in optimizers.items():
-            opt.load_state_dict(torch.load(ckpt / f"{name}.optimizer.pt", weights_only=True))
+            # read onto the CPU (a run saved on a GPU resumes anywhere); load_state_dict moves each
+            # moment to its parameter's device
+            opt.load_state_dict(torch.load(ckpt / f"{name}.optimizer.pt", map_location="cpu", weights_only=True))
         state = json.loads((ckpt / "state.json").read_text())
         kept = [m for m in self.metrics() if m.get("step", 0) <= state["step"]]
         self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
