@@ -11,9 +11,11 @@ backbone (its value head stays fully trainable). What follows from it:
 - The optimizer takes the trainable tensors only (`trainable`): the adapter, and a critic's head.
 - A checkpoint holds the trainable tensors only (`trainable_state`, `load_trainable`): resume
   rebuilds the wrapped model from the same base (the run's `--model`) and loads them back.
-- A weight push sends the adapter only (`adapter`): A and B of each wrapped layer under peft's
-  saved-adapter names with the `base_model.model.` prefix dropped (`model.layers.0.self_attn.q_proj.lora_A.weight`),
-  and alpha and r; the policy server merges them into the weights it serves (`policy_server/adapters.py`).
+- A run's first push sends the base weights in full (`base_state`), so that the server merges
+  into exactly the trainer's base whatever it served before; every later push sends the adapter
+  only (`adapter`): A and B of each wrapped layer, under peft's saved-adapter names without the
+  `base_model.model.` prefix (`model.layers.0.self_attn.q_proj.lora_A.weight`), with alpha and
+  r; the policy server merges them into the weights it serves (`policy_server/adapters.py`).
 - The run's last weights are also written merged (`save_merged`): a plain Hugging Face checkpoint
   that `assay policy serve --model` takes as it is.
 """
@@ -127,6 +129,14 @@ def save_merged(model: Any, tokenizer: Any, path: Path) -> Path:
 
 
 # --- pushes ----------------------------------------------------------------------------------------
+
+
+def base_state(model: Any) -> dict[str, torch.Tensor]:
+    """The frozen base weights of a wrapped policy, on the CPU, under the names of the model before
+    wrapping (peft's `<layer>.base_layer.weight` back to `<layer>.weight`): what a server must hold
+    for adapter pushes to give the trainer's weights."""
+    state = model.get_base_model().state_dict()
+    return {name.replace(".base_layer.", "."): t.detach().cpu() for name, t in state.items() if ".lora_" not in name}
 
 
 def adapter(model: Any) -> tuple[dict[str, torch.Tensor], float, int, bool]:
