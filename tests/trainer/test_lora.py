@@ -37,6 +37,7 @@ def test_a_lora_grpo_run_pushes_the_adapter_only_and_serves_the_merged_model(pol
     model, tok = load_embedded("policy")
     base = {k: v.clone() for k, v in model.state_dict().items()}
     full_bytes = sum(v.numel() * v.element_size() for v in base.values())
+    policy.update_weights({k: v + 0.05 for k, v in base.items()})  # the server holds other weights than the base
     updates, size = pushed(services.policy_url)
     history = train(GRPOConfig(steps=2, **SMALL), model, tok, policy, reward_fn, RunDir(tmp_path))
     assert [m["samples"] for m in history] == [16, 16]
