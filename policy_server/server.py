@@ -62,9 +62,18 @@ def load_backend(config: ServerConfig, name: str, path: Path, metrics: Metrics) 
             max_sequences=config.batching.max_queue,
             gpu_memory_utilization=config.gpu_memory_utilization,
             on_finished=finished,
+            device=config.device,
+            dtype=config.dtype,
         )
     return HFBackend.load(
-        name, path, config.batching, on_batch=functools.partial(metrics.on_batch, name), on_finished=finished
+        name,
+        path,
+        config.batching,
+        on_batch=functools.partial(metrics.on_batch, name),
+        on_finished=finished,
+        device=config.device,
+        dtype=config.dtype,
+        attn_implementation=config.attn_implementation,
     )
 
 

@@ -5,9 +5,13 @@ Two ways in, both admin-scoped, neither touching pickle:
 - `POST /v1/admin/weights?model=NAME`, the body a safetensors file (a full state dict or any named
   subset), streamed. The header (8-byte length, then JSON) is read and checked first: every name
   must be one of the model's tensors, with its shape and dtype, and the data offsets must tile the
-  data exactly as the format requires. Only then is the data read, straight into one buffer of
-  the size the header announced: a body that is too short, too long or announces tensors the
-  model does not have is refused before a byte of it lands in a parameter. The header is parsed
+  data exactly as the format requires. A float tensor may differ from its parameter in width
+  (float32 into a bfloat16 model, or the reverse): it is cast to the parameter's dtype as it is
+  copied in, and lands on the model's device (`copy_` does both). Integer and bool tensors must
+  match their parameter's dtype exactly, and no float goes into one of them. Only then is the data
+  read, straight into one buffer of the size the header announced: a body that is too short, too
+  long or announces tensors the model does not have is refused before a byte of it lands in a
+  parameter. The header is parsed
   here rather than by the `safetensors` package because that package needs the whole file in
   memory first, and a refusal should not wait for gigabytes.
 - `POST /v1/admin/weights/load {"model", "path"}`: safetensors files on the server's own disk (a
@@ -61,6 +65,9 @@ DTYPES = {
     "U8": "uint8",
     "BOOL": "bool",
 }
+# A float tensor may update a float parameter of another width: it is cast to the parameter's dtype
+# (a float32 trainer pushing into a bf16 server). An integer or bool tensor must match exactly.
+FLOATS = frozenset({"float64", "float32", "float16", "bfloat16"})
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _SHOWN = 5  # problems listed in one refusal
 # One answer for every path refused, whatever the reason: it must not tell what exists on the disk.
@@ -139,7 +146,8 @@ def parse_header(raw: bytes) -> list[Entry]:
 
 
 def check(entries: list[Entry] | list[tuple[str, str, tuple[int, ...]]], specs: Mapping[str, ParamSpec]) -> None:
-    """Refuse (ValueError, naming up to five) names the model lacks, and wrong shapes or dtypes.
+    """Refuse (ValueError, naming up to five) names the model lacks, and wrong shapes or dtypes (a
+    float tensor of another float dtype is not wrong: it is cast, see the module docstring).
 
     `entries`: header entries, or (name, torch dtype name, shape) triples."""
     unknown, wrong = [], []
@@ -148,7 +156,7 @@ def check(entries: list[Entry] | list[tuple[str, str, tuple[int, ...]]], specs: 
         spec = specs.get(name)
         if spec is None:
             unknown.append(name)
-        elif tuple(shape) != spec.shape or dtype != spec.dtype:
+        elif tuple(shape) != spec.shape or not (dtype == spec.dtype or {dtype, spec.dtype} <= FLOATS):
             wrong.append(f"{name} is {dtype}{list(shape)}, the model's is {spec.dtype}{list(spec.shape)}")
     problems = []
     if unknown:

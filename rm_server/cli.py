@@ -31,11 +31,11 @@ rm_app = typer.Typer(help="The reward service.", no_args_is_help=True)
 @config_options(ServerConfig, defaults={"log_level": "info"})
 def serve_cmd(given: dict) -> None:
     """Serve rewards over HTTP and gRPC until interrupted."""
-    from assay.rm_server.spec import SpecError, load_spec
+    from assay.rm_server.spec import SpecError, check_devices, load_spec
 
     config = server_config(ServerConfig, given)
-    try:
-        load_spec(config.spec)  # a spec that cannot serve is refused before the server stack is imported
+    try:  # a spec that cannot serve is refused before the server stack is imported
+        check_devices(load_spec(config.spec))
     except (SpecError, OSError) as exc:
         refuse(exc)
     setup_logging(config)

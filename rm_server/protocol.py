@@ -46,11 +46,11 @@ class ErrorType(str, Enum):
     judge_error = "judge_error"
     dependency_failed = "dependency_failed"
     internal = "internal"
+    overloaded = "overloaded"  # a request: the queue is full; an item: its batch ran out of memory (both retryable)
     # request-level only
     invalid_request = "invalid_request"
     unknown_reward = "unknown_reward"
     payload_too_large = "payload_too_large"
-    overloaded = "overloaded"
     unauthenticated = "unauthenticated"
     permission_denied = "permission_denied"
     not_ready = "not_ready"

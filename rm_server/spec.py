@@ -13,7 +13,9 @@ The reward id is a sha256 over what decides the score: the spec's defining field
 defaults filled in, every file of a model checkpoint (weights, config, tokenizer, chat
 template), the judge's prompt, and for a composite the ids of its parts. Fields that only say
 how the score is computed (backend, batching, timeouts, concurrency) are left out, so the same
-reward on the transformers and the vLLM backend has one id.
+reward on the transformers and the vLLM backend has one id. So are `device` and `dtype`: the
+same checkpoint in bfloat16 on a GPU is the same reward as in float32 on the CPU, its scores
+differing by rounding only.
 """
 
 from __future__ import annotations
@@ -168,9 +170,15 @@ class _ModelSpec(_Spec):
     max_batch_items: int = Field(default=128, gt=0)
     max_wait_ms: float = Field(default=5.0, ge=0)
     max_queue: int = Field(default=4096, gt=0, description="Items waiting before the service answers 429.")
-    device: str = "cpu"
+    device: str = Field(default="cpu", description="torch device of the model: cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="Weights and compute: float32 (the default: scores as the checkpoint's own arithmetic gives "
+        "them), bfloat16 or float16 (half the memory, faster on a GPU; scores move by rounding), auto (the "
+        "checkpoint's own dtype). Scores are returned as float32 whatever it is.",
+    )
     RUNTIME_FIELDS = frozenset(
-        {"path", "backend", "max_batch_tokens", "max_batch_items", "max_wait_ms", "max_queue", "device"}
+        {"path", "backend", "max_batch_tokens", "max_batch_items", "max_wait_ms", "max_queue", "device", "dtype"}
     )
 
 
@@ -321,6 +329,20 @@ def load_spec(path: str | Path | None = None) -> SpecFile:
     except yaml.YAMLError as exc:
         raise SpecError(f"spec file {path} is not valid YAML: {exc}") from None
     return parse_spec(raw, base_dir=path.resolve().parent, source=str(path))
+
+
+def check_devices(spec: SpecFile) -> None:
+    """Refuse a model reward whose `device` this process cannot use (`cuda` on a CPU-only build), in one
+    sentence naming the reward: before the server starts. Torch is imported only for a device that is
+    not the CPU, so a CPU spec is still checked without it."""
+    for name, reward in spec.rewards.items():
+        if isinstance(reward, _ModelSpec) and reward.device != "cpu":
+            from assay.checkpoints import check_device
+
+            try:
+                check_device(reward.device)
+            except ValueError as exc:
+                raise SpecError(f"reward {name!r}: {exc}") from None
 
 
 def parse_spec(raw: Any, base_dir: Path = Path("."), source: str = "spec") -> SpecFile:

@@ -131,3 +131,28 @@ def same_scalars(got: list[tuple[int, float]], logged: list[tuple[int, float]]) 
 
     steps, values = [s for s, _ in logged], [v for _, v in logged]
     return [s for s, _ in got] == steps and [v for _, v in got] == pytest.approx(values, rel=1e-6)
+
+
+@contextmanager
+def one_device_per_op() -> Iterator[None]:
+    """Fail any torch operation in the block whose tensor arguments lie on two devices, naming the
+    operation: what CUDA raises for a tensor left on the CPU, checked here with the model on `meta`
+    (whose kernels do not check devices themselves). A 0-dim CPU tensor mixes freely, as torch allows
+    on every device; creating tensors on the CPU and copying them over (`.to(device)`) is fine."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class OneDevice(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            devices = {
+                t.device
+                for t in tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor) and not (t.device.type == "cpu" and t.dim() == 0)
+            }
+            assert len(devices) <= 1, f"{func} mixes devices: {sorted(map(str, devices))}"
+            return func(*args, **kwargs)
+
+    with OneDevice():
+        yield

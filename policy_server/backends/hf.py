@@ -15,6 +15,16 @@ raises) ends that row with `GenerationFailed`, which its request raises; the oth
 and their requests get their completions. Only a failure of the batch's forward pass fails every
 sequence in it, each request with its own `GenerationFailed`. Degenerate sampling parameters are
 no failure: a temperature or top_p below `assay.generation.GREEDY_BELOW` decodes greedily.
+
+The model runs on any torch device in any float dtype (`--device`, `--dtype`). The decode loop's
+tensors live on the model's device: a batch is laid out on the CPU and copied over once (`prefill`),
+each step sends one token id per row over and brings the chosen ids back (`step`, one transfer each
+way), and logits are float32 whatever the model's dtype, so logprobs are too. Each sampled row's
+random generator is on the device as well: the draw happens where the logits are, instead of copying
+[rows, vocab] probabilities to the host every step. A seed therefore reproduces per device: CUDA's
+generator draws other numbers than the CPU's. A batch that runs out of memory fails its requests
+with `Overloaded` (429, retryable) naming `--max-batch-tokens`, with the CUDA cache emptied; the next
+batch runs as usual.
 """
 
 from __future__ import annotations
@@ -27,14 +37,16 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.base import errors as base_errors
 from assay.base.batcher import Batcher
-from assay.checkpoints import decode_text, load_model
+from assay.checkpoints import Dtype, decode_text, load_model
 from assay.generation import _filter_logits, is_greedy
+from assay.model_sizes import human_bytes, is_out_of_memory, model_size
 from assay.policy_server.backends import (
     GenerationBackend,
     GenerationFailed,
@@ -46,6 +58,7 @@ from assay.policy_server.backends import (
 from assay.policy_server.config import BatchSettings
 
 log = logging.getLogger(__name__)
+OUT_OF_MEMORY_RETRY_S = 1.0  # a retry waits for the batch in flight to end and free its memory
 
 
 @dataclass
@@ -69,6 +82,7 @@ class HFBackend(GenerationBackend):
         on the worker thread with every sequence the batch ended, aborted ones included."""
         batching = batching or BatchSettings()
         self.name, self.model, self.tokenizer = name, model.eval(), tokenizer
+        self._max_batch_tokens = batching.max_tokens
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", tokenizer.model_max_length))
         self.weight_version = 0
         self._on_finished = on_finished
@@ -87,10 +101,33 @@ class HFBackend(GenerationBackend):
 
     @classmethod
     def load(
-        cls, name: str, path: str | Path, batching: BatchSettings | None = None, on_batch=None, on_finished=None
+        cls,
+        name: str,
+        path: str | Path,
+        batching: BatchSettings | None = None,
+        on_batch=None,
+        on_finished=None,
+        *,
+        device: str = "cpu",
+        dtype: Dtype = "float32",
+        attn_implementation: str | None = None,
     ) -> HFBackend:
-        model, tokenizer = load_model(path, "causal_lm")
-        return cls(name, model, tokenizer, batching, on_batch, on_finished)
+        """The checkpoint at `path` served as `name`, its model on `device` in `dtype`."""
+        model, tokenizer = load_model(
+            path, "causal_lm", device=device, dtype=dtype, attn_implementation=attn_implementation
+        )
+        backend = cls(name, model, tokenizer, batching, on_batch, on_finished)
+        log.info("model %r (%s): %s", name, path, backend.describe_size())
+        return backend
+
+    def describe_size(self) -> str:
+        """The model's sizes, and the KV cache that a batch as large as the limits allow would hold."""
+        size = model_size(self.model)
+        text = size.describe()
+        if size.kv_bytes_per_token is not None:
+            budget = size.kv_bytes_per_token * self._max_batch_tokens
+            text += f"; max_batch_tokens {self._max_batch_tokens} -> up to {human_bytes(budget)} of KV cache"
+        return text
 
     async def start(self) -> None:
         self._batcher.start()
@@ -118,6 +155,8 @@ class HFBackend(GenerationBackend):
                 future.cancel()
             if isinstance(exc, GenerationFailed):  # one object for the whole batch: each request raises its own
                 raise GenerationFailed(str(exc)) from None
+            if isinstance(exc, Overloaded):  # the batch ran out of memory
+                raise Overloaded(str(exc), exc.retry_after_s) from None
             raise
         for r in results:
             if isinstance(r, GenerationFailed):  # one of this request's sequences failed: the request fails
@@ -153,6 +192,8 @@ class HFBackend(GenerationBackend):
             with self._weights_lock:
                 results = decode(self.model, self.tokenizer, jobs, self.weight_version)
         except Exception as exc:  # the forward pass failed: every sequence in the batch fails, typed
+            if is_out_of_memory(exc):
+                raise self._out_of_memory(jobs) from exc
             log.error("a decode batch of %d sequences failed", len(jobs), exc_info=exc)
             raise GenerationFailed(f"generating this batch of sequences failed ({_describe(exc)})") from exc
         failed = [r for r in results if isinstance(r, GenerationFailed)]
@@ -167,6 +208,20 @@ class HFBackend(GenerationBackend):
         if self._on_finished is not None:
             self._on_finished([r for r in results if isinstance(r, GenerationOutput)])
         return results
+
+    def _out_of_memory(self, jobs: list[_Job]) -> Overloaded:
+        """A batch that did not fit: the cached CUDA blocks of the attempt go back, and the requests get a
+        retryable refusal naming the limits that size a batch. Smaller batches fit: the server goes on."""
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        tokens = sum(len(j.request.prompt_ids) + j.request.max_tokens for j in jobs)
+        message = (
+            f"model {self.name!r} ran out of memory on {self.model.device} decoding {len(jobs)} sequences "
+            f"({tokens} prompt + max_tokens tokens); retry, and if it recurs start the server with a lower "
+            f"--max-batch-tokens (now {self._max_batch_tokens}) or --max-batch"
+        )
+        log.error(message)
+        return Overloaded(message, OUT_OF_MEMORY_RETRY_S)
 
 
 def _check_tied(model: PreTrainedModel, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -185,7 +240,7 @@ class _Row:
     """One sequence's state in the decode loop. What goes wrong for one row (its generator's seed, its
     draw, its stop-string search) fails that row alone (`fail`): the batch goes on without it."""
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: _Job, device: torch.device | str = "cpu") -> None:
         self.req, self.abort, self.submitted = job.request, job.abort, job.submitted
         self.greedy = is_greedy(self.req.temperature, self.req.top_p)
         self.first_token_s: float | None = None
@@ -199,8 +254,8 @@ class _Row:
         self.searched = 0  # characters of the text already searched for stop strings
         self.generator: torch.Generator | None = None
         if not self.greedy:
-            try:
-                self.generator = torch.Generator().manual_seed(self.req.seed)
+            try:  # on the logits' device: the draws stay there, only the chosen token comes back
+                self.generator = torch.Generator(device).manual_seed(self.req.seed)
             except Exception as exc:  # noqa: BLE001 (a bad seed fails this sequence, not the batch)
                 self.fail(exc)
 
@@ -261,27 +316,18 @@ def decode(
 
     A sequence that fails while sampling or stopping gets a `GenerationFailed` in its place and the
     others go on; what fails for all (the forward pass) raises."""
-    rows = [_Row(job) for job in jobs]
-    batch = len(rows)
-    width = max(len(r.req.prompt_ids) for r in rows)
-    ids = torch.full((batch, width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((batch, width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.req.prompt_ids)
-        ids[i, width - n :] = torch.tensor(r.req.prompt_ids)
-        mask[i, width - n :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]: 0 at each row's first real token
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1, :].float()  # logits: [batch, vocab]
-    next_pos = positions[:, -1:] + 1  # [batch, 1]
+    rows = [_Row(job, model.device) for job in jobs]
+    state = prefill(model, [r.req.prompt_ids for r in rows], tokenizer.pad_token_id)
     k_top = max(r.req.top_logprobs for r in rows)
 
     for _ in range(max(r.req.max_tokens for r in rows)):
+        logits = state.logits
         raw = logits.log_softmax(-1)  # the untempered distribution: what logprobs report
-        choice = _next_tokens(logits, rows)  # [batch]
+        choice = _next_tokens(logits, rows)  # [batch], on the device
         picked = raw.gather(-1, choice[:, None])[:, 0].tolist()
         if k_top:
             top_values, top_ids = (t.tolist() for t in raw.topk(k_top, dim=-1))
+        choices = choice.tolist()  # one device-to-host copy per step, not one per row
         for i, r in enumerate(rows):
             if r.reason is not None:
                 continue
@@ -289,21 +335,50 @@ def decode(
                 r.reason = "abort"
                 continue
             try:
-                r.take(int(choice[i]), picked[i], (top_ids[i], top_values[i]) if k_top else None, tokenizer)
+                r.take(choices[i], picked[i], (top_ids[i], top_values[i]) if k_top else None, tokenizer)
             except Exception as exc:  # noqa: BLE001 (this sequence fails, the batch goes on)
                 r.fail(exc)
         if all(r.reason is not None for r in rows):
             break
         # Finished rows are fed padding; their cache rows are never read again.
-        feed = torch.tensor([r.tokens[-1] if r.reason is None else tokenizer.pad_token_id for r in rows])
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
-        out = model(
-            input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
-        )
-        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
-        next_pos = next_pos + 1
+        state = step(model, state, [r.tokens[-1] if r.reason is None else tokenizer.pad_token_id for r in rows])
 
     return [r.output(tokenizer, weight_version) for r in rows]
+
+
+@dataclass
+class _Decoding:
+    """The decode loop's tensors, all on the model's device."""
+
+    cache: Any  # transformers' Cache: keys and values of every position so far
+    logits: torch.Tensor  # [batch, vocab] float32: the next token's
+    mask: torch.Tensor  # [batch, positions so far]: 0 on the left padding
+    next_pos: torch.Tensor  # [batch, 1]: the position of the token fed next
+
+
+def prefill(model: PreTrainedModel, prompts: Sequence[Sequence[int]], pad_id: int) -> _Decoding:
+    """Run the left-padded prompts through the model. The batch is laid out on the CPU and copied over
+    in one transfer per tensor; everything after stays on the model's device."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]: 0 at each row's first real token
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    return _Decoding(out.past_key_values, out.logits[:, -1, :].float(), mask, positions[:, -1:] + 1)
+
+
+def step(model: PreTrainedModel, state: _Decoding, tokens: Sequence[int]) -> _Decoding:
+    """Feed one token per row (`tokens`, on the host) through the cached model."""
+    feed = torch.tensor(tokens, dtype=torch.long).to(model.device)[:, None]  # [batch, 1]
+    mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], dim=1)
+    out = model(
+        input_ids=feed, attention_mask=mask, position_ids=state.next_pos, past_key_values=state.cache, use_cache=True
+    )
+    return _Decoding(out.past_key_values, out.logits[:, -1, :].float(), mask, state.next_pos + 1)
 
 
 def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:

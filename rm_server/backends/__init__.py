@@ -16,6 +16,19 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 Kind = Literal["outcome", "process"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # as assay.checkpoints.Dtype; the spec's `dtype`
+
+
+class OutOfMemory(RuntimeError):
+    """A batch that did not fit in the device's memory (CUDA) or the machine's (CPU). Nothing is broken:
+    smaller batches fit, so the items are worth retrying and the service keeps serving."""
+
+    def __init__(self, device: str, items: int, tokens: int) -> None:
+        super().__init__(f"out of memory on {device} for a batch of {items} items, {tokens} tokens wide")
+        self.device, self.items, self.tokens = device, items, tokens
+
+    def __reduce__(self):  # picklable with its fields: a model worker process hands it back whole
+        return (OutOfMemory, (self.device, self.items, self.tokens))
 
 
 class ScoringBackend(ABC):
@@ -39,17 +52,19 @@ class ScoringBackend(ABC):
         For a causal outcome model, row i is the score of the prefix ending at token i."""
 
 
-def load_backend(name: str, path, kind: Kind, device: str = "cpu") -> tuple[ScoringBackend, PreTrainedTokenizerBase]:
-    """(backend, tokenizer) for a local checkpoint."""
+def load_backend(
+    name: str, path, kind: Kind, device: str = "cpu", dtype: Dtype = "float32"
+) -> tuple[ScoringBackend, PreTrainedTokenizerBase]:
+    """(backend, tokenizer) for a local checkpoint, its model on `device` in `dtype`."""
     backend: ScoringBackend
     if name == "transformers":
         from assay.rm_server.backends.hf import TransformersBackend
 
-        backend = TransformersBackend(path, kind, device)
+        backend = TransformersBackend(path, kind, device, dtype)
     elif name == "vllm":
         from assay.rm_server.backends.vllm import VllmBackend
 
-        backend = VllmBackend(path, kind)
+        backend = VllmBackend(path, kind, device, dtype)
     else:
         raise ValueError(f"unknown backend {name!r}; use transformers or vllm")
     return backend, backend.tokenizer

@@ -12,11 +12,18 @@ Calls block; they run on the batcher's worker thread. Quirks handled here (vLLM 
   off (`use_activation=False`): the ScoringBackend contract is raw logits.
 - Prompts go in as token ids (`prompt_token_ids`), tokenized by `assay.checkpoints.load_tokenizer`
   exactly as in the transformers backend; vLLM never re-tokenizes.
-- On CPU: `dtype="float32"` (the default "auto" computes in bf16, ~1e-2 off the transformers
-  scores), a fixed KV cache (`kv_cache_memory_bytes`; without it vLLM reserves 92% of the NUMA
-  node's RAM and refuses to start on a busy machine; the env `VLLM_CPU_KVCACHE_SPACE`, in GiB,
-  overrides it) and `enforce_eager=True` (torch.compile doubles start-up and is no faster for
-  small models). On GPU dtype and memory are left to vLLM.
+- The spec's `dtype` goes to vLLM as it is (`auto` is vLLM's own auto: the checkpoint's dtype, bf16
+  for float32 checkpoints on CPU). The spec's default, float32, keeps vLLM's scores within float
+  rounding of the transformers backend's (vLLM's auto computes in bf16 on CPU, ~1e-2 off them).
+  On vllm-cpu, bfloat16 is passed through too (vLLM runs it where the CPU has bf16 instructions
+  and says so where it cannot).
+- `device: cpu` needs vllm-cpu: a fixed KV cache (`kv_cache_memory_bytes`; without it vLLM reserves
+  92% of the NUMA node's RAM and refuses to start on a busy machine; the env
+  `VLLM_CPU_KVCACHE_SPACE`, in GiB, overrides it) and `enforce_eager=True` (torch.compile doubles
+  start-up and is no faster for small models). `device: cuda` needs vLLM's CUDA build and leaves
+  memory and compilation to vLLM; vLLM picks its GPU itself (`CUDA_VISIBLE_DEVICES` says which),
+  so `cuda:1` is refused rather than silently served on GPU 0. A device that does not match the
+  installed vLLM is refused at start.
 - vLLM rejects a prompt longer than `max_model_len` (the config's max_position_embeddings), failing
   the whole call; such a batch is refused up front with a ValueError saying so.
 - Start-up spawns an engine-core and a worker process (~15-20 s on CPU); no progress bars.
@@ -26,16 +33,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from assay.checkpoints import load_tokenizer
-from assay.rm_server.backends import Kind, ScoringBackend
+from assay.checkpoints import load_tokenizer, vllm_on_cpu
+from assay.rm_server.backends import Dtype, Kind, ScoringBackend
 
 CPU_KV_CACHE_BYTES = 64 * 1024**2  # 65k tokens for the embedded checkpoints; enough for a batch
 
 
 class VllmBackend(ScoringBackend):
-    def __init__(self, path, kind: Kind) -> None:
+    def __init__(self, path, kind: Kind, device: str = "cpu", dtype: Dtype = "float32") -> None:
         try:
-            import torch
             from vllm import LLM, PoolingParams
             from vllm.config import PoolerConfig
         except ImportError as e:
@@ -47,13 +53,12 @@ class VllmBackend(ScoringBackend):
         self.kind = kind
         self.tokenizer = load_tokenizer(path)
         self.num_labels = AutoConfig.from_pretrained(str(path)).num_labels
-        options = {} if torch.cuda.is_available() else {"dtype": "float32", "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
         self.llm = LLM(
             model=str(path),
             runner="pooling",
             pooler_config=PoolerConfig(task="token_classify", use_activation=False),
-            enforce_eager=True,
-            **options,
+            dtype=dtype,
+            **({"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enforce_eager": True} if vllm_on_cpu(device) else {}),
         )
         self._params = PoolingParams(use_activation=False)
         self.max_len = self.llm.model_config.max_model_len  # max_position_embeddings unless told

@@ -31,6 +31,7 @@ from assay.base.batcher import Batcher
 from assay.base.errors import InvalidRequest
 from assay.chat import has_chat_template, render_exchange, render_prompt
 from assay.data import Text
+from assay.rm_server.backends import OutOfMemory
 from assay.rm_server.protocol import ErrorType, Granularity
 from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
 from assay.rm_server.spec import OutcomeModelSpec, ProcessModelSpec
@@ -99,10 +100,16 @@ class ModelReward(Reward):
         self.on_batch = None  # set by the service to record batch metrics
 
     async def start(self) -> None:
-        from assay.rm_server.backends import load_backend
+        from assay.checkpoints import check_device
+        from assay.rm_server.backends import Kind, load_backend
 
+        try:  # one sentence naming the reward, before any weights are read
+            check_device(self.spec.device)
+        except ValueError as exc:
+            raise ValueError(f"reward {self.name!r}: {exc}") from None
+        kind: Kind = "process" if self.process else "outcome"
         backend, tokenizer = await asyncio.to_thread(  # loading weights takes a while
-            load_backend, self.spec.backend, self.path, "process" if self.process else "outcome", self.spec.device
+            load_backend, self.spec.backend, self.path, kind, self.spec.device, self.spec.dtype
         )
         self.backend, self.tokenizer = backend, tokenizer
         if self.spec.chat_template and not has_chat_template(tokenizer):
@@ -240,6 +247,12 @@ class ModelReward(Reward):
                 results.append(self._finish(e, raw, granularity))
             except ItemFailure as exc:
                 results.append(exc)
+            except OutOfMemory as exc:  # retryable: the same items fit in a smaller batch
+                why = (
+                    f"reward {self.name!r}: {exc}; retry, and lower the spec's max_batch_tokens "
+                    f"({self.spec.max_batch_tokens}) or max_batch_items ({self.spec.max_batch_items}) if it recurs"
+                )
+                results.append(ItemFailure(ErrorType.overloaded, why))
             except (ValueError, RuntimeError) as exc:
                 results.append(ItemFailure(ErrorType.internal, f"reward {self.name!r}: {exc}"))
         return results

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from assay.model_sizes import human_bytes, kv_cache_bytes_per_token, model_size
+from assay.model_sizes import human_bytes, is_out_of_memory, kv_cache_bytes_per_token, model_size
 
 pytestmark = pytest.mark.unit
 
@@ -49,3 +49,11 @@ def test_a_classifier_on_meta_has_sizes_but_no_kv_cache():
 
 def test_human_bytes():
     assert [human_bytes(n) for n in (512, 1536, 3 * 1024**3)] == ["512 B", "1.5 KiB", "3.0 GiB"]
+
+
+def test_out_of_memory_is_told_from_other_errors():
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried ...")
+    assert is_out_of_memory(cpu)
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("DefaultCPUAllocator: can't allocate memory"))  # not torch's

@@ -104,7 +104,7 @@ def test_a_named_subset_updates_only_those_tensors(admin, original):
     [
         (lambda s: {"no.such.weight": torch.zeros(3)}, "does not have: no.such.weight"),
         (lambda s: {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in list(s.items())[:1]}, "wrong shape"),
-        (lambda s: {k: v.double() for k, v in list(s.items())[:1]}, "float64"),
+        (lambda s: {k: v.to(torch.int32) for k, v in list(s.items())[:1]}, "int32"),  # a float of another width is cast
     ],
     ids=["unknown-name", "wrong-shape", "wrong-dtype"],
 )

@@ -34,6 +34,7 @@ def test_ids_are_stable_and_independent_of_name_and_runtime_fields():
     assert a == ids_of({"orm": ORM})
     assert ids_of({"other_name": ORM})["other_name"] == a["orm"]
     runtime = {**ORM, "backend": "vllm", "max_wait_ms": 50, "max_batch_items": 7, "max_queue": 9}
+    runtime |= {"device": "cuda", "dtype": "bfloat16"}  # bf16 on a GPU is the same reward, up to rounding
     assert ids_of({"orm": runtime})["orm"] == a["orm"]
 
 
