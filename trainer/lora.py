@@ -98,8 +98,8 @@ class Reference(torch.nn.Module):
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint of a LoRA module holds: its trainable tensors, by their names in `module`."""
-    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+    """What a checkpoint of a LoRA module holds: its trainable tensors, by their names in `module`, on the CPU."""
+    return {name: p.detach().cpu() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def load_trainable(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
