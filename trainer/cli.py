@@ -249,14 +249,14 @@ def dpo_cmd(
     import torch
     from safetensors.torch import save_file
 
-    from assay.checkpoints import check_device, load_embedded
+    from assay.checkpoints import load_embedded
     from assay.trainer import lora
     from assay.trainer.evaluation import heldout_pass1
-    from assay.trainer.models import OutOfMemory
+    from assay.trainer.models import OutOfMemory, check_device
 
     torch.set_num_threads(torch_threads)
     try:
-        check_device(cfg.hardware.device)
+        check_device(cfg.hardware)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if (rm_url is None) != (policy_url is None):
@@ -351,7 +351,7 @@ def _iterative_dpo(
             prompts = [from_problem(p) for p in world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)]
         policy = stack.enter_context(PolicyClient.http(policy_url, timeout_s=timeout_s))
         sync_weights(policy, model, None, timeout_s)  # the full base: adapter pushes merge into it
-        if cfg.lora.r:  # wrapped once on its device (`trainer.models.prepare`), as GRPO and PPO wrap theirs
+        if cfg.lora.r:  # on its device first: peft puts the adapter where the layers it wraps are
             model = lora.wrap(prepare(model, cfg.hardware), cfg.lora)
         history = iterative_dpo(
             model,

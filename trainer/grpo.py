@@ -72,14 +72,15 @@ def train(
     prompts = prompts if prompts is not None else ArithPrompts()
     evaluation = evaluation if evaluation is not None else ArithEval()
     model = prepare(model, config.hardware)
-    if config.lora.r:  # the reference is then the policy with its adapter off: no copy
+    ref_model: torch.nn.Module | None = None
+    if config.lora.r:  # the reference is then the policy with its adapter off: no copy to hold or save
         model = lora.wrap(model, config.lora)
         ref_model = lora.Reference(model) if config.beta > 0 else None
-    else:
-        ref_model = reference(model) if config.beta > 0 else None
+    elif config.beta > 0:
+        ref_model = reference(model)
     ctx = Run(config, model, tokenizer, policy, reward_fn, run_dir, prompts, evaluation)
     optimizer = torch.optim.AdamW(lora.trainable(model), lr=config.lr, weight_decay=0.0)
-    modules = {"policy": model, **({"reference": ref_model} if isinstance(ref_model, torch.nn.Module) else {})}
+    modules = {"policy": model, **({"reference": ref_model} if ref_model is not None and not config.lora.r else {})}
     precision = Precision(config.hardware)
 
     def step_fn(step: int, version: int) -> dict[str, Any]:

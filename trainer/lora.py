@@ -11,9 +11,11 @@ backbone (its value head stays fully trainable). What follows from it:
 - The optimizer takes the trainable tensors only (`trainable`): the adapter, and a critic's head.
 - A checkpoint holds the trainable tensors only (`trainable_state`, `load_trainable`): resume
   rebuilds the wrapped model from the same base (the run's `--model`) and loads them back.
-- A weight push sends the adapter only (`adapter`): A and B of each wrapped layer under peft's
-  saved-adapter names with the `base_model.model.` prefix dropped (`model.layers.0.self_attn.q_proj.lora_A.weight`),
-  and alpha and r; the policy server merges them into the weights it serves (`policy_server/adapters.py`).
+- A run's first push sends the base weights in full (`base_state`), so that the server merges
+  into exactly the trainer's base whatever it served before; every later push sends the adapter
+  only (`adapter`): A and B of each wrapped layer, under peft's saved-adapter names without the
+  `base_model.model.` prefix (`model.layers.0.self_attn.q_proj.lora_A.weight`), with alpha and
+  r; the policy server merges them into the weights it serves (`policy_server/adapters.py`).
 - The run's last weights are also written merged (`save_merged`): a plain Hugging Face checkpoint
   that `assay policy serve --model` takes as it is.
 """
@@ -77,15 +79,17 @@ def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-class Reference:
-    """The reference policy of a LoRA run: the policy with its adapter disabled, called like a model
+class Reference(torch.nn.Module):
+    """The reference policy of a LoRA run: the policy with its adapter disabled, called like the model
     (`token_logprobs(Reference(model), batch)`). No second copy of the weights: the base is frozen,
-    so it is exactly the model the run started from."""
+    so it is exactly the model the run started from. The policy is its submodule (its device and
+    parameters are the policy's): a checkpoint leaves it out, and `eval()` on it would reach the policy."""
 
     def __init__(self, model: Any) -> None:
+        super().__init__()
         self.model = model
 
-    def __call__(self, **inputs: Any) -> Any:
+    def forward(self, **inputs: Any) -> Any:
         with self.model.disable_adapter():
             return self.model(**inputs)
 
@@ -94,8 +98,8 @@ class Reference:
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint of a LoRA module holds: its trainable tensors, by their names in `module`."""
-    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+    """What a checkpoint of a LoRA module holds: its trainable tensors, by their names in `module`, on the CPU."""
+    return {name: p.detach().cpu() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def load_trainable(module: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -127,11 +131,20 @@ def save_merged(model: Any, tokenizer: Any, path: Path) -> Path:
 # --- pushes ----------------------------------------------------------------------------------------
 
 
+def base_state(model: Any) -> dict[str, torch.Tensor]:
+    """The frozen base weights of a wrapped policy, on the CPU, under the names of the model before
+    wrapping (peft's `<layer>.base_layer.weight` back to `<layer>.weight`): what a server must hold
+    for adapter pushes to give the trainer's weights."""
+    state = model.get_base_model().state_dict()
+    return {name.replace(".base_layer.", "."): t.detach().cpu() for name, t in state.items() if ".lora_" not in name}
+
+
 def adapter(model: Any) -> tuple[dict[str, torch.Tensor], float, int, bool]:
     """The adapter as the policy server takes it (`PolicyClient.update_adapter`): (name -> A or B,
-    lora_alpha, r, fan_in_fan_out). Names are the served model's module names + `.lora_A.weight` / `.lora_B.weight`."""
+    lora_alpha, r, fan_in_fan_out), the tensors on the CPU. Names are the served model's module names +
+    `.lora_A.weight` / `.lora_B.weight`."""
     from peft import get_peft_model_state_dict
 
     config = model.peft_config["default"]
-    tensors = {name.removeprefix(PREFIX): t for name, t in get_peft_model_state_dict(model).items()}
+    tensors = {name.removeprefix(PREFIX): t.detach().cpu() for name, t in get_peft_model_state_dict(model).items()}
     return tensors, float(config.lora_alpha), int(config.r), bool(config.fan_in_fan_out)

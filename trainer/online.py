@@ -225,10 +225,11 @@ def server_gap(rollouts: Sequence[Rollout], logp: torch.Tensor) -> float:
     return gap
 
 
-def token_logprobs(model: Callable[..., Any], batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs of each next token, logits) under `model` (a causal LM, or `lora.Reference`):
-    [rows, length - 1] and [rows, length - 1, vocab]. Float32 whatever the compute dtype: the logits
-    are upcast before the log-softmax."""
+    [rows, length - 1] and [rows, length - 1, vocab].
+
+    Float32 whatever the compute dtype: the logits are upcast before the log-softmax."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     logits = logits[:, :-1].float()
     targets = batch.input_ids[:, 1:]
@@ -253,7 +254,13 @@ def sync_weights(
 
 
 def push_weights(
-    policy: PolicyClient, model: torch.nn.Module, expect_version: int, timeout_s: float | None = None, tries: int = 3
+    policy: PolicyClient,
+    model: torch.nn.Module,
+    expect_version: int,
+    timeout_s: float | None = None,
+    tries: int = 3,
+    *,
+    base: bool = False,
 ) -> int:
     """Push `model`'s weights to a server at `expect_version`; the version that serves them.
 
@@ -265,8 +272,9 @@ def push_weights(
     start-up checkpoint (versions count from 0 again), and the weights are pushed again against
     that version; above it otherwise: another writer pushed, and the run stops (Conflict).
 
-    A LoRA model pushes its adapter only (`lora.adapter`), which the server merges into its base."""
-    send = _sender(policy, model, timeout_s)
+    A LoRA model pushes its adapter only (`lora.adapter`), which the server merges into its base;
+    `base`: its base weights instead, in full (`lora.base_state`), which the server then merges into."""
+    send = _sender(policy, model, timeout_s, base)
     refused: Conflict | Unavailable
     for _ in range(tries):
         try:
@@ -291,17 +299,19 @@ def push_weights(
 
 
 def _sender(
-    policy: PolicyClient, model: torch.nn.Module, timeout_s: float | None
+    policy: PolicyClient, model: torch.nn.Module, timeout_s: float | None, base: bool
 ) -> Callable[[int], WeightUpdateResponse]:
-    """One push of `model` against a version: its adapter when it is a LoRA model, else its state dict;
-    either as CPU tensors (the float32 master weights: a server in another dtype casts them)."""
+    """One push of `model` against a version: its adapter when it is a LoRA model (its base with
+    `base`), else its state dict."""
+    if base:
+        state = lora.base_state(model)
+        return lambda version: policy.update_weights(state, expect_version=version, timeout_s=timeout_s)
     if lora.is_lora(model):
         tensors, alpha, r, fifo = lora.adapter(model)
-        tensors = {name: t.detach().cpu() for name, t in tensors.items()}
         return lambda version: policy.update_adapter(
             tensors, lora_alpha=alpha, r=r, fan_in_fan_out=fifo, expect_version=version, timeout_s=timeout_s
         )
-    state = cpu_state(model)
+    state = cpu_state(model)  # float32 master weights; a server in another dtype casts them
     return lambda version: policy.update_weights(state, expect_version=version, timeout_s=timeout_s)
 
 
@@ -348,6 +358,9 @@ def run(
     memory = sizes(modules, config.hardware, trained=tuple(optimizers))  # before the first step: what it holds
     print("\n".join(memory), flush=True)
     run_dir.write_config({"algorithm": algorithm, **asdict(config), **described, "memory": memory})
+    if lora.is_lora(ctx.model):  # the base in full, once: adapter pushes merge into what the server holds
+        current = ctx.policy.weight_version(timeout_s=config.service_timeout_s)
+        push_weights(ctx.policy, ctx.model, current, config.service_timeout_s, base=True)
     version = sync_weights(ctx.policy, ctx.model, None, config.service_timeout_s)  # the server now serves exactly these
     if config.eval_every and start == 1:  # where the run starts from, as step 0
         run_dir.log({"step": 0, **ctx.evaluation(ctx, version), "weight_version": version})

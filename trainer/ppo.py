@@ -126,6 +126,7 @@ def train(
     evaluation = evaluation if evaluation is not None else ArithEval()
     model = prepare(model, config.hardware)
     critic = Critic(prepare(copy.deepcopy(reward_model), config.hardware))
+    ref_model: torch.nn.Module
     if config.lora.r:  # adapters on the actor and the critic's backbone; the reference is the actor's base
         model = lora.wrap(model, config.lora)
         critic = lora.wrap_backbone(critic, config.lora)
@@ -136,7 +137,7 @@ def train(
     actor_opt = torch.optim.AdamW(lora.trainable(model), lr=config.lr, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(lora.trainable(critic), lr=config.critic_lr, weight_decay=0.0)
     modules = {"policy": model, "critic": critic}
-    if isinstance(ref_model, torch.nn.Module):
+    if not config.lora.r:
         modules["reference"] = ref_model
     optimizers = {"policy": actor_opt, "critic": critic_opt}
     precision = Precision(config.hardware)

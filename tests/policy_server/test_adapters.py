@@ -142,3 +142,24 @@ def test_a_bad_adapter_is_refused_with_a_400_and_changes_nothing(admin, adapter_
 def test_the_client_refuses_nothing_itself_and_raises_the_servers_400(admin):
     with pytest.raises(InvalidRequest, match="the layer needs A"):
         admin.update_adapter({**factors(), QPROJ + ".lora_A.weight": torch.zeros(4, 7)}, lora_alpha=8, r=4)
+
+
+def test_a_float32_adapter_merges_into_a_bfloat16_server_in_float32_then_casts():
+    config = ServerConfig(port=0, models={"policy": EMBEDDED["policy"][1]}, dtype="bfloat16")
+    with (
+        BackgroundServer(config) as server,
+        PolicyClient.http(server.http_url, max_retries=0, timeout_s=120) as client,
+    ):
+        served = server.service.backends["policy"].model
+        before = {k: v.clone() for k, v in served.state_dict().items()}
+        wrapped = trained_adapter(seed=7, targets=["q_proj", "down_proj"])
+        push(client, wrapped)
+        after = served.state_dict()
+        layers = {n: m for n, m in wrapped.get_base_model().named_modules() if hasattr(m, "get_delta_weight")}
+        assert len(layers) == 8  # q_proj and down_proj of 4 layers
+        for layer, module in layers.items():
+            name = layer + ".weight"
+            expected = (before[name].float() + module.get_delta_weight("default")).to(torch.bfloat16)
+            assert after[name].dtype == torch.bfloat16 and torch.equal(after[name], expected), name
+        untouched = [k for k in before if "q_proj" not in k and "down_proj" not in k]
+        assert untouched and all(torch.equal(before[k], after[k]) for k in untouched)

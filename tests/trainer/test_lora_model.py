@@ -65,3 +65,25 @@ def test_a_checkpoint_of_another_adapter_is_refused():
     again = lora.wrap(load_embedded("policy")[0], LoRA(r=4, alpha=8))
     lora.load_trainable(again, {k: v + 1 for k, v in state.items()}, "here")
     assert all(torch.equal(v + 1, lora.trainable_state(again)[k]) for k, v in state.items())
+
+
+def test_a_lora_step_builds_every_tensor_on_the_models_device():
+    """On `meta` (standing in for a GPU): peft puts the adapter beside the layer it wraps, and the
+    reference's and the policy's log-probs, the loss and its backward stay there."""
+    from assay.trainer import grpo
+    from assay.trainer.config import GRPOConfig
+    from tests.trainer.test_models import TinyLM, rollouts
+
+    _, tok = load_embedded("policy")
+    wrapped = lora.wrap(TinyLM(len(tok)).to("meta"), LoRA(r=2, alpha=4, target_modules=("head",)))
+    assert {p.device.type for p in lora.trainable(wrapped)} == {"meta"}
+    groups = rollouts(tok)
+    batch = pack([r for g in groups for r in g], tok.pad_token_id, "meta")
+    config = GRPOConfig(lora=LoRA(r=2, alpha=4))
+    adv, valid = grpo.advantages(groups, [1.0, 0.0, None, 1.0, 0.0, 0.0, 1.0, 1.0], config.scale, "meta")
+    with torch.no_grad():
+        ref_logp, _ = token_logprobs(lora.Reference(wrapped), batch)
+    loss, *_ = grpo.loss_terms(wrapped, batch, None, ref_logp, adv, batch.completion_mask * valid[:, None], config)
+    assert loss.device.type == "meta"
+    loss.backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in lora.trainable(wrapped))
