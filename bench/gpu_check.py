@@ -40,66 +40,14 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from gpu_models import build_llama, forward_flops_per_token, random_text, score_items, weight_params
+from gpu_models import GPU, SMOKE, Sizes, build_llama, forward_flops_per_token, random_text, score_items, weight_params
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/loadgen.py, bench/gpu_models.py
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM, NVIDIA's datasheets
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Everything the run's length depends on; `GPU` fits a lease, `SMOKE` a test on a loaded CPU."""
-
-    rm_hidden: int = 1024
-    rm_layers: int = 24
-    rm_items: int = 1024
-    rm_tokens: int = 512
-    rm_batches: tuple[int, ...] = (64, 128, 256)
-    mixed_items: int = 512
-    mixed_p50: float = 377.0
-    mixed_max: int = 2000
-    mixed_batch: int = 32
-    in_flight: int = 256
-    window_s: float = 10.0
-    lm_hidden: int = 1024
-    lm_layers: int = 28
-    gen_batch: int = 64
-    gen_prompt: int = 64
-    gen_tokens: int = 128
-    compile: bool = True
-    grpo_prompts: int = 16
-    grpo_group: int = 8
-    grpo_tokens: int = 64
-
-
-GPU = Sizes()
-SMOKE = replace(
-    GPU,
-    rm_hidden=64,
-    rm_layers=2,
-    rm_items=32,
-    rm_tokens=64,
-    rm_batches=(8, 32),
-    mixed_items=32,
-    mixed_p50=40.0,
-    mixed_max=200,
-    mixed_batch=8,
-    in_flight=8,
-    window_s=2.0,
-    lm_hidden=64,
-    lm_layers=2,
-    gen_batch=4,
-    gen_prompt=16,
-    gen_tokens=8,
-    compile=False,
-    grpo_prompts=2,
-    grpo_group=2,
-    grpo_tokens=8,
-)
 
 
 @dataclass
