@@ -32,7 +32,7 @@ def outcome_scores(
     )
     # Right padding under a causal mask needs no attention mask (and CPU attention is much
     # faster without one); the classifier finds each row's last real token by the pad id.
-    return model(input_ids=enc["input_ids"], use_cache=False).logits[:, 0]
+    return model(input_ids=enc["input_ids"].to(model.device), use_cache=False).logits[:, 0]
 
 
 def step_token_positions(

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/policy_bench.py search     # best-of-16 over HTTP vs its parts in-process
     .venv/bin/python bench/policy_bench.py weights    # full-checkpoint pushes: seconds and MB/s
+    .venv/bin/python bench/policy_bench.py adapter    # full weights vs a LoRA adapter: bytes and seconds per push
     .venv/bin/python bench/policy_bench.py all [--quick]
 
 search: `POST /v1/search` (best-of-16, outcome RM, 48 tokens, T=1.0) on both services started as
@@ -15,6 +16,10 @@ weights: full state dicts pushed with `PolicyClient.update_weights` (safetensors
 checked and swapped in), and the same from the server's disk (`load_weights`), for the embedded
 policy (4 MB) and for a randomly initialised 806 MB model (201M parameters, float32) of the same family served by
 its own server, so the per-byte cost shows. Seconds are the client's wall clock, request to reply.
+
+adapter: the same models, full state dicts (`update_weights`) and a LoRA adapter (r 16, every
+linear layer but the head, `update_adapter`) pushed in turn to one server: the bytes sent, and the
+seconds, of which the adapter's include the server merging W + alpha / r * B @ A for every layer.
 """
 
 from __future__ import annotations
@@ -188,9 +193,72 @@ def weight_updates(repeats: int, big: bool) -> Table:
     return table
 
 
+def adapter_pushes(repeats: int, big: bool, r: int = 16) -> Table:
+    """Full state dicts against LoRA adapters (r, all-linear, B random), pushed in turn to one server."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from assay.checkpoints import EMBEDDED
+    from assay.clients.policy import PolicyClient
+    from assay.services import LocalServices
+    from assay.trainer import lora
+
+    table = Table(title=f"Full weights vs a LoRA adapter (r={r}, all-linear), pushed over HTTP in turn")
+    for col in ("model", "push", "MB sent", "median s", "server s (median)", "s vs full"):
+        table.add_column(col, justify="left" if col in ("model", "push") else "right")
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [("embedded policy", Path(EMBEDDED["policy"][1]))]
+        if big:
+            models.append(("random 1024x12", big_checkpoint(Path(tmp) / "big")))
+        for label, path in models:
+            model = AutoModelForCausalLM.from_pretrained(path)
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            wrapped = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+            with torch.no_grad():
+                for name, p in wrapped.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.01)
+            tensors, alpha, rank, fan_in_fan_out = lora.adapter(wrapped)
+            args = [] if label == "embedded policy" else ["--model", str(path)]
+            with (
+                LocalServices.start(policy_args=args) as services,
+                PolicyClient.http(services.policy_url, timeout_s=600) as client,
+            ):
+                ways = {
+                    "full": functools.partial(client.update_weights, state),
+                    "adapter": functools.partial(
+                        client.update_adapter, tensors, lora_alpha=alpha, r=rank, fan_in_fan_out=fan_in_fan_out
+                    ),
+                }
+                walls: dict[str, list[float]] = {way: [] for way in ways}
+                server: dict[str, list[float]] = {way: [] for way in ways}
+                sent: dict[str, int] = {}
+                for i in range(repeats + 1):  # interleaved, so machine noise falls on both; the first: a warm-up
+                    for way, push in ways.items():
+                        t0 = time.perf_counter()
+                        reply = push()
+                        if i:
+                            walls[way].append(time.perf_counter() - t0)
+                            server[way].append(reply.seconds)
+                        sent[way] = reply.bytes
+                full = statistics.median(walls["full"])
+                for way in ways:
+                    wall = statistics.median(walls[way])
+                    table.add_row(
+                        label,
+                        way,
+                        f"{sent[way] / 1e6:.2f}",
+                        f"{wall:.3f}",
+                        f"{statistics.median(server[way]):.3f}",
+                        f"{wall / full:.2f}",
+                    )
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["search", "weights", "all"])
+    ap.add_argument("what", choices=["search", "weights", "adapter", "all"])
     ap.add_argument("--problems", type=int, default=48, help="held-out problems for the search bench")
     ap.add_argument("--repeats", type=int, default=5, help="weight pushes per way in")
     ap.add_argument("--quick", action="store_true", help="8 problems, 2 repeats, no big model")
@@ -201,6 +269,8 @@ def main() -> None:
         console.print(search_overhead(problems))
     if args.what in ("weights", "all"):
         console.print(weight_updates(repeats, big=not args.quick))
+    if args.what in ("adapter", "all"):
+        console.print(adapter_pushes(repeats, big=not args.quick))
     console.print(f"[dim]{time.perf_counter() - started:.0f}s[/dim]")
 
 

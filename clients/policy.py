@@ -45,8 +45,11 @@ T = TypeVar("T")
 UPLOAD_CHUNK = 1 << 20
 
 
-def safetensors_chunks(tensors: Mapping[str, Any]) -> tuple[Iterator[bytes], int]:
-    """`tensors` (name -> torch.Tensor) as safetensors bytes in chunks, and the total size.
+def safetensors_chunks(
+    tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> tuple[Iterator[bytes], int]:
+    """`tensors` (name -> torch.Tensor) as safetensors bytes in chunks, and the total size;
+    `metadata` goes in the header's `__metadata__`.
 
     Tensors sharing storage (tied embeddings) are sent once, under the first name: the server
     updates both. Serialised with the `safetensors` package, never pickle."""
@@ -59,7 +62,7 @@ def safetensors_chunks(tensors: Mapping[str, Any]) -> tuple[Iterator[bytes], int
         if key not in seen:
             seen.add(key)
             unique[name] = t.detach().cpu().contiguous()
-    blob = save(unique)
+    blob = save(unique, metadata=dict(metadata) if metadata else None)
     view = memoryview(blob)
     return (bytes(view[i : i + UPLOAD_CHUNK]) for i in range(0, len(blob), UPLOAD_CHUNK)), len(blob)
 
@@ -146,25 +149,26 @@ class PolicyClient:
     ) -> WeightUpdateResponse:
         """Send a state dict (or any named subset of it) as safetensors; the server swaps it in
         between batches. `expect_version`: refuse (Conflict) unless the server is at that version."""
-        params: dict[str, Any] = {"model": model}
-        if expect_version is not None:
-            params["expect_version"] = expect_version
+        return self._upload("/v1/admin/weights", tensors, None, model, expect_version, timeout_s)
 
-        def attempt(left: float) -> WeightUpdateResponse:
-            chunks, size = safetensors_chunks(tensors)
-            headers = {"content-type": "application/octet-stream", "content-length": str(size)}
-            return self._request(
-                "POST",
-                "/v1/admin/weights",
-                WeightUpdateResponse,
-                left,
-                content=chunks,
-                params=params,
-                headers=headers,
-                resend_safe=False,
-            )
-
-        return self._call(attempt, timeout_s)
+    def update_adapter(
+        self,
+        tensors: Mapping[str, Any],
+        *,
+        lora_alpha: float,
+        r: int,
+        fan_in_fan_out: bool = False,
+        model: str = "policy",
+        expect_version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> WeightUpdateResponse:
+        """Send a LoRA adapter, which the server merges into its base weights (W + lora_alpha / r * B @ A)
+        and serves as a new weight version. `tensors`: `<module>.lora_A.weight` [r, in] and
+        `<module>.lora_B.weight` [out, r] per adapted linear layer, named as in the served model
+        (peft's adapter state dict without its `base_model.model.` prefix). It replaces the
+        previous adapter; a later `update_weights` of a layer makes that the layer's new base."""
+        meta = {"lora_alpha": str(lora_alpha), "r": str(r), "fan_in_fan_out": str(fan_in_fan_out).lower()}
+        return self._upload("/v1/admin/adapter", tensors, meta, model, expect_version, timeout_s)
 
     def load_weights(
         self, path: str, *, model: str = "policy", expect_version: int | None = None, timeout_s: float | None = None
@@ -204,6 +208,35 @@ class PolicyClient:
         self.close()
 
     # --- plumbing ----------------------------------------------------------------------------
+
+    def _upload(
+        self,
+        path: str,
+        tensors: Mapping[str, Any],
+        metadata: Mapping[str, str] | None,
+        model: str,
+        expect_version: int | None,
+        timeout_s: float | None,
+    ) -> WeightUpdateResponse:
+        params: dict[str, Any] = {"model": model}
+        if expect_version is not None:
+            params["expect_version"] = expect_version
+
+        def attempt(left: float) -> WeightUpdateResponse:
+            chunks, size = safetensors_chunks(tensors, metadata)
+            headers = {"content-type": "application/octet-stream", "content-length": str(size)}
+            return self._request(
+                "POST",
+                path,
+                WeightUpdateResponse,
+                left,
+                content=chunks,
+                params=params,
+                headers=headers,
+                resend_safe=False,
+            )
+
+        return self._call(attempt, timeout_s)
 
     def _call(self, attempt: Attempt[T], timeout_s: float | None) -> T:
         return self.retry.call(attempt, timeout_s or self.timeout_s)

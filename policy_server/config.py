@@ -93,8 +93,24 @@ class BatchSettings:
         default=0.005, metadata={"flag": "max-batch-wait-s", "help": "seconds the oldest sequence waits for company"}
     )
     max_queue: int = field(default=4096, metadata={"help": "sequences waiting; beyond this requests get 429"})
+    kv_cache: Literal["dynamic", "static"] = field(
+        default="dynamic",
+        metadata={
+            "help": "the decode loop's KV cache: dynamic (grows each step) or static (allocated once per batch shape "
+            "and reused, transformers' StaticCache; what --compile needs)"
+        },
+    )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the decode step (CUDA graphs on CUDA); needs --kv-cache static. Each new batch "
+            "shape compiles once: worth it on a GPU with steady, full batches, not on the CPU"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.compile and self.kv_cache != "static":
+            raise ValueError("compile needs kv_cache static (a dynamic cache changes shape every step)")
         for f in ("max_sequences", "max_tokens", "max_queue"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be at least 1, not {getattr(self, f)}")

@@ -32,6 +32,7 @@ from assay.base.http_bounds import BodyLimit
 from assay.base.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
 from assay.base.metrics import Timer
 from assay.base.serve import add_ops_routes
+from assay.policy_server.adapters import AdapterService
 from assay.policy_server.errors import ApiError, InvalidRequest, check_key
 from assay.policy_server.protocol import (
     ChatCompletionRequest,
@@ -59,6 +60,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (*ERRORS, 409, 502)}
 WEIGHTS_ROUTE = "/v1/admin/weights"
+ADAPTER_ROUTE = "/v1/admin/adapter"
 # The weights upload's body, as the schema documents it and GuardedRoute enforces it (clients/policy.py sends it)
 SAFETENSORS = {"type": "string", "format": "binary", "description": "a safetensors file"}
 SAFETENSORS_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": SAFETENSORS}}}}
@@ -129,7 +131,9 @@ def create_app(
     _add_weight_routes(app, WeightService(service, weight_roots), scope)
     add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
 
-    app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes, refuse=_too_large, exempt=(WEIGHTS_ROUTE,))
+    app.add_middleware(
+        BodyLimit, limit=service.limits.max_body_bytes, refuse=_too_large, exempt=(WEIGHTS_ROUTE, ADAPTER_ROUTE)
+    )
     app.add_middleware(CrossSiteGuard, refuse=_refusal, hosts=hosts)  # outermost: before the body is counted
     return app
 
@@ -243,3 +247,22 @@ def _add_weight_routes(app: FastAPI, weights: WeightService, scope: Scope) -> No
         """New weights for `model` from safetensors on the server's disk (a file or a checkpoint directory),
         inside a directory the server was started with (`--weights-dir`; none: 403)."""
         return _update(await weights.from_path(req.model, req.path, req.expect_version))
+
+    adapters = AdapterService(weights)
+
+    @app.post(
+        ADAPTER_ROUTE,
+        response_model=WeightUpdateResponse,
+        responses={**ERRORS, 409: ERRORS[400]},
+        dependencies=[scope("admin")],
+        openapi_extra=SAFETENSORS_BODY,
+    )
+    async def update_adapter(request: Request, model: str, expect_version: int | None = None) -> WeightUpdateResponse:
+        """A LoRA adapter for `model`, merged into its base weights (`policy_server/adapters.py`): the body
+        is a safetensors file of `<module>.lora_A.weight` and `.lora_B.weight` pairs, `lora_alpha` and `r`
+        in its metadata. Checked against the model's linear layers before any is used."""
+        try:
+            update = await adapters.from_stream(model, request.stream(), expect_version)
+        except ClientDisconnect:
+            raise InvalidRequest("the client went away during the upload; the weights are unchanged") from None
+        return _update(update)

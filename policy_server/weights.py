@@ -39,7 +39,7 @@ import logging
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,14 +210,23 @@ class _Reader:
 
 async def read_stream(chunks: AsyncIterator[bytes], specs: Mapping[str, ParamSpec]) -> tuple[dict[str, Any], int]:
     """A streamed safetensors body -> (name -> tensor, bytes read), checked before the data is read."""
+    return await read_checked(chunks, lambda raw, entries: check(entries, specs))
+
+
+async def read_checked(
+    chunks: AsyncIterator[bytes], check_header: Callable[[bytes, list[Entry]], None]
+) -> tuple[dict[str, Any], int]:
+    """A streamed safetensors body -> (name -> tensor, bytes read); `check_header(raw JSON header,
+    entries)` refuses it (ValueError) before the data is read."""
     reader = _Reader(chunks)
     (size,) = struct.unpack("<Q", await reader.read(8, "header length"))
     if size > MAX_HEADER_BYTES:
         raise ValueError(
             f"the safetensors header claims {size} bytes, more than {MAX_HEADER_BYTES}: not a safetensors file?"
         )
-    entries = parse_header(await reader.read(size, "header"))
-    check(entries, specs)
+    raw = await reader.read(size, "header")
+    entries = parse_header(raw)
+    check_header(raw, entries)
     data = bytearray(entries[-1].end)
     await reader.read_into(memoryview(data), "tensor data")
     if not await reader.at_end():
@@ -309,31 +318,34 @@ def read_files(roots: Sequence[Path], requested: str, specs: Mapping[str, ParamS
 
 
 class WeightService:
-    """Admin weight updates over a `PolicyService`'s backends."""
+    """Admin weight updates over a `PolicyService`'s backends (LoRA adapters: `adapters.AdapterService`)."""
 
     def __init__(self, service: PolicyService, roots: Sequence[Path] = ()) -> None:
         self.service = service
         self.roots = tuple(roots)  # resolved (`weight_roots`); none: loading from disk is off
         self._locks: dict[str, asyncio.Lock] = {}
+        # model -> name -> the weight adapters are merged into, as of start-up or the last update that
+        # sent it (copied at the first adapter push that targets it; an update of that name drops it)
+        self.bases: dict[str, dict[str, Any]] = {}
 
     async def from_stream(self, model: str, chunks: AsyncIterator[bytes], expect_version: int | None) -> Update:
         backend = self.service.backend(model)
-        async with self._lock(model):
+        async with self.lock(model):
             start = time.perf_counter()
-            self._check_version(model, backend, expect_version)
+            self.check_version(model, backend, expect_version)
             try:
                 tensors, size = await read_stream(chunks, backend.parameter_specs())
             except ValueError as exc:
                 raise InvalidRequest(str(exc), code="invalid_weights") from None
-            return await self._apply(model, backend, tensors, size, start)
+            return await self.apply(model, backend, tensors, size, start)
 
     async def from_path(self, model: str, path: str, expect_version: int | None) -> Update:
         if not self.roots:
             raise PermissionDenied(NO_WEIGHTS_DIR, code="weights_dir_not_configured")
         backend = self.service.backend(model)
-        async with self._lock(model):
+        async with self.lock(model):
             start = time.perf_counter()
-            self._check_version(model, backend, expect_version)
+            self.check_version(model, backend, expect_version)
             try:  # on a thread, all of it: resolving, checking and reading never block the event loop
                 tensors, size = await asyncio.to_thread(read_files, self.roots, path, backend.parameter_specs())
             except PathRefused as exc:
@@ -345,13 +357,13 @@ class WeightService:
                 raise InvalidRequest(
                     f"refused, the weights are unchanged: {message}", param="path", code="invalid_weights"
                 ) from None
-            return await self._apply(model, backend, tensors, size, start)
+            return await self.apply(model, backend, tensors, size, start)
 
-    def _lock(self, model: str) -> asyncio.Lock:
+    def lock(self, model: str) -> asyncio.Lock:
         return self._locks.setdefault(model, asyncio.Lock())
 
     @staticmethod
-    def _check_version(model: str, backend: GenerationBackend, expect_version: int | None) -> None:
+    def check_version(model: str, backend: GenerationBackend, expect_version: int | None) -> None:
         if expect_version is not None and expect_version != backend.weight_version:
             raise Conflict(
                 f"model {model!r} is at weight_version {backend.weight_version}, not the expected "
@@ -359,12 +371,19 @@ class WeightService:
                 code="version_mismatch",
             )
 
-    async def _apply(self, model: str, backend: GenerationBackend, tensors: dict, size: int, start: float) -> Update:
+    async def apply(
+        self, model: str, backend: GenerationBackend, tensors: dict, size: int, start: float, merged: bool = False
+    ) -> Update:
+        """Swap `tensors` in; unless they are an adapter `merged` into the bases, they are the new bases."""
         previous = backend.weight_version
         try:
             version = await backend.load_weights(tensors)
         except ValueError as exc:  # a backend's own refusal (e.g. tied tensors given different values)
             raise InvalidRequest(f"refused, the weights are unchanged: {exc}", code="invalid_weights") from None
+        if not merged:
+            bases = self.bases.get(model, {})
+            for name in tensors:
+                bases.pop(name, None)
         seconds = time.perf_counter() - start
         self.service.metrics.on_weights(model, version, size, seconds)
         return Update(model, previous, version, len(tensors), size, seconds)

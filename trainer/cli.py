@@ -238,6 +238,8 @@ def dpo_cmd(
 
         if model is None or out is None:
             raise typer.BadParameter("offline DPO (--data) needs --model and --out")
+        if cfg.lora.r:
+            raise typer.BadParameter("offline DPO (--data) trains the full weights: --lora-r is for online runs")
         files = Files(model, data, out, run_dir, eval_data, eval_fraction, eval_every, skip_bad_rows, overwrite)
         return offline_dpo(cfg, replace(files, torch_threads=torch_threads))
     if run_dir is None or model is not None or out is not None:
@@ -247,10 +249,16 @@ def dpo_cmd(
     import torch
     from safetensors.torch import save_file
 
-    from assay.checkpoints import load_embedded
+    from assay.checkpoints import check_device, load_embedded
+    from assay.trainer import lora
     from assay.trainer.evaluation import heldout_pass1
+    from assay.trainer.models import OutOfMemory
 
     torch.set_num_threads(torch_threads)
+    try:
+        check_device(cfg.hardware.device)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     if (rm_url is None) != (policy_url is None):
         raise typer.BadParameter("give both --rm-url and --policy-url, or neither (then both start here)")
     run = open_run_dir(run_dir, resume=False, overwrite=overwrite, can_resume=False)  # DPO runs do not resume
@@ -273,12 +281,18 @@ def dpo_cmd(
             f"v{m['weight_version']}, {m['seconds']:.1f}s"
         )
 
-    history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round, searched)
+    try:
+        history, model = _iterative_dpo(cfg, rm_url, policy_url, on_round, searched)
+    except OutOfMemory as exc:  # the services have stopped; the rounds so far are in metrics.jsonl
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(3)
     if eval_problems:
         _, tok = load_embedded("policy")
         final = heldout_pass1(model, tok, eval_problems)
         run.log({"eval": "after", "heldout_pass1": final, "rounds": len(history)})
         console.print(f"held-out pass@1: {run.metrics()[0]['heldout_pass1']:.3f} -> {final:.3f}")
+    if lora.is_lora(model):
+        model = lora.merged(model)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, run.path / "policy.safetensors")
 
 
@@ -315,10 +329,11 @@ def _iterative_dpo(
     id for the reward from the start.
     """
     from assay.arith import world
-    from assay.checkpoints import load_embedded
     from assay.clients import PolicyClient, RewardClient
     from assay.services import LocalServices
+    from assay.trainer import lora
     from assay.trainer.dpo import iterative_dpo
+    from assay.trainer.models import load_policy, prepare
     from assay.trainer.online import sync_weights
     from assay.trainer.prompts import from_problem
 
@@ -329,13 +344,15 @@ def _iterative_dpo(
         timeout_s = cfg.service_timeout_s
         with RewardClient.http(rm_url, timeout_s=timeout_s) as rm:
             expected = rm.reward_id(cfg.reward)
-        model, tokenizer = load_embedded("policy")
+        model, tokenizer = load_policy(None, cfg.hardware)
         if searched is not None:
             prompts = searched.prompts
         else:
             prompts = [from_problem(p) for p in world.take("train", cfg.rounds * cfg.prompts_per_round, seed=cfg.seed)]
         policy = stack.enter_context(PolicyClient.http(policy_url, timeout_s=timeout_s))
-        sync_weights(policy, model, None, timeout_s)
+        sync_weights(policy, model, None, timeout_s)  # the full base: adapter pushes merge into it
+        if cfg.lora.r:  # on its device first: peft puts the adapter where the layers it wraps are
+            model = lora.wrap(prepare(model, cfg.hardware), cfg.lora)
         history = iterative_dpo(
             model,
             tokenizer,

@@ -16,11 +16,13 @@ bottom-scored candidates become (chosen, rejected); a few DPO epochs on those pa
 weights are pushed back to the server, so the next round searches the trained policy. A candidate
 whose score is None (the reward failed on it) is left out, never counted as 0; the run stops
 if rm_server's id for the reward changes mid-run, since the pairs would then mix two rewards.
+
+Both train on `config.hardware` (`trainer.models`: device, autocast over float32 weights, gradient
+checkpointing); the reference is a float32 copy under the same autocast, and the log-probs are float32.
 """
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -33,8 +35,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.arith import world
-from assay.trainer import online
+from assay.trainer import lora, online
 from assay.trainer.config import DPOConfig
+from assay.trainer.models import Precision, device_of, out_of_memory, prepare, reference, sizes
 from assay.trainer.online import RewardMismatch, push_weights, same_reward, sync_weights
 from assay.trainer.sft import IGNORE, collate, encode_example
 
@@ -60,22 +63,23 @@ class Pair:
 
 
 def sequence_logps(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([batch] summed log pi(completion + eos | prompt), [batch] completion token counts)."""
     ids, _, labels = collate(
         [encode_example(tokenizer, p, c) for p, c in zip(prompts, completions)], tokenizer.pad_token_id
     )
+    device = device_of(model)
     # Right padding under a causal mask: real tokens never attend to the pads after them (as in sft.py).
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # [batch, seq-1, vocab]
-    target = labels[:, 1:]  # position t predicts token t + 1
+    logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1].float()  # [batch, seq-1, vocab]
+    target = labels[:, 1:].to(device)  # position t predicts token t + 1
     keep = target != IGNORE
     token_logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)  # [batch, seq-1]
     return (token_logp * keep).sum(-1), keep.sum(-1)
 
 
 def pair_logps(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over chosen and rejected together: ([B] log pi(y_w|x), [B] log pi(y_l|x), [B] |y_w|)."""
     prompts = [p.prompt for p in pairs] * 2
@@ -106,36 +110,32 @@ def dpo_loss(
     return loss.mean(), chosen_reward.detach(), rejected_reward.detach()
 
 
-def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """The reference policy: a copy that never trains."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
-
-
 def make_optimizer(model: torch.nn.Module, config: DPOConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+    return torch.optim.AdamW(lora.trainable(model), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
 
 
 def dpo_step(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
+    ref_model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     batch_pairs: Sequence[Pair],
     optimizer: torch.optim.Optimizer,
     config: DPOConfig,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
-    """One optimizer step on a batch of pairs; metrics measured before the step (TRL's convention)."""
+    """One optimizer step on a batch of pairs; metrics measured before the step (TRL's convention).
+    `precision`: the run's (default: `config.hardware`'s, which a float16 run must not rebuild each step)."""
+    precision = precision if precision is not None else Precision(config.hardware)
     model.train()
-    pi_w, pi_l, n_w = pair_logps(model, tokenizer, batch_pairs)
-    with torch.no_grad():
-        ref_w, ref_l, _ = pair_logps(ref_model, tokenizer, batch_pairs)
-    dpo, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta, config.label_smoothing)
-    # RPO's anchor: per-token NLL of the chosen responses, so their likelihood need not fall
-    nll = -(pi_w.sum() / n_w.sum())
-    loss = dpo + config.sft_weight * nll if config.sft_weight else dpo
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    optimizer.step()
+    with precision.autocast():
+        pi_w, pi_l, n_w = pair_logps(model, tokenizer, batch_pairs)
+        with torch.no_grad():
+            ref_w, ref_l, _ = pair_logps(ref_model, tokenizer, batch_pairs)
+        dpo, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w, ref_l, config.beta, config.label_smoothing)
+        # RPO's anchor: per-token NLL of the chosen responses, so their likelihood need not fall
+        nll = -(pi_w.sum() / n_w.sum())
+        loss = dpo + config.sft_weight * nll if config.sft_weight else dpo
+    (grad_norm,) = precision.step(loss, (optimizer, config.grad_clip))
     return {
         "loss": loss.item(),
         "dpo_loss": dpo.item(),
@@ -145,18 +145,19 @@ def dpo_step(
         "rejected_reward": r_l.mean().item(),
         "chosen_logp": pi_w.detach().mean().item(),
         "rejected_logp": pi_l.detach().mean().item(),
-        "grad_norm": grad_norm.item(),
+        "grad_norm": grad_norm,
     }
 
 
 def _train_epochs(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
+    ref_model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
     optimizer: torch.optim.Optimizer,
     config: DPOConfig,
     rng: random.Random,
+    precision: Precision,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     history: list[dict[str, float]] = []
@@ -164,9 +165,10 @@ def _train_epochs(
         order = list(pairs)
         rng.shuffle(order)
         for start in range(0, len(order), config.batch_size):
-            history.append(
-                dpo_step(model, ref_model, tokenizer, order[start : start + config.batch_size], optimizer, config)
-            )
+            batch = order[start : start + config.batch_size]
+            where = f"DPO step {len(history) + 1} (policy and reference forwards, backward over {len(batch)} pairs)"
+            with out_of_memory(where, [f"--batch-size ({config.batch_size})"], config.hardware, resumable=False):
+                history.append(dpo_step(model, ref_model, tokenizer, batch, optimizer, config, precision))
             if on_step:
                 on_step(len(history) - 1, history[-1])
     model.eval()
@@ -181,23 +183,24 @@ def train_offline(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     ref_model: PreTrainedModel | None = None,
 ) -> list[dict[str, float]]:
-    """DPO in place on fixed pairs for `config.epochs` shuffled passes; the per-step metrics.
-
-    The reference is a frozen copy of `model` as passed in, unless `ref_model` is given.
-    """
+    """DPO in place, on `config.hardware`, on fixed pairs for `config.epochs` shuffled passes; the
+    per-step metrics. The reference is a frozen copy of `model` as passed in, unless `ref_model` is
+    given (on the same device: `trainer.models.reference` of the prepared model)."""
     if not pairs:
         raise ValueError("train_offline needs at least one pair")
     torch.manual_seed(config.seed)
-    ref_model = ref_model if ref_model is not None else frozen_copy(model)
+    prepare(model, config.hardware)
+    ref_model = ref_model if ref_model is not None else reference(model)
+    optimizer, precision = make_optimizer(model, config), Precision(config.hardware)
     return _train_epochs(
-        model, ref_model, tokenizer, pairs, make_optimizer(model, config), config, random.Random(config.seed), on_step
+        model, ref_model, tokenizer, pairs, optimizer, config, random.Random(config.seed), precision, on_step
     )
 
 
 @torch.no_grad()
 def evaluate_pairs(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
+    ref_model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
     config: DPOConfig,
@@ -272,16 +275,26 @@ def iterative_dpo(
     (`ref_update="fixed"`) or the policy at the start of each round ("each_round"). The AdamW state
     carries over between rounds. Raises RewardMismatch when a search is scored by a different
     reward id than the first one (or than `expected_reward_id`, rm_server's id for the reward).
+
+    With `config.lora.r`, `model` comes wrapped (`lora.wrap`, so the caller holds the wrapped
+    model): the adapter trains, the reference is the base, and each push sends the adapter alone.
     """
     if not prompts:
         raise ValueError("iterative_dpo needs at least one prompt")
     if references is not None and len(references) != len(prompts):
         raise ValueError("references must have one entry per prompt")
     _check_train_split(prompts)
+    if bool(config.lora.r) != lora.is_lora(model):
+        raise ValueError("with lora r > 0, pass the policy wrapped (`lora.wrap(model, config.lora)`), else unwrapped")
+    if config.lora.r and config.ref_update != "fixed":
+        raise ValueError("a LoRA policy's reference is its base (ref_update 'fixed'): 'each_round' needs full weights")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    ref_model = frozen_copy(model)
-    optimizer = make_optimizer(model, config)
+    prepare(model, config.hardware)
+    ref_model = lora.Reference(model) if lora.is_lora(model) else reference(model)
+    optimizer, precision = make_optimizer(model, config), Precision(config.hardware)
+    held = {"policy": model, **({"reference": ref_model} if not lora.is_lora(model) else {})}
+    print("\n".join(sizes(held, config.hardware)), flush=True)
     reward_id = expected_reward_id
     timeout_s = config.service_timeout_s
 
@@ -311,7 +324,7 @@ def iterative_dpo(
 
         if config.ref_update == "each_round":
             ref_model.load_state_dict(model.state_dict())
-        steps = _train_epochs(model, ref_model, tokenizer, pairs, optimizer, config, rng) if pairs else []
+        steps = _train_epochs(model, ref_model, tokenizer, pairs, optimizer, config, rng, precision) if pairs else []
         t_train = time.perf_counter() - t0 - t_search
         if steps:  # nothing trained, nothing to push
             version = push_weights(policy, model, version, timeout_s)

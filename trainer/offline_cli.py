@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from assay.cli_options import config_options
 from assay.trainer.cli import CONFIG_HELP, console, load_config, open_run_dir
-from assay.trainer.config import RMConfig, SFTConfig
+from assay.trainer.config import Hardware, RMConfig, SFTConfig
 
 MODEL_HELP = "a local Hugging Face checkpoint to start from"
 DATA_HELP = ".jsonl, .json, .parquet, .csv or a save_to_disk folder"
@@ -103,7 +103,8 @@ def sft_cmd(
     )
     rows = _rows(opts, load_demonstrations, cfg.seed)
     run = _open(opts)
-    net, tok = _load(model, "causal_lm", torch_threads)
+    net, tok = _load(model, "causal_lm", torch_threads, cfg.hardware)
+    _print_sizes({"policy": net}, cfg.hardware)
     train, heldout = _guarded(
         lambda: (
             rows_as.demonstrations(tok, rows.train, rows.path),
@@ -121,7 +122,7 @@ def sft_cmd(
             run.log(m)
             bar(step + 1, f"loss {loss:.4f}" + (f" held-out {m['heldout_loss']:.4f}" if "heldout_loss" in m else ""))
 
-        losses = train_sft(net, tok, _cycle(train, cfg.seed), cfg, on_step)
+        losses = _training(lambda: train_sft(net, tok, _cycle(train, cfg.seed), cfg, on_step))
     _save(net, model, out)
     console.print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; checkpoint: {out}; run: {run.path}")
 
@@ -145,9 +146,10 @@ def rm_cmd(
     torch_threads: int = typer.Option(1, help="torch threads"),
 ) -> None:
     """Train an outcome reward model on preferences; saves a checkpoint rm_server serves as `model.outcome`."""
-    from assay.checkpoints import load_scalar_classifier
+    from assay.checkpoints import check_device, load_scalar_classifier
     from assay.data import load_preferences
     from assay.trainer import files as rows_as
+    from assay.trainer.models import prepare
     from assay.trainer.reward_model import pairwise_accuracy, train_outcome_rm
 
     cfg: RMConfig = load_config(RMConfig, config, given)
@@ -157,7 +159,10 @@ def rm_cmd(
     rows = _rows(opts, load_preferences, cfg.seed)
     run = _open(opts)
     _threads(torch_threads)
+    _guarded(lambda: check_device(cfg.hardware.device))
     net, tok, new_head = _guarded(lambda: load_scalar_classifier(model))
+    _guarded(lambda: prepare(net, cfg.hardware))
+    _print_sizes({"reward model": net}, cfg.hardware, trained=("reward model",))
     train, heldout = _guarded(
         lambda: (rows_as.ranked_groups(tok, rows.train, rows.path), rows_as.ranked_groups(tok, rows.heldout, rows.path))
     )
@@ -177,7 +182,7 @@ def rm_cmd(
             shown = f" held-out accuracy {m['heldout_accuracy']:.3f}" if "heldout_accuracy" in m else ""
             bar(step + 1, f"loss {loss:.4f}{shown}")
 
-        train_outcome_rm(net, tok, train, cfg, on_step, add_special_tokens=not chat)
+        _training(lambda: train_outcome_rm(net, tok, train, cfg, on_step, add_special_tokens=not chat))
     _save(net, model, out)
     last = run.metrics()[-1]
     if "heldout_accuracy" in last:
@@ -191,16 +196,18 @@ def offline_dpo(cfg: Any, opts: Files) -> None:
     """`assay train dpo --data FILE`: DPO on the file's preference pairs (`trainer.dpo.train_offline`)."""
     from assay.data import load_preferences
     from assay.trainer import files as rows_as
-    from assay.trainer.dpo import evaluate_pairs, frozen_copy, train_offline
+    from assay.trainer.dpo import evaluate_pairs, train_offline
+    from assay.trainer.models import reference
 
     rows = _rows(opts, load_preferences, cfg.seed)
     run = _open(opts)
-    net, tok = _load(opts.model, "causal_lm", opts.torch_threads)
+    net, tok = _load(opts.model, "causal_lm", opts.torch_threads, cfg.hardware)
     train, heldout = _guarded(
         lambda: (rows_as.pairs(tok, rows.train, rows.path), rows_as.pairs(tok, rows.heldout, rows.path))
     )
     _write_config(run, "dpo", cfg, opts, rows)
-    ref = frozen_copy(net)
+    ref = reference(net)
+    _print_sizes({"policy": net, "reference": ref}, cfg.hardware)
     total = cfg.epochs * -(-len(train) // cfg.batch_size)
     with ExitStack() as stack:
         bar = _bar(stack, "dpo", total)
@@ -212,7 +219,7 @@ def offline_dpo(cfg: Any, opts: Files) -> None:
             run.log(line)
             bar(step + 1, f"loss {m['loss']:.4f} accuracy {m['reward_accuracy']:.2f} margin {m['margin']:.3f}")
 
-        train_offline(net, tok, train, cfg, on_step, ref_model=ref)
+        _training(lambda: train_offline(net, tok, train, cfg, on_step, ref_model=ref))
     _save(net, opts.model, opts.out)
     last = run.metrics()[-1]
     if "heldout" in last:
@@ -283,11 +290,36 @@ def _write_config(run, algorithm: str, cfg: Any, opts: Files, rows: Rows, **extr
     run.write_config({"algorithm": algorithm, **asdict(cfg), "model": str(opts.model), **data, **counts, **extra})
 
 
-def _load(path: Path, kind: str, threads: int):
-    from assay.checkpoints import load_model
+def _load(path: Path, kind: str, threads: int, hardware: Hardware):
+    """The model to train, on `hardware` (`trainer.models.prepare`), and its tokenizer. A device or
+    checkpoint that cannot be used ends the command."""
+    from assay.checkpoints import check_device, load_model
+    from assay.trainer.models import prepare
 
     _threads(threads)
-    return _guarded(lambda: load_model(path, kind))  # type: ignore[arg-type]
+    _guarded(lambda: check_device(hardware.device))
+    attn = None if hardware.attn_implementation == "auto" else hardware.attn_implementation
+    net, tok = _guarded(lambda: load_model(path, kind, attn_implementation=attn))  # type: ignore[arg-type]
+    _guarded(lambda: prepare(net, hardware))
+    return net, tok
+
+
+def _print_sizes(modules: dict[str, Any], hardware: Hardware, trained: tuple[str, ...] = ("policy",)) -> None:
+    from assay.trainer.models import sizes
+
+    for line in sizes(modules, hardware, trained):
+        console.print(line, highlight=False)
+
+
+def _training(fn: Callable[[], Any]) -> Any:
+    """Run the training; out of memory ends the command (exit 3) with what ran out and what to lower."""
+    from assay.trainer.models import OutOfMemory
+
+    try:
+        return fn()
+    except OutOfMemory as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(3)
 
 
 def _threads(threads: int) -> None:

@@ -35,7 +35,10 @@ import torch
 
 from assay.clients.errors import Conflict, Unavailable
 from assay.clients.policy import PolicyClient
+from assay.policy_server.protocol import WeightUpdateResponse
+from assay.trainer import lora
 from assay.trainer.config import RLConfig
+from assay.trainer.models import cpu_state, sizes
 from assay.trainer.prompts import Prompt, PromptSource
 from assay.trainer.rundir import RunDir
 
@@ -196,7 +199,8 @@ class Batch:
     completion_mask: torch.Tensor  # [rows, length - 1], float
 
 
-def pack(rollouts: Sequence[Rollout], pad_id: int) -> Batch:
+def pack(rollouts: Sequence[Rollout], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    """The rollouts as one right-padded batch on `device` (the model's): built on the CPU, moved once."""
     length = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
     ids = torch.full((len(rollouts), length), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rollouts), length), dtype=torch.long)
@@ -206,7 +210,7 @@ def pack(rollouts: Sequence[Rollout], pad_id: int) -> Batch:
         ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
         attn[i, : p + c] = 1
         comp[i, p - 1 : p + c - 1] = 1  # logprob at position t is of token t+1
-    return Batch(ids, attn, comp)
+    return Batch(ids.to(device), attn.to(device), comp.to(device))
 
 
 def server_gap(rollouts: Sequence[Rollout], logp: torch.Tensor) -> float:
@@ -217,13 +221,17 @@ def server_gap(rollouts: Sequence[Rollout], logp: torch.Tensor) -> float:
         if r.server_logprobs:
             p = len(r.prompt_ids)
             mine = logp[i, p - 1 : p - 1 + len(r.completion_ids)]
-            gap = max(gap, float((mine - torch.tensor(r.server_logprobs)).abs().max()))
+            gap = max(gap, float((mine - torch.tensor(r.server_logprobs, device=mine.device)).abs().max()))
     return gap
 
 
 def token_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs of each next token, logits) under `model`: [rows, length - 1] and [rows, length - 1, vocab]."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    """(logprobs of each next token, logits) under `model` (a causal LM, or `lora.Reference`):
+    [rows, length - 1] and [rows, length - 1, vocab].
+
+    Float32 whatever the compute dtype: the logits are upcast before the log-softmax."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = logits[:, :-1].float()
     targets = batch.input_ids[:, 1:]
     logp = logits.gather(-1, targets[..., None])[..., 0] - logits.logsumexp(-1)
     return logp, logits
@@ -246,7 +254,13 @@ def sync_weights(
 
 
 def push_weights(
-    policy: PolicyClient, model: torch.nn.Module, expect_version: int, timeout_s: float | None = None, tries: int = 3
+    policy: PolicyClient,
+    model: torch.nn.Module,
+    expect_version: int,
+    timeout_s: float | None = None,
+    tries: int = 3,
+    *,
+    base: bool = False,
 ) -> int:
     """Push `model`'s weights to a server at `expect_version`; the version that serves them.
 
@@ -256,12 +270,15 @@ def push_weights(
     trainer as its only writer: one past `expect_version` after a lost answer: the push landed,
     and is not sent again; at or below it: it did not land, or the server restarted from its
     start-up checkpoint (versions count from 0 again), and the weights are pushed again against
-    that version; above it otherwise: another writer pushed, and the run stops (Conflict)."""
-    state = model.state_dict()
+    that version; above it otherwise: another writer pushed, and the run stops (Conflict).
+
+    A LoRA model pushes its adapter only (`lora.adapter`), which the server merges into its base;
+    `base`: its base weights instead, in full (`lora.base_state`), which the server then merges into."""
+    send = _sender(policy, model, timeout_s, base)
     refused: Conflict | Unavailable
     for _ in range(tries):
         try:
-            return policy.update_weights(state, expect_version=expect_version, timeout_s=timeout_s).weight_version
+            return send(expect_version).weight_version
         except Conflict as err:
             refused, lost = err, False
         except Unavailable as err:
@@ -279,6 +296,23 @@ def push_weights(
             ) from refused
         expect_version = current
     raise refused
+
+
+def _sender(
+    policy: PolicyClient, model: torch.nn.Module, timeout_s: float | None, base: bool
+) -> Callable[[int], WeightUpdateResponse]:
+    """One push of `model` against a version: its adapter when it is a LoRA model (its base with
+    `base`), else its state dict."""
+    if base:
+        state = lora.base_state(model)
+        return lambda version: policy.update_weights(state, expect_version=version, timeout_s=timeout_s)
+    if lora.is_lora(model):
+        tensors, alpha, r, fifo = lora.adapter(model)
+        return lambda version: policy.update_adapter(
+            tensors, lora_alpha=alpha, r=r, fan_in_fan_out=fifo, expect_version=version, timeout_s=timeout_s
+        )
+    state = cpu_state(model)  # float32 master weights; a server in another dtype casts them
+    return lambda version: policy.update_weights(state, expect_version=version, timeout_s=timeout_s)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -300,7 +334,8 @@ def run(
     `modules` and `optimizers` (by name; `modules["policy"]` is the model) are what a checkpoint
     holds, with the ids of the training reward and of the evaluation's rewards: a resumed run
     whose rewards now answer with other ids stops (RewardMismatch). `config.json` records them,
-    the config and where the prompts come from (`ctx.prompts.describe()`)."""
+    the config, where the prompts come from (`ctx.prompts.describe()`) and the memory the modules
+    and optimizers hold (`trainer.models.sizes`, also printed at the start)."""
     config, run_dir = ctx.config, ctx.run_dir
     if not resume and RunDir.found_in(run_dir.path):
         raise RunExists(
@@ -320,7 +355,12 @@ def run(
         for name, current in ctx.evaluation.reward_ids().items()
     }
     described = {**ctx.prompts.describe(), "reward_id": reward_id, "eval_reward_ids": eval_ids}
-    run_dir.write_config({"algorithm": algorithm, **asdict(config), **described})
+    memory = sizes(modules, config.hardware, trained=tuple(optimizers))  # before the first step: what it holds
+    print("\n".join(memory), flush=True)
+    run_dir.write_config({"algorithm": algorithm, **asdict(config), **described, "memory": memory})
+    if lora.is_lora(ctx.model):  # the base in full, once: adapter pushes merge into what the server holds
+        current = ctx.policy.weight_version(timeout_s=config.service_timeout_s)
+        push_weights(ctx.policy, ctx.model, current, config.service_timeout_s, base=True)
     version = sync_weights(ctx.policy, ctx.model, None, config.service_timeout_s)  # the server now serves exactly these
     if config.eval_every and start == 1:  # where the run starts from, as step 0
         run_dir.log({"step": 0, **ctx.evaluation(ctx, version), "weight_version": version})
@@ -336,7 +376,10 @@ def run(
             state = {"reward_id": reward_id, "eval_reward_ids": eval_ids, "weight_version": metrics["weight_version"]}
             run_dir.save(step, modules, optimizers, state)
 
-    return steps(range(start, config.steps + 1), step_fn, version, record)
+    history = steps(range(start, config.steps + 1), step_fn, version, record)
+    if lora.is_lora(ctx.model):  # checkpoints hold the adapter; this is the policy anyone can serve
+        lora.save_merged(ctx.model, ctx.tokenizer, run_dir.path / "merged")
+    return history
 
 
 def steps(numbers: Iterable[int], step_fn: StepFn, version: int, on_step: OnStep | None = None) -> list[dict[str, Any]]:

@@ -62,17 +62,21 @@ def run_online(
 ) -> None:
     import torch
 
-    from assay.checkpoints import CheckpointError, load_embedded, load_model
+    from assay.checkpoints import check_device
     from assay.data import DataError
     from assay.trainer import grpo, ppo
     from assay.trainer.evaluation import for_eval_set
+    from assay.trainer.models import OutOfMemory, load_policy, prepare
     from assay.trainer.online import RewardMismatch
 
     torch.set_num_threads(torch_threads)
-    try:
-        net, tok = load_model(model_path, "causal_lm") if model_path else load_embedded("policy")
+    try:  # on the device before any service starts: a device or attention the machine lacks ends it here
+        check_device(cfg.hardware.device)
+        net, tok = load_policy(model_path, cfg.hardware)
+        prepare(net, cfg.hardware)
+        # on the CPU: ppo.train prepares its own copy on the device
         critic = ppo.initial_critic(model_path, data.critic, tok) if isinstance(cfg, PPOConfig) else None
-    except CheckpointError as exc:
+    except ValueError as exc:  # a CheckpointError, or a device or attention implementation this machine lacks
         console.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
     try:  # a bad file is refused before any service starts
@@ -123,6 +127,9 @@ def run_online(
         except RewardMismatch as exc:
             console.print(f"[red]error:[/red] {exc}")
             sys.exit(1)
+        except OutOfMemory as exc:  # the services stop with the stack; the run directory stays for --resume
+            console.print(f"[red]error:[/red] {exc}", highlight=False)
+            sys.exit(3)
     console.print(f"metrics: {run.path / 'metrics.jsonl'}")
 
 

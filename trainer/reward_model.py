@@ -9,6 +9,9 @@ with any of the three losses the RLHF literature uses:
 
 Process RMs (token classification, one logit per token) learn a correct/incorrect label at the
 last token of each step: L = BCE(sigmoid(logit at step end), label).
+
+Both train on `config.hardware` (`trainer.models`: device, autocast over float32 weights, gradient
+checkpointing), with the losses computed in float32.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.scoring import outcome_scores, score_outcome, step_token_positions
 from assay.trainer.config import RMConfig, SFTConfig
-from assay.trainer.sft import make_update
+from assay.trainer.models import Precision, device_of, prepare
+from assay.trainer.sft import make_update, step_guard
 
 # --- losses -------------------------------------------------------------------------------
 
@@ -86,22 +90,27 @@ def train_outcome_rm(
     add_special_tokens=False for text a chat template rendered (`assay.scoring.outcome_scores`)."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    model.train()
-    update = make_update(model, config)
+    prepare(model, config.hardware)
+    precision = Precision(config.hardware)
+    update = make_update(model, config, precision)
+    device = device_of(model)
     losses = []
     for step in range(config.steps):
         batch = _group_batch(rng.sample(list(groups), config.batch_size), config, rng)
-        flat = outcome_scores(model, tokenizer, [t for texts in batch for t in texts], add_special_tokens)  # [texts]
-        # [groups, widest]: a group with fewer candidates is padded with -inf, which softmax gives no mass
-        scores = torch.full((len(batch), max(map(len, batch))), float("-inf"))
-        scores[_filled(batch)] = flat
-        if config.loss == "bt":
-            loss = bradley_terry_loss(scores[:, 0], scores[:, 1])
-        elif config.loss == "margin":
-            loss = margin_ranking_loss(scores[:, 0], scores[:, 1], config.margin)
-        else:
-            loss = listwise_loss(scores, torch.zeros(len(scores), dtype=torch.long))
-        losses.append(update(loss))
+        with step_guard("reward model", step, config):
+            with precision.autocast():
+                texts = [t for group in batch for t in group]
+                flat = outcome_scores(model, tokenizer, texts, add_special_tokens).float()  # [texts]
+            # [groups, widest]: a group with fewer candidates is padded with -inf, which softmax gives no mass
+            scores = torch.full((len(batch), max(map(len, batch))), float("-inf"), device=device)
+            scores[_filled(batch).to(device)] = flat
+            if config.loss == "bt":
+                loss = bradley_terry_loss(scores[:, 0], scores[:, 1])
+            elif config.loss == "margin":
+                loss = margin_ranking_loss(scores[:, 0], scores[:, 1], config.margin)
+            else:
+                loss = listwise_loss(scores, torch.zeros(len(scores), dtype=torch.long, device=device))
+            losses.append(update(loss))
         if on_step:
             on_step(step, losses[-1])
     model.eval()
@@ -161,8 +170,10 @@ def train_process_rm(
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     encoded = [(*step_token_positions(tokenizer, e.prompt, e.response, e.step_ends), e.labels) for e in examples]
-    model.train()
-    update = make_update(model, config)
+    prepare(model, config.hardware)
+    precision = Precision(config.hardware)
+    update = make_update(model, config, precision)
+    device = device_of(model)
     losses = []
     for step in range(config.steps):
         batch = rng.sample(encoded, config.batch_size)
@@ -172,11 +183,14 @@ def train_process_rm(
         for row, (x, pos, lab) in enumerate(batch):
             ids[row, : len(x)] = torch.tensor(x)
             target[row, pos] = torch.tensor(lab, dtype=torch.float)
-        # right padding: no attention mask needed under the causal mask
-        logits = model(input_ids=ids, use_cache=False).logits[..., 0]  # [batch, seq]
-        keep = target >= 0
-        loss = F.binary_cross_entropy_with_logits(logits[keep], target[keep])
-        losses.append(update(loss))
+        ids, target = ids.to(device), target.to(device)
+        with step_guard("process reward model", step, config):
+            # right padding: no attention mask needed under the causal mask
+            with precision.autocast():
+                logits = model(input_ids=ids, use_cache=False).logits[..., 0].float()  # [batch, seq]
+            keep = target >= 0
+            loss = F.binary_cross_entropy_with_logits(logits[keep], target[keep])
+            losses.append(update(loss))
         if on_step:
             on_step(step, losses[-1])
     model.eval()

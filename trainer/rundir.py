@@ -3,7 +3,8 @@
     metrics.jsonl                one JSON line per step (`assay plot` reads it)
     config.json                  the run's config, with what the run found out at the start (reward id, rows skipped)
     events.out.tfevents.*        the same metrics for TensorBoard: `tensorboard --logdir runs/`
-    checkpoints/step-NNNNNN/     resumable state (GRPO, PPO)
+    checkpoints/step-NNNNNN/     resumable state (GRPO, PPO); of a LoRA model, its trainable tensors only
+    merged/                      a LoRA run's final policy, its adapter merged: a plain Hugging Face checkpoint
 
 `log` writes each line to both: metrics.jsonl stays the record the tests, `assay plot` and resume read,
 and one TensorBoard writer per run gets every numeric value of the line as a scalar at the line's step
@@ -24,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from assay.trainer import lora
 
 EVENTS = "events.out.tfevents.*"  # the files TensorBoard's writer names in a log directory
 
@@ -38,9 +41,9 @@ class RunDir:
     run: a new one starts only in an empty directory or after `clear()`."""
 
     MARKS = ("metrics.jsonl", "config.json", "checkpoints")  # any of them: the directory holds a run
-    # what a run writes here (DPO: the final policy; `assay plot`: the curves); clear() removes these
-    # and the event files only
-    FILES = (*MARKS, "curves.png", "policy.safetensors")
+    # what a run writes here (DPO: the final policy; a LoRA run: its merged policy; `assay plot`: the
+    # curves); clear() removes these and the event files only
+    FILES = (*MARKS, "curves.png", "policy.safetensors", "merged")
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -106,8 +109,10 @@ class RunDir:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for name, module in modules.items():
-            # save_model keeps one copy of tied weights (a chat model's lm_head is often its embeddings)
-            save_model(module, str(tmp / f"{name}.safetensors"))
+            if lora.is_lora(module):  # the adapter (and a critic's head): the frozen base is the run's --model
+                save_file(lora.trainable_state(module), str(tmp / f"{name}.safetensors"))
+            else:  # save_model keeps one copy of tied weights (a chat model's lm_head is often its embeddings)
+                save_model(module, str(tmp / f"{name}.safetensors"))
         for name, opt in optimizers.items():
             torch.save(opt.state_dict(), tmp / f"{name}.optimizer.pt")  # read back with weights_only=True
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
@@ -126,9 +131,15 @@ class RunDir:
     ) -> dict[str, Any]:
         """Restore modules and optimizers in place; the state dict, with "step"; drop later metrics."""
         for name, module in modules.items():
-            load_model(module, str(ckpt / f"{name}.safetensors"))
+            path = ckpt / f"{name}.safetensors"
+            if lora.is_lora(module):
+                lora.load_trainable(module, load_file(path), str(path))
+            else:
+                load_model(module, str(path))
         for name, opt in optimizers.items():
-            opt.load_state_dict(torch.load(ckpt / f"{name}.optimizer.pt", weights_only=True))
+            # read onto the CPU (a run saved on a GPU resumes anywhere); load_state_dict moves each
+            # moment to its parameter's device
+            opt.load_state_dict(torch.load(ckpt / f"{name}.optimizer.pt", map_location="cpu", weights_only=True))
         state = json.loads((ckpt / "state.json").read_text())
         kept = [m for m in self.metrics() if m.get("step", 0) <= state["step"]]
         self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))

@@ -1,18 +1,22 @@
 """Supervised fine-tuning of a causal LM on (prompt, completion) pairs.
 
 Loss: mean next-token cross-entropy over completion tokens only (prompt and padding masked),
-with the completion closed by the tokenizer's eos token so the model learns to stop.
+with the completion closed by the tokenizer's eos token so the model learns to stop. The model
+trains on `config.hardware` (`trainer.models`: device, autocast over float32 weights, gradient
+checkpointing); `make_update` is the optimizer step every offline trainer here shares.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from assay.trainer.config import SFTConfig
+from assay.trainer.models import Precision, device_of, out_of_memory, prepare
 
 IGNORE = -100  # label id that cross-entropy skips
 
@@ -80,19 +84,17 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, chars: str) -> torch.Tensor |
     return torch.tensor(sorted({tokenizer.convert_tokens_to_ids(c) for c in chars}))
 
 
-def make_update(model: torch.nn.Module, config: SFTConfig) -> Callable[[torch.Tensor], float]:
+def make_update(model: torch.nn.Module, config: SFTConfig, precision: Precision) -> Callable[[torch.Tensor], float]:
     """AdamW with warm-up and cosine decay, as one call per step: `update(loss) -> loss value`.
 
-    Shared by every trainer here: backward, clip the gradient norm, step, advance the schedule.
+    Shared by every trainer here: backward, clip the gradient norm, step (`precision.step`: with a
+    loss scale in float16), advance the schedule.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
 
     def update(loss: torch.Tensor) -> float:
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
+        precision.step(loss, (opt, config.grad_clip))
         sched.step()
         return loss.item()
 
@@ -106,24 +108,35 @@ def train_sft(
     config: SFTConfig,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train in place on `config.steps` batches drawn from `examples`; returns the step losses."""
+    """Train in place, on `config.hardware`, on `config.steps` batches drawn from `examples`; the step losses."""
     torch.manual_seed(config.seed)
-    model.train()
-    update = make_update(model, config)
+    prepare(model, config.hardware)
+    precision = Precision(config.hardware)
+    update = make_update(model, config, precision)
+    device = device_of(model)
     smooth_ids = _token_ids(tokenizer, config.smoothing_tokens)
+    smooth_ids = smooth_ids.to(device) if smooth_ids is not None else None
     losses = []
     for step in range(config.steps):
         batch = [encode_example(tokenizer, *next(examples)) for _ in range(config.batch_size)]
-        ids, _, labels = collate(batch, tokenizer.pad_token_id)
+        ids, _, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
         # Right padding under a causal mask: real tokens never attend to the pads after them,
         # so no attention mask is passed (with one, CPU attention backward is ~8x slower).
-        logits = model(input_ids=ids, use_cache=False).logits  # [batch, seq, vocab]
-        loss = sft_loss(logits, labels, config.label_smoothing, smooth_ids)
-        losses.append(update(loss))
+        with step_guard("SFT", step, config):
+            with precision.autocast():
+                logits = model(input_ids=ids, use_cache=False).logits  # [batch, seq, vocab]
+                loss = sft_loss(logits, labels, config.label_smoothing, smooth_ids)
+            losses.append(update(loss))
         if on_step:
             on_step(step, losses[-1])
     model.eval()
     return losses
+
+
+def step_guard(name: str, step: int, config: SFTConfig) -> AbstractContextManager:
+    """`out_of_memory` around step `step` (from 0) of an offline trainer: no checkpoint to resume from."""
+    where = f"{name} step {step + 1} (forward and backward over {config.batch_size} examples)"
+    return out_of_memory(where, [f"--batch-size ({config.batch_size})"], config.hardware, resumable=False)
 
 
 @torch.no_grad()
@@ -140,7 +153,7 @@ def eval_loss(
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = [encode_example(tokenizer, p, c) for p, c in examples[start : start + batch_size]]
-        ids, _, labels = collate(batch, tokenizer.pad_token_id)
+        ids, _, labels = (t.to(device_of(model)) for t in collate(batch, tokenizer.pad_token_id))
         tokens = int((labels[:, 1:] != IGNORE).sum())
         total += sft_loss(model(input_ids=ids, use_cache=False).logits, labels).item() * tokens
         count += tokens

@@ -105,6 +105,11 @@ class GenerationBackend(ABC):
         """Every tensor a weight update may name (the model's state dict), with its shape and dtype."""
         raise NotImplementedError(f"{type(self).__name__} does not take weight updates")
 
+    def read_weights(self, names: Sequence[str]) -> dict[str, Any]:
+        """Copies of the named tensors as the model serves them now (name -> torch.Tensor, on the CPU):
+        the base weights a LoRA adapter is merged into. Blocking: run it on a thread."""
+        raise NotImplementedError(f"{type(self).__name__} does not take weight updates")
+
     async def load_weights(self, tensors: Mapping[str, Any]) -> int:
         """Swap in `tensors` (name -> torch.Tensor, already checked against `parameter_specs`)
         between batches, all at once, and bump `weight_version`; return the new version.

@@ -245,22 +245,31 @@ class VllmBackend(GenerationBackend):
                 os.unlink(path)
             return self.weight_version
 
+    def read_weights(self, names: Sequence[str]) -> dict[str, Any]:
+        state = self._full_state()
+        return {name: state[name].clone() for name in names}
+
     def _merged(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
         """The full state dict with `tensors` swapped in: the checkpoint's tensors (read at the first
         update) as the last update left them. Copies, so that a caller who goes on changing its
         tensors (a trainer's parameters) does not change what a later update sends."""
+        state = self._full_state()
+        # an update in another float dtype (a float32 trainer, a bf16 checkpoint) takes the checkpoint's
+        return {
+            **state,
+            **{name: t.detach().to("cpu", state[name].dtype, copy=True).contiguous() for name, t in tensors.items()},
+        }
+
+    def _full_state(self) -> dict[str, Any]:
+        """The weights vLLM serves, as the host copy holds them: the checkpoint's, read at the first
+        update (or adapter push), as the last update left them."""
         from safetensors.torch import load_file
 
         if self._state is None:
             self._state = {}
             for file in sorted(self.path.glob("*.safetensors")):
                 self._state.update(load_file(file))
-        # an update in another float dtype (a float32 trainer, a bf16 checkpoint) takes the checkpoint's
-        state = self._state
-        return {
-            **state,
-            **{name: t.detach().to("cpu", state[name].dtype, copy=True).contiguous() for name, t in tensors.items()},
-        }
+        return self._state
 
 
 def _write_temporary(state: dict[str, Any]) -> str:

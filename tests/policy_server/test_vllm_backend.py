@@ -194,6 +194,8 @@ async def _weight_updates(hf, vl, prompts) -> None:
     flipped = await vl.generate([_greedy(p) for p in prompts])
     assert [f.token_ids for f in flipped] != [g.token_ids for g in got]  # the change shows
     assert [f.token_ids for f in flipped] == [w.token_ids for w in await hf.generate([_greedy(p) for p in prompts])]
+    # the bases a LoRA adapter push merges into (policy_server/adapters.py): what each backend serves now
+    assert torch.equal(vl.read_weights([down])[down], hf.read_weights([down])[down])
     await hf.load_weights({down: state[down]})
 
 

@@ -16,7 +16,6 @@ from assay.trainer.dpo import (
     Pair,
     dpo_loss,
     dpo_step,
-    frozen_copy,
     iterative_dpo,
     make_optimizer,
     pair_from_search,
@@ -24,6 +23,7 @@ from assay.trainer.dpo import (
     sequence_logps,
     train_offline,
 )
+from assay.trainer.models import reference
 from assay.trainer.online import RewardMismatch
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]  # tests/conftest.py
@@ -62,7 +62,7 @@ def test_dpo_loss_by_hand():
 
 def test_policy_equal_to_reference_gives_log2_and_one_step_moves_the_pair_apart(tiny_lm, tokenizer):
     pair = [Pair("Q: 1+2 A: ", "1+2=3 #### 3", "1+2=4 #### 4")]
-    ref = frozen_copy(tiny_lm)
+    ref = reference(tiny_lm)
     config = DPOConfig(lr=1e-3)
     metrics = dpo_step(tiny_lm, ref, tokenizer, pair, make_optimizer(tiny_lm, config), config)
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -86,7 +86,7 @@ def test_completion_log_probs_mask_the_prompt_and_count_eos(tokenizer, tiny_lm):
 
 def test_loss_falls_on_a_fixed_batch_of_arithmetic_pairs(embedded):
     model, tokenizer = embedded
-    model = frozen_copy(model).requires_grad_(True)  # the module fixture stays untouched
+    model = reference(model).requires_grad_(True)  # the module fixture stays untouched
     pairs = [Pair(p.prompt, p.solution, off_by_one(p)) for p in world.take("train", 8, seed=0)]
     history = train_offline(model, tokenizer, pairs, DPOConfig(lr=3e-4, batch_size=8, epochs=5))
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -143,8 +143,8 @@ def restores_weights(services, embedded):
 @pytest.mark.e2e
 def test_one_round_searches_trains_and_pushes(services, embedded, restores_weights):
     model, tokenizer = embedded
-    model = frozen_copy(model).requires_grad_(True)
-    ref = frozen_copy(model)
+    model = reference(model).requires_grad_(True)
+    ref = reference(model)
     prompts = [p.prompt for p in world.take("train", 4, seed=3)]
     config = DPOConfig(rounds=1, prompts_per_round=4, n=4, lr=1e-3, epochs=4, batch_size=4, concurrency=1)
     with RecordingPolicy(services.policy_url) as client, RewardClient.http(services.rm_url) as rm:
@@ -188,7 +188,7 @@ def _completion_logp(model, tokenizer, prompt: str, text: str) -> tuple[float, i
 @pytest.mark.e2e
 def test_a_changed_reward_id_stops_the_run(services, embedded):
     model, tokenizer = embedded
-    model = frozen_copy(model).requires_grad_(True)
+    model = reference(model).requires_grad_(True)
     prompts = [p.prompt for p in world.take("train", 2, seed=4)]
     config = DPOConfig(rounds=1, prompts_per_round=2, n=2, concurrency=1)
     with RecordingPolicy(services.policy_url, swap_reward_id_on=2) as client:

@@ -4,6 +4,7 @@ SIGKILL of rm_server mid-training and of the trainer itself (resume): tests/reli
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,7 +13,9 @@ import torch
 from assay.checkpoints import load_embedded
 from assay.clients.reward import RewardClient
 from assay.rm_server.local import LocalTransport
+from assay.trainer.config import Hardware
 from assay.trainer.grpo import GRPOConfig, train
+from assay.trainer.models import OutOfMemory
 from assay.trainer.online import RewardMismatch
 from assay.trainer.rundir import RunDir
 
@@ -79,3 +82,41 @@ def test_a_policy_server_restart_mid_run_gets_the_trainers_weights_again(policy,
     assert [m["samples"] for m in history] == [16, 16, 16]
     assert all(m["server_logprob_gap"] < 1e-3 for m in history)  # every rollout came from the trainer's weights
     assert policy.weight_version() == history[-1]["weight_version"]
+
+
+def test_a_bfloat16_step_with_gradient_checkpointing_pushes_float32_weights_the_server_serves(
+    policy, reward_fn, tmp_path
+):
+    """Mixed precision trains float32 master weights: those are pushed, and the float32 server then
+    answers greedily exactly as the trainer's weights do."""
+    model, tok = load_embedded("policy")
+    hardware = Hardware(dtype="bfloat16", gradient_checkpointing=True)
+    (m,) = train(GRPOConfig(steps=1, hardware=hardware, **SMALL), model, tok, policy, reward_fn, RunDir(tmp_path))
+    assert m["samples"] == 16 and math.isfinite(m["loss"]) and model.is_gradient_checkpointing
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    memory = json.loads((tmp_path / "config.json").read_text())["memory"]
+    assert memory[-1].endswith("compute bfloat16 autocast over float32 weights, gradient checkpointing")
+    prompt = "Q: 52+17-33 A: "
+    served = policy.complete(prompt, max_tokens=40, temperature=0.0, return_token_ids=True).choices[0]
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    local = model.eval().generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert local[0, ids.shape[1] :].tolist() == served.token_ids
+
+
+def test_out_of_memory_in_a_step_stops_the_run_with_what_to_lower(policy, reward_fn, tmp_path):
+    """The policy's forward raises torch.OutOfMemoryError, as a CUDA allocation that fails does (a test
+    double for what this CPU machine cannot run out of): the run stops with OutOfMemory after step 1's
+    rollouts, before any update, the run directory as it was and the services still answering."""
+    model, tok = load_embedded("policy")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    model.forward = out_of_memory
+    with pytest.raises(OutOfMemory) as caught:
+        train(GRPOConfig(steps=2, **SMALL), model, tok, policy, reward_fn, RunDir(tmp_path))
+    message = str(caught.value)
+    assert "in GRPO step 1 (forward and backward over 16 samples of up to 40 tokens)" in message
+    assert "--prompts-per-step (4)" in message and "--group-size (4)" in message and "--resume" in message
+    assert RunDir(tmp_path).metrics() == [] and RunDir(tmp_path).latest() is None
+    assert policy.weight_version() >= 0  # the policy server answers on

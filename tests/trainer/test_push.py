@@ -27,6 +27,7 @@ class ScriptedServer:
     version: int
     script: list[str]
     pushes: list[int] = field(default_factory=list)  # expect_version of each push
+    adapters: list[tuple] = field(default_factory=list)  # (names, alpha, r, fan_in_fan_out) of each adapter push
 
     def update_weights(self, state, *, expect_version, timeout_s=None):
         self.pushes.append(expect_version)
@@ -42,6 +43,10 @@ class ScriptedServer:
         if what == "unavailable":
             raise Unavailable("still loading", status=503)
         return type("Reply", (), {"weight_version": self.version})()
+
+    def update_adapter(self, tensors, *, lora_alpha, r, fan_in_fan_out, expect_version, timeout_s=None):
+        self.adapters.append((sorted(tensors), lora_alpha, r, fan_in_fan_out))
+        return self.update_weights(tensors, expect_version=expect_version, timeout_s=timeout_s)
 
     def weight_version(self, timeout_s=None):
         return self.version
@@ -70,3 +75,21 @@ def test_another_writer_stops_the_run_and_an_answered_failure_is_raised():
         push_weights(ScriptedServer(version=7, script=[]), MODEL, 4)
     with pytest.raises(Unavailable, match="still loading"):
         push_weights(ScriptedServer(version=4, script=["unavailable"]), MODEL, 4)
+
+
+def test_a_lora_model_pushes_its_adapter_alone_with_the_same_lost_answer_logic():
+    from assay.checkpoints import load_embedded
+    from assay.trainer import lora
+    from assay.trainer.config import LoRA
+
+    model = lora.wrap(load_embedded("policy")[0], LoRA(r=2, alpha=4, target_modules=("q_proj", "v_proj")))
+    server = ScriptedServer(version=4, script=["lost"])
+    assert push_weights(server, model, 4) == 5 and server.pushes == [4, 4]
+    names, alpha, r, fan_in_fan_out = server.adapters[0]
+    assert (alpha, r, fan_in_fan_out) == (4.0, 2, False)
+    assert names == sorted(
+        f"model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
+        for i in range(4)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
+    )

@@ -7,6 +7,7 @@ holds TensorBoard events with the same scalars as metrics.jsonl."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,45 @@ def test_chat_rm_scores_served_with_its_own_template_on_messages_are_the_trained
     model, tok = load_model(out, "sequence_classification")
     texts = ["".join(split_exchange(tok, it["messages"], it["response"])) for it in items]
     assert served == pytest.approx(score_outcome(model, tok, texts, add_special_tokens=False), abs=1e-4)
+
+
+def test_files_train_on_the_device_and_precision_asked_and_save_float32(
+    problems, preferences, tmp_path, one_torch_thread
+):
+    """sft, rm and dpo take --dtype, --gradient-checkpointing and --attn-implementation (bfloat16 autocast
+    on the CPU here), print what the run holds, and save the float32 master weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": p.prompt, "completion": p.solution} for p in problems])
+    hardware = ["--dtype", "bfloat16", "--gradient-checkpointing", "--attn-implementation", "eager"]
+    runs = {
+        "sft": ["--data", demos, "--steps", "2", "--batch-size", "8", "--warmup-steps", "0"],
+        "rm": ["--data", preferences, "--steps", "2", "--batch-size", "8", "--warmup-steps", "0"],
+        "dpo": ["--data", preferences, "--epochs", "1", "--batch-size", "24"],
+    }
+    for command, args in runs.items():
+        out = tmp_path / command
+        output = " ".join(invoke("train", command, "--model", POLICY, *args, "--out", out, *hardware).split())
+        assert "compute bfloat16 autocast over float32 weights, gradient checkpointing" in output
+        assert re.search(r"gradients [34]\.\d MiB, optimizer state [78]\.\d MiB \(AdamW\)", output), output
+        assert all(m["loss"] == m["loss"] for m in metrics(Path(f"{out}.run")))  # no NaN
+        assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
+
+
+def test_a_device_this_machine_lacks_ends_the_command_before_training(preferences, tmp_path):
+    """Offline DPO before it trains; GRPO before any service starts."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "dpo"
+    commands = [
+        ["train", "dpo", "--model", POLICY, "--data", str(preferences), "--out", str(out)],
+        ["train", "grpo", "--run-dir", str(tmp_path / "grpo")],
+    ]
+    for command in commands:
+        refused = CliRunner().invoke(app, [*command, "--device", "cuda"])
+        assert refused.exit_code == 2
+        assert "device 'cuda' is not available" in " ".join(refused.output.split())
+    assert not (out / "model.safetensors").exists() and not (tmp_path / "grpo" / "config.json").exists()
