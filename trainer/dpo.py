@@ -63,7 +63,7 @@ class Pair:
 
 
 def sequence_logps(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([batch] summed log pi(completion + eos | prompt), [batch] completion token counts)."""
     ids, _, labels = collate(
@@ -79,7 +79,7 @@ def sequence_logps(
 
 
 def pair_logps(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over chosen and rejected together: ([B] log pi(y_w|x), [B] log pi(y_l|x), [B] |y_w|)."""
     prompts = [p.prompt for p in pairs] * 2
@@ -116,7 +116,7 @@ def make_optimizer(model: torch.nn.Module, config: DPOConfig) -> torch.optim.Opt
 
 def dpo_step(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
+    ref_model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     batch_pairs: Sequence[Pair],
     optimizer: torch.optim.Optimizer,
@@ -151,7 +151,7 @@ def dpo_step(
 
 def _train_epochs(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
+    ref_model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
     optimizer: torch.optim.Optimizer,
@@ -200,7 +200,7 @@ def train_offline(
 @torch.no_grad()
 def evaluate_pairs(
     model: PreTrainedModel,
-    ref_model: PreTrainedModel,
+    ref_model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
     config: DPOConfig,
