@@ -249,14 +249,14 @@ def dpo_cmd(
     import torch
     from safetensors.torch import save_file
 
-    from assay.checkpoints import load_embedded
+    from assay.checkpoints import check_device, load_embedded
     from assay.trainer import lora
     from assay.trainer.evaluation import heldout_pass1
-    from assay.trainer.models import OutOfMemory, check_device
+    from assay.trainer.models import OutOfMemory
 
     torch.set_num_threads(torch_threads)
     try:
-        check_device(cfg.hardware)
+        check_device(cfg.hardware.device)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if (rm_url is None) != (policy_url is None):

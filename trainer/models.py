@@ -34,21 +34,15 @@ import gc
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from assay.checkpoints import EMBEDDED, load_model
-from assay.model_sizes import human_bytes, model_size
+from assay.model_sizes import human_bytes, is_out_of_memory, model_size
 from assay.trainer.config import Hardware
 
-
-def check_device(hardware: Hardware) -> None:
-    """Refuse, with one sentence, a device this machine lacks (`cuda` on a CPU-only build), before anything loads."""
-    try:
-        torch.empty(0, device=hardware.device)
-    except (RuntimeError, AssertionError) as exc:  # torch raises either, by device type and build
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"--device {hardware.device} is not usable on this machine ({reason})") from None
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def load_policy(path: str | Path | None, hardware: Hardware):
@@ -59,25 +53,26 @@ def load_policy(path: str | Path | None, hardware: Hardware):
     return load_model(path, "causal_lm", dtype="float32", attn_implementation=attn)
 
 
-def prepare(model: torch.nn.Module, hardware: Hardware) -> torch.nn.Module:
+def prepare(model: M, hardware: Hardware) -> M:
     """`model` in place, for training: float32 master weights on `hardware.device`, `hardware`'s
     attention implementation, gradient checkpointing when asked, train mode. Calling it again
     changes nothing. ValueError for an attention implementation the model or the machine lacks."""
     wanted = hardware.attn_implementation
+    hf: Any = model  # a transformers model (or peft's wrapper of one): its own methods below
     config = getattr(model, "config", None)
     if wanted != "auto" and config is not None and config._attn_implementation != wanted:
         try:  # a model loaded without it (the critic, a reward model to train)
-            model.set_attn_implementation(wanted)  # type: ignore[operator]
+            hf.set_attn_implementation(wanted)
         except (ValueError, ImportError) as exc:
             raise ValueError(f"--attn-implementation {wanted}: {str(exc).strip().splitlines()[0]}") from None
     model.to(device=hardware.device, dtype=torch.float32)
     if hardware.gradient_checkpointing:
         # non-reentrant: the variant torch recommends, which also works when the inputs need no grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
 
 
-def reference(model: torch.nn.Module) -> torch.nn.Module:
+def reference(model: M) -> M:
     """A frozen copy of the prepared `model`, on its device and in its float32 (module docstring)."""
     return copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -162,13 +157,6 @@ def sizes(
 
 class OutOfMemory(RuntimeError):
     """A training step ran out of device (or host) memory; the message says where and what to lower."""
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's CUDA out-of-memory error, or the CPU allocator's failure (a plain RuntimeError)."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-    )
 
 
 @contextmanager

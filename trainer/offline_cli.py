@@ -146,10 +146,10 @@ def rm_cmd(
     torch_threads: int = typer.Option(1, help="torch threads"),
 ) -> None:
     """Train an outcome reward model on preferences; saves a checkpoint rm_server serves as `model.outcome`."""
-    from assay.checkpoints import load_scalar_classifier
+    from assay.checkpoints import check_device, load_scalar_classifier
     from assay.data import load_preferences
     from assay.trainer import files as rows_as
-    from assay.trainer.models import check_device, prepare
+    from assay.trainer.models import prepare
     from assay.trainer.reward_model import pairwise_accuracy, train_outcome_rm
 
     cfg: RMConfig = load_config(RMConfig, config, given)
@@ -159,7 +159,7 @@ def rm_cmd(
     rows = _rows(opts, load_preferences, cfg.seed)
     run = _open(opts)
     _threads(torch_threads)
-    _guarded(lambda: check_device(cfg.hardware))
+    _guarded(lambda: check_device(cfg.hardware.device))
     net, tok, new_head = _guarded(lambda: load_scalar_classifier(model))
     _guarded(lambda: prepare(net, cfg.hardware))
     _print_sizes({"reward model": net}, cfg.hardware, trained=("reward model",))
@@ -293,11 +293,11 @@ def _write_config(run, algorithm: str, cfg: Any, opts: Files, rows: Rows, **extr
 def _load(path: Path, kind: str, threads: int, hardware: Hardware):
     """The model to train, on `hardware` (`trainer.models.prepare`), and its tokenizer. A device or
     checkpoint that cannot be used ends the command."""
-    from assay.checkpoints import load_model
-    from assay.trainer.models import check_device, prepare
+    from assay.checkpoints import check_device, load_model
+    from assay.trainer.models import prepare
 
     _threads(threads)
-    _guarded(lambda: check_device(hardware))
+    _guarded(lambda: check_device(hardware.device))
     attn = None if hardware.attn_implementation == "auto" else hardware.attn_implementation
     net, tok = _guarded(lambda: load_model(path, kind, attn_implementation=attn))  # type: ignore[arg-type]
     _guarded(lambda: prepare(net, hardware))

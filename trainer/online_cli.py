@@ -62,15 +62,16 @@ def run_online(
 ) -> None:
     import torch
 
+    from assay.checkpoints import check_device
     from assay.data import DataError
     from assay.trainer import grpo, ppo
     from assay.trainer.evaluation import for_eval_set
-    from assay.trainer.models import OutOfMemory, check_device, load_policy, prepare
+    from assay.trainer.models import OutOfMemory, load_policy, prepare
     from assay.trainer.online import RewardMismatch
 
     torch.set_num_threads(torch_threads)
     try:  # on the device before any service starts: a device or attention the machine lacks ends it here
-        check_device(cfg.hardware)
+        check_device(cfg.hardware.device)
         net, tok = load_policy(model_path, cfg.hardware)
         prepare(net, cfg.hardware)
         # on the CPU: ppo.train prepares its own copy on the device

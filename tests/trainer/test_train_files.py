@@ -249,14 +249,18 @@ def test_files_train_on_the_device_and_precision_asked_and_save_float32(
 
 
 def test_a_device_this_machine_lacks_ends_the_command_before_training(preferences, tmp_path):
+    """Offline DPO before it trains; GRPO before any service starts."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = tmp_path / "dpo"
-    refused = CliRunner().invoke(
-        app, ["train", "dpo", "--model", POLICY, "--data", str(preferences), "--out", str(out), "--device", "cuda"]
-    )
-    assert refused.exit_code == 2
-    assert "--device cuda is not usable on this machine" in " ".join(refused.output.split())
-    assert not (out / "model.safetensors").exists()
+    commands = [
+        ["train", "dpo", "--model", POLICY, "--data", str(preferences), "--out", str(out)],
+        ["train", "grpo", "--run-dir", str(tmp_path / "grpo")],
+    ]
+    for command in commands:
+        refused = CliRunner().invoke(app, [*command, "--device", "cuda"])
+        assert refused.exit_code == 2
+        assert "device 'cuda' is not available" in " ".join(refused.output.split())
+    assert not (out / "model.safetensors").exists() and not (tmp_path / "grpo" / "config.json").exists()
