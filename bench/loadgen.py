@@ -4,7 +4,10 @@
 torch's thread pool), each running one `Job` on uvloop and sending back a `Result`:
 
 - closed loop: each of `concurrency` clients keeps one one-item request outstanding, over
-  HTTP (a lean keep-alive HTTP/1.1 client, or httpx), gRPC `Score` or gRPC `ScoreStream`;
+  HTTP (a lean keep-alive HTTP/1.1 client, or httpx), gRPC `Score` or gRPC `ScoreStream`; a
+  client that gets its answer sends the next item of its worker's list (HTTP, gRPC `Score`), so
+  a window's items are a run of the list whatever their lengths: with a fixed stride per client,
+  clients holding short items would come back sooner and a mixed-length window would favour them;
 - open loop (`http-open`): Poisson arrivals at a fixed rate, latency counted from each
   request's scheduled arrival (so a stalled server cannot hide its queue).
 
@@ -16,6 +19,7 @@ all into one `Window`. Nothing here imports torch.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -162,12 +166,12 @@ async def _http_closed(job: Job, end: float, record, connected) -> None:
     async with (_raw_post if job.client == "raw" else _httpx_post)(job) as post:
         await connected()
 
-        async def loop(k: int) -> None:
+        async def loop() -> None:
             while (sent := time.monotonic()) < end:
-                record(sent, await post(bodies[k % len(bodies)]))
-                k += job.concurrency
+                record(sent, await post(bodies[next(cursor) % len(bodies)]))
 
-        await asyncio.gather(*(loop(k) for k in range(job.concurrency)))
+        cursor = itertools.count()
+        await asyncio.gather(*(loop() for _ in range(job.concurrency)))
 
 
 async def _http_open(job: Job, end: float, record, connected) -> None:
@@ -217,12 +221,12 @@ async def _grpc_unary(job: Job, end: float, record, connected) -> None:
         await channel.channel_ready()
         await connected()
 
-        async def loop(k: int) -> None:
+        async def loop() -> None:
             while (sent := time.monotonic()) < end:
-                record(sent, _grpc_ok(await stub.Score(requests[k % len(requests)], timeout=60)))
-                k += job.concurrency
+                record(sent, _grpc_ok(await stub.Score(requests[next(cursor) % len(requests)], timeout=60)))
 
-        await asyncio.gather(*(loop(k) for k in range(job.concurrency)))
+        cursor = itertools.count()
+        await asyncio.gather(*(loop() for _ in range(job.concurrency)))
 
 
 async def _grpc_stream(job: Job, end: float, record, connected) -> None:
@@ -267,10 +271,38 @@ async def _grpc_stream(job: Job, end: float, record, connected) -> None:
 
 
 def cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """user + system CPU so far of a process (all its threads), or of one of its threads."""
-    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    """user + system CPU so far of a process, its threads and the processes under it (rm_server's
+    model workers and math-verify's pool), or of one of its threads."""
+    if tid:
+        return _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
+    total = 0.0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            total += _stat_cpu(f"/proc/{p}/stat")
+        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+            pass
+    return total
+
+
+def _stat_cpu(path: str) -> float:
     fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out.extend(kids)
+        todo.extend(kids)
+    return out
 
 
 def busy_seconds() -> float:

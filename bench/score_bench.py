@@ -2,6 +2,12 @@
 
     .venv/bin/python bench/score_bench.py            # full run, ~5 minutes
     .venv/bin/python bench/score_bench.py --quick    # smoke test, ~1 minute
+    .venv/bin/python bench/score_bench.py --workload mixed [--quick | --smoke]   # mixed lengths
+
+`--workload mixed` scores items of lognormal lengths on a random-init classifier: the same items
+in arrival-order, length-sorted and length-aware batches and one at a time in this process, and
+served one item per request (`mixed_workload.py` says how). The rest of this docstring is the
+uniform workload, the default.
 
 Everything runs in one go on this machine against the outcome RM (`arith/checkpoints/orm`),
 with 1024 distinct arithmetic-world items (prompt + correct solution), so no cache can help:
@@ -44,6 +50,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is no package; spawned workers too
+import mixed_workload
 from loadgen import Window, measure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,8 +73,11 @@ class Plan:
     ceiling_passes: int = 3  # interleaved passes over the batch sizes; the median counts
     max_wait_ms: float = 5.0  # (both are the spec defaults)
     max_batch_items: int = 128  # the spec defaults; a sweep (--sweep) found no better setting
+    max_batch_tokens: int = 16384  # the spec default: padded tokens per forward
     torch_threads: int | None = None  # OMP_NUM_THREADS for ceiling and servers; None: torch's default
     http_client: str = "raw"  # raw (bare keep-alive HTTP/1.1) | httpx
+    device: str = "cpu"  # the ceiling's backend and the served model's spec
+    dtype: str = "float32"
 
 
 def bench_items(n: int = 1024) -> list[tuple[str, str, str]]:
@@ -90,7 +100,7 @@ def ceiling(items, plan: Plan) -> tuple[dict[int, float], float]:
 
     if plan.torch_threads:
         torch.set_num_threads(plan.torch_threads)
-    backend = TransformersBackend(CHECKPOINT, "outcome")
+    backend = TransformersBackend(CHECKPOINT, "outcome", plan.device, plan.dtype)
     texts = [p + r for _, p, r in items]  # the spec's default template, "{prompt}{response}"
     ids = backend.tokenizer(texts)["input_ids"]
     runs: dict[int, list[float]] = {bs: [] for bs in plan.batch_sizes}
@@ -174,14 +184,18 @@ def assay_args(spec: Path, port: int, grpc_port: int | None) -> list[str]:
     return ["--spec", str(spec), "--port", str(port), "--grpc-port", str(grpc_port).lower(), "--log-level", "warning"]
 
 
-def write_spec(folder: Path, plan: Plan) -> Path:
+def write_spec(folder: Path, plan: Plan, checkpoint: Path = CHECKPOINT, max_tokens: int = 2048) -> Path:
     spec = folder / "bench_spec.yaml"
     orm = {
         "type": "model.outcome",
-        "path": str(CHECKPOINT),
+        "path": str(checkpoint),
         "activation": "sigmoid",
+        "max_tokens": max_tokens,
         "max_wait_ms": plan.max_wait_ms,
         "max_batch_items": plan.max_batch_items,
+        "max_batch_tokens": plan.max_batch_tokens,
+        "device": plan.device,
+        "dtype": plan.dtype,
     }
     spec.write_text(json.dumps({"rewards": {"orm": orm}}))  # JSON is YAML
     return spec
@@ -380,6 +394,79 @@ def run(plan: Plan, args: argparse.Namespace) -> None:
     summary(plan, rates[best], best, naive, [http, httpx, naive, unary, stream], half)
 
 
+def run_mixed(plan: Plan, w: mixed_workload.Workload) -> None:
+    """The mixed-length workload: ceiling rows in this process, then the served row."""
+    import torch
+
+    from assay.rm_server.backends.hf import TransformersBackend
+
+    if plan.torch_threads:
+        torch.set_num_threads(plan.torch_threads)
+    items = mixed_workload.items(w)
+    served = Row("rm_server, one-item HTTP requests")
+    with tempfile.TemporaryDirectory(prefix="assay-bench-") as tmp:
+        folder = Path(tmp)
+        checkpoint = mixed_workload.build_model(folder, w)
+        backend = TransformersBackend(checkpoint, "outcome", plan.device, plan.dtype)
+        ids = backend.tokenizer([p + r for _, p, r in items])["input_ids"]
+        about = mixed_workload.describe([len(x) for x in ids])
+        console.log(f"{about}; {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; {w}; {plan}")
+        rows = mixed_workload.ceiling_rows(backend, ids, w, plan.max_batch_tokens)
+        del backend, ids
+        spec = write_spec(folder, plan, checkpoint, max_tokens=w.positions)
+        for _ in range(plan.repeats):
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, "-m", "assay.rm_server", *assay_args(spec, port, None)]
+            with spawned(cmd, url, plan, folder / "assay.log") as proc:
+                served.add(measure("http", url, plan, items, proc.pid, metrics_url=url))
+    sorted_rate = rows[1].items_s
+    table = Table(
+        "",
+        "items/s",
+        "x sorted",
+        "padded / real tokens",
+        "mean batch",
+        "items scored",
+        "p50 ms",
+        "p99 ms",
+        "cores: load-gen / server (event loop) / other",
+        title=f"Mixed lengths ({about}), {plan.device} {plan.dtype}, torch threads {plan.torch_threads or 'default'}",
+    )
+    for r in rows:
+        share = f"{r.covered:.0%}"
+        table.add_row(
+            r.name,
+            f"{r.items_s:.1f}",
+            f"{r.items_s / sorted_rate:.2f}",
+            f"{r.padded:.2f}",
+            f"{r.mean_batch:.1f}",
+            share,
+            "-",
+            "-",
+            "-",
+        )
+    m = served.median
+    table.add_row(
+        f"{served.name}, {plan.concurrency} in flight (median of {plan.repeats})",
+        f"{served.items_s:.1f}",
+        f"{served.items_s / sorted_rate:.2f}",
+        "-",
+        f"{m.batch_mean:.1f}" if m.batch_mean else "-",
+        f"{plan.duration_s:g} s window",
+        f"{m.pct(0.5):.0f}",
+        f"{m.pct(0.99):.0f}",
+        m.cores(),
+    )
+    console.print(table)
+    ratio = served.items_s / sorted_rate
+    console.print(
+        f"target: served mixed >= 0.80x length-sorted: {ratio:.2f}x, {'met' if ratio >= 0.8 else 'not met'}; "
+        f"batcher max_wait_ms={plan.max_wait_ms:g} max_batch_items={plan.max_batch_items} "
+        f"max_batch_tokens={plan.max_batch_tokens}; load average now {os.getloadavg()[0]:.2f}"
+    )
+
+
 def summary(plan: Plan, ceil: float, best: int, naive: Row, rows: list[Row], half: Row) -> None:
     table = Table(
         "",
@@ -426,11 +513,20 @@ def summary(plan: Plan, ceil: float, best: int, naive: Row, rows: list[Row], hal
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Throughput and latency of the reward service (see the module docstring).")
     p.add_argument("--quick", action="store_true", help="a ~1 minute smoke run: short windows, one repeat")
+    p.add_argument("--workload", choices=("uniform", "mixed"), default="uniform", help="items of one length or many")
+    p.add_argument("--smoke", action="store_true", help="mixed: the test's size, lengths / 8 on a smaller model")
+    p.add_argument("--device", default=Plan.device, help="torch device of the ceiling and the served model")
+    p.add_argument(
+        "--dtype", default=Plan.dtype, choices=("auto", "float32", "bfloat16", "float16"), help="model dtype"
+    )
     p.add_argument("--concurrency", type=int, default=Plan.concurrency, help="one-item requests in flight")
     p.add_argument("--procs", type=int, default=Plan.procs, help="load-generating processes")
     p.add_argument("--streams", type=int, default=Plan.streams, help="gRPC ScoreStream calls")
     p.add_argument("--max-wait-ms", type=float, default=Plan.max_wait_ms, help="spec max_wait_ms")
-    p.add_argument("--max-batch-items", type=int, default=Plan.max_batch_items, help="spec max_batch_items")
+    p.add_argument("--max-batch-items", type=int, default=None, help="spec max_batch_items (uniform 128, mixed 32)")
+    p.add_argument(
+        "--max-batch-tokens", type=int, default=None, help="spec max_batch_tokens (default 16384; mixed on a CPU 4096)"
+    )
     p.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS for ceiling and servers")
     p.add_argument("--repeats", type=int, default=None, help="windows per row (default 3, quick 1)")
     p.add_argument("--duration", type=float, default=None, help="seconds per window (default 10, quick 3)")
@@ -446,17 +542,31 @@ def main() -> None:
         procs=args.procs,
         streams=args.streams,
         max_wait_ms=args.max_wait_ms,
-        max_batch_items=args.max_batch_items,
+        max_batch_items=args.max_batch_items or (32 if args.workload == "mixed" else Plan.max_batch_items),
+        # On a CPU batching gains little past a few thousand tokens, and a smaller padded budget
+        # keeps mixed-length batches tight (bench/README.md, "Mixed lengths").
+        max_batch_tokens=args.max_batch_tokens
+        or (4096 if args.workload == "mixed" and args.device == "cpu" else Plan.max_batch_tokens),
         torch_threads=args.torch_threads,
+        device=args.device,
+        dtype=args.dtype,
     )
-    if args.quick:
+    if args.quick or args.smoke:
         plan = replace(
             plan, warmup_s=1.0, duration_s=3.0, repeats=1, batch_sizes=(1, 8, 32, 128), ceiling_s=0.7, ceiling_passes=1
         )
+    if args.workload == "mixed":  # items take seconds, not milliseconds: longer windows
+        plan = replace(plan, warmup_s=3.0, duration_s=10.0) if args.quick else replace(plan, warmup_s=5, duration_s=20)
+    if args.smoke:
+        plan = replace(plan, concurrency=16, warmup_s=1.0, duration_s=3.0, max_batch_items=8)
     plan = replace(plan, repeats=args.repeats or plan.repeats, duration_s=args.duration or plan.duration_s)
+    workload = mixed_workload.SMOKE if args.smoke else mixed_workload.QUICK if args.quick else mixed_workload.Workload()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below runs
     try:
-        run(plan, args)
+        if args.workload == "mixed":
+            run_mixed(plan, workload)
+        else:
+            run(plan, args)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         sys.exit(130)

@@ -83,14 +83,34 @@ class BatchSettings:
     max_sequences: int = field(default=64, metadata={"flag": "max-batch", "help": "sequences per decode batch"})
     max_tokens: int = field(
         default=64 * 256,
-        metadata={"flag": "max-batch-tokens", "help": "prompt + max_tokens, summed over a decode batch"},
+        metadata={
+            "flag": "max-batch-tokens",
+            "help": "sequences x the longest prompt + max_tokens in a decode batch (its padded size); "
+            "sequences of similar length batch together",
+        },
     )
     max_wait_s: float = field(
         default=0.005, metadata={"flag": "max-batch-wait-s", "help": "seconds the oldest sequence waits for company"}
     )
     max_queue: int = field(default=4096, metadata={"help": "sequences waiting; beyond this requests get 429"})
+    kv_cache: Literal["dynamic", "static"] = field(
+        default="dynamic",
+        metadata={
+            "help": "the decode loop's KV cache: dynamic (grows each step) or static (allocated once per batch shape "
+            "and reused, transformers' StaticCache; what --compile needs)"
+        },
+    )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the decode step (CUDA graphs on CUDA); needs --kv-cache static. Each new batch "
+            "shape compiles once: worth it on a GPU with steady, full batches, not on the CPU"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.compile and self.kv_cache != "static":
+            raise ValueError("compile needs kv_cache static (a dynamic cache changes shape every step)")
         for f in ("max_sequences", "max_tokens", "max_queue"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be at least 1, not {getattr(self, f)}")

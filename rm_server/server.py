@@ -43,7 +43,7 @@ class RewardServer(ServiceServer):
     def __init__(self, config: ServerConfig) -> None:
         super().__init__(config, ApiKeys.from_env(config.api_keys, env_var=config.keys_env_var, scopes=SCOPES))
         self.config: ServerConfig = config
-        self.service = RewardService(build_rewards(load_spec(config.spec)), config.limits)
+        self.service = RewardService(build_rewards(load_spec(config.spec), runtime=config.models), config.limits)
 
     def create_app(self) -> FastAPI:
         return create_app(self.service, self.keys, self.hosts)
@@ -60,6 +60,10 @@ class RewardServer(ServiceServer):
 
 async def serve(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly (exit status 0)."""
+    if not config.models.model_workers:  # the models compute in this process: its threads are theirs
+        import torch
+
+        torch.set_num_threads(config.models.threads(1))
     await serve_until_signal(RewardServer(config))
 
 

@@ -40,18 +40,27 @@ class RewardService:
         self.rewards = rewards
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics(rewards)
-        self.ready = False
+        self.started = False
         for r in rewards.values():
             if hasattr(r, "on_batch"):
                 r.on_batch = self.metrics.on_batch
 
     async def start(self) -> None:
-        for r in self.rewards.values():
-            await r.start()
-        self.ready = True
+        """Start every reward at once (each model reward loads in a worker process of its own); if
+        any fails, close them all and raise the first failure."""
+        outcomes = await asyncio.gather(*(r.start() for r in self.rewards.values()), return_exceptions=True)
+        if failed := [o for o in outcomes if isinstance(o, BaseException)]:
+            await self.close()
+            raise failed[0]
+        self.started = True
+
+    @property
+    def ready(self) -> bool:
+        """Started, and every reward can score (none has a model worker restarting)."""
+        return self.started and all(r.ready() for r in self.rewards.values())
 
     async def close(self) -> None:
-        self.ready = False
+        self.started = False
         for r in self.rewards.values():
             await r.close()
 
@@ -134,7 +143,7 @@ class RewardService:
     # --- shared ------------------------------------------------------------------------------
 
     def _reward(self, name: str) -> Reward:
-        if not self.ready:
+        if not self.started:
             raise NotReady("the reward service is still loading its models", retry_after_s=LOADING_RETRY_AFTER_S)
         try:
             return self.rewards[name]

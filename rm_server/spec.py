@@ -166,7 +166,11 @@ class _ModelSpec(_Spec):
     truncation: Literal["error", "left"] = Field(
         default="error", description="Over max_tokens: refuse the request, or keep the last max_tokens tokens."
     )
-    max_batch_tokens: int = Field(default=16384, gt=0)
+    max_batch_tokens: int = Field(
+        default=16384,
+        gt=0,
+        description="Padded tokens per forward: items x the longest item. Items of similar length batch together.",
+    )
     max_batch_items: int = Field(default=128, gt=0)
     max_wait_ms: float = Field(default=5.0, ge=0)
     max_queue: int = Field(default=4096, gt=0, description="Items waiting before the service answers 429.")

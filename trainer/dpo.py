@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from assay.clients.policy import PolicyClient
     from assay.policy_server.protocol import SearchResponse
 
-Scorer = PreTrainedModel | lora.Reference  # what sequence log-probabilities are read from: a causal LM, or a LoRA base
-
 
 @dataclass
 class Pair:
@@ -65,13 +63,13 @@ class Pair:
 
 
 def sequence_logps(
-    model: Scorer, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([batch] summed log pi(completion + eos | prompt), [batch] completion token counts)."""
     ids, _, labels = collate(
         [encode_example(tokenizer, p, c) for p, c in zip(prompts, completions)], tokenizer.pad_token_id
     )
-    device = device_of(model.model if isinstance(model, lora.Reference) else model)
+    device = device_of(model)
     # Right padding under a causal mask: real tokens never attend to the pads after them (as in sft.py).
     logits = model(input_ids=ids.to(device), use_cache=False).logits[:, :-1].float()  # [batch, seq-1, vocab]
     target = labels[:, 1:].to(device)  # position t predicts token t + 1
@@ -81,7 +79,7 @@ def sequence_logps(
 
 
 def pair_logps(
-    model: Scorer, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[Pair]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over chosen and rejected together: ([B] log pi(y_w|x), [B] log pi(y_l|x), [B] |y_w|)."""
     prompts = [p.prompt for p in pairs] * 2
@@ -118,7 +116,7 @@ def make_optimizer(model: torch.nn.Module, config: DPOConfig) -> torch.optim.Opt
 
 def dpo_step(
     model: PreTrainedModel,
-    ref_model: Scorer,
+    ref_model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     batch_pairs: Sequence[Pair],
     optimizer: torch.optim.Optimizer,
@@ -153,7 +151,7 @@ def dpo_step(
 
 def _train_epochs(
     model: PreTrainedModel,
-    ref_model: Scorer,
+    ref_model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
     optimizer: torch.optim.Optimizer,
@@ -202,7 +200,7 @@ def train_offline(
 @torch.no_grad()
 def evaluate_pairs(
     model: PreTrainedModel,
-    ref_model: Scorer,
+    ref_model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[Pair],
     config: DPOConfig,
@@ -293,12 +291,9 @@ def iterative_dpo(
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     prepare(model, config.hardware)
-    ref_model: Scorer = lora.Reference(model) if lora.is_lora(model) else reference(model)
+    ref_model = lora.Reference(model) if lora.is_lora(model) else reference(model)
     optimizer, precision = make_optimizer(model, config), Precision(config.hardware)
-    held = {
-        "policy": model,
-        **({"reference": ref_model} if not lora.is_lora(model) else {}),
-    }  # a LoRA reference is the policy
+    held = {"policy": model, **({"reference": ref_model} if not lora.is_lora(model) else {})}
     print("\n".join(sizes(held, config.hardware)), flush=True)
     reward_id = expected_reward_id
     timeout_s = config.service_timeout_s
@@ -328,7 +323,6 @@ def iterative_dpo(
         t_search = time.perf_counter() - t0
 
         if config.ref_update == "each_round":
-            assert isinstance(ref_model, PreTrainedModel)
             ref_model.load_state_dict(model.state_dict())
         steps = _train_epochs(model, ref_model, tokenizer, pairs, optimizer, config, rng, precision) if pairs else []
         t_train = time.perf_counter() - t0 - t_search

@@ -141,9 +141,10 @@ def base_state(model: Any) -> dict[str, torch.Tensor]:
 
 def adapter(model: Any) -> tuple[dict[str, torch.Tensor], float, int, bool]:
     """The adapter as the policy server takes it (`PolicyClient.update_adapter`): (name -> A or B,
-    lora_alpha, r, fan_in_fan_out). Names are the served model's module names + `.lora_A.weight` / `.lora_B.weight`."""
+    lora_alpha, r, fan_in_fan_out), the tensors on the CPU. Names are the served model's module names +
+    `.lora_A.weight` / `.lora_B.weight`."""
     from peft import get_peft_model_state_dict
 
     config = model.peft_config["default"]
-    tensors = {name.removeprefix(PREFIX): t for name, t in get_peft_model_state_dict(model).items()}
+    tensors = {name.removeprefix(PREFIX): t.detach().cpu() for name, t in get_peft_model_state_dict(model).items()}
     return tensors, float(config.lora_alpha), int(config.r), bool(config.fan_in_fan_out)

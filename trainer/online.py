@@ -302,18 +302,16 @@ def _sender(
     policy: PolicyClient, model: torch.nn.Module, timeout_s: float | None, base: bool
 ) -> Callable[[int], WeightUpdateResponse]:
     """One push of `model` against a version: its adapter when it is a LoRA model (its base with
-    `base`), else its state dict; CPU tensors either way (the float32 master weights: a server in
-    another dtype casts them)."""
+    `base`), else its state dict."""
     if base:
         state = lora.base_state(model)
         return lambda version: policy.update_weights(state, expect_version=version, timeout_s=timeout_s)
     if lora.is_lora(model):
         tensors, alpha, r, fifo = lora.adapter(model)
-        tensors = {name: t.detach().cpu() for name, t in tensors.items()}
         return lambda version: policy.update_adapter(
             tensors, lora_alpha=alpha, r=r, fan_in_fan_out=fifo, expect_version=version, timeout_s=timeout_s
         )
-    state = cpu_state(model)
+    state = cpu_state(model)  # float32 master weights; a server in another dtype casts them
     return lambda version: policy.update_weights(state, expect_version=version, timeout_s=timeout_s)
 
 

@@ -1,9 +1,20 @@
 """Dynamic batching: items from concurrent requests share model forward passes.
 
-Requests put their items on one bounded queue per model. A collector task takes the oldest
-items and closes a batch when it holds `max_items` items, when the next item would overrun the
-token budget, or when the oldest item has waited `max_wait_s`. The batch runs on the model's
-own worker thread, so the event loop never waits on a forward pass.
+Requests put their items on one bounded queue per model, each with a cost (its length in
+tokens). A collector task forms a batch when the batch it would take is full, or when the oldest
+item has waited `max_wait_s`, and runs it on the model's own worker thread, so the event loop
+never waits on a forward pass.
+
+Length-aware formation (`form_batches`): a batch is the oldest item and its neighbours in cost,
+nearest first, up to `max_items` items and a padded token budget, `max_tokens` >= items x the
+longest item, which is what a padded forward computes and holds in memory. Taking the queue in
+arrival order instead pads a 50-token item to the 2,000-token item that arrived beside it: on
+lognormal reward traffic (p50 377, p90 1,149 tokens) arrival-order batches of 32 scored 3.6
+items/s on one CPU thread where the same items in length-sorted batches scored 56. The oldest
+item always goes, so an item waits at most for the items ahead of it, never for a better
+neighbour; an item over the budget runs alone. Items of one cost keep their arrival order.
+Results go to each item's own future, whatever batch it ran in, so each request's results stay
+in its own order.
 
 Back-pressure: a request whose items do not all fit in the queue is refused whole
 (`errors.Overloaded`, which becomes 429 / RESOURCE_EXHAUSTED). A request that gives up (its
@@ -13,19 +24,18 @@ when the batch is formed, so abandoned work is not computed.
 Retry-After: a refusal's `retry_after_s` estimates when the same request would fit. Items leave
 the queue a batch at a time, each time the running batch ends; so the wait is what is left of
 the running batch plus the time of each further batch needed before enough items have left,
-those batches counted by the packing rule over the queue as it stands. A batch's time is a line
-in its items (fixed cost + cost per item) fitted to the recent batches (`BatchTimes`): on a GPU
-the per-item part is near zero, on a CPU it is not. The old estimate, an average time per item
-times the items queued, overstated the wait 13-50x: batches run their items together.
+those batches formed by the same rule (`form_batches`) over the queue as it stands. A batch's
+time is a line in its items (fixed cost + cost per item) fitted to the recent batches
+(`BatchTimes`): on a GPU the per-item part is near zero, on a CPU it is not. (With mixed lengths
+a batch's time follows its padded tokens more than its items: the line is fitted to what ran.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -61,6 +71,45 @@ class BatchTimes:
         return max(0.0, mean_y + per_item * (items - mean_x))
 
 
+def form_batches(costs: Sequence[int], max_items: int, max_tokens: int) -> Iterator[list[int]]:
+    """The batches the batcher takes, one after another, from a queue of items with these costs
+    (in arrival order) if nothing arrives meanwhile: each a list of positions, in arrival order.
+
+    A batch is the oldest item left and a run of its neighbours in cost order, the nearer
+    neighbour first (a tie goes to the shorter, which widens nothing), while the batch stays
+    within `max_items` items and `max_tokens` >= items x its longest item. When the next longer
+    neighbour would break the budget, shorter ones may still join; when a shorter one would, no
+    item can. Example: costs [40, 900, 35, 1000, 50], max_items 3 -> [0, 2, 4], then [1, 3]."""
+    keys = sorted((cost, k) for k, cost in enumerate(costs))  # cost order; one cost in arrival order
+    taken = [False] * len(costs)
+    oldest = 0
+    while oldest < len(costs):
+        anchor = width = costs[oldest]
+        lo = bisect_left(keys, (anchor, oldest))
+        hi, longer = lo + 1, True  # the batch is keys[lo:hi]; longer: a longer neighbour may still join
+        while hi - lo < max_items:
+            shorter = keys[lo - 1][0] if lo > 0 else None
+            nxt = keys[hi][0] if longer and hi < len(keys) else None
+            if shorter is not None and (nxt is None or anchor - shorter <= nxt - anchor):
+                if (hi - lo + 1) * width > max_tokens:
+                    break  # the batch is at its budget: no item, short or long, fits
+                lo -= 1
+            elif nxt is not None:
+                if (hi - lo + 1) * nxt > max_tokens:
+                    longer = False
+                    continue
+                hi, width = hi + 1, nxt
+            else:
+                break
+        batch = sorted(k for _, k in keys[lo:hi])
+        del keys[lo:hi]
+        for k in batch:
+            taken[k] = True
+        while oldest < len(costs) and taken[oldest]:
+            oldest += 1
+        yield batch
+
+
 @dataclass
 class _Waiting(Generic[P]):
     payload: P
@@ -87,7 +136,7 @@ class Batcher(Generic[P, R]):
         self._run_batch = run_batch
         self.max_items, self.max_tokens, self.max_wait_s, self.max_queue = max_items, max_tokens, max_wait_s, max_queue
         self._on_batch = on_batch
-        self._queue: deque[_Waiting[P]] = deque()
+        self._queue: list[_Waiting[P]] = []
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
         self._task: asyncio.Task | None = None
@@ -150,16 +199,20 @@ class Batcher(Generic[P, R]):
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            # Wait for company until the batch is full or the oldest item's deadline passes.
+            # Wait for company until the batch the oldest item would go in is full, or until that
+            # item's deadline; arrivals and cancellations change the batch, so it is formed anew.
             deadline = self._queue[0].enqueued + self.max_wait_s
-            while not self._full() and (left := deadline - time.monotonic()) > 0:
+            while True:
+                self._drop_cancelled()
+                chosen = self._choose()
+                if self._full(chosen) or (left := deadline - time.monotonic()) <= 0:
+                    break
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except TimeoutError:
-                    break
-                self._drop_cancelled()
-            batch = self._take()
+                    pass  # formed once more, and taken
+            batch = self._take(chosen)
             if not batch:
                 continue
             self._running = (started := time.monotonic(), len(batch))
@@ -192,39 +245,32 @@ class Batcher(Generic[P, R]):
         return min(max(wait, low), high)
 
     def _batches_to_take(self, items: int) -> list[int]:
-        """The sizes of the batches `_take` forms from the queue until `items` items have left it."""
-        sizes, tokens = [0], 0
-        for w in itertools.islice(self._queue, items):
-            if sizes[-1] and (sizes[-1] >= self.max_items or tokens + w.cost > self.max_tokens):
-                sizes.append(0)
-                tokens = 0
-            sizes[-1] += 1
-            tokens += w.cost
+        """The sizes of the batches `_take` forms from the queue until `items` items have left it,
+        the last one counting only the items still needed."""
+        sizes: list[int] = []
+        for batch in form_batches([w.cost for w in self._queue], self.max_items, self.max_tokens):
+            if items <= 0:
+                break
+            sizes.append(min(len(batch), items))
+            items -= len(batch)
         return sizes
 
     def _drop_cancelled(self) -> None:
         if any(w.future.done() for w in self._queue):
-            self._queue = deque(w for w in self._queue if not w.future.done())
+            self._queue = [w for w in self._queue if not w.future.done()]
 
-    def _full(self) -> bool:
-        tokens = 0
-        for items, w in enumerate(self._queue, 1):
-            tokens += w.cost
-            if items >= self.max_items or tokens >= self.max_tokens:
-                return True
-        return False
+    def _choose(self) -> list[int]:
+        """Positions in the queue of the batch `form_batches` takes first from it."""
+        return next(form_batches([w.cost for w in self._queue], self.max_items, self.max_tokens), [])
 
-    def _take(self) -> list[_Waiting[P]]:
-        batch: list[_Waiting[P]] = []
-        tokens = 0
-        while self._queue and len(batch) < self.max_items:
-            w = self._queue[0]
-            if w.future.done():
-                self._queue.popleft()
-                continue
-            # An item larger than the budget still runs, alone.
-            if batch and tokens + w.cost > self.max_tokens:
-                break
-            batch.append(self._queue.popleft())
-            tokens += w.cost
+    def _full(self, chosen: list[int]) -> bool:
+        """No item that arrives could join this batch: it holds `max_items`, or one more item of
+        its longest item's cost would break the budget (a longer one would too)."""
+        width = max((self._queue[k].cost for k in chosen), default=0)
+        return len(chosen) >= self.max_items or (len(chosen) + 1) * width > self.max_tokens
+
+    def _take(self, chosen: list[int]) -> list[_Waiting[P]]:
+        picked = set(chosen)
+        batch = [self._queue[k] for k in chosen]
+        self._queue = [w for k, w in enumerate(self._queue) if k not in picked]
         return batch

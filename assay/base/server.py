@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 class Service(Protocol):
     """What the runtime needs of a serving layer: `ready` once loaded, `start` loads, `close` frees."""
 
-    ready: bool
+    @property
+    def ready(self) -> bool: ...
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...

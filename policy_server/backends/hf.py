@@ -17,13 +17,16 @@ sequence in it, each request with its own `GenerationFailed`. Degenerate samplin
 no failure: a temperature or top_p below `assay.generation.GREEDY_BELOW` decodes greedily.
 
 The model runs on any torch device in any float dtype (`--device`, `--dtype`). The decode loop's
-tensors live on the model's device: a batch is laid out on the CPU and copied over once (`prefill`),
-each step sends one token id per row over and brings the chosen ids back (`step`, one transfer each
-way), and logits are float32 whatever the model's dtype, so logprobs are too. Each sampled row's
-random generator is on the device as well: the draw happens where the logits are, instead of copying
-[rows, vocab] probabilities to the host every step. A seed therefore reproduces per device: CUDA's
-generator draws other numbers than the CPU's. A batch that runs out of memory fails its requests
-with `Overloaded` (429, retryable) naming `--max-batch-tokens`, with the CUDA cache emptied; the next
+tensors live on the model's device: a batch is laid out on the CPU and copied over once
+(`steps.Steps.start`), the tokens a step draws are fed back without leaving the device, and logits
+are float32 whatever the model's dtype, so logprobs are too. Each step waits on the device once:
+the step's tokens, their logprobs, the rows' faults (NaN or infinite logits, found on the device
+and failed on the host) and any top logprobs come back in one transfer. Sampled rows are drawn
+together on the device by inverse CDF, from one uniform number per row that the row's own seeded
+generator draws on the host: a seed gives the same draws in any batch and on any device, and no
+per-row kernel runs. `steps.py` says how the model is called (a dynamic or a static KV cache, and a
+compiled step: `--kv-cache`, `--compile`). A batch that runs out of memory fails its requests with
+`Overloaded` (429, retryable) naming `--max-batch-tokens`, with the CUDA cache emptied; the next
 batch runs as usual.
 """
 
@@ -37,7 +40,6 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -55,6 +57,7 @@ from assay.policy_server.backends import (
     Overloaded,
     ParamSpec,
 )
+from assay.policy_server.backends.steps import Steps
 from assay.policy_server.config import BatchSettings
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,7 @@ class HFBackend(GenerationBackend):
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", tokenizer.model_max_length))
         self.weight_version = 0
         self._on_finished = on_finished
+        self._steps = Steps(self.model, batching)
         # A batch decodes under this lock from its first step to its last; a weight update copies
         # its tensors in and bumps weight_version under it: no sequence sees two versions.
         self._weights_lock = threading.Lock()
@@ -190,7 +194,7 @@ class HFBackend(GenerationBackend):
     def _run_batch(self, jobs: list[_Job]) -> list[GenerationOutput | GenerationFailed]:
         try:
             with self._weights_lock:
-                results = decode(self.model, self.tokenizer, jobs, self.weight_version)
+                results = decode(self.model, self.tokenizer, jobs, self.weight_version, self._steps)
         except Exception as exc:  # the forward pass failed: every sequence in the batch fails, typed
             if is_out_of_memory(exc):
                 raise self._out_of_memory(jobs) from exc
@@ -240,7 +244,7 @@ class _Row:
     """One sequence's state in the decode loop. What goes wrong for one row (its generator's seed, its
     draw, its stop-string search) fails that row alone (`fail`): the batch goes on without it."""
 
-    def __init__(self, job: _Job, device: torch.device | str = "cpu") -> None:
+    def __init__(self, job: _Job) -> None:
         self.req, self.abort, self.submitted = job.request, job.abort, job.submitted
         self.greedy = is_greedy(self.req.temperature, self.req.top_p)
         self.first_token_s: float | None = None
@@ -252,15 +256,25 @@ class _Row:
         self.text: str | None = None  # set when a stop string cut it
         self.stop: str | None = None  # the stop string that cut it
         self.searched = 0  # characters of the text already searched for stop strings
+        # On the host whatever the model's device: it draws one uniform number a step (`uniform`), so
+        # a seed gives the same draws on any device and in any batch.
         self.generator: torch.Generator | None = None
         if not self.greedy:
-            try:  # on the logits' device: the draws stay there, only the chosen token comes back
-                self.generator = torch.Generator(device).manual_seed(self.req.seed)
+            try:
+                self.generator = torch.Generator().manual_seed(self.req.seed)
             except Exception as exc:  # noqa: BLE001 (a bad seed fails this sequence, not the batch)
                 self.fail(exc)
 
     def fail(self, exc: BaseException) -> None:
         self.reason, self.error = "error", exc
+
+    def uniform(self) -> float:
+        """This row's next number in [0, 1), from its own generator (0.0 for a row that failed here)."""
+        try:
+            return float(torch.rand((), generator=self.generator))
+        except Exception as exc:  # noqa: BLE001 (this sequence fails, the batch goes on)
+            self.fail(exc)
+            return 0.0
 
     def take(
         self, token: int, logprob: float, top: tuple[list[int], list[float]] | None, tokenizer: PreTrainedTokenizerBase
@@ -310,116 +324,89 @@ class _Row:
 
 @torch.inference_mode()
 def decode(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, jobs: Sequence[_Job], weight_version: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    jobs: Sequence[_Job],
+    weight_version: int,
+    steps: Steps | None = None,
 ) -> list[GenerationOutput | GenerationFailed]:
-    """Generate every job's sequence in one batch: left-padded prefill, then cached steps.
+    """Generate every job's sequence in one batch: left-padded prefill, then cached steps (`steps`
+    says how the model is called; default: a dynamic cache).
 
     A sequence that fails while sampling or stopping gets a `GenerationFailed` in its place and the
-    others go on; what fails for all (the forward pass) raises."""
-    rows = [_Row(job, model.device) for job in jobs]
-    state = prefill(model, [r.req.prompt_ids for r in rows], tokenizer.pad_token_id)
+    others go on; what fails for all (the forward pass) raises. The device is waited on once a step:
+    tokens, logprobs and faults come to the host in one transfer."""
+    steps = steps or Steps(model, BatchSettings())
+    rows = [_Row(job) for job in jobs]
+    max_new = max(r.req.max_tokens for r in rows)
+    state, logits = steps.start([r.req.prompt_ids for r in rows], tokenizer.pad_token_id, max_new)  # [batch, vocab]
     k_top = max(r.req.top_logprobs for r in rows)
 
-    for _ in range(max(r.req.max_tokens for r in rows)):
-        logits = state.logits
+    for _ in range(max_new):
+        choice, fault = _next_tokens(logits, rows)  # [batch] each, on the device
         raw = logits.log_softmax(-1)  # the untempered distribution: what logprobs report
-        choice = _next_tokens(logits, rows)  # [batch], on the device
-        picked = raw.gather(-1, choice[:, None])[:, 0].tolist()
+        columns = [choice, raw.gather(-1, choice[:, None])[:, 0], fault]
         if k_top:
-            top_values, top_ids = (t.tolist() for t in raw.topk(k_top, dim=-1))
-        choices = choice.tolist()  # one device-to-host copy per step, not one per row
-        for i, r in enumerate(rows):
+            top_values, top_ids = raw.topk(k_top, dim=-1)  # [batch, k]
+            columns += [*top_ids.T, *top_values.T]
+        host = torch.stack([c.double() for c in columns], dim=1).tolist()  # the step's one wait on the device
+        for r, (token, picked, why, *top) in zip(rows, host, strict=True):
             if r.reason is not None:
                 continue
             if r.abort.is_set():
                 r.reason = "abort"
                 continue
+            if why:
+                r.fail(FloatingPointError(FAULTS[int(why)]))
+                continue
             try:
-                r.take(choices[i], picked[i], (top_ids[i], top_values[i]) if k_top else None, tokenizer)
+                tops = ([int(t) for t in top[:k_top]], top[k_top:]) if k_top else None
+                r.take(int(token), picked, tops, tokenizer)
             except Exception as exc:  # noqa: BLE001 (this sequence fails, the batch goes on)
                 r.fail(exc)
         if all(r.reason is not None for r in rows):
             break
-        # Finished rows are fed padding; their cache rows are never read again.
-        state = step(model, state, [r.tokens[-1] if r.reason is None else tokenizer.pad_token_id for r in rows])
+        # Finished rows are fed what they drew: their cache rows are never read again.
+        logits = state.step(choice)
 
     return [r.output(tokenizer, weight_version) for r in rows]
 
 
-@dataclass
-class _Decoding:
-    """The decode loop's tensors, all on the model's device."""
-
-    cache: Any  # transformers' Cache: keys and values of every position so far
-    logits: torch.Tensor  # [batch, vocab] float32: the next token's
-    mask: torch.Tensor  # [batch, positions so far]: 0 on the left padding
-    next_pos: torch.Tensor  # [batch, 1]: the position of the token fed next
+FAULTS = {
+    1: "the model's logits for this sequence are NaN or infinite",
+    2: "this sequence's sampling probabilities are NaN or infinite",
+}
 
 
-def prefill(model: PreTrainedModel, prompts: Sequence[Sequence[int]], pad_id: int) -> _Decoding:
-    """Run the left-padded prompts through the model. The batch is laid out on the CPU and copied over
-    in one transfer per tensor; everything after stays on the model's device."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width]: 0 at each row's first real token
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    return _Decoding(out.past_key_values, out.logits[:, -1, :].float(), mask, positions[:, -1:] + 1)
+def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, vocab] -> ([batch] tokens, [batch] faults), on the logits' device, without waiting on it.
 
-
-def step(model: PreTrainedModel, state: _Decoding, tokens: Sequence[int]) -> _Decoding:
-    """Feed one token per row (`tokens`, on the host) through the cached model."""
-    feed = torch.tensor(tokens, dtype=torch.long).to(model.device)[:, None]  # [batch, 1]
-    mask = torch.cat([state.mask, state.mask.new_ones(len(tokens), 1)], dim=1)
-    out = model(
-        input_ids=feed, attention_mask=mask, position_ids=state.next_pos, past_key_values=state.cache, use_cache=True
-    )
-    return _Decoding(out.past_key_values, out.logits[:, -1, :].float(), mask, state.next_pos + 1)
-
-
-def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-    """[batch, vocab] -> [batch]: argmax for greedy rows, a draw from each row's generator otherwise.
-
-    A row whose logits cannot be sampled (NaN, +inf, or nothing finite) fails, and so does one whose
-    draw raises; the other rows get their tokens."""
+    Greedy rows take the argmax, sampled rows a draw by their own generator. A row whose logits cannot
+    be sampled (NaN, +inf, or nothing finite) gets fault 1, one whose filtered probabilities cannot
+    (they overflowed) fault 2, and a token from a harmless stand-in distribution: no kernel ever sees
+    a NaN (on CUDA, a multinomial over one is a device-side assert that ends the process), and the
+    row fails once the step's results reach the host."""
+    broken = (logits.isnan() | logits.isposinf()).any(-1) | logits.isneginf().all(-1)  # [batch]
+    fault = broken.to(torch.int8)
+    logits = logits.masked_fill(broken[:, None], 0.0)
     choice = logits.argmax(-1)
-    broken = ((logits.isnan() | logits.isposinf()).any(-1) | logits.isneginf().all(-1)).tolist()
-    # Rows sharing (temperature, top_k, top_p) are filtered together: usually one group per batch.
+    # Rows sharing (temperature, top_k, top_p) are filtered and drawn together: usually one group per batch.
     groups: dict[tuple[float, int, float], list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
-        if r.reason is not None:
-            continue
-        if broken[i]:
-            r.fail(FloatingPointError("the model's logits for this sequence are NaN or infinite"))
-        elif not r.greedy:
+        if r.reason is None and not r.greedy:
             groups[(r.req.temperature, r.req.top_k, r.req.top_p)].append(i)
-    for idx in groups.values():
-        try:
-            _draw(logits, rows, idx, choice)
-        except Exception:  # noqa: BLE001 (find the rows at fault: each on its own)
-            for i in idx:
-                try:
-                    _draw(logits, rows, [i], choice)
-                except Exception as exc:  # noqa: BLE001
-                    rows[i].fail(exc)
-    return choice
-
-
-def _draw(logits: torch.Tensor, rows: list[_Row], idx: list[int], choice: torch.Tensor) -> None:
-    """Sample the rows `idx` (one temperature, top_k and top_p) into `choice`. Rows whose probabilities
-    cannot be drawn from fail before any draw (torch.multinomial would raise for them)."""
-    req = rows[idx[0]].req
-    probs = _filter_logits(logits[idx] / req.temperature, req.top_k, req.top_p).softmax(-1)  # [group, vocab]
-    usable = (probs.isfinite().all(-1) & (probs.sum(-1) > 0)).tolist()
-    for j, i in enumerate(idx):
-        if usable[j]:
-            choice[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
-        else:
-            rows[i].fail(FloatingPointError("this sequence's sampling probabilities are NaN or infinite"))
+    for (temperature, top_k, top_p), idx in groups.items():
+        at = torch.tensor(idx, device=logits.device)
+        probs = _filter_logits(logits[at] / temperature, top_k, top_p).softmax(-1)  # [group, vocab]
+        unusable = ~(probs.isfinite().all(-1) & (probs.sum(-1) > 0))
+        probs = probs.masked_fill(unusable[:, None], 1.0)
+        # Inverse CDF: the first token whose cumulative mass passes u * total, u from the row's generator.
+        cum = probs.cumsum(-1)
+        u = torch.tensor([rows[i].uniform() for i in idx], device=logits.device, dtype=cum.dtype)
+        drawn = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)[:, 0]
+        choice[at] = drawn.clamp(max=logits.shape[-1] - 1)
+        fault[at] = torch.where(unusable, 2, fault[at]).to(torch.int8)
+    return choice, fault
 
 
 def _describe(exc: BaseException) -> str:

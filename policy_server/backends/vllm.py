@@ -252,9 +252,9 @@ class VllmBackend(GenerationBackend):
     def _merged(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
         """The full state dict with `tensors` swapped in: the checkpoint's tensors (read at the first
         update) as the last update left them. Copies, so that a caller who goes on changing its
-        tensors (a trainer's parameters) does not change what a later update sends. An update in another
-        float dtype (a float32 trainer, a bf16 checkpoint) takes the checkpoint's."""
+        tensors (a trainer's parameters) does not change what a later update sends."""
         state = self._full_state()
+        # an update in another float dtype (a float32 trainer, a bf16 checkpoint) takes the checkpoint's
         return {
             **state,
             **{name: t.detach().to("cpu", state[name].dtype, copy=True).contiguous() for name, t in tensors.items()},

@@ -2,7 +2,8 @@
 
 One abstract interface, two implementations: `transformers` (CPU default, in this package) and
 `vllm` (pooling runner; `rm_server.backends.vllm`). A backend is called from the batcher's
-worker thread only, one batch at a time, and never from the event loop.
+worker thread only, one batch at a time, and never from the event loop. `backends.worker` runs
+either in a process of its own behind the same interface (the server does so for `transformers`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class ScoringBackend(ABC):
     tokenizer: PreTrainedTokenizerBase  # the checkpoint's own: rewards encode their text with it
     num_labels: int | None  # None: the checkpoint's config names no labels (no reward model then)
     max_positions: int | None = None  # longest sequence the model takes, when its config says
+
+    @property
+    def ready(self) -> bool:
+        """Whether it takes batches now (a worker process's backend: false while it restarts)."""
+        return True
 
     def close(self) -> None:
         """Release engines and memory (the vLLM backend runs engine processes)."""

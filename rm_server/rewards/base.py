@@ -95,6 +95,10 @@ class Reward(ABC):
     def check(self, items: Sequence[Item]) -> None:
         """Refuse a request before any work (raise `errors.InvalidRequest`), e.g. too-long items."""
 
+    def ready(self) -> bool:
+        """Whether it can score now (a model reward: its model is loaded; false while a worker restarts)."""
+        return True
+
     def queue_depth(self) -> int:
         """Items waiting for this reward's backend (0 for rewards without a queue)."""
         return 0

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import multiprocessing
 import os
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 from pebble import ProcessExpired, ProcessPool
 
+from assay.rm_server import forkserver
 from assay.rm_server.protocol import ErrorType
 from assay.rm_server.rewards.base import DEADLINE, ItemFailure, Outcome, Scored
 
@@ -135,12 +135,10 @@ def _acquire_pool(user: int) -> ProcessPool:
     with _pool_lock:
         _pool_users.add(user)
         if _pool is None:
-            # forkserver, not fork: forking a process that runs threads can copy their held locks.
             # Workers fork from a single-threaded server that has math-verify and sympy imported
-            # already, so a worker killed at a deadline is replaced in a moment, not seconds.
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["math_verify", "sympy", "pebble"])
-            _pool = ProcessPool(POOL_WORKERS, initializer=_init_worker, context=ctx)
+            # already (`rm_server.forkserver`), so a worker killed at a deadline is replaced in a
+            # moment, not seconds.
+            _pool = ProcessPool(POOL_WORKERS, initializer=_init_worker, context=forkserver.context())
         return _pool
 
 

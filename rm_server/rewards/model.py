@@ -18,9 +18,11 @@ text it never saw. Scores come from the model through the batcher:
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,7 @@ import numpy as np
 from jinja2 import TemplateError
 
 from assay.base.batcher import Batcher
-from assay.base.errors import InvalidRequest
+from assay.base.errors import LOADING_RETRY_AFTER_S, InvalidRequest, NotReady
 from assay.chat import has_chat_template, render_exchange, render_prompt
 from assay.data import Text
 from assay.rm_server.backends import OutOfMemory
@@ -39,7 +41,9 @@ from assay.rm_server.spec import OutcomeModelSpec, ProcessModelSpec
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from assay.rm_server.backends import ScoringBackend
+    from assay.rm_server.backends import Kind, ScoringBackend
+
+log = logging.getLogger(__name__)
 
 
 def _activated(logit: float, activation: str) -> float:
@@ -82,9 +86,19 @@ def _token_at(spans: Sequence[tuple[int, int]], char: int) -> int:
 class ModelReward(Reward):
     """A reward computed by a local Hugging Face checkpoint."""
 
-    def __init__(self, name: str, reward_id: str, spec: OutcomeModelSpec | ProcessModelSpec, path) -> None:
+    def __init__(
+        self,
+        name: str,
+        reward_id: str,
+        spec: OutcomeModelSpec | ProcessModelSpec,
+        path,
+        *,
+        worker_threads: int | None = None,
+    ) -> None:
+        """`worker_threads`: run the model in a worker process with that many torch threads
+        (`backends.worker`; the transformers backend only); None: on the batcher's thread here."""
         super().__init__(name, reward_id)
-        self.spec, self.path = spec, path
+        self.spec, self.path, self.worker_threads = spec, path, worker_threads
         self.type = spec.type
         self.process = isinstance(spec, ProcessModelSpec)
         self.granularities = frozenset(
@@ -97,20 +111,37 @@ class ModelReward(Reward):
         self.backend: ScoringBackend | None = None  # these three once started
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.batcher: Batcher | None = None
+        self._tokenizing: ThreadPoolExecutor | None = None  # one thread: a fast tokenizer is not to be shared
         self.on_batch = None  # set by the service to record batch metrics
 
     async def start(self) -> None:
         from assay.checkpoints import check_device
-        from assay.rm_server.backends import Kind, load_backend
+        from assay.rm_server.backends import load_backend
+        from assay.rm_server.backends.worker import WorkerBackend
 
         try:  # one sentence naming the reward, before any weights are read
             check_device(self.spec.device)
         except ValueError as exc:
             raise ValueError(f"reward {self.name!r}: {exc}") from None
         kind: Kind = "process" if self.process else "outcome"
-        backend, tokenizer = await asyncio.to_thread(  # loading weights takes a while
-            load_backend, self.spec.backend, self.path, kind, self.spec.device, self.spec.dtype
-        )
+        backend: ScoringBackend
+        if self.worker_threads is not None and self.spec.backend == "transformers":
+            worker = await asyncio.to_thread(  # starts the worker and waits while it loads the weights
+                WorkerBackend,
+                self.spec.backend,
+                self.path,
+                kind,
+                label=self.name,
+                torch_threads=self.worker_threads,
+                device=self.spec.device,
+                dtype=self.spec.dtype,
+            )
+            log.info("reward %r: model worker pid %s, %d torch threads", self.name, worker.pid, worker.torch_threads)
+            backend, tokenizer = worker, worker.tokenizer
+        else:  # loading weights takes a while
+            backend, tokenizer = await asyncio.to_thread(
+                load_backend, self.spec.backend, self.path, kind, self.spec.device, self.spec.dtype
+            )
         self.backend, self.tokenizer = backend, tokenizer
         if self.spec.chat_template and not has_chat_template(tokenizer):
             raise ValueError(
@@ -135,12 +166,18 @@ class ModelReward(Reward):
             on_batch=lambda n, t: self.on_batch and self.on_batch(self.name, n, t),
         )
         self.batcher.start()
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{self.name}")
 
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.close()
+        if self._tokenizing is not None:
+            self._tokenizing.shutdown(wait=True, cancel_futures=True)
         if self.backend is not None:
             await asyncio.to_thread(self.backend.close)
+
+    def ready(self) -> bool:
+        return self.backend is not None and self.backend.ready
 
     def queue_depth(self) -> int:
         return self.batcher.depth() if self.batcher else 0
@@ -227,7 +264,11 @@ class ModelReward(Reward):
         return [out[i] for i in range(len(batch))]
 
     async def score(self, items: Sequence[Item], granularity: Granularity) -> list[Outcome]:
-        encoded = self.encode(items)
+        if not self.ready():
+            raise NotReady(f"reward {self.name!r}: its model worker is restarting", retry_after_s=LOADING_RETRY_AFTER_S)
+        # Off the event loop, so that a large request's tokenizing stalls no other request; a fast
+        # tokenizer releases the GIL while it encodes a batch, so it overlaps the forward too.
+        encoded = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.encode, items)
         todo = [e for e in encoded if not isinstance(e, ItemFailure)]
         mode = "pooled" if not self.process and granularity == Granularity.outcome else "tokens"
         assert self.batcher is not None, "started"

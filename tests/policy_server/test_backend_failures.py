@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from assay.policy_server.backends import GenerationFailed, GenerationOutput, GenerationRequest
-from assay.policy_server.backends.hf import HFBackend, _Job, _next_tokens, _Row
+from assay.policy_server.backends.hf import FAULTS, HFBackend, _Job, _next_tokens, _Row
 from assay.policy_server.backends.vllm import _sampling_options
 from assay.policy_server.config import BatchSettings
 
@@ -91,9 +91,10 @@ def test_rows_whose_logits_cannot_be_sampled_fail_and_the_others_draw(policy):
     logits[1, 2] = float("nan")  # a sampled row, and
     logits[2, :] = float("-inf")  # a greedy one: neither has a distribution to take a token from
     logits[2, 1] = float("inf")
-    choice = _next_tokens(logits, rows)
-    assert rows[0].reason is None and int(choice[0]) in range(8)
-    assert [r.reason for r in rows[1:]] == ["error", "error"]
+    choice, fault = _next_tokens(logits, rows)
+    assert int(choice[0]) in range(8) and fault.tolist() == [0, 1, 1]  # decode fails the rows with a fault
+    for r, why in zip(rows[1:], fault[1:].tolist(), strict=True):
+        r.fail(FloatingPointError(FAULTS[why]))
     assert all(isinstance(r.output(tokenizer, 0), GenerationFailed) for r in rows[1:])
 
 

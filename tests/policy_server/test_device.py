@@ -2,8 +2,9 @@
 decode, a float32 push into a bf16 model cast and served, every tensor of a decode step on the model's
 device, a device this build lacks refused at start, and an out-of-memory batch answered 429.
 
-No GPU here: the device check runs the decode loop's device-side steps (`prefill`, `step`) with the
-model on `meta`, where `one_device_per_op` fails any operation that meets a tensor left on the CPU.
+No GPU here: the device check runs the decode loop's device-side steps (`Steps.start`, a draw,
+`Batch.step`, with either KV cache) with the model on `meta`, where `one_device_per_op` fails any
+operation that meets a tensor left on the CPU.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import torch
 
 from assay.checkpoints import EMBEDDED, load_model
 from assay.clients import InvalidRequest, Overloaded, PolicyClient
-from assay.policy_server.backends.hf import HFBackend, prefill, step
-from assay.policy_server.config import ServerConfig
+from assay.policy_server.backends import GenerationRequest
+from assay.policy_server.backends.hf import HFBackend, _Job, _next_tokens, _Row
+from assay.policy_server.backends.steps import Steps
+from assay.policy_server.config import BatchSettings, ServerConfig
 from assay.policy_server.server import BackgroundServer
 from tests.helpers import one_device_per_op
 
@@ -94,16 +97,22 @@ def test_a_batch_out_of_memory_is_a_retryable_refusal_and_the_server_goes_on(bf1
 
 
 @pytest.mark.unit
-def test_every_tensor_of_a_decode_step_is_on_the_models_device():
+@pytest.mark.parametrize("kv_cache", ["dynamic", "static"])
+def test_every_tensor_of_a_decode_step_is_on_the_models_device(kv_cache):
     model, tokenizer = load_model(POLICY, "causal_lm", device="meta")
     # sdpa asks whether the mask is all ones (a value meta tensors do not have); eager computes the same
     model.set_attn_implementation("eager")
     prompts = [tokenizer(p)["input_ids"] for p in (PROMPT, "Q: 1+2 A: ")]  # unequal: left padding
+    # a greedy row and a sampled one (its generator on the host, its draw on the device)
+    rows = [
+        _Row(_Job(GenerationRequest(p, max_tokens=4, temperature=t, seed=1), None)) for p, t in zip(prompts, (0, 1))
+    ]
     with torch.inference_mode(), one_device_per_op():
-        state = prefill(model, prompts, tokenizer.pad_token_id)
-        state = step(model, state, [5, 6])
-        assert state.logits.device.type == "meta" and state.logits.dtype == torch.float32
-        assert state.mask.shape == (2, len(prompts[0]) + 1)
+        state, logits = Steps(model, BatchSettings(kv_cache=kv_cache)).start(prompts, tokenizer.pad_token_id, 4)
+        choice, fault = _next_tokens(logits, rows)
+        logits = state.step(choice)
+        assert logits.device.type == "meta" and logits.dtype == torch.float32 and logits.shape[0] == 2
+        assert choice.device.type == "meta" and fault.device.type == "meta"
         # the check can fail: ids left on the CPU meet the model's meta weights
         with pytest.raises(AssertionError, match="mixes devices"):
             model(input_ids=torch.ones(2, 1, dtype=torch.long), past_key_values=state.cache)

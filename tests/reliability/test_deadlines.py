@@ -107,6 +107,10 @@ class HeldModel:
     def per_token(self, batch):
         return self.inner.per_token(batch)
 
+    @property
+    def ready(self):
+        return self.inner.ready
+
     def close(self):
         self.inner.close()
 

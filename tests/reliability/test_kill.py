@@ -142,9 +142,9 @@ def test_sigkill_of_policy_server_during_a_weight_push_applies_it_once(services,
         pushes.append(kw["expect_version"])
         return update_of(tensors, **kw)
 
-    def killing_chunks(tensors):
+    def killing_chunks(tensors, metadata=None):
         attempts.append(len(pushes))
-        chunks, size = chunks_of(tensors)
+        chunks, size = chunks_of(tensors, metadata)
         if len(pushes) != 3 or attempts.count(3) != 1:
             return chunks, size  # only push 3 is cut (1: the run's first sync, 2: step 1's, 3: step 2's)
 

@@ -17,7 +17,7 @@ import torch
 
 from assay.checkpoints import ARITH_DIR
 from assay.rm_server.backends.hf import TransformersBackend
-from assay.rm_server.config import ServerConfig
+from assay.rm_server.config import ModelRuntime, ServerConfig
 from assay.rm_server.protocol import ErrorType, ScoreResponse
 from assay.rm_server.server import BackgroundServer
 from tests.helpers import one_device_per_op
@@ -85,7 +85,10 @@ def test_a_batch_out_of_memory_fails_its_items_overloaded_and_the_service_goes_o
     spec = tmp_path / "rewards.yaml"
     spec.write_text(f"rewards:\n  orm: {{type: model.outcome, path: {ARITH_DIR / 'orm'}, max_batch_tokens: 512}}\n")
     items = [{"id": f"i{k}", "prompt": "", "response": text} for k, text in enumerate(ITEMS)]
-    with BackgroundServer(ServerConfig(spec=spec, port=0, grpc_port=None)) as server:
+    # The model in this process (no worker), where the test double below can reach its forward;
+    # test_workers checks that a worker hands an out-of-memory batch back as the same error.
+    config = ServerConfig(spec=spec, port=0, grpc_port=None, models=ModelRuntime(model_workers=False))
+    with BackgroundServer(config) as server:
         model = server.service.rewards["orm"].backend.model
         forward = model.forward
 

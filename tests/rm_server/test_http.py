@@ -187,6 +187,10 @@ class HeldBackend:
     def per_token(self, batch):
         return self.inner.per_token(batch)
 
+    @property
+    def ready(self):
+        return self.inner.ready
+
     def close(self):
         self.inner.close()
 

@@ -1,13 +1,14 @@
-"""The dynamic batcher on its own: budgets, deadlines, back-pressure, cancellation."""
+"""The dynamic batcher on its own: length-aware formation, budgets, deadlines, back-pressure, cancellation."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 
 import pytest
 
-from assay.base.batcher import Batcher, BatchTimes
+from assay.base.batcher import Batcher, BatchTimes, form_batches
 from assay.base.errors import InvalidRequest, Overloaded
 
 pytestmark = pytest.mark.unit
@@ -166,3 +167,84 @@ def test_the_wait_for_room_counts_the_batches_that_must_leave_the_queue_first():
         return sizes
 
     assert run(go()) == [[1], [2], [2, 1], [2, 1, 1], [2, 1, 2]]
+
+
+# --- length-aware formation ----------------------------------------------------------------
+
+
+def test_a_batch_is_the_oldest_item_and_its_nearest_neighbours_in_length():
+    # Arrival order 40, 900, 35, 1000, 50: the short ones batch together, then the long ones.
+    assert list(form_batches([40, 900, 35, 1000, 50], max_items=3, max_tokens=10**6)) == [[0, 2, 4], [1, 3]]
+    # The oldest goes first even when it is the odd one out; its nearest neighbours join it.
+    assert list(form_batches([500, 10, 11, 12, 480, 520], max_items=3, max_tokens=10**6)) == [[0, 4, 5], [1, 2, 3]]
+
+
+def test_the_budget_counts_padded_tokens_and_shorter_items_still_join_when_a_longer_one_cannot():
+    # Oldest 100; 120 is nearer than 60, but 2 x 120 > 200: the batch takes the shorter 60 instead.
+    assert list(form_batches([100, 120, 60], max_items=8, max_tokens=200)) == [[0, 2], [1]]
+    # Three items of 100 are 300 padded tokens: over a budget of 250 even though no item is.
+    assert list(form_batches([100, 100, 100], max_items=8, max_tokens=250)) == [[0, 1], [2]]
+
+
+def test_an_item_over_the_budget_runs_alone_and_equal_lengths_keep_arrival_order():
+    assert list(form_batches([5, 300, 5, 5], max_items=2, max_tokens=100)) == [[0, 2], [1], [3]]
+
+
+def test_every_batch_holds_the_oldest_item_left_and_keeps_the_limits():
+    rng = random.Random(0)
+    for _ in range(200):
+        costs = [int(rng.lognormvariate(5.9, 0.9)) + 1 for _ in range(rng.randint(1, 60))]
+        max_items, max_tokens = rng.randint(1, 16), rng.choice([500, 2000, 8000])
+        left = list(range(len(costs)))
+        for batch in form_batches(costs, max_items, max_tokens):
+            assert batch[0] == left[0] and batch == sorted(batch)  # the oldest, then arrival order
+            assert len(batch) <= max_items
+            assert len(batch) == 1 or len(batch) * max(costs[k] for k in batch) <= max_tokens
+            left = [k for k in left if k not in batch]
+        assert left == []
+
+
+def test_sorted_batches_waste_less_padding_than_arrival_order_ones():
+    rng = random.Random(1)
+    costs = [min(2000, int(rng.lognormvariate(5.93, 0.87)) + 1) for _ in range(256)]
+    padded = lambda batches: sum(len(b) * max(costs[k] for k in b) for b in batches)
+    arrival = [list(range(s, s + 32)) for s in range(0, 256, 32)]
+    aware = list(form_batches(costs, max_items=32, max_tokens=10**9))
+    assert padded(aware) < 0.5 * padded(arrival)
+
+
+def test_concurrent_requests_of_mixed_lengths_batch_by_length_and_get_their_own_results():
+    async def go():
+        batches: list[list[int]] = []
+        b = make(batches, max_items=2, max_tokens=10**6, max_wait_s=10)  # batches close full, never on time
+        b.start()
+        first = b.submit([1, 2], [10, 1000])
+        second = b.submit([3, 4], [1000, 10])
+        out = [await asyncio.gather(*first), await asyncio.gather(*second)]
+        await b.close()
+        return out, batches
+
+    out, batches = run(go())
+    assert out == [[10, 20], [30, 40]]
+    assert batches == [[1, 4], [2, 3]]
+
+
+def test_the_wait_for_room_follows_the_length_aware_batches():
+    async def go():
+        batches: list[list[int]] = []
+        gate = threading.Event()
+        b = make(batches, gate=gate, max_items=2, max_tokens=10**6, max_queue=5, max_wait_s=0)
+        b.start()
+        running = b.submit([0], [1])
+        while not batches:
+            await asyncio.sleep(0.01)
+        waiting = b.submit([1, 2, 3, 4, 5], [10, 500, 11, 490, 12])  # batches [1, 3], [2, 4], [5]
+        sizes = [b._batches_to_take(n) for n in (1, 2, 3, 5)]
+        gate.set()
+        await asyncio.gather(*running, *waiting)
+        await b.close()
+        return sizes, batches
+
+    sizes, batches = run(go())
+    assert sizes == [[1], [2], [2, 1], [2, 2, 1]]
+    assert batches == [[0], [1, 3], [2, 4], [5]]
