@@ -49,6 +49,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from assay.rm_server.spec import CPU_BATCH_TOKENS, DEVICE_BATCH_TOKENS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is no package; spawned workers too
 import mixed_workload
 from loadgen import Window, measure
@@ -73,7 +75,7 @@ class Plan:
     ceiling_passes: int = 3  # interleaved passes over the batch sizes; the median counts
     max_wait_ms: float = 5.0  # (both are the spec defaults)
     max_batch_items: int = 128  # the spec defaults; a sweep (--sweep) found no better setting
-    max_batch_tokens: int = 16384  # the spec default: padded tokens per forward
+    max_batch_tokens: int = 4096  # padded tokens per forward; main() takes the spec's default for the device
     torch_threads: int | None = None  # OMP_NUM_THREADS for ceiling and servers; None: torch's default
     http_client: str = "raw"  # raw (bare keep-alive HTTP/1.1) | httpx
     device: str = "cpu"  # the ceiling's backend and the served model's spec
@@ -525,7 +527,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=Plan.max_wait_ms, help="spec max_wait_ms")
     p.add_argument("--max-batch-items", type=int, default=None, help="spec max_batch_items (uniform 128, mixed 32)")
     p.add_argument(
-        "--max-batch-tokens", type=int, default=None, help="spec max_batch_tokens (default 16384; mixed on a CPU 4096)"
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="spec max_batch_tokens (default: the spec's, 4096 on a CPU, 16384 on a GPU)",
     )
     p.add_argument("--torch-threads", type=int, default=None, help="OMP_NUM_THREADS for ceiling and servers")
     p.add_argument("--repeats", type=int, default=None, help="windows per row (default 3, quick 1)")
@@ -543,10 +548,9 @@ def main() -> None:
         streams=args.streams,
         max_wait_ms=args.max_wait_ms,
         max_batch_items=args.max_batch_items or (32 if args.workload == "mixed" else Plan.max_batch_items),
-        # On a CPU batching gains little past a few thousand tokens, and a smaller padded budget
-        # keeps mixed-length batches tight (bench/README.md, "Mixed lengths").
-        max_batch_tokens=args.max_batch_tokens
-        or (4096 if args.workload == "mixed" and args.device == "cpu" else Plan.max_batch_tokens),
+        # The spec's default for the device: 4096 padded tokens on a CPU, where batching gains little
+        # past a few thousand tokens and a smaller budget keeps mixed-length batches tight.
+        max_batch_tokens=args.max_batch_tokens or (CPU_BATCH_TOKENS if args.device == "cpu" else DEVICE_BATCH_TOKENS),
         torch_threads=args.torch_threads,
         device=args.device,
         dtype=args.dtype,

@@ -160,7 +160,7 @@ class ModelReward(Reward):
             self._run_batch,
             name=self.name,
             max_items=self.spec.max_batch_items,
-            max_tokens=self.spec.max_batch_tokens,
+            max_tokens=self.spec.batch_tokens(),
             max_wait_s=self.spec.max_wait_ms / 1000,
             max_queue=self.spec.max_queue,
             on_batch=lambda n, t: self.on_batch and self.on_batch(self.name, n, t),
@@ -291,7 +291,7 @@ class ModelReward(Reward):
             except OutOfMemory as exc:  # retryable: the same items fit in a smaller batch
                 why = (
                     f"reward {self.name!r}: {exc}; retry, and lower the spec's max_batch_tokens "
-                    f"({self.spec.max_batch_tokens}) or max_batch_items ({self.spec.max_batch_items}) if it recurs"
+                    f"({self.spec.batch_tokens()}) or max_batch_items ({self.spec.max_batch_items}) if it recurs"
                 )
                 results.append(ItemFailure(ErrorType.overloaded, why))
             except (ValueError, RuntimeError) as exc:

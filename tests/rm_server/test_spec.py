@@ -38,6 +38,16 @@ def test_ids_are_stable_and_independent_of_name_and_runtime_fields():
     assert ids_of({"orm": runtime})["orm"] == a["orm"]
 
 
+def test_the_padded_batch_budget_defaults_by_device_and_a_given_one_wins():
+    def budget(**fields):
+        return parse_spec({"rewards": {"orm": {**ORM, **fields}}}).rewards["orm"].batch_tokens()
+
+    assert budget() == 4096  # on a CPU, tight batches keep mixed lengths apart
+    assert budget(device="cuda") == 16384
+    assert budget(device="cpu", max_batch_tokens=900) == budget(device="cuda", max_batch_tokens=900) == 900
+    assert ids_of({"orm": {**ORM, "max_batch_tokens": 900}})["orm"] == ids_of({"orm": ORM})["orm"]
+
+
 @pytest.mark.parametrize(
     "change",
     [{"activation": "sigmoid"}, {"template": "{prompt} {response}"}, {"max_tokens": 100}, {"chat_template": True}],
