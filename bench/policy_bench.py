@@ -149,10 +149,20 @@ def big_checkpoint(out: Path, hidden: int = 1024, layers: int = 12) -> Path:
     return out
 
 
+def bench_models(tmp: Path, big: bool) -> list[tuple[str, Path]]:
+    """(label, checkpoint) of the policies the weight benches push to: the embedded one, and with `big`
+    a random-init 201M-parameter one built in `tmp`."""
+    from assay.checkpoints import EMBEDDED
+
+    models = [("embedded policy", Path(EMBEDDED["policy"][1]))]
+    if big:
+        models.append(("random 1024x12", big_checkpoint(tmp / "big")))
+    return models
+
+
 def weight_updates(repeats: int, big: bool) -> Table:
     from safetensors.torch import load_file
 
-    from assay.checkpoints import EMBEDDED
     from assay.clients.policy import PolicyClient
     from assay.services import LocalServices
 
@@ -160,9 +170,7 @@ def weight_updates(repeats: int, big: bool) -> Table:
     for col in ("model", "MB", "way in", "median s", "MB/s", "server s (median)"):
         table.add_column(col, justify="left" if col in ("model", "way in") else "right")
     with tempfile.TemporaryDirectory() as tmp:
-        models = [("embedded policy", Path(EMBEDDED["policy"][1]))]
-        if big:
-            models.append(("random 1024x12", big_checkpoint(Path(tmp) / "big")))
+        models = bench_models(Path(tmp), big)
         for label, path in models:
             state = load_file(path / "model.safetensors")
             size = sum(t.numel() * t.element_size() for t in state.values()) / 1e6
@@ -199,7 +207,6 @@ def adapter_pushes(repeats: int, big: bool, r: int = 16) -> Table:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from assay.checkpoints import EMBEDDED
     from assay.clients.policy import PolicyClient
     from assay.services import LocalServices
     from assay.trainer import lora
@@ -208,9 +215,7 @@ def adapter_pushes(repeats: int, big: bool, r: int = 16) -> Table:
     for col in ("model", "push", "MB sent", "median s", "server s (median)", "s vs full"):
         table.add_column(col, justify="left" if col in ("model", "push") else "right")
     with tempfile.TemporaryDirectory() as tmp:
-        models = [("embedded policy", Path(EMBEDDED["policy"][1]))]
-        if big:
-            models.append(("random 1024x12", big_checkpoint(Path(tmp) / "big")))
+        models = bench_models(Path(tmp), big)
         for label, path in models:
             model = AutoModelForCausalLM.from_pretrained(path)
             state = {k: v.clone() for k, v in model.state_dict().items()}
