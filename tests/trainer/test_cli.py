@@ -163,7 +163,7 @@ def test_the_library_loop_refuses_to_mix_runs_too(tmp_path):
 
 
 @pytest.mark.e2e
-def test_overwrite_discards_the_old_run_and_starts_afresh(services, tmp_path):
+def test_overwrite_discards_the_old_run_and_starts_afresh_and_the_cli_trains_lora_in_bf16(services, tmp_path):
     run = tmp_path / "run"
     _old_run(run)
     config = tmp_path / "grpo.yaml"
@@ -184,6 +184,8 @@ def test_overwrite_discards_the_old_run_and_starts_afresh(services, tmp_path):
             services.rm_url,
             "--policy-url",
             services.policy_url,
+            # the flags a GPU run takes (`--device cuda` aside), through the command line
+            *("--lora-r", "4", "--lora-alpha", "8", "--dtype", "bfloat16", "--gradient-checkpointing"),
         ],
         capture_output=True,
         text=True,
@@ -193,3 +195,8 @@ def test_overwrite_discards_the_old_run_and_starts_afresh(services, tmp_path):
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files go
+    # A LoRA run checkpoints its adapter alone and ends with the merged policy as a plain checkpoint.
+    saved = run / "checkpoints" / "step-000002" / "policy.safetensors"
+    assert saved.stat().st_size < (run / "merged" / "model.safetensors").stat().st_size / 5
+    config = json.loads((run / "config.json").read_text())
+    assert config["lora"]["r"] == 4 and config["hardware"]["dtype"] == "bfloat16"
