@@ -73,6 +73,10 @@ POLICY_REQUESTS = {
         False,
     ),
     ("POST", "/v1/admin/weights/load"): ({"json": {"model": "nope", "path": "nowhere.safetensors"}}, False),
+    ("POST", "/v1/admin/adapter"): (
+        {"params": {"model": "policy"}, "content": b"not safetensors", "headers": BINARY},
+        False,
+    ),
 }
 
 

@@ -106,8 +106,8 @@ def pausing_chunks(mid_push: threading.Event, resume: threading.Event):
     moment to kill the server with a push certainly in flight."""
     real = policy_client.safetensors_chunks
 
-    def chunks(tensors):
-        it, size = real(tensors)
+    def chunks(tensors, metadata=None):
+        it, size = real(tensors, metadata)
 
         def paced():
             yield next(it)
