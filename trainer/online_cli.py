@@ -95,35 +95,12 @@ def run_online(
             raise typer.BadParameter(str(exc)) from None
         on_step = _progress(stack, algorithm, cfg.steps)
         try:
+            common = dict(resume=resume, on_step=on_step, prompts=prompts, evaluation=evaluation)
             if isinstance(cfg, PPOConfig):
-                ppo.train(
-                    cfg,
-                    net,
-                    tok,
-                    critic,
-                    policy,
-                    reward_fn,
-                    run,
-                    resume=resume,
-                    on_step=on_step,
-                    prompts=prompts,
-                    evaluation=evaluation,
-                    ptx_data=ptx,
-                )
+                ppo.train(cfg, net, tok, critic, policy, reward_fn, run, ptx_data=ptx, **common)
             else:
                 assert isinstance(cfg, GRPOConfig), algorithm
-                grpo.train(
-                    cfg,
-                    net,
-                    tok,
-                    policy,
-                    reward_fn,
-                    run,
-                    resume=resume,
-                    on_step=on_step,
-                    prompts=prompts,
-                    evaluation=evaluation,
-                )
+                grpo.train(cfg, net, tok, policy, reward_fn, run, **common)
         except RewardMismatch as exc:
             console.print(f"[red]error:[/red] {exc}")
             sys.exit(1)
