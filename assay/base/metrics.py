@@ -19,6 +19,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from assay.base.errors import ServiceError
+from assay.base.logs import note
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CANCELLED = "499"  # nginx's "client closed request": no HTTP status says it
@@ -28,6 +29,7 @@ class RequestMetrics:
     """A registry with the metrics every service has, named `{prefix}_...`, labelled by `label`."""
 
     def __init__(self, prefix: str, label: str, queue_help: str) -> None:
+        self.label_name = label  # what the label is: "reward", "model" (the access line's field)
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             f"{prefix}_requests", f"Requests by route, {label} and status code", ["route", label, "code"], registry=r
@@ -53,6 +55,7 @@ class Timer:
         self.metrics, self.route, self.label, self.code = metrics, route, label, "200"
 
     def __enter__(self) -> Timer:
+        note(**{self.metrics.label_name: self.label})  # the access line says which reward or model
         self.start = time.perf_counter()
         return self
 
