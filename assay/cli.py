@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, TaskID, TextColumn
+from rich.progress import MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from assay.data_cli import data_app
@@ -102,7 +102,8 @@ def eval_cmd(
         raise typer.BadParameter(str(e)) from e
     from assay.evaluate import evaluate  # torch: only once the options are good
 
-    figures = _guarded(lambda: evaluate(cfg))
+    with _eval_bars(shown=not as_json) as progress:
+        figures = _guarded(lambda: evaluate(cfg, progress))
     if as_json:
         # a figure with nothing to measure (no pairs on a tiny set) is NaN: null in strict JSON
         typer.echo(json.dumps({k: None if v != v else v for k, v in figures.items()}))
@@ -171,6 +172,22 @@ def _stage_bars() -> Iterator[tuple[Callable[[str], None], Callable[[str, int, i
             bar.update(tasks[stage], completed=step, loss=loss)
 
         yield bar.console.print, on_step
+
+
+@contextmanager
+def _eval_bars(shown: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A bar per `assay eval` stage on stderr, on a terminal only (never with --json): yields its hook."""
+    err = Console(stderr=True)
+    columns = (*Progress.get_default_columns(), MofNCompleteColumn())
+    with Progress(*columns, console=err, disable=not (shown and err.is_terminal)) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def on_stage(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield on_stage
 
 
 def _guarded(fn):

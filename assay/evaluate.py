@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -57,12 +59,14 @@ def _pairwise(r: list[float], labels: list[bool], cfg: EvalConfig, use_bad) -> f
     return wins / pairs if pairs else float("nan")
 
 
-def _samples(cfg: EvalConfig) -> tuple[list[world.Problem], list[list[str]], list[list[bool]]]:
+def _samples(
+    cfg: EvalConfig, on_batch: Callable[[int, int], None] | None = None
+) -> tuple[list[world.Problem], list[list[str]], list[list[bool]]]:
     """The held-out problems, the policy's `cfg.samples` texts for each, and whether each is correct."""
     problems = world.eval_problems(cfg.problems)
     policy, tok = load_embedded("policy", cfg.checkpoints)
     params = SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens)
-    samples = sample(policy, tok, [p.prompt for p in problems], params, n=cfg.samples, seed=cfg.seed)
+    samples = sample(policy, tok, [p.prompt for p in problems], params, n=cfg.samples, seed=cfg.seed, on_batch=on_batch)
     texts = [[s.text for s in ss] for ss in samples]
     return problems, texts, [[is_correct(p, t) for t in ts] for p, ts in zip(problems, texts)]
 
@@ -96,10 +100,17 @@ def heldout_preferences(cfg: EvalConfig | None = None) -> list[dict[str, str]]:
     return rows
 
 
-def evaluate(cfg: EvalConfig | None = None) -> dict[str, float]:
+Progress = Callable[[str, int, int], None]
+"""`progress(stage, done, total)`: what `evaluate` has done of each stage (a progress bar's hook)."""
+STAGES = ("policy samples", "outcome RM", "process RM", "verifier")
+
+
+def evaluate(cfg: EvalConfig | None = None, progress: Progress | None = None) -> dict[str, float]:
+    """The figures of the module docstring; `progress` hears of each stage (`STAGES`) as it goes."""
     cfg = cfg or EvalConfig()  # a fresh default each call: EvalConfig is mutable
+    say: Progress = progress or (lambda stage, done, total: None)
     t0 = time.perf_counter()
-    problems, texts, correct = _samples(cfg)
+    problems, texts, correct = _samples(cfg, functools.partial(say, STAGES[0]))
     out: dict[str, float] = {
         f"pass@{k}": float(np.mean([pass_at_k(cfg.samples, sum(c), k) for c in correct])) for k in KS
     }
@@ -107,13 +118,16 @@ def evaluate(cfg: EvalConfig | None = None) -> dict[str, float]:
     scored = _scored(problems, texts, correct, cfg)
     labels = [ok for _, _, ok in scored]
 
+    say(STAGES[1], 0, len(scored))
     orm, tok = load_embedded("orm", cfg.checkpoints)
     r = score_outcome(orm, tok, [p.prompt + text for p, text, _ in scored])
     out["orm_pairwise_accuracy"] = _pairwise(r, labels, cfg, lambda j: True)
     # the same against wrong answers with no broken token: the slips that are hard to see
     out["orm_pairwise_accuracy_well_formed"] = _pairwise(r, labels, cfg, lambda j: is_well_formed(scored[j][1]))
     out["orm_auroc"] = auroc(r, labels)
+    say(STAGES[1], len(scored), len(scored))
 
+    say(STAGES[2], 0, len(scored))
     prm, tok = load_embedded("prm", cfg.checkpoints)
     items = [(p.prompt, text, [s.end for s in segments(text)]) for p, text, _ in scored]
     keep = [i for i, it in enumerate(items) if it[2]]  # a response with no steps has nothing to score
@@ -124,12 +138,15 @@ def evaluate(cfg: EvalConfig | None = None) -> dict[str, float]:
     # what always answering the commoner label would score, to read the accuracy against
     share_ok = float(np.mean([y for ys in step_truth for y in ys]))
     out["prm_step_majority_baseline"] = max(share_ok, 1 - share_ok)
+    say(STAGES[2], len(scored), len(scored))
 
+    say(STAGES[3], 0, len(scored))
     verifier, tok = load_embedded("verifier", cfg.checkpoints)
     yes = verifier_yes_prob(verifier, tok, [verifier_prompt(p.expression, text) for p, text, _ in scored])
     on_good = [q > 0.5 for q, y in zip(yes, labels) if y]
     on_bad = [q <= 0.5 for q, y in zip(yes, labels) if not y]
     out["verifier_accuracy"] = float((np.mean(on_good) + np.mean(on_bad)) / 2)
+    say(STAGES[3], len(scored), len(scored))
 
     out["heldout_problems"] = cfg.problems
     out["samples_per_problem"] = cfg.samples

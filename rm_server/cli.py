@@ -69,7 +69,13 @@ def probe_cmd(
     from assay.rm_server.spec import SpecError
 
     try:
-        table, ids = probe_spec(spec, list(reward) or None, problems)
+        with _progress(shown=True) as (advance, total):
+
+            def scored(n: int, of: int) -> None:
+                total(of)
+                advance(n)
+
+            table, ids = probe_spec(spec, list(reward) or None, problems, scored)
     except (SpecError, ValueError) as exc:
         refuse(exc)
     out = Table(
@@ -118,7 +124,10 @@ def eval_cmd(
     except (DataError, OSError) as exc:
         refuse(exc)
     try:
-        with _client(spec, rm_url, api_key, [reward], timeout_s) as client, _progress() as (advance, total):
+        with (
+            _client(spec, rm_url, api_key, [reward], timeout_s) as client,
+            _progress(shown=not as_json) as (advance, total),
+        ):
             info = {r.name: r for r in client.rewards().rewards}
             if reward in info and info[reward].needs_reference:
                 refuse(ValueError(f"reward {reward!r} needs a reference, and preference rows carry none"))
@@ -154,7 +163,10 @@ def _probe_items(
     except (DataError, OSError) as exc:
         refuse(exc)
     try:
-        with _client(spec, rm_url, api_key, rewards, timeout_s) as client, _progress() as (advance, total):
+        with (
+            _client(spec, rm_url, api_key, rewards, timeout_s) as client,
+            _progress(shown=not as_json) as (advance, total),
+        ):
             pairwise = {r.name for r in client.rewards().rewards if r.pairwise}
             if pairwise & set(rewards):
                 refuse(ValueError(f"{', '.join(sorted(pairwise & set(rewards)))} only compare; the probe scores"))
@@ -218,13 +230,14 @@ def _client(spec: Path | None, rm_url: str | None, api_key: str | None, rewards:
 
 
 @contextmanager
-def _progress():
-    """A progress bar over the responses scored, on stderr (so that --json's stdout is the report alone):
-    yields (advance(n), set_total(n))."""
+def _progress(shown: bool):
+    """A progress bar over the responses scored, on stderr, on a terminal only and never with --json
+    (`shown` False): yields (advance(n), set_total(n))."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    err = Console(stderr=True)
+    with Progress(*columns, console=err, disable=not (shown and err.is_terminal)) as bar:
         task = bar.add_task("score", total=None)
         yield (lambda n: bar.advance(task, n)), (lambda n: bar.update(task, total=n))
 

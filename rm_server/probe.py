@@ -68,17 +68,28 @@ async def _scores(service: RewardService, reward: str, rows: list[tuple[str, str
     return [x.score for x in resp.results]
 
 
-async def run_probe(service: RewardService, rewards: list[str], problems: int = 64) -> dict[str, dict[str, ProbeCell]]:
-    """{reward: {perturbation: cell}} for rewards scored on an already started service."""
+def probe_size(rewards: int, problems: int) -> int:
+    """Responses the probe scores: a right and a wrong one per problem, as they are and perturbed, per reward."""
+    return rewards * 2 * problems * (1 + len(PERTURBATIONS))
+
+
+async def run_probe(
+    service: RewardService, rewards: list[str], problems: int = 64, progress: Callable[[int], None] | None = None
+) -> dict[str, dict[str, ProbeCell]]:
+    """{reward: {perturbation: cell}} for rewards scored on an already started service; `progress(n)`
+    hears of each `n` responses scored (`probe_size` in all)."""
     base_rows = probe_items(problems)
+    advance = progress or (lambda n: None)
     table: dict[str, dict[str, ProbeCell]] = {}
     for reward in rewards:
         base = await _scores(service, reward, base_rows)
+        advance(len(base_rows))
         ok = [b for b in base if b is not None]
         spread = statistics.pstdev(ok) if len(ok) > 1 else 0.0
         table[reward] = {}
         for name, perturb in PERTURBATIONS.items():
             moved = await _scores(service, reward, [(p, perturb(r), ref) for p, r, ref in base_rows])
+            advance(len(base_rows))
             deltas = [m - b for b, m in zip(base, moved, strict=True) if b is not None and m is not None]
             mean = statistics.fmean(deltas) if deltas else float("nan")
             table[reward][name] = ProbeCell(
@@ -91,9 +102,13 @@ async def run_probe(service: RewardService, rewards: list[str], problems: int = 
 
 
 def probe_spec(
-    spec_path, rewards: list[str] | None, problems: int
+    spec_path,
+    rewards: list[str] | None,
+    problems: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, dict[str, ProbeCell]], dict[str, str]]:
-    """Build and start the spec's rewards in-process, probe them, and return (table, reward ids)."""
+    """Build and start the spec's rewards in-process, probe them, and return (table, reward ids);
+    `progress(n, total)` hears of each `n` of the `total` responses scored."""
     from assay.rm_server.rewards import build_rewards
     from assay.rm_server.spec import load_spec
 
@@ -108,7 +123,8 @@ def probe_spec(
         service = RewardService({n: built[n] for n in built})
         await service.start()
         try:
-            return await run_probe(service, names, problems)
+            total = probe_size(len(names), problems)
+            return await run_probe(service, names, problems, progress and (lambda n: progress(n, total)))
         finally:
             await service.close()
 
