@@ -129,7 +129,12 @@ def create_app(
         _add_search_route(app, service, searches, scope)
     _add_model_routes(app, service, scope)
     _add_weight_routes(app, WeightService(service, weight_roots), scope)
-    add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
+    add_ops_routes(
+        app,
+        HealthResponse,
+        lambda: service.ready,
+        lambda accept: service.metrics.render(service.queue_depths(), accept),
+    )
 
     app.add_middleware(
         BodyLimit, limit=service.limits.max_body_bytes, refuse=_too_large, exempt=(WEIGHTS_ROUTE, ADAPTER_ROUTE)

@@ -36,6 +36,7 @@ from fastapi.responses import (
     Response,
 )  # at module level: routes' annotations resolve here
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from assay.base.connections import Connections
@@ -287,9 +288,12 @@ def settle_after_loading() -> None:
     gc.freeze()
 
 
-def add_ops_routes(app, health_model, is_ready: Callable[[], bool], metrics: Callable[[], bytes]) -> None:
-    """`/health` (the process answers), `/ready` (503 until the models are loaded) and
-    `/metrics` (Prometheus text); all three stay open without an API key."""
+def add_ops_routes(
+    app, health_model, is_ready: Callable[[], bool], metrics: Callable[[str], tuple[bytes, str]]
+) -> None:
+    """`/health` (the process answers), `/ready` (503 until the models are loaded) and `/metrics`
+    (`metrics(accept)`: the body and its content type, Prometheus text or OpenMetrics as the request's
+    Accept header asks); all three stay open without an API key."""
 
     @app.get("/health", response_model=health_model)
     async def health():
@@ -303,8 +307,9 @@ def add_ops_routes(app, health_model, is_ready: Callable[[], bool], metrics: Cal
         )
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, which it is
-    async def prometheus() -> Response:
-        return Response(metrics(), media_type="text/plain; version=0.0.4")
+    async def prometheus(request: Request) -> Response:
+        body, content_type = metrics(request.headers.get("accept", ""))
+        return Response(body, headers={"content-type": content_type})
 
 
 async def serve_until_signal(server: Server) -> None:
