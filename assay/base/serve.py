@@ -289,11 +289,19 @@ def settle_after_loading() -> None:
 
 
 def add_ops_routes(
-    app, health_model, is_ready: Callable[[], bool], metrics: Callable[[str], tuple[bytes, str]]
+    app,
+    health_model,
+    is_ready: Callable[[], bool],
+    metrics: Callable[[str], tuple[bytes, str]],
+    dependencies: Callable[[], dict[str, str]] | None = None,
 ) -> None:
     """`/health` (the process answers), `/ready` (503 until the models are loaded) and `/metrics`
     (`metrics(accept)`: the body and its content type, Prometheus text or OpenMetrics as the request's
-    Accept header asks); all three stay open without an API key."""
+    Accept header asks); all three stay open without an API key.
+
+    `dependencies` gives the services this one calls and their state (`ok`, `degraded`), which
+    `/ready` reports beside its status without changing its code: a degraded dependency takes away
+    what needs it, not the rest (a 503 would take the replica out of rotation)."""
 
     @app.get("/health", response_model=health_model)
     async def health():
@@ -302,9 +310,9 @@ def add_ops_routes(
     @app.get("/ready", response_model=health_model, responses={503: {"model": health_model}})
     async def ready() -> Response:
         ok = is_ready()
-        return JSONResponse(
-            health_model(status="ok" if ok else "starting").model_dump(), status_code=200 if ok else 503
-        )
+        states = {"dependencies": dependencies()} if dependencies is not None else {}
+        body = health_model(status="ok" if ok else "starting", **states)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, which it is
     async def prometheus(request: Request) -> Response:
