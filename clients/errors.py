@@ -15,6 +15,9 @@ services (`UnknownReward` is the reward service's 404, `UnknownModel` the policy
     UnknownModel       404               NOT_FOUND            no
     Conflict           409                                    no
     DeadlineExceeded   client timeout    DEADLINE_EXCEEDED    no (the call's deadline is spent)
+    CertificateRefused the server's TLS                       no (trust its CA: `ca_cert=`)
+                       certificate did
+                       not verify
     ServerError        500, anything     INTERNAL, anything   no
                        else; a reply     else
                        that breaks the
@@ -30,6 +33,7 @@ These are failures of a whole call. A failed *item* is not an exception: it come
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,6 +125,11 @@ class Conflict(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     """The call's deadline passed before an answer came."""
+
+
+class CertificateRefused(ServiceError):
+    """The server's TLS certificate did not verify (signed by a CA not trusted here, for another name,
+    expired): a retry cannot help; trust its CA (`ca_cert=`, or SSL_CERT_FILE)."""
 
 
 class ServerError(ServiceError):
@@ -229,12 +238,22 @@ def http_failure(exc: httpx.HTTPError, where: str) -> ServiceError:
     err: ServiceError
     if isinstance(exc, httpx.TimeoutException):
         err = DeadlineExceeded(f"{where}: no answer before the deadline ({type(exc).__name__})")
+    elif (refusal := _certificate_refusal(exc)) is not None:
+        err = CertificateRefused(f"{where}: the server's TLS certificate did not verify ({refusal.verify_message})")
     elif isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)):  # refused, reset, dropped
         err = Unavailable(f"{where}: {exc!r}")
     else:
         err = ServerError(f"{where}: {exc!r}")
     err.unanswered = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))  # those never connected
     return err
+
+
+def _certificate_refusal(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that failed under an httpx error (httpx and httpcore chain their causes)."""
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, ssl.SSLCertVerificationError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 def grpc_error(exc: grpc.RpcError, where: str) -> ServiceError:

@@ -27,6 +27,7 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import uvicorn
@@ -204,10 +205,15 @@ def _bug_reply(reply: ErrorReply, exc: Exception) -> Response:
 
 
 class HttpListener:
-    """An ASGI app served by uvicorn on a socket of its own, on the running event loop."""
+    """An ASGI app served by uvicorn on a socket of its own, on the running event loop.
 
-    def __init__(self, host: str) -> None:
-        self.host = host
+    With `tls` (the certificate and key files) it serves HTTPS: uvicorn wraps the same socket and
+    the same `GuardedHttp` protocol, which sees the connection once its TLS handshake is done, so
+    the connection cap and the header timeout count from there; the handshake itself is bounded by
+    asyncio's (60 s)."""
+
+    def __init__(self, host: str, tls: tuple[Path, Path] | None = None) -> None:
+        self.host, self.tls = host, tls
         self.port: int | None = None
         self.gate: Gate | None = None
         self._uvicorn: Uvicorn | None = None
@@ -216,7 +222,7 @@ class HttpListener:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def start(self, app, port: int, log_level: str, reply: ErrorReply, limits: Connections) -> None:
         """Bind `port` (0: a free one) and return once uvicorn accepts connections.
@@ -234,6 +240,7 @@ class HttpListener:
         self.gate = Gate(BodyTimeout(app, limits.body_timeout_s), reply)
         full = reply(503, f"this server has {limits.max_connections} connections open, its limit; retry shortly")
         http = functools.partial(GuardedHttp, limits=limits, refusal=raw_response(full))
+        cert, key = self.tls or (None, None)
         cfg = uvicorn.Config(
             self.gate,
             http=http,  # type: ignore[arg-type]  # uvicorn calls it as a protocol factory; its stub wants a class
@@ -242,6 +249,8 @@ class HttpListener:
             timeout_keep_alive=limits.idle_timeout_s,  # type: ignore[arg-type]  # a float works (call_later); typed int
             # the drain has answered every request before uvicorn stops: this only bounds the rest
             timeout_graceful_shutdown=5,
+            ssl_certfile=cert,
+            ssl_keyfile=key,
         )
         self._uvicorn = Uvicorn(cfg)
         self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))

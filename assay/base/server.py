@@ -53,7 +53,8 @@ class ServiceServer(ABC):
     def __init__(self, config: BaseServerConfig, keys: ApiKeys) -> None:
         self.config, self.keys = config, keys
         self.hosts = allowed_hosts(config.host, config.allowed_hosts)  # the Host names HTTP answers
-        self.http = HttpListener(config.host)
+        self.tls = (config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
+        self.http = HttpListener(config.host, self.tls)
         self.grpc_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
 
