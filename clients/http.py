@@ -39,7 +39,7 @@ def read_ca(ca_cert: CaCert) -> bytes | None:
         with open(ca_cert, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise ValueError(f"ca_cert {os.fspath(ca_cert)!r}: {exc.strerror}") from None
+        raise ValueError(f"ca_cert {ca_cert}: {exc.strerror}") from None
 
 
 def verify(ca_cert: CaCert) -> ssl.SSLContext | bool:
@@ -51,7 +51,7 @@ def verify(ca_cert: CaCert) -> ssl.SSLContext | bool:
     try:
         return ssl.create_default_context(cadata=pem.decode("ascii"))
     except (ssl.SSLError, UnicodeDecodeError):
-        raise ValueError(f"ca_cert {os.fspath(ca_cert)!r} is not a PEM bundle of CA certificates") from None
+        raise ValueError(f"ca_cert {ca_cert} is not a PEM bundle of CA certificates") from None
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
