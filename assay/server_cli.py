@@ -18,6 +18,7 @@ from typing import Any, NoReturn, TypeVar
 from rich.console import Console
 
 from assay.base.connections import BaseServerConfig, check_tls
+from assay.base.logs import ACCESS_LOGGER, configure
 from assay.cli_options import build
 
 console = Console(stderr=True, soft_wrap=True)  # an error naming a long path stays one line
@@ -52,7 +53,10 @@ def run(serve: Callable[[C], Coroutine[Any, Any, None]], config: C, refused: tup
 
 
 def setup_logging(config: BaseServerConfig) -> None:
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """The server's log: its level and format (`assay.base.logs`); --no-access-log silences the access lines."""
+    configure(config.log_level, config.log_format)
+    if not config.access_log:
+        logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
 
 
 def refuse(exc: Exception) -> NoReturn:

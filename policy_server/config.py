@@ -124,6 +124,7 @@ class ServerConfig(BaseServerConfig):
 
     key_scope = "generate"
     keys_env_var = "ASSAY_POLICY_API_KEYS"
+    env_prefix = "ASSAY_POLICY"
 
     models: dict[str, Path] | None = field(
         default=None,
@@ -137,6 +138,7 @@ class ServerConfig(BaseServerConfig):
         default=(),
         metadata={
             "flag": "api-key",
+            "env": False,  # the keys variable adds to the flags' keys: the command line reads it itself
             "help": "KEY:scope[,scope] (scopes: "
             "generate, admin); repeatable. ASSAY_POLICY_API_KEYS (space-separated) adds more and is the safer way: "
             "a command line is visible to every user of the machine",

@@ -15,7 +15,7 @@ import ipaddress
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 
 class InsecureBinding(ValueError):
@@ -77,6 +77,8 @@ class Connections:
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]  # a choice on the command line
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,11 +90,14 @@ class BaseServerConfig:
 
     key_scope: ClassVar[str]  # a key's scope in the refusal's advice: `--api-key KEY:<scope>`
     keys_env_var: ClassVar[str]  # where the command line reads more keys from
+    env_prefix: ClassVar[str]  # of the variables the command line reads options from: `ASSAY_RM` (ASSAY_RM_PORT)
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind; beyond loopback API keys are required"})
     port: int = field(default=8000, metadata={"help": "HTTP port (0 picks a free one)"})
     grpc_port: int | None = field(default=None, metadata={"help": "gRPC port (0 picks a free one; none: no gRPC)"})
-    api_keys: tuple[str, ...] = field(default=(), metadata={"flag": "api-key", "help": "KEY:scope[,scope]; repeatable"})
+    api_keys: tuple[str, ...] = field(
+        default=(), metadata={"flag": "api-key", "env": False, "help": "KEY:scope[,scope]; repeatable"}
+    )
     allowed_hosts: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -111,7 +116,21 @@ class BaseServerConfig:
         },
     )
     tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
-    log_level: str = field(default="warning", metadata={"help": f"server log level: {', '.join(LOG_LEVELS)}"})
+    log_level: LogLevel = field(default="warning", metadata={"help": "server log level"})
+    log_format: Literal["text", "json"] = field(
+        default="text",
+        metadata={
+            "help": "text, or json: every log record one JSON object per line (time, level, logger, message, "
+            "request_id, and an access line's fields)"
+        },
+    )
+    access_log: bool = field(
+        default=True,
+        metadata={
+            "help": "one line per HTTP request and gRPC call (method, path, status, ms, request id, client, bytes, "
+            "model or reward), at level info"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -123,8 +142,10 @@ class BaseServerConfig:
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key (a certificate and its private key), or neither")
-        if self.log_level.lower() not in LOG_LEVELS:
+        if self.log_level not in LOG_LEVELS:
             raise ValueError(f"unknown log level {self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"unknown log format {self.log_format!r}: use one of {', '.join(LOG_FORMATS)}")
         if not is_loopback(self.host) and not self.api_keys:
             raise InsecureBinding(
                 f"refusing to serve on {self.host} without API keys: pass --api-key KEY:{self.key_scope} "

@@ -45,6 +45,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from assay.base.errors import ServiceError
+from assay.base.logs import note
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CANCELLED = "499"  # nginx's "client closed request": no HTTP status says it
@@ -54,6 +55,7 @@ class RequestMetrics:
     """A registry with the metrics every service has, named `{prefix}_...`, labelled by `label`."""
 
     def __init__(self, prefix: str, label: str, queue_help: str) -> None:
+        self.label_name = label  # what the label is: "reward", "model" (the access line's field)
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -115,6 +117,7 @@ class Timer:
         self.metrics, self.route, self.label, self.code = metrics, route, label, "200"
 
     def __enter__(self) -> Timer:
+        note(**{self.metrics.label_name: self.label})  # the access line says which reward or model
         self.start = time.perf_counter()
         return self
 

@@ -40,6 +40,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from assay.base.access import RequestLog
 from assay.base.connections import Connections
 from assay.base.http_bounds import BodyTimeout, GuardedHttp, raw_response
 from assay.base.logs import quiet_tracebacks
@@ -242,10 +243,11 @@ class HttpListener:
         http = functools.partial(GuardedHttp, limits=limits, refusal=raw_response(full))
         cert, key = self.tls or (None, None)
         cfg = uvicorn.Config(
-            self.gate,
+            RequestLog(self.gate),  # outermost: every answer carries its request id, the gate's own included
             http=http,  # type: ignore[arg-type]  # uvicorn calls it as a protocol factory; its stub wants a class
             log_level=log_level,
-            access_log=False,
+            access_log=False,  # RequestLog writes the access lines
+            log_config=None,  # uvicorn's records go to the root logger's handler (assay.base.logs), as JSON too
             timeout_keep_alive=limits.idle_timeout_s,  # type: ignore[arg-type]  # a float works (call_later); typed int
             # the drain has answered every request before uvicorn stops: this only bounds the rest
             timeout_graceful_shutdown=5,
