@@ -21,6 +21,7 @@ import sys
 import time
 
 import httpx
+import openai
 import pytest
 import trustme
 
@@ -178,7 +179,8 @@ def test_the_policy_server_over_tls_searches_with_a_reward_service_trusted_throu
     server, pki, monkeypatch
 ):
     """Both services over TLS: `--rm-url https://...` trusts the CA in SSL_CERT_FILE (httpx's way), so
-    /ready reports the reward service ok and a search is scored over HTTPS."""
+    /ready reports the reward service ok and a search is scored over HTTPS; PolicyClient and the
+    official openai client reach the policy server over HTTPS."""
     monkeypatch.setenv("SSL_CERT_FILE", str(pki / "ca.pem"))
     config = PolicyConfig(
         port=0,
@@ -199,3 +201,8 @@ def test_the_policy_server_over_tls_searches_with_a_reward_service_trusted_throu
         with PolicyClient(policy.http_url, ca_cert=pki / "ca.pem") as client:
             found = client.search("Q: 1+1 A: ", strategy="best_of_n", n=2, reward="format", max_tokens=12)
         assert len(found.candidates) == 2
+        # the official client, unchanged, given the CA the way httpx takes it
+        trusted = httpx.Client(verify=ssl.create_default_context(cafile=pki / "ca.pem"))
+        sdk = openai.OpenAI(base_url=f"{policy.http_url}/v1", api_key="unused", http_client=trusted, max_retries=0)
+        assert sdk.completions.create(model="policy", prompt="Q: 1+1 A: ", max_tokens=4).choices[0].text
+        trusted.close()
