@@ -15,9 +15,9 @@ services (`UnknownReward` is the reward service's 404, `UnknownModel` the policy
     UnknownModel       404               NOT_FOUND            no
     Conflict           409                                    no
     DeadlineExceeded   client timeout    DEADLINE_EXCEEDED    no (the call's deadline is spent)
-    CertificateRefused the server's TLS                       no (trust its CA: `ca_cert=`)
-                       certificate did
-                       not verify
+    CertificateRefused the server's TLS  UNAVAILABLE saying   no (trust its CA: `ca_cert=`)
+                       certificate did   CERTIFICATE_VERIFY_
+                       not verify        FAILED
     ServerError        500, anything     INTERNAL, anything   no
                        else; a reply     else
                        that breaks the
@@ -271,6 +271,10 @@ def grpc_error(exc: grpc.RpcError, where: str) -> ServiceError:
         # gRPC's own message-size limit (either side) says RESOURCE_EXHAUSTED too, but no wait
         # makes that message fit: it is a request to split, not an overload to retry.
         cls = InvalidRequest
+    if code == grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in details:
+        # grpc says a failed certificate check only in its text (the TLS library's reason code):
+        # UNAVAILABLE, as for a server that is down, but no retry makes the certificate verify
+        cls = CertificateRefused
     return cls(
         f"{where}: {details}", status=code.name, type=type_, retry_after_s=retry_after_s(metadata.get("retry-after"))
     )
