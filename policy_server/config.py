@@ -157,6 +157,13 @@ class ServerConfig(BaseServerConfig):
         },
     )
     rm_timeout_s: float = field(default=30.0, metadata={"help": "seconds per scoring call, retries included"})
+    rm_check_interval_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "seconds between checks that the reward service answers; /ready reports it as "
+            "dependencies.rm, ok or degraded (the server starts, with a warning, when it does not answer)"
+        },
+    )
     rm_max_retries: int | None = field(
         default=None,
         metadata={"help": "retries of a scoring call's transient failures, at most (default: until --rm-timeout-s)"},
@@ -200,6 +207,8 @@ class ServerConfig(BaseServerConfig):
             raise ValueError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if not self.rm_check_interval_s > 0:
+            raise ValueError(f"rm_check_interval_s must be positive, not {self.rm_check_interval_s}")
         if not self.device:
             raise ValueError("device must name a torch device: cpu, cuda, cuda:1, ...")
         if self.attn_implementation is not None and self.backend != "transformers":

@@ -2,12 +2,19 @@
 on them, light to import (the CLIs derive their options from `Connections` and refuse a keyless
 public bind before the server stack loads). What enforces the bounds is `assay.base.http_bounds`
 and `assay.base.serve`.
+
+TLS (`--tls-cert`, `--tls-key`) covers both listeners, HTTPS and gRPC, with one certificate. It
+is encryption and the server's identity, not the client's: a bind beyond loopback still needs
+API keys. `check_tls` loads the pair once at start (the command line calls it before the server
+stack is imported), so a missing file or a key that is not the certificate's is one sentence.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 
@@ -101,6 +108,14 @@ class BaseServerConfig:
         },
     )
     connections: Connections = field(default_factory=Connections, metadata={"help": "Connections"})
+    tls_cert: Path | None = field(
+        default=None,
+        metadata={
+            "help": "PEM certificate (chain) to serve HTTPS and gRPC over TLS with, beside --tls-key; "
+            "TLS is not authentication: beyond loopback API keys are still required"
+        },
+    )
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
     log_level: LogLevel = field(default="warning", metadata={"help": "server log level"})
     log_format: Literal["text", "json"] = field(
         default="text",
@@ -125,6 +140,8 @@ class BaseServerConfig:
                 f"grpc_port must be a port number 0-65535 (0 picks a free one), or None for no gRPC "
                 f"(--grpc-port none), not {self.grpc_port}"
             )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key (a certificate and its private key), or neither")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"unknown log level {self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in LOG_FORMATS:
@@ -134,3 +151,24 @@ class BaseServerConfig:
                 f"refusing to serve on {self.host} without API keys: pass --api-key KEY:{self.key_scope} "
                 f"(or set {self.keys_env_var}), or bind 127.0.0.1"
             )
+
+
+def check_tls(config: BaseServerConfig) -> None:
+    """ValueError, in one sentence, unless `config`'s certificate and key (if any) load as a pair."""
+    if config.tls_cert is None or config.tls_key is None:
+        return
+    for flag, path in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key)):
+        if not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file.")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.tls_cert, config.tls_key, password=_encrypted)
+    except ssl.SSLError as exc:
+        raise ValueError(
+            f"--tls-cert {config.tls_cert} and --tls-key {config.tls_key} do not load as a PEM certificate and its "
+            f"private key ({exc.reason or exc})."
+        ) from None
+
+
+def _encrypted() -> bytes:
+    # called by OpenSSL only for an encrypted key, which would otherwise prompt on the terminal
+    raise ValueError("--tls-key is encrypted; serve with an unencrypted key file (readable by this user only).")

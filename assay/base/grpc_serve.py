@@ -36,6 +36,7 @@ import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -287,10 +288,13 @@ async def start_server(
     port: int,
     max_receive_bytes: int,
     max_send_bytes: int,
+    tls: tuple[Path, Path] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a gRPC server (the service, health, reflection); returns it and its bound port.
 
-    The message size caps are in bytes; -1 lifts one. PortInUse when the port is taken."""
+    The message size caps are in bytes; -1 lifts one. With `tls` (certificate and key files, PEM)
+    the port is a secure one (`grpc.ssl_server_credentials`), else plaintext. PortInUse when the
+    port is taken."""
     check_port_free(host, port, "gRPC")
     server = grpc.aio.server(
         interceptors=[interceptor],
@@ -305,8 +309,15 @@ async def start_server(
     await checks.sync()  # NOT_SERVING from the first call on, "" included
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            cert, key = tls
+            bound = server.add_secure_port(
+                address, grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+            )
     except RuntimeError:  # taken between the check and here
         raise PortInUse("gRPC", host, port) from None
     await server.start()
