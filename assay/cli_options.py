@@ -24,7 +24,7 @@ and a bad value is refused like the flag's, naming the variable. Values are clic
 whitespace, or by `:` for paths (like PATH).
 
 Types: str, int, float, bool (`--x/--no-x`), Path, `X | None` (a number's option also takes the word
-`none`), `tuple[X, ...]` (a repeatable option), `Literal[...]` (a choice), and nested dataclasses.
+`none`), `tuple[X, ...]` (a repeatable option), `Literal[...]` (a choice, in any case), and nested dataclasses.
 
 The command receives `given`: a nested dict of the fields set on the command line or by their
 environment variable (plus those whose default the command changes), and `build` makes the config
