@@ -77,6 +77,7 @@ class RewardService:
                     needs_reference=r.needs_reference,
                     granularities=sorted(r.granularities, key=list(Granularity).index),
                     pairwise=r.pairwise,
+                    pinned=r.pinned,
                 )
                 for name, r in self.rewards.items()
             ]

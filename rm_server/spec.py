@@ -267,9 +267,14 @@ class JudgeSpec(_Spec):
     strip_tokens: tuple[str, ...] = CONTROL_TOKENS
     one_line: bool = Field(default=True, description="Collapse newlines in judged text so it cannot forge markers.")
     api_key_env: str | None = Field(default=None, description="Environment variable holding the endpoint's key.")
-    timeout_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0, description="Per attempt, and never past the request's deadline.")
     max_concurrency: int = Field(default=16, gt=0)
-    RUNTIME_FIELDS = frozenset({"api_key_env", "timeout_s", "max_concurrency"})
+    retries: int = Field(
+        default=2,
+        ge=0,
+        description="Tries again after a refused connection, 429, 502, 503, 504 (Retry-After honoured).",
+    )
+    RUNTIME_FIELDS = frozenset({"api_key_env", "timeout_s", "max_concurrency", "retries"})
 
     @field_validator("endpoint")
     @classmethod
