@@ -259,7 +259,7 @@ class Batcher(Generic[P, R]):
                 results = await self._run_batch(payloads)  # type: ignore[misc]
             else:
                 loop = asyncio.get_running_loop()
-                results = await loop.run_in_executor(self._executor, self._run_batch, payloads)  # type: ignore[arg-type]
+                results = await loop.run_in_executor(self._executor, self._run_batch, payloads)
         except Exception as exc:  # noqa: BLE001 - the batch failed, for any reason: every waiter learns why
             for w in batch:
                 if not w.future.done():

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,7 @@ class RemoteReward(Reward):
         return False
 
     async def start(self) -> None:
-        await self.endpoint.start(*self.check())
+        await self.endpoint.start(*self.start_check())
         # Items cost 1 each: a remote batch is bounded by its items (the server has its own token limits).
         n = self.spec.max_batch_items
         self.batcher = Batcher(
@@ -151,13 +152,13 @@ class RemoteReward(Reward):
         except ItemFailure as failure:
             return [failure] * len(batch)
 
-    def check(self) -> tuple[str, Any]:
+    @abstractmethod
+    def start_check(self) -> tuple[str, Any]:
         """The start-up check: the URL and the JSON body to POST there with the key."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def ask(self, batch: list[_Ask], deadline: float | None) -> list[float]:
         """One score per payload, from the server; ItemFailure when it cannot give them."""
-        raise NotImplementedError
 
     def _wrong(self, url: str, answer: Any, what: str) -> ItemFailure:
         return ItemFailure(
@@ -184,7 +185,7 @@ class VllmClassifyReward(RemoteReward):
     def url(self) -> str:
         return f"{self.spec.url}/classify"
 
-    def check(self) -> tuple[str, Any]:
+    def start_check(self) -> tuple[str, Any]:
         return self.url, {"model": self.spec.model, "input": ["check"], "use_activation": self.spec.use_activation}
 
     async def ask(self, batch: list[_Ask], deadline: float | None) -> list[float]:
@@ -221,7 +222,7 @@ class OpenRLHFReward(RemoteReward):
 
     spec: OpenRLHFSpec
 
-    def check(self) -> tuple[str, Any]:
+    def start_check(self) -> tuple[str, Any]:
         return self.spec.url, {"query": [], "prompts": [], "labels": []}  # an empty batch: the protocol allows it
 
     async def ask(self, batch: list[_Ask], deadline: float | None) -> list[float]:
