@@ -8,6 +8,7 @@ per-item problems become `ItemResult.error`. Metrics are recorded here, once for
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Sequence
 
@@ -33,6 +34,7 @@ from assay.rm_server.protocol import (
 )
 from assay.rm_server.rewards import Item, ItemFailure, Outcome, Reward
 from assay.rm_server.rewards.base import DEADLINE
+from assay.rm_server.rewards.endpoint import Endpoint
 from assay.rm_server.rewards.model import ModelReward
 
 
@@ -42,9 +44,11 @@ class RewardService:
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics(rewards)
         self.started = False
-        for r in rewards.values():
+        for name, r in rewards.items():
             if hasattr(r, "on_batch"):
                 r.on_batch = self.metrics.on_batch
+            if isinstance(endpoint := getattr(r, "endpoint", None), Endpoint):  # the judge, remote.*
+                endpoint.on_call = functools.partial(self.metrics.on_remote_call, name)
 
     async def start(self) -> None:
         """Start every reward at once (each model reward loads in a worker process of its own); if

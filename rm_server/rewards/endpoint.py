@@ -25,6 +25,8 @@ import itertools
 import logging
 import math
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -89,6 +91,7 @@ class Endpoint:
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
         self.pending = 0  # requests waiting for a slot or in flight
+        self.on_call: Callable[[str, float], None] | None = None  # (outcome, seconds) per attempt: the metrics
 
     async def start(self, check: str, body: Any = None) -> None:
         """Open the connection pool and check the key: GET `check` (with `body`: POST it as JSON)."""
@@ -151,11 +154,28 @@ class Endpoint:
         raise AssertionError("unreachable")
 
     async def _once(self, url: str, body: Any, left: _Left) -> Any:
+        """One attempt, timed for the metrics from the moment it has a slot."""
+        started: list[float] = []  # set when the attempt has a slot: the wait for one is not the server's
+        try:
+            answer = await self._attempt(url, body, left, started)
+        except (_Retry, ItemFailure) as exc:
+            failure = exc.failure if isinstance(exc, _Retry) else exc
+            self._record(failure.type.value, started)
+            raise
+        self._record("ok", started)
+        return answer
+
+    def _record(self, outcome: str, started: list[float]) -> None:
+        if self.on_call is not None and started:
+            self.on_call(outcome, time.monotonic() - started[0])
+
+    async def _attempt(self, url: str, body: Any, left: _Left, started: list[float]) -> Any:
         if self._client is None or self._slots is None:
             raise RuntimeError(f"{self.who} used before start()")
         self.pending += 1
         try:
             async with self._slots:
+                started.append(time.monotonic())
                 timeout = min(self.timeout_s, left.remaining())
                 if timeout <= 0:
                     raise ItemFailure(ErrorType.timeout, "the request deadline passed before this item was scored")

@@ -353,3 +353,6 @@ def test_through_the_service_a_remote_reward_is_unpinned_and_composes(double, tm
         resp = ScoreResponse.model_validate_json(httpx.post(f"{s.http_url}/v1/score", json=body, timeout=30).content)
         [r] = resp.results
         assert r.score is None and r.error is not None and r.error.type == ErrorType.remote_unavailable
+        metrics = httpx.get(f"{s.http_url}/metrics").text  # each attempt at the server, by outcome
+        assert 'assay_rm_remote_request_seconds_count{outcome="ok",reward="rm"} 1.0' in metrics
+        assert 'assay_rm_remote_request_seconds_count{outcome="remote_unavailable",reward="rm"} 3.0' in metrics
