@@ -137,7 +137,7 @@ class RemoteReward(Reward):
                 ErrorType.invalid_input,
                 f"reward {self.name!r} sends text made by its `template` and cannot render `messages`: send the "
                 "prompt as text in `prompt`"
-                + (", or set `chat_template: true`" if self.type.endswith("classify") else ""),
+                + (", or set `chat_template: true`" if isinstance(self.spec, VllmClassifySpec) else ""),
             )
         template = self.spec.template
         head = template[: template.index("{response}")].format(prompt=item.prompt)
