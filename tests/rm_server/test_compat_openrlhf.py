@@ -155,7 +155,7 @@ def _slime(url: str, prompt, response: str, label: str | None = "51", max_retrie
 def test_slime_remote_rm_reads_the_score_under_its_reward_key(server):
     url = server.http_url
     out = SlimeResponse.model_validate(_slime(f"{url}/compat/slime/final", PROMPT, RIGHT))
-    assert out.score == pytest.approx(_v1_score(url, "final", RIGHT)) and out.error is None
+    assert out.score == pytest.approx(_v1_score(url, "final", RIGHT))
     assert out.reward == "final" and out.reward_id.startswith("sha256:")
     assert _slime(f"{url}/compat/slime/correct", PROMPT, WRONG)["score"] == 0.0
 
@@ -164,8 +164,8 @@ def test_slime_failed_item_is_an_http_error_with_the_error_never_a_score(server)
     url = f"{server.http_url}/compat/slime/down"
     r = httpx.post(url, json={"prompt": PROMPT, "response": RIGHT, "label": "51"}, timeout=60)
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
-    out = SlimeResponse.model_validate_json(r.content)
-    assert out.score is None and out.error is not None and out.error.type == ErrorType.judge_unavailable
+    error = ErrorResponse.model_validate_json(r.content).error
+    assert error.type == ErrorType.judge_unavailable and "'down' (sha256:" in error.message
     # slime's client raises after its retries: the sample gets no reward rather than a wrong one
     with pytest.raises(Exception, match="503"):
         _slime(url, PROMPT, RIGHT, max_retries=1)
