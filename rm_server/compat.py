@@ -38,7 +38,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from jinja2 import TemplateError
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from assay.base.disconnect import unless_disconnected
 from assay.base.errors import InvalidRequest, ServiceError
@@ -104,6 +104,14 @@ def split_query(index: int, query: str, prompt: str, strip: Sequence[str]) -> st
     return _strip_end(query[len(prompt) :], strip)
 
 
+def score_item(**fields: Any) -> ScoreItem:
+    """An item of /v1/score from a peer's fields; what it cannot be is the request's fault (400)."""
+    try:
+        return ScoreItem(**fields)
+    except ValidationError as exc:
+        raise InvalidRequest(f"item {fields.get('id')}: {exc.errors()[0]['msg']}") from None
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
@@ -159,7 +167,7 @@ def add_compat_routes(
                     errors=[],
                 )
             items = [
-                ScoreItem(id=str(i), prompt=p, response=split_query(i, q, p, tokens), reference=label)
+                score_item(id=str(i), prompt=p, response=split_query(i, q, p, tokens), reference=label)
                 for i, (q, p, label) in enumerate(zip(req.query, req.prompts, labels, strict=True))
             ]
             out = await service.score(ScoreRequest(reward=reward, items=items))
@@ -192,7 +200,7 @@ def add_compat_routes(
     async def slime(reward: str, req: SlimeRequest, request: Request) -> Any:
         async def work(timer: Timer) -> SlimeResponse | JSONResponse:
             text, conversation = (req.prompt, None) if isinstance(req.prompt, str) else (None, req.prompt)
-            item = ScoreItem(id="0", prompt=text, messages=conversation, response=req.response, reference=req.label)
+            item = score_item(id="0", prompt=text, messages=conversation, response=req.response, reference=req.label)
             out = await service.score(ScoreRequest(reward=reward, items=[item]))
             r = out.results[0]
             if r.error is not None:
@@ -309,7 +317,7 @@ def add_compat_routes(
             if any(v is not None for v in (req.use_activation, req.activation, req.softmax)):
                 raise InvalidRequest("use_activation is not supported here: this route gives the reward's own scores")
             pairs = _pairs(req.text_1, req.text_2)
-            items = [ScoreItem(id=str(i), prompt=p, response=r) for i, (p, r) in enumerate(pairs)]
+            items = [score_item(id=str(i), prompt=p, response=r) for i, (p, r) in enumerate(pairs)]
             out: ScoreResponse = await service.score(ScoreRequest(reward=name, items=items))
             data = []
             for i, r in enumerate(out.results):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -68,7 +68,9 @@ class OpenRLHFResponse(BaseModel):
 
 
 class SlimeRequest(_Peer):
-    prompt: str | list[ChatMessage] = Field(description="The prompt as text, or as a conversation.")
+    prompt: str | Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description="The prompt as text, or as a conversation."
+    )
     response: str
     label: str | None = None
 
@@ -98,7 +100,7 @@ class PoolingRequest(_Peer):
         "null: the one model reward served.",
     )
     input: str | list[str] | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     use_activation: bool | None = Field(
         default=None,
         description="null: the reward's own scores; true: sigmoid of the logit; false: the raw logit.",
