@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import requests
 
 from assay.checkpoints import ARITH_DIR
 from assay.rm_server.compat_protocol import OpenRLHFResponse, SlimeResponse
@@ -183,3 +184,12 @@ def test_compat_routes_need_the_score_key_on_a_keyed_server(small_spec):
             assert httpx.post(f"{s.http_url}{path}", json=payload, timeout=60).status_code == 401
             headers = {"Authorization": f"Bearer {key}"}
             assert httpx.post(f"{s.http_url}{path}", json=payload, headers=headers, timeout=60).status_code == 200
+        # the peers' clients send no headers of their own: the key travels in the URL, which aiohttp
+        # and requests send as Basic authentication (the password is the key)
+        keyed = s.http_url.replace("http://", f"http://assay:{key}@") + "/compat/openrlhf/correct"
+        executor = openrlhf_client.SingleTurnAgentExecutor(keyed)
+        [info] = asyncio.run(executor._fetch_rewards_via_http([PROMPT + RIGHT], [PROMPT], ["51"]))
+        assert info["rewards"] == [1.0]
+        assert openrlhf_client.request_api_wrapper(keyed, body)["rewards"] == [1.0]
+        wrong = s.http_url.replace("http://", "http://assay:not-the-key-at-all@") + "/compat/openrlhf/correct"
+        assert requests.post(wrong, json=body, timeout=60).status_code == 401
