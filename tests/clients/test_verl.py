@@ -29,7 +29,7 @@ RIGHT = "23+45=68 68-17=51 #### 51"
 WRONG = "23+45=68 68-17=52 #### 52"
 SPEC = """
 rewards:
-  correct: {type: rule.math_equal, answer_pattern: "####\\\\s*(-?\\\\d+)\\\\s*$"}
+  correct: {type: rule.exact_match, answer_pattern: "####\\\\s*(-?\\\\d+)\\\\s*$"}
   down:    {type: judge, endpoint: "http://127.0.0.1:9/v1", model: verifier, timeout_s: 2}
 """
 # The worker's side: the pickled function from stdin, called as veRL's reward manager calls it.
