@@ -14,9 +14,9 @@ cancelled when the client hangs up, and a failed item that never becomes a numbe
   Retry-After (its client retries), or 400 for an item that cannot be scored (`invalid_input`,
   `too_long`), with the item's error in the body; with `--openrlhf-failed-reward X` the item
   gets X instead, and 1 in `extra_logs["assay_failed"]`.
-- `POST /compat/slime/{reward}` (slime's `remote_rm`, `--reward-key score`): one item; a failed
-  item is the same 503 or 400, with `score: null` and the `error` in the body, so that slime's
-  client retries it and never reads it as a score.
+- `POST /compat/slime/{reward}` (slime's `remote_rm`, `--reward-key score`): one item, answered
+  `{"score", "reward", "reward_id"}`; a failed item is the same 503 or 400 with the error, which
+  slime's client retries and then raises: it never reads a failure as a score.
 - `POST /classify`, `POST /pooling` (vLLM), `POST /v1/embeddings` (SGLang's reward shape, which
   veRL's reward loop reads): `model` names the reward; the text is the whole text the reward model
   reads (a chat `messages` list is rendered with the reward model's own chat template), so only
@@ -37,7 +37,8 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
+from jinja2 import TemplateError
+from pydantic import BaseModel, ValidationError
 
 from assay.base.disconnect import unless_disconnected
 from assay.base.errors import InvalidRequest, ServiceError
@@ -103,6 +104,14 @@ def split_query(index: int, query: str, prompt: str, strip: Sequence[str]) -> st
     return _strip_end(query[len(prompt) :], strip)
 
 
+def score_item(**fields: Any) -> ScoreItem:
+    """An item of /v1/score from a peer's fields; what it cannot be is the request's fault (400)."""
+    try:
+        return ScoreItem(**fields)
+    except ValidationError as exc:
+        raise InvalidRequest(f"item {fields.get('id')}: {exc.errors()[0]['msg']}") from None
+
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
@@ -120,10 +129,11 @@ def add_compat_routes(
         with Timer(metrics, route, metrics.reward_label(name or UNKNOWN)) as timer:
             return await unless_disconnected(request, work(timer), timer)
 
-    def failed(timer: Timer, error: ErrorInfo, body: BaseModel) -> JSONResponse:
+    def failed(timer: Timer, error: ErrorInfo) -> JSONResponse:
+        """A failed item's answer, for peers that have no failed score: an error status."""
         status, headers = failure_status(error)
         timer.code = str(status)
-        return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+        return JSONResponse(ErrorResponse(error=error).model_dump(mode="json"), status_code=status, headers=headers)
 
     # --- OpenRLHF --------------------------------------------------------------------------
 
@@ -157,7 +167,7 @@ def add_compat_routes(
                     errors=[],
                 )
             items = [
-                ScoreItem(id=str(i), prompt=p, response=split_query(i, q, p, tokens), reference=label)
+                score_item(id=str(i), prompt=p, response=split_query(i, q, p, tokens), reference=label)
                 for i, (q, p, label) in enumerate(zip(req.query, req.prompts, labels, strict=True))
             ]
             out = await service.score(ScoreRequest(reward=reward, items=items))
@@ -169,7 +179,7 @@ def add_compat_routes(
                     flags.append(0.0)
                 elif compat.openrlhf_failed_reward is None:
                     error = ErrorInfo(type=r.error.type, message=f"item {i}: {r.error.message}")
-                    return failed(timer, error, ErrorResponse(error=error))
+                    return failed(timer, error)
                 else:
                     values.append(compat.openrlhf_failed_reward)
                     flags.append(1.0)
@@ -190,12 +200,14 @@ def add_compat_routes(
     async def slime(reward: str, req: SlimeRequest, request: Request) -> Any:
         async def work(timer: Timer) -> SlimeResponse | JSONResponse:
             text, conversation = (req.prompt, None) if isinstance(req.prompt, str) else (None, req.prompt)
-            item = ScoreItem(id="0", prompt=text, messages=conversation, response=req.response, reference=req.label)
-            r = (await service.score(ScoreRequest(reward=reward, items=[item]))).results[0]
-            answer = SlimeResponse(
-                score=r.score, reward=reward, reward_id=service.reward(reward).reward_id, error=r.error
-            )
-            return answer if r.error is None else failed(timer, r.error, answer)
+            item = score_item(id="0", prompt=text, messages=conversation, response=req.response, reference=req.label)
+            out = await service.score(ScoreRequest(reward=reward, items=[item]))
+            r = out.results[0]
+            if r.error is not None:
+                error = ErrorInfo(type=r.error.type, message=f"reward {reward!r} ({out.reward_id}): {r.error.message}")
+                return failed(timer, error)
+            assert r.score is not None, "a result without an error has a score"
+            return SlimeResponse(score=r.score, reward=reward, reward_id=out.reward_id)
 
         return await timed("/compat/slime/{reward}", reward, request, work)
 
@@ -235,8 +247,8 @@ def add_compat_routes(
             else:
                 try:
                     texts = [render_exchange(reward.tokenizer, [m.model_dump() for m in req.messages], [])]
-                except NoChatTemplate as exc:
-                    raise InvalidRequest(f"reward {name!r}: {exc}") from None
+                except (NoChatTemplate, TemplateError) as exc:  # a template's raise_exception: roles, order
+                    raise InvalidRequest(f"reward {name!r} cannot render these messages: {exc}") from None
             special = bool(req.add_special_tokens)  # vLLM's chat default: the template writes them
         else:
             texts = [req.input] if isinstance(req.input, str) else list(req.input or [])
@@ -262,7 +274,7 @@ def add_compat_routes(
             try:
                 model, values, tokens = await logits(req, name)
             except _InputFailed as exc:
-                return failed(timer, exc.error, ErrorResponse(error=exc.error))
+                return failed(timer, exc.error)
             return build(name, model, values, Usage(prompt_tokens=tokens, total_tokens=tokens))
 
         return await timed(route, label(req.model), request, work)
@@ -305,13 +317,13 @@ def add_compat_routes(
             if any(v is not None for v in (req.use_activation, req.activation, req.softmax)):
                 raise InvalidRequest("use_activation is not supported here: this route gives the reward's own scores")
             pairs = _pairs(req.text_1, req.text_2)
-            items = [ScoreItem(id=str(i), prompt=p, response=r) for i, (p, r) in enumerate(pairs)]
+            items = [score_item(id=str(i), prompt=p, response=r) for i, (p, r) in enumerate(pairs)]
             out: ScoreResponse = await service.score(ScoreRequest(reward=name, items=items))
             data = []
             for i, r in enumerate(out.results):
                 if r.error is not None:
                     error = ErrorInfo(type=r.error.type, message=f"pair {i}: {r.error.message}")
-                    return failed(timer, error, ErrorResponse(error=error))
+                    return failed(timer, error)
                 assert r.score is not None, "a result without an error has a score"
                 data.append(ScoreData(index=i, score=r.score))
             usage = Usage(prompt_tokens=0, total_tokens=0)  # not counted: a rule or judge reads no tokens here

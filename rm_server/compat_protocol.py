@@ -7,7 +7,8 @@ Each is the peer's own shape, read from its client code (the tests run that code
   "extra_logs"}`. The trainer turns every `extra_logs` value into a tensor, so it holds numbers
   only, one per item; the reward id and the errors are fields beside it, which OpenRLHF ignores.
 - slime (`slime/rollout/rm_hub/__init__.py`, `remote_rm`): `{"prompt", "response", "label"}` ->
-  any JSON object, of which `--reward-key` picks one field: here `score`.
+  any JSON object, of which `--reward-key` picks one field: here `score`. A failed item is an
+  error status (slime's client raises for it after its retries), never an object without a score.
 - vLLM's pooling routes (`vllm/entrypoints/pooling/`): `/classify` and `/pooling` with `model`,
   `input` (one text or several) or chat `messages`, and `use_activation` (`activation` and
   `softmax` are its older names, which veRL's reward loop still sends); SGLang's reward shape
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -67,7 +68,9 @@ class OpenRLHFResponse(BaseModel):
 
 
 class SlimeRequest(_Peer):
-    prompt: str | list[ChatMessage] = Field(description="The prompt as text, or as a conversation.")
+    prompt: str | Annotated[list[ChatMessage], Field(min_length=1)] = Field(
+        description="The prompt as text, or as a conversation."
+    )
     response: str
     label: str | None = None
 
@@ -78,12 +81,11 @@ class SlimeRequest(_Peer):
 
 
 class SlimeResponse(BaseModel):
-    """The answer, and with a non-2xx status the failure: `score` null and `error` set."""
+    """The answer; a failed item is an error status with the `ErrorResponse` body instead."""
 
-    score: float | None
+    score: float
     reward: str
     reward_id: str
-    error: ErrorInfo | None = None
 
 
 # --- vLLM pooling shapes -----------------------------------------------------------------------
@@ -98,7 +100,7 @@ class PoolingRequest(_Peer):
         "null: the one model reward served.",
     )
     input: str | list[str] | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     use_activation: bool | None = Field(
         default=None,
         description="null: the reward's own scores; true: sigmoid of the logit; false: the raw logit.",

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import types
+from pathlib import Path
 
 import httpx
 import pytest
+import requests
 
+from assay.checkpoints import ARITH_DIR
 from assay.rm_server.compat_protocol import OpenRLHFResponse, SlimeResponse
-from assay.rm_server.config import Compat, ServerConfig
+from assay.rm_server.config import Compat, ModelRuntime, ServerConfig
 from assay.rm_server.protocol import ErrorResponse, ErrorType
 from assay.rm_server.server import BackgroundServer
 from tests.peers import openrlhf_client, slime_rm_hub
@@ -24,6 +27,28 @@ pytestmark = pytest.mark.service
 PROMPT = "Q: 23+45-17 A: "
 RIGHT = "23+45=68 68-17=51 #### 51"
 WRONG = "23+45=68 68-17=52 #### 52"
+
+
+# A small spec for the servers of one test: rules, a judge nobody serves, the orm in this process.
+SMALL_SPEC = f"""
+rewards:
+  correct: {{type: rule.exact_match, answer_pattern: "####\\\\s*(-?\\\\d+)\\\\s*$"}}
+  down:    {{type: judge, endpoint: "http://127.0.0.1:9/v1", model: verifier, timeout_s: 2}}
+  orm:     {{type: model.outcome, path: {ARITH_DIR / "orm"}, activation: sigmoid, max_tokens: 64}}
+"""
+
+
+@pytest.fixture(scope="module")
+def small_spec(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("compat") / "rewards.yaml"
+    path.write_text(SMALL_SPEC)
+    return path
+
+
+def _small(spec: Path, **config) -> BackgroundServer:
+    return BackgroundServer(
+        ServerConfig(spec=spec, port=0, grpc_port=None, models=ModelRuntime(model_workers=False), **config)
+    )
 
 
 def _v1_score(url: str, reward: str, response: str, reference: str | None = "51") -> float:
@@ -94,9 +119,8 @@ def test_openrlhf_failed_item_is_a_retryable_503_never_a_number(server):
         openrlhf_client.request_api_wrapper(url, body, try_max_times=2)
 
 
-def test_openrlhf_failed_reward_option_gives_that_value_flagged_in_extra_logs(spec_path):
-    config = ServerConfig(spec=spec_path, port=0, grpc_port=None, compat=Compat(openrlhf_failed_reward=-1.0))
-    with BackgroundServer(config) as s:
+def test_openrlhf_failed_reward_option_gives_that_value_flagged_in_extra_logs(small_spec):
+    with _small(small_spec, compat=Compat(openrlhf_failed_reward=-1.0)) as s:
         body = {"query": [PROMPT + RIGHT], "prompts": [PROMPT], "labels": ["51"]}
         out = OpenRLHFResponse.model_validate(
             openrlhf_client.request_api_wrapper(f"{s.http_url}/compat/openrlhf/down", body)
@@ -132,7 +156,7 @@ def _slime(url: str, prompt, response: str, label: str | None = "51", max_retrie
 def test_slime_remote_rm_reads_the_score_under_its_reward_key(server):
     url = server.http_url
     out = SlimeResponse.model_validate(_slime(f"{url}/compat/slime/final", PROMPT, RIGHT))
-    assert out.score == pytest.approx(_v1_score(url, "final", RIGHT)) and out.error is None
+    assert out.score == pytest.approx(_v1_score(url, "final", RIGHT))
     assert out.reward == "final" and out.reward_id.startswith("sha256:")
     assert _slime(f"{url}/compat/slime/correct", PROMPT, WRONG)["score"] == 0.0
 
@@ -141,17 +165,16 @@ def test_slime_failed_item_is_an_http_error_with_the_error_never_a_score(server)
     url = f"{server.http_url}/compat/slime/down"
     r = httpx.post(url, json={"prompt": PROMPT, "response": RIGHT, "label": "51"}, timeout=60)
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
-    out = SlimeResponse.model_validate_json(r.content)
-    assert out.score is None and out.error is not None and out.error.type == ErrorType.judge_unavailable
+    error = ErrorResponse.model_validate_json(r.content).error
+    assert error.type == ErrorType.judge_unavailable and "'down' (sha256:" in error.message
     # slime's client raises after its retries: the sample gets no reward rather than a wrong one
     with pytest.raises(Exception, match="503"):
         _slime(url, PROMPT, RIGHT, max_retries=1)
 
 
-def test_compat_routes_need_the_score_key_on_a_keyed_server(spec_path):
+def test_compat_routes_need_the_score_key_on_a_keyed_server(small_spec):
     key = "k" * 24
-    config = ServerConfig(spec=spec_path, port=0, grpc_port=None, api_keys=(f"{key}:score",))
-    with BackgroundServer(config) as s:
+    with _small(small_spec, api_keys=(f"{key}:score",)) as s:
         body = {"query": [PROMPT + RIGHT], "prompts": [PROMPT], "labels": ["51"]}
         for path, payload in (
             ("/compat/openrlhf/correct", body),
@@ -161,3 +184,12 @@ def test_compat_routes_need_the_score_key_on_a_keyed_server(spec_path):
             assert httpx.post(f"{s.http_url}{path}", json=payload, timeout=60).status_code == 401
             headers = {"Authorization": f"Bearer {key}"}
             assert httpx.post(f"{s.http_url}{path}", json=payload, headers=headers, timeout=60).status_code == 200
+        # the peers' clients send no headers of their own: the key travels in the URL, which aiohttp
+        # and requests send as Basic authentication (the password is the key)
+        keyed = s.http_url.replace("http://", f"http://assay:{key}@") + "/compat/openrlhf/correct"
+        executor = openrlhf_client.SingleTurnAgentExecutor(keyed)
+        [info] = asyncio.run(executor._fetch_rewards_via_http([PROMPT + RIGHT], [PROMPT], ["51"]))
+        assert info["rewards"] == [1.0]
+        assert openrlhf_client.request_api_wrapper(keyed, body)["rewards"] == [1.0]
+        wrong = s.http_url.replace("http://", "http://assay:not-the-key-at-all@") + "/compat/openrlhf/correct"
+        assert requests.post(wrong, json=body, timeout=60).status_code == 401
