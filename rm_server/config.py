@@ -7,6 +7,7 @@ what to change; nothing here reads a file or the environment.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,54 @@ class ModelRuntime:
         return max(1, (len(os.sched_getaffinity(0)) - 1) // max(1, models))
 
 
+# The end-of-sequence and padding tokens of the common tokenizer families (GPT-2/Qwen, ChatML, Llama 2
+# and 3, Mistral, Gemma, Phi-3), and the beginnings of sequence that a decoded query may start with.
+STRIP_TOKENS = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "</s>",
+    "<pad>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|finetune_right_pad_id|>",
+    "<eos>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<s>",
+    "<|begin_of_text|>",
+    "<bos>",
+)
+
+
+@dataclass(frozen=True)
+class Compat:
+    """The peers' reward protocols (`rm_server/compat.py`): how their requests map onto rewards."""
+
+    openrlhf_strip_tokens: tuple[str, ...] = field(
+        default=STRIP_TOKENS,
+        metadata={
+            "flag": "openrlhf-strip-token",
+            "help": "special token removed from the ends of an OpenRLHF query (its policy's pad, end and start "
+            "of sequence: the query is decoded with them); repeatable, replaces the default list "
+            "(a request's `?strip=` replaces it for that request)",
+        },
+    )
+    openrlhf_failed_reward: float | None = field(
+        default=None,
+        metadata={
+            "help": "the reward an OpenRLHF call gets for an item that failed (flagged 1 in extra_logs' "
+            "assay_failed); none (the default): the whole call fails, 503 with Retry-After (400 for an "
+            "item that cannot be scored), and OpenRLHF's client retries it",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if any(not t for t in self.openrlhf_strip_tokens):
+            raise ValueError("openrlhf_strip_tokens: an empty token would strip nothing; remove it")
+        if self.openrlhf_failed_reward is not None and not math.isfinite(self.openrlhf_failed_reward):
+            raise ValueError(f"openrlhf_failed_reward must be a finite number, not {self.openrlhf_failed_reward}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig(BaseServerConfig):
     """`assay rm serve`: a reward spec served over HTTP and gRPC."""
@@ -103,3 +152,4 @@ class ServerConfig(BaseServerConfig):
     )
     limits: Limits = field(default_factory=Limits, metadata={"help": "Limits per request"})
     models: ModelRuntime = field(default_factory=ModelRuntime, metadata={"help": "Model rewards"})
+    compat: Compat = field(default_factory=Compat, metadata={"help": "Peers' reward protocols"})

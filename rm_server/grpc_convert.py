@@ -337,6 +337,7 @@ def rewards_response_to_proto(resp: RewardsResponse) -> pb.RewardsResponse:
                 needs_reference=r.needs_reference,
                 granularities=[_enum_to_proto("GRANULARITY", g) for g in r.granularities],
                 pairwise=r.pairwise,
+                pinned=r.pinned,
             )
             for r in resp.rewards
         ]
@@ -352,6 +353,7 @@ def rewards_response_from_proto(msg: pb.RewardsResponse) -> RewardsResponse:
             "needs_reference": r.needs_reference,
             "granularities": [_enum_from_proto("GRANULARITY", g) for g in r.granularities],
             "pairwise": r.pairwise,
+            "pinned": r.pinned,
         }
         for r in msg.rewards
     ]

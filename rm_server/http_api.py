@@ -26,6 +26,8 @@ from assay.base.http_bounds import BodyLimit
 from assay.base.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
 from assay.base.metrics import Timer
 from assay.base.serve import add_ops_routes
+from assay.rm_server.compat import add_compat_routes
+from assay.rm_server.config import Compat
 from assay.rm_server.errors import error_type
 from assay.rm_server.protocol import (
     CompareRequest,
@@ -62,9 +64,13 @@ def _refusal(status: int, message: str) -> JSONResponse:
 
 
 def create_app(
-    service: RewardService, keys: ApiKeys | None = None, hosts: tuple[str, ...] | None = LOOPBACK_HOSTS
+    service: RewardService,
+    keys: ApiKeys | None = None,
+    hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
+    compat: Compat | None = None,
 ) -> FastAPI:
-    """The app over `service`; `hosts`: the Host names it answers (None: any), see `http_guard.allowed_hosts`."""
+    """The app over `service`; `hosts`: the Host names it answers (None: any), see `http_guard.allowed_hosts`;
+    `compat`: how the peers' protocols map onto rewards (`compat.py`)."""
     keys = keys or ApiKeys()
     app = FastAPI(
         title="Assay reward service",
@@ -115,6 +121,7 @@ def create_app(
         """Items waiting per reward (admin scope)."""
         return service.queue_depths()
 
+    add_compat_routes(app, service, compat or Compat(), [scope("score")], ERRORS)
     add_ops_routes(
         app,
         HealthResponse,

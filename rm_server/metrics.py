@@ -1,8 +1,9 @@
 """Prometheus metrics of the reward service, in a registry of its own (one per server).
 
-Requests, latency and queue depth are the base's (`assay.base.metrics`); batches, items and
-score values are this service's. Label values come only from names the server declares (its
-spec's reward names, its routes, its error types): a request naming an unknown reward is counted
+Requests, latency and queue depth are the base's (`assay.base.metrics`); batches, items,
+score values and the requests of remote rewards to their servers are this service's. Label
+values come only from names the server declares (its spec's reward names, its routes, its error
+types): a request naming an unknown reward is counted
 under `UNKNOWN`, so client text can never add series to /metrics (a 1 MiB reward name once grew
 a scrape 1000-fold).
 """
@@ -36,6 +37,12 @@ class Metrics(RequestMetrics):
             registry=r,
         )
         self.items = Counter("assay_rm_items", "Scored items by reward and status", ["reward", "status"], registry=r)
+        self.remote = Histogram(
+            "assay_rm_remote_request_seconds",
+            "Requests to the servers of rewards computed elsewhere (judge, remote.*), per attempt, by outcome",
+            ["reward", "outcome"],
+            registry=r,
+        )
         self.values = Histogram(
             "assay_rm_reward_value",
             "Distribution of scores per reward id (watch for drift)",
@@ -47,6 +54,10 @@ class Metrics(RequestMetrics):
     def reward_label(self, name: str) -> str:
         """`name` when the server declares that reward, else the one fixed `UNKNOWN`."""
         return name if name in self.rewards else UNKNOWN
+
+    def on_remote_call(self, reward: str, outcome: str, seconds: float) -> None:
+        """One attempt at a remote server: `outcome` is "ok" or the ErrorType its failure has."""
+        self.remote.labels(reward, outcome).observe(seconds)
 
     def on_batch(self, reward: str, items: int, tokens: int) -> None:
         self.batch_size.labels(reward).observe(items)

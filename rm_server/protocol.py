@@ -44,6 +44,8 @@ class ErrorType(str, Enum):
     timeout = "timeout"
     judge_unavailable = "judge_unavailable"
     judge_error = "judge_error"
+    remote_unavailable = "remote_unavailable"  # a remote reward's server is down, overloaded or gone (retryable)
+    remote_error = "remote_error"  # it answered with an error, or with something that is not a score for the item
     dependency_failed = "dependency_failed"
     internal = "internal"
     overloaded = "overloaded"  # a request: the queue is full; an item: its batch ran out of memory (both retryable)
@@ -190,6 +192,11 @@ class RewardInfo(_Wire):
     needs_reference: bool
     granularities: list[Granularity]
     pairwise: bool = Field(description="True when the reward only compares (POST /v1/compare).")
+    pinned: bool = Field(
+        description="True when the reward id pins everything the score depends on (rules, local checkpoints); "
+        "false for a reward another server computes (judge, remote.*): its id names that server, model and "
+        "template, not the weights behind them."
+    )
 
 
 class RewardsResponse(_Wire):

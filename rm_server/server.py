@@ -46,7 +46,7 @@ class RewardServer(ServiceServer):
         self.service = RewardService(build_rewards(load_spec(config.spec), runtime=config.models), config.limits)
 
     def create_app(self) -> FastAPI:
-        return create_app(self.service, self.keys, self.hosts)
+        return create_app(self.service, self.keys, self.hosts, self.config.compat)
 
     async def start_grpc(self, port: int) -> tuple[grpc.aio.Server, int]:
         from assay.rm_server.grpc_api import start_grpc_server

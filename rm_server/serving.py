@@ -8,6 +8,7 @@ per-item problems become `ItemResult.error`. Metrics are recorded here, once for
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Sequence
 
@@ -31,8 +32,10 @@ from assay.rm_server.protocol import (
     ScoreResponse,
     TokenScore,
 )
-from assay.rm_server.rewards import Item, ItemFailure, Reward
+from assay.rm_server.rewards import Item, ItemFailure, Outcome, Reward
 from assay.rm_server.rewards.base import DEADLINE
+from assay.rm_server.rewards.endpoint import Endpoint
+from assay.rm_server.rewards.model import ModelReward
 
 
 class RewardService:
@@ -41,9 +44,11 @@ class RewardService:
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics(rewards)
         self.started = False
-        for r in rewards.values():
+        for name, r in rewards.items():
             if hasattr(r, "on_batch"):
                 r.on_batch = self.metrics.on_batch
+            if isinstance(endpoint := getattr(r, "endpoint", None), Endpoint):  # the judge, remote.*
+                endpoint.on_call = functools.partial(self.metrics.on_remote_call, name)
 
     async def start(self) -> None:
         """Start every reward at once (each model reward loads in a worker process of its own); if
@@ -77,6 +82,7 @@ class RewardService:
                     needs_reference=r.needs_reference,
                     granularities=sorted(r.granularities, key=list(Granularity).index),
                     pairwise=r.pairwise,
+                    pinned=r.pinned,
                 )
                 for name, r in self.rewards.items()
             ]
@@ -85,7 +91,7 @@ class RewardService:
     # --- score -------------------------------------------------------------------------------
 
     async def score(self, req: ScoreRequest) -> ScoreResponse:
-        reward = self._reward(req.reward)
+        reward = self.reward(req.reward)
         if reward.pairwise:
             raise InvalidRequest(f"reward {req.reward!r} is pairwise: send its items to /v1/compare")
         if req.granularity not in reward.granularities:
@@ -117,7 +123,7 @@ class RewardService:
     # --- compare -----------------------------------------------------------------------------
 
     async def compare(self, req: CompareRequest) -> CompareResponse:
-        reward = self._reward(req.reward)
+        reward = self.reward(req.reward)
         self._check_items(reward, req.items, [i.response_a + i.response_b for i in req.items])
         pairs = [
             (
@@ -140,9 +146,39 @@ class RewardService:
             self.metrics.items.labels(req.reward, "ok").inc()
         return CompareResponse(reward=req.reward, reward_id=reward.reward_id, results=results)
 
+    # --- whole texts (vLLM's pooling routes) --------------------------------------------------
+
+    async def score_texts(
+        self, name: str, texts: Sequence[str], *, add_special_tokens: bool, timeout_s: float | None = None
+    ) -> tuple[ModelReward, list[tuple[Outcome, int]]]:
+        """An outcome model's raw logit for each whole text, with the tokens it read, under this
+        service's limits and deadline. Only outcome model rewards read a text whole."""
+        reward = self.reward(name)
+        if not isinstance(reward, ModelReward) or reward.process:
+            raise InvalidRequest(
+                f"reward {name!r} is {reward.type}: only model.outcome rewards score a whole text (vLLM's pooling "
+                "routes send no prompt and response apart); score it through /v1/score"
+            )
+        if not texts:
+            raise InvalidRequest("no input: send at least one text")
+        if len(texts) > self.limits.max_items:
+            raise InvalidRequest(f"{len(texts)} inputs in one request, more than the limit of {self.limits.max_items}")
+        for i, text in enumerate(texts):
+            if len(text) > self.limits.max_item_chars:
+                raise InvalidRequest(
+                    f"input {i} has {len(text)} characters, more than the limit of {self.limits.max_item_chars}"
+                )
+        work = reward.score_texts(texts, add_special_tokens)
+        outcomes = await self._with_deadline(work, len(texts), timeout_s)
+        outcomes = [o if isinstance(o, tuple) else (o, 0) for o in outcomes]  # the deadline's failures
+        for o, _ in outcomes:
+            self.metrics.items.labels(name, o.type.value if isinstance(o, ItemFailure) else "ok").inc()
+        return reward, outcomes
+
     # --- shared ------------------------------------------------------------------------------
 
-    def _reward(self, name: str) -> Reward:
+    def reward(self, name: str) -> Reward:
+        """The reward of that name (404 `UnknownReward`; 503 while loading)."""
         if not self.started:
             raise NotReady("the reward service is still loading its models", retry_after_s=LOADING_RETRY_AFTER_S)
         try:

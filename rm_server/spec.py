@@ -11,10 +11,12 @@ Relative checkpoint paths resolve against the spec file's folder.
 
 The reward id is a sha256 over what decides the score: the spec's defining fields with all
 defaults filled in, every file of a model checkpoint (weights, config, tokenizer, chat
-template), the judge's prompt, and for a composite the ids of its parts. Fields that only say
-how the score is computed (backend, batching, timeouts, concurrency) are left out, so the same
-reward on the transformers and the vLLM backend has one id. So are `device` and `dtype`: the
-same checkpoint in bfloat16 on a GPU is the same reward as in float32 on the CPU, its scores
+template), the judge's prompt, and for a composite the ids of its parts. A judge's or a remote
+reward's id covers what names the server (URL, model, template, ...), never the weights behind it:
+those are not pinned (`RewardInfo.pinned`). Fields that only say how the score is computed
+(backend, batching, timeouts, concurrency, retries) are left out, so the same reward on the
+transformers and the vLLM backend has one id. So are `device` and `dtype`: the same checkpoint in
+bfloat16 on a GPU is the same reward as in float32 on the CPU, its scores
 differing by rounding only.
 """
 
@@ -267,9 +269,14 @@ class JudgeSpec(_Spec):
     strip_tokens: tuple[str, ...] = CONTROL_TOKENS
     one_line: bool = Field(default=True, description="Collapse newlines in judged text so it cannot forge markers.")
     api_key_env: str | None = Field(default=None, description="Environment variable holding the endpoint's key.")
-    timeout_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0, description="Per attempt, and never past the request's deadline.")
     max_concurrency: int = Field(default=16, gt=0)
-    RUNTIME_FIELDS = frozenset({"api_key_env", "timeout_s", "max_concurrency"})
+    retries: int = Field(
+        default=2,
+        ge=0,
+        description="Tries again after a refused connection, 429, 502, 503, 504 (Retry-After honoured).",
+    )
+    RUNTIME_FIELDS = frozenset({"api_key_env", "timeout_s", "max_concurrency", "retries"})
 
     @field_validator("endpoint")
     @classmethod
@@ -283,6 +290,70 @@ class JudgeSpec(_Spec):
         if self.system is not None and self.api != "chat":
             raise ValueError("`system` is the chat API's system message: set `api: chat`, or leave `system` out")
         return self
+
+
+# --- rewards another server computes ----------------------------------------------------------
+
+
+class _RemoteSpec(_Spec):
+    """A reward served by someone else: where, how to reach it, and how its items are batched."""
+
+    url: str = Field(description="The server's URL (remote.vllm_classify: its base; remote.openrlhf: the route).")
+    api_key_env: str | None = Field(default=None, description="Environment variable holding the server's key.")
+    timeout_s: float = Field(default=30.0, gt=0, description="Per attempt, and never past the request's deadline.")
+    retries: int = Field(
+        default=2,
+        ge=0,
+        description="Tries again after a refused connection, 429, 502, 503, 504 (Retry-After honoured).",
+    )
+    max_concurrency: int = Field(default=4, gt=0, description="Requests (batches) in flight to the server at once.")
+    max_batch_items: int = Field(default=32, gt=0, description="Items per request to the server.")
+    max_wait_ms: float = Field(default=5.0, ge=0, description="How long an item waits for company before it is sent.")
+    max_queue: int = Field(default=4096, gt=0, description="Items waiting before the service answers 429.")
+    template: str = Field(
+        default="{prompt}{response}", description="How prompt and response become the text the server reads."
+    )
+    RUNTIME_FIELDS = frozenset(
+        {"api_key_env", "timeout_s", "retries", "max_concurrency", "max_batch_items", "max_wait_ms", "max_queue"}
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"url must be an http(s) URL, got {v!r}")
+        return v.rstrip("/")
+
+
+class VllmClassifySpec(_RemoteSpec):
+    """A classifier behind vLLM's (or SGLang's) pooling API: one `POST {url}/classify` per batch."""
+
+    type: Literal["remote.vllm_classify"]
+    model: str = Field(description="The served model's name, as the server's `model` field takes it.")
+    chat_template: bool = Field(
+        default=False,
+        description="Send [prompt turns, assistant: response] as `messages`, for the server to render with its "
+        "model's chat template (one request per item); else the `template`'s text as `input`.",
+    )
+    use_activation: bool = Field(
+        default=True,
+        description="vLLM's: true, the class probability (sigmoid for one class, softmax for several: a local "
+        "model.outcome's activation: sigmoid); false, the raw logit (activation: none).",
+    )
+    index: int = Field(default=0, ge=0, description="Which class's value is the score (`probs[index]`).")
+
+
+class OpenRLHFSpec(_RemoteSpec):
+    """A server speaking OpenRLHF's remote reward protocol: `{"query", "prompts", "labels"}` in,
+    `{"rewards", ...}` out; `query` is the template's text, `labels` the references."""
+
+    type: Literal["remote.openrlhf"]
+    key: Literal["rewards", "scores"] = Field(
+        default="rewards", description="Which list of the answer is the score (OpenRLHF: rewards, for advantages)."
+    )
+
+
+RemoteSpec = VllmClassifySpec | OpenRLHFSpec
 
 
 class CompositeSpec(_Spec):
@@ -309,6 +380,8 @@ RewardSpec = Annotated[
     | OutcomeModelSpec
     | ProcessModelSpec
     | JudgeSpec
+    | VllmClassifySpec
+    | OpenRLHFSpec
     | CompositeSpec,
     Field(discriminator="type"),
 ]

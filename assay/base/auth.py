@@ -6,12 +6,18 @@ digests are kept in memory, compared in constant time. A key has at least `MIN_K
 characters. With no keys every route is open, which the server allows only on a loopback address
 (where `assay.base.http_guard` keeps web pages out).
 
+A key travels as `Authorization: Bearer <key>`, or as the password of HTTP Basic authentication
+(`http://assay:<key>@host:8000/...`): the peers' reward clients (OpenRLHF, slime, veRL) send no
+headers of their own, but aiohttp and requests send a URL's user and password as Basic, so a key
+reaches the server with a change of URL only. The user name is not read.
+
 Another service passes its own scope set and environment variable (the policy server:
 generate, admin in ASSAY_POLICY_API_KEYS); the first scope is a bare KEY's, admin implies all.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -56,11 +62,25 @@ class ApiKeys:
         """Raise `errors.Unauthenticated` / `errors.PermissionDenied` unless the bearer key holds `scope`."""
         if not self._scopes:
             return
-        if not authorization or not authorization.lower().startswith("bearer "):
+        key = _key(authorization)
+        if key is None:
             raise Unauthenticated("this route needs an API key: send `Authorization: Bearer <key>`")
-        digest = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        digest = hashlib.sha256(key.encode()).digest()
         scopes = next((s for d, s in self._scopes.items() if hmac.compare_digest(d, digest)), None)
         if scopes is None:
             raise Unauthenticated("the API key is not valid")
         if scope not in scopes:
             raise PermissionDenied(f"the API key lacks the {scope!r} scope (it has {', '.join(sorted(scopes))})")
+
+
+def _key(authorization: str | None) -> str | None:
+    """The key of a Bearer header, or the password of a Basic one; None for anything else."""
+    kind, _, value = (authorization or "").strip().partition(" ")
+    if kind.lower() == "bearer":
+        return value.strip()
+    if kind.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+            return None
+    return None

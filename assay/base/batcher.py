@@ -16,6 +16,11 @@ neighbour; an item over the budget runs alone. Items of one cost keep their arri
 Results go to each item's own future, whatever batch it ran in, so each request's results stay
 in its own order.
 
+Remote work (`concurrency`): a `run_batch` that is a coroutine function runs on the event loop, not
+the worker thread, up to `concurrency` batches at once (a reward served by another server takes
+several requests in flight, each one batch). While every slot is busy, arrivals keep queuing and
+join the next batch, so a slow server gets fuller batches rather than more of them.
+
 Back-pressure: a request whose items do not all fit in the queue is refused whole
 (`errors.Overloaded`, which becomes 429 / RESOURCE_EXHAUSTED). A request that gives up (its
 deadline passed, its client went away) cancels its futures, and cancelled items are dropped
@@ -33,9 +38,10 @@ a batch's time follows its padded tokens more than its items: the line is fitted
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -119,11 +125,12 @@ class _Waiting(Generic[P]):
 
 
 class Batcher(Generic[P, R]):
-    """Packs payloads into calls of `run_batch(list[P]) -> list[R]` on a worker thread."""
+    """Packs payloads into calls of `run_batch(list[P]) -> list[R]` on a worker thread, or, when
+    `run_batch` is a coroutine function, on the event loop, `concurrency` batches at a time."""
 
     def __init__(
         self,
-        run_batch: Callable[[list[P]], list[R]],
+        run_batch: Callable[[list[P]], list[R]] | Callable[[list[P]], Awaitable[list[R]]],
         *,
         name: str,
         max_items: int,
@@ -131,17 +138,24 @@ class Batcher(Generic[P, R]):
         max_wait_s: float,
         max_queue: int,
         on_batch: Callable[[int, int], None] | None = None,
+        concurrency: int = 1,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
+        self._remote = inspect.iscoroutinefunction(run_batch)
+        if concurrency != 1 and not self._remote:
+            raise ValueError("concurrency > 1 needs an async run_batch: a model's batches share one worker thread")
         self.max_items, self.max_tokens, self.max_wait_s, self.max_queue = max_items, max_tokens, max_wait_s, max_queue
+        self.concurrency = concurrency
         self._on_batch = on_batch
         self._queue: list[_Waiting[P]] = []
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
         self._task: asyncio.Task | None = None
+        self._slots = asyncio.Semaphore(concurrency)
+        self._in_flight: set[asyncio.Task] = set()  # async batches running
         self._times = BatchTimes()  # for Retry-After
-        self._running: tuple[float, int] | None = None  # the running batch's start and items; None: none runs
+        self._running: dict[int, tuple[float, int]] = {}  # per running batch: its start and items
 
     def depth(self) -> int:
         """Items waiting, not counting those whose request already gave up."""
@@ -160,6 +174,10 @@ class Batcher(Generic[P, R]):
             except asyncio.CancelledError:
                 pass
             self._task = None
+        for t in list(self._in_flight):
+            t.cancel()
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
         for w in self._queue:
             w.future.cancel()
         self._queue.clear()
@@ -192,55 +210,81 @@ class Batcher(Generic[P, R]):
         return futures
 
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()  # a batch slot: one for the model's thread, `concurrency` remote
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                continue
+            if self._remote:  # the next batch may form while this one is in flight
+                task = asyncio.get_running_loop().create_task(self._run(batch), name=f"batch-{self.name}")
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+            else:
+                await self._run(batch)
+
+    async def _next_batch(self) -> list[_Waiting[P]]:
+        """Wait for items, then for company until the batch the oldest item would go in is full, or
+        until that item's deadline; arrivals and cancellations change the batch, so it is formed anew."""
         while True:
             self._drop_cancelled()
-            if not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            # Wait for company until the batch the oldest item would go in is full, or until that
-            # item's deadline; arrivals and cancellations change the batch, so it is formed anew.
-            deadline = self._queue[0].enqueued + self.max_wait_s
-            while True:
-                self._drop_cancelled()
-                chosen = self._choose()
-                if self._full(chosen) or (left := deadline - time.monotonic()) <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), left)
-                except TimeoutError:
-                    pass  # formed once more, and taken
-            batch = self._take(chosen)
-            if not batch:
-                continue
-            self._running = (started := time.monotonic(), len(batch))
+            if self._queue:
+                break
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = self._queue[0].enqueued + self.max_wait_s
+        while True:
+            self._drop_cancelled()
+            chosen = self._choose()
+            if self._full(chosen) or (left := deadline - time.monotonic()) <= 0:
+                break
+            self._arrived.clear()
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, [w.payload for w in batch])
-            except Exception as exc:  # noqa: BLE001 - the batch failed, for any reason: every waiter learns why
-                for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(exc)
-                continue
-            finally:
-                self._running = None
-            self._times.add(len(batch), time.monotonic() - started)
-            if self._on_batch is not None:
-                self._on_batch(len(batch), sum(w.cost for w in batch))
-            for w, r in zip(batch, results, strict=True):
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                pass  # formed once more, and taken
+        return self._take(chosen)
+
+    async def _run(self, batch: list[_Waiting[P]]) -> None:
+        """Run one batch (on the worker thread, or awaited) and give each waiter its result; frees its slot."""
+        key = id(batch)
+        self._running[key] = (started := time.monotonic(), len(batch))
+        payloads = [w.payload for w in batch]
+        try:
+            if self._remote:
+                results = await self._run_batch(payloads)  # type: ignore[misc]
+            else:
+                loop = asyncio.get_running_loop()
+                results = await loop.run_in_executor(self._executor, self._run_batch, payloads)
+        except Exception as exc:  # noqa: BLE001 - the batch failed, for any reason: every waiter learns why
+            for w in batch:
                 if not w.future.done():
-                    w.future.set_result(r)
+                    w.future.set_exception(exc)
+            return
+        finally:
+            del self._running[key]
+            self._slots.release()
+        self._times.add(len(batch), time.monotonic() - started)
+        if self._on_batch is not None:
+            self._on_batch(len(batch), sum(w.cost for w in batch))
+        for w, r in zip(batch, results, strict=True):
+            if not w.future.done():
+                w.future.set_result(r)
 
     def retry_after(self, items: int) -> float:
         """Seconds until `items` more items would fit: until that many queued ones have been taken
-        into batches. The first batch is taken when the running one ends (at once when none runs),
-        each further one when the one before it ends."""
+        into batches. The first batch is taken when a slot frees (at once when one is free: the
+        running batch ends, or the first of `concurrency` remote ones), each further one when the
+        one before it ends (remote: `concurrency` at a time)."""
         wait = 0.0
-        if self._running is not None:
-            started, running = self._running
-            wait = max(0.0, self._times.predict(running) - (time.monotonic() - started))
-        wait += sum(self._times.predict(size) for size in self._batches_to_take(items)[:-1])
+        if len(self._running) >= self.concurrency:
+            now = time.monotonic()
+            wait = min(max(0.0, self._times.predict(n) - (now - t0)) for t0, n in self._running.values())
+        wait += sum(self._times.predict(size) for size in self._batches_to_take(items)[:-1]) / self.concurrency
         low, high = RETRY_AFTER_BOUNDS_S
         return min(max(wait, low), high)
 

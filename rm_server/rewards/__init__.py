@@ -4,6 +4,8 @@ rules.py      rule.math_equal, rule.exact_match, rule.regex, rule.length_penalty
               rule.json_schema, rule.arith_steps
 model.py      model.outcome, model.process (transformers or vLLM backend)
 judge.py      judge (any OpenAI-compatible completions or chat endpoint; its prompts: judge_prompts.py)
+remote.py     remote.vllm_classify, remote.openrlhf (rewards another server computes)
+endpoint.py   what the judge and the remote rewards share: key, start-up check, deadlines, retries, failures
 composite.py  composite (expressions and gates over the others)
 """
 
@@ -12,7 +14,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from assay.rm_server.rewards.base import Compared, Item, ItemFailure, Outcome, Reward, Scored
-from assay.rm_server.spec import CompositeSpec, JudgeSpec, SpecError, SpecFile, _ModelSpec, order_rewards, reward_ids
+from assay.rm_server.spec import (
+    CompositeSpec,
+    JudgeSpec,
+    OpenRLHFSpec,
+    SpecError,
+    SpecFile,
+    VllmClassifySpec,
+    _ModelSpec,
+    order_rewards,
+    reward_ids,
+)
 
 if TYPE_CHECKING:
     from assay.rm_server.config import ModelRuntime
@@ -30,6 +42,7 @@ def build_rewards(
     from assay.rm_server.rewards.composite import CompositeReward
     from assay.rm_server.rewards.judge import JudgeReward
     from assay.rm_server.rewards.model import ModelReward
+    from assay.rm_server.rewards.remote import OpenRLHFReward, VllmClassifyReward
     from assay.rm_server.rewards.rules import RULES
 
     ids = ids if ids is not None else reward_ids(spec)
@@ -43,6 +56,10 @@ def build_rewards(
                 built[name] = CompositeReward(name, ids[name], r, built)
             elif isinstance(r, JudgeSpec):
                 built[name] = JudgeReward(name, ids[name], r)
+            elif isinstance(r, VllmClassifySpec):
+                built[name] = VllmClassifyReward(name, ids[name], r)
+            elif isinstance(r, OpenRLHFSpec):
+                built[name] = OpenRLHFReward(name, ids[name], r)
             elif isinstance(r, _ModelSpec):
                 built[name] = ModelReward(name, ids[name], r, spec.model_path(name), worker_threads=threads)
             else:

@@ -69,6 +69,9 @@ class Reward(ABC):
     needs_reference: bool = False
     granularities: frozenset[Granularity] = frozenset({Granularity.outcome})
     pairwise: bool = False
+    # Whether the reward id pins everything the score depends on. A reward another server computes
+    # (judge, remote.*) has an id naming that server, model and template, never the weights behind it.
+    pinned: bool = True
 
     def __init__(self, name: str, reward_id: str) -> None:
         self.name = name

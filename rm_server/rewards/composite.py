@@ -90,6 +90,7 @@ class CompositeReward(Reward):
         self.gates = [parts[g] for g in spec.gate]
         self.parts = {n: parts[n] for n in sorted(names)}
         self.needs_reference = any(r.needs_reference for r in [*self.gates, *self.parts.values()])
+        self.pinned = all(r.pinned for r in [*self.gates, *self.parts.values()])  # its id has the parts' ids
 
     async def score(self, items: Sequence[Item], granularity: Granularity) -> list[Outcome]:
         results: dict[int, Outcome] = {}  # item index -> outcome, a gate's or the expression's
@@ -123,5 +124,7 @@ class CompositeReward(Reward):
 
 
 def _failed(part: str, o: ItemFailure) -> ItemFailure:
-    kind = o.type if o.type in (ErrorType.timeout, ErrorType.judge_unavailable) else ErrorType.dependency_failed
+    # A retryable failure of a part stays retryable for the whole; any other is the part's fault.
+    retryable = (ErrorType.timeout, ErrorType.judge_unavailable, ErrorType.remote_unavailable)
+    kind = o.type if o.type in retryable else ErrorType.dependency_failed
     return ItemFailure(kind, f"part {part!r} failed: {o.message}")

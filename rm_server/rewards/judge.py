@@ -20,25 +20,24 @@ The response under judgement is untrusted: `sanitize` strips control tokens and 
 own delimiters and (with one_line) newlines, so it cannot close its block or forge the answer
 marker. A failed call is an `ItemFailure` for that item only, never a score of 0.
 
-At start the judge asks its endpoint's `/models` with its key. A refused key (401, 403) is a
-configuration error that no retry mends, so the service does not start (`JudgeKeyRefused`,
-naming the judge). An endpoint that does not answer yet is fine: the policy server it points
-at may start later, and until then the judge's items fail typed as `judge_unavailable`.
+The connection is what every reward on another server shares (`endpoint.Endpoint`: the key, its
+check at start-up, concurrency, deadlines, retries, typed failures). At start the judge asks its
+endpoint's `/models` with its key: a refused key (401, 403) stops the service (`JudgeKeyRefused`,
+naming the judge); an endpoint that does not answer yet is fine (the policy server it points at
+may start later), and until then the judge's items fail typed as `judge_unavailable`. Its id
+names the endpoint, model and prompt, not the judge's weights (`pinned` is false).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
-import httpx
-
 from assay.rm_server.protocol import ErrorType, Granularity
 from assay.rm_server.rewards.base import Compared, Item, ItemFailure, Outcome, Reward, Scored, until_deadline
+from assay.rm_server.rewards.endpoint import Endpoint, KeyRefused
 from assay.rm_server.rewards.judge_prompts import (
     SNIPPET,
     expected_score,
@@ -55,12 +54,9 @@ from assay.rm_server.spec import JudgeSpec
 
 PAIRWISE_MODES = ("pairwise", "pairwise_verdict")
 TEXT_MODES = ("text_score", "verdict", "pairwise_verdict")  # read what the judge writes, not logprobs
-_CHECK_S = 10.0  # the start-up key check waits at most this long for the endpoint
-
-log = logging.getLogger(__name__)
 
 
-class JudgeKeyRefused(ValueError):
+class JudgeKeyRefused(KeyRefused):
     """The judge's endpoint refuses its key: fix the key, then start the service."""
 
 
@@ -69,6 +65,7 @@ class JudgeReward(Reward):
 
     type = "judge"
     needs_reference = False
+    pinned = False
     granularities = frozenset({Granularity.outcome})
 
     def __init__(self, name: str, reward_id: str, spec: JudgeSpec) -> None:
@@ -81,53 +78,26 @@ class JudgeReward(Reward):
         missing = [p for p in needed if p not in self.template]
         if missing:
             raise ValueError(f"judge {name!r}: a {spec.mode} template needs {', '.join(missing)}")
-        self._client: httpx.AsyncClient | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._pending = 0
+        self.endpoint = Endpoint(
+            f"judge {name!r}",
+            "judge endpoint",
+            api_key_env=spec.api_key_env,
+            timeout_s=spec.timeout_s,
+            max_concurrency=spec.max_concurrency,
+            retries=spec.retries,
+            unavailable=ErrorType.judge_unavailable,
+            error=ErrorType.judge_error,
+            refused=JudgeKeyRefused,
+        )
 
     async def start(self) -> None:
-        headers = {}
-        if self.spec.api_key_env:
-            key = os.environ.get(self.spec.api_key_env)
-            if not key:
-                raise RuntimeError(f"judge {self.name!r}: environment variable {self.spec.api_key_env} is unset")
-            headers["Authorization"] = f"Bearer {key}"
-        n = self.spec.max_concurrency
-        self._client = client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(self.spec.timeout_s),  # per phase: connect, write, read
-            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
-        )
-        self._slots = asyncio.Semaphore(n)
-        await self._check_key(client)
-
-    async def _check_key(self, client: httpx.AsyncClient) -> None:
-        """GET `/models` with this judge's key: raise `JudgeKeyRefused` on 401 or 403."""
-        url = f"{self.spec.endpoint}/models"
-        try:
-            r = await client.get(url, timeout=min(self.spec.timeout_s, _CHECK_S))
-        except httpx.TransportError as exc:
-            why = "its items fail as judge_unavailable until it does"
-            log.warning("judge %r: %s does not answer yet (%r); %s", self.name, url, exc, why)
-            return
-        if r.status_code in (401, 403):
-            if self.spec.api_key_env:
-                fix = f"set the key it accepts in ${self.spec.api_key_env}"
-            else:
-                fix = "it needs a key: name the variable that holds it in the spec's api_key_env"
-            await self.close()
-            refused = f"{r.status_code} {r.text[:SNIPPET]!r}"
-            raise JudgeKeyRefused(f"judge {self.name!r}: {url} refused its key ({refused}); {fix}")
-        if r.status_code >= 400:  # a server without the route, or not ready: the completions call decides
-            log.warning("judge %r: %s answered %d at start-up", self.name, url, r.status_code)
+        await self.endpoint.start(f"{self.spec.endpoint}/models")
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self.endpoint.close()
 
     def queue_depth(self) -> int:
-        return self._pending
+        return self.endpoint.pending
 
     async def score(self, items: Sequence[Item], granularity: Granularity) -> list[Outcome]:
         if self.pairwise:
@@ -215,34 +185,14 @@ class JudgeReward(Reward):
 
     async def _post(self, prompt: str, max_tokens: int, logprobs: bool = True) -> dict:
         """choices[0] of one completion; any failure of the endpoint is raised as an ItemFailure."""
-        if self._client is None or self._slots is None:
-            raise RuntimeError(f"judge {self.name!r} used before start()")
-        body = self._body(prompt, max_tokens, logprobs)
-        url = self._url
-        self._pending += 1
+        answer = await self.endpoint.post(self._url, self._body(prompt, max_tokens, logprobs))
         try:
-            async with self._slots:
-                r = await self._client.post(url, json=body)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise ItemFailure(ErrorType.judge_unavailable, f"judge endpoint {url} unreachable: {exc!r}") from None
-        except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.PoolTimeout):
-            why = f"judge endpoint {url} did not answer within {self.spec.timeout_s}s"
-            raise ItemFailure(ErrorType.timeout, why) from None
-        except httpx.TransportError as exc:  # connection dropped mid-request, protocol error
-            raise ItemFailure(ErrorType.judge_unavailable, f"judge endpoint {url} failed: {exc!r}") from None
-        finally:
-            self._pending -= 1
-        answered = f"judge endpoint {url} answered {r.status_code}: {r.text[:SNIPPET]!r}"
-        if r.status_code >= 500 or r.status_code == 429:  # down or overloaded: worth a retry later
-            raise ItemFailure(ErrorType.judge_unavailable, answered)
-        if r.status_code >= 400:
-            raise ItemFailure(ErrorType.judge_error, answered)
-        try:
-            choice = r.json()["choices"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise ItemFailure(ErrorType.judge_error, f"{answered} (no completion in it)") from None
+            choice = answer["choices"][0]
+        except (KeyError, IndexError, TypeError):
+            why = f"judge endpoint {self._url} answered {str(answer)[:SNIPPET]!r} (no completion in it)"
+            raise ItemFailure(ErrorType.judge_error, why) from None
         if not isinstance(choice, dict):
-            raise ItemFailure(ErrorType.judge_error, f"{answered} (choices[0] is not an object)")
+            raise ItemFailure(ErrorType.judge_error, f"judge endpoint {self._url}: choices[0] is not an object")
         return choice
 
     def _text(self, choice: dict) -> str:

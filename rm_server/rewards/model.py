@@ -18,6 +18,7 @@ text it never saw. Scores come from the model through the batcher:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -223,31 +224,48 @@ class ModelReward(Reward):
                 rendered.append(self.render(it.prompt, it.response))
             except ItemFailure as failure:
                 rendered.append(failure)
+        spans = [
+            r if isinstance(r, ItemFailure) else (r[0], (r[1], r[1] + len(it.response)))
+            for it, r in zip(items, rendered, strict=True)
+        ]
+        # a chat template writes its own specials
+        return self._tokenize(spans, [it.id for it in items], add_special_tokens=not self.spec.chat_template)
+
+    def encode_texts(self, texts: Sequence[str], add_special_tokens: bool) -> list[_Encoded | ItemFailure]:
+        """Whole texts as they are, the model reading all of each (vLLM's pooling requests: the
+        client rendered them); the text counts as the response."""
+        return self._tokenize(
+            [(t, (0, len(t))) for t in texts], [str(i) for i in range(len(texts))], add_special_tokens
+        )
+
+    def _tokenize(
+        self,
+        rendered: Sequence[tuple[str, tuple[int, int]] | ItemFailure],
+        ids: Sequence[str],
+        add_special_tokens: bool,
+    ) -> list[_Encoded | ItemFailure]:
+        """(text, response span) per item, or its failure, tokenized in one call."""
         texts = [r[0] for r in rendered if not isinstance(r, ItemFailure)]
         assert self.tokenizer is not None, "started"
         tokenized: Iterator[tuple[Any, Any]] = iter([])  # (ids, offsets) per rendered text
         if texts:
-            enc = self.tokenizer(
-                texts,
-                add_special_tokens=not self.spec.chat_template,  # a chat template writes its own specials
-                return_offsets_mapping=True,
-            )
+            enc = self.tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
             tokenized = iter(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
         out: list[_Encoded | ItemFailure] = []
-        for it, r in zip(items, rendered, strict=True):
+        for item_id, r in zip(ids, rendered, strict=True):
             if isinstance(r, ItemFailure):
                 out.append(r)
                 continue
-            (text, start), (ids, spans) = r, next(tokenized)
-            spans = [tuple(s) for s in spans]
-            if len(ids) > self.max_tokens:
+            (text, span), (token_ids, offsets) = r, next(tokenized)
+            offsets = [tuple(s) for s in offsets]
+            if len(token_ids) > self.max_tokens:
                 if self.spec.truncation == "error":
                     raise InvalidRequest(
-                        f"item {it.id!r} is {len(ids)} tokens for reward {self.name!r}, over its max_tokens "
+                        f"item {item_id!r} is {len(token_ids)} tokens for reward {self.name!r}, over its max_tokens "
                         f"{self.max_tokens}; shorten it or set `truncation: left` in the spec"
                     )
-                ids = ids[-self.max_tokens :]  # spans stay whole: `dropped` maps them
-            out.append(_Encoded(list(ids), spans, text, (start, start + len(it.response))))
+                token_ids = token_ids[-self.max_tokens :]  # offsets stay whole: `dropped` maps them
+            out.append(_Encoded(list(token_ids), offsets, text, span))
         return out
 
     # --- scoring -----------------------------------------------------------------------------
@@ -269,6 +287,24 @@ class ModelReward(Reward):
         # Off the event loop, so that a large request's tokenizing stalls no other request; a fast
         # tokenizer releases the GIL while it encodes a batch, so it overlaps the forward too.
         encoded = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.encode, items)
+        return await self._score_encoded(encoded, granularity)
+
+    async def score_texts(self, texts: Sequence[str], add_special_tokens: bool) -> list[tuple[Outcome, int]]:
+        """An outcome model's raw logit for each whole text (no template, no activation: vLLM's
+        pooling routes apply theirs), with the tokens it read."""
+        if self.process:
+            raise InvalidRequest(f"reward {self.name!r} is a process model: it scores steps of a response, not texts")
+        if not self.ready():
+            raise NotReady(f"reward {self.name!r}: its model worker is restarting", retry_after_s=LOADING_RETRY_AFTER_S)
+        encode = functools.partial(self.encode_texts, texts, add_special_tokens)
+        encoded = await asyncio.get_running_loop().run_in_executor(self._tokenizing, encode)
+        outcomes = await self._score_encoded(encoded, Granularity.outcome, raw=True)
+        return [(o, 0 if isinstance(e, ItemFailure) else len(e.ids)) for o, e in zip(outcomes, encoded, strict=True)]
+
+    async def _score_encoded(
+        self, encoded: Sequence[_Encoded | ItemFailure], granularity: Granularity, raw: bool = False
+    ) -> list[Outcome]:
+        """Through the batcher; `raw`: an outcome model's logit, before the spec's activation."""
         todo = [e for e in encoded if not isinstance(e, ItemFailure)]
         mode = "pooled" if not self.process and granularity == Granularity.outcome else "tokens"
         assert self.batcher is not None, "started"
@@ -281,11 +317,11 @@ class ModelReward(Reward):
             if isinstance(e, ItemFailure):
                 results.append(e)
                 continue
-            raw = next(raws)
+            out = next(raws)
             try:
-                if isinstance(raw, BaseException):
-                    raise raw
-                results.append(self._finish(e, raw, granularity))
+                if isinstance(out, BaseException):
+                    raise out
+                results.append(Scored(float(out[0])) if raw else self._finish(e, out, granularity))
             except ItemFailure as exc:
                 results.append(exc)
             except OutOfMemory as exc:  # retryable: the same items fit in a smaller batch

@@ -58,6 +58,14 @@ RM_REQUESTS = {
     ),
     ("GET", "/v1/rewards"): ({}, True),
     ("GET", "/v1/admin/queues"): ({}, True),
+    # the peers' protocols (rm_server/compat.py): the path's `{reward}` names no reward (404), and
+    # `format` is no model reward, which the vLLM pooling shapes need (400)
+    ("POST", "/compat/openrlhf/{reward}"): ({"json": {"query": [], "prompts": [], "labels": []}}, False),
+    ("POST", "/compat/slime/{reward}"): ({"json": {"prompt": "Q: 1+1 A: ", "response": "#### 2"}}, False),
+    ("POST", "/classify"): ({"json": {"model": "format", "input": "Q: 1+1 A: #### 2"}}, False),
+    ("POST", "/pooling"): ({"json": {"model": "format", "input": "Q: 1+1 A: #### 2"}}, False),
+    ("POST", "/v1/embeddings"): ({"json": {"model": "format", "input": "Q: 1+1 A: #### 2"}}, False),
+    ("POST", "/compat/vllm/score"): ({"json": {"model": "format", "text_1": "Q: 1+1 A: ", "text_2": "#### 2"}}, True),
 }
 POLICY_REQUESTS = {
     ("POST", "/v1/completions"): ({"json": {"model": "policy", "prompt": "1+1=", "max_tokens": 1}}, True),

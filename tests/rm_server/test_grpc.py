@@ -167,7 +167,13 @@ def test_compare_and_rewards_messages_round_trip_exactly():
     rewards = RewardsResponse(
         rewards=[
             RewardInfo(
-                name="n", type="t", reward_id="i", needs_reference=True, granularities=list(Granularity), pairwise=True
+                name="n",
+                type="t",
+                reward_id="i",
+                needs_reference=True,
+                granularities=list(Granularity),
+                pairwise=True,
+                pinned=False,
             )
         ]
     )

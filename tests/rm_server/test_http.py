@@ -120,6 +120,9 @@ def test_rewards_listing_and_ids_echoed(server):
     assert {"correct", "format", "orm", "prm", "judge", "final"} <= set(by_name)
     assert by_name["correct"].needs_reference and not by_name["orm"].needs_reference
     assert by_name["final"].needs_reference  # through its part `correct`
+    # a judge's id names its endpoint, not the weights behind it; a composite is pinned when its parts are
+    assert by_name["orm"].pinned and by_name["correct"].pinned and by_name["final"].pinned
+    assert not by_name["judge"].pinned and not by_name["either"].pinned
     resp = scores(server.http_url, "orm", [RIGHT, WRONG, RIGHT])
     assert resp.reward_id == by_name["orm"].reward_id and resp.reward_id.startswith("sha256:")
     assert [x.id for x in resp.results] == ["i0", "i1", "i2"]

@@ -102,6 +102,7 @@ def test_the_pass_rate_reward_is_a_served_rule_with_references():
             needs_reference=kind.startswith("rule.m"),
             granularities=["outcome"],
             pairwise=False,
+            pinned=True,
         )
 
     served = [info("orm", "model.outcome"), info("exact", "rule.exact_match"), info("correct", "rule.math_equal")]

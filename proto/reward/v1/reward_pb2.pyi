@@ -31,6 +31,8 @@ class ErrorType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_TYPE_UNAUTHENTICATED: _ClassVar[ErrorType]
     ERROR_TYPE_PERMISSION_DENIED: _ClassVar[ErrorType]
     ERROR_TYPE_NOT_READY: _ClassVar[ErrorType]
+    ERROR_TYPE_REMOTE_UNAVAILABLE: _ClassVar[ErrorType]
+    ERROR_TYPE_REMOTE_ERROR: _ClassVar[ErrorType]
 
 class Winner(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +59,8 @@ ERROR_TYPE_OVERLOADED: ErrorType
 ERROR_TYPE_UNAUTHENTICATED: ErrorType
 ERROR_TYPE_PERMISSION_DENIED: ErrorType
 ERROR_TYPE_NOT_READY: ErrorType
+ERROR_TYPE_REMOTE_UNAVAILABLE: ErrorType
+ERROR_TYPE_REMOTE_ERROR: ErrorType
 WINNER_UNSPECIFIED: Winner
 WINNER_A: Winner
 WINNER_B: Winner
@@ -233,20 +237,22 @@ class ListRewardsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RewardInfo(_message.Message):
-    __slots__ = ("name", "type", "reward_id", "needs_reference", "granularities", "pairwise")
+    __slots__ = ("name", "type", "reward_id", "needs_reference", "granularities", "pairwise", "pinned")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     REWARD_ID_FIELD_NUMBER: _ClassVar[int]
     NEEDS_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     GRANULARITIES_FIELD_NUMBER: _ClassVar[int]
     PAIRWISE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     reward_id: str
     needs_reference: bool
     granularities: _containers.RepeatedScalarFieldContainer[Granularity]
     pairwise: bool
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., reward_id: _Optional[str] = ..., needs_reference: _Optional[bool] = ..., granularities: _Optional[_Iterable[_Union[Granularity, str]]] = ..., pairwise: _Optional[bool] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., reward_id: _Optional[str] = ..., needs_reference: _Optional[bool] = ..., granularities: _Optional[_Iterable[_Union[Granularity, str]]] = ..., pairwise: _Optional[bool] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class RewardsResponse(_message.Message):
     __slots__ = ("rewards",)

@@ -248,3 +248,44 @@ def test_the_wait_for_room_follows_the_length_aware_batches():
     sizes, batches = run(go())
     assert sizes == [[1], [2], [2, 1], [2, 2, 1]]
     assert batches == [[0], [1, 3], [2, 4], [5]]
+
+
+def test_an_async_run_batch_keeps_up_to_concurrency_batches_in_flight_while_the_queue_fills():
+    """A remote reward's batches: awaited on the loop, `concurrency` at once; while every slot is busy
+    the items that arrive wait, and go together in the next batch."""
+
+    async def go():
+        batches: list[list[int]] = []
+        release = asyncio.Event()
+        in_flight = peak = 0
+
+        async def run_batch(payloads: list[int]) -> list[int]:
+            nonlocal in_flight, peak
+            batches.append(list(payloads))
+            in_flight += 1
+            peak = max(peak, in_flight)
+            await release.wait()
+            in_flight -= 1
+            return [p * 10 for p in payloads]
+
+        b = Batcher(run_batch, name="t", max_items=2, max_tokens=2, max_wait_s=0, max_queue=16, concurrency=2)
+        b.start()
+        first = b.submit([0, 1, 2, 3], [1] * 4)  # two full batches take both slots
+        while len(batches) < 2:
+            await asyncio.sleep(0.01)
+        later = b.submit([4, 5], [1] * 2)  # no slot: they wait, together
+        await asyncio.sleep(0.05)
+        assert len(batches) == 2 and b.depth() == 2
+        release.set()
+        out = await asyncio.gather(*first, *later)
+        await b.close()
+        return out, batches, peak
+
+    out, batches, peak = run(go())
+    assert out == [p * 10 for p in range(6)]
+    assert batches == [[0, 1], [2, 3], [4, 5]] and peak == 2
+
+
+def test_concurrency_needs_an_async_run_batch():
+    with pytest.raises(ValueError, match="async run_batch"):
+        Batcher(lambda p: p, name="t", max_items=2, max_tokens=2, max_wait_s=0, max_queue=4, concurrency=2)
