@@ -10,8 +10,9 @@ search over a served model, scored by rm_server. Its `answer` is `assay.answers.
 one answer-extraction config (standard library only, so this module stays light).
 
 Requests refuse unknown fields, so a typo is a 400 and not a silent default. OpenAI fields this
-server does not implement (`stream`, `echo`, penalties, ...) are accepted only at their neutral
-values, and refused with a message otherwise.
+server does not implement (`echo`, penalties, ...) are accepted only at their neutral
+values, and refused with a message otherwise. `stream: true` answers with server-sent events
+of the chunk models at the end of this module (`streaming.py` builds them).
 
 Rules the serving layer enforces with messages of its own (no empty prompt or stop string, the
 neutral values above, a reward for every strategy but majority) are stated in the schema only
@@ -53,6 +54,15 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`, with vLLM's defaults and its extension; fields OpenAI adds are ignored."""
+
+    include_usage: bool = Field(default=True, description="A last chunk with the request's usage, no choices.")
+    continuous_usage_stats: bool = Field(
+        default=False, description="Extension (vLLM's): every chunk carries its choice's usage so far."
+    )
+
+
 class _Sampling(_Wire):
     """Fields the two generation requests share."""
 
@@ -70,8 +80,8 @@ class _Sampling(_Wire):
     ignore_eos: bool = Field(default=False, description="Extension: keep generating past end-of-sequence.")
     return_token_ids: bool = Field(default=False, description="Extension: return prompt and completion token ids.")
     # OpenAI fields accepted at their neutral values only (see `_neutral`)
-    stream: bool = Field(default=False, json_schema_extra={"const": False})
-    stream_options: dict[Any, Any] | None = Field(default=None, json_schema_extra=_NEUTRAL)
+    stream: bool = Field(default=False, description="Answer with server-sent events, a chunk at a time.")
+    stream_options: StreamOptions | None = Field(default=None, description="Only with stream=true.")
     presence_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
     frequency_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
     logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=_NEUTRAL)
@@ -79,8 +89,8 @@ class _Sampling(_Wire):
 
     @model_validator(mode="after")
     def _neutral(self) -> Self:
-        if self.stream or self.stream_options:
-            raise ValueError("streaming is not supported; send stream=false")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream=true")
         if self.presence_penalty or self.frequency_penalty:
             raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
         if self.logit_bias:
@@ -442,3 +452,55 @@ class ErrorResponse(_Wire):
 
 class HealthResponse(_Wire):
     status: Literal["ok", "starting", "stopping"]
+
+
+# --- streaming: the chunks of `stream: true` -------------------------------------------------
+# Sent as server-sent events, `data: {chunk}`, then `data: [DONE]`; vLLM's shapes, with the
+# weight version on every chunk (the oldest of its choices', as in the responses) and choice.
+
+
+class CompletionStreamChoice(_Wire):
+    index: int
+    text: str = Field(description="The text this choice adds; held back while it may begin a stop string.")
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = Field(default=None, description="Set on its last chunk.")
+    stop_reason: str | None = None
+    token_ids: list[int] | None = Field(default=None, description="With return_token_ids: the tokens it adds.")
+    prompt_token_ids: list[int] | None = Field(default=None, description="With return_token_ids: on its first chunk.")
+    weight_version: int
+
+
+class CompletionChunk(_Wire):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice] = Field(description="One choice a chunk; none in the usage chunk.")
+    usage: Usage | None = None
+    weight_version: int
+
+
+class DeltaMessage(_Wire):
+    role: Literal["assistant"] | None = Field(default=None, description="On each choice's first chunk.")
+    content: str | None = None
+
+
+class ChatStreamChoice(_Wire):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | None = None
+    token_ids: list[int] | None = None
+    weight_version: int
+
+
+class ChatCompletionChunk(_Wire):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+    weight_version: int
+    prompt_token_ids: list[int] | None = Field(default=None, description="With return_token_ids: on the first chunks.")
