@@ -48,6 +48,10 @@ _PROMPT: JsonDict = {
 }
 _STOP: JsonDict = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}]}
 _NEUTRAL: JsonDict = {"maxProperties": 0}  # an object field accepted only empty (or null)
+_STREAM_OPTIONS: JsonDict = {  # stream_options needs stream=true
+    "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+    "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+}
 
 
 class _Wire(BaseModel):
@@ -105,6 +109,8 @@ class _Sampling(_Wire):
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS]})
+
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_PROMPT)] = Field(
         description="One prompt, a list of prompts, or token ids (one list or a list of lists); none empty."
     )
@@ -191,6 +197,7 @@ class ChatCompletionRequest(_Sampling):
     model_config = ConfigDict(
         json_schema_extra={
             "allOf": [
+                _STREAM_OPTIONS,
                 # top_logprobs needs logprobs=true; max_tokens and max_completion_tokens are not both sent
                 {
                     "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
