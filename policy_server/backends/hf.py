@@ -386,11 +386,11 @@ def _next_tokens(logits: torch.Tensor, rows: list[_Row], eos: int | None = None)
     """[batch, vocab] -> ([batch] tokens, [batch] faults), on the logits' device, without waiting on it.
 
     Greedy rows take the argmax, sampled rows a draw by their own generator, both after the rows'
-    repetition penalty and min_tokens (`_penalize`); min_p filters after temperature, top-k and top-p. A row whose logits cannot
-    be sampled (NaN, +inf, or nothing finite) gets fault 1, one whose filtered probabilities cannot
-    (they overflowed) fault 2, and a token from a harmless stand-in distribution: no kernel ever sees
-    a NaN (on CUDA, a multinomial over one is a device-side assert that ends the process), and the
-    row fails once the step's results reach the host."""
+    repetition penalty and min_tokens (`_penalize`); min_p filters after temperature, top-k and top-p.
+    A row whose logits cannot be sampled (NaN, +inf, or nothing finite) gets fault 1, one whose
+    filtered probabilities cannot (they overflowed) fault 2, and a token from a harmless stand-in
+    distribution: no kernel ever sees a NaN (on CUDA, a multinomial over one is a device-side assert
+    that ends the process), and the row fails once the step's results reach the host."""
     broken = (logits.isnan() | logits.isposinf()).any(-1) | logits.isneginf().all(-1)  # [batch]
     fault = broken.to(torch.int8)
     logits = _penalize(logits.masked_fill(broken[:, None], 0.0), rows, eos)

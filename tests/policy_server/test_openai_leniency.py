@@ -138,13 +138,14 @@ def test_every_sdk_field_at_its_neutral_value_is_accepted_sync_and_async(server,
     ],
 )
 def test_a_non_neutral_value_is_refused_naming_the_field(client, route, field, value):
+    if route == "chat":
+        request = dict(messages=QUESTION, max_completion_tokens=8)
+        create = client.chat.completions.create
+    else:
+        request = dict(prompt=PROMPT, max_tokens=8)
+        create = client.completions.create
     with pytest.raises(openai.BadRequestError) as refused:
-        if route == "chat":
-            client.chat.completions.create(
-                model="policy", messages=QUESTION, max_completion_tokens=8, extra_body={field: value}
-            )
-        else:
-            client.completions.create(model="policy", prompt=PROMPT, max_tokens=8, extra_body={field: value})
+        create(model="policy", **request, extra_body={field: value})
     assert refused.value.param == field, refused.value.body
     assert refused.value.type == "invalid_request_error"
 
