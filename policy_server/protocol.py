@@ -20,7 +20,8 @@ names the field. Fields that cannot change what is generated (`user`, `metadata`
 `parallel_tool_calls`, prompt caching, `safety_identifier`, and `reasoning_effort` and `verbosity`,
 which the served models have no reasoning phase or style to apply to) are ignored like unknown
 ones. `/v1/search` (this server's own API), the admin routes and every response stay strict:
-there a typo is a 400.
+there a typo is a 400. `stream: true` answers with server-sent events of the chunk models at the
+end of this module (`streaming.py` builds them).
 
 Rules the serving layer enforces with messages of its own (no empty prompt or stop string, the
 neutral values above, a reward for every strategy but majority) are stated in the schema only
@@ -59,6 +60,10 @@ _PROMPT: JsonDict = {
 }
 _STOP: JsonDict = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}]}
 _NEUTRAL: JsonDict = {"maxProperties": 0}  # an object field accepted only empty (or null)
+_STREAM_OPTIONS: JsonDict = {  # stream_options needs stream=true
+    "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+    "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+}
 
 
 class _Wire(BaseModel):
@@ -131,6 +136,15 @@ class _Request(BaseModel):
         return value
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`, with vLLM's defaults and its extension; fields OpenAI adds are ignored."""
+
+    include_usage: bool = Field(default=True, description="A last chunk with the request's usage, no choices.")
+    continuous_usage_stats: bool = Field(
+        default=False, description="Extension (vLLM's): every chunk carries its choice's usage so far."
+    )
+
+
 class _Sampling(_Request):
     """Fields the two generation requests share."""
 
@@ -171,8 +185,8 @@ class _Sampling(_Request):
     )
     skip_special_tokens: bool = Field(default=True, json_schema_extra={"const": True})
     # OpenAI fields accepted at their neutral values only (see `_neutral`)
-    stream: bool = Field(default=False, json_schema_extra={"const": False})
-    stream_options: dict[Any, Any] | None = Field(default=None, json_schema_extra=_NEUTRAL)
+    stream: bool = Field(default=False, description="Answer with server-sent events, a chunk at a time.")
+    stream_options: StreamOptions | None = Field(default=None, description="Only with stream=true.")
     presence_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
     frequency_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
     logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=_NEUTRAL)
@@ -180,8 +194,8 @@ class _Sampling(_Request):
 
     @model_validator(mode="after")
     def _neutral(self) -> Self:
-        if self.stream or self.stream_options:
-            raise ValueError("streaming is not supported; send stream=false")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream=true")
         return self
 
     def stop_list(self) -> list[str]:
@@ -192,6 +206,8 @@ class _Sampling(_Request):
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS]})
+
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_PROMPT)] = Field(
         description="One prompt, a list of prompts, or token ids (one list or a list of lists); none empty."
     )
@@ -284,6 +300,7 @@ class ChatCompletionRequest(_Sampling):
     model_config = ConfigDict(
         json_schema_extra={
             "allOf": [
+                _STREAM_OPTIONS,
                 # top_logprobs needs logprobs=true; max_tokens and max_completion_tokens are not both sent
                 {
                     "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
@@ -580,3 +597,55 @@ class ErrorResponse(_Wire):
 
 class HealthResponse(_Wire):
     status: Literal["ok", "starting", "stopping"]
+
+
+# --- streaming: the chunks of `stream: true` -------------------------------------------------
+# Sent as server-sent events, `data: {chunk}`, then `data: [DONE]`; vLLM's shapes, with the
+# weight version on every chunk (the oldest of its choices', as in the responses) and choice.
+
+
+class CompletionStreamChoice(_Wire):
+    index: int
+    text: str = Field(description="The text this choice adds; held back while it may begin a stop string.")
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = Field(default=None, description="Set on its last chunk.")
+    stop_reason: str | None = None
+    token_ids: list[int] | None = Field(default=None, description="With return_token_ids: the tokens it adds.")
+    prompt_token_ids: list[int] | None = Field(default=None, description="With return_token_ids: on its first chunk.")
+    weight_version: int
+
+
+class CompletionChunk(_Wire):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice] = Field(description="One choice a chunk; none in the usage chunk.")
+    usage: Usage | None = None
+    weight_version: int
+
+
+class DeltaMessage(_Wire):
+    role: Literal["assistant"] | None = Field(default=None, description="On each choice's first chunk.")
+    content: str | None = None
+
+
+class ChatStreamChoice(_Wire):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | None = None
+    token_ids: list[int] | None = None
+    weight_version: int
+
+
+class ChatCompletionChunk(_Wire):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+    weight_version: int
+    prompt_token_ids: list[int] | None = Field(default=None, description="With return_token_ids: on the first chunks.")

@@ -8,6 +8,11 @@ the `generate` call (the client went away, the deadline passed) drops queued req
 running ones. What a backend refuses or fails at it says with the exceptions below (`Overloaded`,
 `InvalidParameters`, `GenerationFailed`), which `errors.backend_error` maps to the API's errors.
 
+`generate_streaming` is `generate` that also reports each sequence as it advances (`Progress`, on
+the event loop): a `TokenDelta` with what it sampled since its last report, then its output once it
+ended. The streamed responses (`streaming.py`) are built from these; the default reports nothing
+before the end, so a backend without the hook still streams, each sequence in one piece.
+
 No torch here: the serving layer and the adapters import this module; the server imports `hf`
 (torch), and `vllm` only when that backend is chosen.
 """
@@ -15,7 +20,7 @@ No torch here: the serving layer and the adapters import this module; the server
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -53,6 +58,17 @@ class GenerationOutput:
     first_token_s: float | None = None  # from submission to the first token sampled (queue wait + prefill)
 
 
+@dataclass
+class TokenDelta:
+    """What one sequence sampled since its last report (streaming): tokens, their raw logprobs and, when
+    asked for, their top alternatives, and the version of the weights sampling it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+    weight_version: int
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """What a weight update must match for one parameter: its shape and dtype (torch's name, e.g. "float32")."""
@@ -80,6 +96,11 @@ class GenerationFailed(Exception):
     raises it from `generate` for a request any of whose sequences failed; the message says what broke."""
 
 
+Progress = Callable[[int, TokenDelta | GenerationOutput | GenerationFailed], None]
+"""`progress(i, event)`, called on the event loop about `requests[i]`: a `TokenDelta` as it samples, then
+its `GenerationOutput` (or `GenerationFailed`) when it ends; nothing after that."""
+
+
 class GenerationBackend(ABC):
     """A served model: its tokenizer, context length, weight version and generate()."""
 
@@ -98,6 +119,13 @@ class GenerationBackend(ABC):
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
         """One output per request, in order. All are admitted or none (raises `Overloaded`); raises
         `GenerationFailed` when any of them could not be generated."""
+
+    async def generate_streaming(
+        self, requests: Sequence[GenerationRequest], progress: Progress
+    ) -> list[GenerationOutput]:
+        """`generate`, reporting to `progress` as the sequences advance. This default reports nothing:
+        the stream gets each sequence whole from the outputs."""
+        return await self.generate(requests)
 
     def queue_depth(self) -> int:
         return 0

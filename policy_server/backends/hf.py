@@ -6,7 +6,9 @@ left-padded prefill, then one cached forward step per token, as `assay.generatio
 does. What this loop adds to it, per sequence: its own sampling parameters and random generator
 (a seed gives the same completion whatever else shares the batch, up to float rounding),
 stop strings, top-k logprobs, `ignore_eos`, and an abort flag checked every step (the request
-was cancelled). A batch runs until its longest sequence ends: no continuous batching here,
+was cancelled). A streamed sequence's job also carries a report (`_Job.progress`): after each step
+the row hands what it sampled to the event loop (`call_soon_threadsafe`), and its output once it
+ends; rows nobody streams skip it. A batch runs until its longest sequence ends: no continuous batching here,
 which is what the vLLM backend is for.
 
 One sequence's failure is its own. Whatever goes wrong for one row while sampling or stopping (a
@@ -56,6 +58,8 @@ from assay.policy_server.backends import (
     GenerationRequest,
     Overloaded,
     ParamSpec,
+    Progress,
+    TokenDelta,
 )
 from assay.policy_server.backends.steps import Steps
 from assay.policy_server.config import BatchSettings
@@ -64,11 +68,15 @@ log = logging.getLogger(__name__)
 OUT_OF_MEMORY_RETRY_S = 1.0  # a retry waits for the batch in flight to end and free its memory
 
 
+Report = Callable[[TokenDelta | GenerationOutput | GenerationFailed], None]  # a streamed row's, from the worker
+
+
 @dataclass
 class _Job:
     request: GenerationRequest
     abort: threading.Event  # set on the event loop when the request is cancelled
     submitted: float = field(default_factory=time.monotonic)
+    progress: Report | None = None  # streamed: called on the worker thread, hands over to the event loop
 
 
 class HFBackend(GenerationBackend):
@@ -143,9 +151,21 @@ class HFBackend(GenerationBackend):
         return self._batcher.depth()
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
-        jobs = [_Job(r, threading.Event()) for r in requests]
+        return await self._generate([_Job(r, threading.Event()) for r in requests])
+
+    async def generate_streaming(
+        self, requests: Sequence[GenerationRequest], progress: Progress
+    ) -> list[GenerationOutput]:
+        loop = asyncio.get_running_loop()
+
+        def report(i: int) -> Report:
+            return lambda event: loop.call_soon_threadsafe(progress, i, event)
+
+        return await self._generate([_Job(r, threading.Event(), progress=report(i)) for i, r in enumerate(requests)])
+
+    async def _generate(self, jobs: list[_Job]) -> list[GenerationOutput]:
         try:
-            futures = self._batcher.submit(jobs, [len(r.prompt_ids) + r.max_tokens for r in requests])
+            futures = self._batcher.submit(jobs, [len(j.request.prompt_ids) + j.request.max_tokens for j in jobs])
         except base_errors.Overloaded as exc:
             waiting = self._batcher.depth()
             raise Overloaded(f"model {self.name!r} has {waiting} sequences waiting", exc.retry_after_s) from None
@@ -245,7 +265,8 @@ class _Row:
     draw, its stop-string search) fails that row alone (`fail`): the batch goes on without it."""
 
     def __init__(self, job: _Job) -> None:
-        self.req, self.abort, self.submitted = job.request, job.abort, job.submitted
+        self.req, self.abort, self.submitted, self.progress = job.request, job.abort, job.submitted, job.progress
+        self.reported = 0  # tokens already handed to `progress`
         self.greedy = is_greedy(self.req.temperature, self.req.top_p)
         self.first_token_s: float | None = None
         self.tokens: list[int] = []
@@ -308,6 +329,17 @@ class _Row:
             self.text = text[:at]
         return bool(hits)
 
+    def report(self, tokenizer: PreTrainedTokenizerBase, weight_version: int) -> None:
+        """Streamed rows: hand over the tokens sampled since the last report, or the output once the row ended."""
+        if self.progress is None:
+            return
+        if self.reason is not None:
+            self.progress(self.output(tokenizer, weight_version))
+        else:
+            at, self.reported = self.reported, len(self.tokens)
+            tops = self.tops[at:] if self.req.top_logprobs else None
+            self.progress(TokenDelta(self.tokens[at:], self.logprobs[at:], tops, weight_version))
+
     def output(self, tokenizer: PreTrainedTokenizerBase, weight_version: int) -> GenerationOutput | GenerationFailed:
         if self.error is not None:
             failure = GenerationFailed(f"generating this sequence failed ({_describe(self.error)})")
@@ -366,6 +398,7 @@ def decode(
             try:
                 tops = ([int(t) for t in top[:k_top]], top[k_top:]) if k_top else None
                 r.take(int(token), picked, tops, tokenizer)
+                r.report(tokenizer, weight_version)
             except Exception as exc:  # noqa: BLE001 (this sequence fails, the batch goes on)
                 r.fail(exc)
         if all(r.reason is not None for r in rows):

@@ -54,7 +54,7 @@ def metric(url: str, name: str, **labels: str) -> float:
         ("completions", {"temperature": -0.5}, 400, "temperature"),
         ("completions", {"top_p": 0}, 400, "top_p"),
         ("completions", {"stop": [""]}, 400, "stop"),
-        ("completions", {"stream": True}, 400, None),
+        ("completions", {"stream_options": {"include_usage": True}}, 400, None),  # without stream=true
         ("completions", {"echo": True}, 400, "echo"),
         ("completions", {"best_of": 3}, 400, "best_of"),
         ("completions", {"min_tokens": 5}, 400, "min_tokens"),  # more than max_tokens (4)
