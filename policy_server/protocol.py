@@ -86,7 +86,7 @@ NEUTRAL_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tool_choice": (lambda v: v in (None, "none", "auto"), 'tool calling is not supported; send "none" or "auto"'),
     "function_call": (lambda v: v in (None, "none", "auto"), 'function calling is not supported; send "none"'),
     "response_format": (
-        lambda v: v is None or v == {"type": "text"},
+        lambda v: v is None or v.get("type") == "text",
         'structured output is not supported; send {"type": "text"}',
     ),
     "store": (_empty, "this server does not store completions; send false"),
