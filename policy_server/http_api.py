@@ -216,7 +216,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             # union members show up in the location (`prompt.list[int].0`): keep the field names
             loc = [p for p in loc if "[" not in p and p not in ("str", "int", "float")]
             where = ".".join(loc) or "body"
-            problems.append(f"{where}: {e.get('msg', 'invalid')}")
+            problems.append(f"{where}: {e.get('msg', 'invalid').removeprefix('Value error, ')}")
             params.append(loc[0] if loc else None)
         param = params[0] if len(set(params)) == 1 else None
         return _error(400, "invalid_request_error", "invalid request: " + "; ".join(problems), param)

@@ -303,7 +303,9 @@ class CompletionStream(Stream):
         if reason is not None:
             fields["stop_reason"] = stop
         if req.logprobs is not None:
-            fields["logprobs"] = completion_logprobs(self._plan.backend, ids, logprobs, tops, choice.offset)
+            fields["logprobs"] = completion_logprobs(
+                self._plan.backend, ids, logprobs, tops, choice.offset, req.return_tokens_as_token_ids
+            )
             choice.offset += sum(len(self._plan.backend.visible_text(t)) for t in ids)
         if req.return_token_ids:
             fields["token_ids"] = ids
@@ -342,7 +344,7 @@ class ChatStream(Stream):
         if reason is not None:
             fields["stop_reason"] = stop
         if req.logprobs:
-            fields["logprobs"] = chat_logprobs(self._plan.backend, ids, logprobs, tops)
+            fields["logprobs"] = chat_logprobs(self._plan.backend, ids, logprobs, tops, req.return_tokens_as_token_ids)
         if req.return_token_ids:
             fields["token_ids"] = ids
         return self._send(ChatStreamChoice(**fields, weight_version=version), version, i)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
-from assay.chat import render_prompt
+from assay.chat import render_chat
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class GenerationRequest:
     seed: int = 0  # each sequence samples from its own generator, so batch-mates do not matter
     top_logprobs: int = 0  # alternatives per position to return, besides the sampled token's logprob
     ignore_eos: bool = False
+    min_p: float = 0.0  # drop tokens below min_p x the likeliest one's probability; 0: off
+    repetition_penalty: float = 1.0  # over prompt and generated tokens, as vLLM and HF apply it; 1: off
+    min_tokens: int = 0  # no eos or stop string before this many tokens
 
 
 @dataclass
@@ -153,14 +156,15 @@ class GenerationBackend(ABC):
         them for text a chat template rendered, which holds its own."""
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def chat_text(self, messages: list[dict[str, str]]) -> str:
-        """The conversation through the chat template, the assistant turn opened (its specials in the
-        text); `assay.chat.NoChatTemplate` when the tokenizer has none."""
-        return render_prompt(self.tokenizer, messages)
+    def chat_text(self, messages: list[dict[str, str]], **options: Any) -> str:
+        """The conversation through the chat template, the assistant turn opened unless `options` say
+        otherwise (`assay.chat.render_chat`'s), its specials in the text; `assay.chat.NoChatTemplate`
+        when the tokenizer has none, `DroppedMessages` for messages the template would drop."""
+        return render_chat(self.tokenizer, messages, **options)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """The chat template with the generation prompt; the template adds its own specials."""
-        return self.encode(self.chat_text(messages), add_special_tokens=False)
+    def chat_prompt(self, messages: list[dict[str, str]], **options: Any) -> list[int]:
+        """The chat template's rendering (`chat_text`) as ids; the template adds its own specials."""
+        return self.encode(self.chat_text(messages, **options), add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

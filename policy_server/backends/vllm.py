@@ -350,6 +350,9 @@ def _sampling_options(req: GenerationRequest) -> dict[str, Any]:
         temperature=0.0 if greedy else req.temperature,
         top_p=1.0 if greedy else req.top_p,
         top_k=0 if greedy else req.top_k,  # 0: off, as in GenerationRequest
+        min_p=0.0 if greedy else req.min_p,
+        repetition_penalty=req.repetition_penalty,  # over prompt and output, greedy or not, as in hf.py
+        min_tokens=req.min_tokens,
         seed=req.seed,
         max_tokens=req.max_tokens,
         stop=list(req.stop) or None,
