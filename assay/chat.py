@@ -13,6 +13,7 @@ goes through these functions, so they all render the same way.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,15 +25,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+log = logging.getLogger(__name__)
 SYSTEM_ROLES = ("system", "developer")
 
 
 class NoChatTemplate(ValueError):
     """A conversation was given to a model whose tokenizer has no chat template."""
-
-
-class ReservedTemplateKwargs(ValueError):
-    """`chat_template_kwargs` named a parameter of the rendering itself (`tokenize`, `messages`, ...)."""
 
 
 class DroppedMessages(ValueError):
@@ -112,11 +110,13 @@ def render_chat(
     are then folded into the first user turn (`system\n\nuser`, what Gemma's template does with
     them); any other such role raises `DroppedMessages`, as does a system message with no user turn
     to carry it. `template_kwargs` are more variables for the template (vLLM's
-    `chat_template_kwargs`); a name `apply_chat_template` itself takes raises `ReservedTemplateKwargs`."""
-    options = dict(template_kwargs or {})
-    taken = sorted(set(options) & set(inspect.signature(tokenizer.apply_chat_template).parameters))
-    if taken:
-        raise ReservedTemplateKwargs(f"chat_template_kwargs may not set {', '.join(taken)}: they are the request's own")
+    `chat_template_kwargs`): a name that `apply_chat_template` itself takes (`tokenize`, ...) or a
+    special token's (`eos_token`, ...) is ignored, logged at DEBUG, so they cannot change the rendering's
+    own settings or break the template (vLLM passes on only what the template reads)."""
+    reserved = {*inspect.signature(tokenizer.apply_chat_template).parameters, *tokenizer.special_tokens_map}
+    options = {k: v for k, v in (template_kwargs or {}).items() if k not in reserved}
+    if len(options) < len(template_kwargs or {}):
+        log.debug("chat_template_kwargs: ignored %s", ", ".join(sorted(set(template_kwargs or {}) - set(options))))
     messages = _keep_every_role(tokenizer, list(messages), options)
     return _apply(
         tokenizer,

@@ -27,7 +27,7 @@ from typing import TypeVar
 from jinja2.exceptions import TemplateError
 
 from assay.base.errors import LOADING_RETRY_AFTER_S
-from assay.chat import DroppedMessages, NoChatTemplate, ReservedTemplateKwargs
+from assay.chat import DroppedMessages, NoChatTemplate
 from assay.policy_server.backends import (
     GenerationBackend,
     GenerationFailed,
@@ -202,10 +202,8 @@ class PolicyService:
             return await maybe_off_loop(chars, functools.partial(backend.chat_prompt, **options), messages)
         except (NoChatTemplate, DroppedMessages) as exc:
             raise InvalidRequest(f"model {req.model!r}: {exc}", param="messages") from None
-        except TemplateError as exc:  # templates raise on what they cannot render (roles, order)
+        except (TemplateError, TypeError) as exc:  # templates raise on what they cannot render (roles, order)
             raise InvalidRequest(f"the chat template refused these messages: {exc}", param="messages") from None
-        except ReservedTemplateKwargs as exc:
-            raise InvalidRequest(str(exc), param="chat_template_kwargs") from None
         except ValueError as exc:  # transformers: e.g. a final message continue_final_message cannot find
             raise InvalidRequest(f"the chat template cannot render these messages: {exc}", param="messages") from None
 

@@ -10,7 +10,6 @@ from assay.arith.tokenizer import build_tokenizer
 from assay.chat import (
     DroppedMessages,
     NoChatTemplate,
-    ReservedTemplateKwargs,
     render_chat,
     render_exchange,
     render_prompt,
@@ -89,10 +88,11 @@ def test_other_roles_a_template_drops_are_refused_by_name():
 
 
 def test_template_kwargs_reach_the_template_but_not_the_renderers_own_parameters():
-    thinking = tokenizer("{% if enable_thinking %}<think>{% endif %}{{ messages[0]['content'] }}")
-    assert render_chat(thinking, CHAT[1:], template_kwargs={"enable_thinking": True}) == "<think>2+2?"
-    with pytest.raises(ReservedTemplateKwargs, match="tokenize"):
-        render_chat(thinking, CHAT[1:], template_kwargs={"tokenize": True})
+    thinking = build_tokenizer()
+    thinking.chat_template = "{% if enable_thinking %}<think>{% endif %}{{ messages[0]['content'] + eos_token }}"
+    assert render_chat(thinking, CHAT[1:], template_kwargs={"enable_thinking": True}) == "<think>2+2?</s>"
+    ignored = {"tokenize": True, "eos_token": 1, "add_generation_prompt": False}  # would break or redirect it
+    assert render_chat(thinking, CHAT[1:], template_kwargs=ignored) == "2+2?</s>"
 
 
 def test_continue_final_message_leaves_the_assistants_turn_open():

@@ -126,7 +126,6 @@ def test_every_sdk_field_at_its_neutral_value_is_accepted_sync_and_async(server,
         ("chat", "logit_bias", {"5": 1.0}),
         ("chat", "skip_special_tokens", False),
         ("chat", "continue_final_message", True),  # the last message is the user's
-        ("chat", "chat_template_kwargs", {"tokenize": True}),
         ("chat", "min_tokens", 9),  # more than max_completion_tokens
         ("chat", "extra_body", "not an object"),
         ("completions", "frequency_penalty", -1),
