@@ -1,7 +1,7 @@
 """`assay` and `python -m assay`: the command line, or one sentence saying what it needs installed.
 
 `pip install assay` alone is the light client (no typer, torch or fastapi), and its `assay` script
-must not end in a traceback: it says to install the `serve` extra instead.
+must not end in a traceback: it says to install the `serve` extra instead (`--version` it answers).
 """
 
 from __future__ import annotations
@@ -13,6 +13,11 @@ EXTRA_PACKAGES = frozenset({"typer", "rich", "click", "yaml", "torch", "transfor
 
 
 def main() -> None:
+    if sys.argv[1:] in (["--version"], ["-V"]):  # the light install answers it too
+        from assay.version import version_text
+
+        print(version_text())
+        return
     try:
         from assay.cli import app
     except ModuleNotFoundError as exc:

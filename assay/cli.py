@@ -32,7 +32,6 @@ train_app.command("sft")(sft_cmd)
 train_app.command("rm")(rm_cmd)
 app.add_typer(train_app, name="train")
 app.command("plot")(plot_cmd)
-app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)  # an error naming a long path stays one line
 
 _LABELS = {
@@ -47,6 +46,23 @@ _LABELS = {
     "prm_step_majority_baseline": "  (always the commoner step label)",
     "verifier_accuracy": "verifier accuracy (balanced)",
 }
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from assay.version import version_text
+
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_print_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
+    """Assay: rewards as a service, inference-time search, online RLHF."""
 
 
 def eval_table(figures: dict[str, float]) -> Table:

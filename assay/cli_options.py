@@ -13,8 +13,15 @@ Field metadata:
     help   the option's help text (required: a field without one is an error)
     flag   the option's name when it is not the field's: `flag="header-timeout"` for header_timeout_s,
            the singular of a repeatable tuple field (`flag="api-key"` for api_keys)
-    env    an environment variable the option is read from when it is not given
+    env    the environment variable the option is read from when it is not given, in place of the one
+           `env_prefix` derives; False: none (the command reads its own, as the servers' key lists do)
     cli    False: no option (the command sets the field from options of its own, or leaves its default)
+
+With `env_prefix` (`ASSAY_RM`), every option is also read from `{env_prefix}_{FLAG}` (`--max-items`:
+`ASSAY_RM_MAX_ITEMS`), shown in `--help`: a flag beats its variable, the variable beats the default,
+and a bad value is refused like the flag's, naming the variable. Values are click's: a bool is
+1/0, true/false, yes/no or on/off; a repeatable option takes several values separated by
+whitespace, or by `:` for paths (like PATH).
 
 Types: str, int, float, bool (`--x/--no-x`), Path, `X | None` (a number's option also takes the word
 `none`), `tuple[X, ...]` (a repeatable option), `Literal[...]` (a choice), and nested dataclasses.
@@ -56,16 +63,22 @@ class Option(NamedTuple):
 
 
 def config_options(
-    cls: type, *, param: str = "given", defaults: Mapping[str, Any] | None = None, exclude: tuple[str, ...] = ()
+    cls: type,
+    *,
+    param: str = "given",
+    defaults: Mapping[str, Any] | None = None,
+    exclude: tuple[str, ...] = (),
+    env_prefix: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a typer command so that every field of `cls` is one of its options.
 
     `param` names the command's parameter that receives the nested dict of given values; `defaults`
     changes the default of some fields for this command only (dotted paths: `{"log_level": "info"}`),
     and those are always in `given`; `exclude` (dotted paths) leaves fields out, for the command to
-    set from options of its own.
+    set from options of its own; `env_prefix` gives every option an environment variable (see the
+    module docstring).
     """
-    opts = options(cls, defaults=defaults or {}, exclude=exclude)
+    opts = options(cls, defaults=defaults or {}, exclude=exclude, env_prefix=env_prefix)
     by_name = {o.name: o for o in opts}
     changed = {tuple(k.split(".")) for k in defaults or {}}
 
@@ -96,9 +109,15 @@ def config_options(
     return decorate
 
 
-def options(cls: type, *, defaults: Mapping[str, Any] | None = None, exclude: tuple[str, ...] = ()) -> list[Option]:
+def options(
+    cls: type,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    exclude: tuple[str, ...] = (),
+    env_prefix: str | None = None,
+) -> list[Option]:
     """The options derived from `cls`'s fields, nested dataclasses flattened (see the module docstring)."""
-    opts = list(_options(cls, (), None, defaults or {}, set(exclude)))
+    opts = list(_options(cls, (), None, defaults or {}, set(exclude), env_prefix))
     seen: dict[str, tuple[str, ...]] = {}
     for o in opts:
         if o.name in seen:
@@ -119,8 +138,18 @@ def build(cls: type[T], *layers: Mapping[str, Any] | None) -> T:
     return _build(cls, merged)
 
 
+def env_var(prefix: str, flag: str) -> str:
+    """The variable `prefix` derives for `--flag`: `env_var("ASSAY_RM", "max-items") == "ASSAY_RM_MAX_ITEMS"`."""
+    return f"{prefix}_{flag.replace('-', '_').upper()}"
+
+
 def _options(
-    cls: type, prefix: tuple[str, ...], panel: str | None, defaults: Mapping[str, Any], exclude: set[str]
+    cls: type,
+    prefix: tuple[str, ...],
+    panel: str | None,
+    defaults: Mapping[str, Any],
+    exclude: set[str],
+    env_prefix: str | None,
 ) -> Iterator[Option]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -129,16 +158,21 @@ def _options(
             continue
         kind = hints[f.name]
         if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-            yield from _options(kind, path, f.metadata.get("help") or f.name.capitalize(), defaults, exclude)
+            yield from _options(
+                kind, path, f.metadata.get("help") or f.name.capitalize(), defaults, exclude, env_prefix
+            )
             continue
         if "help" not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name} has no help: field(..., metadata={{'help': ...}})")
         default = defaults.get(".".join(path), _default(f))
-        yield _option(path, f, kind, default, panel)
+        yield _option(path, f, kind, default, panel, env_prefix)
 
 
-def _option(path: tuple[str, ...], f: dataclasses.Field, kind: Any, default: Any, panel: str | None) -> Option:
+def _option(
+    path: tuple[str, ...], f: dataclasses.Field, kind: Any, default: Any, panel: str | None, env_prefix: str | None
+) -> Option:
     flag = f.metadata.get("flag", f.name).replace("_", "-")
+    envvar = f.metadata.get("env", env_var(env_prefix, flag) if env_prefix else None) or None
     name = flag.replace("-", "_")
     extra: dict[str, Any] = {}
     inner, optional = _unwrap_optional(kind)
@@ -150,15 +184,15 @@ def _option(path: tuple[str, ...], f: dataclasses.Field, kind: Any, default: Any
     elif optional and inner in (int, float):
         annotation, extra["parser"] = inner, functools.partial(_number_or_none, inner)
         extra["metavar"] = f"{inner.__name__.upper()}|none"
-    elif inner not in (str, int, float, bool, Path) and typing.get_origin(inner) is not Literal:
+    elif typing.get_origin(inner) is Literal:
+        extra["case_sensitive"] = False  # `--log-level INFO` is `info`
+    elif inner not in (str, int, float, bool, Path):
         raise TypeError(
             f"field {'.'.join(path)}: no option for type {kind!r}; set metadata cli=False "
             "and give the command an option of its own"
         )
     decls = [f"--{flag}/--no-{flag}"] if inner is bool else [f"--{flag}"]
-    info = typer.Option(
-        default, *decls, help=f.metadata["help"], envvar=f.metadata.get("env"), rich_help_panel=panel, **extra
-    )
+    info = typer.Option(default, *decls, help=f.metadata["help"], envvar=envvar, rich_help_panel=panel, **extra)
     return Option(
         name, path, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
     )
@@ -185,7 +219,12 @@ def _number_or_none(kind: type, text: Any) -> int | float | None:
     """A number, or None for the word `none` (click parses the default too: that is passed through)."""
     if not isinstance(text, str):
         return text
-    return None if text.strip().lower() == "none" else kind(text)
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not {'an integer' if kind is int else 'a number'} or none") from None
 
 
 def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

@@ -17,7 +17,8 @@ from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
 
-from assay.base.connections import BaseServerConfig
+from assay.base.connections import BaseServerConfig, check_tls
+from assay.base.logs import ACCESS_LOGGER, configure
 from assay.cli_options import build
 
 console = Console(stderr=True, soft_wrap=True)  # an error naming a long path stays one line
@@ -27,12 +28,15 @@ C = TypeVar("C", bound=BaseServerConfig)
 def server_config(cls: type[C], given: Mapping[str, Any], *layers: Mapping[str, Any]) -> C:
     """The config from the command line's `given` values and the command's own `layers`; the keys in
     the service's environment variable come first, then those of --api-key (the command line reads
-    the environment, the config does not). A config that does not validate ends the command."""
+    the environment, the config does not). A config that does not validate, or a TLS certificate and
+    key that do not load, end the command."""
     keys = (*os.environ.get(cls.keys_env_var, "").split(), *given.get("api_keys", ()))
     try:
-        return build(cls, given, *layers, {"api_keys": keys})
+        config = build(cls, given, *layers, {"api_keys": keys})
+        check_tls(config)
     except ValueError as exc:
         refuse(exc)
+    return config
 
 
 def run(serve: Callable[[C], Coroutine[Any, Any, None]], config: C, refused: tuple[type[Exception], ...]) -> None:
@@ -49,7 +53,10 @@ def run(serve: Callable[[C], Coroutine[Any, Any, None]], config: C, refused: tup
 
 
 def setup_logging(config: BaseServerConfig) -> None:
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """The server's log: its level and format (`assay.base.logs`); --no-access-log silences the access lines."""
+    configure(config.log_level, config.log_format)
+    if not config.access_log:
+        logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
 
 
 def refuse(exc: Exception) -> NoReturn:

@@ -15,6 +15,7 @@ or fastapi (tests/clients/test_light.py checks).
 """
 
 from assay.clients.errors import (
+    CertificateRefused,
     Conflict,
     DeadlineExceeded,
     InvalidRequest,
@@ -36,6 +37,7 @@ from assay.clients.reward_transport import AsyncRewardTransport, RewardTransport
 __all__ = [
     "AsyncRewardClient",
     "AsyncRewardTransport",
+    "CertificateRefused",
     "Conflict",
     "DeadlineExceeded",
     "InvalidRequest",

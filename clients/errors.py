@@ -15,6 +15,9 @@ services (`UnknownReward` is the reward service's 404, `UnknownModel` the policy
     UnknownModel       404               NOT_FOUND            no
     Conflict           409                                    no
     DeadlineExceeded   client timeout    DEADLINE_EXCEEDED    no (the call's deadline is spent)
+    CertificateRefused the server's TLS  UNAVAILABLE saying   no (trust its CA: `ca_cert=`)
+                       certificate did   CERTIFICATE_VERIFY_
+                       not verify        FAILED
     ServerError        500, anything     INTERNAL, anything   no
                        else; a reply     else
                        that breaks the
@@ -30,6 +33,7 @@ These are failures of a whole call. A failed *item* is not an exception: it come
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,6 +125,11 @@ class Conflict(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     """The call's deadline passed before an answer came."""
+
+
+class CertificateRefused(ServiceError):
+    """The server's TLS certificate did not verify (signed by a CA not trusted here, for another name,
+    expired): a retry cannot help; trust its CA (`ca_cert=`, or SSL_CERT_FILE)."""
 
 
 class ServerError(ServiceError):
@@ -229,12 +238,22 @@ def http_failure(exc: httpx.HTTPError, where: str) -> ServiceError:
     err: ServiceError
     if isinstance(exc, httpx.TimeoutException):
         err = DeadlineExceeded(f"{where}: no answer before the deadline ({type(exc).__name__})")
+    elif (refusal := _certificate_refusal(exc)) is not None:
+        err = CertificateRefused(f"{where}: the server's TLS certificate did not verify ({refusal.verify_message})")
     elif isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)):  # refused, reset, dropped
         err = Unavailable(f"{where}: {exc!r}")
     else:
         err = ServerError(f"{where}: {exc!r}")
     err.unanswered = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))  # those never connected
     return err
+
+
+def _certificate_refusal(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that failed under an httpx error (httpx and httpcore chain their causes)."""
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, ssl.SSLCertVerificationError):
+        seen = seen.__cause__ or seen.__context__
+    return seen
 
 
 def grpc_error(exc: grpc.RpcError, where: str) -> ServiceError:
@@ -252,6 +271,10 @@ def grpc_error(exc: grpc.RpcError, where: str) -> ServiceError:
         # gRPC's own message-size limit (either side) says RESOURCE_EXHAUSTED too, but no wait
         # makes that message fit: it is a request to split, not an overload to retry.
         cls = InvalidRequest
+    if code == grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in details:
+        # grpc says a failed certificate check only in its text (the TLS library's reason code):
+        # UNAVAILABLE, as for a server that is down, but no retry makes the certificate verify
+        cls = CertificateRefused
     return cls(
         f"{where}: {details}", status=code.name, type=type_, retry_after_s=retry_after_s(metadata.get("retry-after"))
     )

@@ -6,6 +6,8 @@ pure pieces are what the two would otherwise copy.
 
 from __future__ import annotations
 
+import os
+import ssl
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -23,6 +25,33 @@ def base_url(url: str, service: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{service}'s HTTP address is a base URL like http://127.0.0.1:8000, got {url!r}")
     return url.rstrip("/")
+
+
+CaCert = str | os.PathLike[str] | None
+"""A CA bundle (PEM) to trust for the server's certificate, in place of the default roots."""
+
+
+def read_ca(ca_cert: CaCert) -> bytes | None:
+    """The bundle's bytes (for gRPC's channel credentials); ValueError naming a file that is not there."""
+    if ca_cert is None:
+        return None
+    try:
+        with open(ca_cert, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"ca_cert {ca_cert}: {exc.strerror}") from None
+
+
+def verify(ca_cert: CaCert) -> ssl.SSLContext | bool:
+    """What httpx checks an https:// server's certificate against: `ca_cert`, or by default httpx's
+    own choice (the bundle in SSL_CERT_FILE or SSL_CERT_DIR when set, else certifi's)."""
+    pem = read_ca(ca_cert)
+    if pem is None:
+        return True
+    try:
+        return ssl.create_default_context(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError):
+        raise ValueError(f"ca_cert {ca_cert} is not a PEM bundle of CA certificates") from None
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:

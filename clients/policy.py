@@ -28,7 +28,7 @@ import httpx
 from pydantic import BaseModel
 
 from assay.clients.errors import POLICY_HTTP, Unavailable, UnknownModel, http_failure
-from assay.clients.http import auth_headers, base_url, json_body, reply
+from assay.clients.http import CaCert, auth_headers, base_url, json_body, reply, verify
 from assay.clients.retry import Attempt, RetryPolicy
 from assay.policy_server.protocol import (
     CompletionRequest,
@@ -75,17 +75,21 @@ class PolicyClient:
         url: str,
         *,
         api_key: str | None = None,
+        ca_cert: CaCert = None,
         timeout_s: float = 120.0,
         max_retries: int | None = None,
         backoff_s: float = 0.2,
         max_backoff_s: float = 2.0,
     ) -> None:
+        """A client of the HTTP API at base URL `url` (http:// or https://); `ca_cert`: a CA bundle (PEM
+        file) to check an https:// server against, in place of httpx's default (SSL_CERT_FILE when set,
+        else certifi's bundle)."""
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.url = base_url(url, "the policy service")
         self.timeout_s = timeout_s
         self.retry = RetryPolicy(max_retries, backoff_s, max_backoff_s)
-        self._client = httpx.Client(base_url=self.url, headers=auth_headers(api_key))
+        self._client = httpx.Client(base_url=self.url, headers=auth_headers(api_key), verify=verify(ca_cert))
 
     @classmethod
     def http(cls, url: str, **kw: Any) -> Self:

@@ -37,6 +37,7 @@ from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
 from pydantic import ValidationError
 
 from assay.clients.errors import InvalidRequest, ServerError, UnknownReward, problems
+from assay.clients.http import CaCert
 from assay.clients.retry import Attempt, RetryPolicy
 from assay.clients.reward_fn import RewardFn, RewardFnForm
 from assay.clients.reward_transport import AsyncGrpc, AsyncHttp, AsyncRewardTransport, Grpc, Http, RewardTransport
@@ -135,8 +136,8 @@ class ClientOptions(TypedDict, total=False):
 
 
 class _ClientBase(Generic[Transport]):
-    _http_transport: Callable[[str, str | None], Transport]
-    _grpc_transport: Callable[[str, str | None], Transport]
+    _http_transport: Callable[[str, str | None, CaCert], Transport]
+    _grpc_transport: Callable[[str, str | None, bool, CaCert], Transport]
 
     def __init__(
         self,
@@ -155,14 +156,27 @@ class _ClientBase(Generic[Transport]):
         self.retry = RetryPolicy(max_retries, backoff_s, max_backoff_s)
 
     @classmethod
-    def http(cls, url: str, *, api_key: str | None = None, **options: Unpack[ClientOptions]) -> Self:
-        """A client of the HTTP API at base URL `url`, e.g. "http://127.0.0.1:8000"."""
-        return cls(cls._http_transport(url, api_key), **options)
+    def http(
+        cls, url: str, *, api_key: str | None = None, ca_cert: CaCert = None, **options: Unpack[ClientOptions]
+    ) -> Self:
+        """A client of the HTTP API at base URL `url`, e.g. "http://127.0.0.1:8000" or "https://rm.example:8000";
+        `ca_cert`: a CA bundle (PEM file) to check an https:// server against, in place of httpx's default
+        (SSL_CERT_FILE when set, else certifi's bundle)."""
+        return cls(cls._http_transport(url, api_key, ca_cert), **options)
 
     @classmethod
-    def grpc(cls, target: str, *, api_key: str | None = None, **options: Unpack[ClientOptions]) -> Self:
-        """A client of the gRPC API at `target`, e.g. "127.0.0.1:50051"."""
-        return cls(cls._grpc_transport(target, api_key), **options)
+    def grpc(
+        cls,
+        target: str,
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_cert: CaCert = None,
+        **options: Unpack[ClientOptions],
+    ) -> Self:
+        """A client of the gRPC API at `target`, e.g. "127.0.0.1:50051"; over TLS with `tls=True` (gRPC's
+        default roots) or with `ca_cert`, a CA bundle (PEM file) to check the server's certificate against."""
+        return cls(cls._grpc_transport(target, api_key, tls, ca_cert), **options)
 
     def _attempt(self, req: Request, send: Callable[[Request, float], T]) -> Attempt[T]:
         """One attempt: the request with what is left of the deadline, waited on GRACE_S longer."""

@@ -29,7 +29,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from assay.clients.errors import REWARD_HTTP, ServerError, grpc_error, http_failure
-from assay.clients.http import auth_headers, base_url, json_body, reply
+from assay.clients.http import CaCert, auth_headers, base_url, json_body, read_ca, reply, verify
 from assay.rm_server.protocol import (
     CompareRequest,
     CompareResponse,
@@ -128,9 +128,9 @@ class _HttpRoutes:
 
 
 class Http(_HttpRoutes):
-    def __init__(self, url: str, api_key: str | None) -> None:
+    def __init__(self, url: str, api_key: str | None, ca_cert: CaCert = None) -> None:
         self.url = base_url(url, "the reward service")
-        self._client = httpx.Client(base_url=self.url, headers=auth_headers(api_key))
+        self._client = httpx.Client(base_url=self.url, headers=auth_headers(api_key), verify=verify(ca_cert))
 
     def _send(self, method: str, path: str, req: BaseModel | None, model: type[M], timeout: float) -> M:
         try:
@@ -150,10 +150,12 @@ class Http(_HttpRoutes):
 
 
 class AsyncHttp(_HttpRoutes):
-    def __init__(self, url: str, api_key: str | None) -> None:
+    def __init__(self, url: str, api_key: str | None, ca_cert: CaCert = None) -> None:
         self.url = base_url(url, "the reward service")
-        headers = auth_headers(api_key)
-        self._clients = PerLoop(lambda: httpx.AsyncClient(base_url=self.url, headers=headers), lambda c: c.aclose())
+        headers, checked = auth_headers(api_key), verify(ca_cert)
+        self._clients = PerLoop(
+            lambda: httpx.AsyncClient(base_url=self.url, headers=headers, verify=checked), lambda c: c.aclose()
+        )
 
     async def _send(self, method: str, path: str, req: BaseModel | None, model: type[M], timeout: float) -> M:
         try:
@@ -176,9 +178,12 @@ class AsyncHttp(_HttpRoutes):
 
 
 class _GrpcRoutes:
-    """Which RPC answers what, and the conversions (grpc_convert's, used as they are)."""
+    """Which RPC answers what, and the conversions (grpc_convert's, used as they are).
 
-    def __init__(self, target: str, api_key: str | None) -> None:
+    With `tls` (or a `ca_cert`, which implies it) the channel is a secure one, checking the server's
+    certificate against `ca_cert`, or by default gRPC's roots (GRPC_DEFAULT_SSL_ROOTS_FILE_PATH)."""
+
+    def __init__(self, target: str, api_key: str | None, tls: bool = False, ca_cert: CaCert = None) -> None:
         # Imported here so that HTTP-only users never load the generated protobuf code.
         from assay.proto.reward.v1 import reward_pb2
         from assay.rm_server import grpc_convert
@@ -191,6 +196,8 @@ class _GrpcRoutes:
         self._pb, self._convert = reward_pb2, grpc_convert
         self._metadata = tuple(auth_headers(api_key).items())
         self._options = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE), *RECONNECT_OPTIONS]
+        roots = read_ca(ca_cert)
+        self._credentials = grpc.ssl_channel_credentials(roots) if tls or roots is not None else None
 
     def _stubs(self, channel: grpc.Channel | grpc.aio.Channel) -> Stubs:
         from grpc_health.v1 import health_pb2_grpc
@@ -248,9 +255,13 @@ def _health_request() -> Any:
 
 
 class Grpc(_GrpcRoutes):
-    def __init__(self, target: str, api_key: str | None) -> None:
-        super().__init__(target, api_key)
-        self._s = self._stubs(grpc.insecure_channel(target, options=self._options))
+    def __init__(self, target: str, api_key: str | None, tls: bool = False, ca_cert: CaCert = None) -> None:
+        super().__init__(target, api_key, tls, ca_cert)
+        if self._credentials is None:
+            channel = grpc.insecure_channel(target, options=self._options)
+        else:
+            channel = grpc.secure_channel(target, self._credentials, options=self._options)
+        self._s = self._stubs(channel)
 
     def _send(self, method: str, msg: Any, convert: Callable[[Any], M], timeout: float) -> M:
         try:
@@ -270,11 +281,14 @@ class Grpc(_GrpcRoutes):
 
 
 class AsyncGrpc(_GrpcRoutes):
-    def __init__(self, target: str, api_key: str | None) -> None:
-        super().__init__(target, api_key)
-        self._channels = PerLoop(
-            lambda: self._stubs(grpc.aio.insecure_channel(target, options=self._options)), lambda s: s.channel.close()
-        )
+    def __init__(self, target: str, api_key: str | None, tls: bool = False, ca_cert: CaCert = None) -> None:
+        super().__init__(target, api_key, tls, ca_cert)
+        self._channels = PerLoop(lambda: self._stubs(self._channel()), lambda s: s.channel.close())
+
+    def _channel(self) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=self._options)
+        return grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
 
     async def _send(self, method: str, msg: Any, convert: Callable[[Any], M], timeout: float) -> M:
         try:

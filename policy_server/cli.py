@@ -23,15 +23,20 @@ console = Console(stderr=True, soft_wrap=True)  # an error naming a long path st
 
 
 @policy_app.command("serve")
-@config_options(ServerConfig, defaults={"log_level": "info"})
+@config_options(ServerConfig, defaults={"log_level": "info"}, env_prefix=ServerConfig.env_prefix)
 def serve_cmd(
     given: dict,
     model: Path = typer.Option(
-        None, help="checkpoint directory (default: the embedded policy as `policy`, and the verifier as `verifier`)"
+        None,
+        envvar="ASSAY_POLICY_MODEL",
+        help="checkpoint directory (default: the embedded policy as `policy`, and the verifier as `verifier`)",
     ),
-    model_name: str = typer.Option("policy", help="the name --model is served under (the `model` of requests)"),
+    model_name: str = typer.Option(
+        "policy", envvar="ASSAY_POLICY_MODEL_NAME", help="the name --model is served under (the `model` of requests)"
+    ),
     torch_threads: int = typer.Option(
         None,
+        envvar="ASSAY_POLICY_TORCH_THREADS",
         help="torch intra-op threads (default: torch's). Each model decodes on its own thread: with "
         "small models on few cores, 1 avoids threads spinning against each other",
     ),

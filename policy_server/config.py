@@ -132,6 +132,7 @@ class ServerConfig(BaseServerConfig):
 
     key_scope = "generate"
     keys_env_var = "ASSAY_POLICY_API_KEYS"
+    env_prefix = "ASSAY_POLICY"
 
     models: dict[str, Path] | None = field(
         default=None,
@@ -145,6 +146,7 @@ class ServerConfig(BaseServerConfig):
         default=(),
         metadata={
             "flag": "api-key",
+            "env": False,  # the keys variable adds to the flags' keys: the command line reads it itself
             "help": "KEY:scope[,scope] (scopes: "
             "generate, admin); repeatable. ASSAY_POLICY_API_KEYS (space-separated) adds more and is the safer way: "
             "a command line is visible to every user of the machine",
@@ -163,6 +165,13 @@ class ServerConfig(BaseServerConfig):
         },
     )
     rm_timeout_s: float = field(default=30.0, metadata={"help": "seconds per scoring call, retries included"})
+    rm_check_interval_s: float = field(
+        default=5.0,
+        metadata={
+            "help": "seconds between checks that the reward service answers; /ready reports it as "
+            "dependencies.rm, ok or degraded (the server starts, with a warning, when it does not answer)"
+        },
+    )
     rm_max_retries: int | None = field(
         default=None,
         metadata={"help": "retries of a scoring call's transient failures, at most (default: until --rm-timeout-s)"},
@@ -206,6 +215,8 @@ class ServerConfig(BaseServerConfig):
             raise ValueError(f"unknown backend {self.backend!r}: use one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if not self.rm_check_interval_s > 0:
+            raise ValueError(f"rm_check_interval_s must be positive, not {self.rm_check_interval_s}")
         if not self.device:
             raise ValueError("device must name a torch device: cpu, cuda, cuda:1, ...")
         if self.attn_implementation is not None and self.backend != "transformers":

@@ -18,6 +18,7 @@ sequences and stops its running ones, as an HTTP disconnect does.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import grpc
 from pydantic import ValidationError
@@ -67,9 +68,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
 
 async def start_grpc_server(
-    service: PolicyService, keys: ApiKeys, host: str, port: int, limits: Limits
+    service: PolicyService, keys: ApiKeys, host: str, port: int, limits: Limits, tls: tuple[Path, Path] | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC server (PolicyService, health, reflection); returns it and its bound port."""
+    """Start the gRPC server (PolicyService, health, reflection), over TLS with `tls` (certificate and key
+    files); returns it and its bound port."""
     return await grpc_serve.start_server(
         SERVICE,
         lambda server: policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(service), server),
@@ -77,6 +79,7 @@ async def start_grpc_server(
         lambda: service.ready,
         host,
         port,
+        tls=tls,
         max_receive_bytes=limits.max_body_bytes,
         # no cap: n and max_tokens bound a response, and a client sets the size it will receive
         max_send_bytes=-1,

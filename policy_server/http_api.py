@@ -153,10 +153,12 @@ def create_app(
     searches: SearchService | None = None,
     weight_roots: Sequence[Path] = (),
     hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
+    dependencies: Callable[[], dict[str, str]] | None = None,
 ) -> FastAPI:
     """The app over `service`; with `searches`, also `POST /v1/search`; with `weight_roots` (resolved
     `--weights-dir`s), `POST /v1/admin/weights/load` reads safetensors inside them. `hosts`: the Host
-    names it answers (None: any), see `http_guard.allowed_hosts`."""
+    names it answers (None: any), see `http_guard.allowed_hosts`; `dependencies`: the services it
+    calls and their state (`ok`, `degraded`), as `/ready` reports them."""
     keys = keys or ApiKeys(scopes=SCOPES)
     app = FastAPI(
         title="Assay policy service",
@@ -174,7 +176,13 @@ def create_app(
         _add_search_route(app, service, searches, scope)
     _add_model_routes(app, service, scope)
     _add_weight_routes(app, WeightService(service, weight_roots), scope)
-    add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
+    add_ops_routes(
+        app,
+        HealthResponse,
+        lambda: service.ready,
+        lambda accept: service.metrics.render(service.queue_depths(), accept),
+        dependencies,
+    )
 
     app.add_middleware(
         BodyLimit, limit=service.limits.max_body_bytes, refuse=_too_large, exempt=(WEIGHTS_ROUTE, ADAPTER_ROUTE)

@@ -597,6 +597,9 @@ class ErrorResponse(_Wire):
 
 class HealthResponse(_Wire):
     status: Literal["ok", "starting", "stopping"]
+    # /ready: the services this one calls (`rm`: the reward service /v1/search scores with); a
+    # degraded one takes away what needs it (search), not the 200 (generation still works)
+    dependencies: dict[str, Literal["ok", "degraded"]] | None = None
 
 
 # --- streaming: the chunks of `stream: true` -------------------------------------------------

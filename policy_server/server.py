@@ -27,6 +27,7 @@ from assay.policy_server.config import ServerConfig
 from assay.policy_server.http_api import SCOPES, create_app
 from assay.policy_server.metrics import Metrics
 from assay.policy_server.protocol import ErrorInfo, ErrorResponse
+from assay.policy_server.rm_check import RewardServiceCheck
 from assay.policy_server.serving import PolicyService
 from assay.policy_server.serving_search import SearchService
 from assay.policy_server.weight_paths import weight_roots
@@ -102,23 +103,37 @@ class PolicyServer(ServiceServer):
             }
         self.service = PolicyService(dict(backends), config.limits, metrics)
         self.searches = SearchService(self.service, rewards, config.rm_url)
+        self.rm_check = RewardServiceCheck(config.rm_url, config.rm_api_key, config.rm_check_interval_s)
 
     def create_app(self) -> FastAPI:
-        return create_app(self.service, self.keys, self.searches, self.weight_roots, self.hosts)
+        def dependencies() -> dict[str, str]:  # /ready's view of the services this one calls
+            return {"rm": self.rm_check.state}
+
+        return create_app(self.service, self.keys, self.searches, self.weight_roots, self.hosts, dependencies)
+
+    async def start(self) -> None:
+        """Ask the reward service once (a warning when it does not answer, see `rm_check`), then start."""
+        await self.rm_check.start()
+        try:
+            await super().start()
+        except BaseException:
+            await self.rm_check.close()
+            raise
 
     async def start_grpc(self, port: int) -> tuple[grpc.aio.Server, int]:
         from assay.policy_server.grpc_api import start_grpc_server
 
         cfg = self.config
-        return await start_grpc_server(self.service, self.keys, cfg.host, port, cfg.limits)
+        return await start_grpc_server(self.service, self.keys, cfg.host, port, cfg.limits, self.tls)
 
     def error_reply(self, status: int, message: str) -> JSONResponse:
         return error_reply(status, message)
 
     async def close(self) -> None:
-        """The models, then the search threads and the rm_server client."""
+        """The models, then the search threads and the rm_server clients."""
         await self.service.close()
         self.searches.close()
+        await self.rm_check.close()
 
 
 async def serve(config: ServerConfig) -> None:

@@ -28,7 +28,7 @@ rm_app = typer.Typer(help="The reward service.", no_args_is_help=True)
 
 
 @rm_app.command("serve")
-@config_options(ServerConfig, defaults={"log_level": "info"})
+@config_options(ServerConfig, defaults={"log_level": "info"}, env_prefix=ServerConfig.env_prefix)
 def serve_cmd(given: dict) -> None:
     """Serve rewards over HTTP and gRPC until interrupted."""
     from assay.rm_server.spec import SpecError, check_devices, load_spec

@@ -84,6 +84,7 @@ class ServerConfig(BaseServerConfig):
 
     key_scope = "score"
     keys_env_var = "ASSAY_API_KEYS"
+    env_prefix = "ASSAY_RM"
 
     spec: Path | None = field(
         default=None, metadata={"help": "reward spec YAML (default: the embedded arithmetic world's rewards)"}
@@ -94,6 +95,7 @@ class ServerConfig(BaseServerConfig):
         default=(),
         metadata={
             "flag": "api-key",
+            "env": False,  # the keys variable adds to the flags' keys: the command line reads it itself
             "help": "KEY:scope[,scope] (scopes: "
             "score, admin); repeatable. ASSAY_API_KEYS (space-separated) adds more and is the safer way: a command "
             "line is visible to every user of the machine",

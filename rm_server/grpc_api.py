@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -128,9 +129,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
 
 async def start_grpc_server(
-    service: RewardService, keys: ApiKeys, host: str, port: int, limits: Limits
+    service: RewardService, keys: ApiKeys, host: str, port: int, limits: Limits, tls: tuple[Path, Path] | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC server (RewardService, health, reflection); returns it and its bound port."""
+    """Start the gRPC server (RewardService, health, reflection), over TLS with `tls` (certificate and key
+    files); returns it and its bound port."""
     return await grpc_serve.start_server(
         SERVICE,
         lambda server: reward_pb2_grpc.add_RewardServiceServicer_to_server(RewardServicer(service), server),
@@ -138,6 +140,7 @@ async def start_grpc_server(
         lambda: service.ready,
         host,
         port,
+        tls=tls,
         max_receive_bytes=limits.max_body_bytes,
         # a response can outgrow its request (per-token scores), so the cap is looser
         max_send_bytes=4 * limits.max_body_bytes,

@@ -115,7 +115,12 @@ def create_app(
         """Items waiting per reward (admin scope)."""
         return service.queue_depths()
 
-    add_ops_routes(app, HealthResponse, lambda: service.ready, lambda: service.metrics.render(service.queue_depths()))
+    add_ops_routes(
+        app,
+        HealthResponse,
+        lambda: service.ready,
+        lambda accept: service.metrics.render(service.queue_depths(), accept),
+    )
 
     app.add_middleware(BodyLimit, limit=service.limits.max_body_bytes, refuse=_too_large)
     app.add_middleware(CrossSiteGuard, refuse=_refusal, hosts=hosts)  # outermost: before the body is counted

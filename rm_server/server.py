@@ -52,7 +52,7 @@ class RewardServer(ServiceServer):
         from assay.rm_server.grpc_api import start_grpc_server
 
         cfg = self.config
-        return await start_grpc_server(self.service, self.keys, cfg.host, port, cfg.limits)
+        return await start_grpc_server(self.service, self.keys, cfg.host, port, cfg.limits, self.tls)
 
     def error_reply(self, status: int, message: str) -> JSONResponse:
         return error_reply(status, message)

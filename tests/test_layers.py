@@ -38,6 +38,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "assay.tiny_chat",
         "assay.cli_options",
         "assay.server_cli",
+        "assay.version",
         "assay.trainer.offline_cli",
         "assay.data_cli",
         "assay.*.cli",

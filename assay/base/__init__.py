@@ -11,7 +11,8 @@
     http_guard   Host and cross-site checks; the key checked before the body is read
     disconnect   work whose HTTP client hung up is cancelled
     grpc_serve   gRPC auth and error interceptor, health, reflection
-    logs         one traceback per site in the servers' logs
+    logs         the servers' log records: text or JSON lines, each with its request's id; one traceback per site
+    access       request ids (taken or made, echoed in X-Request-Id / gRPC metadata) and one access line per request
 
 Each service brings its wire shapes (its error body, its error types) to these; nothing here
 knows a service's protocol.

@@ -4,10 +4,12 @@ Each service brings its own pieces: its full service name, a check of the `autho
 metadata (its keys, its scope) and `describe`, its one mapping from an exception to a `Failure`.
 From those, `start_server` runs a grpc.aio server on the current event loop with:
 
-- `AuthAndErrors` on every method of that service (health and reflection stay open): the key is
-  checked first; a failure becomes its status code with its message as details, an
-  `error-type` trailer (the service's error type, as in its HTTP error body), an `error-code`
-  trailer when the service has a finer code, and `retry-after` in seconds when a retry can work;
+- `AuthAndErrors` on every method of that service (health and reflection stay open): the call's
+  request id is sent in the initial metadata and set for its log records (`assay.base.access`),
+  its access line written when it ends; the key is checked first; a failure becomes its status
+  code with its message as details, an `error-type` trailer (the service's error type, as in its
+  HTTP error body), an `error-code` trailer when the service has a finer code, and `retry-after`
+  in seconds when a retry can work;
 - grpc.health.v1 following the service's readiness ("" and the service: NOT_SERVING until
   the models are loaded);
 - reflection, listing the service, health and reflection.
@@ -34,12 +36,14 @@ import logging
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from assay.base.access import GrpcCall
 from assay.base.serve import PortInUse, check_port_free
 
 log = logging.getLogger("assay.grpc")
@@ -143,6 +147,7 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
     ) -> None:
         self.prefix, self.authorize, self.describe = f"/{service}/", authorize, describe
         self.running: set[asyncio.Task] = set()  # the calls in their handlers now
+        self.calls: dict[asyncio.Task, GrpcCall] = {}  # their request ids and access lines
         self.cutting_off = False
 
     def cut_off(self) -> None:
@@ -160,18 +165,18 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary), **codec)
+            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, details.method), **codec)
         if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream), **codec)
+            return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream, details.method), **codec)
         raise TypeError(f"{details.method}: only unary and bidirectional methods are wrapped")
 
     def _check_key(self, context: grpc.aio.ServicerContext) -> None:
         key = dict(context.invocation_metadata() or ()).get("authorization")
         self.authorize(key if isinstance(key, str) else None)  # only `-bin` metadata keys carry bytes
 
-    def _unary(self, behaviour):
+    def _unary(self, behaviour, method: str):
         async def call(request, context: grpc.aio.ServicerContext):
-            await self._enter(context)
+            await self._enter(context, method)
             try:
                 self._check_key(context)
                 return await behaviour(_parsed(request), context)
@@ -182,13 +187,13 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
             except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
                 await self._abort(context, exc)
             finally:
-                self._leave()
+                self._leave(context)
 
         return call
 
-    def _stream(self, behaviour):
+    def _stream(self, behaviour, method: str):
         async def call(requests, context: grpc.aio.ServicerContext):
-            await self._enter(context)
+            await self._enter(context, method)
             try:
                 self._check_key(context)
                 async for answer in behaviour(_parsed_stream(requests), context):
@@ -200,21 +205,28 @@ class AuthAndErrors(grpc.aio.ServerInterceptor):
             except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
                 await self._abort(context, exc)
             finally:
-                self._leave()
+                self._leave(context)
 
         return call
 
-    async def _enter(self, context: grpc.aio.ServicerContext) -> None:
+    async def _enter(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        call = await GrpcCall.begin(method, context)  # the request id: in the initial metadata, in the log context
         if self.cutting_off:  # reached its handler only now (a loaded loop): cut off as well
+            call.end(grpc.StatusCode.UNAVAILABLE)
             await self._shutting_down(context)
         task = asyncio.current_task()
         if task is not None:
             self.running.add(task)
+            self.calls[task] = call
 
-    def _leave(self) -> None:
+    def _leave(self, context: grpc.aio.ServicerContext) -> None:
         task = asyncio.current_task()
         if task is not None:
             self.running.discard(task)
+            call = self.calls.pop(task, None)
+            if call is not None:  # context.code(): None while the call is OK, else the status it ends with
+                cancelled = task.cancelling() > 0 and context.code() is None
+                call.end(grpc.StatusCode.CANCELLED if cancelled else context.code() or grpc.StatusCode.OK)
 
     async def _unless_cut_off(self, context: grpc.aio.ServicerContext) -> None:
         """A cancellation: the client's own (passed on), or ours at the drain timeout (UNAVAILABLE)."""
@@ -276,10 +288,13 @@ async def start_server(
     port: int,
     max_receive_bytes: int,
     max_send_bytes: int,
+    tls: tuple[Path, Path] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a gRPC server (the service, health, reflection); returns it and its bound port.
 
-    The message size caps are in bytes; -1 lifts one. PortInUse when the port is taken."""
+    The message size caps are in bytes; -1 lifts one. With `tls` (certificate and key files, PEM)
+    the port is a secure one (`grpc.ssl_server_credentials`), else plaintext. PortInUse when the
+    port is taken."""
     check_port_free(host, port, "gRPC")
     server = grpc.aio.server(
         interceptors=[interceptor],
@@ -294,8 +309,15 @@ async def start_server(
     await checks.sync()  # NOT_SERVING from the first call on, "" included
     health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            cert, key = tls
+            bound = server.add_secure_port(
+                address, grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+            )
     except RuntimeError:  # taken between the check and here
         raise PortInUse("gRPC", host, port) from None
     await server.start()

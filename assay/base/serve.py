@@ -27,6 +27,7 @@ import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import uvicorn
@@ -36,8 +37,10 @@ from fastapi.responses import (
     Response,
 )  # at module level: routes' annotations resolve here
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from assay.base.access import RequestLog
 from assay.base.connections import Connections
 from assay.base.http_bounds import BodyTimeout, GuardedHttp, raw_response
 from assay.base.logs import quiet_tracebacks
@@ -203,10 +206,15 @@ def _bug_reply(reply: ErrorReply, exc: Exception) -> Response:
 
 
 class HttpListener:
-    """An ASGI app served by uvicorn on a socket of its own, on the running event loop."""
+    """An ASGI app served by uvicorn on a socket of its own, on the running event loop.
 
-    def __init__(self, host: str) -> None:
-        self.host = host
+    With `tls` (the certificate and key files) it serves HTTPS: uvicorn wraps the same socket and
+    the same `GuardedHttp` protocol, which sees the connection once its TLS handshake is done, so
+    the connection cap and the header timeout count from there; the handshake itself is bounded by
+    asyncio's (60 s)."""
+
+    def __init__(self, host: str, tls: tuple[Path, Path] | None = None) -> None:
+        self.host, self.tls = host, tls
         self.port: int | None = None
         self.gate: Gate | None = None
         self._uvicorn: Uvicorn | None = None
@@ -215,7 +223,7 @@ class HttpListener:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def start(self, app, port: int, log_level: str, reply: ErrorReply, limits: Connections) -> None:
         """Bind `port` (0: a free one) and return once uvicorn accepts connections.
@@ -233,14 +241,18 @@ class HttpListener:
         self.gate = Gate(BodyTimeout(app, limits.body_timeout_s), reply)
         full = reply(503, f"this server has {limits.max_connections} connections open, its limit; retry shortly")
         http = functools.partial(GuardedHttp, limits=limits, refusal=raw_response(full))
+        cert, key = self.tls or (None, None)
         cfg = uvicorn.Config(
-            self.gate,
+            RequestLog(self.gate),  # outermost: every answer carries its request id, the gate's own included
             http=http,  # type: ignore[arg-type]  # uvicorn calls it as a protocol factory; its stub wants a class
             log_level=log_level,
-            access_log=False,
+            access_log=False,  # RequestLog writes the access lines
+            log_config=None,  # uvicorn's records go to the root logger's handler (assay.base.logs), as JSON too
             timeout_keep_alive=limits.idle_timeout_s,  # type: ignore[arg-type]  # a float works (call_later); typed int
             # the drain has answered every request before uvicorn stops: this only bounds the rest
             timeout_graceful_shutdown=5,
+            ssl_certfile=cert,
+            ssl_keyfile=key,
         )
         self._uvicorn = Uvicorn(cfg)
         self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
@@ -287,9 +299,20 @@ def settle_after_loading() -> None:
     gc.freeze()
 
 
-def add_ops_routes(app, health_model, is_ready: Callable[[], bool], metrics: Callable[[], bytes]) -> None:
-    """`/health` (the process answers), `/ready` (503 until the models are loaded) and
-    `/metrics` (Prometheus text); all three stay open without an API key."""
+def add_ops_routes(
+    app,
+    health_model,
+    is_ready: Callable[[], bool],
+    metrics: Callable[[str], tuple[bytes, str]],
+    dependencies: Callable[[], dict[str, str]] | None = None,
+) -> None:
+    """`/health` (the process answers), `/ready` (503 until the models are loaded) and `/metrics`
+    (`metrics(accept)`: the body and its content type, Prometheus text or OpenMetrics as the request's
+    Accept header asks); all three stay open without an API key.
+
+    `dependencies` gives the services this one calls and their state (`ok`, `degraded`), which
+    `/ready` reports beside its status without changing its code: a degraded dependency takes away
+    what needs it, not the rest (a 503 would take the replica out of rotation)."""
 
     @app.get("/health", response_model=health_model)
     async def health():
@@ -298,13 +321,14 @@ def add_ops_routes(app, health_model, is_ready: Callable[[], bool], metrics: Cal
     @app.get("/ready", response_model=health_model, responses={503: {"model": health_model}})
     async def ready() -> Response:
         ok = is_ready()
-        return JSONResponse(
-            health_model(status="ok" if ok else "starting").model_dump(), status_code=200 if ok else 503
-        )
+        states = {"dependencies": dependencies()} if dependencies is not None else {}
+        body = health_model(status="ok" if ok else "starting", **states)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)  # documented as text, which it is
-    async def prometheus() -> Response:
-        return Response(metrics(), media_type="text/plain; version=0.0.4")
+    async def prometheus(request: Request) -> Response:
+        body, content_type = metrics(request.headers.get("accept", ""))
+        return Response(body, headers={"content-type": content_type})
 
 
 async def serve_until_signal(server: Server) -> None:

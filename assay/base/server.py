@@ -9,6 +9,7 @@ it holds more than its service, what to close after it (`close`). From those thi
 - refuses to bind beyond loopback without API keys (`keys_for`);
 - binds HTTP (health answers at once, /ready once the models are loaded), then gRPC when the
   config has a `grpc_port` (a failed gRPC start closes HTTP again), then starts the service;
+  both over TLS when the config has a certificate and key (`self.tls`, which `start_grpc` passes on);
 - on `stop` drains both listeners side by side (`assay.base.serve.drain`), then closes.
 
 Each service's config subclasses `assay.base.connections.BaseServerConfig`, the fields the runtime reads.
@@ -53,7 +54,8 @@ class ServiceServer(ABC):
     def __init__(self, config: BaseServerConfig, keys: ApiKeys) -> None:
         self.config, self.keys = config, keys
         self.hosts = allowed_hosts(config.host, config.allowed_hosts)  # the Host names HTTP answers
-        self.http = HttpListener(config.host)
+        self.tls = (config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
+        self.http = HttpListener(config.host, self.tls)
         self.grpc_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
 

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from assay.base.logs import configure, log_format
 from assay.checkpoints import CheckpointError, load_tokenizer
 from assay.rm_server import forkserver
 from assay.rm_server.backends import Kind, OutOfMemory, ScoringBackend
@@ -93,12 +94,14 @@ def _failure(exc: BaseException) -> bytes:
     return FAILED + json.dumps({"type": type(exc).__name__, "message": str(exc), "fields": fields}).encode()
 
 
-def _serve(conn: Connection, log_level: int, name: str, path: str, kind: Kind, threads: int, options: dict) -> None:
+def _serve(
+    conn: Connection, log_level: int, log_format: str, name: str, path: str, kind: Kind, threads: int, options: dict
+) -> None:
     """The worker's main: load the model, then answer batches until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
-    # What the backend logs (the model's size, ...) goes where the server's log goes, at its level.
-    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s %(levelname)s [model worker] %(message)s")
+    # What the backend logs (the model's size, ...) goes where the server's log goes, at its level, in its format.
+    configure(log_level, log_format, tag="model worker")
     try:
         import torch
 
@@ -203,7 +206,7 @@ class WorkerBackend(ScoringBackend):
         name, path, kind, threads, options = self._args
         proc = ctx.Process(
             target=_serve,
-            args=(theirs, logging.getLogger().getEffectiveLevel(), name, path, kind, threads, options),
+            args=(theirs, logging.getLogger().getEffectiveLevel(), log_format(), name, path, kind, threads, options),
             name=f"rm-model-{self.label}",
             daemon=True,
         )

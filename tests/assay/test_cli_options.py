@@ -171,3 +171,69 @@ def test_a_field_without_help_or_an_unknown_type_or_a_clash_is_an_error():
     assert [o.path for o in kept] == [("a", "max_items")]
     with pytest.raises(TypeError, match=r"\['host'\] are both its own and Config's"):
         config_options(Config)(lambda given, host="x": None)
+
+
+def serve_config(cls, args: list[str], env: dict[str, str]):
+    """The config a server command over `cls` builds (`assay.server_cli.server_config`), with its variables."""
+    from assay.server_cli import server_config
+
+    seen: dict = {}
+    app = typer.Typer()
+
+    @app.command()
+    @config_options(cls, defaults={"log_level": "info"}, env_prefix=cls.env_prefix)
+    def serve(given: dict) -> None:
+        seen["config"] = server_config(cls, given)
+
+    result = CliRunner().invoke(app, args, env={cls.keys_env_var: "", **env})
+    assert result.exit_code == 0, result.output
+    return seen["config"]
+
+
+def test_every_server_option_reads_its_variable_and_the_flag_wins():
+    from assay.policy_server.config import ServerConfig as PolicyConfig
+    from assay.rm_server.config import ServerConfig as RewardConfig
+
+    env = {
+        "ASSAY_RM_PORT": "9100",
+        "ASSAY_RM_GRPC_PORT": "none",
+        "ASSAY_RM_MAX_ITEMS": "7",  # a nested field's, by its flag
+        "ASSAY_RM_MODEL_WORKERS": "false",
+        "ASSAY_RM_ALLOWED_HOST": "a.example b.example",  # repeatable: separated by whitespace
+        "ASSAY_RM_LOG_FORMAT": "json",
+        "ASSAY_RM_ACCESS_LOG": "0",
+        "ASSAY_RM_LOG_LEVEL": "DEBUG",
+    }
+    config = serve_config(RewardConfig, [], env)
+    assert (config.port, config.grpc_port, config.limits.max_items, config.models.model_workers) == (
+        9100,
+        None,
+        7,
+        False,
+    )
+    assert config.allowed_hosts == ("a.example", "b.example")
+    assert (config.log_format, config.access_log, config.log_level) == ("json", False, "debug")
+
+    flags = ["--port", "9200", "--max-items", "8", "--allowed-host", "c.example", "--access-log"]
+    config = serve_config(RewardConfig, flags, env)
+    assert (config.port, config.limits.max_items, config.allowed_hosts, config.access_log) == (
+        9200,
+        8,
+        ("c.example",),
+        True,
+    )
+    assert config.grpc_port is None and config.log_format == "json"  # the variables the flags left alone
+
+    config = serve_config(
+        PolicyConfig, [], {"ASSAY_POLICY_WEIGHTS_DIR": "/w/one:/w/two", "ASSAY_POLICY_MAX_BATCH": "3"}
+    )
+    assert config.weights_dirs == (Path("/w/one"), Path("/w/two")) and config.batching.max_sequences == 3  # paths: `:`
+    assert serve_config(PolicyConfig, [], {}) == PolicyConfig(log_level="info")  # nothing set: the defaults
+
+
+def test_the_key_variables_still_add_to_the_flags_keys():
+    from assay.rm_server.config import ServerConfig as RewardConfig
+
+    a, b, c = ("k" * 16 + f"{n}:score" for n in range(3))
+    config = serve_config(RewardConfig, ["--api-key", c], {"ASSAY_API_KEYS": f"{a} {b}"})
+    assert config.api_keys == (a, b, c)
