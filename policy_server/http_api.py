@@ -16,10 +16,11 @@ one small function per route group.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +126,24 @@ class EventStream(StreamingResponse):
         self.stream, self.timer, self.recording = stream, timer, recording
 
     async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        started = False
+
+        async def watched(message: asgi.Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, watched)
+        except asyncio.CancelledError:
+            # Cut off from outside (the drain's end; a client that leaves ends the response without
+            # raising): a stream under way gets a last error event and its end, so the client reads a
+            # whole response that says why, and the cancellation goes on.
+            self.stream.close()
+            if started and not self.stream.finished:
+                with suppress(OSError, ClientDisconnect):
+                    await send({"type": "http.response.body", "body": self.stream.cut_off().encode()})
+            raise
         finally:
             self.stream.close()
             if not self.stream.finished:

@@ -22,9 +22,11 @@ After that each report becomes one chunk of its choice, `data: {chunk}\\n\\n`:
   the request's `usage` and no choices; `continuous_usage_stats`: each chunk with its choice's usage.
 
 An error after the stream started (a sequence failed, the deadline passed) is a last event
-`data: {"error": {...}}` in OpenAI's error shape; every stream that is not cut off ends with
-`data: [DONE]\\n\\n`. A stream whose client goes away is cancelled (`close`) as a non-streamed
-request is: its queued sequences are dropped, its running ones stop at the next decode step.
+`data: {"error": {...}}` in OpenAI's error shape, and so is the server's drain cutting a stream
+off (`cut_off`: a 503 `shutting_down`, which a retry elsewhere answers); every stream that is not
+cut off by its client ends with `data: [DONE]\\n\\n`. A stream whose client goes away is
+cancelled (`close`) as a non-streamed request is: its queued sequences are dropped, its running
+ones stop at the next decode step.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from assay.policy_server.backends import (
     Overloaded,
     TokenDelta,
 )
-from assay.policy_server.errors import ApiError, backend_error
+from assay.policy_server.errors import ApiError, NotReady, backend_error
 from assay.policy_server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -69,6 +71,11 @@ _END = object()  # queued when the generation ends, after every report
 def sse(chunk: ChatCompletionChunk | CompletionChunk | ErrorResponse) -> str:
     """One event; fields left unset stay out, as in vLLM's chunks (finish_reason: null is set)."""
     return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+
+
+def _error_event(exc: ApiError) -> str:
+    """An error after the stream started, in OpenAI's error shape, as vLLM sends it."""
+    return sse(ErrorResponse(error=ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code)))
 
 
 class _Text:
@@ -203,12 +210,20 @@ class Stream:
                 yield self._usage(outputs)
         except ApiError as exc:
             self.error = exc
-            info = ErrorInfo(message=exc.message, type=exc.type, param=exc.param, code=exc.code)
-            yield sse(ErrorResponse(error=info))
+            yield _error_event(exc)
         finally:
             self.close()
         self.finished = True
         yield DONE
+
+    def cut_off(self) -> str:
+        """The last events of a stream the server cut off (its drain ended): an error a retry may
+        answer, and the end."""
+        self.error = NotReady(
+            "the server is shutting down and cut this stream off; retry the request", code="shutting_down"
+        )
+        self.finished = True
+        return _error_event(self.error) + DONE
 
     def _on(self, i: int, event: TokenDelta | GenerationOutput | GenerationFailed) -> list[str]:
         """The chunks one report of choice i makes."""

@@ -159,7 +159,10 @@ class HFBackend(GenerationBackend):
         loop = asyncio.get_running_loop()
 
         def report(i: int) -> Report:
-            return lambda event: loop.call_soon_threadsafe(progress, i, event)
+            def to_loop(event: TokenDelta | GenerationOutput | GenerationFailed) -> None:
+                loop.call_soon_threadsafe(progress, i, event)
+
+            return to_loop
 
         return await self._generate([_Job(r, threading.Event(), progress=report(i)) for i, r in enumerate(requests)])
 
