@@ -184,16 +184,16 @@ class _Sampling(_Request):
         default=False, description='Extension: logprobs name each token "token_id:<id>" instead of its text.'
     )
     skip_special_tokens: bool = Field(default=True, json_schema_extra={"const": True})
-    # OpenAI fields accepted at their neutral values only (see `_neutral`)
     stream: bool = Field(default=False, description="Answer with server-sent events, a chunk at a time.")
     stream_options: StreamOptions | None = Field(default=None, description="Only with stream=true.")
+    # OpenAI fields accepted at their neutral values only (`NEUTRAL_ONLY`)
     presence_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
     frequency_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
     logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=_NEUTRAL)
     user: str | None = None
 
     @model_validator(mode="after")
-    def _neutral(self) -> Self:
+    def _stream_options(self) -> Self:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options needs stream=true")
         return self

@@ -192,14 +192,15 @@ class PolicyService:
     async def chat_ids(self, backend: GenerationBackend, req: ChatCompletionRequest) -> list[int]:
         """The conversation through the model's chat template (`assay.chat.render_chat`), as token ids."""
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        options = dict(
+        render = functools.partial(
+            backend.chat_prompt,
+            messages,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
             template_kwargs=req.chat_template_kwargs,
         )
-        chars = sum(len(m["content"]) for m in messages)
         try:
-            return await maybe_off_loop(chars, functools.partial(backend.chat_prompt, **options), messages)
+            return await maybe_off_loop(sum(len(m["content"]) for m in messages), render)
         except (NoChatTemplate, DroppedMessages) as exc:
             raise InvalidRequest(f"model {req.model!r}: {exc}", param="messages") from None
         except (TemplateError, TypeError) as exc:  # templates raise on what they cannot render (roles, order)
