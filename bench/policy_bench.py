@@ -3,6 +3,7 @@
     .venv/bin/python bench/policy_bench.py search     # best-of-16 over HTTP vs its parts in-process
     .venv/bin/python bench/policy_bench.py weights    # full-checkpoint pushes: seconds and MB/s
     .venv/bin/python bench/policy_bench.py adapter    # full weights vs a LoRA adapter: bytes and seconds per push
+    .venv/bin/python bench/policy_bench.py stream     # one completion request as one response vs streamed
     .venv/bin/python bench/policy_bench.py all [--quick]
 
 search: `POST /v1/search` (best-of-16, outcome RM, 48 tokens, T=1.0) on both services started as
@@ -20,6 +21,11 @@ its own server, so the per-byte cost shows. Seconds are the client's wall clock,
 adapter: the same models, full state dicts (`update_weights`) and a LoRA adapter (r 16, every
 linear layer but the head, `update_adapter`) pushed in turn to one server: the bytes sent, and the
 seconds, of which the adapter's include the server merging W + alpha / r * B @ A for every layer.
+
+stream: the same completions request (16 sequences of 48 tokens, one seed, `ignore_eos`) to the
+embedded policy served in this process (one torch thread), answered as one JSON response and
+streamed (`stream: true`, read with httpx to `[DONE]`), alternating; medians of the wall clock,
+and of the first event's arrival.
 """
 
 from __future__ import annotations
@@ -261,9 +267,44 @@ def adapter_pushes(repeats: int, big: bool, r: int = 16) -> Table:
     return table
 
 
+# --- streaming ---------------------------------------------------------------------------------
+
+
+def stream_cost(repeats: int, n: int = 16, max_tokens: int = 48) -> Table:
+    import httpx
+    import torch
+
+    from assay.checkpoints import EMBEDDED
+    from assay.policy_server.config import ServerConfig
+    from assay.policy_server.server import BackgroundServer
+
+    torch.set_num_threads(1)
+    body = {"model": "policy", "prompt": "Q: 23+45-17 A: ", "n": n, "max_tokens": max_tokens, "ignore_eos": True}
+    whole, streamed, first = [], [], []
+    with BackgroundServer(ServerConfig(port=0, grpc_port=None, models={"policy": EMBEDDED["policy"][1]})) as s:
+        url = f"{s.http_url}/v1/completions"
+        for seed in range(repeats):
+            started = time.perf_counter()
+            httpx.post(url, json={**body, "seed": seed}, timeout=300).raise_for_status()
+            whole.append(time.perf_counter() - started)
+            started, at = time.perf_counter(), None
+            with httpx.stream("POST", url, json={**body, "seed": seed, "stream": True}, timeout=300) as r:
+                for line in r.iter_lines():
+                    if at is None and line.startswith("data: "):
+                        at = time.perf_counter() - started
+            streamed.append(time.perf_counter() - started)
+            first.append(at or 0.0)
+    table = Table(title=f"{n} sequences x {max_tokens} tokens, median of {repeats}")
+    for column in ("answer", "seconds", "first event (s)"):
+        table.add_column(column, justify="right" if column != "answer" else "left")
+    table.add_row("one response", f"{statistics.median(whole):.3f}", "-")
+    table.add_row("streamed", f"{statistics.median(streamed):.3f}", f"{statistics.median(first):.3f}")
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["search", "weights", "adapter", "all"])
+    ap.add_argument("what", choices=["search", "weights", "adapter", "stream", "all"])
     ap.add_argument("--problems", type=int, default=48, help="held-out problems for the search bench")
     ap.add_argument("--repeats", type=int, default=5, help="weight pushes per way in")
     ap.add_argument("--quick", action="store_true", help="8 problems, 2 repeats, no big model")
@@ -276,6 +317,8 @@ def main() -> None:
         console.print(weight_updates(repeats, big=not args.quick))
     if args.what in ("adapter", "all"):
         console.print(adapter_pushes(repeats, big=not args.quick))
+    if args.what in ("stream", "all"):
+        console.print(stream_cost(repeats))
     console.print(f"[dim]{time.perf_counter() - started:.0f}s[/dim]")
 
 

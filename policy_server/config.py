@@ -37,6 +37,14 @@ class Limits:
     max_prompt_tokens: int | None = field(
         default=None, metadata={"help": "prompt tokens (default: the model's context length)"}
     )
+    clamp_max_tokens: bool = field(
+        default=False,
+        metadata={
+            "help": "lower a max_tokens beyond what the context (or --max-tokens) has room for to that room, "
+            "instead of refusing it (400, as vLLM and OpenAI do): for clients that ask a fixed large budget "
+            "(optillm asks 4096) of a model with a small context"
+        },
+    )
     max_logprobs: int = field(default=20, metadata={"help": "top logprobs per token a request may ask for"})
     max_stop: int = field(default=16, metadata={"help": "stop strings per request"})
     timeout_s: float = field(

@@ -7,22 +7,28 @@ that is not valid JSON or does not match the protocol becomes 400, an oversized 
 The key is checked before the body is read, and what a browser sends cross-site is refused
 (`assay.base.http_guard`): a web page must not swap the served weights of a keyless loopback server.
 A generation whose client disconnects is cancelled (`assay.base.disconnect`), which drops its queued
-sequences and stops its running ones at the next decode step. `create_app` assembles the app from
+sequences and stops its running ones at the next decode step. `stream: true` is answered with
+server-sent events (`streaming.py`, sent by `EventStream`), once the request is planned and taken:
+what is refused before that gets the usual JSON error, and the request is recorded once, when its
+stream ends. `create_app` assembles the app from
 one small function per route group.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette import types as asgi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -30,7 +36,7 @@ from assay.base.auth import ApiKeys
 from assay.base.disconnect import unless_disconnected
 from assay.base.http_bounds import BodyLimit
 from assay.base.http_guard import LOOPBACK_HOSTS, CrossSiteGuard, GuardedRoute, KeyCheck
-from assay.base.metrics import Timer
+from assay.base.metrics import CANCELLED, Timer
 from assay.base.serve import add_ops_routes
 from assay.policy_server.adapters import AdapterService
 from assay.policy_server.errors import ApiError, InvalidRequest, check_key
@@ -50,6 +56,7 @@ from assay.policy_server.protocol import (
 )
 from assay.policy_server.serving import PolicyService
 from assay.policy_server.serving_search import SearchService
+from assay.policy_server.streaming import ChatStream, CompletionStream, Stream
 from assay.policy_server.weights import Update, WeightService
 
 log = logging.getLogger("policy_server")
@@ -58,6 +65,9 @@ SCOPES = ("generate", "admin")
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 429, 503, 504)
 }
+# The generation routes' 200 is JSON, or server-sent events with `stream: true`
+STREAMED = {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 200: STREAMED}
 SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (*ERRORS, 409, 502)}
 WEIGHTS_ROUTE = "/v1/admin/weights"
 ADAPTER_ROUTE = "/v1/admin/adapter"
@@ -100,6 +110,58 @@ def _update(u: Update) -> WeightUpdateResponse:
 
 
 Scope = Callable[[str], Depends]  # a route's key check for one scope: `dependencies=[scope("generate")]`
+
+
+class EventStream(StreamingResponse):
+    """A started `Stream`'s events, `text/event-stream`. However the response ends (the stream's last
+    event, the client gone, the drain cutting it off), the generation is cancelled if it still runs and
+    the request is recorded: its error's status after an error event, 499 if it did not finish."""
+
+    def __init__(self, stream: Stream, timer: Timer, recording: ExitStack) -> None:
+        super().__init__(
+            stream.events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # no proxy holds events back
+        )
+        self.stream, self.timer, self.recording = stream, timer, recording
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        started = False
+
+        async def watched(message: asgi.Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, watched)
+        except asyncio.CancelledError:
+            # Cut off from outside (the drain's end; a client that leaves ends the response without
+            # raising): a stream under way gets a last error event and its end, so the client reads a
+            # whole response that says why, and the cancellation goes on.
+            self.stream.close()
+            if started and not self.stream.finished:
+                with suppress(OSError, ClientDisconnect):
+                    await send({"type": "http.response.body", "body": self.stream.cut_off().encode()})
+            raise
+        finally:
+            self.stream.close()
+            if not self.stream.finished:
+                self.timer.code = CANCELLED
+            elif self.stream.error is not None:
+                self.timer.code = str(self.stream.error.status)
+            self.recording.close()
+
+
+async def _streamed(request: Request, stream: Stream, timer: Timer) -> Response:
+    """Start `stream` and answer with its events; refused (or the client gone) before it starts, the
+    usual answer, recorded now. Once started, the timer is the response's to stop (`EventStream`)."""
+    with ExitStack() as recording:
+        recording.enter_context(timer)
+        started = await unless_disconnected(request, stream.start(), timer)
+        if isinstance(started, Response):
+            return started
+        return EventStream(stream, timer, recording.pop_all())
 
 
 def create_app(
@@ -162,7 +224,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             # union members show up in the location (`prompt.list[int].0`): keep the field names
             loc = [p for p in loc if "[" not in p and p not in ("str", "int", "float")]
             where = ".".join(loc) or "body"
-            problems.append(f"{where}: {e.get('msg', 'invalid')}")
+            problems.append(f"{where}: {e.get('msg', 'invalid').removeprefix('Value error, ')}")
             params.append(loc[0] if loc else None)
         param = params[0] if len(set(params)) == 1 else None
         return _error(400, "invalid_request_error", "invalid request: " + "; ".join(problems), param)
@@ -188,22 +250,28 @@ def _add_generation_routes(app: FastAPI, service: PolicyService, scope: Scope) -
         "/v1/completions",
         response_model=CompletionResponse,
         response_model_exclude_none=True,
-        responses=ERRORS,
+        responses=GENERATION_ERRORS,
         dependencies=[scope("generate")],
     )
     async def completions(req: CompletionRequest, request: Request) -> CompletionResponse | Response:
-        with Timer(service.metrics, "/v1/completions", service.model_label(req.model)) as timer:
+        timer = Timer(service.metrics, "/v1/completions", service.model_label(req.model))
+        if req.stream:
+            return await _streamed(request, CompletionStream(service, req), timer)
+        with timer:
             return await unless_disconnected(request, service.completions(req), timer)
 
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
         response_model_exclude_none=True,
-        responses=ERRORS,
+        responses=GENERATION_ERRORS,
         dependencies=[scope("generate")],
     )
     async def chat(req: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
-        with Timer(service.metrics, "/v1/chat/completions", service.model_label(req.model)) as timer:
+        timer = Timer(service.metrics, "/v1/chat/completions", service.model_label(req.model))
+        if req.stream:
+            return await _streamed(request, ChatStream(service, req), timer)
+        with timer:
             return await unless_disconnected(request, service.chat(req), timer)
 
 

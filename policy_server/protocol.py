@@ -9,9 +9,19 @@ them, this server's own `/v1/search` (`SearchRequest` -> `SearchResponse`): infe
 search over a served model, scored by rm_server. Its `answer` is `assay.answers.Extract`, the
 one answer-extraction config (standard library only, so this module stays light).
 
-Requests refuse unknown fields, so a typo is a 400 and not a silent default. OpenAI fields this
-server does not implement (`stream`, `echo`, penalties, ...) are accepted only at their neutral
-values, and refused with a message otherwise.
+Generation requests are lenient the way vLLM's server is, so that clients written for OpenAI or
+vLLM work unchanged: an unknown field is accepted and ignored (one DEBUG line of the
+`assay.policy_server.protocol` logger names the ignored fields; the price is that a typo is silent
+too), and `extra_body`, which some clients send as a literal key (its_hub 1.2) instead of letting
+the SDK merge it, is merged into the request (its fields win, as the SDK's merge does). OpenAI
+fields this server does not implement (`tools`, `response_format`, penalties, `echo`, ...) are
+accepted at their neutral values (`NEUTRAL_ONLY`) and refused otherwise with a 400 whose `param`
+names the field. Fields that cannot change what is generated (`user`, `metadata`, `service_tier`,
+`parallel_tool_calls`, prompt caching, `safety_identifier`, and `reasoning_effort` and `verbosity`,
+which the served models have no reasoning phase or style to apply to) are ignored like unknown
+ones. `/v1/search` (this server's own API), the admin routes and every response stay strict:
+there a typo is a 400. `stream: true` answers with server-sent events of the chunk models at the
+end of this module (`streaming.py` builds them).
 
 Rules the serving layer enforces with messages of its own (no empty prompt or stop string, the
 neutral values above, a reward for every strategy but majority) are stated in the schema only
@@ -22,13 +32,16 @@ Nothing heavy is imported here (no torch), so clients and tests can import these
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import JsonDict
 
 from assay.answers import Extract
 
+log = logging.getLogger(__name__)
 MAX_SEED = 2**63 - 1
 # search.STRATEGIES' names (a test keeps the two equal; importing search here would not be light)
 SEARCH_STRATEGIES = ("best_of_n", "weighted_best_of_n", "majority", "refine", "beam_search", "dvts")
@@ -47,13 +60,92 @@ _PROMPT: JsonDict = {
 }
 _STOP: JsonDict = {"anyOf": [_TEXT, {"type": "array", "items": _TEXT}, {"type": "null"}]}
 _NEUTRAL: JsonDict = {"maxProperties": 0}  # an object field accepted only empty (or null)
+_STREAM_OPTIONS: JsonDict = {  # stream_options needs stream=true
+    "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+    "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+}
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _Sampling(_Wire):
+def _empty(value: Any) -> bool:
+    return not value
+
+
+# OpenAI fields accepted only at their neutral value: the check, and the refusal's reason.
+NEUTRAL_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "presence_penalty": (_empty, "presence_penalty is not supported; send 0"),
+    "frequency_penalty": (_empty, "frequency_penalty is not supported; send 0"),
+    "logit_bias": (_empty, "logit_bias is not supported; send {} or null"),
+    "echo": (_empty, "echo is not supported; send false"),
+    "suffix": (_empty, "suffix is not supported; send null"),
+    "tools": (_empty, "tool calling is not supported; send no tools (or [])"),
+    "functions": (_empty, "function calling is not supported; send no functions (or [])"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), 'tool calling is not supported; send "none" or "auto"'),
+    "function_call": (lambda v: v in (None, "none", "auto"), 'function calling is not supported; send "none"'),
+    "response_format": (
+        lambda v: v is None or v.get("type") == "text",
+        'structured output is not supported; send {"type": "text"}',
+    ),
+    "store": (_empty, "this server does not store completions; send false"),
+    "modalities": (lambda v: v is None or v == ["text"], 'this server generates text only; send ["text"]'),
+    "audio": (lambda v: v is None, "audio output is not supported; send null"),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported; send null"),
+    "web_search_options": (lambda v: v is None, "web search is not supported; send null"),
+    "moderation": (lambda v: v is None, "moderation is not supported; send null"),
+    "skip_special_tokens": (bool, "special tokens are always skipped; send true"),
+}
+
+
+def _only(**schema: Any) -> Any:
+    """A field accepted only at its neutral value (`NEUTRAL_ONLY`): `schema` says which, for OpenAPI."""
+    return Field(default=None, json_schema_extra=schema)
+
+
+class _Request(BaseModel):
+    """A generation request: unknown fields ignored, `extra_body` merged (see the module docstring)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    extra_body: dict[str, Any] | None = Field(
+        default=None,
+        exclude=True,
+        description="Fields merged into the request, as the OpenAI SDK merges its extra_body.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lenient(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if isinstance(extra := data.get("extra_body"), dict):
+            data = {**data, **extra, "extra_body": extra}
+        ignored = sorted(str(k) for k in data if k not in cls.model_fields)
+        if ignored:
+            log.debug("%s: ignored the fields %s", cls.__name__, ", ".join(ignored))
+        return data
+
+    @field_validator(*NEUTRAL_ONLY, mode="after", check_fields=False)
+    @classmethod
+    def _neutral_only(cls, value: Any, info: ValidationInfo) -> Any:
+        accepts, reason = NEUTRAL_ONLY[str(info.field_name)]
+        if not accepts(value):
+            raise ValueError(reason)
+        return value
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options`, with vLLM's defaults and its extension; fields OpenAI adds are ignored."""
+
+    include_usage: bool = Field(default=True, description="A last chunk with the request's usage, no choices.")
+    continuous_usage_stats: bool = Field(
+        default=False, description="Extension (vLLM's): every chunk carries its choice's usage so far."
+    )
+
+
+class _Sampling(_Request):
     """Fields the two generation requests share."""
 
     model: str = Field(min_length=1, description="A model id from GET /v1/models.")
@@ -61,30 +153,49 @@ class _Sampling(_Wire):
     temperature: float = Field(default=1.0, ge=0.0, le=100.0, description="0 samples greedily.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1, description="Extension: sample among the k likeliest tokens; 0 or -1: off.")
+    min_p: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Extension: drop tokens less likely than min_p times the likeliest one; 0: off.",
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=100.0,
+        description="Extension (vLLM's and Hugging Face's): the logits of tokens already in the prompt or "
+        "the completion are divided by it where positive and multiplied by it where negative; 1: off.",
+    )
+    min_tokens: int = Field(
+        default=0, ge=0, description="Extension: no end-of-sequence or stop string before this many tokens."
+    )
     stop: Annotated[str | list[str] | None, WithJsonSchema(_STOP)] = Field(
         default=None, description="Strings that end a completion (not returned)."
+    )
+    include_stop_str_in_output: bool = Field(
+        default=False, description="Extension: end the text with the stop string that ended it."
     )
     seed: int | None = Field(
         default=None, ge=-MAX_SEED - 1, le=MAX_SEED, description="Same seed, same request: same completions."
     )
     ignore_eos: bool = Field(default=False, description="Extension: keep generating past end-of-sequence.")
     return_token_ids: bool = Field(default=False, description="Extension: return prompt and completion token ids.")
-    # OpenAI fields accepted at their neutral values only (see `_neutral`)
-    stream: bool = Field(default=False, json_schema_extra={"const": False})
-    stream_options: dict[Any, Any] | None = Field(default=None, json_schema_extra=_NEUTRAL)
+    return_tokens_as_token_ids: bool = Field(
+        default=False, description='Extension: logprobs name each token "token_id:<id>" instead of its text.'
+    )
+    skip_special_tokens: bool = Field(default=True, json_schema_extra={"const": True})
+    stream: bool = Field(default=False, description="Answer with server-sent events, a chunk at a time.")
+    stream_options: StreamOptions | None = Field(default=None, description="Only with stream=true.")
+    # OpenAI fields accepted at their neutral values only (`NEUTRAL_ONLY`)
     presence_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
     frequency_penalty: float = Field(default=0.0, json_schema_extra={"const": 0})
     logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=_NEUTRAL)
     user: str | None = None
 
     @model_validator(mode="after")
-    def _neutral(self) -> Self:
-        if self.stream or self.stream_options:
-            raise ValueError("streaming is not supported; send stream=false")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+    def _stream_options(self) -> Self:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream=true")
         return self
 
     def stop_list(self) -> list[str]:
@@ -95,6 +206,8 @@ class _Sampling(_Wire):
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"allOf": [_STREAM_OPTIONS]})
+
     prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_PROMPT)] = Field(
         description="One prompt, a list of prompts, or token ids (one list or a list of lists); none empty."
     )
@@ -106,15 +219,12 @@ class CompletionRequest(_Sampling):
     suffix: str | None = Field(default=None, json_schema_extra={"maxLength": 0})
     best_of: int | None = Field(default=None, description="Only equal to n.")
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> Self:
-        if self.echo:
-            raise ValueError("echo is not supported; send echo=false")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        if self.best_of is not None and self.best_of != self.n:
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
             raise ValueError("best_of is not supported (only best_of == n)")
-        return self
+        return value
 
 
 class CompletionLogprobs(_Wire):
@@ -172,6 +282,15 @@ class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart]
     name: str | None = None
+    tool_calls: list[Any] | None = Field(default=None, json_schema_extra={"maxItems": 0})
+    tool_call_id: str | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("tool calling is not supported; send no tool_calls")
+        return value
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -181,6 +300,7 @@ class ChatCompletionRequest(_Sampling):
     model_config = ConfigDict(
         json_schema_extra={
             "allOf": [
+                _STREAM_OPTIONS,
                 # top_logprobs needs logprobs=true; max_tokens and max_completion_tokens are not both sent
                 {
                     "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
@@ -201,6 +321,31 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, description="The newer name of max_tokens.")
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)
+    add_generation_prompt: bool = Field(
+        default=True, description="Extension: the template opens the assistant's turn after the messages."
+    )
+    continue_final_message: bool = Field(
+        default=False,
+        description="Extension: the last message, an assistant's, is left open and continued "
+        "(with add_generation_prompt=false).",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Extension: more variables for the chat template (e.g. enable_thinking)."
+    )
+    # OpenAI fields accepted at their neutral values only (`NEUTRAL_ONLY`)
+    tools: list[Any] | None = _only(maxItems=0)
+    tool_choice: str | dict[str, Any] | None = _only(enum=["none", "auto", None])
+    functions: list[Any] | None = _only(maxItems=0)
+    function_call: str | dict[str, Any] | None = _only(enum=["none", "auto", None])
+    response_format: dict[str, Any] | None = _only(
+        anyOf=[{"type": "null"}, {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]}]
+    )
+    store: bool | None = _only(enum=[False, None])
+    modalities: list[str] | None = _only(anyOf=[{"type": "null"}, {"const": ["text"]}])
+    audio: dict[str, Any] | None = _only(type="null")
+    prediction: dict[str, Any] | None = _only(type="null")
+    web_search_options: dict[str, Any] | None = _only(type="null")
+    moderation: dict[str, Any] | None = _only(type="null")
 
     @model_validator(mode="after")
     def _logprobs(self) -> Self:
@@ -209,6 +354,16 @@ class ChatCompletionRequest(_Sampling):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("send max_tokens or max_completion_tokens, not both")
         return self
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continue(cls, value: bool, info: ValidationInfo) -> bool:
+        messages = info.data.get("messages") or []
+        if value and info.data.get("add_generation_prompt", True):
+            raise ValueError("continue_final_message needs add_generation_prompt=false")
+        if value and messages and messages[-1].role != "assistant":
+            raise ValueError("continue_final_message continues the last message, which must be the assistant's")
+        return value
 
 
 class TopLogprob(_Wire):
@@ -445,3 +600,55 @@ class HealthResponse(_Wire):
     # /ready: the services this one calls (`rm`: the reward service /v1/search scores with); a
     # degraded one takes away what needs it (search), not the 200 (generation still works)
     dependencies: dict[str, Literal["ok", "degraded"]] | None = None
+
+
+# --- streaming: the chunks of `stream: true` -------------------------------------------------
+# Sent as server-sent events, `data: {chunk}`, then `data: [DONE]`; vLLM's shapes, with the
+# weight version on every chunk (the oldest of its choices', as in the responses) and choice.
+
+
+class CompletionStreamChoice(_Wire):
+    index: int
+    text: str = Field(description="The text this choice adds; held back while it may begin a stop string.")
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = Field(default=None, description="Set on its last chunk.")
+    stop_reason: str | None = None
+    token_ids: list[int] | None = Field(default=None, description="With return_token_ids: the tokens it adds.")
+    prompt_token_ids: list[int] | None = Field(default=None, description="With return_token_ids: on its first chunk.")
+    weight_version: int
+
+
+class CompletionChunk(_Wire):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice] = Field(description="One choice a chunk; none in the usage chunk.")
+    usage: Usage | None = None
+    weight_version: int
+
+
+class DeltaMessage(_Wire):
+    role: Literal["assistant"] | None = Field(default=None, description="On each choice's first chunk.")
+    content: str | None = None
+
+
+class ChatStreamChoice(_Wire):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: str | None = None
+    token_ids: list[int] | None = None
+    weight_version: int
+
+
+class ChatCompletionChunk(_Wire):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+    weight_version: int
+    prompt_token_ids: list[int] | None = Field(default=None, description="With return_token_ids: on the first chunks.")

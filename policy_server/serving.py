@@ -7,21 +7,27 @@ drift apart. A request with P prompts and n completions each becomes P * n `Gene
 sent one by one give). Request-level problems raise an `errors.ApiError`, which each adapter
 turns into its error shape; nothing a client sends produces a 500. `/v1/search` is served by
 `serving_search.SearchService` over this service.
+
+Each request is first checked and tokenized into a `Plan` (`plan_completions`, `plan_chat`), then
+generated; `streaming.py` streams the same plan, so a streamed request is refused exactly as the
+non-streamed one is, before its stream starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from jinja2.exceptions import TemplateError
 
 from assay.base.errors import LOADING_RETRY_AFTER_S
-from assay.chat import NoChatTemplate
+from assay.chat import DroppedMessages, NoChatTemplate
 from assay.policy_server.backends import (
     GenerationBackend,
     GenerationFailed,
@@ -53,6 +59,16 @@ from assay.policy_server.protocol import (
 T = TypeVar("T")
 _SEEDS = 2**64  # torch generators take seeds in [0, 2**64)
 _INLINE_CHARS = 16 * 1024  # prompts longer than this are tokenized on a thread, off the event loop
+
+
+@dataclass
+class Plan:
+    """A request checked and tokenized: its model, its prompts as (token ids, text), and one sequence
+    per choice (prompt by prompt, n each)."""
+
+    backend: GenerationBackend
+    prompts: list[tuple[list[int], str]]
+    requests: list[GenerationRequest]
 
 
 class PolicyService:
@@ -88,20 +104,33 @@ class PolicyService:
             ]
         )
 
-    async def completions(self, req: CompletionRequest) -> CompletionResponse:
+    async def plan_completions(self, req: CompletionRequest) -> Plan:
         backend = self.backend(req.model)
         prompts = await maybe_off_loop(_size(req.prompt), self._prompts, backend, req.prompt)  # [(ids, text)]
         self._check_sampling(req, len(prompts), req.logprobs, "logprobs")
-        self.check_lengths(backend, [ids for ids, _ in prompts], req.max_tokens, "max_tokens")
-        outputs = await self._generate(backend, req, [ids for ids, _ in prompts], req.max_tokens, req.logprobs or 0)
+        max_tokens = self.room(backend, [ids for ids, _ in prompts], req.max_tokens)
+        self.check_lengths(backend, [ids for ids, _ in prompts], max_tokens, "max_tokens")
+        requests = self._requests(req, [ids for ids, _ in prompts], max_tokens, req.logprobs or 0)
+        return Plan(backend, prompts, requests)
+
+    async def completions(self, req: CompletionRequest) -> CompletionResponse:
+        plan = await self.plan_completions(req)
+        backend, prompts = plan.backend, plan.prompts
+        outputs = await self._generate(plan, req.model)
         choices = []
         for index, out in enumerate(outputs):
             ids, text = prompts[index // req.n]
+            logprobs = None
+            if req.logprobs is not None:
+                as_ids = req.return_tokens_as_token_ids
+                logprobs = completion_logprobs(
+                    backend, out.token_ids, out.logprobs, out.top_logprobs, len(text), as_ids
+                )
             choices.append(
                 CompletionChoice(
                     index=index,
-                    text=out.text,
-                    logprobs=self._completion_logprobs(backend, out, len(text)) if req.logprobs is not None else None,
+                    text=_text(out, req.include_stop_str_in_output),
+                    logprobs=logprobs,
                     finish_reason=out.finish_reason,
                     stop_reason=out.stop_reason,
                     token_ids=out.token_ids if req.return_token_ids else None,
@@ -118,28 +147,32 @@ class PolicyService:
             weight_version=_version(outputs),
         )
 
-    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+    async def plan_chat(self, req: ChatCompletionRequest) -> Plan:
         backend = self.backend(req.model)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = await maybe_off_loop(sum(len(m["content"]) for m in messages), backend.chat_prompt, messages)
-        except NoChatTemplate as exc:
-            raise InvalidRequest(f"model {req.model!r}: {exc}", param="messages") from None
-        except TemplateError as exc:  # templates raise on what they cannot render (roles, order)
-            raise InvalidRequest(f"the chat template refused these messages: {exc}", param="messages") from None
+        ids = await self.chat_ids(backend, req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         self._check_sampling(req, 1, top, "top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:  # as much as the context has room for
             max_tokens = max(1, min(self.limits.max_tokens, backend.max_model_len - len(ids)))
+        max_tokens = self.room(backend, [ids], max_tokens)
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         self.check_lengths(backend, [ids], max_tokens, param)
-        outputs = await self._generate(backend, req, [ids], max_tokens, top or 0)
+        return Plan(backend, [(ids, "")], self._requests(req, [ids], max_tokens, top or 0))
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        plan = await self.plan_chat(req)
+        backend, ids = plan.backend, plan.prompts[0][0]
+        outputs = await self._generate(plan, req.model)
         choices = [
             ChatChoice(
                 index=i,
-                message=AssistantMessage(content=out.text),
-                logprobs=self._chat_logprobs(backend, out) if req.logprobs else None,
+                message=AssistantMessage(content=_text(out, req.include_stop_str_in_output)),
+                logprobs=chat_logprobs(
+                    backend, out.token_ids, out.logprobs, out.top_logprobs, req.return_tokens_as_token_ids
+                )
+                if req.logprobs
+                else None,
                 finish_reason=out.finish_reason,
                 token_ids=out.token_ids if req.return_token_ids else None,
                 weight_version=out.weight_version,
@@ -155,6 +188,25 @@ class PolicyService:
             weight_version=_version(outputs),
             prompt_token_ids=ids if req.return_token_ids else None,
         )
+
+    async def chat_ids(self, backend: GenerationBackend, req: ChatCompletionRequest) -> list[int]:
+        """The conversation through the model's chat template (`assay.chat.render_chat`), as token ids."""
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        render = functools.partial(
+            backend.chat_prompt,
+            messages,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            template_kwargs=req.chat_template_kwargs,
+        )
+        try:
+            return await maybe_off_loop(sum(len(m["content"]) for m in messages), render)
+        except (NoChatTemplate, DroppedMessages) as exc:
+            raise InvalidRequest(f"model {req.model!r}: {exc}", param="messages") from None
+        except (TemplateError, TypeError) as exc:  # templates raise on what they cannot render (roles, order)
+            raise InvalidRequest(f"the chat template refused these messages: {exc}", param="messages") from None
+        except ValueError as exc:  # transformers: e.g. a final message continue_final_message cannot find
+            raise InvalidRequest(f"the chat template cannot render these messages: {exc}", param="messages") from None
 
     # --- validation ----------------------------------------------------------------------
 
@@ -217,6 +269,14 @@ class PolicyService:
         if any(not s for s in stops):
             raise InvalidRequest("a stop string is empty", param="stop")
 
+    def room(self, backend: GenerationBackend, prompts: list[list[int]], max_tokens: int) -> int:
+        """`max_tokens`, lowered to what the context and --max-tokens leave room for when the server
+        clamps (`--clamp-max-tokens`; at least 1, so a prompt that fills the context is still refused)."""
+        if not self.limits.clamp_max_tokens:
+            return max_tokens
+        room = backend.max_model_len - max(len(ids) for ids in prompts)
+        return max(1, min(max_tokens, room, self.limits.max_tokens))
+
     def check_lengths(self, backend: GenerationBackend, prompts: list[list[int]], max_tokens: int, param: str) -> None:
         lim, context = self.limits, backend.max_model_len
         if max_tokens > lim.max_tokens:
@@ -239,59 +299,84 @@ class PolicyService:
 
     # --- generation ----------------------------------------------------------------------
 
-    async def _generate(
-        self, backend: GenerationBackend, req, prompts: list[list[int]], max_tokens: int, top_logprobs: int
-    ) -> list[GenerationOutput]:
+    def _requests(self, req, prompts: list[list[int]], max_tokens: int, top_logprobs: int) -> list[GenerationRequest]:
+        """One sequence per choice, prompt by prompt: choice j of a prompt samples with seed + j."""
+        if req.min_tokens > max_tokens:
+            raise InvalidRequest(
+                f"min_tokens={req.min_tokens} is more than max_tokens={max_tokens}", param="min_tokens"
+            )
         seed = req.seed if req.seed is not None else random.getrandbits(63)
         common = dict(
             max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             top_k=max(req.top_k, 0),
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            min_tokens=req.min_tokens,
             stop=tuple(req.stop_list()),
             top_logprobs=top_logprobs,
             ignore_eos=req.ignore_eos,
         )
-        requests = [
+        return [
             GenerationRequest(prompt_ids=ids, seed=(seed + j) % _SEEDS, **common)
             for ids in prompts
             for j in range(req.n)
         ]
+
+    async def _generate(self, plan: Plan, model: str) -> list[GenerationOutput]:
         try:
-            outputs = await asyncio.wait_for(backend.generate(requests), self.limits.timeout_s)
+            outputs = await asyncio.wait_for(plan.backend.generate(plan.requests), self.limits.timeout_s)
         except (Overloaded, GenerationFailed, InvalidParameters) as exc:
             raise backend_error(exc) from None
         except TimeoutError:
-            raise DeadlineExceeded(
-                f"generation did not finish within {self.limits.timeout_s:g}s", code="timeout"
-            ) from None
-        self.metrics.prompt_tokens.labels(req.model).inc(sum(len(ids) for ids in prompts))
+            raise self.deadline_exceeded() from None
+        self.count_prompt_tokens(plan, model)
         return outputs
 
-    def _completion_logprobs(self, backend: GenerationBackend, out: GenerationOutput, start: int) -> CompletionLogprobs:
-        tokens = backend.token_texts(out.token_ids)
-        offsets, at = [], start
-        for token_id in out.token_ids:
-            offsets.append(at)
-            at += len(backend.visible_text(token_id))
-        tops = []
-        for position in out.top_logprobs or [[] for _ in out.token_ids]:
-            top: dict[str, float] = {}
-            for token, lp in zip(backend.token_texts([i for i, _ in position]), (lp for _, lp in position)):
-                top.setdefault(token, lp)  # two ids with one text (rare): keep the likelier
-            tops.append(top)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=out.logprobs, top_logprobs=tops, text_offset=offsets)
+    def deadline_exceeded(self) -> DeadlineExceeded:
+        return DeadlineExceeded(f"generation did not finish within {self.limits.timeout_s:g}s", code="timeout")
 
-    def _chat_logprobs(self, backend: GenerationBackend, out: GenerationOutput) -> ChoiceLogprobs:
-        content = []
-        tops = out.top_logprobs or [[] for _ in out.token_ids]
-        for token, lp, position in zip(backend.token_texts(out.token_ids), out.logprobs, tops, strict=True):
-            alternatives = [
-                TopLogprob(token=t, logprob=alt, bytes=list(t.encode()))
-                for t, (_, alt) in zip(backend.token_texts([i for i, _ in position]), position)
-            ]
-            content.append(TokenLogprob(token=token, logprob=lp, bytes=list(token.encode()), top_logprobs=alternatives))
-        return ChoiceLogprobs(content=content)
+    def count_prompt_tokens(self, plan: Plan, model: str) -> None:
+        """Once a request's sequences are generated: each prompt's tokens, once per prompt."""
+        self.metrics.prompt_tokens.labels(model).inc(sum(len(ids) for ids, _ in plan.prompts))
+
+
+Top = list[list[tuple[int, float]]] | None  # per token: its alternatives as (id, logprob), best first
+
+
+def completion_logprobs(
+    backend: GenerationBackend, token_ids: list[int], logprobs: list[float], top: Top, start: int, as_ids: bool = False
+) -> CompletionLogprobs:
+    """The legacy logprobs of these tokens, the first at character `start` of prompt + completion; `as_ids`
+    names tokens "token_id:<id>" (`return_tokens_as_token_ids`) instead of by their text."""
+    names = _token_ids if as_ids else backend.token_texts
+    tokens = names(token_ids)
+    offsets, at = [], start
+    for token_id in token_ids:
+        offsets.append(at)
+        at += len(backend.visible_text(token_id))
+    tops = []
+    for position in top or [[] for _ in token_ids]:
+        alternatives: dict[str, float] = {}
+        for token, lp in zip(names([i for i, _ in position]), (lp for _, lp in position)):
+            alternatives.setdefault(token, lp)  # two ids with one text (rare): keep the likelier
+        tops.append(alternatives)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets)
+
+
+def chat_logprobs(
+    backend: GenerationBackend, token_ids: list[int], logprobs: list[float], top: Top, as_ids: bool = False
+) -> ChoiceLogprobs:
+    names = _token_ids if as_ids else backend.token_texts
+    content = []
+    for token, lp, position in zip(names(token_ids), logprobs, top or [[] for _ in token_ids], strict=True):
+        alternatives = [
+            TopLogprob(token=t, logprob=alt, bytes=list(t.encode()))
+            for t, (_, alt) in zip(names([i for i, _ in position]), position)
+        ]
+        content.append(TokenLogprob(token=token, logprob=lp, bytes=list(token.encode()), top_logprobs=alternatives))
+    return ChoiceLogprobs(content=content)
 
 
 async def maybe_off_loop(chars: int, fn: Callable[..., T], *args) -> T:
@@ -304,6 +389,16 @@ def _size(prompt: str | list) -> int:
     if isinstance(prompt, str):
         return len(prompt)
     return sum(len(p) if isinstance(p, (str, list)) else 1 for p in prompt)
+
+
+def _token_ids(ids: list[int]) -> list[str]:
+    """Tokens named by id, as vLLM's `return_tokens_as_token_ids` names them (TRL parses these)."""
+    return [f"token_id:{i}" for i in ids]
+
+
+def _text(out: GenerationOutput, with_stop: bool) -> str:
+    """A choice's text; with `include_stop_str_in_output`, ending in the stop string that ended it."""
+    return out.text + out.stop_reason if with_stop and out.stop_reason else out.text
 
 
 def _usage(prompts: list[list[int]], outputs: list[GenerationOutput]) -> Usage:

@@ -34,7 +34,7 @@ from dataclasses import fields
 
 from jinja2.exceptions import TemplateError
 
-from assay.chat import NoChatTemplate
+from assay.chat import DroppedMessages, NoChatTemplate
 from assay.clients import errors as rm
 from assay.clients.reward import RewardClient
 from assay.policy_server.backends import GenerationBackend, GenerationFailed, InvalidParameters, Overloaded
@@ -144,7 +144,7 @@ class SearchService:
         """The conversation as the model's chat template renders it, the assistant turn opened."""
         try:
             return await maybe_off_loop(sum(len(m["content"]) for m in messages), backend.chat_text, messages)
-        except NoChatTemplate as exc:
+        except (NoChatTemplate, DroppedMessages) as exc:
             raise InvalidRequest(f"model {backend.name!r}: {exc}", param="messages") from None
         except TemplateError as exc:  # templates raise on what they cannot render (roles, order)
             raise InvalidRequest(f"the chat template refused these messages: {exc}", param="messages") from None

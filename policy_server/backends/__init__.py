@@ -8,6 +8,11 @@ the `generate` call (the client went away, the deadline passed) drops queued req
 running ones. What a backend refuses or fails at it says with the exceptions below (`Overloaded`,
 `InvalidParameters`, `GenerationFailed`), which `errors.backend_error` maps to the API's errors.
 
+`generate_streaming` is `generate` that also reports each sequence as it advances (`Progress`, on
+the event loop): a `TokenDelta` with what it sampled since its last report, then its output once it
+ended. The streamed responses (`streaming.py`) are built from these; the default reports nothing
+before the end, so a backend without the hook still streams, each sequence in one piece.
+
 No torch here: the serving layer and the adapters import this module; the server imports `hf`
 (torch), and `vllm` only when that backend is chosen.
 """
@@ -15,12 +20,12 @@ No torch here: the serving layer and the adapters import this module; the server
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
-from assay.chat import render_prompt
+from assay.chat import render_chat
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,9 @@ class GenerationRequest:
     seed: int = 0  # each sequence samples from its own generator, so batch-mates do not matter
     top_logprobs: int = 0  # alternatives per position to return, besides the sampled token's logprob
     ignore_eos: bool = False
+    min_p: float = 0.0  # drop tokens below min_p x the likeliest one's probability; 0: off
+    repetition_penalty: float = 1.0  # over prompt and generated tokens, as vLLM and HF apply it; 1: off
+    min_tokens: int = 0  # no eos or stop string before this many tokens
 
 
 @dataclass
@@ -48,6 +56,17 @@ class GenerationOutput:
     stop_reason: str | None = None  # the stop string that ended it (finish "stop"); None: eos, length, abort
     top_logprobs: list[list[tuple[int, float]]] | None = field(default=None)  # per token: (id, logprob), best first
     first_token_s: float | None = None  # from submission to the first token sampled (queue wait + prefill)
+
+
+@dataclass
+class TokenDelta:
+    """What one sequence sampled since its last report (streaming): tokens, their raw logprobs and, when
+    asked for, their top alternatives, and the version of the weights sampling it."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+    weight_version: int
 
 
 @dataclass(frozen=True)
@@ -77,6 +96,11 @@ class GenerationFailed(Exception):
     raises it from `generate` for a request any of whose sequences failed; the message says what broke."""
 
 
+Progress = Callable[[int, TokenDelta | GenerationOutput | GenerationFailed], None]
+"""`progress(i, event)`, called on the event loop about `requests[i]`: a `TokenDelta` as it samples, then
+its `GenerationOutput` (or `GenerationFailed`) when it ends; nothing after that."""
+
+
 class GenerationBackend(ABC):
     """A served model: its tokenizer, context length, weight version and generate()."""
 
@@ -95,6 +119,13 @@ class GenerationBackend(ABC):
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
         """One output per request, in order. All are admitted or none (raises `Overloaded`); raises
         `GenerationFailed` when any of them could not be generated."""
+
+    async def generate_streaming(
+        self, requests: Sequence[GenerationRequest], progress: Progress
+    ) -> list[GenerationOutput]:
+        """`generate`, reporting to `progress` as the sequences advance. This default reports nothing:
+        the stream gets each sequence whole from the outputs."""
+        return await self.generate(requests)
 
     def queue_depth(self) -> int:
         return 0
@@ -125,14 +156,15 @@ class GenerationBackend(ABC):
         them for text a chat template rendered, which holds its own."""
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def chat_text(self, messages: list[dict[str, str]]) -> str:
-        """The conversation through the chat template, the assistant turn opened (its specials in the
-        text); `assay.chat.NoChatTemplate` when the tokenizer has none."""
-        return render_prompt(self.tokenizer, messages)
+    def chat_text(self, messages: list[dict[str, str]], **options: Any) -> str:
+        """The conversation through the chat template, the assistant turn opened unless `options` say
+        otherwise (`assay.chat.render_chat`'s), its specials in the text; `assay.chat.NoChatTemplate`
+        when the tokenizer has none, `DroppedMessages` for messages the template would drop."""
+        return render_chat(self.tokenizer, messages, **options)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
-        """The chat template with the generation prompt; the template adds its own specials."""
-        return self.encode(self.chat_text(messages), add_special_tokens=False)
+    def chat_prompt(self, messages: list[dict[str, str]], **options: Any) -> list[int]:
+        """The chat template's rendering (`chat_text`) as ids; the template adds its own specials."""
+        return self.encode(self.chat_text(messages, **options), add_special_tokens=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

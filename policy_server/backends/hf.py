@@ -6,7 +6,9 @@ left-padded prefill, then one cached forward step per token, as `assay.generatio
 does. What this loop adds to it, per sequence: its own sampling parameters and random generator
 (a seed gives the same completion whatever else shares the batch, up to float rounding),
 stop strings, top-k logprobs, `ignore_eos`, and an abort flag checked every step (the request
-was cancelled). A batch runs until its longest sequence ends: no continuous batching here,
+was cancelled). A streamed sequence's job also carries a report (`_Job.progress`): after each step
+the row hands what it sampled to the event loop (`call_soon_threadsafe`), and its output once it
+ends; rows nobody streams skip it. A batch runs until its longest sequence ends: no continuous batching here,
 which is what the vLLM backend is for.
 
 One sequence's failure is its own. Whatever goes wrong for one row while sampling or stopping (a
@@ -56,6 +58,8 @@ from assay.policy_server.backends import (
     GenerationRequest,
     Overloaded,
     ParamSpec,
+    Progress,
+    TokenDelta,
 )
 from assay.policy_server.backends.steps import Steps
 from assay.policy_server.config import BatchSettings
@@ -64,11 +68,15 @@ log = logging.getLogger(__name__)
 OUT_OF_MEMORY_RETRY_S = 1.0  # a retry waits for the batch in flight to end and free its memory
 
 
+Report = Callable[[TokenDelta | GenerationOutput | GenerationFailed], None]  # a streamed row's, from the worker
+
+
 @dataclass
 class _Job:
     request: GenerationRequest
     abort: threading.Event  # set on the event loop when the request is cancelled
     submitted: float = field(default_factory=time.monotonic)
+    progress: Report | None = None  # streamed: called on the worker thread, hands over to the event loop
 
 
 class HFBackend(GenerationBackend):
@@ -143,9 +151,24 @@ class HFBackend(GenerationBackend):
         return self._batcher.depth()
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
-        jobs = [_Job(r, threading.Event()) for r in requests]
+        return await self._generate([_Job(r, threading.Event()) for r in requests])
+
+    async def generate_streaming(
+        self, requests: Sequence[GenerationRequest], progress: Progress
+    ) -> list[GenerationOutput]:
+        loop = asyncio.get_running_loop()
+
+        def report(i: int) -> Report:
+            def to_loop(event: TokenDelta | GenerationOutput | GenerationFailed) -> None:
+                loop.call_soon_threadsafe(progress, i, event)
+
+            return to_loop
+
+        return await self._generate([_Job(r, threading.Event(), progress=report(i)) for i, r in enumerate(requests)])
+
+    async def _generate(self, jobs: list[_Job]) -> list[GenerationOutput]:
         try:
-            futures = self._batcher.submit(jobs, [len(r.prompt_ids) + r.max_tokens for r in requests])
+            futures = self._batcher.submit(jobs, [len(j.request.prompt_ids) + j.request.max_tokens for j in jobs])
         except base_errors.Overloaded as exc:
             waiting = self._batcher.depth()
             raise Overloaded(f"model {self.name!r} has {waiting} sequences waiting", exc.retry_after_s) from None
@@ -245,7 +268,8 @@ class _Row:
     draw, its stop-string search) fails that row alone (`fail`): the batch goes on without it."""
 
     def __init__(self, job: _Job) -> None:
-        self.req, self.abort, self.submitted = job.request, job.abort, job.submitted
+        self.req, self.abort, self.submitted, self.progress = job.request, job.abort, job.submitted, job.progress
+        self.reported = 0  # tokens already handed to `progress`
         self.greedy = is_greedy(self.req.temperature, self.req.top_p)
         self.first_token_s: float | None = None
         self.tokens: list[int] = []
@@ -294,8 +318,12 @@ class _Row:
             self.reason = "length"
 
     def find_stop(self, tokenizer: PreTrainedTokenizerBase) -> bool:
-        """Whether the text now contains a stop string; if so, keep the text before it."""
+        """Whether the text now contains a stop string; if so, keep the text before it. Within the first
+        min_tokens tokens none is looked for, and one found there is passed over later too (as vLLM)."""
         text = decode_text(tokenizer, self.tokens)
+        if len(self.tokens) < self.req.min_tokens:
+            self.searched = len(text)
+            return False
         start = max(0, self.searched - max(len(s) for s in self.req.stop) + 1)
         self.searched = len(text)
         hits = [(i, s) for s in self.req.stop if (i := text.find(s, start)) >= 0]
@@ -303,6 +331,17 @@ class _Row:
             at, self.stop = min(hits)  # the earliest match; at one offset, the smallest string
             self.text = text[:at]
         return bool(hits)
+
+    def report(self, tokenizer: PreTrainedTokenizerBase, weight_version: int) -> None:
+        """Streamed rows: hand over the tokens sampled since the last report, or the output once the row ended."""
+        if self.progress is None:
+            return
+        if self.reason is not None:
+            self.progress(self.output(tokenizer, weight_version))
+        else:
+            at, self.reported = self.reported, len(self.tokens)
+            tops = self.tops[at:] if self.req.top_logprobs else None
+            self.progress(TokenDelta(self.tokens[at:], self.logprobs[at:], tops, weight_version))
 
     def output(self, tokenizer: PreTrainedTokenizerBase, weight_version: int) -> GenerationOutput | GenerationFailed:
         if self.error is not None:
@@ -343,7 +382,7 @@ def decode(
     k_top = max(r.req.top_logprobs for r in rows)
 
     for _ in range(max_new):
-        choice, fault = _next_tokens(logits, rows)  # [batch] each, on the device
+        choice, fault = _next_tokens(logits, rows, tokenizer.eos_token_id)  # [batch] each, on the device
         raw = logits.log_softmax(-1)  # the untempered distribution: what logprobs report
         columns = [choice, raw.gather(-1, choice[:, None])[:, 0], fault]
         if k_top:
@@ -362,6 +401,7 @@ def decode(
             try:
                 tops = ([int(t) for t in top[:k_top]], top[k_top:]) if k_top else None
                 r.take(int(token), picked, tops, tokenizer)
+                r.report(tokenizer, weight_version)
             except Exception as exc:  # noqa: BLE001 (this sequence fails, the batch goes on)
                 r.fail(exc)
         if all(r.reason is not None for r in rows):
@@ -378,26 +418,29 @@ FAULTS = {
 }
 
 
-def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+def _next_tokens(logits: torch.Tensor, rows: list[_Row], eos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[batch, vocab] -> ([batch] tokens, [batch] faults), on the logits' device, without waiting on it.
 
-    Greedy rows take the argmax, sampled rows a draw by their own generator. A row whose logits cannot
-    be sampled (NaN, +inf, or nothing finite) gets fault 1, one whose filtered probabilities cannot
-    (they overflowed) fault 2, and a token from a harmless stand-in distribution: no kernel ever sees
-    a NaN (on CUDA, a multinomial over one is a device-side assert that ends the process), and the
-    row fails once the step's results reach the host."""
+    Greedy rows take the argmax, sampled rows a draw by their own generator, both after the rows'
+    repetition penalty and min_tokens (`_penalize`); min_p filters after temperature, top-k and top-p.
+    A row whose logits cannot be sampled (NaN, +inf, or nothing finite) gets fault 1, one whose
+    filtered probabilities cannot (they overflowed) fault 2, and a token from a harmless stand-in
+    distribution: no kernel ever sees a NaN (on CUDA, a multinomial over one is a device-side assert
+    that ends the process), and the row fails once the step's results reach the host."""
     broken = (logits.isnan() | logits.isposinf()).any(-1) | logits.isneginf().all(-1)  # [batch]
     fault = broken.to(torch.int8)
-    logits = logits.masked_fill(broken[:, None], 0.0)
+    logits = _penalize(logits.masked_fill(broken[:, None], 0.0), rows, eos)
     choice = logits.argmax(-1)
-    # Rows sharing (temperature, top_k, top_p) are filtered and drawn together: usually one group per batch.
-    groups: dict[tuple[float, int, float], list[int]] = defaultdict(list)
+    # Rows sharing (temperature, top_k, top_p, min_p) are filtered and drawn together: usually one group a batch.
+    groups: dict[tuple[float, int, float, float], list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         if r.reason is None and not r.greedy:
-            groups[(r.req.temperature, r.req.top_k, r.req.top_p)].append(i)
-    for (temperature, top_k, top_p), idx in groups.items():
+            groups[(r.req.temperature, r.req.top_k, r.req.top_p, r.req.min_p)].append(i)
+    for (temperature, top_k, top_p, min_p), idx in groups.items():
         at = torch.tensor(idx, device=logits.device)
         probs = _filter_logits(logits[at] / temperature, top_k, top_p).softmax(-1)  # [group, vocab]
+        if min_p > 0:  # after temperature, as vLLM and HF's MinPLogitsWarper: the likeliest token always stays
+            probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
         unusable = ~(probs.isfinite().all(-1) & (probs.sum(-1) > 0))
         probs = probs.masked_fill(unusable[:, None], 1.0)
         # Inverse CDF: the first token whose cumulative mass passes u * total, u from the row's generator.
@@ -407,6 +450,24 @@ def _next_tokens(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, 
         choice[at] = drawn.clamp(max=logits.shape[-1] - 1)
         fault[at] = torch.where(unusable, 2, fault[at]).to(torch.int8)
     return choice, fault
+
+
+def _penalize(logits: torch.Tensor, rows: list[_Row], eos: int | None) -> torch.Tensor:
+    """[batch, vocab] -> [batch, vocab]: each row's repetition penalty (vLLM's and HF's: a token already in
+    the prompt or the completion has its logit divided by the penalty where positive, multiplied where
+    negative) and its min_tokens (end-of-sequence masked until then). Rows at the neutral values (penalty
+    1, min_tokens 0) are left as they are, and a batch of such rows costs nothing."""
+    for i, r in enumerate(rows):
+        if r.reason is not None:
+            continue
+        if r.req.repetition_penalty != 1.0:
+            seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            seen[[t for t in (*r.req.prompt_ids, *r.tokens) if 0 <= t < logits.shape[-1]]] = True
+            row, penalty = logits[i], r.req.repetition_penalty
+            logits[i] = torch.where(seen.to(row.device), torch.where(row > 0, row / penalty, row * penalty), row)
+        if eos is not None and len(r.tokens) < r.req.min_tokens and not r.req.ignore_eos:
+            logits[i, eos] = float("-inf")
+    return logits
 
 
 def _describe(exc: BaseException) -> str:

@@ -54,6 +54,9 @@ handled here (vLLM 0.32):
   that sampled it; an output reports the label of its first token. A sequence preempted (KV cache
   full) while an update is pending would finish on the new weights and report the old version:
   with a KV cache sized for the load this does not happen.
+- Streaming (`generate_streaming`) asks for cumulative outputs (`RequestOutputKind.CUMULATIVE`) and
+  reports the tokens each one adds, then the final output, mapped as the non-streamed one is;
+  `generate` asks for the final output only (`FINAL_ONLY`).
 - `queue_depth` is the sequences this backend has in the engine, waiting and running: the engine
   does not report its waiting queue to the front end.
 - Start-up spawns an engine-core and a worker process (~20-25 s on CPU); `start()` builds the
@@ -65,6 +68,7 @@ handled here (vLLM 0.32):
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import tempfile
@@ -83,6 +87,8 @@ from assay.policy_server.backends import (
     InvalidParameters,
     Overloaded,
     ParamSpec,
+    Progress,
+    TokenDelta,
 )
 from assay.policy_server.weights import DTYPES
 
@@ -188,12 +194,23 @@ class VllmBackend(GenerationBackend):
     # --- generation ----------------------------------------------------------------------------
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+        return await self._generate(requests, None)
+
+    async def generate_streaming(
+        self, requests: Sequence[GenerationRequest], progress: Progress
+    ) -> list[GenerationOutput]:
+        return await self._generate(requests, progress)
+
+    async def _generate(
+        self, requests: Sequence[GenerationRequest], progress: Progress | None
+    ) -> list[GenerationOutput]:
         if self._in_flight + len(requests) > self._max_sequences:
             raise Overloaded(f"model {self.name!r} has {self._in_flight} sequences in the engine", RETRY_AFTER_S)
-        params = [_sampling(r) for r in requests]  # all checked before any is submitted
+        params = [_sampling(r, streamed=progress is not None) for r in requests]  # all checked before any is submitted
         ids = [f"{self.name}-{uuid.uuid4().hex}" for _ in requests]
         self._in_flight += len(requests)
-        tasks = [asyncio.ensure_future(self._one(i, r, p)) for i, r, p in zip(ids, requests, params, strict=True)]
+        reports = [None if progress is None else functools.partial(progress, i) for i in range(len(requests))]
+        tasks = [asyncio.ensure_future(self._one(*job)) for job in zip(ids, requests, params, reports, strict=True)]
         try:
             outputs = list(await asyncio.gather(*tasks))
         except BaseException:
@@ -208,16 +225,26 @@ class VllmBackend(GenerationBackend):
         self._report(outputs)
         return outputs
 
-    async def _one(self, request_id: str, req: GenerationRequest, params: Any) -> GenerationOutput:
+    async def _one(
+        self, request_id: str, req: GenerationRequest, params: Any, report: Callable[[Any], None] | None
+    ) -> GenerationOutput:
+        """One sequence; streamed (`report`), each cumulative output's new tokens are reported as they come."""
         from vllm.inputs import tokens_input
 
         final: Any = None  # vLLM's RequestOutput (vllm ships no types)
+        reported = 0
         try:
             async for out in self.engine.generate(tokens_input(list(req.prompt_ids)), params, request_id):
-                final = out  # FINAL_ONLY: one output, when the sequence ends
+                final = out  # FINAL_ONLY: one output, when the sequence ends; CUMULATIVE: all so far
+                if report is not None and not out.finished and len(out.outputs[0].token_ids) > reported:
+                    report(_delta(out.outputs[0], req, reported, self.weight_version))
+                    reported = len(out.outputs[0].token_ids)
         except Exception as exc:  # the engine failed this request: a typed failure of its own
             raise GenerationFailed(f"vLLM failed this sequence ({type(exc).__name__}: {exc})") from exc
-        return _output(final.outputs[0], req, self.weight_version)
+        output = _output(final.outputs[0], req, self.weight_version)
+        if report is not None:
+            report(output)
+        return output
 
     def _report(self, outputs: list[GenerationOutput]) -> None:
         if self._on_finished is not None:
@@ -302,13 +329,14 @@ def _read_specs(path: Path) -> dict[str, ParamSpec]:
     return specs
 
 
-def _sampling(req: GenerationRequest) -> Any:
+def _sampling(req: GenerationRequest, streamed: bool = False) -> Any:
     """vLLM's SamplingParams for one sequence; raises `InvalidParameters` for what vLLM refuses."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    kind = RequestOutputKind.CUMULATIVE if streamed else RequestOutputKind.FINAL_ONLY
     try:
-        return SamplingParams(**_sampling_options(req), output_kind=RequestOutputKind.FINAL_ONLY)
+        return SamplingParams(**_sampling_options(req), output_kind=kind)
     except ValueError as exc:
         raise InvalidParameters(f"vLLM refuses these sampling parameters: {exc}") from None
 
@@ -322,6 +350,9 @@ def _sampling_options(req: GenerationRequest) -> dict[str, Any]:
         temperature=0.0 if greedy else req.temperature,
         top_p=1.0 if greedy else req.top_p,
         top_k=0 if greedy else req.top_k,  # 0: off, as in GenerationRequest
+        min_p=0.0 if greedy else req.min_p,
+        repetition_penalty=req.repetition_penalty,  # over prompt and output, greedy or not, as in hf.py
+        min_tokens=req.min_tokens,
         seed=req.seed,
         max_tokens=req.max_tokens,
         stop=list(req.stop) or None,
@@ -332,10 +363,10 @@ def _sampling_options(req: GenerationRequest) -> dict[str, Any]:
     )
 
 
-def _output(completion: Any, req: GenerationRequest, current_version: int) -> GenerationOutput:
-    """A vLLM CompletionOutput as a GenerationOutput."""
-    token_ids = list(completion.token_ids)
-    positions = completion.logprobs or []
+def _logprobs(
+    token_ids: list[int], positions: Sequence[Any], req: GenerationRequest
+) -> tuple[list[float], list[list[tuple[int, float]]] | None]:
+    """The sampled tokens' logprobs and, when asked for, each position's top alternatives."""
     logprobs = [position[token].logprob for token, position in zip(token_ids, positions, strict=True)]
     tops = None
     if req.top_logprobs:  # each position holds the top k, and the sampled token (rank > k) if not among them
@@ -344,16 +375,35 @@ def _output(completion: Any, req: GenerationRequest, current_version: int) -> Ge
             [(token, lp.logprob) for token, lp in sorted(position.items(), key=lambda kv: kv[1].rank)][:k]
             for position in positions
         ]
+    return logprobs, tops
+
+
+def _version(completion: Any, current_version: int) -> int:
+    """The version of the weights that sampled the completion's first token (vLLM labels every token)."""
+    spans = completion.weight_versions
+    return int(spans[0].version) if spans else current_version
+
+
+def _delta(completion: Any, req: GenerationRequest, start: int, current_version: int) -> TokenDelta:
+    """A cumulative CompletionOutput's tokens from `start` on."""
+    token_ids = list(completion.token_ids[start:])
+    logprobs, tops = _logprobs(token_ids, (completion.logprobs or [])[start:], req)
+    return TokenDelta(token_ids, logprobs, tops, _version(completion, current_version))
+
+
+def _output(completion: Any, req: GenerationRequest, current_version: int) -> GenerationOutput:
+    """A vLLM CompletionOutput as a GenerationOutput."""
+    token_ids = list(completion.token_ids)
+    logprobs, tops = _logprobs(token_ids, completion.logprobs or [], req)
     reason: Literal["stop", "length", "abort"] = (
         completion.finish_reason if completion.finish_reason in ("stop", "length") else "abort"
     )
-    spans = completion.weight_versions
     return GenerationOutput(
         token_ids=token_ids,
         logprobs=logprobs,
         text=completion.text,
         finish_reason=reason,
-        weight_version=int(spans[0].version) if spans else current_version,
+        weight_version=_version(completion, current_version),
         stop_reason=completion.stop_reason if isinstance(completion.stop_reason, str) else None,
         top_logprobs=tops,
     )

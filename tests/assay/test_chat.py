@@ -6,7 +6,15 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from assay.chat import NoChatTemplate, render_exchange, render_prompt, split_exchange
+from assay.arith.tokenizer import build_tokenizer
+from assay.chat import (
+    DroppedMessages,
+    NoChatTemplate,
+    render_chat,
+    render_exchange,
+    render_prompt,
+    split_exchange,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -56,3 +64,39 @@ def test_a_string_prompt_with_a_message_response_is_one_user_turn():
 def test_a_conversation_for_a_tokenizer_without_a_template_is_refused():
     with pytest.raises(NoChatTemplate, match="has no chat template"):
         render_prompt(tokenizer(None), CHAT)
+
+
+# --- render_chat: an OpenAI chat request's messages, none dropped ---------------------------------
+
+
+def test_a_template_with_a_system_turn_renders_it_there():
+    assert render_chat(tokenizer(CHATML), CHAT) == render_prompt(tokenizer(CHATML), CHAT)
+
+
+def test_system_messages_a_template_drops_are_folded_into_the_first_user_turn():
+    arith = build_tokenizer()  # the embedded template: user and assistant turns only, `Q: ... A: `
+    chat = [*CHAT, {"role": "assistant", "content": "4"}, {"role": "developer", "content": "Then stop."}]
+    chat.append({"role": "user", "content": "3+3?"})
+    assert render_chat(arith, chat) == "<s>Q: Be brief.\n\nThen stop.\n\n2+2? A: 4</s>Q: 3+3? A: "
+    with pytest.raises(DroppedMessages, match="no user turn"):
+        render_chat(arith, [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "4"}])
+
+
+def test_other_roles_a_template_drops_are_refused_by_name():
+    with pytest.raises(DroppedMessages, match="'tool'"):
+        render_chat(build_tokenizer(), [*CHAT, {"role": "tool", "content": "4"}])
+
+
+def test_template_kwargs_reach_the_template_but_not_the_renderers_own_parameters():
+    thinking = build_tokenizer()
+    thinking.chat_template = "{% if enable_thinking %}<think>{% endif %}{{ messages[0]['content'] + eos_token }}"
+    assert render_chat(thinking, CHAT[1:], template_kwargs={"enable_thinking": True}) == "<think>2+2?</s>"
+    ignored = {"tokenize": True, "eos_token": 1, "add_generation_prompt": False}  # would break or redirect it
+    assert render_chat(thinking, CHAT[1:], template_kwargs=ignored) == "2+2?</s>"
+
+
+def test_continue_final_message_leaves_the_assistants_turn_open():
+    arith = build_tokenizer()
+    chat = [CHAT[1], {"role": "assistant", "content": "2+2=4 "}]
+    text = render_chat(arith, chat, add_generation_prompt=False, continue_final_message=True)
+    assert text == "<s>Q: 2+2? A: 2+2=4 "  # no </s> after it

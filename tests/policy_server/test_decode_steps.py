@@ -4,6 +4,7 @@ dynamic cache, batch after batch, on the embedded policy."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -94,3 +95,20 @@ def test_a_compiled_step_generates_what_the_eager_one_does(policy):
     want = _decode(policy, requests, None)
     compiled = Steps(policy[0], BatchSettings(kv_cache="static", compile=True))
     _assert_same(_decode(policy, requests, compiled), want)
+
+
+def test_rows_with_min_p_repetition_penalty_and_min_tokens_batch_with_neutral_rows_unchanged(policy):
+    """Each row keeps its own sampling extensions: rows with them draw what they draw alone, and rows at the
+    neutral values (the defaults) draw what they draw without them in the batch."""
+    _, tokenizer = policy
+    neutral = _requests(tokenizer)
+    extended = [
+        dataclasses.replace(neutral[1], min_p=0.3, repetition_penalty=1.3),
+        dataclasses.replace(neutral[2], repetition_penalty=0.8, min_tokens=6),  # its stop string only after 6
+        dataclasses.replace(neutral[0], repetition_penalty=1.5, min_tokens=20),  # greedy
+    ]
+    together = _decode(policy, [*neutral, *extended], None)
+    _assert_same(together[: len(neutral)], _decode(policy, neutral, None))
+    _assert_same(together[len(neutral) :], [_decode(policy, [r], None)[0] for r in extended])
+    assert len(together[-1].token_ids) >= 20 and tokenizer.eos_token_id not in together[-1].token_ids[:19]
+    assert len(together[-2].token_ids) >= 6

@@ -54,9 +54,10 @@ def metric(url: str, name: str, **labels: str) -> float:
         ("completions", {"temperature": -0.5}, 400, "temperature"),
         ("completions", {"top_p": 0}, 400, "top_p"),
         ("completions", {"stop": [""]}, 400, "stop"),
-        ("completions", {"stream": True}, 400, None),
-        ("completions", {"echo": True}, 400, None),
-        ("completions", {"prompt_typo": "x"}, 400, "prompt_typo"),
+        ("completions", {"stream_options": {"include_usage": True}}, 400, None),  # without stream=true
+        ("completions", {"echo": True}, 400, "echo"),
+        ("completions", {"best_of": 3}, 400, "best_of"),
+        ("completions", {"min_tokens": 5}, 400, "min_tokens"),  # more than max_tokens (4)
         ("chat/completions", {"messages": []}, 400, "messages"),
         ("chat/completions", {"max_completion_tokens": 300}, 400, "max_completion_tokens"),
         ("chat/completions", {"messages": [{"role": "user", "content": "1" * 20_000}]}, 400, "prompt"),

@@ -60,6 +60,7 @@ async def _compare() -> dict[str, float]:
         await _greedy_matches(hf, vl, prompts)
         numbers["logprob_max_diff"] = await _logprobs_match(hf, vl, prompts)
         await _seeds_and_stops(vl, prompts)
+        await _streams_add_up(vl, prompts)
         await _cancelling_aborts(vl, prompts)
         await _weight_updates(hf, vl, prompts)
     finally:
@@ -126,6 +127,24 @@ async def _seeds_and_stops(vl, prompts) -> None:
     assert cut.token_ids == full.token_ids[: len("23+45=68 68-")]  # the tokens that completed the stop are kept
     (long,) = await vl.generate([_greedy(prompts[1], max_tokens=50, ignore_eos=True)])
     assert long.finish_reason == "length" and len(long.token_ids) == 50 and long.text.startswith(full.text)
+
+
+async def _streams_add_up(vl, prompts) -> None:
+    """`generate_streaming`: each sequence's reports are its tokens as they come, then its output, which
+    is what `generate` gives for the same seed."""
+    from assay.policy_server.backends import GenerationRequest, TokenDelta
+
+    requests = [GenerationRequest(p, 30, temperature=1.0, seed=i, top_logprobs=2) for i, p in enumerate(prompts)]
+    reports: dict[int, list] = {}
+    outputs = await vl.generate_streaming(requests, lambda i, event: reports.setdefault(i, []).append(event))
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in await vl.generate(requests)]
+    for i, out in enumerate(outputs):
+        *deltas, last = reports[i]
+        assert last is out and deltas and all(isinstance(d, TokenDelta) for d in deltas)
+        streamed = [t for d in deltas for t in d.token_ids]
+        assert streamed == out.token_ids[: len(streamed)]
+        assert [lp for d in deltas for lp in d.logprobs] == out.logprobs[: len(streamed)]
+        assert all(d.weight_version == out.weight_version for d in deltas)
 
 
 async def _cancelling_aborts(vl, prompts) -> None:

@@ -162,7 +162,9 @@ def test_the_schemas_state_the_rules_serving_enforces():
     prompt = CompletionRequest.model_json_schema()["properties"]["prompt"]["anyOf"]
     assert all(p.get("minLength") == 1 or p.get("minItems") == 1 for p in prompt)
     for request in (CompletionRequest, ChatCompletionRequest):
-        assert request.model_json_schema()["properties"]["stream"]["const"] is False
+        assert {"properties": {"stream": {"const": True}}, "required": ["stream"]} in [
+            rule.get("then") for rule in request.model_json_schema()["allOf"]
+        ]  # stream_options needs stream=true
     search = SearchRequest.model_json_schema()
     assert search["properties"]["strategy"]["enum"] == list(SEARCH_STRATEGIES)
     assert search["if"]["properties"]["strategy"]["enum"] == list(NO_REWARD_STRATEGIES)

@@ -80,6 +80,32 @@ async def _post(client: httpx.AsyncClient, url: str, body: dict) -> httpx.Respon
         return exc
 
 
+async def _stream(
+    client: httpx.AsyncClient, url: str, body: dict, started: asyncio.Event
+) -> httpx.Response | Exception:
+    """A streamed request, read to its end (a stream broken off raises); `started` is set once it answers."""
+    try:
+        async with client.stream("POST", url, json={**body, "stream": True}, timeout=300) as r:
+            started.set()
+            await r.aread()
+            return r
+    except httpx.HTTPError as exc:
+        return exc
+
+
+def _stream_outcome(answer: httpx.Response | Exception) -> str:
+    """A stream's: 'ok' (to [DONE]), 'cut' (a last error event, the typed 503, then [DONE]), or as `_outcome`."""
+    if isinstance(answer, Exception) or answer.status_code != 200:
+        return _outcome(answer, CompletionResponse, PolicyError, _typed_policy_503)
+    *chunks, done = answer.text.removesuffix("\n\n").split("\n\n")
+    if done != "data: [DONE]":
+        return f"stream ended without [DONE]: {answer.text[-200:]}"
+    if '"error"' not in chunks[-1]:
+        return "ok"
+    error = PolicyError.model_validate_json(chunks[-1].removeprefix("data: ")).error
+    return "cut" if (error.type, error.code) == ("server_error", "shutting_down") else f"error event {error}"
+
+
 def _outcome(answer: httpx.Response | Exception, ok_model, error_model, retry_type) -> str:
     """'ok', 'retry' (the typed 503), 'refused' (sent after the socket closed), or a failure's description."""
     if isinstance(answer, httpx.ConnectError):
@@ -225,22 +251,32 @@ def test_policy_server_drains_and_cuts_off_with_typed_retryable_errors(tmp_path)
 
         async def run():
             async with httpx.AsyncClient(limits=httpx.Limits(max_connections=64)) as client:
-                flight = [asyncio.ensure_future(_post(client, f"{server.url}/v1/completions", body)) for _ in range(30)]
+                # streams first, long ones (a batch of 32 sequences), one under way before the rest is sent
+                started = asyncio.Event()
+                long = {**body, "n": 32, "max_tokens": 240}
+                url = f"{server.url}/v1/completions"
+                streams = [asyncio.ensure_future(_stream(client, url, long, started)) for _ in range(2)]
+                await asyncio.wait_for(started.wait(), 120)
+                flight = [asyncio.ensure_future(_post(client, url, body)) for _ in range(30)]
                 await asyncio.sleep(2.0)
                 sent = server.terminate()
                 await asyncio.sleep(0.3)
                 ready = await _ready_status(server.url)
                 late = await _post(client, f"{server.url}/v1/completions", body)
-                return await asyncio.gather(*flight), late, ready, sent
+                return await asyncio.gather(*flight), await asyncio.gather(*streams), late, ready, sent
 
-        answers, late, ready, sent = asyncio.run(run())
+        answers, streamed, late, ready, sent = asyncio.run(run())
         status, took = server.exit_after(sent, drain_s + EXIT_MARGIN_S)
     finally:
         server.kill()
     outcomes = Counter(_outcome(a, CompletionResponse, PolicyError, _typed_policy_503) for a in answers)
     assert set(outcomes) <= {"ok", "retry", "refused"}, outcomes
     assert outcomes["retry"] >= 1, outcomes  # 240 sequences of 200 tokens outlast a 1 s drain
+    # a stream under way when the drain ends gets a last error event and its end, never a broken response
+    stream_outcomes = Counter(_stream_outcome(a) for a in streamed)
+    assert set(stream_outcomes) <= {"ok", "cut", "retry"}, stream_outcomes
+    assert stream_outcomes["ok"] + stream_outcomes["cut"] >= 1, stream_outcomes  # one had started before SIGTERM
     assert ready in (503, "refused"), ready
     assert _outcome(late, CompletionResponse, PolicyError, _typed_policy_503) in ("retry", "refused")
     assert status == 0, server.log.read_text()[-3000:]
-    print(f"policy_server drain: {dict(outcomes)}, exit 0 {took:.1f}s after SIGTERM")
+    print(f"policy_server drain: {dict(outcomes)}, streams {dict(stream_outcomes)}, exit 0 {took:.1f}s after SIGTERM")
