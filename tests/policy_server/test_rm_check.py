@@ -2,7 +2,7 @@
 
 Real servers on loopback: the policy server (the embedded policy alone) with `--rm-url` at a free
 port nobody listens on, then a reward server (rules only) started on that port. Promised (README,
-the policy server): a WARNING naming the URL and what went wrong; `/ready` 200 with
+"Operating the services"): a WARNING naming the URL and what went wrong; `/ready` 200 with
 `dependencies.rm` `degraded`, turning `ok` once the reward service answers, re-checked in the
 background; a wrong key at the reward service is degraded too.
 """

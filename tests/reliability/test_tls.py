@@ -2,7 +2,7 @@
 
 A throwaway CA (trustme) signs a certificate for 127.0.0.1 and localhost; the reward server
 (rules only, in-process) serves HTTP and gRPC with it (`--tls-cert`, `--tls-key`). Promised
-(README, Reliability): `RewardClient.http("https://...", ca_cert=...)`, `AsyncRewardClient` and
+(README, "Operating the services"): `RewardClient.http("https://...", ca_cert=...)`, `AsyncRewardClient` and
 `RewardClient.grpc(target, ca_cert=...)` score over TLS; plain HTTP or a plaintext gRPC channel to
 the TLS ports gets no answer; a certificate from another CA is refused (`CertificateRefused` over
 HTTP and gRPC, at once, no retries); the connection bounds hold over TLS (a connection that sends no
