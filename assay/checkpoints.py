@@ -8,6 +8,7 @@ trace from deep inside transformers.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -111,6 +112,14 @@ def vllm_on_cpu(device: str) -> bool:
     return on == "cpu"
 
 
+# transformers' from_pretrained switches weight tying off for the length of a load by patching a class
+# attribute (`PreTrainedModel.tie_weights`, initialization.no_tie_weights) and restores what it saw on
+# entry. Two loads on threads of one process (a spec's model rewards start together) can interleave so
+# that the second restores the first's patch: tying stays off in that process for good, and a later
+# tied checkpoint (lm_head stored once) loads with its LM head missing. Loads here take turns.
+_LOADING = threading.Lock()
+
+
 def load_model(
     path: str | Path,
     kind: Kind,
@@ -149,9 +158,10 @@ def load_model(
         )
     try:
         options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-        model, info = auto.from_pretrained(
-            str(path), config=config, output_loading_info=True, dtype=_torch_dtype(dtype), **options
-        )
+        with _LOADING:
+            model, info = auto.from_pretrained(
+                str(path), config=config, output_loading_info=True, dtype=_torch_dtype(dtype), **options
+            )
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         raise CheckpointError(f"{path}: the weights could not be loaded ({_first_line(e)}).") from e
     _check_complete(path, kind, model, info["missing_keys"], config.architectures)
@@ -197,9 +207,10 @@ def load_scalar_classifier(path: str | Path) -> tuple[PreTrainedModel, PreTraine
     tokenizer = load_tokenizer(path)
     config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(path), config=config, output_loading_info=True
-        )
+        with _LOADING:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(path), config=config, output_loading_info=True
+            )
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: the weights could not be loaded ({_first_line(e)}).") from e
     head = {name for name, _ in model.named_parameters() if name.startswith("score.")}

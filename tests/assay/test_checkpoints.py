@@ -109,3 +109,36 @@ def test_tied_weights_stored_once_are_not_missing(tmp_path, tiny_lm, tokenizer):
 @pytest.mark.parametrize("name", sorted(EMBEDDED))
 def test_embedded_checkpoints_are_complete(name):
     load_embedded(name)  # nothing missing, the verifier included
+
+
+def test_loads_on_threads_take_turns(monkeypatch):
+    """transformers' from_pretrained patches `PreTrainedModel.tie_weights` for the length of a load and restores
+    what it saw on entry: two loads interleaved on threads can leave tying off in the process for good (a tied
+    checkpoint then loads with its LM head missing). So no two of our loads overlap."""
+    import threading
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained.__func__
+    inside, most, lock = [0], [0], threading.Lock()
+
+    def counted(cls, *args, **kwargs):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.2)  # a load's window, long enough for another thread to enter it if it may
+            return real(cls, *args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counted))
+    kind, path = EMBEDDED["policy"]
+    threads = [threading.Thread(target=load_model, args=(path, kind)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert most[0] == 1

@@ -156,7 +156,7 @@ def test_reward_service_still_loading_says_when_to_ask_again():
         r = http.post("/v1/score", json={"reward": "orm", "items": [{"id": "0", "prompt": "p", "response": "r"}]})
     assert r.status_code == 503 and r.json()["error"]["type"] == "not_ready"
     assert int(r.headers["retry-after"]) >= 1
-    failure = rm_grpc.describe(_raised(lambda: service._reward("orm")))
+    failure = rm_grpc.describe(_raised(lambda: service.reward("orm")))
     assert failure.status.name == "UNAVAILABLE" and float(dict(failure.trailers())["retry-after"]) > 0
 
 
