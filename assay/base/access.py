@@ -47,8 +47,24 @@ def request_id(offered: str | None) -> str:
     return uuid.uuid4().hex
 
 
-def _log(message: str, fields: dict[str, object]) -> None:
-    access_log.info(message, extra=fields)
+def _access_line(
+    context: RequestContext, method: str, path: str, status: int | str, seconds: float, client: str, sent: int | None
+) -> None:
+    """One access line, HTTP's (with the bytes sent) or gRPC's (`sent` None): its text, and its fields as
+    record attributes (what `--log-format json` writes)."""
+    size = "" if sent is None else f" {sent}B"
+    labels = "".join(f" {k}={v}" for k, v in context.fields.items())
+    fields: dict[str, object] = {
+        "request_id": context.request_id,
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 2),
+        "client": client,
+        **({} if sent is None else {"bytes_out": sent}),
+        **context.fields,
+    }
+    access_log.info(f"{method} {path} {status} {seconds * 1000:.1f}ms{size} client={client}{labels}", extra=fields)
 
 
 class RequestLog:
@@ -88,27 +104,10 @@ class RequestLog:
         finally:
             current_request.reset(token)
             if access_log.isEnabledFor(logging.INFO):
-                self._line(scope, context, status or CANCELLED, time.perf_counter() - start, sent)
-
-    @staticmethod
-    def _line(scope: Scope, context: RequestContext, status: int, seconds: float, sent: int) -> None:
-        client = scope.get("client")
-        address = f"{client[0]}:{client[1]}" if client else "-"
-        labels = "".join(f" {k}={v}" for k, v in context.fields.items())
-        fields = {
-            "request_id": context.request_id,
-            "method": scope["method"],
-            "path": scope["path"],
-            "status": status,
-            "duration_ms": round(seconds * 1000, 2),
-            "client": address,
-            "bytes_out": sent,
-            **context.fields,
-        }
-        _log(
-            f"{scope['method']} {scope['path']} {status} {seconds * 1000:.1f}ms {sent}B client={address}{labels}",
-            fields,
-        )
+                client = scope.get("client")
+                address = f"{client[0]}:{client[1]}" if client else "-"
+                seconds = time.perf_counter() - start
+                _access_line(context, scope["method"], scope["path"], status or CANCELLED, seconds, address, sent)
 
 
 class GrpcCall:
@@ -133,14 +132,4 @@ class GrpcCall:
         if not access_log.isEnabledFor(logging.INFO):
             return
         seconds = time.perf_counter() - self.start
-        labels = "".join(f" {k}={v}" for k, v in self.context.fields.items())
-        fields = {
-            "request_id": self.context.request_id,
-            "method": "grpc",
-            "path": self.method,
-            "status": code.name,
-            "duration_ms": round(seconds * 1000, 2),
-            "client": self.peer,
-            **self.context.fields,
-        }
-        _log(f"grpc {self.method} {code.name} {seconds * 1000:.1f}ms client={self.peer}{labels}", fields)
+        _access_line(self.context, "grpc", self.method, code.name, seconds, self.peer, None)
