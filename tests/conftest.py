@@ -62,3 +62,12 @@ def tiny_chat(tmp_path_factory):
                 result = CliRunner().invoke(app, ["models", "tiny-chat", "--out", str(out)])
             assert result.exit_code == 0, f"assay models tiny-chat failed:\n{result.output}\n{result.exception!r}"
     return out
+
+
+@pytest.fixture(scope="session")
+def rules_spec(tmp_path_factory):
+    """A reward spec of one rule (`format`: the response ends in `#### n`): a reward server on it starts at
+    once, with no model to load, for the tests of what every server does."""
+    path = tmp_path_factory.mktemp("spec") / "rules.yaml"
+    path.write_text('rewards:\n  format: {type: rule.regex, pattern: "#### -?\\\\d+$"}\n')
+    return path

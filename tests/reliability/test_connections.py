@@ -25,24 +25,13 @@ from tests.helpers import wait_ready
 
 pytestmark = [pytest.mark.reliability, pytest.mark.service]
 
-RULES = """
-rewards:
-  format: {type: rule.regex, pattern: "#### -?\\\\d+$"}
-"""
 HEADER_S, BODY_S, IDLE_S = 1.0, 2.0, 1.0
 LIMITS = Connections(max_connections=8, header_timeout_s=HEADER_S, body_timeout_s=BODY_S, idle_timeout_s=IDLE_S)
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec") / "rules.yaml"
-    path.write_text(RULES)
-    return path
-
-
-@pytest.fixture(scope="module")
-def server(spec):
-    with BackgroundServer(ServerConfig(spec=spec, port=0, grpc_port=None, connections=LIMITS)) as s:
+def server(rules_spec):
+    with BackgroundServer(ServerConfig(spec=rules_spec, port=0, grpc_port=None, connections=LIMITS)) as s:
         yield s
 
 
@@ -125,9 +114,9 @@ def test_past_the_connection_cap_a_new_connection_gets_the_typed_503(server):
 
 
 @pytest.mark.parametrize("taken", ["http", "grpc"])
-def test_a_second_server_on_a_taken_port_exits_with_one_sentence_naming_it(spec, taken):
+def test_a_second_server_on_a_taken_port_exits_with_one_sentence_naming_it(rules_spec, taken):
     port, grpc_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "assay.rm_server", "--spec", str(spec), "--log-level", "warning"]
+    argv = [sys.executable, "-m", "assay.rm_server", "--spec", str(rules_spec), "--log-level", "warning"]
     first = subprocess.Popen(
         [*argv, "--port", str(port), "--grpc-port", str(grpc_port)],
         stdout=subprocess.DEVNULL,

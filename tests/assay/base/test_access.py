@@ -33,18 +33,7 @@ from tests.helpers import wait_for, wait_ready
 pytestmark = pytest.mark.service
 
 NEW_ID = re.compile(r"[0-9a-f]{32}")  # uuid4 hex
-RULES = """
-rewards:
-  format: {type: rule.regex, pattern: "#### -?\\\\d+$"}
-"""
 ITEM = {"id": "a", "prompt": "Q: 1+1 A: ", "response": "1+1=2 #### 2"}
-
-
-@pytest.fixture(scope="module")
-def rules_spec(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec") / "rules.yaml"
-    path.write_text(RULES)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,6 @@ from tests.helpers import wait_for
 
 pytestmark = pytest.mark.service
 
-RULES = """
-rewards:
-  format: {type: rule.regex, pattern: "#### -?\\\\d+$"}
-"""
-
-
-@pytest.fixture(scope="module")
-def rules_spec(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec") / "rules.yaml"
-    path.write_text(RULES)
-    return path
-
 
 @pytest.fixture(scope="module")
 def server(rules_spec):
