@@ -31,7 +31,6 @@ cancelled when the client hangs up, and a failed item that never becomes a numbe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
@@ -65,6 +64,7 @@ from assay.rm_server.config import Compat
 from assay.rm_server.metrics import UNKNOWN
 from assay.rm_server.protocol import ErrorInfo, ErrorResponse, ErrorType, ScoreItem, ScoreRequest, ScoreResponse
 from assay.rm_server.rewards import ItemFailure
+from assay.rm_server.rewards.base import sigmoid
 from assay.rm_server.rewards.model import ModelReward
 from assay.rm_server.serving import RewardService
 from assay.rm_server.spec import OutcomeModelSpec
@@ -110,10 +110,6 @@ def score_item(**fields: Any) -> ScoreItem:
         return ScoreItem(**fields)
     except ValidationError as exc:
         raise InvalidRequest(f"item {fields.get('id')}: {exc.errors()[0]['msg']}") from None
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def add_compat_routes(
@@ -263,8 +259,7 @@ def add_compat_routes(
 
     def activated(model: ModelReward, logit: float, choice: bool | None) -> float:
         own = isinstance(model.spec, OutcomeModelSpec) and model.spec.activation == "sigmoid"
-        sigmoid = choice if choice is not None else own
-        return _sigmoid(logit) if sigmoid else logit
+        return sigmoid(logit) if (choice if choice is not None else own) else logit
 
     async def pooled(
         route: str, req: PoolingRequest, request: Request, build: Callable[[str, ModelReward, list[float], Usage], Any]

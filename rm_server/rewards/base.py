@@ -92,7 +92,7 @@ class Reward(ABC):
             elif isinstance(b, ItemFailure):
                 out.append(b)
             else:
-                out.append(Compared(_sigmoid(a.value - b.value), (a.value, b.value)))
+                out.append(Compared(sigmoid(a.value - b.value), (a.value, b.value)))
         return out
 
     def check(self, items: Sequence[Item]) -> None:
@@ -113,8 +113,21 @@ class Reward(ABC):
         """Release what `start` took."""
 
 
-def _sigmoid(x: float) -> float:
+def sigmoid(x: float) -> float:
+    """The logistic function, without overflow for large |x|."""
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def check_template(template: str) -> None:
+    """A text reward's `template` must hold `{prompt}` and `{response}` once each (ValueError otherwise)."""
+    if template.count("{prompt}") != 1 or template.count("{response}") != 1:
+        raise ValueError("template must contain {prompt} and {response} once each")
+
+
+def fill_template(template: str, prompt: str, response: str) -> tuple[str, int]:
+    """The text a reward reads: `template` with the prompt and response in; and where the response starts."""
+    head = template[: template.index("{response}")].format(prompt=prompt)
+    return template.format(prompt=prompt, response=response), len(head)
 
 
 # The request's deadline, in event-loop time; set by the serving layer for each request.

@@ -36,7 +36,16 @@ from assay.chat import has_chat_template, render_exchange, render_prompt
 from assay.data import Text
 from assay.rm_server.backends import OutOfMemory
 from assay.rm_server.protocol import ErrorType, Granularity
-from assay.rm_server.rewards.base import Item, ItemFailure, Outcome, Reward, Scored, until_deadline
+from assay.rm_server.rewards.base import (
+    Item,
+    ItemFailure,
+    Outcome,
+    Reward,
+    Scored,
+    check_template,
+    fill_template,
+    until_deadline,
+)
 from assay.rm_server.spec import OutcomeModelSpec, ProcessModelSpec
 
 if TYPE_CHECKING:
@@ -107,8 +116,8 @@ class ModelReward(Reward):
             if self.process
             else {Granularity.outcome, Granularity.tokens}
         )
-        if not spec.chat_template and (spec.template.count("{prompt}") != 1 or spec.template.count("{response}") != 1):
-            raise ValueError(f"reward {name!r}: template must contain {{prompt}} and {{response}} once each")
+        if not spec.chat_template:
+            check_template(spec.template)
         self.backend: ScoringBackend | None = None  # these three once started
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.batcher: Batcher | None = None
@@ -212,8 +221,7 @@ class ModelReward(Reward):
                 f"reward {self.name!r} reads text through its `template` and has no chat template to render "
                 "`messages` with: send the prompt as text in `prompt`, or serve the model with `chat_template: true`",
             )
-        head = self.spec.template[: self.spec.template.index("{response}")]
-        return self.spec.template.format(prompt=prompt, response=response), len(head.format(prompt=prompt))
+        return fill_template(self.spec.template, prompt, response)
 
     def encode(self, items: Sequence[Item]) -> list[_Encoded | ItemFailure]:
         """Each item as the model reads it, or why it cannot be (that item fails, the others go on).

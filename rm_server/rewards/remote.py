@@ -39,7 +39,17 @@ from typing import Any
 
 from assay.base.batcher import Batcher
 from assay.rm_server.protocol import ErrorType, Granularity
-from assay.rm_server.rewards.base import DEADLINE, Item, ItemFailure, Outcome, Reward, Scored, until_deadline
+from assay.rm_server.rewards.base import (
+    DEADLINE,
+    Item,
+    ItemFailure,
+    Outcome,
+    Reward,
+    Scored,
+    check_template,
+    fill_template,
+    until_deadline,
+)
 from assay.rm_server.rewards.endpoint import SNIPPET, Endpoint
 from assay.rm_server.spec import OpenRLHFSpec, RemoteSpec, VllmClassifySpec
 
@@ -65,8 +75,8 @@ class RemoteReward(Reward):
         super().__init__(name, reward_id)
         self.spec = spec
         self.type = spec.type
-        if not self.chat and (spec.template.count("{prompt}") != 1 or spec.template.count("{response}") != 1):
-            raise ValueError("template must contain {prompt} and {response} once each")
+        if not self.chat:
+            check_template(spec.template)
         self.endpoint = Endpoint(
             f"reward {name!r}",
             f"{spec.type} server",
@@ -139,9 +149,8 @@ class RemoteReward(Reward):
                 "prompt as text in `prompt`"
                 + (", or set `chat_template: true`" if isinstance(self.spec, VllmClassifySpec) else ""),
             )
-        template = self.spec.template
-        head = template[: template.index("{response}")].format(prompt=item.prompt)
-        return _Ask(template.format(prompt=item.prompt, response=item.response), head, item.reference, deadline)
+        text, start = fill_template(self.spec.template, item.prompt, item.response)
+        return _Ask(text, text[:start], item.reference, deadline)
 
     async def _run_batch(self, batch: list[_Ask]) -> list[Outcome]:
         """One batch: the server's scores, or the same failure for each of its items."""
