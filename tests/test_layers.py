@@ -44,6 +44,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "assay.*.cli",
         "assay.trainer.online_cli",
         "assay.*.__main__",
+        "assay.deploy",  # the Ray Serve application: wires the services into Ray
         "bench",
     ),
     # 6. the bottom: wire types, the neutral base, the models base, the embedded world
