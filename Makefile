@@ -26,10 +26,14 @@ lint: install
 
 # Two workers, whole test files each (tests in one file share their servers): much of the suite
 # waits on servers starting in subprocesses, so two workers on two cores take about 2/3 the time.
+# The files run longest first (tests/order.py; --no-loadscope-reorder keeps that order), so the two
+# workers finish together. One torch thread per process (OMP_NUM_THREADS, inherited by every server
+# a test starts): two workers on two cores with torch's default of a thread per core spin against
+# each other, and tiny models gain nothing from a second thread anyway.
 # pytest exits 5 when it collects no test: that means the suite went missing, so say so and fail.
 TEST_WORKERS ?= 2
 test: install
-	@$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
+	@OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 # The quick loop: the unit tier (pure, in-process tests; tests/tiers.py), without what is marked slow.

@@ -11,6 +11,8 @@ from assay.arith.tokenizer import build_tokenizer
 from tests.helpers import tiny_llama_config, torch_threads
 from tests.tiers import pytest_collection_modifyitems, pytest_runtest_setup  # noqa: F401  (hooks: found by name)
 
+pytest_plugins = ["tests.order"]  # the order test files run in: long ones first (a second modifyitems hook)
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
