@@ -6,9 +6,11 @@ two kinds, and every other key is refused with the list of known ones:
 
 - `Replicas`' fields: the replica count or the autoscaling bounds, and the resources of each replica;
 - the service's `ServerConfig` fields, by the names of `assay rm serve`'s / `assay policy serve`'s
-  flags with underscores (`max_items=64`, `api_key=...`, `header_timeout=5`), flattened as the command
-  line flattens them (`assay.cli_options`), so one name means one thing everywhere. A repeatable
-  flag takes several values separated by whitespace.
+  flags with underscores (`max_items=64`, `api_key=...`, `model_workers=false`), flattened as the
+  command line flattens them (`assay.cli_options`), so one name means one thing everywhere. A
+  repeatable flag takes several values separated by whitespace. `host` is the address of Serve's
+  proxy (it decides the allowed Host names, and whether keys are required); what Serve does in the
+  replicas' place (`SERVES`: ports, TLS, connection bounds, logging) is refused, saying so.
 
 Values are converted and checked by pydantic against the dataclasses' own types, then by the
 dataclasses' own `__post_init__` checks (the keyless public bind among them), so a bad value is a
@@ -21,12 +23,15 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 
 from assay.base.connections import BaseServerConfig
 from assay.cli_options import options
+from assay.policy_server.config import ServerConfig as PolicyConfig
+from assay.rm_server.config import ServerConfig as RewardConfig
 
 C = TypeVar("C", bound=BaseServerConfig)
 
@@ -102,14 +107,23 @@ class Replicas:
 
 
 REPLICA_KEYS = {f.name for f in dataclasses.fields(Replicas)}
+# What Serve does in a replica's place: its proxy listens (HTTP only; gRPC is out of scope under Ray), bounds
+# the connections and drains on shutdown, and its logging configures the replicas' logs.
+SERVES = ("port", "grpc_port", "tls_cert", "tls_key", "connections", "log_level", "log_format", "access_log")
 
 
 def parse_args(cls: type[C], args: Mapping[str, Any]) -> tuple[C, Replicas]:
     """The service's config and its replicas from a builder's flat `args`. The keys in the service's
     environment variable (`ASSAY_API_KEYS`, `ASSAY_POLICY_API_KEYS`) are added to `api_key`'s, as the
     command line adds them."""
-    by_name = {o.name: o for o in options(cls)}
+    by_name = {o.name: o for o in options(cls, exclude=SERVES)}
     unknown = sorted(set(args) - REPLICA_KEYS - set(by_name))
+    serves = sorted(name for name in unknown if name in {o.name for o in options(cls)})
+    if serves:
+        raise ValueError(
+            f"{', '.join(serves)}: Serve's to set under Ray, not a replica's (its proxy listens for every replica: "
+            "`serve run` takes its http_options from a config file, `assay deploy ray` has --host and --port)"
+        )
     if unknown:
         known = ", ".join(sorted(REPLICA_KEYS | set(by_name)))
         raise ValueError(f"unknown argument(s) {', '.join(unknown)}; known: {known}")
@@ -128,6 +142,27 @@ def parse_args(cls: type[C], args: Mapping[str, Any]) -> tuple[C, Replicas]:
         nested["api_keys"] = keys
     replicas = {name: value for name, value in args.items() if name in REPLICA_KEYS}
     return _validate(cls, nested), _validate(Replicas, replicas)
+
+
+def rm_args(args: Mapping[str, Any]) -> tuple[RewardConfig, Replicas]:
+    """`rm_app`'s arguments; a spec that cannot serve is refused here, not in every replica."""
+    from assay.rm_server.spec import check_devices, load_spec
+
+    config, replicas = parse_args(RewardConfig, args)
+    check_devices(load_spec(config.spec))
+    return config, replicas
+
+
+def policy_args(args: Mapping[str, Any]) -> tuple[PolicyConfig, Replicas]:
+    """`policy_app`'s arguments: `assay policy serve`'s, with its `model=DIR` and `model_name=NAME`."""
+    args = dict(args)
+    model, name = args.pop("model", None), args.pop("model_name", "policy")
+    config, replicas = parse_args(PolicyConfig, args)
+    if model is None:
+        return config, replicas
+    if not Path(model).is_dir():
+        raise ValueError(f"model={model}: no such checkpoint directory")
+    return dataclasses.replace(config, models={str(name): Path(model)}), replicas
 
 
 def _validate(cls: type[Any], values: Mapping[str, Any]) -> Any:

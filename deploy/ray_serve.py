@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from assay.deploy.app_args import Replicas, parse_args
+from assay.deploy.app_args import Replicas, policy_args, rm_args
 from assay.policy_server.config import ServerConfig as PolicyConfig
 from assay.rm_server.config import ServerConfig as RewardConfig
 
@@ -147,20 +146,9 @@ def build_policy_app(config: PolicyConfig, replicas: Replicas | None = None) -> 
 def rm_app(args: Mapping[str, Any]) -> Application:
     """`serve run assay.deploy.ray_serve:rm_app [key=value ...]`: `assay rm serve`'s options by their flag
     names with underscores, and `Replicas`' (see `app_args`)."""
-    from assay.rm_server.spec import check_devices, load_spec
-
-    config, replicas = parse_args(RewardConfig, args)
-    check_devices(load_spec(config.spec))  # a spec that cannot serve fails here, not in every replica
-    return build_rm_app(config, replicas)
+    return build_rm_app(*rm_args(args))
 
 
 def policy_app(args: Mapping[str, Any]) -> Application:
     """`serve run assay.deploy.ray_serve:policy_app [model=DIR] [model_name=NAME] [key=value ...]`."""
-    args = dict(args)
-    model, name = args.pop("model", None), args.pop("model_name", "policy")
-    config, replicas = parse_args(PolicyConfig, args)
-    if model is not None:
-        if not Path(model).is_dir():
-            raise ValueError(f"model={model}: no such checkpoint directory")
-        config = dataclasses.replace(config, models={str(name): Path(model)})
-    return build_policy_app(config, replicas)
+    return build_policy_app(*policy_args(args))

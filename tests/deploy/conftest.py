@@ -1,10 +1,10 @@
 """The Ray cluster the deploy tests share: one per test session (a local Ray takes 15-20 s to start here).
 
-`ray_cluster` starts Ray on loopback the way `assay deploy ray` does by default: token authentication on
-(`RAY_AUTH_MODE=token`, set when this file loads; Ray generates the token), no dashboard, a few logical CPUs, and Serve's HTTP proxy
-on a free loopback port. Each test runs its applications with `ray_cluster.serve(app, name)` and they are
-deleted after its block, so tests of several files (and helpers) share the cluster without seeing each
-other's replicas. Serve and Ray are shut down at the end of the session.
+`ray_cluster` starts Ray on loopback the way `assay deploy ray` does by default: token authentication
+on (`RAY_AUTH_MODE=token`, set when this file loads; Ray generates the token), no dashboard, a few
+logical CPUs, and Serve's HTTP proxy on a free loopback port. Each test runs its applications with
+`ray_cluster.serve(app, name)`, deleted after its block, so tests of several files (and helpers) share
+the cluster without seeing each other's replicas. Serve and Ray are shut down at the end of the session.
 """
 
 from __future__ import annotations
