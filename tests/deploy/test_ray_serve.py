@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from assay.checkpoints import EMBEDDED
-from assay.clients import RewardClient, ServiceError
+from assay.clients import PolicyClient, RewardClient, ServiceError
 from assay.deploy.app_args import Replicas
 from tests.helpers import wait_for
 
@@ -59,6 +59,8 @@ def test_two_policy_replicas_answer_the_openai_sdk_through_the_proxy(ray_cluster
         assert len(_replicas_seen(url, "/v1/completions", 2, method="POST", json=body)) == 2
         with pytest.raises(openai.NotFoundError, match="nope"):  # the service's own errors, through the proxy
             client.completions.create(model="nope", prompt="x", max_tokens=1)
+        with PolicyClient(url) as policy:  # Assay's own client, at a base URL with a path
+            assert policy.ready() and policy.weight_version("policy") == 0
 
 
 def _replica_actor(replica_id: str):
