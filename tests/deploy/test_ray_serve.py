@@ -153,16 +153,16 @@ def test_two_rm_replicas_lose_nothing_when_one_is_killed_mid_load(ray_cluster, r
         workers = [threading.Thread(target=load, args=(w,), daemon=True) for w in range(4)]
         for w in workers:
             w.start()
-        wait_for(lambda: len(answered) > 240, 120, "no steady load")
+        wait_for(lambda: len(answered) > 240, 300, "no steady load")
         victim = sorted(before)[0]
         actor = _replica_actor(victim)
         workers_of_victim = _descendants(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())))
         assert workers_of_victim, "the ORM's model worker (and its forkserver) run under the replica"
         ray.kill(actor, no_restart=True)
         killed_at = len(answered)
-        wait_for(lambda: _running_replicas("rm", "RewardDeployment") < 2, 60, "Serve did not see the replica die")
-        wait_for(lambda: _running_replicas("rm", "RewardDeployment") == 2, 240, "Serve did not restart the replica")
-        wait_for(lambda: len(answered) > killed_at + 240, 120, "the load did not go on after the restart")
+        wait_for(lambda: _running_replicas("rm", "RewardDeployment") < 2, 120, "Serve did not see the replica die")
+        wait_for(lambda: _running_replicas("rm", "RewardDeployment") == 2, 300, "Serve did not restart the replica")
+        wait_for(lambda: len(answered) > killed_at + 240, 300, "the load did not go on after the restart")
         stop.set()
         for w in workers:
             w.join(90)
