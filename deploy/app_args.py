@@ -57,6 +57,16 @@ class Replicas:
     downscale_delay_s: float = field(
         default=600.0, metadata={"help": "autoscaling: seconds the load must stay low before a replica is removed"}
     )
+    look_back_period_s: float = field(
+        default=30.0, metadata={"help": "autoscaling: the window (seconds) the ongoing requests are averaged over"}
+    )
+    metrics_interval_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "autoscaling: how often (seconds) the request counts reach Serve's controller (Ray 2.60 "
+            "warns that environment variables will replace it; it is still the setting Serve reads)"
+        },
+    )
     num_cpus: float = field(
         default=1.0, metadata={"help": "CPUs reserved per replica (its torch threads, unless set, follow it)"}
     )
@@ -79,6 +89,8 @@ class Replicas:
             )
         if self.num_cpus < 0 or self.num_gpus < 0 or self.max_ongoing_requests < 1:
             raise ValueError("num_cpus and num_gpus must not be negative, max_ongoing_requests at least 1")
+        if not self.look_back_period_s > 0 or not self.metrics_interval_s > 0:
+            raise ValueError("look_back_period_s and metrics_interval_s must be positive")
         if not self.target_ongoing_requests > 0:
             raise ValueError(f"target_ongoing_requests must be positive, not {self.target_ongoing_requests}")
 
@@ -97,6 +109,8 @@ class Replicas:
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
+            "look_back_period_s": self.look_back_period_s,
+            "metrics_interval_s": self.metrics_interval_s,
         }
         return {**opts, "autoscaling_config": autoscaling}
 
