@@ -52,6 +52,7 @@ class Job:
     rate: float = 0.0  # http-open: this worker's arrivals per second
     streams: int = 1
     seed: int = 0
+    reward: str = "orm"  # the reward every request asks for
 
 
 @dataclass
@@ -103,7 +104,7 @@ async def _run_job(job: Job) -> Result:
 
 def _http_bodies(job: Job) -> list[bytes]:
     return [
-        json.dumps({"reward": "orm", "items": [{"id": i, "prompt": p, "response": r}]}).encode()
+        json.dumps({"reward": job.reward, "items": [{"id": i, "prompt": p, "response": r}]}).encode()
         for i, p, r in job.items
     ]
 
@@ -131,10 +132,12 @@ async def _httpx_post(job: Job):
 @asynccontextmanager
 async def _raw_post(job: Job):
     """The same over bare keep-alive HTTP/1.1 connections: a load generator that costs little CPU."""
-    host, port = job.target.removeprefix("http://").rsplit(":", 1)
+    address, _, prefix = job.target.removeprefix("http://").partition("/")  # a path: Serve's route prefix
+    host, port = address.rsplit(":", 1)
     idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     free = asyncio.Semaphore(job.concurrency)
-    head = f"POST /v1/score HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: "
+    path = f"/{prefix}/v1/score" if prefix else "/v1/score"
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: "
 
     async def post(body: bytes) -> bool:
         async with free:
@@ -350,8 +353,9 @@ def measure(
     rate: float = 0.0,
     metrics_url: str | None = None,
     at_edge=None,
+    reward: str = "orm",
 ) -> Window:
-    """One window of load from `plan.procs` worker processes."""
+    """One window of load from `plan.procs` worker processes, every request for `reward`."""
     ctx = mp.get_context("spawn")  # no fork: this process may hold torch's thread pool
     start_at = time.monotonic() + 1.5  # spawn, imports, connect
     pipes, procs = [], []
@@ -369,6 +373,7 @@ def measure(
             rate / plan.procs,
             plan.streams,
             seed=p,
+            reward=reward,
         )
         recv, send = ctx.Pipe(duplex=False)
         procs.append(ctx.Process(target=_worker, args=(job, send), daemon=True))
