@@ -43,17 +43,17 @@ def test_embedded_checkpoints_meet_the_targets_on_the_fixed_heldout_set():
     assert 0.5 < figures["prm_step_accuracy"] <= 1.0
 
 
-@pytest.mark.slow  # `assay eval` on 8 problems, in a subprocess
+@pytest.mark.slow  # `assay eval` on 2 problems, in a subprocess
 def test_cli_eval_json_prints_one_object():
     out = subprocess.run(
-        [sys.executable, "-m", "assay", "eval", "--json", "--problems", "8"],
+        [sys.executable, "-m", "assay", "eval", "--json", "--problems", "2"],
         capture_output=True,
         text=True,
         check=True,
         timeout=600,
     )
     figures = json.loads(out.stdout)
-    assert figures["heldout_problems"] == 8 and figures["samples_per_problem"] == 64
+    assert figures["heldout_problems"] == 2 and figures["samples_per_problem"] == 64
     assert set(TARGETS) <= set(figures)
 
 
