@@ -13,6 +13,8 @@ strict as the API server's strict field validation (`kubectl apply --validate=st
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import shlex
 from pathlib import Path
 from typing import Any
@@ -102,13 +104,16 @@ def flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
-def secret_command() -> tuple[str, set[str]]:
-    """The Secret's name and keys, as deploy/k8s/README.md's `kubectl create secret generic` creates them."""
+def secret_command() -> tuple[str, dict[str, str]]:
+    """The Secret's name and its keys' values, as deploy/k8s/README.md's `kubectl create secret generic` creates
+    them, with the shell variables the README sets before it (`RM_KEY=$(openssl rand -hex 16)`) given fresh values
+    of that form."""
     text = (K8S / "README.md").read_text()
     start = text.index("kubectl create secret generic")
+    made = {name: secrets.token_hex(16) for name in re.findall(r"(\w+)=\$\(openssl rand -hex 16\)", text[:start])}
     words = shlex.split(text[start : text.index("```", start)].replace("\\\n", " "))
-    keys = {w.split("=", 1)[1].split("=", 1)[0] for w in words if w.startswith("--from-literal=")}
-    return words[4], keys
+    values = dict(w.removeprefix("--from-literal=").split("=", 1) for w in words if w.startswith("--from-literal="))
+    return words[4], {k: re.sub(r"\$(\w+)", lambda m: made[m[1]], v) for k, v in values.items()}
 
 
 def secret_refs(container: Obj) -> dict[str, tuple[str, str]]:
