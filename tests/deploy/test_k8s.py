@@ -34,7 +34,7 @@ from tests.deploy.k8s_files import (
 
 pytestmark = pytest.mark.unit
 
-# The oldest Kubernetes these files are for (the preStop `sleep` action is on by default from 1.30, GA in 1.34),
+# The oldest Kubernetes these files are for (the preStop `sleep` action is on by default from 1.30),
 # and the newest kubernetes-validate has schemas of.
 VERSIONS = ("1.32", kubernetes_validate.latest_version())
 CRDS = {
