@@ -175,6 +175,13 @@ def test_the_rayservice_applications_build_with_the_real_builders(secret, monkey
         args = {k: str(v) for k, v in app["args"].items()}  # as `serve run ... key=value` and a config file give them
         assert isinstance(builder(app["args"]), serve.Application), app["name"]
         assert isinstance(builder(args), serve.Application), app["name"]
+    # what the replicas serve with: keys from the Secret (public proxy), and the policy's key at rm_server
+    from assay.deploy.app_args import policy_args, rm_args
+
+    rm_config, _ = rm_args(apps["rm"]["args"])
+    policy_config, _ = policy_args(apps["policy"]["args"])
+    assert rm_config.api_keys and policy_config.api_keys
+    ApiKeys(rm_config.api_keys).check(f"Bearer {policy_config.rm_api_key}", "score")
     # the policy scores through the Serve Service KubeRay makes for this RayService, at the rm app's prefix
     rm_url = urlsplit(apps["policy"]["args"]["rm_url"])
     assert (rm_url.hostname, rm_url.port) == (f"{ray['metadata']['name']}-serve-svc", 8000)
