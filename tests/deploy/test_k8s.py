@@ -13,6 +13,7 @@ The command lines and the Ray Serve arguments are parsed by the real code in tes
 from __future__ import annotations
 
 import copy
+import re
 
 import jsonschema
 import kubernetes_validate
@@ -222,3 +223,17 @@ def test_secret_keys_are_the_ones_the_documented_command_creates():
         assert refs, f"{container['name']} reads no key"
         read |= set(refs.values())
     assert read == {(secret, key) for key in keys}
+
+
+def test_the_service_addresses_the_comments_give_name_a_headless_service_and_its_port():
+    """The clients' service addresses in the files' comments (`dns+http://NAME:PORT`, gRPC's `dns:///NAME:PORT`:
+    a name the client resolves to every pod) name a headless Service and one of its ports, of the right kind."""
+    services = {s["metadata"]["name"]: s for s in by_kind(kustomize(K8S), "Service")}
+    text = "\n".join(p.read_text() for p in K8S.rglob("*.yaml")) + (K8S / "README.md").read_text()
+    found = re.findall(r"(dns\+http://|dns:///)([a-z0-9-]+):(\d+)", text)
+    assert {scheme for scheme, _, _ in found} == {"dns+http://", "dns:///"}
+    for scheme, name, port in found:
+        service = services[name]
+        assert service["spec"]["clusterIP"] == "None", name
+        (kind,) = [p["name"] for p in service["spec"]["ports"] if p["port"] == int(port)]
+        assert kind == ("http" if scheme == "dns+http://" else "grpc"), f"{scheme}{name}:{port}"
