@@ -25,6 +25,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"  # both services on CPU; the overlays gpu/ and queue-depth/ patch it
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
 Obj = dict[str, Any]

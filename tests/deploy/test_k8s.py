@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
+import subprocess
 
 import jsonschema
 import kubernetes_validate
@@ -21,6 +23,7 @@ import pytest
 import yaml
 
 from tests.deploy.k8s_files import (
+    BASE,
     K8S,
     by_kind,
     crd_validator,
@@ -42,7 +45,7 @@ CRDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
     ("ray.io/v1", "RayService"): "rayservice-ray.io-v1.json",
 }
-BUILDS = {"cpu": K8S, "gpu": K8S / "gpu", "queue-depth": K8S / "queue-depth"}
+BUILDS = {"cpu": BASE, "gpu": K8S / "gpu", "queue-depth": K8S / "queue-depth"}
 PLAIN_FILES = ("servicemonitor.yaml", "rayservice.yaml")  # applied with -f, once their CRDs are installed
 
 
@@ -65,6 +68,27 @@ def test_every_file_is_checked():
         used |= {folder / "kustomization.yaml", *(folder / p["path"] for p in k.get("patches", []))}
         used |= {(folder / r).resolve() for r in k["resources"] if (folder / r).is_file()}
     assert {p for p in K8S.rglob("*") if p.is_file()} == used
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl here (kustomize is built into it)")
+@pytest.mark.parametrize("build", BUILDS)
+def test_kubectl_kustomize_builds_the_same_objects(build):
+    """Where kubectl is at hand, its own kustomize (offline: `kubectl kustomize` reads files only) builds each
+    kustomization into exactly the objects the tests read (a reading that is not kustomize's would test other
+    objects than a cluster gets; kustomize refuses, say, an overlay inside its base's folder)."""
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(BUILDS[build])], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert built.returncode == 0, built.stderr
+
+    def key(o: dict) -> tuple[str, str]:
+        return o["kind"], o["metadata"]["name"]
+
+    assert sorted(documents_of(built.stdout), key=key) == sorted(kustomize(BUILDS[build]), key=key)
+
+
+def documents_of(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d is not None]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -91,7 +115,7 @@ def test_custom_resources_validate_against_their_crds():
 
 def test_the_validators_refuse_a_wrong_field():
     """Both checks are strict: a misspelt field, or a value outside an enum, fails them."""
-    deployment = copy.deepcopy(named(kustomize(K8S), "Deployment", "assay-rm"))
+    deployment = copy.deepcopy(named(kustomize(BASE), "Deployment", "assay-rm"))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     container["readinesProbe"] = container.pop("readinessProbe")
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -190,7 +214,7 @@ def test_autoscalers_and_budgets_name_the_deployments(build):
 
 
 def test_service_monitors_scrape_each_pod_once():
-    objects = kustomize(K8S)
+    objects = kustomize(BASE)
     monitors = documents(K8S / "servicemonitor.yaml")
     assert len(monitors) == 2
     for d in by_kind(objects, "Deployment"):
@@ -213,7 +237,9 @@ def test_service_monitors_scrape_each_pod_once():
 def test_secret_keys_are_the_ones_the_documented_command_creates():
     secret, keys = secret_command()
     read = set()
-    containers = [c for d in by_kind(kustomize(K8S), "Deployment") for c in d["spec"]["template"]["spec"]["containers"]]
+    containers = [
+        c for d in by_kind(kustomize(BASE), "Deployment") for c in d["spec"]["template"]["spec"]["containers"]
+    ]
     (ray,) = documents(K8S / "rayservice.yaml")
     cluster = ray["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
@@ -228,7 +254,7 @@ def test_secret_keys_are_the_ones_the_documented_command_creates():
 def test_the_service_addresses_the_comments_give_name_a_headless_service_and_its_port():
     """The clients' service addresses in the files' comments (`dns+http://NAME:PORT`, gRPC's `dns:///NAME:PORT`:
     a name the client resolves to every pod) name a headless Service and one of its ports, of the right kind."""
-    services = {s["metadata"]["name"]: s for s in by_kind(kustomize(K8S), "Service")}
+    services = {s["metadata"]["name"]: s for s in by_kind(kustomize(BASE), "Service")}
     text = "\n".join(p.read_text() for p in K8S.rglob("*.yaml")) + (K8S / "README.md").read_text()
     found = re.findall(r"(dns\+http://|dns:///)([a-z0-9-]+):(\d+)", text)
     assert {scheme for scheme, _, _ in found} == {"dns+http://", "dns:///"}

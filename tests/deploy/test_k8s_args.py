@@ -30,12 +30,23 @@ from assay.rm_server.config import ServerConfig as RewardConfig
 from assay.rm_server.metrics import Metrics as RewardMetrics
 from assay.rm_server.spec import check_devices, load_spec
 from assay.server_cli import server_config
-from tests.deploy.k8s_files import K8S, by_kind, documents, flag, kustomize, named, secret_command, secret_refs, selects
+from tests.deploy.k8s_files import (
+    BASE,
+    K8S,
+    by_kind,
+    documents,
+    flag,
+    kustomize,
+    named,
+    secret_command,
+    secret_refs,
+    selects,
+)
 
 pytestmark = pytest.mark.unit
 
 COMMANDS = {"rm": RewardConfig, "policy": PolicyConfig}
-BUILDS = {"cpu": K8S, "gpu": K8S / "gpu"}
+BUILDS = {"cpu": BASE, "gpu": K8S / "gpu"}
 
 
 @pytest.fixture
@@ -105,7 +116,7 @@ def test_command_lines_parse_with_the_real_cli(build, deployment, secret, monkey
 
 def test_the_parse_refuses_what_the_command_refuses(secret, monkeypatch):
     """Not a formality: a misspelt flag, or the Secret's keys missing, stops the command as it would in the pod."""
-    (container,) = named(kustomize(K8S), "Deployment", "assay-rm")["spec"]["template"]["spec"]["containers"]
+    (container,) = named(kustomize(BASE), "Deployment", "assay-rm")["spec"]["template"]["spec"]["containers"]
     args = container["args"]
     with pytest.raises(Exception, match="No such option: --torch-thread"):  # click's, vendored by typer
         served_config([a.replace("--torch-threads", "--torch-thread") for a in args])
@@ -116,7 +127,7 @@ def test_the_parse_refuses_what_the_command_refuses(secret, monkeypatch):
 
 
 def test_the_policy_server_reaches_rm_server_with_a_key_it_accepts(secret, monkeypatch):
-    objects = kustomize(K8S)
+    objects = kustomize(BASE)
     (rm,) = named(objects, "Deployment", "assay-rm")["spec"]["template"]["spec"]["containers"]
     (policy,) = named(objects, "Deployment", "assay-policy")["spec"]["template"]["spec"]["containers"]
     container_env(monkeypatch, rm, secret)
