@@ -8,15 +8,19 @@ checked against the tools and schemas the real ones use.
   extras pyproject defines, the keys come from variables `deploy/.env.example` lists with no value,
   ports are published on 127.0.0.1 unless told otherwise, health checks ask each service's own port,
   rm_server's spec is the file the package ships, and every Prometheus target is a service's port;
+  each service's command line goes through the real `assay` command with the image's environment
+  (it binds 0.0.0.0, so it refuses to start without keys);
 - the Grafana provisioning and dashboard are what Grafana loads, and every metric a panel queries
   is one the real servers export: rm_server and policy_server run in-process on loopback, serve a
-  request of each kind, and their /metrics are scraped (the one service-tier test).
+  request of each kind, and their /metrics are scraped; the image's HEALTHCHECK command runs
+  against them (the one service-tier test).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -207,6 +211,42 @@ def test_health_checks_ask_each_services_own_port_and_dependents_wait_for_them()
     assert services["policy_server"]["depends_on"]["rm_server"]["condition"] == "service_healthy"
 
 
+def image_env(dockerfile: Path = DOCKERFILES[0]) -> dict[str, str]:
+    """The final stage's ENV: what every container of the image starts with."""
+    final_stage = dockerfile.read_text().rsplit("\nFROM ", 1)[1]
+    (block,) = re.findall(r"^ENV ((?:.*\\\n)*.*)$", final_stage, re.MULTILINE)
+    return dict(pair.split("=", 1) for pair in block.replace("\\\n", " ").split())
+
+
+@pytest.mark.parametrize("name", ASSAY_SERVICES)
+def test_compose_command_lines_parse_and_bind_beyond_loopback_only_with_keys(name, monkeypatch):
+    """Each service's command line, with the image's environment, through the real `assay` command:
+    every flag exists, the image's ASSAY_*_HOST makes it bind 0.0.0.0, and so it refuses to start
+    with no keys (before loading anything); the keys compose gives it parse with their scopes."""
+    from typer.testing import CliRunner
+
+    from assay.base.auth import ApiKeys
+    from assay.cli import app
+    from assay.policy_server.config import ServerConfig as PolicyConfig
+    from assay.rm_server.config import ServerConfig as RewardConfig
+
+    service = compose()["services"][name]
+    env = image_env()
+    assert env["ASSAY_RM_HOST"] == env["ASSAY_POLICY_HOST"] == "0.0.0.0"
+    for var in ("ASSAY_API_KEYS", "ASSAY_POLICY_API_KEYS"):
+        monkeypatch.delenv(var, raising=False)
+    result = CliRunner().invoke(app, service["command"], env={k: v for k, v in env.items() if k.startswith("ASSAY_")})
+    assert result.exit_code == 2, result.output
+    assert "refusing to serve on 0.0.0.0 without API keys" in result.output
+    keys = {v: f"{v.lower()}-0123456789abcdef" for v in env_example()}
+    environment = yaml.safe_load(interpolate((DEPLOY / "compose.yaml").read_text(), keys))["services"][name][
+        "environment"
+    ]
+    config = RewardConfig if name == "rm_server" else PolicyConfig
+    scopes = ("score", "admin") if name == "rm_server" else ("generate", "admin")
+    assert ApiKeys(environment[config.keys_env_var].split(), scopes)
+
+
 def test_services_reach_each_other_by_service_name_and_port():
     services = compose()["services"]
     policy = services["policy_server"]["command"]
@@ -275,6 +315,15 @@ def test_the_dashboard_is_grafana_dashboard_json():
         assert all(t["expr"].strip() for t in panel["targets"]), panel["title"]
 
 
+def health_check(url: str) -> int:
+    """The exit status of the CPU image's HEALTHCHECK command, run here against `url`."""
+    (command,) = re.findall(r"^HEALTHCHECK .*\\\n\s+CMD (\[.*\])$", DOCKERFILES[0].read_text(), re.MULTILINE)
+    argv = json.loads(command)
+    assert argv[0] == "python"  # the image's venv python: no curl or wget in a slim image
+    env = {**os.environ, "ASSAY_HEALTH_URL": url}
+    return subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=60).returncode
+
+
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
 
 
@@ -302,7 +351,8 @@ def test_every_panel_queries_metrics_the_real_servers_export(tmp_path):
     """Both servers in-process on loopback, each route a panel reads exercised (a score on a model
     reward and a judge, which asks the policy server; a completion; a weight push), then /metrics
     scraped: every name in every panel's query is a sample the servers wrote, and every `assay_`
-    metric either server exports has a panel."""
+    metric either server exports has a panel. The image's HEALTHCHECK command passes against both
+    (on /health, and on /ready as compose asks), and fails once a server is gone."""
     from assay.policy_server.config import ServerConfig as PolicyConfig
     from assay.policy_server.server import BackgroundServer as PolicyServer
     from assay.rm_server.config import ModelRuntime
@@ -336,6 +386,10 @@ def test_every_panel_queries_metrics_the_real_servers_export(tmp_path):
             norm = load_file(checkpoints / "policy" / "model.safetensors")["model.norm.weight"]
             policy.update_weights({"model.norm.weight": norm}, timeout_s=120)
         scraped = [httpx.get(f"{s.http_url}/metrics", timeout=30).text for s in (rm_server, policy_server)]
+        for server in (rm_server, policy_server):  # the images' HEALTHCHECK, on /health and on compose's /ready
+            assert health_check(f"{server.http_url}/health") == 0
+            assert health_check(f"{server.http_url}/ready") == 0
+    assert health_check(f"http://127.0.0.1:{policy_port}/health") != 0  # stopped: unhealthy
 
     families = [f for text in scraped for f in text_string_to_metric_families(text)]
     exported = {s.name for f in families for s in f.samples}
