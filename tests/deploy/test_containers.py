@@ -104,6 +104,8 @@ def test_images_install_extras_pyproject_defines_run_unprivileged_and_check_heal
     final_stage = text.rsplit("\nFROM ", 1)[1]
     assert re.search(r"^USER 10001:10001$", final_stage, re.MULTILINE)  # numeric: runAsNonRoot can check it
     assert 'ENTRYPOINT ["assay"]' in final_stage
+    assert "ENV PATH=/opt/venv/bin:$PATH" in final_stage  # and for login shells (KubeRay's `bash -lc`):
+    assert 'echo "export PATH=/opt/venv/bin:\\$PATH" > /etc/profile.d/' in final_stage
     assert set(re.findall(r"^EXPOSE (.+)$", final_stage, re.MULTILINE)[0].split()) == {"8000", "50051", "8001", "50052"}
     assert "HEALTHCHECK" in final_stage and "urllib.request.urlopen(os.environ['ASSAY_HEALTH_URL']" in final_stage
     assert "ASSAY_HEALTH_URL=http://127.0.0.1:8000/health" in final_stage
