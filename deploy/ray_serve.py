@@ -72,7 +72,7 @@ def _set_torch_threads(threads: int) -> None:
 class RewardDeployment:
     """One replica of the reward service: `RewardServer`'s serving layer and app, no listener of its own."""
 
-    async def __init__(self, config: RewardConfig, torch_threads: int) -> None:
+    async def __init__(self, config: RewardConfig, torch_threads: int) -> None:  # type: ignore[misc]  # Serve awaits it
         from assay.rm_server.server import RewardServer
 
         if not config.models.model_workers:  # the models compute in this process: its threads are theirs
@@ -100,7 +100,7 @@ class RewardDeployment:
 class PolicyDeployment:
     """One replica of the policy service: `PolicyServer`'s serving layer, searches and app, no listener."""
 
-    async def __init__(self, config: PolicyConfig, torch_threads: int) -> None:
+    async def __init__(self, config: PolicyConfig, torch_threads: int) -> None:  # type: ignore[misc]  # Serve awaits it
         from assay.policy_server.server import PolicyServer
 
         _set_torch_threads(torch_threads)
@@ -132,14 +132,15 @@ def _replica_config(config: Any) -> Any:
 def build_rm_app(config: RewardConfig, replicas: Replicas | None = None) -> Application:
     """The reward service's Serve application: `serve.run(build_rm_app(cfg, Replicas(num_replicas=2)))`."""
     replicas = replicas or Replicas()
-    deployment = RewardDeployment.options(**replicas.deployment_options())
+    # the decorators made the class a Serve `Deployment`; mypy reads the class
+    deployment = RewardDeployment.options(**replicas.deployment_options())  # type: ignore[attr-defined]
     return deployment.bind(_replica_config(config), replicas.torch_threads)
 
 
 def build_policy_app(config: PolicyConfig, replicas: Replicas | None = None) -> Application:
     """The policy service's Serve application (each replica loads `config.models`, or the embedded ones)."""
     replicas = replicas or Replicas()
-    deployment = PolicyDeployment.options(**replicas.deployment_options())
+    deployment = PolicyDeployment.options(**replicas.deployment_options())  # type: ignore[attr-defined]
     return deployment.bind(_replica_config(config), replicas.torch_threads)
 
 

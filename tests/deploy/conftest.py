@@ -22,6 +22,9 @@ from assay.services import free_port
 # under tests/deploy imports ray, and every Ray process the cluster starts inherits the variable.
 os.environ["RAY_AUTH_MODE"] = "token"
 CLUSTER_CPUS = 4  # logical: replicas ask 1 each; what the tests run at once, plus a restarted replica
+# Ray waits a fixed 30 s for its raylet to register (ray/_private/node.py); on a loaded 2-core machine (six
+# sessions' Ray clusters at once) it can miss that, and a second start is the remedy.
+STARTS = 3
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,14 @@ def ray_cluster() -> Iterator[RayCluster]:
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    for attempt in range(STARTS):
+        try:
+            ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            break
+        except Exception as exc:  # Ray raises a bare Exception for it
+            if "timed out during startup" not in str(exc) or attempt == STARTS - 1:
+                raise
+            ray.shutdown()
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

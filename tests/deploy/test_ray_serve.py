@@ -9,12 +9,17 @@ crash kills it (`ray.kill` of its actor, no graceful shutdown); Serve notices an
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections import Counter
 
 import httpx
 import pytest
 
+from assay.checkpoints import EMBEDDED
 from assay.clients import RewardClient, ServiceError
 from assay.deploy.app_args import Replicas
 from tests.helpers import wait_for
@@ -45,7 +50,8 @@ def _replicas_seen(url: str, path: str, want: int, method: str = "GET", **reques
 def test_two_policy_replicas_answer_the_openai_sdk_through_the_proxy(ray_cluster):
     import openai
 
-    with ray_cluster.serve(policy_app({**ONE_CPU, "rm_check_interval_s": 3600}), "policy") as url:
+    model = str(EMBEDDED["policy"][1])  # the policy alone: each replica loads one model, not the verifier too
+    with ray_cluster.serve(policy_app({**ONE_CPU, "model": model, "rm_check_interval_s": 3600}), "policy") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused-on-loopback", max_retries=0)
         reply = client.completions.create(model="policy", prompt="Q: 12+30-5 A: ", max_tokens=16, temperature=0)
         assert reply.choices[0].text and reply.model == "policy"
@@ -131,3 +137,28 @@ def test_two_rm_replicas_lose_nothing_when_one_is_killed_mid_load(ray_cluster, r
     assert all(scores[i] == sent[i] for i in sent)
     reward_ids = {tuple(r["reward_id"] for r in body["rewards"]) for body in ids.values()}
     assert len(reward_ids) == 1  # the same reward ids on every replica, the restarted one too
+
+
+def test_assay_deploy_ray_joins_a_cluster_serves_and_stops_clean(ray_cluster, rules_spec):
+    """The command as a user runs it, joining the session's cluster (with its token, which Ray keeps in
+    ~/.ray/auth_token) and its Serve proxy: it prints the URL, serves, and on SIGINT deletes its app, exit 0."""
+    port = ray_cluster.url.rsplit(":", 1)[1]
+    argv = ["deploy", "ray", "--address", ray.get_runtime_context().gcs_address, "--port", port, "--only", "rm"]
+    command = [sys.executable, "-m", "assay", *argv, "--rm-arg", f"spec={rules_spec}"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("serving" in line for line in lines) or proc.poll() is not None, 300, "no URL printed")
+        assert f"rm: {ray_cluster.url}/rm\n" in lines, "".join(lines)
+        with RewardClient.http(f"{ray_cluster.url}/rm") as client:
+            reply = client.score("format", [{"prompt": "Q: ", "response": "1+1=2 #### 2"}])
+        assert reply.results[0].score == 1.0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0, "".join(lines)
+        assert "rm" not in serve.status().applications
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
