@@ -26,6 +26,7 @@ import yaml
 from tests.deploy.k8s_files import (
     BASE,
     K8S,
+    ROOT,
     by_kind,
     crd_validator,
     documents,
@@ -265,3 +266,26 @@ def test_the_service_addresses_the_comments_give_name_a_headless_service_and_its
         assert service["spec"]["clusterIP"] == "None", name
         (kind,) = [p["name"] for p in service["spec"]["ports"] if p["port"] == int(port)]
         assert kind == ("http" if scheme == "dns+http://" else "grpc"), f"{scheme}{name}:{port}"
+
+
+def test_pods_run_images_deploy_docker_builds_as_their_user():
+    """Every image the manifests run is one deploy/docker's Dockerfiles say how to build (`docker build -f ... -t
+    TAG`: the RayService's with the ray extra), and each pod runs as that image's own user."""
+    builds = {}  # tag -> (Dockerfile, the documented build command)
+    for dockerfile in (ROOT / "deploy" / "docker").glob("Dockerfile*"):
+        for command in re.findall(r"docker build -f deploy/docker/\S+ .*", dockerfile.read_text()):
+            builds[re.search(r"-t (\S+)", command)[1]] = (dockerfile.read_text(), command)
+    (ray,) = documents(K8S / "rayservice.yaml")
+    cluster = ray["spec"]["rayClusterConfig"]
+    pods = [
+        ("base", d["spec"]["template"]["spec"]) for b in BUILDS.values() for d in by_kind(kustomize(b), "Deployment")
+    ]
+    pods += [("ray", g["template"]["spec"]) for g in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"])]
+    for kind, pod in pods:
+        for container in pod["containers"]:
+            dockerfile, command = builds[container["image"]]
+            user, group = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.MULTILINE).groups()
+            context = pod["securityContext"]
+            assert (context["runAsUser"], context["runAsGroup"]) == (int(user), int(group)), container["image"]
+            if kind == "ray":
+                assert re.search(r"EXTRAS=\S*\bray\b", command), f"{container['image']}: {command}"
