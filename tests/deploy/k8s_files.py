@@ -33,7 +33,12 @@ Obj = dict[str, Any]
 
 def documents(path: Path) -> list[Any]:
     """Every YAML document of `path`, empty ones left out."""
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return parse_documents(path.read_text())
+
+
+def parse_documents(text: str) -> list[Any]:
+    """Every YAML document of `text` (a file's, or `kubectl kustomize`'s output), empty ones left out."""
+    return [d for d in yaml.safe_load_all(text) if d is not None]
 
 
 def kustomize(folder: Path) -> list[Obj]:

@@ -33,6 +33,7 @@ from tests.deploy.k8s_files import (
     flag,
     kustomize,
     named,
+    parse_documents,
     secret_command,
     secret_refs,
     selects,
@@ -86,11 +87,7 @@ def test_kubectl_kustomize_builds_the_same_objects(build):
     def key(o: dict) -> tuple[str, str]:
         return o["kind"], o["metadata"]["name"]
 
-    assert sorted(documents_of(built.stdout), key=key) == sorted(kustomize(BUILDS[build]), key=key)
-
-
-def documents_of(text: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all(text) if d is not None]
+    assert sorted(parse_documents(built.stdout), key=key) == sorted(kustomize(BUILDS[build]), key=key)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
