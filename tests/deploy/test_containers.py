@@ -10,10 +10,10 @@ checked against the tools and schemas the real ones use.
   rm_server's spec is the file the package ships, and every Prometheus target is a service's port;
   each service's command line goes through the real `assay` command with the image's environment
   (it binds 0.0.0.0, so it refuses to start without keys);
-- the Grafana provisioning and dashboard are what Grafana loads, and every metric a panel queries
-  is one the real servers export: rm_server and policy_server run in-process on loopback, serve a
-  request of each kind, and their /metrics are scraped; the image's HEALTHCHECK command runs
-  against them (the one service-tier test).
+- the Grafana provisioning and dashboard are what Grafana loads, every panel's query parses as
+  PromQL (promql-parser), and every metric a panel queries is one the real servers export:
+  rm_server and policy_server run in-process on loopback, serve a request of each kind, and their
+  /metrics are scraped; the image's HEALTHCHECK command runs against them (the one service-tier test).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import jsonschema
+import promql_parser
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -326,26 +327,36 @@ def health_check(url: str) -> int:
     return subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=60).returncode
 
 
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+# Grafana's own variables, replaced before a query reaches Prometheus (here by a duration, as Grafana does)
+GRAFANA_DURATIONS = re.compile(r"\$__(?:rate_interval|interval|range)\b")
 
 
 def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects: its identifiers, less strings, label matchers,
-    ranges, label lists (`by (...)`), function names (followed by `(`) and keywords."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
-    tokens = re.finditer(r"([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?", expr)
-    return {m[1] for m in tokens if not m[2] and m[1] not in PROMQL_WORDS}
+    """The metric names a panel's PromQL expression selects, by PromQL's grammar (promql-parser:
+    a query Prometheus would refuse raises ValueError)."""
+    names: set[str] = set()
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            assert node.name, f"a selector without a metric name in {expr!r}"
+            names.add(node.name)
+
+    promql_parser.walk(promql_parser.parse(GRAFANA_DURATIONS.sub("1m", expr)), visit)
+    return names
 
 
-def test_metric_names_are_read_from_promql():
+def test_panel_queries_are_promql_and_name_their_metrics():
     expr = (
         "histogram_quantile(0.95, sum by (le, route) "
         '(rate(assay_rm_request_seconds_bucket{code!~"2.."}[$__rate_interval])))'
         " / ignoring(code) group_left sum(rate(assay_rm_requests_total[5m])) and on(instance) process_open_fds"
     )
     assert metric_names(expr) == {"assay_rm_request_seconds_bucket", "assay_rm_requests_total", "process_open_fds"}
+    with pytest.raises(ValueError):
+        metric_names("sum by (route (rate(assay_rm_requests_total[5m]))")
+    for panel in queried_panels():
+        for target in panel["targets"]:
+            assert metric_names(target["expr"]), (panel["title"], target["expr"])
 
 
 @pytest.mark.service
