@@ -136,6 +136,7 @@ def ray_cmd(given: dict) -> None:
         ray.init(address=deploy.address)
     # SIGTERM ends the command as Ctrl-C does: the applications are deleted, a local Ray shut down
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    failed: RuntimeError | None = None
     try:
         serve.start(http_options={"host": deploy.host, "port": deploy.port})
         for name, (config, replicas) in checked.items():
@@ -145,9 +146,13 @@ def ray_cmd(given: dict) -> None:
         signal.pause()
     except KeyboardInterrupt:
         pass
+    except RuntimeError as exc:  # serve.run's: an application whose replicas failed to start, with their error
+        failed = exc
     finally:
         for name in checked:
             serve.delete(name)
         if local:
             serve.shutdown()
             ray.shutdown()
+    if failed is not None:
+        refuse(failed)

@@ -1,6 +1,7 @@
 """The Ray Serve application on a local Ray cluster (tests/deploy/conftest.py): the policy app answers
-the OpenAI SDK through Serve's proxy, and two rm_server replicas under steady load from RewardClient
-threads lose nothing when one of them is killed mid-load.
+the OpenAI SDK through Serve's proxy; two rm_server replicas under steady load from RewardClient threads
+lose nothing when one of them is killed mid-load (Serve's proxy answers a bare 500 for what was in flight
+on it, which the client retries), and `assay deploy ray` joins a cluster, serves and stops clean.
 
 Real parts only: Ray, Serve's proxy and controller, the services' own serving layers in the replicas,
 the official `openai` client and Assay's RewardClient over HTTP on loopback. A replica is killed as a
@@ -15,12 +16,13 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
 
 from assay.checkpoints import EMBEDDED
-from assay.clients import RewardClient, ServiceError
+from assay.clients import PolicyClient, RewardClient, ServiceError
 from assay.deploy.app_args import Replicas
 from tests.helpers import wait_for
 
@@ -35,16 +37,16 @@ from assay.rm_server.config import ServerConfig as RewardConfig  # noqa: E402
 ONE_CPU = {"num_replicas": 2, "num_cpus": 1}
 
 
-def _replicas_seen(url: str, path: str, want: int, method: str = "GET", **request) -> set[str]:
-    """The replica ids that answer `path`, asked until `want` different ones did (Serve spreads requests)."""
-    seen: set[str] = set()
+def _replicas_seen(url: str, path: str, want: int, method: str = "GET", **request) -> dict[str, httpx.Response]:
+    """The answer of each replica to `path`, asked until `want` different ones answered (Serve spreads requests)."""
+    seen: dict[str, httpx.Response] = {}
     for _ in range(200):
         r = httpx.request(method, f"{url}{path}", timeout=60, **request)
         assert r.status_code == 200, r.text
-        seen.add(r.headers[REPLICA_HEADER])
+        seen[r.headers[REPLICA_HEADER]] = r
         if len(seen) >= want:
             return seen
-    raise AssertionError(f"only replicas {seen} answered {path}")
+    raise AssertionError(f"only replicas {sorted(seen)} answered {path}")
 
 
 def test_two_policy_replicas_answer_the_openai_sdk_through_the_proxy(ray_cluster):
@@ -59,6 +61,8 @@ def test_two_policy_replicas_answer_the_openai_sdk_through_the_proxy(ray_cluster
         assert len(_replicas_seen(url, "/v1/completions", 2, method="POST", json=body)) == 2
         with pytest.raises(openai.NotFoundError, match="nope"):  # the service's own errors, through the proxy
             client.completions.create(model="nope", prompt="x", max_tokens=1)
+        with PolicyClient(url) as policy:  # Assay's own client, at a base URL with a path
+            assert policy.ready() and policy.weight_version("policy") == 0
 
 
 def _replica_actor(replica_id: str):
@@ -74,19 +78,49 @@ def _running_replicas(app: str, deployment: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
+def _descendants(pid: int) -> set[int]:
+    """The processes under `pid` (its model workers, their forkserver), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _expected(response: str) -> float:
-    return 1.0 if response.rstrip().split("####")[-1].strip().lstrip("-").isdigit() and "####" in response else 0.0
+    return 1.0 if response.endswith(f"#### {response.split('=')[1].split()[0]}") else 0.0
 
 
-def test_two_rm_replicas_lose_nothing_when_one_is_killed_mid_load(ray_cluster, rules_spec):
-    config = RewardConfig(spec=rules_spec)
-    app = build_rm_app(config, Replicas(num_replicas=2, num_cpus=1))
+# What the ORM scores again and again, on every replica: its scores must agree (same checkpoint, same id)
+ORM_ITEMS = [{"prompt": "Q: 23+45-17 A: ", "response": r} for r in ("23+45=68 68-17=51 #### 51", "23+45=68 #### 9")]
+
+
+def test_two_rm_replicas_lose_nothing_when_one_is_killed_mid_load(ray_cluster, rules_spec, tmp_path):
+    spec = tmp_path / "spec.yaml"  # the one rule, and the tiny ORM in a model worker of each replica
+    orm = f"  orm: {{type: model.outcome, path: {EMBEDDED['orm'][1]}, activation: sigmoid, max_tokens: 256}}\n"
+    spec.write_text(rules_spec.read_text() + orm)
+    app = build_rm_app(RewardConfig(spec=spec), Replicas(num_replicas=2, num_cpus=1))
     with ray_cluster.serve(app, "rm") as url:
         before = _replicas_seen(url, "/v1/rewards", 2)
-        ids = {r: httpx.get(f"{url}/v1/rewards").json() for r in before}
         answered: Counter[str] = Counter()
         scores: dict[str, float | None] = {}
         sent: dict[str, float] = {}
+        orm_scores: dict[str, list[float | None]] = {}
         errors: list[BaseException] = []
         lock, stop = threading.Lock(), threading.Event()
 
@@ -97,13 +131,14 @@ def test_two_rm_replicas_lose_nothing_when_one_is_killed_mid_load(ray_cluster, r
                     items = []
                     for k in range(8):
                         item_id = f"w{worker}-{n}-{k}"
-                        response = f"{n}+{k}={n + k} #### {n + k}" if k % 2 else f"{n}+{k}= no answer"
+                        response = f"{n}+{k}={n + k} #### {n + k}" if k % 2 else f"{n}+{k}={n + k} no answer"
                         items.append({"id": item_id, "prompt": "Q: ", "response": response})
                         with lock:
                             sent[item_id] = _expected(response)
                     n += 1
                     try:
                         reply = client.score("format", items)
+                        checked = client.score("orm", ORM_ITEMS) if n % 6 == 0 else None
                     except ServiceError as exc:  # the client's error count: must stay 0
                         with lock:
                             errors.append(exc)
@@ -112,31 +147,39 @@ def test_two_rm_replicas_lose_nothing_when_one_is_killed_mid_load(ray_cluster, r
                         for result in reply.results:
                             answered[result.id] += 1
                             scores[result.id] = result.score
+                        for item, result in zip(ORM_ITEMS, checked.results if checked else (), strict=False):
+                            orm_scores.setdefault(item["response"], []).append(result.score)
 
         workers = [threading.Thread(target=load, args=(w,), daemon=True) for w in range(4)]
         for w in workers:
             w.start()
-        wait_for(lambda: len(answered) > 400, 120, "no steady load")
+        wait_for(lambda: len(answered) > 240, 300, "no steady load")
         victim = sorted(before)[0]
-        ray.kill(_replica_actor(victim), no_restart=True)
+        actor = _replica_actor(victim)
+        workers_of_victim = _descendants(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())))
+        assert workers_of_victim, "the ORM's model worker (and its forkserver) run under the replica"
+        ray.kill(actor, no_restart=True)
         killed_at = len(answered)
-        wait_for(lambda: _running_replicas("rm", "RewardDeployment") < 2, 60, "Serve did not see the replica die")
-        wait_for(lambda: _running_replicas("rm", "RewardDeployment") == 2, 240, "Serve did not restart the replica")
-        wait_for(lambda: len(answered) > killed_at + 400, 120, "the load did not go on after the restart")
+        wait_for(lambda: _running_replicas("rm", "RewardDeployment") < 2, 120, "Serve did not see the replica die")
+        wait_for(lambda: _running_replicas("rm", "RewardDeployment") == 2, 300, "Serve did not restart the replica")
+        wait_for(lambda: len(answered) > killed_at + 240, 300, "the load did not go on after the restart")
         stop.set()
         for w in workers:
             w.join(90)
         after = _replicas_seen(url, "/v1/rewards", 2)
         assert victim not in after and len(after) == 2
-        for r in after:
-            ids[r] = httpx.get(f"{url}/v1/rewards").json()
+        wait_for(lambda: not any(_alive(p) for p in workers_of_victim), 30, "the killed replica's workers live on")
 
     assert errors == [], [repr(e) for e in errors]
     assert set(answered) == set(sent), f"{len(set(sent) - set(answered))} items lost"
     assert max(answered.values()) == 1, "an item was answered twice"
     assert all(scores[i] == sent[i] for i in sent)
-    reward_ids = {tuple(r["reward_id"] for r in body["rewards"]) for body in ids.values()}
+    reward_ids = {
+        tuple(r["reward_id"] for r in answer.json()["rewards"]) for answer in [*before.values(), *after.values()]
+    }
     assert len(reward_ids) == 1  # the same reward ids on every replica, the restarted one too
+    for response, seen in orm_scores.items():  # and the same ORM scores (batching may move the last digits)
+        assert None not in seen and max(seen) - min(seen) < 1e-4, (response, seen)
 
 
 def test_assay_deploy_ray_joins_a_cluster_serves_and_stops_clean(ray_cluster, rules_spec):
