@@ -13,6 +13,8 @@ metrics prometheus-adapter serves, and those are series the services' own metric
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -47,6 +49,7 @@ pytestmark = pytest.mark.unit
 
 COMMANDS = {"rm": RewardConfig, "policy": PolicyConfig}
 BUILDS = {"cpu": BASE, "gpu": K8S / "gpu"}
+PACKAGE = Path(importlib.import_module("assay.arith").__file__).parent.parent  # what the images link at /opt/assay
 
 
 @pytest.fixture
@@ -69,6 +72,28 @@ def container_env(monkeypatch, container: dict, secret: tuple[str, dict[str, str
     for var, (ref, key) in secret_refs(container).items():
         assert ref == name
         monkeypatch.setenv(var, values[key])
+
+
+def mounted_args(container: dict, objects: list[dict], tmp_path: Path) -> list[str]:
+    """The container's args with each ConfigMap it mounts written under `tmp_path` and the mount path changed to
+    that folder; `/opt/assay` in the files (the installed package, in the images) becomes this install's."""
+    pod = next(
+        d["spec"]["template"]["spec"]
+        for d in by_kind(objects, "Deployment")
+        if container in d["spec"]["template"]["spec"]["containers"]
+    )
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    args = list(container["args"])
+    for mount in container.get("volumeMounts", []):
+        source = volumes[mount["name"]].get("configMap")
+        if source is None:
+            continue
+        folder = tmp_path / mount["name"]
+        folder.mkdir()
+        for name, text in named(objects, "ConfigMap", source["name"])["data"].items():
+            (folder / name).write_text(text.replace("/opt/assay/", f"{PACKAGE}/"))
+        args = [a.replace(mount["mountPath"], str(folder)) for a in args]
+    return args
 
 
 def served_config(args: list[str]):
@@ -96,11 +121,11 @@ def served_config(args: list[str]):
 
 
 @pytest.mark.parametrize(("build", "deployment"), [(b, d) for b in BUILDS for d in ("assay-rm", "assay-policy")])
-def test_command_lines_parse_with_the_real_cli(build, deployment, secret, monkeypatch):
+def test_command_lines_parse_with_the_real_cli(build, deployment, secret, monkeypatch, tmp_path):
     objects = kustomize(BUILDS[build])
     (container,) = named(objects, "Deployment", deployment)["spec"]["template"]["spec"]["containers"]
     container_env(monkeypatch, container, secret)
-    config, params = served_config(container["args"])
+    config, params = served_config(mounted_args(container, objects, tmp_path))
     assert config.host == "0.0.0.0" and config.api_keys  # beyond loopback, with keys from the Secret
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert (config.port, config.grpc_port) == (ports["http"], ports["grpc"])
@@ -114,10 +139,11 @@ def test_command_lines_parse_with_the_real_cli(build, deployment, secret, monkey
         assert threads <= int(container["resources"]["requests"]["cpu"])
 
 
-def test_the_parse_refuses_what_the_command_refuses(secret, monkeypatch):
+def test_the_parse_refuses_what_the_command_refuses(secret, monkeypatch, tmp_path):
     """Not a formality: a misspelt flag, or the Secret's keys missing, stops the command as it would in the pod."""
-    (container,) = named(kustomize(BASE), "Deployment", "assay-rm")["spec"]["template"]["spec"]["containers"]
-    args = container["args"]
+    objects = kustomize(BASE)
+    (container,) = named(objects, "Deployment", "assay-rm")["spec"]["template"]["spec"]["containers"]
+    args = mounted_args(container, objects, tmp_path)
     with pytest.raises(Exception, match="No such option: --torch-thread"):  # click's, vendored by typer
         served_config([a.replace("--torch-threads", "--torch-thread") for a in args])
     with pytest.raises(SystemExit):  # keyless beyond loopback
@@ -126,12 +152,19 @@ def test_the_parse_refuses_what_the_command_refuses(secret, monkeypatch):
     served_config(args)
 
 
-def test_the_policy_server_reaches_rm_server_with_a_key_it_accepts(secret, monkeypatch):
+def test_each_service_reaches_the_other_with_a_key_it_accepts(secret, monkeypatch, tmp_path):
+    """The policy server scores /v1/search at rm_server's Service; rm_server's judge asks the policy's verifier."""
     objects = kustomize(BASE)
     (rm,) = named(objects, "Deployment", "assay-rm")["spec"]["template"]["spec"]["containers"]
     (policy,) = named(objects, "Deployment", "assay-policy")["spec"]["template"]["spec"]["containers"]
     container_env(monkeypatch, rm, secret)
-    rm_config, _ = served_config(rm["args"])
+    rm_config, _ = served_config(mounted_args(rm, objects, tmp_path))
+    spec = load_spec(rm_config.spec)
+    models = [name for name, r in spec.rewards.items() if r.type.startswith("model.")]
+    assert models and all(spec.model_path(name).is_dir() for name in models)  # the checkpoints the image ships
+    judges = [r for r in spec.rewards.values() if r.type == "judge"]
+    assert judges
+    judge_keys = {r.api_key_env: os.environ[r.api_key_env] for r in judges}
     container_env(monkeypatch, policy, secret)
     policy_config, _ = served_config(policy["args"])
     url = urlsplit(policy_config.rm_url)
@@ -142,8 +175,12 @@ def test_the_policy_server_reaches_rm_server_with_a_key_it_accepts(secret, monke
     assert policy_config.rm_api_key is not None
     keys = ApiKeys(rm_config.api_keys)
     keys.check(f"Bearer {policy_config.rm_api_key}", "score")  # raises unless rm_server lets it score
-    # and the keys the services take have the scopes their own servers know
-    ApiKeys(policy_config.api_keys, POLICY_SCOPES)
+    policy_keys = ApiKeys(policy_config.api_keys, POLICY_SCOPES)
+    policy_service = named(objects, "Service", "assay-policy")
+    for judge in judges:
+        url = urlsplit(judge.endpoint)
+        assert url.hostname == "assay-policy" and url.port in {p["port"] for p in policy_service["spec"]["ports"]}
+        policy_keys.check(f"Bearer {judge_keys[judge.api_key_env]}", "generate")
 
 
 def test_queue_depth_hpas_name_metrics_the_servers_export():
