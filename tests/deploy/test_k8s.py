@@ -120,7 +120,7 @@ def test_the_validators_refuse_a_wrong_field():
     container["readinesProbe"] = container.pop("readinessProbe")
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, VERSIONS[0], strict=True)
-    (ray,) = documents(K8S / "rayservice.yaml")
+    ray = named(documents(K8S / "rayservice.yaml"), "RayService", "assay-ray")
     validator = crd_validator(CRDS["ray.io/v1", "RayService"])
     for path, value in ((("spec", "serveConfigV3"), "x"), (("spec", "rayClusterConfig", "authOptions", "mode"), "on")):
         broken = copy.deepcopy(ray)
@@ -240,7 +240,7 @@ def test_secret_keys_are_the_ones_the_documented_command_creates():
     containers = [
         c for d in by_kind(kustomize(BASE), "Deployment") for c in d["spec"]["template"]["spec"]["containers"]
     ]
-    (ray,) = documents(K8S / "rayservice.yaml")
+    ray = named(documents(K8S / "rayservice.yaml"), "RayService", "assay-ray")
     cluster = ray["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     containers += [c for g in groups for c in g["template"]["spec"]["containers"]]
@@ -272,7 +272,7 @@ def test_pods_run_images_deploy_docker_builds_as_their_user():
     for dockerfile in (ROOT / "deploy" / "docker").glob("Dockerfile*"):
         for command in re.findall(r"docker build -f deploy/docker/\S+ .*", dockerfile.read_text()):
             builds[re.search(r"-t (\S+)", command)[1]] = (dockerfile.read_text(), command)
-    (ray,) = documents(K8S / "rayservice.yaml")
+    ray = named(documents(K8S / "rayservice.yaml"), "RayService", "assay-ray")
     cluster = ray["spec"]["rayClusterConfig"]
     pods = [
         ("base", d["spec"]["template"]["spec"]) for b in BUILDS.values() for d in by_kind(kustomize(b), "Deployment")

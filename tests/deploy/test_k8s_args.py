@@ -201,11 +201,12 @@ def test_queue_depth_hpas_name_metrics_the_servers_export():
         assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
 
 
-def test_the_rayservice_applications_build_with_the_real_builders(secret, monkeypatch):
+def test_the_rayservice_applications_build_with_the_real_builders(secret, monkeypatch, tmp_path):
     pytest.importorskip("ray")
     from ray import serve
 
-    (ray,) = documents(K8S / "rayservice.yaml")
+    files = documents(K8S / "rayservice.yaml")
+    ray = named(files, "RayService", "assay-ray")
     cluster = ray["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == importlib.import_module("ray").__version__
     assert cluster["authOptions"] == {"mode": "token"}
@@ -213,6 +214,13 @@ def test_the_rayservice_applications_build_with_the_real_builders(secret, monkey
     (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
     container_env(monkeypatch, head, secret)  # the builders read the keys where they run
     apps = {a["name"]: a for a in yaml.safe_load(ray["spec"]["serveConfigV2"])["applications"]}
+    # the spec's ConfigMap, mounted on every Ray pod, written here as a file with this install's checkpoints
+    (mount,) = head["volumeMounts"]
+    (volume,) = cluster["headGroupSpec"]["template"]["spec"]["volumes"]
+    assert mount["name"] == volume["name"]
+    for name, text in named(files, "ConfigMap", volume["configMap"]["name"])["data"].items():
+        (tmp_path / name).write_text(text.replace("/opt/assay/", f"{PACKAGE}/"))
+    apps["rm"]["args"]["spec"] = apps["rm"]["args"]["spec"].replace(mount["mountPath"], str(tmp_path))
     assert {a["import_path"] for a in apps.values()} == {
         "assay.deploy.ray_serve:rm_app",
         "assay.deploy.ray_serve:policy_app",
@@ -230,6 +238,11 @@ def test_the_rayservice_applications_build_with_the_real_builders(secret, monkey
     policy_config, _ = policy_args(apps["policy"]["args"])
     assert rm_config.api_keys and policy_config.api_keys
     ApiKeys(rm_config.api_keys).check(f"Bearer {policy_config.rm_api_key}", "score")
+    spec = load_spec(rm_config.spec)
+    assert all(spec.model_path(n).is_dir() for n, r in spec.rewards.items() if r.type.startswith("model."))
+    for judge in (r for r in spec.rewards.values() if r.type == "judge"):  # asks the policy app, with a key it takes
+        assert judge.endpoint == f"http://{ray['metadata']['name']}-serve-svc:8000{apps['policy']['route_prefix']}/v1"
+        ApiKeys(policy_config.api_keys, POLICY_SCOPES).check(f"Bearer {os.environ[judge.api_key_env]}", "generate")
     # the policy scores through the Serve Service KubeRay makes for this RayService, at the rm app's prefix
     rm_url = urlsplit(apps["policy"]["args"]["rm_url"])
     assert (rm_url.hostname, rm_url.port) == (f"{ray['metadata']['name']}-serve-svc", 8000)
