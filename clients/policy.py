@@ -149,11 +149,13 @@ class PolicyClient:
         *,
         model: str = "policy",
         expect_version: int | None = None,
+        version: int | None = None,
         timeout_s: float | None = None,
     ) -> WeightUpdateResponse:
         """Send a state dict (or any named subset of it) as safetensors; the server swaps it in
-        between batches. `expect_version`: refuse (Conflict) unless the server is at that version."""
-        return self._upload("/v1/admin/weights", tensors, None, model, expect_version, timeout_s)
+        between batches. `expect_version`: refuse (Conflict) unless the server is at that version;
+        `version`: the weight_version it makes (Conflict unless above the server's)."""
+        return self._upload("/v1/admin/weights", tensors, None, model, expect_version, version, timeout_s)
 
     def update_adapter(
         self,
@@ -164,6 +166,7 @@ class PolicyClient:
         fan_in_fan_out: bool = False,
         model: str = "policy",
         expect_version: int | None = None,
+        version: int | None = None,
         timeout_s: float | None = None,
     ) -> WeightUpdateResponse:
         """Send a LoRA adapter, which the server merges into its base weights (W + lora_alpha / r * B @ A)
@@ -172,7 +175,7 @@ class PolicyClient:
         (peft's adapter state dict without its `base_model.model.` prefix). It replaces the
         previous adapter; a later `update_weights` of a layer makes that the layer's new base."""
         meta = {"lora_alpha": str(lora_alpha), "r": str(r), "fan_in_fan_out": str(fan_in_fan_out).lower()}
-        return self._upload("/v1/admin/adapter", tensors, meta, model, expect_version, timeout_s)
+        return self._upload("/v1/admin/adapter", tensors, meta, model, expect_version, version, timeout_s)
 
     def load_weights(
         self, path: str, *, model: str = "policy", expect_version: int | None = None, timeout_s: float | None = None
@@ -220,11 +223,14 @@ class PolicyClient:
         metadata: Mapping[str, str] | None,
         model: str,
         expect_version: int | None,
+        version: int | None,
         timeout_s: float | None,
     ) -> WeightUpdateResponse:
         params: dict[str, Any] = {"model": model}
         if expect_version is not None:
             params["expect_version"] = expect_version
+        if version is not None:
+            params["version"] = version
 
         def attempt(left: float) -> WeightUpdateResponse:
             chunks, size = safetensors_chunks(tensors, metadata)
