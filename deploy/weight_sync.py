@@ -162,9 +162,8 @@ class WeightStore:
 
 def store(app: str) -> Any:
     """The weight store of Serve application `app`, created by the first replica that asks."""
-    return WeightStore.options(
-        name=STORE_PREFIX + app, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote()
+    actor: Any = WeightStore  # @ray.remote made it an actor class, which mypy does not see
+    return actor.options(name=STORE_PREFIX + app, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
 
 
 def forget(app: str) -> None:

@@ -199,11 +199,13 @@ def test_a_replica_killed_during_a_push_comes_back_at_the_current_version(replic
         if outcome != "landed":  # the victim took the push: it never landed, so it is sent once more
             assert policy.update_weights(state, version=version).weight_version == version
         pushed_at = time.monotonic()
-        wait_for(lambda: len(set(versions_by_replica(replicas)) - {victim}) == 2, 240, "a new replica answering")
-    after = versions_by_replica(replicas)
-    new = (set(after) - set(before)).pop()
+        print(f"\nkilled {victim} during the push of {version}: {outcome}")
+        # the probe is the only client now: the new replica's first answers are the probe's
+        wait_for(lambda: any(s.replica not in before for s in probe.seen), 240, "a new replica answering")
+    new = next(s.replica for s in probe.seen if s.replica not in before)
     first = min((s for s in probe.seen if s.replica == new), key=lambda s: s.asked)
-    print(f"\nkilled {victim} during the push of {version} ({outcome}); {new} first answered at {first.version}")
+    after = versions_by_replica(replicas)
+    print(f"{new} first answered at {first.version}; the replicas now: {after}")
     assert victim not in after and set(after.values()) == {version}
     assert first.version == version
     assert all(s.version == version for s in probe.seen if s.asked > pushed_at)
