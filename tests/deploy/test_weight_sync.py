@@ -13,9 +13,11 @@ its actor); Serve starts another.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -39,6 +41,7 @@ from assay.deploy.ray_serve import REPLICA_HEADER, build_policy_app  # noqa: E40
 APP = "wsync"
 TINY = dict(prompts_per_step=2, group_size=4, max_tokens=24, lr=1e-4, checkpoint_every=10)  # 8 samples a step
 TIMEOUT_S = 300.0
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "replica_push_bench.py"
 
 
 @dataclass(frozen=True)
@@ -220,3 +223,15 @@ def _push(policy: PolicyClient, state, version: int) -> str:
         return "landed"
     except ServiceError as err:
         return type(err).__name__
+
+
+def test_the_push_bench_measures_and_checks_every_replica(replicas):
+    """bench/replica_push_bench.py's measuring parts, on this module's replicas (the bench's own Ray
+    applications cost a minute more here): one timed push, and both replicas at its version after."""
+    spec = importlib.util.spec_from_file_location("replica_push_bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, _ = load_embedded("policy")
+    walls, last = bench.pushes(replicas, {k: v.contiguous() for k, v in model.state_dict().items()}, repeats=1)
+    assert len(walls) == 1 and walls[0] > 0
+    assert bench.served_versions(replicas, 2) == dict.fromkeys(versions_by_replica(replicas), last)
