@@ -56,11 +56,14 @@ class ServiceError(Exception):
     the failure happened before an answer (connection refused, client-side checks). `type` is the
     server's `ErrorType` when it said one. `attempts` is how many times the call was sent.
     `unanswered` is True when the request went out (whole or in part) and no answer came back
-    (connection reset or dropped): the server may have acted on it.
+    (connection reset or dropped): the server may have acted on it. `failover` is True when the
+    call has several replicas and another one can take the next attempt at once
+    (`clients/replicas.py`).
     """
 
     retryable: bool = False
     unanswered: bool = False
+    failover: bool = False
 
     def __init__(
         self,
