@@ -10,8 +10,8 @@ services (`UnknownReward` is the reward service's 404, `UnknownModel` the policy
     PermissionDenied   403               PERMISSION_DENIED    no
     UnknownReward      404               NOT_FOUND            no
     Overloaded         429               RESOURCE_EXHAUSTED   yes, after `retry_after_s`
-    Unavailable        502, 503, 504,    UNAVAILABLE          yes
-                       refused / reset
+    Unavailable        502, 503, 504,    UNAVAILABLE,         yes
+                       refused / reset   CANCELLED
     UnknownModel       404               NOT_FOUND            no
     Conflict           409                                    no
     DeadlineExceeded   client timeout    DEADLINE_EXCEEDED    no (the call's deadline is spent)
@@ -170,6 +170,10 @@ BY_GRPC_CODE: Mapping[str, type[ServiceError]] = {
     "PERMISSION_DENIED": PermissionDenied,
     "RESOURCE_EXHAUSTED": Overloaded,
     "UNAVAILABLE": Unavailable,
+    # The clients never cancel an RPC they still wait on (a sync call ends at its deadline; an awaited
+    # one cancelled by its caller raises CancelledError, not this): CANCELLED is the server's side giving
+    # up on the call (a server going away, grpc.aio's end of grace), so another try may be answered.
+    "CANCELLED": Unavailable,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
 }
 

@@ -214,16 +214,26 @@ class PolicyClient:
         return self._upload("/v1/admin/adapter", tensors, meta, model, expect_version, version, timeout_s)
 
     def load_weights(
-        self, path: str, *, model: str = "policy", expect_version: int | None = None, timeout_s: float | None = None
+        self,
+        path: str,
+        *,
+        model: str = "policy",
+        expect_version: int | None = None,
+        version: int | None = None,
+        timeout_s: float | None = None,
     ) -> WeightUpdateResponse:
         """Have the server load safetensors from `path` on its own disk (a file or a checkpoint directory),
         relative to a directory it was started with (`--weights-dir`), or absolute inside one.
         PermissionDenied when it has none; InvalidRequest, one message whatever the reason, for a path
-        it will not read (its log says why). With several replicas, the one `_call` picks loads it."""
-        req = LoadWeightsRequest(model=model, path=path, expect_version=expect_version)
-        return self._call(
-            lambda left: self._send("POST", "/v1/admin/weights/load", req, WeightUpdateResponse, left, False), timeout_s
-        )
+        it will not read (its log says why). `version`: as for `update_weights` (every replica loads
+        `path` from its own disk)."""
+        req = LoadWeightsRequest(model=model, path=path, expect_version=expect_version, version=version)
+
+        def send(replica: Replica[httpx.Client], left: float) -> WeightUpdateResponse:
+            path = "/v1/admin/weights/load"
+            return self._send("POST", path, req, WeightUpdateResponse, left, version is not None, replica=replica)
+
+        return self._to_every(send, model, version, timeout_s)
 
     # --- health ------------------------------------------------------------------------------
 
@@ -270,13 +280,10 @@ class PolicyClient:
             params["expect_version"] = expect_version
         if version is not None:
             params["version"] = version
-        elif len(self._replicas) > 1 or self._replicas.resolves:
-            raise ValueError("a weight push to several replicas needs version=V, the version each replica then serves")
 
         def send(replica: Replica[httpx.Client], left: float) -> WeightUpdateResponse:
             chunks, size = safetensors_chunks(tensors, metadata)
             headers = {"content-type": "application/octet-stream", "content-length": str(size)}
-            # with a target version a resend is safe: a push of it that already landed is refused (409)
             return self._request(
                 replica,
                 "POST",
@@ -289,12 +296,26 @@ class PolicyClient:
                 resend_safe=version is not None,
             )
 
-        if version is None:  # one URL, no target: the push it always was
+        return self._to_every(send, model, version, timeout_s)
+
+    def _to_every(
+        self,
+        send: Callable[[Replica[httpx.Client], float], WeightUpdateResponse],
+        model: str,
+        version: int | None,
+        timeout_s: float | None,
+    ) -> WeightUpdateResponse:
+        """A weight update `send`s to every replica, under one deadline. With a target `version` a lost
+        answer is sent again safely (an update that landed is refused with 409), and a replica at
+        `version` already counts as done; without one (one URL only) it is the update it always was."""
+        if version is None:
+            if len(self._replicas) > 1 or self._replicas.resolves:
+                raise ValueError("a weight update of several replicas needs version=V, the version each then serves")
             only = self._replicas.all()[0]
             return self._call(lambda left: send(only, left), timeout_s)
 
-        def push(replica: Replica[httpx.Client], left: float) -> WeightUpdateResponse | None:
-            """The replica's answer; None when it serves `version` already (its 409: a push of it landed)."""
+        def update(replica: Replica[httpx.Client], left: float) -> WeightUpdateResponse | None:
+            """The replica's answer; None when it serves `version` already (its 409: an update to it landed)."""
             try:
                 return send(replica, left)
             except Conflict:
@@ -303,7 +324,7 @@ class PolicyClient:
                 return None
 
         began = time.monotonic()
-        answers = self._each(push, timeout_s)
+        answers = self._each(update, timeout_s)
         return _summary(model, version, answers, time.monotonic() - began)
 
     def _version_at(self, replica: Replica[httpx.Client], model: str, timeout: float) -> int:

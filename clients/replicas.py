@@ -3,7 +3,7 @@
 Addresses. Every client that takes a URL (or a gRPC target) takes several: a sequence, or one
 string of comma-separated ones ("http://10.0.0.5:8000,http://10.0.0.6:8000"), so that one
 command-line option (`--rm-url`, `--policy-url`) names them all. A *service address* names every
-replica at once: `dns+http://NAME:PORT` (or `dns+https://`) for HTTP, and gRPC's own spelling of a
+replica at once: `dns+http://NAME:PORT[/path]` (or `dns+https://`) for HTTP, and gRPC's own spelling of a
 DNS target, `dns:///NAME:PORT`, for gRPC. NAME is resolved to each of its addresses (a Kubernetes
 headless Service answers one per ready pod), one replica each, and resolved again every
 `RESOLVE_EVERY_S` seconds (the cluster DNS's TTL), and sooner when every replica is failing.
@@ -92,16 +92,17 @@ class Source:
     host: str = ""  # the name to resolve; empty for a fixed address
     port: int = 0
     scheme: str = ""
+    path: str = ""  # a base URL's path (a Ray Serve route prefix, say), kept on every replica's URL
 
     @classmethod
     def parse(cls, given: str, kind: Kind) -> Source:
         if kind == "http" and given.startswith(DNS_HTTP):
             rest = given.removeprefix("dns+")
             parts = urlsplit(rest)
-            if not parts.hostname or parts.path.strip("/"):
-                raise ValueError(f"a service address is dns+http(s)://NAME:PORT, got {given!r}")
+            if not parts.hostname or parts.query or parts.fragment:
+                raise ValueError(f"a service address is dns+http(s)://NAME:PORT[/path], got {given!r}")
             port = parts.port or (443 if parts.scheme == "https" else 80)
-            return cls(given, kind, parts.hostname, port, parts.scheme)
+            return cls(given, kind, parts.hostname, port, parts.scheme, parts.path.rstrip("/"))
         if kind == "grpc" and given.startswith(DNS_GRPC):
             host, _, port = given.removeprefix(DNS_GRPC).rpartition(":")
             if not host or not port.isdigit():
@@ -117,7 +118,7 @@ class Source:
         found = [_bracketed(ip) for ip in resolve(self.host, self.port)]
         if self.kind == "grpc":
             return [Address(f"{ip}:{self.port}", name, self.host) for ip in found]
-        return [Address(f"{self.scheme}://{ip}:{self.port}", name, self.host) for ip in found]
+        return [Address(f"{self.scheme}://{ip}:{self.port}{self.path}", name, self.host) for ip in found]
 
 
 def _is_ip(host: str) -> bool:
