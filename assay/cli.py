@@ -14,6 +14,7 @@ from rich.progress import MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from assay.data_cli import data_app
+from assay.deploy.cli import deploy_app
 from assay.policy_server.cli import policy_app, search_cmd
 from assay.rm_server.cli import rm_app
 from assay.trainer.cli import plot_cmd, train_app
@@ -27,6 +28,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(rm_app, name="rm")
 app.add_typer(data_app, name="data")
 app.add_typer(policy_app, name="policy")
+app.add_typer(deploy_app, name="deploy")
 app.command("search")(search_cmd)
 train_app.command("sft")(sft_cmd)
 train_app.command("rm")(rm_cmd)

@@ -11,7 +11,12 @@ services (`UnknownReward` is the reward service's 404, `UnknownModel` the policy
     UnknownReward      404               NOT_FOUND            no
     Overloaded         429               RESOURCE_EXHAUSTED   yes, after `retry_after_s`
     Unavailable        502, 503, 504,    UNAVAILABLE,         yes
-                       refused / reset   CANCELLED
+                       refused / reset;  CANCELLED
+                       the reward service:
+                       a 500 without its
+                       error body (a proxy's,
+                       e.g. Ray Serve's when
+                       a replica dies)
     UnknownModel       404               NOT_FOUND            no
     Conflict           409                                    no
     DeadlineExceeded   client timeout    DEADLINE_EXCEEDED    no (the call's deadline is spent)
@@ -184,9 +189,12 @@ class HttpDialect:
 
     error_body: type[RewardErrorResponse] | type[PolicyErrorResponse]
     not_found: type[ServiceError]
+    # A 500 without the service's error body is a proxy's (Ray Serve's, for a replica that died mid-request;
+    # the services' own 500s always carry their body): retryable where resending is safe, as scoring is.
+    proxy_500_retryable: bool = False
 
 
-REWARD_HTTP = HttpDialect(RewardErrorResponse, UnknownReward)
+REWARD_HTTP = HttpDialect(RewardErrorResponse, UnknownReward, proxy_500_retryable=True)
 POLICY_HTTP = HttpDialect(PolicyErrorResponse, UnknownModel)  # OpenAI's error shape; its `type` is not ours
 
 
@@ -230,6 +238,8 @@ def http_error(r: httpx.Response, dialect: HttpDialect) -> ServiceError:
             type_ = info.type
     except ValidationError:
         message = r.text[:300] or r.reason_phrase
+        if r.status_code == 500 and dialect.proxy_500_retryable:
+            return Unavailable(f"{r.request.method} {r.request.url}: {message} (not the service's own)", status=500)
     by_status = {**BY_HTTP_STATUS, 404: dialect.not_found}
     cls = (BY_ERROR_TYPE.get(type_) if type_ is not None else None) or by_status.get(r.status_code, ServerError)
     return cls(

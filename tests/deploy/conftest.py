@@ -1,0 +1,75 @@
+"""The Ray cluster the deploy tests share: one per test session (a local Ray takes 15-20 s to start here).
+
+`ray_cluster` starts Ray on loopback the way `assay deploy ray` does by default: token authentication
+on (`RAY_AUTH_MODE=token`, set when this file loads; Ray generates the token), no dashboard, a few
+logical CPUs, and Serve's HTTP proxy on a free loopback port. Each test runs its applications with
+`ray_cluster.serve(app, name)`, deleted after its block, so tests of several files (and helpers) share
+the cluster without seeing each other's replicas. Serve and Ray are shut down at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from assay.services import free_port
+
+# Ray reads its auth mode once, when it is first imported: this conftest is loaded before any test module
+# under tests/deploy imports ray, and every Ray process the cluster starts inherits the variable.
+os.environ["RAY_AUTH_MODE"] = "token"
+CLUSTER_CPUS = 4  # logical: replicas ask 1 each; what the tests run at once, plus a restarted replica
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """A running local Ray with Serve: `url` is the Serve proxy's base URL (`http://127.0.0.1:PORT`)."""
+
+    url: str
+
+    @contextmanager
+    def serve(self, app, name: str, timeout_s: float = 300) -> Iterator[str]:
+        """Run `app` as Serve application `name` under the route prefix `/name` until the block ends;
+        yields its base URL (`{url}/{name}`). Serve returns once every replica's constructor has returned."""
+        from ray import serve
+
+        serve.run(app, name=name, route_prefix=f"/{name}", blocking=False)
+        try:
+            _wait_running(name, timeout_s)
+            yield f"{self.url}/{name}"
+        finally:
+            serve.delete(name)
+
+
+def _wait_running(name: str, timeout_s: float) -> None:
+    import time
+
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(name)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        assert app is None or app.status != ApplicationStatus.DEPLOY_FAILED, f"{name} failed: {app.message}"
+        assert time.monotonic() < deadline, f"Serve application {name} not running within {timeout_s:g} s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield RayCluster(url=f"http://127.0.0.1:{port}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
