@@ -104,10 +104,10 @@ class Source:
             port = parts.port or (443 if parts.scheme == "https" else 80)
             return cls(given, kind, parts.hostname, port, parts.scheme, parts.path.rstrip("/"))
         if kind == "grpc" and given.startswith(DNS_GRPC):
-            host, _, port = given.removeprefix(DNS_GRPC).rpartition(":")
-            if not host or not port.isdigit():
+            host, _, digits = given.removeprefix(DNS_GRPC).rpartition(":")
+            if not host or not digits.isdigit():
                 raise ValueError(f"a gRPC service address is dns:///NAME:PORT, got {given!r}")
-            return cls(given, kind, host.strip("[]"), int(port))
+            return cls(given, kind, host.strip("[]"), int(digits))
         return cls(given, kind)
 
     def addresses(self) -> list[Address]:
