@@ -403,22 +403,19 @@ def _version_of(models: ModelList, model: str, url: str) -> int:
 
 
 def _summary(
-    model: str,
-    version: int,
-    answers: dict[str, WeightUpdateResponse | None],
-    tensors: Mapping[str, Any],
-    seconds: float,
+    model: str, version: int, answers: dict[str, WeightUpdateResponse | None], seconds: float
 ) -> WeightUpdateResponse:
-    """One answer for a push to every replica: `version` served everywhere; `previous_version` the lowest
-    a replica had (`version` for one that had it already); the size of one push; the push's wall time."""
-    pushed = [a for a in answers.values() if a is not None]
-    previous = min((a.previous_version for a in pushed), default=version)
-    size = pushed[0] if pushed else None
+    """One answer for an update to `version` of every replica: the replica's own when there is one and it
+    took the update; else `previous_version` the lowest a replica had (`version` for one at it already),
+    the size of one push (0 when no replica needed it), and the whole update's wall time."""
+    took = [a for a in answers.values() if a is not None]
+    if len(answers) == 1 and took:
+        return took[0]
     return WeightUpdateResponse(
         model=model,
-        previous_version=previous,
+        previous_version=min((a.previous_version for a in took), default=version),
         weight_version=version,
-        tensors=size.tensors if size else 0,
-        bytes=size.bytes if size else 0,
+        tensors=took[0].tensors if took else 0,
+        bytes=took[0].bytes if took else 0,
         seconds=seconds,
     )

@@ -63,9 +63,22 @@ class Server:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
         return self
 
-    def ready(self) -> Server:
+    def ready(self, host: str | None = None) -> Server:
+        """Once it answers /ready (asked for `host`: a server that answers other names only)."""
         assert self.proc is not None
-        wait_ready(self.proc, self.url, log=self.log)
+        if host is None:
+            wait_ready(self.proc, self.url, log=self.log)
+            return self
+        proc, headers = self.proc, {"host": host}
+
+        def answers() -> bool:
+            assert proc.poll() is None, f"the server exited while starting:\n{self.log.read_text()[-3000:]}"
+            try:
+                return httpx.get(f"{self.url}/ready", headers=headers, timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(answers, 300, f"{self.url} was not ready", every_s=0.2)
         return self
 
     def kill(self) -> None:
@@ -177,9 +190,9 @@ def test_a_large_batch_is_split_over_the_replicas_and_answered_in_item_order(thr
         ):
             return [await h.score("correct", items), await g.score("correct", items)]
 
-    for make in (RewardClient.http, RewardClient.grpc):
+    for make, where in ((RewardClient.http, urls), (RewardClient.grpc, targets)):
         before = [scored(s.url) for s in three]
-        with make(urls if make is RewardClient.http else targets, timeout_s=TIMEOUT_S) as rm:
+        with make(where, timeout_s=TIMEOUT_S) as rm:
             reply = rm.score("correct", items)
         assert [scored(s.url) - b for s, b in zip(three, before, strict=True)] == [1, 1, 1]  # one shard each
         assert [r.id for r in reply.results] == [i["id"] for i in items]
@@ -212,7 +225,7 @@ def test_a_service_address_reaches_every_address_of_its_name_asking_for_the_name
     ]
     try:
         for s in servers:
-            s.ready()
+            s.ready(host=f"rm.test:{port}")
         # by its own address the second replica refuses: it answers loopback names and rm.test only
         assert httpx.get(f"{servers[1].url}/v1/rewards", timeout=30).status_code == 403
         items = [
