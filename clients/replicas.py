@@ -113,7 +113,7 @@ class Source:
     def addresses(self) -> list[Address]:
         """The replicas this source names now (a service address: one per address its name resolves to)."""
         if not self.host:
-            return [Address(self.given)]
+            return [Address(self.given.rstrip("/") if self.kind == "http" else self.given)]
         name = f"{_bracketed(self.host) if _is_ip(self.host) else self.host}:{self.port}"
         found = [_bracketed(ip) for ip in resolve(self.host, self.port)]
         if self.kind == "grpc":
