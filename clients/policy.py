@@ -22,10 +22,11 @@ Several replicas (`url` a list, a comma-separated string, or `dns+http://NAME:PO
 outstanding, failing over at once on a transient failure). Weights go to every replica, at once,
 under one deadline, and need a target version: `update_weights(state, version=V)` returns once
 every replica serves V. A replica that answers 409 while it serves V already counts as done (a
-push of V landed there: an earlier try whose answer was lost, or another pusher of the same V),
-so with `version` a push whose answer was lost is sent again, safely. `weight_versions()` reads
-each replica's version, `weight_version()` the lowest: the version every replica serves. With one
-URL and no `version`, a push is what it always was.
+push of V landed there: an earlier try whose answer was lost, or another pusher of the same V), so
+the caller that lost an answer pushes the same V again and only the replicas without it load it
+(`trainer.online.push_weights`); the client itself still never resends an update whose answer was
+lost. `weight_versions()` reads each replica's version, `weight_version()` the lowest: the version
+every replica serves. With one URL and no `version`, a push is what it always was.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ class PolicyClient:
 
         def send(replica: Replica[httpx.Client], left: float) -> WeightUpdateResponse:
             path = "/v1/admin/weights/load"
-            return self._send("POST", path, req, WeightUpdateResponse, left, version is not None, replica=replica)
+            return self._send("POST", path, req, WeightUpdateResponse, left, False, replica=replica)
 
         return self._to_every(send, model, version, timeout_s)
 
@@ -293,7 +294,7 @@ class PolicyClient:
                 content=chunks,
                 params=params,
                 headers=headers,
-                resend_safe=version is not None,
+                resend_safe=False,
             )
 
         return self._to_every(send, model, version, timeout_s)
@@ -305,9 +306,8 @@ class PolicyClient:
         version: int | None,
         timeout_s: float | None,
     ) -> WeightUpdateResponse:
-        """A weight update `send`s to every replica, under one deadline. With a target `version` a lost
-        answer is sent again safely (an update that landed is refused with 409), and a replica at
-        `version` already counts as done; without one (one URL only) it is the update it always was."""
+        """A weight update `send`s to every replica, under one deadline. With a target `version` a
+        replica at it already counts as done; without one (one URL only) it is the update it always was."""
         if version is None:
             if len(self._replicas) > 1 or self._replicas.resolves:
                 raise ValueError("a weight update of several replicas needs version=V, the version each then serves")
