@@ -14,6 +14,7 @@ its actor); Serve starts another.
 from __future__ import annotations
 
 import importlib.util
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -230,6 +231,7 @@ def test_the_push_bench_measures_and_checks_every_replica(replicas):
     applications cost a minute more here): one timed push, and both replicas at its version after."""
     spec = importlib.util.spec_from_file_location("replica_push_bench", BENCH)
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclass looks its module up there
     spec.loader.exec_module(bench)
     model, _ = load_embedded("policy")
     walls, last = bench.pushes(replicas, {k: v.contiguous() for k, v in model.state_dict().items()}, repeats=1)
