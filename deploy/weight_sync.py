@@ -24,10 +24,13 @@ its tensors (and an adapter that adapted only those), a new adapter drops the pr
 of the weights in the store.
 
 One writer (the trainer): two writers pushing the same version with different weights to two
-replicas are not told apart. The store is detached: it outlives a redeploy of the application, so
-replicas of a new deployment start at the trainer's weights; `forget(app)` drops it. Tensors travel
-between our own processes through Ray's object store (Ray serialises them); nothing from the network
-is unpickled.
+replicas are not told apart. Pushes are sequential (each answered once live), so the replica a push
+lands on serves the version before it; after a 504 a push may land on a replica still lagging, which
+then skips the version it lacked: harmless for full state dicts, the trainer's pushes.
+
+The store is detached: it outlives a redeploy of the application, so replicas of a new deployment
+start at the trainer's weights; `forget(app)` drops it. Tensors travel between our own processes
+through Ray's object store (Ray serialises them); nothing from the network is unpickled.
 """
 
 from __future__ import annotations
