@@ -8,6 +8,9 @@ PolicyClient                       the policy service over HTTP: complete, searc
 clients.errors                     typed failures: what happened, and whether a retry can help;
                                    the one table from HTTP statuses and gRPC codes to them
 clients.retry                      deadlines and the one retry loop both clients run
+clients.replicas                   several replicas behind one client: URL lists, service
+                                   addresses (dns+http://NAME:PORT, dns:///NAME:PORT), least
+                                   outstanding, failover at once
 
 The light install (`pip install assay`) is enough for all of it: these modules import the
 services' wire types (`protocol`, `grpc_convert`) and `assay.proto`, never torch, transformers

@@ -10,8 +10,8 @@ services (`UnknownReward` is the reward service's 404, `UnknownModel` the policy
     PermissionDenied   403               PERMISSION_DENIED    no
     UnknownReward      404               NOT_FOUND            no
     Overloaded         429               RESOURCE_EXHAUSTED   yes, after `retry_after_s`
-    Unavailable        502, 503, 504,    UNAVAILABLE          yes
-                       refused / reset;
+    Unavailable        502, 503, 504,    UNAVAILABLE,         yes
+                       refused / reset;  CANCELLED
                        the reward service:
                        a 500 without its
                        error body (a proxy's,
@@ -61,11 +61,14 @@ class ServiceError(Exception):
     the failure happened before an answer (connection refused, client-side checks). `type` is the
     server's `ErrorType` when it said one. `attempts` is how many times the call was sent.
     `unanswered` is True when the request went out (whole or in part) and no answer came back
-    (connection reset or dropped): the server may have acted on it.
+    (connection reset or dropped): the server may have acted on it. `failover` is True when the
+    call has several replicas and another one can take the next attempt at once
+    (`clients/replicas.py`).
     """
 
     retryable: bool = False
     unanswered: bool = False
+    failover: bool = False
 
     def __init__(
         self,
@@ -172,6 +175,10 @@ BY_GRPC_CODE: Mapping[str, type[ServiceError]] = {
     "PERMISSION_DENIED": PermissionDenied,
     "RESOURCE_EXHAUSTED": Overloaded,
     "UNAVAILABLE": Unavailable,
+    # The clients never cancel an RPC they still wait on (a sync call ends at its deadline; an awaited
+    # one cancelled by its caller raises CancelledError, not this): CANCELLED is the server's side giving
+    # up on the call (a server going away, grpc.aio's end of grace), so another try may be answered.
+    "CANCELLED": Unavailable,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
 }
 

@@ -15,6 +15,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from assay.clients.errors import HttpDialect, ServerError, http_error, problems
+from assay.clients.replicas import Address
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -56,6 +57,18 @@ def verify(ca_cert: CaCert) -> ssl.SSLContext | bool:
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def client_headers(address: Address, api_key: str | None) -> dict[str, str]:
+    """The headers every request to `address` carries: the key, and Host when the replica is asked
+    for a service name rather than its own address (`clients/replicas.py`)."""
+    return {**auth_headers(api_key), **({"host": address.name} if address.name else {})}
+
+
+def extensions(address: Address) -> dict[str, Any]:
+    """httpx's per-request extensions for `address`: the TLS server name (SNI, and the name the
+    certificate is checked against) when it is a service name's, not the IP connected to."""
+    return {"sni_hostname": address.server_name} if address.server_name else {}
 
 
 def json_body(req: BaseModel | None) -> Any:

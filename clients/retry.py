@@ -8,7 +8,9 @@ minute on a busy machine) costs the caller only the wait; `max_retries` can cap 
 well. Between tries the client sleeps uniform(0, min(max_backoff_s, backoff_s * 2**retry))
 (exponential backoff, full jitter, capped), never less than the server's Retry-After, and
 never so long that no time is left for one more try: when the server's Retry-After reaches past
-the deadline, the call fails at once with the server's answer.
+the deadline, the call fails at once with the server's answer. A client of several replicas
+marks a failure `failover` when another replica can take the next attempt: that attempt goes at
+once, with no sleep (`clients/replicas.py`).
 
 `RetryPolicy.call` and `RetryPolicy.acall` are that loop, blocking and awaited; the reward and
 policy clients run every call through them.
@@ -84,6 +86,8 @@ class RetryPolicy:
         if not err.retryable or (self.max_retries is not None and attempt >= self.max_retries):
             return None
         budget = deadline.remaining() - self.min_attempt_s  # the longest sleep that leaves time for a try
+        if err.failover:  # another replica takes it now; the Retry-After was this replica's word
+            return 0.0 if budget >= 0 else None
         floor = err.retry_after_s or 0.0  # the server's word: not sooner
         if floor > budget:
             return None  # the server will not take it again before the deadline: say so now, not at the end

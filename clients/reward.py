@@ -24,6 +24,16 @@ Transports. `RewardClient.http(url)` and `.grpc(target)` build one; `RewardClien
 takes any object with the `RewardTransport` methods (`clients/reward_transport.py`), and gets
 the same deadlines, retries and id checks.
 
+Several replicas. `url` (`target`) may name several: a list, a comma-separated string, or a
+service address (`dns+http://NAME:PORT`, `dns:///NAME:PORT`), see `clients/replicas.py`. Calls
+spread over them (least outstanding), a transient failure fails over to another replica at once,
+and `.urls` lists the replicas in use. A score or compare batch of at least 2 x SHARD_MIN_ITEMS
+items is split into contiguous shards, one per replica not failing (at most one per
+SHARD_MIN_ITEMS items), sent at once and merged back in item order, as OpenRLHF shards a batch
+over its reward URLs: a trainer's one large call per step then keeps every replica busy, not one.
+Each shard is a call of its own under the one deadline (retries, failover, id checks), and the
+shards' reward ids must agree (else `ServerError`: replicas serving different rewards).
+
 Item ids. Items without an id get their position ("0", "1", ...); a retried batch resends the
 same ids, and a reply must hold exactly the ids sent, each once (else `ServerError`). Results
 come back in request order, matched by id, so a batch can never be counted twice or shifted.
@@ -31,15 +41,20 @@ come back in request order, matched by id, so a batch can never be counted twice
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
 
 from pydantic import ValidationError
 
 from assay.clients.errors import InvalidRequest, ServerError, UnknownReward, problems
 from assay.clients.http import CaCert
+from assay.clients.replicas import Address, Replicas
 from assay.clients.retry import Attempt, RetryPolicy
 from assay.clients.reward_fn import RewardFn, RewardFnForm
+from assay.clients.reward_replicas import SHARD_MIN_ITEMS, AsyncReplicated, Replicated, merged, shards
 from assay.clients.reward_transport import AsyncGrpc, AsyncHttp, AsyncRewardTransport, Grpc, Http, RewardTransport
 from assay.rm_server.protocol import (
     CompareItem,
@@ -136,8 +151,9 @@ class ClientOptions(TypedDict, total=False):
 
 
 class _ClientBase(Generic[Transport]):
-    _http_transport: Callable[[str, str | None, CaCert], Transport]
-    _grpc_transport: Callable[[str, str | None, bool, CaCert], Transport]
+    _http_transport: Callable[[Address, str | None, CaCert], Transport]
+    _grpc_transport: Callable[[Address, str | None, bool, CaCert], Transport]
+    _replicated: Callable[[Replicas[Transport]], Transport]
 
     def __init__(
         self,
@@ -157,26 +173,51 @@ class _ClientBase(Generic[Transport]):
 
     @classmethod
     def http(
-        cls, url: str, *, api_key: str | None = None, ca_cert: CaCert = None, **options: Unpack[ClientOptions]
+        cls,
+        url: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        ca_cert: CaCert = None,
+        **options: Unpack[ClientOptions],
     ) -> Self:
-        """A client of the HTTP API at base URL `url`, e.g. "http://127.0.0.1:8000" or "https://rm.example:8000";
+        """A client of the HTTP API at base URL `url`, e.g. "http://127.0.0.1:8000" or "https://rm.example:8000",
+        or of several replicas (a list, "http://a:8000,http://b:8000", or "dns+http://NAME:8000");
         `ca_cert`: a CA bundle (PEM file) to check an https:// server against, in place of httpx's default
         (SSL_CERT_FILE when set, else certifi's bundle)."""
-        return cls(cls._http_transport(url, api_key, ca_cert), **options)
+
+        def make(address: Address) -> Transport:
+            return cls._http_transport(address, api_key, ca_cert)
+
+        return cls(cls._replicated(Replicas.of(url, "http", make, "the reward service")), **options)
 
     @classmethod
     def grpc(
         cls,
-        target: str,
+        target: str | Sequence[str],
         *,
         api_key: str | None = None,
         tls: bool = False,
         ca_cert: CaCert = None,
         **options: Unpack[ClientOptions],
     ) -> Self:
-        """A client of the gRPC API at `target`, e.g. "127.0.0.1:50051"; over TLS with `tls=True` (gRPC's
-        default roots) or with `ca_cert`, a CA bundle (PEM file) to check the server's certificate against."""
-        return cls(cls._grpc_transport(target, api_key, tls, ca_cert), **options)
+        """A client of the gRPC API at `target`, e.g. "127.0.0.1:50051", or of several replicas (a list,
+        "10.0.0.5:50051,10.0.0.6:50051", or "dns:///NAME:50051"); over TLS with `tls=True` (gRPC's default
+        roots) or with `ca_cert`, a CA bundle (PEM file) to check the server's certificate against."""
+
+        def make(address: Address) -> Transport:
+            return cls._grpc_transport(address, api_key, tls, ca_cert)
+
+        return cls(cls._replicated(Replicas.of(target, "grpc", make, "the reward service")), **options)
+
+    @property
+    def urls(self) -> list[str]:
+        """The base URLs (gRPC: the targets) of the replicas in use; empty over a transport of your own."""
+        return self._t.replicas.urls() if isinstance(self._t, (Replicated, AsyncReplicated)) else []
+
+    def _shards(self, req: Request) -> list[Request]:
+        """`req` whole, or in shards over the replicas not failing now (see the module docstring)."""
+        spread = self._t.replicas.live() if isinstance(self._t, (Replicated, AsyncReplicated)) else 1
+        return shards(req, max(1, min(spread, len(req.items) // SHARD_MIN_ITEMS)))
 
     def _attempt(self, req: Request, send: Callable[[Request, float], T]) -> Attempt[T]:
         """One attempt: the request with what is left of the deadline, waited on GRACE_S longer."""
@@ -186,10 +227,23 @@ class _ClientBase(Generic[Transport]):
 class RewardClient(_ClientBase[RewardTransport]):
     """A blocking client; see the module docstring for deadlines, retries and ids."""
 
-    _http_transport, _grpc_transport = Http, Grpc
+    _http_transport, _grpc_transport, _replicated = Http, Grpc, Replicated
 
     def _call(self, attempt: Attempt[T], timeout_s: float | None) -> T:
         return self.retry.call(attempt, timeout_s or self.timeout_s)
+
+    def _checked(self, req: Request, send: Callable[[Request, float], R], timeout_s: float | None) -> R:
+        """The checked reply to `req`, sent whole or in shards to several replicas at once."""
+        parts = self._shards(req)
+        if len(parts) == 1:
+            return checked_reply(req, self._call(self._attempt(req, send), timeout_s))
+        end = time.monotonic() + (timeout_s or self.timeout_s)  # one deadline for every shard
+
+        def one(part: Request) -> R:
+            return checked_reply(part, self._call(self._attempt(part, send), max(1e-3, end - time.monotonic())))
+
+        with ThreadPoolExecutor(len(parts), thread_name_prefix="assay-shard") as pool:
+            return checked_reply(req, merged(req, list(pool.map(one, parts))))
 
     def score(
         self,
@@ -200,15 +254,13 @@ class RewardClient(_ClientBase[RewardTransport]):
         timeout_s: float | None = None,
     ) -> ScoreResponse:
         """Score items (ScoreItems or dicts) with one reward; results in request order."""
-        req = score_request(reward, items, granularity)
-        return checked_reply(req, self._call(self._attempt(req, self._t.score), timeout_s))
+        return self._checked(score_request(reward, items, granularity), self._t.score, timeout_s)
 
     def compare(
         self, reward: str, items: Iterable[CompareItem | Mapping[str, Any]], *, timeout_s: float | None = None
     ) -> CompareResponse:
         """P(response_a is better) per item; results in request order."""
-        req = compare_request(reward, items)
-        return checked_reply(req, self._call(self._attempt(req, self._t.compare), timeout_s))
+        return self._checked(compare_request(reward, items), self._t.compare, timeout_s)
 
     def rewards(self, *, timeout_s: float | None = None) -> RewardsResponse:
         return self._call(self._t.rewards, timeout_s)
@@ -256,10 +308,30 @@ class RewardClient(_ClientBase[RewardTransport]):
 class AsyncRewardClient(_ClientBase[AsyncRewardTransport]):
     """The asyncio twin of `RewardClient`: the same methods, awaited."""
 
-    _http_transport, _grpc_transport = AsyncHttp, AsyncGrpc
+    _http_transport, _grpc_transport, _replicated = AsyncHttp, AsyncGrpc, AsyncReplicated
 
     async def _call(self, attempt: Attempt[Awaitable[T]], timeout_s: float | None) -> T:
         return await self.retry.acall(attempt, timeout_s or self.timeout_s)
+
+    async def _checked(
+        self, req: Request, send: Callable[[Request, float], Awaitable[R]], timeout_s: float | None
+    ) -> R:
+        """`RewardClient._checked`, awaited: the shards are sent concurrently on this loop."""
+        parts = self._shards(req)
+        if len(parts) == 1:
+            return checked_reply(req, await self._call(self._attempt(req, send), timeout_s))
+        end = time.monotonic() + (timeout_s or self.timeout_s)
+
+        async def one(part: Request) -> R:
+            reply = await self._call(self._attempt(part, send), max(1e-3, end - time.monotonic()))
+            return checked_reply(part, reply)
+
+        tasks = [asyncio.ensure_future(one(part)) for part in parts]
+        try:
+            return checked_reply(req, merged(req, list(await asyncio.gather(*tasks))))
+        finally:
+            for task in tasks:  # one shard failed: the call has failed, the others' work is not wanted
+                task.cancel()
 
     async def score(
         self,
@@ -269,14 +341,12 @@ class AsyncRewardClient(_ClientBase[AsyncRewardTransport]):
         granularity: str = "outcome",
         timeout_s: float | None = None,
     ) -> ScoreResponse:
-        req = score_request(reward, items, granularity)
-        return checked_reply(req, await self._call(self._attempt(req, self._t.score), timeout_s))
+        return await self._checked(score_request(reward, items, granularity), self._t.score, timeout_s)
 
     async def compare(
         self, reward: str, items: Iterable[CompareItem | Mapping[str, Any]], *, timeout_s: float | None = None
     ) -> CompareResponse:
-        req = compare_request(reward, items)
-        return checked_reply(req, await self._call(self._attempt(req, self._t.compare), timeout_s))
+        return await self._checked(compare_request(reward, items), self._t.compare, timeout_s)
 
     async def rewards(self, *, timeout_s: float | None = None) -> RewardsResponse:
         return await self._call(self._t.rewards, timeout_s)

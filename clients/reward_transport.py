@@ -29,7 +29,18 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from assay.clients.errors import REWARD_HTTP, ServerError, grpc_error, http_failure
-from assay.clients.http import CaCert, auth_headers, base_url, json_body, read_ca, reply, verify
+from assay.clients.http import (
+    CaCert,
+    auth_headers,
+    base_url,
+    client_headers,
+    extensions,
+    json_body,
+    read_ca,
+    reply,
+    verify,
+)
+from assay.clients.replicas import Address
 from assay.rm_server.protocol import (
     CompareRequest,
     CompareResponse,
@@ -128,20 +139,21 @@ class _HttpRoutes:
 
 
 class Http(_HttpRoutes):
-    def __init__(self, url: str, api_key: str | None, ca_cert: CaCert = None) -> None:
-        self.url = base_url(url, "the reward service")
-        self._client = httpx.Client(base_url=self.url, headers=auth_headers(api_key), verify=verify(ca_cert))
+    def __init__(self, address: Address, api_key: str | None, ca_cert: CaCert = None) -> None:
+        self.url = base_url(address.url, "the reward service")
+        headers, self._ext = client_headers(address, api_key), extensions(address)
+        self._client = httpx.Client(base_url=self.url, headers=headers, verify=verify(ca_cert))
 
     def _send(self, method: str, path: str, req: BaseModel | None, model: type[M], timeout: float) -> M:
         try:
-            r = self._client.request(method, path, json=json_body(req), timeout=timeout)
+            r = self._client.request(method, path, json=json_body(req), timeout=timeout, extensions=self._ext)
         except httpx.HTTPError as exc:
             raise http_failure(exc, f"{method} {self.url}{path}") from None
         return reply(r, model, REWARD_HTTP)
 
     def probe(self, what: Probe, timeout: float) -> bool:
         try:
-            return self._client.get(f"/{what}", timeout=timeout).status_code == 200
+            return self._client.get(f"/{what}", timeout=timeout, extensions=self._ext).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -150,23 +162,26 @@ class Http(_HttpRoutes):
 
 
 class AsyncHttp(_HttpRoutes):
-    def __init__(self, url: str, api_key: str | None, ca_cert: CaCert = None) -> None:
-        self.url = base_url(url, "the reward service")
-        headers, checked = auth_headers(api_key), verify(ca_cert)
+    def __init__(self, address: Address, api_key: str | None, ca_cert: CaCert = None) -> None:
+        self.url = base_url(address.url, "the reward service")
+        headers, checked, self._ext = client_headers(address, api_key), verify(ca_cert), extensions(address)
         self._clients = PerLoop(
             lambda: httpx.AsyncClient(base_url=self.url, headers=headers, verify=checked), lambda c: c.aclose()
         )
 
     async def _send(self, method: str, path: str, req: BaseModel | None, model: type[M], timeout: float) -> M:
         try:
-            r = await self._clients.get().request(method, path, json=json_body(req), timeout=timeout)
+            r = await self._clients.get().request(
+                method, path, json=json_body(req), timeout=timeout, extensions=self._ext
+            )
         except httpx.HTTPError as exc:
             raise http_failure(exc, f"{method} {self.url}{path}") from None
         return reply(r, model, REWARD_HTTP)
 
     async def probe(self, what: Probe, timeout: float) -> bool:
         try:
-            return (await self._clients.get().get(f"/{what}", timeout=timeout)).status_code == 200
+            answer = await self._clients.get().get(f"/{what}", timeout=timeout, extensions=self._ext)
+            return answer.status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -181,13 +196,15 @@ class _GrpcRoutes:
     """Which RPC answers what, and the conversions (grpc_convert's, used as they are).
 
     With `tls` (or a `ca_cert`, which implies it) the channel is a secure one, checking the server's
-    certificate against `ca_cert`, or by default gRPC's roots (GRPC_DEFAULT_SSL_ROOTS_FILE_PATH)."""
+    certificate against `ca_cert`, or by default gRPC's roots (GRPC_DEFAULT_SSL_ROOTS_FILE_PATH).
+    A replica of a service address is asked for the service's name (authority, certificate name)."""
 
-    def __init__(self, target: str, api_key: str | None, tls: bool = False, ca_cert: CaCert = None) -> None:
+    def __init__(self, address: Address, api_key: str | None, tls: bool = False, ca_cert: CaCert = None) -> None:
         # Imported here so that HTTP-only users never load the generated protobuf code.
         from assay.proto.reward.v1 import reward_pb2
         from assay.rm_server import grpc_convert
 
+        target = address.url
         if not target or "://" in target:
             raise ValueError(
                 f"the reward service's gRPC address is a host:port target like 127.0.0.1:50051, got {target!r}"
@@ -195,7 +212,14 @@ class _GrpcRoutes:
         self.target = target
         self._pb, self._convert = reward_pb2, grpc_convert
         self._metadata = tuple(auth_headers(api_key).items())
-        self._options = [("grpc.max_receive_message_length", MAX_GRPC_MESSAGE), *RECONNECT_OPTIONS]
+        self._options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+            *RECONNECT_OPTIONS,
+        ]
+        if address.name:
+            self._options.append(("grpc.default_authority", address.name))
+        if address.server_name:
+            self._options.append(("grpc.ssl_target_name_override", address.server_name))
         roots = read_ca(ca_cert)
         self._credentials = grpc.ssl_channel_credentials(roots) if tls or roots is not None else None
 
@@ -255,12 +279,12 @@ def _health_request() -> Any:
 
 
 class Grpc(_GrpcRoutes):
-    def __init__(self, target: str, api_key: str | None, tls: bool = False, ca_cert: CaCert = None) -> None:
-        super().__init__(target, api_key, tls, ca_cert)
+    def __init__(self, address: Address, api_key: str | None, tls: bool = False, ca_cert: CaCert = None) -> None:
+        super().__init__(address, api_key, tls, ca_cert)
         if self._credentials is None:
-            channel = grpc.insecure_channel(target, options=self._options)
+            channel = grpc.insecure_channel(self.target, options=self._options)
         else:
-            channel = grpc.secure_channel(target, self._credentials, options=self._options)
+            channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
         self._s = self._stubs(channel)
 
     def _send(self, method: str, msg: Any, convert: Callable[[Any], M], timeout: float) -> M:
@@ -281,8 +305,8 @@ class Grpc(_GrpcRoutes):
 
 
 class AsyncGrpc(_GrpcRoutes):
-    def __init__(self, target: str, api_key: str | None, tls: bool = False, ca_cert: CaCert = None) -> None:
-        super().__init__(target, api_key, tls, ca_cert)
+    def __init__(self, address: Address, api_key: str | None, tls: bool = False, ca_cert: CaCert = None) -> None:
+        super().__init__(address, api_key, tls, ca_cert)
         self._channels = PerLoop(lambda: self._stubs(self._channel()), lambda s: s.channel.close())
 
     def _channel(self) -> grpc.aio.Channel:

@@ -128,8 +128,8 @@ SERVES = ("port", "grpc_port", "tls_cert", "tls_key", "connections", "log_level"
 
 def parse_args(cls: type[C], args: Mapping[str, Any]) -> tuple[C, Replicas]:
     """The service's config and its replicas from a builder's flat `args`. The keys in the service's
-    environment variable (`ASSAY_API_KEYS`, `ASSAY_POLICY_API_KEYS`) are added to `api_key`'s, as the
-    command line adds them."""
+    environment variable (`ASSAY_API_KEYS`, `ASSAY_POLICY_API_KEYS`) are added to `api_key`'s, and a field
+    with a variable of its own (`ASSAY_RM_API_KEY`) is read from it unless given, as the command line does."""
     by_name = {o.name: o for o in options(cls, exclude=SERVES)}
     unknown = sorted(set(args) - REPLICA_KEYS - set(by_name))
     serves = sorted(name for name in unknown if name in {o.name for o in options(cls)})
@@ -154,6 +154,12 @@ def parse_args(cls: type[C], args: Mapping[str, Any]) -> tuple[C, Replicas]:
     keys = (*os.environ.get(cls.keys_env_var, "").split(), *nested.get("api_keys", ()))
     if keys:
         nested["api_keys"] = keys
+    # A field with a variable of its own (the policy's key at rm_server: ASSAY_RM_API_KEY) is read from it when
+    # the args leave it out, as the command line reads it: a secret has no place in a Serve config file.
+    for name, o in by_name.items():
+        own = o.parameter.default.envvar
+        if name not in args and own and os.environ.get(own):
+            _put(nested, o.path, os.environ[own])
     replicas = {name: value for name, value in args.items() if name in REPLICA_KEYS}
     return _validate(cls, nested), _validate(Replicas, replicas)
 

@@ -1,12 +1,13 @@
 """`assay deploy ray`: both services (or one) as Ray Serve applications, on a local Ray or a cluster's.
 
-    assay deploy ray                                   # local Ray on loopback; rm at :8000/rm, policy at :8000/policy
+    assay deploy ray                               # rm at 127.0.0.1:8000/rm, policy at 127.0.0.1:8000/policy
     assay deploy ray --only rm --rm-arg spec=rewards.yaml --rm-arg num_replicas=2
     assay deploy ray --address auto --host 0.0.0.0     # join a running cluster; keys then required
 
 Secure by default: Ray's token authentication is turned on (`RAY_AUTH_MODE=token`: a local Ray
-generates its token; joining a cluster takes the cluster's from `RAY_AUTH_TOKEN` or ~/.ray/auth_token),
-a local Ray binds loopback with its dashboard off (`--dashboard`: on 127.0.0.1 only), and Serve's
+generates its token; joining a cluster takes the cluster's from `RAY_AUTH_TOKEN` or ~/.ray/auth_token).
+It is what guards Ray's own ports (GCS, raylet, workers), which Ray binds on every interface and has no
+option to keep on loopback; a local Ray's dashboard is off (`--dashboard`: on 127.0.0.1 only), and Serve's
 proxy listens on 127.0.0.1 unless `--host` says otherwise, where both services then refuse to start
 without API keys, as `assay rm serve` does. The applications' arguments are `serve run`'s
 (`--rm-arg key=value`, `--policy-arg key=value`; `assay.deploy.app_args`) and are all checked before
@@ -106,7 +107,7 @@ def app_args(deploy: RayDeploy) -> dict[str, dict[str, Any]]:
 @deploy_app.command("ray")
 @config_options(RayDeploy, env_prefix=RayDeploy.env_prefix)
 def ray_cmd(given: dict) -> None:
-    """Deploy the services on Ray Serve (a local Ray on loopback by default) and serve until interrupted."""
+    """Deploy the services on Ray Serve (a local Ray, its proxy on loopback, by default) and serve until interrupted."""
     from assay.deploy.app_args import policy_args, rm_args
 
     try:
@@ -130,7 +131,6 @@ def ray_cmd(given: dict) -> None:
             num_gpus=deploy.num_gpus,
             include_dashboard=deploy.dashboard,
             dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",  # every Ray port on loopback
         )
     else:
         ray.init(address=deploy.address)

@@ -32,6 +32,7 @@ from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from assay.deploy.app_args import Replicas, policy_args, rm_args
+from assay.deploy.weight_sync import WeightSync
 from assay.policy_server.config import ServerConfig as PolicyConfig
 from assay.rm_server.config import ServerConfig as RewardConfig
 
@@ -107,6 +108,8 @@ class PolicyDeployment:
         self.server = PolicyServer(config)
         await self.server.rm_check.start()
         await self.server.service.start()
+        # at the published weight versions before Serve routes here; every later push shared (weight_sync.py)
+        self.sync = await WeightSync.join(self.server.weights, serve.get_replica_context().app_name, _replica_id())
 
     def __serve_build_asgi_app__(self) -> Any:
         app = self.server.create_app()
@@ -118,6 +121,8 @@ class PolicyDeployment:
             raise RuntimeError("the policy service is not ready")
 
     async def __del__(self) -> None:
+        if hasattr(self, "sync"):
+            await self.sync.close()
         if hasattr(self, "server"):
             await self.server.close()
         await super().__del__()  # type: ignore[misc]

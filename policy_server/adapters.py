@@ -22,7 +22,7 @@ path of full updates: swapped in between batches, all at once, one new `weight_v
 Everything is checked from the header before a byte of data is read, and refused with a 400 that
 changes nothing: a name that is not `<a linear weight of the model minus .weight>.lora_A|B.weight`,
 a factor without its pair, a rank other than the metadata's `r`, or shapes that do not multiply to
-the layer's. `expect_version` gives the same 409 as a full update. The vLLM backend takes adapter
+the layer's. `expect_version` and a target `version` give the same 409s as a full update. The vLLM backend takes adapter
 pushes too: its `load_weights` takes any named subset of the state dict, and the merged tensors are one.
 """
 
@@ -37,7 +37,7 @@ from typing import Any
 
 from assay.policy_server.backends import ParamSpec
 from assay.policy_server.errors import InvalidRequest
-from assay.policy_server.weights import DTYPES, Entry, Update, WeightService, read_checked
+from assay.policy_server.weights import DTYPES, Change, Entry, Update, WeightService, read_checked
 
 FACTORS = (".lora_A.weight", ".lora_B.weight")
 _SHOWN = 5  # names listed in one refusal
@@ -129,12 +129,14 @@ class AdapterService:
     def __init__(self, weights: WeightService) -> None:
         self.weights = weights
 
-    async def from_stream(self, model: str, chunks: AsyncIterator[bytes], expect_version: int | None) -> Update:
+    async def from_stream(
+        self, model: str, chunks: AsyncIterator[bytes], expect_version: int | None, version: int | None = None
+    ) -> Update:
         weights = self.weights
         backend = weights.service.backend(model)
         async with weights.lock(model):
             start = time.perf_counter()
-            weights.check_version(model, backend, expect_version)
+            weights.check_version(model, backend, expect_version, version)
             specs = backend.parameter_specs()
             checked: list[Adapter] = []
             try:
@@ -144,8 +146,19 @@ class AdapterService:
             except ValueError as exc:
                 raise InvalidRequest(str(exc), code="invalid_adapter") from None
             (adapter,) = checked
-            bases = weights.bases.setdefault(model, {})
-            missing = [name for name in adapter.targets if name not in bases]
-            bases.update(await asyncio.to_thread(backend.read_weights, missing))
-            tensors = await asyncio.to_thread(merge, adapter, factors, bases)
-            return await weights.apply(model, backend, tensors, size, start, merged=True)
+            update = await self.apply(model, adapter, factors, size, start, version)
+            await weights.published(Change(model, update.weight_version, factors, adapter))
+            return update
+
+    async def apply(
+        self, model: str, adapter: Adapter, factors: Mapping[str, Any], size: int, start: float, version: int | None
+    ) -> Update:
+        """Merge a checked adapter into the model's bases and swap the result in as `version` (None:
+        current + 1). The caller holds the model's lock."""
+        weights = self.weights
+        backend = weights.service.backend(model)
+        bases = weights.bases.setdefault(model, {})
+        missing = [name for name in adapter.targets if name not in bases]
+        bases.update(await asyncio.to_thread(backend.read_weights, missing))
+        tensors = await asyncio.to_thread(merge, adapter, factors, bases)
+        return await weights.apply(model, backend, tensors, size, start, merged=True, version=version)

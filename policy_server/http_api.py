@@ -22,9 +22,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack, suppress
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.params import Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -73,6 +73,8 @@ WEIGHTS_ROUTE = "/v1/admin/weights"
 ADAPTER_ROUTE = "/v1/admin/adapter"
 # The weights upload's body, as the schema documents it and GuardedRoute enforces it (clients/policy.py sends it)
 SAFETENSORS = {"type": "string", "format": "binary", "description": "a safetensors file"}
+# A weight push's target version (`weights.py`): above the current one, so never below 1
+TargetVersion = Annotated[int | None, Query(ge=1, description="The weight_version the update makes.")]
 SAFETENSORS_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {"schema": SAFETENSORS}}}}
 
 
@@ -171,11 +173,13 @@ def create_app(
     weight_roots: Sequence[Path] = (),
     hosts: tuple[str, ...] | None = LOOPBACK_HOSTS,
     dependencies: Callable[[], dict[str, str]] | None = None,
+    weights: WeightService | None = None,
 ) -> FastAPI:
     """The app over `service`; with `searches`, also `POST /v1/search`; with `weight_roots` (resolved
     `--weights-dir`s), `POST /v1/admin/weights/load` reads safetensors inside them. `hosts`: the Host
     names it answers (None: any), see `http_guard.allowed_hosts`; `dependencies`: the services it
-    calls and their state (`ok`, `degraded`), as `/ready` reports them."""
+    calls and their state (`ok`, `degraded`), as `/ready` reports them; `weights`: the caller's
+    weight service over `service` (one with a `publish` hook), in place of one over `weight_roots`."""
     keys = keys or ApiKeys(scopes=SCOPES)
     app = FastAPI(
         title="Assay policy service",
@@ -192,7 +196,7 @@ def create_app(
     if searches is not None:
         _add_search_route(app, service, searches, scope)
     _add_model_routes(app, service, scope)
-    _add_weight_routes(app, WeightService(service, weight_roots), scope)
+    _add_weight_routes(app, weights or WeightService(service, weight_roots), scope)
     add_ops_routes(
         app,
         HealthResponse,
@@ -304,11 +308,14 @@ def _add_weight_routes(app: FastAPI, weights: WeightService, scope: Scope) -> No
         dependencies=[scope("admin")],
         openapi_extra=SAFETENSORS_BODY,
     )
-    async def update_weights(request: Request, model: str, expect_version: int | None = None) -> WeightUpdateResponse:
+    async def update_weights(
+        request: Request, model: str, expect_version: int | None = None, version: TargetVersion = None
+    ) -> WeightUpdateResponse:
         """New weights for `model`: the body is a safetensors file (the full state dict or a named
-        subset), streamed. Checked against the model's names, shapes and dtypes before any is used."""
+        subset), streamed. Checked against the model's names, shapes and dtypes before any is used.
+        `version`: the weight_version it makes (default: the current one + 1), above the current one."""
         try:
-            update = await weights.from_stream(model, request.stream(), expect_version)
+            update = await weights.from_stream(model, request.stream(), expect_version, version)
         except ClientDisconnect:
             raise InvalidRequest("the client went away during the upload; the weights are unchanged") from None
         return _update(update)
@@ -322,7 +329,7 @@ def _add_weight_routes(app: FastAPI, weights: WeightService, scope: Scope) -> No
     async def load_weights(req: LoadWeightsRequest) -> WeightUpdateResponse:
         """New weights for `model` from safetensors on the server's disk (a file or a checkpoint directory),
         inside a directory the server was started with (`--weights-dir`; none: 403)."""
-        return _update(await weights.from_path(req.model, req.path, req.expect_version))
+        return _update(await weights.from_path(req.model, req.path, req.expect_version, req.version))
 
     adapters = AdapterService(weights)
 
@@ -333,12 +340,14 @@ def _add_weight_routes(app: FastAPI, weights: WeightService, scope: Scope) -> No
         dependencies=[scope("admin")],
         openapi_extra=SAFETENSORS_BODY,
     )
-    async def update_adapter(request: Request, model: str, expect_version: int | None = None) -> WeightUpdateResponse:
+    async def update_adapter(
+        request: Request, model: str, expect_version: int | None = None, version: TargetVersion = None
+    ) -> WeightUpdateResponse:
         """A LoRA adapter for `model`, merged into its base weights (`policy_server/adapters.py`): the body
         is a safetensors file of `<module>.lora_A.weight` and `.lora_B.weight` pairs, `lora_alpha` and `r`
         in its metadata. Checked against the model's linear layers before any is used."""
         try:
-            update = await adapters.from_stream(model, request.stream(), expect_version)
+            update = await adapters.from_stream(model, request.stream(), expect_version, version)
         except ClientDisconnect:
             raise InvalidRequest("the client went away during the upload; the weights are unchanged") from None
         return _update(update)

@@ -557,6 +557,12 @@ class LoadWeightsRequest(_Wire):
         "loads weights from (its --weights-dir): relative to it, or absolute and inside it.",
     )
     expect_version: int | None = Field(default=None, description="Refuse (409) unless the model is at this version.")
+    version: int | None = Field(
+        default=None,
+        ge=1,
+        description="The weight_version the update makes (default: the current one + 1); refused (409) "
+        "unless it is above the current one.",
+    )
 
 
 class WeightUpdateResponse(_Wire):

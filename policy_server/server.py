@@ -31,6 +31,7 @@ from assay.policy_server.rm_check import RewardServiceCheck
 from assay.policy_server.serving import PolicyService
 from assay.policy_server.serving_search import SearchService
 from assay.policy_server.weight_paths import weight_roots
+from assay.policy_server.weights import WeightService
 
 RETRY_AFTER_S = 1  # what a refused client is told while the server drains or is full
 
@@ -102,6 +103,7 @@ class PolicyServer(ServiceServer):
                 for name, path in (config.models or embedded_models()).items()
             }
         self.service = PolicyService(dict(backends), config.limits, metrics)
+        self.weights = WeightService(self.service, self.weight_roots)  # its `publish` hook: deploy/weight_sync.py
         self.searches = SearchService(self.service, rewards, config.rm_url)
         self.rm_check = RewardServiceCheck(config.rm_url, config.rm_api_key, config.rm_check_interval_s)
 
@@ -109,7 +111,9 @@ class PolicyServer(ServiceServer):
         def dependencies() -> dict[str, str]:  # /ready's view of the services this one calls
             return {"rm": self.rm_check.state}
 
-        return create_app(self.service, self.keys, self.searches, self.weight_roots, self.hosts, dependencies)
+        return create_app(
+            self.service, self.keys, self.searches, self.weight_roots, self.hosts, dependencies, self.weights
+        )
 
     async def start(self) -> None:
         """Ask the reward service once (a warning when it does not answer, see `rm_check`), then start."""

@@ -29,6 +29,13 @@ Two ways in, both admin-scoped, neither touching pickle:
 (`GenerationBackend.load_weights`) and bumps the model's `weight_version`. Updates of one model
 are serialised; `expect_version` turns a lost race between two trainers into a 409, not a
 silent overwrite.
+
+A push may name the version it makes (`version=V`): the model then serves it as V rather than
+current + 1, and V must be above the current version (else 409 `version_conflict`, whose message
+says the current one; at V already means a push of V landed). Target versions let several replicas
+serve one update under one number, and let a replica that restarted at 0 take V directly. Under Ray
+Serve, `WeightService.publish` is the hook through which every other replica applies the same
+`Change` (`assay.deploy.weight_sync`); without it an update is this server's alone.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import logging
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +98,20 @@ class Entry:
     shape: tuple[int, ...]
     begin: int
     end: int
+
+
+@dataclass(frozen=True)
+class Change:
+    """An applied update as another replica applies it: the tensors as read (a state dict subset, or
+    an adapter's factors with its checked header, `adapters.Adapter`), under the version it made."""
+
+    model: str
+    version: int
+    tensors: dict[str, Any]
+    adapter: Any = None  # adapters.Adapter for an adapter push (adapters imports this module)
+
+
+Publish = Callable[[Change], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -327,25 +348,32 @@ class WeightService:
         # model -> name -> the weight adapters are merged into, as of start-up or the last update that
         # sent it (copied at the first adapter push that targets it; an update of that name drops it)
         self.bases: dict[str, dict[str, Any]] = {}
+        # Called with every update this server applied from a request, under the model's lock, before
+        # the request is answered: an error it raises is the answer (deploy/weight_sync.py, Ray Serve).
+        self.publish: Publish | None = None
 
-    async def from_stream(self, model: str, chunks: AsyncIterator[bytes], expect_version: int | None) -> Update:
+    async def from_stream(
+        self, model: str, chunks: AsyncIterator[bytes], expect_version: int | None, version: int | None = None
+    ) -> Update:
         backend = self.service.backend(model)
         async with self.lock(model):
             start = time.perf_counter()
-            self.check_version(model, backend, expect_version)
+            self.check_version(model, backend, expect_version, version)
             try:
                 tensors, size = await read_stream(chunks, backend.parameter_specs())
             except ValueError as exc:
                 raise InvalidRequest(str(exc), code="invalid_weights") from None
-            return await self.apply(model, backend, tensors, size, start)
+            update = await self.apply(model, backend, tensors, size, start, version=version)
+            await self.published(Change(model, update.weight_version, tensors))
+            return update
 
-    async def from_path(self, model: str, path: str, expect_version: int | None) -> Update:
+    async def from_path(self, model: str, path: str, expect_version: int | None, version: int | None = None) -> Update:
         if not self.roots:
             raise PermissionDenied(NO_WEIGHTS_DIR, code="weights_dir_not_configured")
         backend = self.service.backend(model)
         async with self.lock(model):
             start = time.perf_counter()
-            self.check_version(model, backend, expect_version)
+            self.check_version(model, backend, expect_version, version)
             try:  # on a thread, all of it: resolving, checking and reading never block the event loop
                 tensors, size = await asyncio.to_thread(read_files, self.roots, path, backend.parameter_specs())
             except PathRefused as exc:
@@ -357,27 +385,54 @@ class WeightService:
                 raise InvalidRequest(
                     f"refused, the weights are unchanged: {message}", param="path", code="invalid_weights"
                 ) from None
-            return await self.apply(model, backend, tensors, size, start)
+            update = await self.apply(model, backend, tensors, size, start, version=version)
+            await self.published(Change(model, update.weight_version, tensors))
+            return update
 
     def lock(self, model: str) -> asyncio.Lock:
         return self._locks.setdefault(model, asyncio.Lock())
 
+    async def published(self, change: Change) -> None:
+        if self.publish is not None:
+            await self.publish(change)
+
     @staticmethod
-    def check_version(model: str, backend: GenerationBackend, expect_version: int | None) -> None:
-        if expect_version is not None and expect_version != backend.weight_version:
+    def check_version(
+        model: str, backend: GenerationBackend, expect_version: int | None, version: int | None = None
+    ) -> None:
+        """Refuse (409) an update made against another version than `expect_version`, or one whose
+        target `version` is not above the version serving now."""
+        current = backend.weight_version
+        if expect_version is not None and expect_version != current:
             raise Conflict(
-                f"model {model!r} is at weight_version {backend.weight_version}, not the expected "
+                f"model {model!r} is at weight_version {current}, not the expected "
                 f"{expect_version}: another update landed first",
                 code="version_mismatch",
             )
+        if version is not None and version <= current:
+            landed = " (a push of this version landed)" if version == current else ""
+            raise Conflict(
+                f"model {model!r} is at weight_version {current}{landed}: the target version must be above it, "
+                f"and {version} is not",
+                param="version",
+                code="version_conflict",
+            )
 
     async def apply(
-        self, model: str, backend: GenerationBackend, tensors: dict, size: int, start: float, merged: bool = False
+        self,
+        model: str,
+        backend: GenerationBackend,
+        tensors: dict,
+        size: int,
+        start: float,
+        merged: bool = False,
+        version: int | None = None,
     ) -> Update:
-        """Swap `tensors` in; unless they are an adapter `merged` into the bases, they are the new bases."""
+        """Swap `tensors` in as `version` (None: current + 1); unless they are an adapter `merged` into
+        the bases, they are the new bases."""
         previous = backend.weight_version
         try:
-            version = await backend.load_weights(tensors)
+            version = await backend.load_weights(tensors, version)
         except ValueError as exc:  # a backend's own refusal (e.g. tied tensors given different values)
             raise InvalidRequest(f"refused, the weights are unchanged: {exc}", code="invalid_weights") from None
         if not merged:

@@ -96,7 +96,11 @@ def _online_command(algorithm: str, config_class: type[RLConfig], summary: str) 
         overwrite: bool = typer.Option(False, help="discard the run already in the run directory, start afresh"),
         model: Path = typer.Option(None, help="initial policy checkpoint (default: the embedded policy)"),
         rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
-        policy_url: str = typer.Option(None, help="a running policy_server serving the same initial policy"),
+        policy_url: str = typer.Option(
+            None,
+            help="a running policy_server serving the same initial policy; several replicas: comma-separated "
+            "URLs or a service address (every push reaches each)",
+        ),
         rm_api_key: str = typer.Option(None, envvar="ASSAY_RM_API_KEY", help="key with scope score"),
         policy_api_key: str = typer.Option(None, envvar="ASSAY_POLICY_API_KEY", help="key with scopes generate, admin"),
         in_process_reward: bool = typer.Option(False, help="compute the reward in this process (same code and id)"),
@@ -224,7 +228,9 @@ def dpo_cmd(
     config: Path = typer.Option(None, exists=True, dir_okay=False, help=DPO_CONFIG_HELP),
     overwrite: bool = typer.Option(False, help="discard the run already in the run directory, start afresh"),
     rm_url: str = typer.Option(None, help="a running rm_server (default: start both services here)"),
-    policy_url: str = typer.Option(None, help="a running policy_server"),
+    policy_url: str = typer.Option(
+        None, help="a running policy_server; several replicas: comma-separated URLs or a service address"
+    ),
     eval_problems: int = typer.Option(64, help="held-out problems for pass@1 before and after (0: none)"),
     prompts: Path = typer.Option(None, exists=True, help="iterative DPO on this file's prompts (default: arithmetic)"),
     reference_key: str = typer.Option(None, help="with --prompts: the reference's column (default: found by name)"),

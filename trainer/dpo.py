@@ -327,7 +327,7 @@ def iterative_dpo(
         steps = _train_epochs(model, ref_model, tokenizer, pairs, optimizer, config, rng, precision) if pairs else []
         t_train = time.perf_counter() - t0 - t_search
         if steps:  # nothing trained, nothing to push
-            version = push_weights(policy, model, version, timeout_s)
+            version = push_weights(policy, model, version + 1, timeout_s)
 
         metrics = {
             "round": r,

@@ -123,7 +123,7 @@ def _step(ctx: Run[GRPOConfig], step: int, version: int, ref_model, optimizer, p
         trained, old_logp = optimize(model, ref_model, optimizer, precision, batch, flat_adv, flat_valid, config)
         gap = server_gap(rollouts, old_logp)
     with timed(t, "push_s"):
-        version = push_weights(ctx.policy, model, version, config.service_timeout_s)
+        version = push_weights(ctx.policy, model, version + 1, config.service_timeout_s)
 
     seconds = time.perf_counter() - t0
     good = [s for s in scores if s is not None]

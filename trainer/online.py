@@ -20,6 +20,11 @@ Every call to either service has the config's `service_timeout_s` as its deadlin
 retry transient failures (refused, reset, 503 while loading) until it: a service that is killed
 and restarted within it costs the run only the wait. Whether a weight push whose answer was lost
 landed is read from the server's version (`push_weights`), so it lands once.
+
+Every push names the version it makes (the last one + 1): a version means one set of weights on every
+replica of the policy (a `PolicyClient` of several URLs pushes to each; under Ray Serve the replicas
+share each push, `deploy/weight_sync.py`), and a replica that restarted at 0 is given the current
+version directly. Samples are taken from any replica; those from another version are dropped.
 """
 
 from __future__ import annotations
@@ -243,34 +248,38 @@ def token_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, 
 def sync_weights(
     policy: PolicyClient, model: torch.nn.Module, version: int | None, timeout_s: float | None = None
 ) -> int:
-    """Make the server hold `model`'s weights; the version it serves them under.
+    """Make the server (every replica, with a client of several) hold `model`'s weights; the version it
+    serves them under.
 
-    `version` is what the trainer last pushed. When the server reports another (it restarted
-    from its checkpoint, or another writer pushed), the trainer's weights are pushed again."""
+    `version` is what the trainer last pushed, `model` unchanged since. A server that reports less
+    restarted from its checkpoint: it is given these weights again under that same version, so one
+    version names one set of weights on every replica and across restarts. One that reports another
+    version (the run's first sync, or another writer's push) is given them as one past it."""
     current = policy.weight_version(timeout_s=timeout_s)
     if version is not None and current == version:
         return current
-    return push_weights(policy, model, current, timeout_s)
+    return push_weights(policy, model, version if version is not None and current < version else current + 1, timeout_s)
 
 
 def push_weights(
     policy: PolicyClient,
     model: torch.nn.Module,
-    expect_version: int,
+    version: int,
     timeout_s: float | None = None,
     tries: int = 3,
     *,
     base: bool = False,
 ) -> int:
-    """Push `model`'s weights to a server at `expect_version`; the version that serves them.
+    """Push `model`'s weights as `version` (the target version, `version=` on the admin routes: the
+    server serves them as that, and takes them only above what it serves); returns it.
 
-    The client does not resend a push whose answer was lost (the server killed mid-upload, say):
-    it may have landed. Nor does the server take a push made against another version (Conflict).
-    Either way the server's version, read once it answers again, says what happened, with the
-    trainer as its only writer: one past `expect_version` after a lost answer: the push landed,
-    and is not sent again; at or below it: it did not land, or the server restarted from its
-    start-up checkpoint (versions count from 0 again), and the weights are pushed again against
-    that version; above it otherwise: another writer pushed, and the run stops (Conflict).
+    The client does not resend a push whose answer was lost (the server killed mid-upload, say): it
+    may have landed. The server's version, read once it answers again, says what happened, with the
+    trainer as its only writer: at `version` (after a lost answer, or a 409 when a push of it landed
+    already): the push landed, and is not sent again; below it: it did not land, or the server
+    restarted from its start-up checkpoint (versions count from 0 again), and the same push is sent
+    again, which a restarted server takes directly; above it: another writer pushed, and the run
+    stops (Conflict).
 
     A LoRA model pushes its adapter only (`lora.adapter`), which the server merges into its base;
     `base`: its base weights instead, in full (`lora.base_state`), which the server then merges into."""
@@ -278,41 +287,40 @@ def push_weights(
     refused: Conflict | Unavailable
     for _ in range(tries):
         try:
-            return send(expect_version).weight_version
+            return send(version).weight_version
         except Conflict as err:
-            refused, lost = err, False
+            refused = err
         except Unavailable as err:
             if not err.unanswered:
                 raise
-            refused, lost = err, True
+            refused = err
         current = policy.weight_version(timeout_s=timeout_s)
-        if lost and current == expect_version + 1:
+        if current == version:
             return current
-        if current > expect_version:
+        if current > version:
             raise Conflict(
-                f"the policy server is at weight_version {current}, past the {expect_version} this trainer "
-                "pushed over: another writer is pushing weights",
+                f"the policy server is at weight_version {current}, past the {version} this trainer "
+                "pushed: another writer is pushing weights",
                 status=409,
             ) from refused
-        expect_version = current
     raise refused
 
 
 def _sender(
     policy: PolicyClient, model: torch.nn.Module, timeout_s: float | None, base: bool
 ) -> Callable[[int], WeightUpdateResponse]:
-    """One push of `model` against a version: its adapter when it is a LoRA model (its base with
-    `base`), else its state dict."""
+    """One push of `model` as a version: its adapter when it is a LoRA model (its base with `base`),
+    else its state dict."""
     if base:
         state = lora.base_state(model)
-        return lambda version: policy.update_weights(state, expect_version=version, timeout_s=timeout_s)
+        return lambda version: policy.update_weights(state, version=version, timeout_s=timeout_s)
     if lora.is_lora(model):
         tensors, alpha, r, fifo = lora.adapter(model)
         return lambda version: policy.update_adapter(
-            tensors, lora_alpha=alpha, r=r, fan_in_fan_out=fifo, expect_version=version, timeout_s=timeout_s
+            tensors, lora_alpha=alpha, r=r, fan_in_fan_out=fifo, version=version, timeout_s=timeout_s
         )
     state = cpu_state(model)  # float32 master weights; a server in another dtype casts them
-    return lambda version: policy.update_weights(state, expect_version=version, timeout_s=timeout_s)
+    return lambda version: policy.update_weights(state, version=version, timeout_s=timeout_s)
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -360,7 +368,7 @@ def run(
     run_dir.write_config({"algorithm": algorithm, **asdict(config), **described, "memory": memory})
     if lora.is_lora(ctx.model):  # the base in full, once: adapter pushes merge into what the server holds
         current = ctx.policy.weight_version(timeout_s=config.service_timeout_s)
-        push_weights(ctx.policy, ctx.model, current, config.service_timeout_s, base=True)
+        push_weights(ctx.policy, ctx.model, current + 1, config.service_timeout_s, base=True)
     version = sync_weights(ctx.policy, ctx.model, None, config.service_timeout_s)  # the server now serves exactly these
     if config.eval_every and start == 1:  # where the run starts from, as step 0
         run_dir.log({"step": 0, **ctx.evaluation(ctx, version), "weight_version": version})

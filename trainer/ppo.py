@@ -213,7 +213,7 @@ def _step(
         )
         gap = server_gap(rollouts, old_logp)
     with timed(t, "push_s"):
-        version = push_weights(ctx.policy, model, version, config.service_timeout_s)
+        version = push_weights(ctx.policy, model, version + 1, config.service_timeout_s)
 
     seconds = time.perf_counter() - t0
     tokens = int(batch.completion_mask.sum())

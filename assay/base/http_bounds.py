@@ -158,7 +158,8 @@ class BodyLimit:
     service's error shape; a body that outgrows the limit while streaming raises Starlette's
     HTTPException(413) from `receive` (FastAPI passes it through its body parsing untouched, where
     anything else would become a generic 400), which the service's own handler answers. Routes in
-    `exempt` bound their own bodies (a weight upload is as large as the model)."""
+    `exempt` bound their own bodies (a weight upload is as large as the model); they are matched below
+    the app's mount point (`root_path`: Ray Serve's route prefix, `/policy/v1/admin/weights`)."""
 
     def __init__(
         self, app: ASGIApp, limit: int, refuse: Callable[[str], Response], exempt: tuple[str, ...] = ()
@@ -166,7 +167,7 @@ class BodyLimit:
         self.app, self.limit, self.refuse, self.exempt = app, limit, refuse, exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt:
+        if scope["type"] != "http" or scope["path"].removeprefix(scope.get("root_path", "")) in self.exempt:
             return await self.app(scope, receive, send)
         too_large = f"the request body is over the limit of {self.limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length")

@@ -141,9 +141,10 @@ class GenerationBackend(ABC):
         the base weights a LoRA adapter is merged into. Blocking: run it on a thread."""
         raise NotImplementedError(f"{type(self).__name__} does not take weight updates")
 
-    async def load_weights(self, tensors: Mapping[str, Any]) -> int:
+    async def load_weights(self, tensors: Mapping[str, Any], version: int | None = None) -> int:
         """Swap in `tensors` (name -> torch.Tensor, already checked against `parameter_specs`)
-        between batches, all at once, and bump `weight_version`; return the new version.
+        between batches, all at once, and set `weight_version` to `version` (None: one past the
+        current; the caller has checked it is above); return the new version.
 
         No sequence ever sees some of the new tensors and some of the old: running batches finish
         on the old weights (and report the old version), later ones start on the new."""

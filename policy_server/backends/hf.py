@@ -201,17 +201,17 @@ class HFBackend(GenerationBackend):
         state = self.model.state_dict()
         return {name: state[name].to("cpu", copy=True) for name in names}
 
-    async def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> int:
+    async def load_weights(self, tensors: Mapping[str, torch.Tensor], version: int | None = None) -> int:
         _check_tied(self.model, tensors)
-        return await asyncio.to_thread(self._swap, tensors)
+        return await asyncio.to_thread(self._swap, tensors, version)
 
     @torch.inference_mode()
-    def _swap(self, tensors: Mapping[str, torch.Tensor]) -> int:
+    def _swap(self, tensors: Mapping[str, torch.Tensor], version: int | None) -> int:
         state = self.model.state_dict()  # views of the live parameters and buffers
         with self._weights_lock:  # waits for the running batch; the next one starts on the new weights
             for name, tensor in tensors.items():
                 state[name].copy_(tensor)
-            self.weight_version += 1
+            self.weight_version = self.weight_version + 1 if version is None else version
             return self.weight_version
 
     def _run_batch(self, jobs: list[_Job]) -> list[GenerationOutput | GenerationFailed]:

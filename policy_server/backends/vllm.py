@@ -255,7 +255,7 @@ class VllmBackend(GenerationBackend):
     def parameter_specs(self) -> dict[str, ParamSpec]:
         return dict(self._specs)
 
-    async def load_weights(self, tensors: Mapping[str, Any]) -> int:
+    async def load_weights(self, tensors: Mapping[str, Any], version: int | None = None) -> int:
         async with self._update_lock:  # one update at a time: each merges into the last one's state
             state = await asyncio.to_thread(self._merged, tensors)
             path = await asyncio.to_thread(_write_temporary, state)
@@ -264,7 +264,7 @@ class VllmBackend(GenerationBackend):
                 try:
                     await self.engine.collective_rpc("assay_reload_weights", args=(path,))
                     self._state = state
-                    self.weight_version += 1
+                    self.weight_version = self.weight_version + 1 if version is None else version
                     await self.engine.update_weight_version(str(self.weight_version))
                 finally:
                     await self.engine.resume_generation()

@@ -101,3 +101,19 @@ def test_a_request_that_got_no_answer():
     dropped = http_failure(httpx.RemoteProtocolError("closed", request=request), "POST /v1/x")
     assert type(dropped) is Unavailable and dropped.unanswered  # it went out: the server may have acted
     assert isinstance(dropped, ServiceError)
+
+
+def test_a_call_the_server_side_cancelled_is_retried_and_one_past_its_deadline_is_not():
+    """The clients never cancel a call they wait on, so CANCELLED is the server going away mid-call
+    (seen when one of several rm_server replicas is SIGKILLed under load): another try may be answered."""
+    import grpc
+    from grpc.aio import AioRpcError, Metadata
+
+    from assay.clients.errors import grpc_error
+
+    def failed(code: grpc.StatusCode) -> AioRpcError:
+        return AioRpcError(code, Metadata(), Metadata(), details=code.name)
+
+    cancelled = grpc_error(failed(grpc.StatusCode.CANCELLED), "127.0.0.1:50051 Score")
+    assert type(cancelled) is Unavailable and cancelled.retryable and cancelled.status == "CANCELLED"
+    assert not grpc_error(failed(grpc.StatusCode.DEADLINE_EXCEEDED), "127.0.0.1:50051 Score").retryable

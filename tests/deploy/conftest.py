@@ -1,8 +1,8 @@
 """The Ray cluster the deploy tests share: one per test session (a local Ray takes 15-20 s to start here).
 
-`ray_cluster` starts Ray on loopback the way `assay deploy ray` does by default: token authentication
-on (`RAY_AUTH_MODE=token`, set when this file loads; Ray generates the token), no dashboard, a few
-logical CPUs, and Serve's HTTP proxy on a free loopback port. Each test runs its applications with
+`ray_cluster` starts a local Ray the way `assay deploy ray` does by default: token authentication on
+(`RAY_AUTH_MODE=token`, set when this file loads; Ray generates the token), no dashboard, a few logical
+CPUs, and Serve's HTTP proxy on a free loopback port. Each test runs its applications with
 `ray_cluster.serve(app, name)`, deleted after its block, so tests of several files (and helpers) share
 the cluster without seeing each other's replicas. Serve and Ray are shut down at the end of the session.
 """
@@ -70,7 +70,7 @@ def ray_cluster() -> Iterator[RayCluster]:
 
     for attempt in range(STARTS):
         try:
-            ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, log_to_driver=False)
             break
         except Exception as exc:  # Ray raises a bare Exception for it
             if "timed out during startup" not in str(exc) or attempt == STARTS - 1:

@@ -109,6 +109,7 @@ def body(tensors: dict[str, torch.Tensor], **meta: str) -> bytes:
 
 
 QPROJ = "model.layers.0.self_attn.q_proj"
+OCTETS = {"content-type": "application/octet-stream"}
 
 
 @pytest.mark.parametrize(
@@ -137,6 +138,26 @@ def test_a_bad_adapter_is_refused_with_a_400_and_changes_nothing(admin, adapter_
     error = r.json()["error"]
     assert error["code"] == "invalid_adapter" and re.search(message, error["message"]), error
     assert admin.weight_version() == version and greedy_served(admin) == before
+
+
+def test_an_adapter_push_takes_a_target_version(admin, adapter_server):
+    wrapped = trained_adapter(seed=7)
+    version = admin.weight_version()
+    tensors, alpha, r, _ = lora.adapter(wrapped)
+    url, blob = f"{adapter_server.http_url}/v1/admin/adapter", body(tensors, lora_alpha=str(alpha), r=str(r))
+
+    def post(target: int) -> httpx.Response:
+        params = {"model": "policy", "version": target}
+        return httpx.post(url, params=params, content=blob, headers=OCTETS, timeout=60)
+
+    reply = post(version + 4)
+    assert reply.status_code == 200 and reply.json()["weight_version"] == version + 4, reply.text
+    served = greedy_served(admin)
+    again = post(version + 4)
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "version_conflict")
+    assert admin.weight_version() == version + 4
+    # the same adapter pushed without a target: merged into the same base, one version on
+    assert push(admin, wrapped).weight_version == version + 5 and greedy_served(admin) == served
 
 
 def test_the_client_refuses_nothing_itself_and_raises_the_servers_400(admin):

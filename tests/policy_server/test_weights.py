@@ -23,6 +23,7 @@ from safetensors.torch import save, save_file
 from assay.checkpoints import EMBEDDED, load_embedded
 from assay.clients import Conflict, InvalidRequest, PermissionDenied, PolicyClient
 from assay.policy_server.config import ServerConfig
+from assay.policy_server.protocol import ErrorResponse, WeightUpdateResponse
 from assay.policy_server.server import BackgroundServer
 from assay.policy_server.weight_paths import PathRefused, locate, open_regular
 from assay.policy_server.weights import PATH_REFUSED
@@ -148,6 +149,53 @@ def test_expect_version_refuses_a_stale_update(admin, original):
     with pytest.raises(Conflict, match=f"at weight_version {version}"):
         admin.update_weights(original, expect_version=version - 1)
     assert admin.update_weights(original, expect_version=version).weight_version == version + 1
+
+
+def _push(weights_server, blob: bytes, route: str = "/v1/admin/weights", **params) -> httpx.Response:
+    """One push over HTTP, `params` as the query (the client's multi-replica pushes are the clients' tests)."""
+    headers = {"authorization": "Bearer admin-key-for-tests", "content-type": "application/octet-stream"}
+    url = f"{weights_server.http_url}{route}"
+    return httpx.post(url, params={"model": "policy", **params}, content=blob, headers=headers, timeout=60)
+
+
+def test_a_target_version_is_the_version_served_and_must_be_above_the_current(weights_server, admin, original):
+    text, version = greedy(admin)
+    blob = save({"lm_head.weight": original["lm_head.weight"]})
+    r = _push(weights_server, blob, version=version + 5)
+    assert r.status_code == 200, r.text
+    reply = WeightUpdateResponse.model_validate(r.json())
+    assert (reply.previous_version, reply.weight_version) == (version, version + 5)
+    assert greedy(admin) == (text, version + 5) and admin.weight_version() == version + 5
+    # the same version again (a retried push whose answer was lost) and an older one: 409, naming the current
+    for target, landed in ((version + 5, True), (version + 1, False)):
+        r = _push(weights_server, blob, version=target)
+        error = ErrorResponse.model_validate(r.json()).error
+        assert (r.status_code, error.code, error.param) == (409, "version_conflict", "version")
+        assert f"at weight_version {version + 5}" in error.message
+        assert ("a push of this version landed" in error.message) == landed
+    # beside expect_version: both must hold
+    r = _push(weights_server, blob, version=version + 9, expect_version=version)
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "version_mismatch")
+    r = _push(weights_server, blob, version=version + 9, expect_version=version + 5)
+    assert r.status_code == 200 and r.json()["weight_version"] == version + 9
+    # no push makes a version below 1, whatever the current one
+    for bad in ("0", "-3", "two"):
+        r = _push(weights_server, blob, version=bad)
+        assert r.status_code == 400 and "version" in r.json()["error"]["message"], r.text
+    assert greedy(admin) == (text, version + 9)
+
+
+def test_a_load_from_disk_takes_a_target_version(weights_server, admin, original, disk):
+    save_file(original, disk / "root" / "target.safetensors")
+    text, version = greedy(admin)
+    body = {"model": "policy", "path": "target.safetensors", "version": version + 3}
+    auth = {"authorization": "Bearer admin-key-for-tests"}
+    url = f"{weights_server.http_url}/v1/admin/weights/load"
+    r = httpx.post(url, json=body, headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["weight_version"] == version + 3, r.text
+    r = httpx.post(url, json=body, headers=auth, timeout=60)
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "version_conflict")
+    assert greedy(admin) == (text, version + 3)
 
 
 def test_load_from_a_path_inside_the_weights_dir(admin, original, disk):

@@ -134,12 +134,12 @@ def test_sigkill_of_policy_server_during_a_weight_push_applies_it_once(services,
     """The policy server is SIGKILLed halfway through the upload of step 2's weights. The client
     does not resend a push whose answer was lost; the trainer waits for the server's version: the
     restarted server (at its start-up checkpoint, version 0) then gets the trainer's weights exactly
-    once, and every later rollout comes from them."""
+    once, under the version the cut push named, and every later rollout comes from them."""
     chunks_of, update_of = policy_module.safetensors_chunks, policy.update_weights
-    pushes, attempts, restarts = [], [], []  # expect_version of each push; the push each upload belongs to
+    pushes, attempts, restarts = [], [], []  # the version each push names; the push each upload belongs to
 
     def counting_update(tensors, **kw):
-        pushes.append(kw["expect_version"])
+        pushes.append(kw["version"])
         return update_of(tensors, **kw)
 
     def killing_chunks(tensors, metadata=None):
@@ -167,16 +167,17 @@ def test_sigkill_of_policy_server_during_a_weight_push_applies_it_once(services,
     versions = [m["weight_version"] for m in history]
     print(
         f"\npolicy_server SIGKILL during a weight push (1 fault, down {DOWN_S:g}s): {len(history)} steps, "
-        f"{len(pushes)} pushes (expecting versions {pushes}), weight versions per step {versions}, "
+        f"{len(pushes)} pushes (of versions {pushes}), weight versions per step {versions}, "
         f"{sum(m['samples'] for m in history)} samples, {sum(m['stale_dropped'] for m in history)} stale dropped"
     )
     assert services.policy.proc.pid != pid
-    # the cut push was not resent blindly: the trainer read the restarted server's version (0) and pushed once
-    assert attempts.count(3) == 1 and pushes[3] == 0 and len(pushes) == 5
+    # the cut push was not resent blindly: the trainer read the restarted server's version (0) and pushed
+    # the same version once more, which the server took directly
+    assert attempts.count(3) == 1 and len(pushes) == 5 and pushes[3] == pushes[2]
     assert [m["samples"] for m in history] == [8, 8, 8]
     assert all(m["server_logprob_gap"] < 1e-3 for m in history)  # every rollout from the trainer's weights
-    # the restarted server counts from 0: step 2's weights landed once (1), step 3's next (2)
-    assert versions[1:] == [1, 2] and policy.weight_version() == 2
+    # step 2's weights landed once, under the version the cut push named, and step 3's next
+    assert versions[1:] == [pushes[2], pushes[2] + 1] == pushes[3:] and policy.weight_version() == pushes[4]
 
 
 def test_sigkill_of_the_trainer_resumes_without_applying_a_step_twice(services, tmp_path):
