@@ -1,6 +1,6 @@
 """rm_server's throughput as `assay rm serve` and as Ray Serve applications of 1 and 2 replicas, in one run.
 
-    .venv/bin/python bench/ray_replicas.py            # 3 repeats of 10 s windows per row (~6 min here)
+    .venv/bin/python bench/ray_replicas.py            # 3 repeats of 10 s windows per row (~7 min here)
     .venv/bin/python bench/ray_replicas.py --quick    # 1 repeat of 4 s windows
     .venv/bin/python bench/ray_replicas.py --smoke    # the test's size (tests/bench/test_ray_replicas.py)
 
@@ -153,7 +153,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="windows per row (default 3; --quick, --smoke: 1)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per window (default 10)")
     args = ap.parse_args()
-    plan = Plan(concurrency=args.concurrency, procs=1, warmup_s=2.0, duration_s=10.0, repeats=3)
+    # 4 s of warm-up: on a loaded machine the load process can take seconds to start and connect
+    plan = Plan(concurrency=args.concurrency, procs=1, warmup_s=4.0, duration_s=10.0, repeats=3)
     if args.quick:
         plan = replace(plan, duration_s=4.0, repeats=1)
     if args.smoke:
