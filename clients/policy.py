@@ -389,10 +389,16 @@ class PolicyClient:
                 r = chosen.conn.request(method, path, timeout=timeout, extensions=extensions(chosen.address), **kw)
             except httpx.HTTPError as exc:
                 err = http_failure(exc, f"{method} {chosen.url}{path}")
-                if err.unanswered and not resend_safe:
-                    err.retryable = False  # it may have been applied: the caller must look (weight_version)
-                raise err from None
-            return reply(r, model, POLICY_HTTP)
+            else:
+                try:
+                    return reply(r, model, POLICY_HTTP)
+                except Unavailable as lost:  # a proxy's 500: the replica died with the request
+                    if not lost.unanswered:
+                        raise
+                    err = lost
+            if err.unanswered and not resend_safe:
+                err.retryable = False  # it may have been applied: the caller must look (weight_version)
+            raise err from None
 
     def _probe(self, replica: Replica[httpx.Client], path: str, timeout_s: float) -> bool:
         try:
