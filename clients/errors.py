@@ -189,12 +189,13 @@ class HttpDialect:
 
     error_body: type[RewardErrorResponse] | type[PolicyErrorResponse]
     not_found: type[ServiceError]
-    # A 500 without the service's error body is a proxy's (Ray Serve's, for a replica that died mid-request;
-    # the services' own 500s always carry their body): retryable where resending is safe, as scoring is.
-    proxy_500_retryable: bool = False
 
 
-REWARD_HTTP = HttpDialect(RewardErrorResponse, UnknownReward, proxy_500_retryable=True)
+# A 500 without the service's error body is a proxy's (Ray Serve's, for a replica that died mid-request; the
+# services' own 500s always carry their body): the replica's answer was lost, as with a reset connection, so it is
+# Unavailable and `unanswered`: retried where resending is safe (scoring, generation), looked into where it is not
+# (a weight push: the caller reads the version, `PolicyClient._request`).
+REWARD_HTTP = HttpDialect(RewardErrorResponse, UnknownReward)
 POLICY_HTTP = HttpDialect(PolicyErrorResponse, UnknownModel)  # OpenAI's error shape; its `type` is not ours
 
 
@@ -238,8 +239,12 @@ def http_error(r: httpx.Response, dialect: HttpDialect) -> ServiceError:
             type_ = info.type
     except ValidationError:
         message = r.text[:300] or r.reason_phrase
-        if r.status_code == 500 and dialect.proxy_500_retryable:
-            return Unavailable(f"{r.request.method} {r.request.url}: {message} (not the service's own)", status=500)
+        if r.status_code == 500:
+            lost = Unavailable(
+                f"{r.request.method} {r.request.url}: {message} (a proxy's, not the service's own)", status=500
+            )
+            lost.unanswered = True
+            return lost
     by_status = {**BY_HTTP_STATUS, 404: dialect.not_found}
     cls = (BY_ERROR_TYPE.get(type_) if type_ is not None else None) or by_status.get(r.status_code, ServerError)
     return cls(

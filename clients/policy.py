@@ -335,7 +335,7 @@ class PolicyClient:
     def _each(self, fn: Callable[[Replica[httpx.Client], float], T], timeout_s: float | None) -> dict[str, T]:
         """`fn(replica, seconds_left)` on every replica at once, each retried (never failing over: it is
         that replica's) under the one deadline; by replica URL. The first failure fails the call."""
-        self._replicas.refresh_if_due()
+        self._refresh()
         replicas = self._replicas.all()
         if not replicas:
             raise Unavailable(
@@ -350,8 +350,14 @@ class PolicyClient:
             return dict(zip([r.url for r in replicas], pool.map(on, replicas), strict=True))
 
     def _call(self, attempt: Attempt[T], timeout_s: float | None) -> T:
-        self._replicas.refresh_if_due()
+        self._refresh()
         return self.retry.call(attempt, timeout_s or self.timeout_s)
+
+    def _refresh(self) -> None:
+        """Resolve a service address again when it is due, closing the clients of replicas gone."""
+        self._replicas.refresh_if_due()
+        for client in self._replicas.take_dropped():
+            client.close()
 
     def _send(
         self,
@@ -383,10 +389,16 @@ class PolicyClient:
                 r = chosen.conn.request(method, path, timeout=timeout, extensions=extensions(chosen.address), **kw)
             except httpx.HTTPError as exc:
                 err = http_failure(exc, f"{method} {chosen.url}{path}")
-                if err.unanswered and not resend_safe:
-                    err.retryable = False  # it may have been applied: the caller must look (weight_version)
-                raise err from None
-            return reply(r, model, POLICY_HTTP)
+            else:
+                try:
+                    return reply(r, model, POLICY_HTTP)
+                except Unavailable as lost:  # a proxy's 500: the replica died with the request
+                    if not lost.unanswered:
+                        raise
+                    err = lost
+            if err.unanswered and not resend_safe:
+                err.retryable = False  # it may have been applied: the caller must look (weight_version)
+            raise err from None
 
     def _probe(self, replica: Replica[httpx.Client], path: str, timeout_s: float) -> bool:
         try:

@@ -148,8 +148,8 @@ class Replica(Generic[C]):
 class Replicas(Generic[C]):
     """The replicas of one service a client talks to (see the module docstring).
 
-    `make(address)` builds what talks to one replica; `close(conn)` is called for those a
-    re-resolution drops, and for all of them at `close_all`."""
+    `make(address)` builds what talks to one replica; what a re-resolution drops is handed back by
+    `take_dropped`, for the client to close (the async ones close on their event loop)."""
 
     sources: list[Source]
     make: Callable[[Address], C]

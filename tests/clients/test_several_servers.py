@@ -45,6 +45,7 @@ RULES = """rewards:
   format: {type: rule.regex, pattern: "^(-?\\\\d+[+-]\\\\d+=-?\\\\d+ )*#### -?\\\\d+$", mode: fullmatch}
 """
 REWARDS = ("correct", "format")
+ANSWER_2 = 'rewards:\n  two: {type: rule.regex, pattern: "#### 2$"}\n'  # no worker pool: starts at once
 TIMEOUT_S = 180.0  # every call's deadline: a replica restarting on a busy 2-core machine takes a while
 
 
@@ -95,9 +96,11 @@ class Server:
                 self.kill()
 
 
-def rm_server(tmp: Path, name: str, host: str = "127.0.0.1", port: int = 0, grpc_port: int = 0, *extra: str) -> Server:
-    spec = tmp / "rules.yaml"
-    spec.write_text(RULES)
+def rm_server(
+    tmp: Path, name: str, host: str = "127.0.0.1", port: int = 0, grpc_port: int = 0, *extra: str, rules: str = RULES
+) -> Server:
+    spec = tmp / f"{name}.yaml"
+    spec.write_text(rules)
     port, grpc_port = port or free_port(), grpc_port or free_port()
     argv = [sys.executable, "-m", "assay.rm_server", "--host", host, "--port", str(port)]
     argv += ["--grpc-port", str(grpc_port), "--spec", str(spec), "--log-level", "warning", *extra]
@@ -220,7 +223,7 @@ def test_a_service_address_reaches_every_address_of_its_name_asking_for_the_name
 ):
     port, grpc_port = free_port(), free_port()
     servers = [
-        rm_server(tmp_path, f"rm-{ip}", ip, port, grpc_port, "--allowed-host", "rm.test").start()
+        rm_server(tmp_path, f"rm-{ip}", ip, port, grpc_port, "--allowed-host", "rm.test", rules=ANSWER_2).start()
         for ip in ("127.0.0.1", "127.0.0.2")
     ]
     try:
@@ -240,7 +243,7 @@ def test_a_service_address_reaches_every_address_of_its_name_asking_for_the_name
             assert g.urls == [f"127.0.0.1:{grpc_port}", f"127.0.0.2:{grpc_port}"]
             for client in (h, g):
                 before = [scored_as(s, "rm.test") for s in servers]
-                assert [r.score for r in client.score("correct", items).results] == want  # 2 shards of 20
+                assert [r.score for r in client.score("two", items).results] == want  # 2 shards of 20
                 assert [scored_as(s, "rm.test") - b for s, b in zip(servers, before, strict=True)] == [1, 1]
     finally:
         for s in servers:
