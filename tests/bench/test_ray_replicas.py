@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-pytest.importorskip("ray")
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "ray_replicas.py"
 

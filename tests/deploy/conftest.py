@@ -21,6 +21,8 @@ from assay.services import free_port
 # Ray reads its auth mode once, when it is first imported: this conftest is loaded before any test module
 # under tests/deploy imports ray, and every Ray process the cluster starts inherits the variable.
 os.environ["RAY_AUTH_MODE"] = "token"
+# Ray gives its agents 30 s to register by default, which a loaded 2-core machine can miss (seen here)
+os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
 CLUSTER_CPUS = 4  # logical: replicas ask 1 each; what the tests run at once, plus a restarted replica
 # Ray waits a fixed 30 s for its raylet to register (ray/_private/node.py); on a loaded 2-core machine (six
 # sessions' Ray clusters at once) it can miss that, and a second start is the remedy.
@@ -65,7 +67,7 @@ def _wait_running(name: str, timeout_s: float) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:
-    ray = pytest.importorskip("ray")
+    import ray  # the ray extra is in `all`, which the tests install: a missing Ray fails, never skips
     from ray import serve
 
     for attempt in range(STARTS):
