@@ -33,7 +33,7 @@ lint: install
 # pytest exits 5 when it collects no test: that means the suite went missing, so say so and fail.
 TEST_WORKERS ?= 2
 test: install
-	@OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
+	@OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 # The quick loop: the unit tier (pure, in-process tests; tests/tiers.py), without what is marked slow.

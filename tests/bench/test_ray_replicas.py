@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one worker: one Ray at a time
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "ray_replicas.py"
 

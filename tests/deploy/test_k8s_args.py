@@ -202,7 +202,6 @@ def test_queue_depth_hpas_name_metrics_the_servers_export():
 
 
 def test_the_rayservice_applications_build_with_the_real_builders(secret, monkeypatch, tmp_path):
-    pytest.importorskip("ray")
     from ray import serve
 
     files = documents(K8S / "rayservice.yaml")

@@ -15,21 +15,20 @@ import threading
 
 import httpx
 import pytest
+from ray import serve
 
 from assay.deploy.app_args import Replicas
+from assay.deploy.ray_serve import REPLICA_HEADER, build_rm_app
+from assay.rm_server.config import ServerConfig as RewardConfig
 from tests.helpers import wait_for
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.slow,
+    pytest.mark.xdist_group("ray"),  # one worker runs every Ray test: one Ray at a time
     pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning"),  # Ray 2.60 reads it
 ]
-ray = pytest.importorskip("ray")
 
-from ray import serve  # noqa: E402  (after the skip: Ray is the `ray` extra)
-
-from assay.deploy.ray_serve import REPLICA_HEADER, build_rm_app  # noqa: E402
-from assay.rm_server.config import ServerConfig as RewardConfig  # noqa: E402
 
 APP, DEPLOYMENT = "autoscale", "RewardDeployment"
 CLIENTS = 8

@@ -20,19 +20,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray
+from ray import serve
 
 from assay.checkpoints import EMBEDDED
 from assay.clients import PolicyClient, RewardClient, ServiceError
 from assay.deploy.app_args import Replicas
+from assay.deploy.ray_serve import REPLICA_HEADER, build_rm_app, policy_app
+from assay.rm_server.config import ServerConfig as RewardConfig
 from tests.helpers import wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one worker: one Ray at a time
 
-from ray import serve  # noqa: E402  (after the skip: Ray is the `ray` extra)
-
-from assay.deploy.ray_serve import REPLICA_HEADER, build_rm_app, policy_app  # noqa: E402
-from assay.rm_server.config import ServerConfig as RewardConfig  # noqa: E402
 
 ONE_CPU = {"num_replicas": 2, "num_cpus": 1}
 

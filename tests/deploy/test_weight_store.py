@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.unit
-pytest.importorskip("ray")
+from assay.deploy.weight_sync import Published, compact
 
-from assay.deploy.weight_sync import Published, compact  # noqa: E402  (after the skip: Ray is the `ray` extra)
+pytestmark = pytest.mark.unit
+
 
 ADAPTER = object()  # stands for an adapters.Adapter: compact only asks whether there is one
 

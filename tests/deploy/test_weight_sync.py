@@ -22,10 +22,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import ray
 
 from assay.checkpoints import EMBEDDED, load_embedded
 from assay.clients import PolicyClient, RewardClient
+from assay.deploy import weight_sync
 from assay.deploy.app_args import Replicas
+from assay.deploy.ray_serve import REPLICA_HEADER, build_policy_app
 from assay.policy_server.config import ServerConfig as PolicyConfig
 from assay.policy_server.protocol import ModelList
 from assay.rm_server.local import LocalTransport
@@ -33,11 +36,8 @@ from assay.trainer.grpo import GRPOConfig, train
 from assay.trainer.rundir import RunDir
 from tests.helpers import wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one worker: one Ray at a time
 
-from assay.deploy import weight_sync  # noqa: E402  (after the skip: Ray is the `ray` extra)
-from assay.deploy.ray_serve import REPLICA_HEADER, build_policy_app  # noqa: E402
 
 APP = "wsync"
 TINY = dict(prompts_per_step=2, group_size=4, max_tokens=24, lr=1e-4, checkpoint_every=10)  # 8 samples a step
