@@ -66,7 +66,7 @@ def write_spec(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def serve_apps(spec: Path, port: int):
+def serve_apps(spec: Path, port: int, workers: bool = True):
     """A local Ray (loopback, token auth, no dashboard) with Serve's proxy on `port` and one reward app per
     entry of SERVE_APPS; yields {row name: (app URL, raylet pid)}."""
     os.environ["RAY_AUTH_MODE"] = "token"  # read once, when Ray is imported
@@ -84,6 +84,7 @@ def serve_apps(spec: Path, port: int):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ServerConfig(spec=spec)
+        config = replace(config, models=replace(config.models, model_workers=workers))
         for name, replicas in SERVE_APPS.values():
             app = build_rm_app(config, Replicas(num_replicas=replicas, num_cpus=1))
             serve.run(app, name=name, route_prefix=f"/{name}")  # returns once every replica has loaded
@@ -103,15 +104,18 @@ def _raylet_pid() -> int:
     raise RuntimeError("no raylet under this process")
 
 
-def run(plan: Plan, work: Path) -> list[Row]:
+def run(plan: Plan, work: Path, workers: bool = True) -> list[Row]:
+    """Every row's windows; `workers`: the model rewards in worker processes (the servers' default), or not
+    (the smoke run: no worker start-ups, the plumbing alone)."""
     items = bench_items()
     spec = write_spec(work)
     port, proxy_port = free_port(), free_port()
     plain_url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "assay.rm_server", *assay_args(spec, port, None)]
+    cmd += [] if workers else ["--no-model-workers"]
     rows = {(reward, target): Row(reward, target) for reward in REWARDS for target in ("plain", *SERVE_APPS)}
     # Ray first: its start-up has deadlines of its own, which a loaded machine can miss
-    with serve_apps(spec, proxy_port) as apps, spawned(cmd, plain_url, plan, work / "plain.log") as plain:
+    with serve_apps(spec, proxy_port, workers) as apps, spawned(cmd, plain_url, plan, work / "plain.log") as plain:
         targets = {"plain": (plain_url, plain.pid), **apps}
         print(f"servers ready; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
         for repeat in range(plan.repeats):
@@ -148,7 +152,11 @@ def table(rows: list[Row], plan: Plan) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one repeat of 4 s windows")
-    ap.add_argument("--smoke", action="store_true", help="the test's size: one repeat of 1.5 s windows, 8 in flight")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the test's size: one repeat of 1.5 s windows, 8 in flight, no model worker processes",
+    )
     ap.add_argument("--concurrency", type=int, default=64, help="one-item requests in flight (closed loop)")
     ap.add_argument("--repeats", type=int, default=None, help="windows per row (default 3; --quick, --smoke: 1)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per window (default 10)")
@@ -165,7 +173,7 @@ def main() -> None:
         plan = replace(plan, duration_s=args.duration)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="assay-ray-bench-") as work:
-        rows = run(plan, Path(work))
+        rows = run(plan, Path(work), workers=not args.smoke)
     print(table(rows, plan))
     print(f"{time.perf_counter() - started:.0f} s; errors {sum(w.errors for r in rows for w in r.windows)}")
 

@@ -68,9 +68,24 @@ def _set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+class _Replica:
+    """What both deployments' replicas do alike: serve their server's app, named, and say whether it is ready."""
+
+    server: Any  # RewardServer or PolicyServer, built in the deployment's constructor
+
+    def __serve_build_asgi_app__(self) -> Any:
+        app = self.server.create_app()
+        app.add_middleware(ReplicaHeader, replica=_replica_id())
+        return app
+
+    def check_health(self) -> None:
+        if not self.server.service.ready:
+            raise RuntimeError(f"the {self.server.name} is not ready")
+
+
 @serve.deployment(health_check_period_s=5, graceful_shutdown_timeout_s=30)
 @serve.ingress()
-class RewardDeployment:
+class RewardDeployment(_Replica):
     """One replica of the reward service: `RewardServer`'s serving layer and app, no listener of its own."""
 
     async def __init__(self, config: RewardConfig, torch_threads: int) -> None:  # type: ignore[misc]  # Serve awaits it
@@ -81,15 +96,6 @@ class RewardDeployment:
         self.server = RewardServer(config)
         await self.server.service.start()  # the models load before Serve routes here
 
-    def __serve_build_asgi_app__(self) -> Any:
-        app = self.server.create_app()
-        app.add_middleware(ReplicaHeader, replica=_replica_id())
-        return app
-
-    def check_health(self) -> None:
-        if not self.server.service.ready:
-            raise RuntimeError("the reward service is not ready")
-
     async def __del__(self) -> None:
         if hasattr(self, "server"):  # not when the constructor failed
             await self.server.close()
@@ -98,7 +104,7 @@ class RewardDeployment:
 
 @serve.deployment(health_check_period_s=5, graceful_shutdown_timeout_s=30)
 @serve.ingress()
-class PolicyDeployment:
+class PolicyDeployment(_Replica):
     """One replica of the policy service: `PolicyServer`'s serving layer, searches and app, no listener."""
 
     async def __init__(self, config: PolicyConfig, torch_threads: int) -> None:  # type: ignore[misc]  # Serve awaits it
@@ -110,15 +116,6 @@ class PolicyDeployment:
         await self.server.service.start()
         # at the published weight versions before Serve routes here; every later push shared (weight_sync.py)
         self.sync = await WeightSync.join(self.server.weights, serve.get_replica_context().app_name, _replica_id())
-
-    def __serve_build_asgi_app__(self) -> Any:
-        app = self.server.create_app()
-        app.add_middleware(ReplicaHeader, replica=_replica_id())
-        return app
-
-    def check_health(self) -> None:
-        if not self.server.service.ready:
-            raise RuntimeError("the policy service is not ready")
 
     async def __del__(self) -> None:
         if hasattr(self, "sync"):

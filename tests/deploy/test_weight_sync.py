@@ -1,5 +1,6 @@
 """Weight versions across two policy replicas under Ray Serve (`deploy/weight_sync.py`), on the shared
-local Ray cluster (tests/deploy/conftest.py): a GRPO run of a few steps samples only versions every
+local Ray cluster (tests/deploy/conftest.py): the app answers the official `openai` SDK through Serve's
+proxy (both replicas), a GRPO run of a few steps samples only versions every
 replica serves, and a replica killed during a push comes back at the current version before it
 answers anything.
 
@@ -133,6 +134,27 @@ def versions_by_replica(url: str, want: int = 2, tries: int = 100) -> dict[str, 
         if len(seen) >= want:
             break
     return seen
+
+
+def test_two_policy_replicas_answer_the_openai_sdk_through_the_proxy(replicas):
+    """The official `openai` SDK at the app's base URL (a path under Serve's proxy): completions from both
+    replicas, the service's own errors through the proxy; Assay's PolicyClient at the same base URL."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{replicas}/v1", api_key="unused-on-loopback", max_retries=0)
+    reply = client.completions.create(model="policy", prompt="Q: 12+30-5 A: ", max_tokens=16, temperature=0)
+    assert reply.choices[0].text and reply.model == "policy"
+    seen = set()
+    for _ in range(200):
+        raw = client.completions.with_raw_response.create(model="policy", prompt="Q: 1+2 A: ", max_tokens=4)
+        seen.add(raw.headers[REPLICA_HEADER])
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2, seen
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    with PolicyClient(replicas) as policy:
+        assert policy.ready() and policy.weight_version("policy") == max(versions_by_replica(replicas).values())
 
 
 def test_grpo_against_two_replicas_samples_only_versions_every_replica_serves(replicas, tmp_path):
