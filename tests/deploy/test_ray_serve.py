@@ -1,6 +1,7 @@
-"""The Ray Serve application on a local Ray cluster (tests/deploy/conftest.py): two rm_server replicas under steady load from RewardClient threads
-lose nothing when one of them is killed mid-load (Serve's proxy answers a bare 500 for what was in flight
-on it, which the client retries), and `assay deploy ray` joins a cluster, serves and stops clean.
+"""The Ray Serve application on a local Ray cluster (tests/deploy/conftest.py): two rm_server replicas
+under steady load from RewardClient threads lose nothing when one of them is killed mid-load (Serve's
+proxy answers a bare 500 for what was in flight on it, which the client retries), and `assay deploy ray`
+joins a cluster, serves and stops clean.
 
 Real parts only: Ray, Serve's proxy and controller, the services' own serving layers in the replicas,
 and Assay's RewardClient over HTTP on loopback. A replica is killed as a
