@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ray_replicas.py            # 3 repeats of 10 s windows per row (~7 min here)
     .venv/bin/python bench/ray_replicas.py --quick    # 1 repeat of 4 s windows
-    .venv/bin/python bench/ray_replicas.py --smoke    # the test's size (tests/bench/test_ray_replicas.py)
+    .venv/bin/python bench/ray_replicas.py --smoke    # the smallest run: every row once, no model workers
 
 Three servers run side by side for the whole run, on one spec holding a model reward (`orm`: the embedded
 outcome RM, a forward pass per batch, so compute dominates) and a rule (`format`: a regex, so the
@@ -166,7 +166,7 @@ def main() -> None:
     if args.quick:
         plan = replace(plan, duration_s=4.0, repeats=1)
     if args.smoke:
-        plan = replace(plan, concurrency=8, warmup_s=0.5, duration_s=1.5, repeats=1)
+        plan = replace(plan, concurrency=8, duration_s=1.5, repeats=1)  # the full run's 4 s warm-up: 0.5 s was short
     if args.repeats:
         plan = replace(plan, repeats=args.repeats)
     if args.duration:
