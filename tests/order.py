@@ -1,7 +1,8 @@
 """The order test files run in: the long ones first, so that two workers finish together.
 
-`make test` runs two pytest-xdist workers that take whole test files (`--dist loadfile`) from one queue,
-each taking the next file when it is done with one. The queue's order decides how the run ends: a
+`make test` runs two pytest-xdist workers that take whole test files from one queue (`--dist loadgroup`:
+a file is its own group, but the Ray tests share one, `xdist_group("ray")`, so one worker runs them all on
+one Ray cluster), each taking the next file when it is done with one. The queue's order decides how the run ends: a
 long file taken last keeps one worker busy while the other has nothing left. xdist's own order (the
 files with the most tests first) put the files of one or two long tests last: the GPU check's CPU run
 (about 2 minutes), the score bench's smoke run, the sustained load and the kill tests.
